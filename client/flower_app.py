@@ -1,0 +1,83 @@
+"""The data owner's Flower ClientApp: train the adapter on local data, return only the adapter.
+
+Message in: ``arrays`` (global trainable tensors, full-model names) + ``config`` (bundle digest
+and location, training recipe). Message out: the trained tensors + ``num-examples`` and
+training metrics. The emulator never travels in a Flower message; it is read from the verified
+bundle on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.session import open_session
+from emulator.examples import training_batches
+from emulator.forward import resolve_precision
+from emulator.train import train_adapter
+from offsite.data import load_task
+
+app = ClientApp()
+
+
+def _data_path(config: ConfigRecord, context: Context) -> Path:
+    """Local data: ``data-path`` from the node config (deployment), else the simulation share."""
+    if "data-path" in context.node_config:
+        return Path(str(context.node_config["data-path"]))
+    partition = int(context.node_config["partition-id"])
+    return Path(str(config["data-dir"])) / f"client-{partition}.jsonl"
+
+
+def _threads(context: Context) -> None:
+    cpus = os.environ.get("OMP_NUM_THREADS")
+    if cpus and cpus.isdigit():
+        torch.set_num_threads(int(cpus))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    _threads(context)
+    config = msg.content["config"]
+    session = open_session(str(config["bundle-path"]), str(config["bundle-digest"]))
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    session.adapted.load_trainable(global_state)
+
+    task = load_task(str(_data_path(config, context)))
+    partition = int(context.node_config.get("partition-id", 0))
+    server_round = int(config["server-round"])
+    seed = int(config["seed"]) * 100_003 + partition * 1_009 + server_round
+    batches = training_batches(
+        session.tokenizer,
+        task.examples,
+        str(config["template"]),
+        max_words=int(config["max-words"]),
+        max_length=int(config["max-length"]),
+        batch_size=int(config["batch-size"]),
+        seed=seed,
+    )
+    torch.manual_seed(seed)
+    precision = resolve_precision(str(config["precision"]), session.device)
+    result = train_adapter(
+        session.adapted,
+        batches,
+        steps=int(config["local-steps"]),
+        lr=float(config["lr"]),
+        precision=precision,
+        device=session.device,
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(task.examples),
+            "train-loss": result.mean_loss,
+            "train-loss-last": result.losses[-1],
+            "train-seconds": result.seconds,
+            "train-tokens": result.tokens,
+            "partition-id": partition,
+        }
+    )
+    arrays = ArrayRecord(session.adapted.trainable_state())
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

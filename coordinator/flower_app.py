@@ -1,0 +1,89 @@
+"""The model owner's Flower ServerApp: run R rounds of FedAvg over the adapter.
+
+It reads the run plan named in ``run_config["plan"]``, verifies the bundle, initialises the
+adapter (seeded), sends clients only the trainable tensors plus the bundle digest, and saves the
+global adapter after every round as ``adapters/round-<r>.safetensors`` in the run folder, with a
+``rounds.json`` log of what every client reported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.adapters import initial_adapter_state, save_adapter
+from coordinator.progress import RoundProgress
+from coordinator.strategy import AdapterFedAvg
+from emulator.bundle import verify_bundle
+from offsite.runplan import RunPlan
+
+app = ServerApp()
+
+
+def train_config(plan: RunPlan) -> ConfigRecord:
+    train = plan.config["train"]
+    data = plan.config["data"]
+    return ConfigRecord(
+        {
+            "bundle-path": plan.bundle_path,
+            "bundle-digest": plan.bundle_digest,
+            "data-dir": plan.data_dir,
+            "template": plan.template,
+            "max-words": data["max_words"],
+            "max-length": data["max_length"],
+            "batch-size": train["batch_size"],
+            "local-steps": train["local_steps"],
+            "lr": float(train["lr"]),
+            "precision": train["precision"],
+            "seed": plan.config["seed"],
+        }
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    plan = RunPlan.load(str(context.run_config["plan"]))
+    federation = plan.config["federation"]
+    run_dir = Path(plan.run_dir)
+    bundle = verify_bundle(plan.bundle_path, expected_digest=plan.bundle_digest)
+    initial = initial_adapter_state(bundle, seed=int(plan.config["seed"]))
+    rounds_log: list[dict[str, Any]] = []
+    progress = RoundProgress(int(federation["rounds"]))
+
+    def on_client_report(server_round: int, report: dict[str, Any]) -> None:
+        rounds_log.append({"round": server_round, **report})
+        progress.client_done(report)
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        save_adapter(
+            arrays.to_torch_state_dict(), run_dir / "adapters" / f"round-{server_round}.safetensors"
+        )
+        (run_dir / "rounds.json").write_text(json.dumps(rounds_log, indent=1))
+        if server_round > 0:
+            progress.round_done(server_round)
+        return None
+
+    num_clients = int(federation["num_clients"])
+    sampled = max(1, round(num_clients * float(federation["fraction_train"])))
+    strategy = AdapterFedAvg(
+        on_client_report,
+        fraction_train=float(federation["fraction_train"]),
+        fraction_evaluate=0.0,
+        min_train_nodes=sampled,
+        min_available_nodes=num_clients,
+    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=int(federation["rounds"]),
+            timeout=float(federation["round_timeout"]),
+            train_config=train_config(plan),
+            evaluate_fn=after_round,
+        )
+    finally:
+        progress.close()

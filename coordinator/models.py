@@ -1,0 +1,30 @@
+"""Load the model owner's full model and tokenizer from a catalog name, directory or cached id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from emulator.arch import ArchSpec, arch_spec
+from offsite.catalog import resolve_model
+from offsite.errors import ModelError
+
+
+def load_full_model(name: str) -> tuple[nn.Module, Any, ArchSpec, Path | str]:
+    """(model, tokenizer, arch spec, path); the architecture is checked before weights load."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read the config of {name!r} at {path}: {err}") from err
+    arch = arch_spec(config)
+    auto = getattr(transformers, arch.auto_class)
+    model = auto.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, arch, path

@@ -1,0 +1,32 @@
+"""Round-level progress for federated runs (the ServerApp's view)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class RoundProgress:
+    """One bar over rounds; the postfix shows how many clients replied and their mean loss."""
+
+    def __init__(self, rounds: int) -> None:
+        self._bar = tqdm(total=rounds, desc="federated rounds", unit="round", dynamic_ncols=True)
+        self._losses: list[float] = []
+        self._failed = 0
+
+    def client_done(self, report: dict[str, Any]) -> None:
+        if "error" in report:
+            self._failed += 1
+        elif "train-loss" in report:
+            self._losses.append(float(report["train-loss"]))
+        loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
+        self._bar.set_postfix(clients=len(self._losses), failed=self._failed, loss=f"{loss:.3f}")
+
+    def round_done(self, server_round: int) -> None:
+        self._bar.update(1)
+        self._losses.clear()
+        self._failed = 0
+
+    def close(self) -> None:
+        self._bar.close()

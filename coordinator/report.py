@@ -1,0 +1,160 @@
+"""Run reports: ``metrics.json``, ``report.md`` and PNG plots in the run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from coordinator.evaluate import SETTINGS
+
+
+def five_way_rows(scores: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    rows = []
+    for key, title in SETTINGS:
+        if key in scores:
+            score = scores[key]
+            rows.append((title, format_score(score["metric"], score["value"])))
+    return rows
+
+
+def format_score(metric: str, value: float) -> str:
+    return f"{100 * value:.1f} %" if metric == "accuracy" else f"{value:.2f} ppl"
+
+
+def five_way_table(scores: dict[str, dict[str, Any]]) -> str:
+    rows = five_way_rows(scores)
+    width = max(len(t) for t, _ in rows)
+    lines = [f"| {'setting'.ljust(width)} | score    |", f"|{'-' * (width + 2)}|----------|"]
+    lines += [f"| {title.ljust(width)} | {value.rjust(8)} |" for title, value in rows]
+    return "\n".join(lines)
+
+
+def margin_lines(scores: dict[str, dict[str, Any]]) -> list[str]:
+    if not {"plug_in", "emulator_fine_tuned", "full_zero_shot"} <= scores.keys():
+        return []
+    metric = scores["plug_in"]["metric"]
+    plug, emu, zero = (
+        scores[k]["value"] for k in ("plug_in", "emulator_fine_tuned", "full_zero_shot")
+    )
+    if metric == "accuracy":
+        return [
+            f"plug-in − emulator fine-tuned (privacy margin): {100 * (plug - emu):+.1f} points",
+            f"plug-in − full zero-shot (gain from tuning): {100 * (plug - zero):+.1f} points",
+        ]
+    return [
+        f"emulator fine-tuned ÷ plug-in perplexity (privacy margin): {emu / plug:.2f}×",
+        f"full zero-shot ÷ plug-in perplexity (gain): {zero / plug:.2f}×",
+    ]
+
+
+def plot_losses(rounds: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for entry in rounds:
+        if "train-loss" in entry:
+            curves[int(entry.get("partition-id", entry["node-id"]))].append(
+                (int(entry["round"]), float(entry["train-loss"]))
+            )
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for client, points in sorted(curves.items()):
+        points.sort()
+        ax.plot(
+            [p[0] for p in points], [p[1] for p in points], marker="o", label=f"client {client}"
+        )
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean local training loss")
+    ax.set_title("Local training loss per round and client")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_five_way(scores: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(k, t) for k, t in SETTINGS if k in scores]
+    metric = scores[keys[0][0]]["metric"]
+    values = [scores[k]["value"] * (100 if metric == "accuracy" else 1) for k, _ in keys]
+    colors = ["#9e9e9e", "#bdbdbd", "#64b5f6", "#1e88e5", "#43a047"][: len(keys)]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    bars = ax.bar([t for _, t in keys], values, color=colors)
+    for bar, value in zip(bars, values, strict=True):
+        ax.annotate(
+            f"{value:.1f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
+    ax.set_ylabel("accuracy (%)" if metric == "accuracy" else "perplexity (lower is better)")
+    ax.set_title("Five-way evaluation on held-out data")
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Write metrics.json, the plots and report.md; return the report path."""
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
+    scores = metrics["scores"]
+    plot_five_way(scores, run_dir / "five_way.png")
+    plot_losses(metrics.get("rounds", []), run_dir / "loss_per_round.png")
+    info = metrics["run"]
+    lines = [
+        f"# Offsite run `{run_dir.name}`",
+        "",
+        f"Model **{info['model']}** split {info['plan']} (adapter {info['adapter']}), task "
+        f"**{info['data']}** ({info['eval_examples']} held-out examples), "
+        f"{info['num_clients']} clients × {info['rounds']} rounds of FedAvg.",
+        "",
+        "## Five-way evaluation",
+        "",
+        five_way_table(scores),
+        "",
+        *[f"- {line}" for line in margin_lines(scores)],
+        "",
+        "![five-way](five_way.png)",
+        "",
+        "## Training",
+        "",
+        "![loss](loss_per_round.png)",
+        "",
+        "## Sizes and time",
+        "",
+        f"- full model: {info['full_params'] / 1e6:.1f} M parameters; emulator bundle "
+        f"{info['bundle_bytes'] / 1e6:.1f} MB; adapter update "
+        f"{info['adapter_bytes'] / 1e3:.1f} kB per client per round",
+        f"- middle blocks shipped: {info['middle_kept']} of {info['middle_total']}; "
+        f"full-model middle blocks never sent: {info['middle_dropped']}",
+        *[f"- {stage}: {seconds:.1f} s" for stage, seconds in metrics["timings"].items()],
+        "",
+        f"Reproduce: `{info['command']}`",
+        "",
+    ]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -1,0 +1,244 @@
+"""``offsite simulate``: one federated offsite-tuning run, top to bottom.
+
+setup (data split, full model, emulator bundle) → federated training on Flower's simulation engine
+→ five-way evaluation on held-out data → report (Markdown, JSON, plots) in the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from coordinator.adapters import load_adapter
+from coordinator.baseline import full_fine_tune
+from coordinator.evaluate import EvalSpec, evaluate_emulator, evaluate_plug_in, score_model
+from coordinator.models import load_full_model
+from coordinator.report import five_way_table, margin_lines, write_report
+from coordinator.simulation import run_flower_simulation
+from emulator.adapter import AdapterSpec
+from emulator.bundle import write_bundle
+from emulator.forward import pick_device
+from emulator.layers import plan_layers
+from emulator.scoring import Score
+from offsite.config import OffsiteConfig
+from offsite.data import load_task, partition, split_holdout, write_jsonl
+from offsite.errors import ModelError
+from offsite.runplan import RunPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimulationResult:
+    run_dir: Path
+    scores: dict[str, Score]
+    report: Path
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        log.info("▸ %s", name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = time.perf_counter() - start
+
+
+def new_run_dir(config: OffsiteConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    model = Path(config.model.name).name.replace("/", "-")
+    data = Path(config.data.name).stem
+    base = Path(config.output_dir) / f"{stamp}-{model}-{data}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    run_dir.mkdir(parents=True)
+    return run_dir.resolve()
+
+
+def simulate(config: OffsiteConfig, run_dir: Path | None = None) -> SimulationResult:
+    """Run a full federated offsite-tuning simulation and write its report."""
+    timer = _Timer()
+    run_dir = run_dir.resolve() if run_dir else new_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config.to_toml())
+    log.info("run folder: %s", run_dir)
+
+    with timer.stage("prepare data"):
+        task = load_task(config.data.name, config.data.text_field, config.data.label_field)
+        template = config.data.template or task.template
+        train, held = split_holdout(task.examples, config.data.eval_size, config.seed)
+        shares = partition(
+            train,
+            config.federation.num_clients,
+            config.data.partition,
+            config.data.alpha,
+            config.seed,
+        )
+        for index, share in enumerate(shares):
+            write_jsonl(share, run_dir / "data" / f"client-{index}.jsonl")
+        log.info(
+            "  %s: %d examples (%s), %d held out, clients get %s",
+            task.name,
+            len(task.examples),
+            task.kind,
+            len(held),
+            [len(s) for s in shares],
+        )
+
+    with timer.stage("load full model and build emulator bundle"):
+        full_model, tokenizer, arch, _ = load_full_model(config.model.name)
+        if not arch.causal_lm:
+            raise ModelError(
+                f"{config.model.name} is a {arch.model_type} encoder; `offsite simulate` scores "
+                "answers with a causal LM. Use a decoder model (e.g. smollm2-135m)"
+            )
+        plan = plan_layers(
+            int(full_model.config.num_hidden_layers),
+            config.emulator.bottom,
+            config.emulator.top,
+            config.emulator.keep,
+        )
+        adapter = AdapterSpec(
+            config.train.adapter,
+            plan.adapter_layers,
+            config.train.lora_r,
+            config.train.lora_alpha,
+            arch.lora_targets,
+        )
+        bundle = write_bundle(
+            full_model, tokenizer, plan, adapter, run_dir / "bundle", source=config.model.name
+        )
+        log.info("  emulator %s, bundle %s…", plan.label, bundle.digest[:12])
+
+    with timer.stage("federated training (Flower simulation)"):
+        plan_path = run_dir / "plan.json"
+        RunPlan(
+            run_dir=str(run_dir),
+            bundle_path=str(bundle.path),
+            bundle_digest=bundle.digest,
+            data_dir=str(run_dir / "data"),
+            task_kind=task.kind,
+            labels=task.labels,
+            template=template,
+            config=config.to_dict(),
+        ).save(plan_path)
+        run_flower_simulation(
+            plan_path, config.federation.num_clients, config.federation.client_cpus
+        )
+        final_path = run_dir / "adapters" / f"round-{config.federation.rounds}.safetensors"
+        if not final_path.is_file():
+            raise RuntimeError(
+                f"the federation finished without a round-{config.federation.rounds} adapter; "
+                f"no client replied in time (see {run_dir / 'rounds.json'})"
+            )
+        final_state = load_adapter(final_path)
+
+    device = pick_device()
+    spec = EvalSpec(
+        task,
+        held,
+        template,
+        config.data.max_words,
+        config.data.max_length,
+        config.eval.batch_size,
+        config.train.precision,
+        device,
+    )
+    scores: dict[str, Score] = {}
+    settings = 5 if config.eval.full_finetune else 4
+    with (
+        timer.stage("five-way evaluation"),
+        tqdm(total=settings * len(held), desc="evaluating", unit="ex", dynamic_ncols=True) as bar,
+    ):
+        step = bar.update
+        full_model.to(device)
+        bar.set_postfix_str("full zero-shot")
+        scores["full_zero_shot"] = score_model(full_model, tokenizer, spec, step)
+        bar.set_postfix_str("emulator zero-shot")
+        scores["emulator_zero_shot"] = evaluate_emulator(bundle, tokenizer, None, spec, step)
+        bar.set_postfix_str("emulator fine-tuned")
+        scores["emulator_fine_tuned"] = evaluate_emulator(
+            bundle, tokenizer, final_state, spec, step
+        )
+        bar.set_postfix_str("plug-in")
+        scores["plug_in"] = evaluate_plug_in(
+            full_model, tokenizer, adapter, final_state, spec, step
+        )
+        if config.eval.full_finetune:
+            bar.set_postfix_str("full fine-tuning (baseline)")
+            tuned = full_fine_tune(full_model, tokenizer, adapter, train, template, config, device)
+            bar.set_postfix_str("full fine-tuned")
+            scores["full_fine_tuned"] = score_model(tuned, tokenizer, spec, step)
+
+    metrics = _metrics(
+        config, run_dir, task, held, plan, bundle, full_model, final_state, scores, timer
+    )
+    report = write_report(run_dir, metrics)
+    score_dicts = metrics["scores"]
+    log.info("\n%s\n%s", five_way_table(score_dicts), "\n".join(margin_lines(score_dicts)))
+    log.info("report: %s", report)
+    return SimulationResult(run_dir, scores, report)
+
+
+def _metrics(
+    config: OffsiteConfig,
+    run_dir: Path,
+    task: Any,
+    held: Any,
+    plan: Any,
+    bundle: Any,
+    full_model: Any,
+    final_state: dict[str, torch.Tensor],
+    scores: dict[str, Score],
+    timer: _Timer,
+) -> dict[str, Any]:
+    import json
+
+    rounds_path = run_dir / "rounds.json"
+    rounds = json.loads(rounds_path.read_text()) if rounds_path.is_file() else []
+    middle_total = plan.num_layers - len(plan.adapter_layers)
+    return {
+        "run": {
+            "model": config.model.name,
+            "data": task.name,
+            "task_kind": task.kind,
+            "labels": list(task.labels),
+            "eval_examples": len(held),
+            "plan": plan.label,
+            "adapter": config.train.adapter,
+            "num_clients": config.federation.num_clients,
+            "rounds": config.federation.rounds,
+            "full_params": sum(p.numel() for p in full_model.parameters()),
+            "bundle_bytes": sum(int(f["size"]) for f in bundle.manifest["files"].values()),
+            "bundle_digest": bundle.digest,
+            "adapter_bytes": sum(t.numel() * t.element_size() for t in final_state.values()),
+            "middle_kept": len(plan.middle_kept),
+            "middle_total": middle_total,
+            "middle_dropped": middle_total - len(plan.middle_kept),
+            "command": "offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        },
+        "scores": {
+            key: {"metric": s.metric, "value": s.value, "nll": s.nll, "count": s.count}
+            for key, s in scores.items()
+        },
+        "rounds": rounds,
+        "timings": {k: round(v, 2) for k, v in timer.stages.items()},
+        "config": config.to_dict(),
+    }

@@ -1,0 +1,71 @@
+"""Run the ServerApp and ClientApp on Flower's simulation engine (Ray backend), in-process.
+
+Why the private ``_run_simulation``: the public ``run_simulation`` is deprecated and passes an
+empty ``run_config`` (FLOWER.md pitfall 7), while ``flwr run`` leaves a detached SuperLink behind
+(pitfall 5). ``_run_simulation`` is what both use underneath; it takes a real ``Context`` so our
+apps read ``run_config["plan"]`` exactly as they do under ``flwr run`` in deployment. Flower is
+pinned (==1.41.0) and ``tests/test_simulation.py`` runs this path for real.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from offsite.errors import OffsiteError
+
+
+def run_flower_simulation(
+    plan_path: Path, num_clients: int, client_cpus: float, total_cpus: int | None = None
+) -> None:
+    """Run the federated run described by ``plan_path`` with ``num_clients`` virtual nodes."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from client.flower_app import app as client_app
+    from coordinator.flower_app import app as server_app
+
+    # Ray workers inherit the environment: keep library advisories out of the progress output.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    cpus = total_cpus or os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
+    }
+    context = Context(
+        run_id=0,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"plan": str(plan_path)},
+    )
+    try:
+        _run_simulation(
+            num_supernodes=num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=backend_config,  # type: ignore[arg-type]
+            server_app_context=context,
+        )
+    except OffsiteError:
+        raise
+    except Exception as err:
+        raise OffsiteError(
+            f"the federated simulation failed: {err}. The run folder keeps the adapters of "
+            "every finished round; see the log above for the failing client"
+        ) from err
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except ImportError:
+            pass

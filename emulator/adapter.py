@@ -1,0 +1,129 @@
+"""The trainable adapter: which tensors train, and how they move between models.
+
+Decisions:
+- ``lora``: PEFT LoRA on the registry's target linears, restricted to the adapter blocks with
+  ``layers_to_transform`` — the same object PEFT, vLLM and TGI load, so export is direct.
+- ``full``: every parameter of the adapter blocks trains.
+- On the wire and on disk, trainable tensors carry *full-model* block numbering, so an update from
+  any emulator plugs into the full model (and into other emulators) without translation tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from emulator.arch import ArchSpec, block_list, block_prefix
+from emulator.layers import renumber_state
+from offsite.errors import IntegrityError
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: str  # "lora" | "full"
+    layers: tuple[int, ...]  # full-model indices of the adapter blocks
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterSpec:
+        return cls(
+            kind=str(data["kind"]),
+            layers=tuple(int(i) for i in data["layers"]),
+            lora_r=int(data.get("lora_r", 8)),
+            lora_alpha=int(data.get("lora_alpha", 16)),
+            lora_targets=tuple(data.get("lora_targets", ())),
+        )
+
+
+@dataclass
+class AdaptedModel:
+    """A model with its adapter attached, and the block-index map to full-model numbering."""
+
+    model: nn.Module
+    spec: AdapterSpec
+    arch: ArchSpec
+    prefix: str  # state-dict prefix of the block list inside ``model``
+    to_full: dict[int, int]  # this model's block index -> full-model block index
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors (fp32, CPU, contiguous) under full-model names."""
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        state = renumber_state(named, self.prefix, self.to_full)
+        return {
+            k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()
+        }
+
+    def load_trainable(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy full-model-named trainable tensors in; names and shapes must match exactly."""
+        from_full = {full: own for own, full in self.to_full.items()}
+        own = renumber_state(state, self.prefix, from_full)
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(set(params) - set(own))
+        extra = sorted(set(own) - set(params))
+        if missing or extra or len(own) != len(state):
+            raise IntegrityError(
+                f"adapter tensors do not match the model: {len(missing)} missing "
+                f"(e.g. {missing[:2]}), {len(extra) + len(state) - len(own)} unexpected "
+                f"(e.g. {extra[:2]}); was it trained for another model or adapter spec?"
+            )
+        with torch.no_grad():
+            for name, value in own.items():
+                target = params[name]
+                if tuple(value.shape) != tuple(target.shape):
+                    raise IntegrityError(
+                        f"adapter tensor {name} has shape {tuple(value.shape)}, "
+                        f"expected {tuple(target.shape)}"
+                    )
+                target.copy_(value.to(target.dtype))
+
+
+def attach_adapter(
+    model: nn.Module, arch: ArchSpec, spec: AdapterSpec, to_full: Mapping[int, int], seed: int = 0
+) -> AdaptedModel:
+    """Freeze ``model`` and make its adapter trainable (LoRA via PEFT, or full blocks)."""
+    from_full = {full: own for own, full in to_full.items()}
+    local_layers = [from_full[i] for i in spec.layers]
+    blocks = block_list(model, arch)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if spec.kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=spec.lora_r,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(spec.lora_targets or arch.lora_targets),
+            layers_to_transform=local_layers,
+            layers_pattern=arch.layers_pattern,
+            fan_in_fan_out=arch.lora_fan_in_fan_out,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = get_peft_model(model, config)
+    elif spec.kind == "full":
+        for index in local_layers:
+            for p in blocks[index].parameters():
+                p.requires_grad_(True)
+    else:
+        raise ValueError(f"unknown adapter kind {spec.kind!r}")
+    return AdaptedModel(model, spec, arch, block_prefix(model, arch, blocks), dict(to_full))
+
+
+def merged_model(adapted: AdaptedModel) -> nn.Module:
+    """The plain model with the adapter folded in (LoRA merged; full blocks already in place)."""
+    if adapted.spec.kind == "lora":
+        return adapted.model.merge_and_unload()  # type: ignore[operator]
+    return adapted.model

@@ -1,0 +1,110 @@
+"""Architecture registry: what Offsite needs to know about a model family, as data.
+
+Each entry names, for one Hugging Face ``model_type``, where the transformer blocks live (a dotted
+path relative to ``model.base_model``), which linear layers LoRA targets, which per-layer config
+lists must follow the layer drop, and which Auto class loads it. One generic accessor uses it.
+Adding a family = one entry here + it is picked up by the parametrized tiny-config tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from offsite.errors import ModelError
+
+_DECODER_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to find and slice the transformer blocks of one model family."""
+
+    model_type: str
+    blocks: str  # dotted path of the block ModuleList, relative to ``model.base_model``
+    lora_targets: tuple[str, ...]
+    auto_class: str = "AutoModelForCausalLM"
+    per_layer_config: tuple[str, ...] = ()  # config lists indexed by layer (sliced on drop)
+    lora_fan_in_fan_out: bool = False  # GPT-2 style Conv1D weights
+
+    @property
+    def layers_pattern(self) -> str:
+        """The module name PEFT's ``layers_to_transform`` matches (last part of ``blocks``)."""
+        return self.blocks.rsplit(".", 1)[-1]
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.auto_class == "AutoModelForCausalLM"
+
+
+REGISTRY: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        ArchSpec("llama", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
+        ArchSpec("mistral", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
+        ArchSpec("qwen2", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
+        ArchSpec("gemma3_text", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
+        ArchSpec("gpt2", "h", ("c_attn", "c_proj", "c_fc"), lora_fan_in_fan_out=True),
+        ArchSpec("opt", "decoder.layers", ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+        ArchSpec("bloom", "h", ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+        ArchSpec(
+            "gpt_neox",
+            "layers",
+            ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+            per_layer_config=("layer_types",),
+        ),
+        ArchSpec(
+            "bert",
+            "encoder.layer",
+            ("query", "key", "value", "dense"),
+            auto_class="AutoModel",
+        ),
+    )
+}
+
+
+def arch_spec(config: Any) -> ArchSpec:
+    """The registry entry for a Hugging Face config, or an error that says how to add one."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in REGISTRY:
+        return REGISTRY[model_type]
+    supported = ", ".join(sorted(REGISTRY))
+    raise ModelError(
+        f"architecture {model_type!r} (config.json field `model_type`) is not supported; "
+        f"supported: {supported}. To add it, register an ArchSpec in emulator/arch.py naming "
+        "the block list path (e.g. 'layers') and the LoRA target module names"
+    )
+
+
+def _resolve(root: Any, dotted: str) -> Any:
+    node = root
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def block_list(model: Any, spec: ArchSpec) -> Any:
+    """The ``nn.ModuleList`` of transformer blocks of ``model``."""
+    try:
+        return _resolve(model.base_model, spec.blocks)
+    except AttributeError as err:
+        raise ModelError(
+            f"{type(model).__name__} has no block list at base_model.{spec.blocks}; "
+            f"fix the ArchSpec for {spec.model_type!r} in emulator/arch.py"
+        ) from err
+
+
+def block_prefix(model: Any, spec: ArchSpec, blocks: Any = None) -> str:
+    """State-dict prefix of the block list, e.g. ``model.layers`` (no trailing dot).
+
+    Pass ``blocks`` (found before wrapping) to locate them inside a wrapper such as PEFT's.
+    """
+    blocks = block_list(model, spec) if blocks is None else blocks
+    for name, module in model.named_modules():
+        if module is blocks:
+            return name
+    raise ModelError(f"block list of {type(model).__name__} is not a registered sub-module")
+
+
+def num_layers(config: Any) -> int:
+    return int(config.num_hidden_layers)

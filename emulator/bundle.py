@@ -1,0 +1,253 @@
+"""The bundle a model owner ships to data owners: adapter + emulator + tokenizer + manifest.
+
+Layout (a Hugging Face sharded checkpoint plus a manifest, so ``from_pretrained`` loads it)::
+
+    manifest.json                   what the bundle is; per-file and per-tensor sha256
+    config.json                     the emulator's config (blocks renumbered 0..m-1)
+    model.safetensors.index.json    tensor -> file map (HF sharded layout)
+    adapter.safetensors             adapter blocks (the starting point of training)
+    emulator.safetensors            embeddings, kept middle blocks, final norm, head
+    tokenizer files
+
+Decisions:
+- The bundle digest is the sha256 of the canonical manifest; the manifest pins every file's
+  sha256, so verifying the manifest digest and then each file pins every byte.
+- Verification happens before any tensor is materialised: file digests, the file list (nothing
+  missing, nothing extra, no paths outside the folder), then every safetensors header against the
+  manifest's names, dtypes and shapes.
+- Written into a sibling ``.partial`` folder and renamed, so a crash never leaves half a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from emulator.adapter import AdapterSpec
+from emulator.arch import ArchSpec, arch_spec, block_prefix
+from emulator.digest import canonical_json, file_sha256, tensor_sha256
+from emulator.layers import LayerPlan, block_index
+from emulator.safetensors_header import read_header
+from emulator.split import emulator_config, emulator_state
+from offsite.errors import IntegrityError
+
+FORMAT = "offsite-bundle/1"
+MANIFEST = "manifest.json"
+ADAPTER_FILE = "adapter.safetensors"
+EMULATOR_FILE = "emulator.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    manifest: dict[str, Any]
+    digest: str
+
+    @property
+    def plan(self) -> LayerPlan:
+        return LayerPlan.from_dict(self.manifest["layers"])
+
+    @property
+    def adapter(self) -> AdapterSpec:
+        return AdapterSpec.from_dict(self.manifest["adapter"])
+
+    @property
+    def model_type(self) -> str:
+        return str(self.manifest["model"]["model_type"])
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(canonical_json(manifest)).hexdigest()
+
+
+def write_bundle(
+    full_model: nn.Module,
+    tokenizer: Any,
+    plan: LayerPlan,
+    adapter: AdapterSpec,
+    out_dir: Path,
+    *,
+    source: str,
+    compression: dict[str, Any] | None = None,
+) -> Bundle:
+    """Write the bundle for ``full_model`` split by ``plan`` into ``out_dir`` (atomically)."""
+    arch = arch_spec(full_model.config)
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    state = emulator_state(full_model, plan, arch)
+    prefix = block_prefix(full_model, arch)
+    adapter_local = set(plan.adapter_layers_in_emulator())
+    shards: dict[str, dict[str, torch.Tensor]] = {ADAPTER_FILE: {}, EMULATOR_FILE: {}}
+    for key, tensor in state.items():
+        index = block_index(key, prefix)
+        target = ADAPTER_FILE if index is not None and index in adapter_local else EMULATOR_FILE
+        shards[target][key] = tensor.detach().contiguous().cpu()
+    tensors: dict[str, Any] = {}
+    for file_name, shard in shards.items():
+        save_file(shard, str(staging / file_name), metadata={"format": "pt"})
+        for key, tensor in shard.items():
+            tensors[key] = {
+                "file": file_name,
+                "dtype": _DTYPES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "sha256": tensor_sha256(tensor),
+            }
+    weight_map = {key: meta["file"] for key, meta in sorted(tensors.items())}
+    (staging / INDEX_FILE).write_text(
+        json.dumps({"metadata": {"format": "offsite-bundle"}, "weight_map": weight_map}, indent=1)
+    )
+    config = emulator_config(full_model.config, plan, arch)
+    config.architectures = [type(full_model).__name__]
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+
+    files = {
+        p.name: {"sha256": file_sha256(p), "size": p.stat().st_size}
+        for p in sorted(staging.iterdir())
+        if p.is_file()
+    }
+    tokenizer_files = sorted(
+        n for n in files if n.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
+    )
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {
+            "source": source,
+            "model_type": full_model.config.model_type,
+            "architecture": type(full_model).__name__,
+            "auto_class": arch.auto_class,
+            "num_layers": plan.num_layers,
+            "block_prefix": prefix,
+        },
+        "layers": {**plan.to_dict(), "emulator_layers": list(plan.emulator_layers)},
+        "adapter": adapter.to_dict(),
+        "compression": compression
+        or {"method": "uniform-layer-drop", "kept_middle": len(plan.middle_kept)},
+        "files": files,
+        "tensors": tensors,
+        "tokenizer_files": tokenizer_files,
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return Bundle(out_dir, manifest, manifest_digest(manifest))
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise IntegrityError(
+            f"{path} is not a bundle: {MANIFEST} is missing; rebuild it with "
+            "`offsite emulator build`"
+        )
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise IntegrityError(f"{manifest_path} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IntegrityError(f"{manifest_path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IntegrityError(f"{manifest_path} is not an {FORMAT} manifest")
+    for key in ("model", "layers", "adapter", "files", "tensors"):
+        if not isinstance(manifest.get(key), dict):
+            raise IntegrityError(f"{manifest_path} lacks the {key!r} section")
+    return manifest
+
+
+def verify_bundle(path: Path | str, expected_digest: str | None = None) -> Bundle:
+    """Check a bundle completely before anything in it is loaded; return it verified."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    digest = manifest_digest(manifest)
+    if expected_digest is not None and digest != expected_digest:
+        raise IntegrityError(
+            f"bundle manifest digest is {digest}, expected {expected_digest}; the bundle was "
+            "modified or is not the one this run uses"
+        )
+    listed = manifest["files"]
+    for name in listed:
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in {"", ".", ".."}:
+            raise IntegrityError(f"bundle lists an unsafe file name {name!r}")
+    present = {p.name for p in path.iterdir()} - {MANIFEST}
+    if missing := sorted(set(listed) - present):
+        raise IntegrityError(f"bundle file(s) missing: {', '.join(missing)}")
+    if extra := sorted(present - set(listed)):
+        raise IntegrityError(f"bundle has unlisted file(s): {', '.join(extra)}")
+    for name, meta in sorted(listed.items()):
+        file_path = path / name
+        if file_path.is_symlink() or not file_path.is_file():
+            raise IntegrityError(f"bundle entry {name} is not a regular file")
+        actual = file_sha256(file_path)
+        if actual != meta.get("sha256"):
+            raise IntegrityError(
+                f"bundle file {name} is corrupt: sha256 {actual}, "
+                f"manifest says {meta.get('sha256')}"
+            )
+    tensors = manifest["tensors"]
+    seen: set[str] = set()
+    for file_name in (ADAPTER_FILE, EMULATOR_FILE):
+        header = read_header(path / file_name)
+        for name, entry in header.items():
+            meta = tensors.get(name)
+            if meta is None or meta.get("file") != file_name:
+                raise IntegrityError(f"{file_name}: tensor {name!r} is not in the manifest")
+            if entry["dtype"] != meta["dtype"] or entry["shape"] != meta["shape"]:
+                raise IntegrityError(
+                    f"{file_name}: tensor {name!r} is {entry['dtype']}{entry['shape']}, manifest "
+                    f"says {meta['dtype']}{meta['shape']}"
+                )
+            seen.add(name)
+    if missing_tensors := sorted(set(tensors) - seen):
+        raise IntegrityError(f"bundle tensors missing from files: {missing_tensors[:3]}")
+    return Bundle(path, manifest, digest)
+
+
+def load_bundle_model(bundle: Bundle, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load the emulator model (adapter blocks + kept middle) of a *verified* bundle."""
+    import transformers
+
+    auto = getattr(transformers, bundle.manifest["model"]["auto_class"])
+    model = auto.from_pretrained(bundle.path, dtype=dtype, use_safetensors=True)
+    return model.eval()
+
+
+def load_bundle_tokenizer(bundle: Bundle) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundle.path)
+
+
+def bundle_arch(bundle: Bundle) -> ArchSpec:
+    from emulator.arch import REGISTRY
+
+    return REGISTRY[bundle.model_type]

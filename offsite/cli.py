@@ -1,0 +1,233 @@
+"""The one ``offsite`` command line.
+
+Subcommands import their heavy dependencies (torch, transformers, flwr) inside the command, so
+``offsite --help`` is instant. Exit codes: 0 success, 1 runtime error, 2 configuration error,
+3 data error, 4 model error, 5 integrity error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from offsite.errors import OffsiteError
+
+app = typer.Typer(
+    name="offsite",
+    help=(
+        "Federated offsite-tuning: fine-tune a large model's adapter on data you never see.\n\n"
+        "The model owner splits the full model into a small trainable adapter and a lossy "
+        "emulator; data owners train the adapter against the emulator and send back only the "
+        "adapter; the owner aggregates the adapters and plugs them into the full model.\n\n"
+        "Start with `offsite simulate` (a multi-client federated run on the embedded default)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+emulator_app = typer.Typer(help="Build and inspect emulator bundles.", no_args_is_help=True)
+app.add_typer(emulator_app, name="emulator")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (see `offsite config` for all keys)."),
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Config overrides as section.key=value, e.g. federation.rounds=2."),
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    for ours in ("offsite", "emulator", "client", "coordinator"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party progress bars and advisories out of the user's way."""
+    import os
+    import warnings
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@app.command()
+def simulate(
+    overrides: Overrides = None,
+    config: ConfigOption = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Write into this folder instead of a new one.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run a multi-client federated offsite-tuning simulation and print the five-way table.
+
+    Defaults: SmolLM2-135M split 2-16-2, bbc-news topic classification, 4 non-IID clients,
+    3 rounds of FedAvg over LoRA adapters. The run folder gets report.md, metrics.json, plots,
+    the bundle and every round's global adapter.
+
+    Example: offsite simulate federation.rounds=2 train.local_steps=5
+    """
+    _setup_logging(verbose)
+    from offsite.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    from coordinator.simulate import simulate as run
+
+    run(cfg, run_dir)
+
+
+@emulator_app.command("build")
+def emulator_build(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the bundle into.")],
+    overrides: Overrides = None,
+    config: ConfigOption = None,
+) -> None:
+    """Split the full model into adapter + emulator and write a verified bundle.
+
+    Uses the [model], [emulator] and [train] sections (adapter kind and LoRA shape).
+    Example: offsite emulator build -o bundle/ emulator.keep=8
+    """
+    _setup_logging(False)
+    from offsite.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    from coordinator.models import load_full_model
+    from emulator.adapter import AdapterSpec
+    from emulator.bundle import write_bundle
+    from emulator.layers import plan_layers
+
+    model, tokenizer, arch, _ = load_full_model(cfg.model.name)
+    plan = plan_layers(
+        int(model.config.num_hidden_layers),
+        cfg.emulator.bottom,
+        cfg.emulator.top,
+        cfg.emulator.keep,
+    )
+    adapter = AdapterSpec(
+        cfg.train.adapter,
+        plan.adapter_layers,
+        cfg.train.lora_r,
+        cfg.train.lora_alpha,
+        arch.lora_targets,
+    )
+    bundle = write_bundle(model, tokenizer, plan, adapter, out, source=cfg.model.name)
+    size = sum(int(f["size"]) for f in bundle.manifest["files"].values())
+    typer.echo(f"bundle {bundle.path}  digest {bundle.digest}")
+    typer.echo(
+        f"emulator {plan.label}: blocks {list(plan.emulator_layers)} of {plan.num_layers}; "
+        f"{size / 1e6:.1f} MB"
+    )
+
+
+@emulator_app.command("verify")
+def emulator_verify(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    digest: Annotated[str | None, typer.Option(help="Expected manifest digest.")] = None,
+) -> None:
+    """Check a bundle's manifest, every file digest and every tensor header."""
+    from emulator.bundle import verify_bundle
+
+    verified = verify_bundle(bundle, digest)
+    typer.echo(
+        f"OK {verified.digest} ({verified.plan.label}, {len(verified.manifest['tensors'])} tensors)"
+    )
+
+
+@app.command("eval")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run folder written by `offsite simulate`.")],
+    round_: Annotated[
+        int | None, typer.Option("--round", help="Evaluate this round's adapter (default: last).")
+    ] = None,
+) -> None:
+    """Re-run the five-way evaluation of a finished run (optionally for an earlier round)."""
+    _setup_logging(False)
+    _quiet_libraries()
+    from coordinator.rerun import evaluate_run
+
+    evaluate_run(run, round_)
+
+
+@app.command()
+def models() -> None:
+    """List the embedded models (install offline; any local HF directory also works)."""
+    from offsite.catalog import MODELS, model_cache_dir
+
+    for m in MODELS.values():
+        ready = "ready" if (model_cache_dir(m.name) / "config.json").is_file() else "not prepared"
+        typer.echo(
+            f"{m.name:14} {m.description}\n{'':14} license: {m.license}; {ready}; "
+            f"install: {m.install}"
+        )
+
+
+@app.command()
+def datasets() -> None:
+    """List the embedded data sets (any JSONL file or folder-per-label also works)."""
+    from offsite.catalog import DATASETS
+
+    for d in DATASETS.values():
+        typer.echo(
+            f"{d.name:12} {d.description}\n{'':12} {d.kind}; license: {d.license}; "
+            f"install: {d.install}"
+        )
+
+
+@app.command("prepare")
+def prepare(
+    names: Annotated[list[str], typer.Argument(help="Catalog model names to convert and cache.")],
+) -> None:
+    """Convert embedded models once into the local cache (`make setup` does this)."""
+    _setup_logging(False)
+    _quiet_libraries()
+    from offsite.catalog import resolve_model
+
+    for name in names:
+        typer.echo(f"{name}: {resolve_model(name)}")
+
+
+@app.command("config")
+def show_config() -> None:
+    """List every configuration key with its default and meaning."""
+    from offsite.config import describe
+
+    for key, default, text in describe():
+        typer.echo(f"{key:26} = {default!r:16} {text}")
+
+
+def main() -> None:
+    """Entry point: run the CLI and turn domain errors into one-line messages + exit codes."""
+    try:
+        app()
+    except OffsiteError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

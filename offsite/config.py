@@ -1,0 +1,307 @@
+"""One typed configuration for Offsite.
+
+Decisions:
+- Frozen dataclasses, one per component; each component receives only its own section.
+- Sources, later wins: defaults < TOML file < ``section.key=value`` overrides.
+- Unknown sections/keys, wrong types and out-of-range values are *all* reported in one
+  ``ConfigError``, so a user fixes a config in one pass.
+- Help text lives in field metadata and is what ``offsite config --help``-style listings show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+import tomllib
+
+from offsite.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+class _Section:
+    """Mixin: sections validate themselves on construction."""
+
+    def problems(self) -> list[str]:
+        return []
+
+    def __post_init__(self) -> None:
+        found = self.problems()
+        if found:
+            raise ConfigError("; ".join(found))
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    name: str = _f(
+        "smollm2-135m",
+        "Full model: an embedded catalog name (see `offsite models`), a local Hugging Face "
+        "directory, or a Hugging Face id already in the local cache.",
+    )
+
+
+@dataclass(frozen=True)
+class EmulatorConfig(_Section):
+    bottom: int = _f(2, "Adapter blocks taken from the bottom of the model (trainable).")
+    top: int = _f(2, "Adapter blocks taken from the top of the model (trainable).")
+    keep: int = _f(
+        16, "Middle blocks kept in the emulator (uniform layer drop); -1 keeps all of them."
+    )
+    selection: Literal["uniform"] = _f(
+        "uniform", "How middle blocks are chosen: 'uniform' (the offsite-tuning reference)."
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.bottom < 0 or self.top < 0:
+            out.append("emulator.bottom and emulator.top must be >= 0")
+        if self.bottom + self.top == 0:
+            out.append("emulator.bottom + emulator.top must be >= 1 (nothing would be trained)")
+        if self.keep < -1 or self.keep == 0:
+            out.append("emulator.keep must be -1 (all) or >= 1")
+        return out
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    name: str = _f(
+        "bbc-news",
+        "Task data: an embedded catalog name (see `offsite datasets`), a JSONL file with "
+        '{"text","label"} or {"prompt","completion"} rows, or a folder with one sub-folder '
+        "of .txt files per label.",
+    )
+    template: str = _f(
+        "",
+        "Classification prompt with a {text} slot, e.g. 'Review: {text}\\nSentiment:'; "
+        "empty uses the data set's own (catalog) or 'Text: {text}\\nCategory:'.",
+    )
+    text_field: str = _f("text", "JSONL field holding the input text.")
+    label_field: str = _f("label", "JSONL field holding the class label.")
+    eval_size: int = _f(150, "Held-out examples for evaluation; clients never see them.")
+    max_length: int = _f(128, "Maximum tokens per example (prompt + answer).")
+    max_words: int = _f(90, "Input text is cut to this many words before tokenizing.")
+    partition: Literal["dirichlet", "iid"] = _f(
+        "dirichlet", "How training data is split across clients (non-IID by default)."
+    )
+    alpha: float = _f(1.0, "Dirichlet concentration over labels; smaller is more skewed.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.eval_size < 1:
+            out.append("data.eval_size must be >= 1")
+        if self.max_length < 8:
+            out.append("data.max_length must be >= 8")
+        if self.max_words < 1:
+            out.append("data.max_words must be >= 1")
+        if self.alpha <= 0:
+            out.append("data.alpha must be > 0")
+        if self.template and self.template.count("{text}") != 1:
+            out.append("data.template must contain {text} exactly once")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    adapter: Literal["lora", "full"] = _f(
+        "lora", "Trainable adapter: 'lora' (PEFT LoRA in the adapter blocks) or 'full'."
+    )
+    lora_r: int = _f(8, "LoRA rank.")
+    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
+    lr: float = _f(5e-4, "AdamW learning rate.")
+    batch_size: int = _f(8, "Examples per local step.")
+    local_steps: int = _f(10, "Optimizer steps each client runs per round.")
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "auto", "Compute precision: 'auto' uses bf16 autocast where the CPU/GPU supports it."
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.lora_r < 1:
+            out.append("train.lora_r must be >= 1")
+        if self.lr <= 0:
+            out.append("train.lr must be > 0")
+        if self.batch_size < 1:
+            out.append("train.batch_size must be >= 1")
+        if self.local_steps < 1:
+            out.append("train.local_steps must be >= 1")
+        return out
+
+
+@dataclass(frozen=True)
+class FederationConfig(_Section):
+    num_clients: int = _f(4, "Simulated data-owner clients (Flower SuperNodes).")
+    rounds: int = _f(3, "Federated rounds.")
+    fraction_train: float = _f(1.0, "Fraction of clients sampled each round.")
+    client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources).")
+    round_timeout: float = _f(1800.0, "Seconds a round waits for replies before closing.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.num_clients < 1:
+            out.append("federation.num_clients must be >= 1")
+        if self.rounds < 1:
+            out.append("federation.rounds must be >= 1")
+        if not 0 < self.fraction_train <= 1:
+            out.append("federation.fraction_train must be in (0, 1]")
+        if self.client_cpus <= 0:
+            out.append("federation.client_cpus must be > 0")
+        if self.round_timeout <= 0:
+            out.append("federation.round_timeout must be > 0")
+        return out
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Section):
+    full_finetune: bool = _f(
+        False,
+        "Also train the same adapter recipe on the full model (the optional fifth baseline).",
+    )
+    batch_size: int = _f(16, "Examples per evaluation forward pass.")
+
+    def problems(self) -> list[str]:
+        return ["eval.batch_size must be >= 1"] if self.batch_size < 1 else []
+
+
+@dataclass(frozen=True)
+class OffsiteConfig:
+    seed: int = _f(0, "Seed for data splits, initialisation and sampling.")
+    output_dir: str = _f("runs", "Folder under which each run gets its own sub-folder.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value``; the value is read as a TOML literal, else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return [part.strip() for part in key.strip().split(".")], value
+
+
+def _check_value(name: str, value: Any, annotation: Any) -> tuple[Any, str | None]:
+    """Coerce ``value`` to ``annotation``; return (value, problem-or-None)."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            return value, f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+        return value, None
+    if origin in (typing.Union, types.UnionType):
+        return value, None
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value, None
+        return value, f"{name} must be true or false, got {value!r}"
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        return value, f"{name} must be an integer, got {value!r}"
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        return value, f"{name} must be a number, got {value!r}"
+    if annotation is str:
+        if isinstance(value, str):
+            return value, None
+        return value, f"{name} must be a string, got {value!r}"
+    return value, None
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            problems.append(f"unknown key {prefix}{key!s} (known: {known})")
+    kwargs: dict[str, Any] = {}
+    for name in fields:
+        if name not in data:
+            continue
+        value = data[name]
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, Mapping):
+                problems.append(f"{prefix}{name} must be a table")
+                continue
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.", problems)
+            continue
+        value, problem = _check_value(f"{prefix}{name}", value, annotation)
+        if problem:
+            problems.append(problem)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        problems.extend(str(err).split("; "))
+        return cls()
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: Path | str | None = None, overrides: Iterable[str] = ()) -> OffsiteConfig:
+    """Load defaults, then a TOML file, then ``section.key=value`` overrides; validate all."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing TOML file")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge(data, keys, value)
+    problems: list[str] = []
+    config = _build(OffsiteConfig, data, "", problems)
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return config
+
+
+def describe(cls: type = OffsiteConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every config key with its default and help text, for ``offsite config``."""
+    rows: list[tuple[str, Any, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", f.default, f.metadata.get("help", "")))
+    return rows
