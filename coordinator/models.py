@@ -13,6 +13,24 @@ from offsite.catalog import resolve_model
 from offsite.errors import ModelError
 
 
+def check_model(name: str) -> ArchSpec:
+    """Resolve ``name`` and check its architecture without loading weights."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read the config of {name!r} at {path}: {err}") from err
+    arch = arch_spec(config)
+    if not arch.causal_lm:
+        raise ModelError(
+            f"{name} is a {arch.model_type} encoder; federated runs score answers with a causal "
+            "LM. Use a decoder model (e.g. smollm2-135m)"
+        )
+    return arch
+
+
 def load_full_model(name: str) -> tuple[nn.Module, Any, ArchSpec, Path | str]:
     """(model, tokenizer, arch spec, path); the architecture is checked before weights load."""
     import transformers

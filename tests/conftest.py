@@ -1,0 +1,147 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer and tiny models built from configs.
+
+Everything here is offline and takes seconds: no model or tokenizer is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LABELS = ("business", "sport", "tech")
+VOCAB = 384
+
+_CORPUS = [
+    "Shares rose as the market rallied and the company reported profit growth.",
+    "The team won the match after a late goal in the second half of the cup final.",
+    "A new phone and laptop were launched with faster chips and better software.",
+    "Article: Text: Topic: Category: business sport tech politics entertainment",
+    "The quick brown fox jumps over the lazy dog 0123456789.",
+]
+
+
+def tiny_texts(label: str, n: int, seed: int = 0) -> list[str]:
+    """Short synthetic texts whose words depend on the label (learnable, deterministic)."""
+    import random
+
+    words = {
+        "business": "shares market profit company bank growth economy firm",
+        "sport": "team match goal cup player coach season win",
+        "tech": "phone laptop chip software internet data computer app",
+    }[label].split()
+    rng = random.Random(f"{label}-{seed}")
+    return [" ".join(rng.choice(words) for _ in range(8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = _CORPUS * 4 + [t for label in LABELS for t in tiny_texts(label, 20)]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<unk>", "<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    )
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _tiny_configs() -> dict[str, Callable[[], object]]:
+    import transformers as t
+
+    decoder = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+    return {
+        "llama": lambda: t.LlamaConfig(**decoder, num_key_value_heads=2, tie_word_embeddings=True),
+        "mistral": lambda: t.MistralConfig(**decoder, num_key_value_heads=2, sliding_window=None),
+        "qwen2": lambda: t.Qwen2Config(**decoder, num_key_value_heads=2),
+        "gemma3_text": lambda: t.Gemma3TextConfig(
+            **decoder, num_key_value_heads=2, head_dim=8, sliding_window=4
+        ),
+        "gpt2": lambda: t.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=6, n_head=4, n_positions=128
+        ),
+        "opt": lambda: t.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+        ),
+        "bloom": lambda: t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=6, n_head=4),
+        "gpt_neox": lambda: t.GPTNeoXConfig(**decoder),
+        "bert": lambda: t.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        ),
+    }
+
+
+TINY_CONFIGS = _tiny_configs()
+
+
+def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised 6-block model of ``model_type`` (fixed seed, eval mode)."""
+    import transformers
+
+    from emulator.arch import REGISTRY
+
+    config = TINY_CONFIGS[model_type]()
+    auto = getattr(transformers, REGISTRY[model_type].auto_class)
+    torch.manual_seed(seed)
+    return auto.from_config(config).eval()
+
+
+def model_outputs(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits for LMs, last hidden states for encoders."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture()
+def tiny_llama_dir(tmp_path: Path, tokenizer) -> Path:  # type: ignore[no-untyped-def]
+    """A tiny llama saved in the Hugging Face layout, with the tiny tokenizer."""
+    model = tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,81 @@
+"""The `offsite` command line: help, listings, and one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def offsite(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "offsite.cli", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = offsite("--help")
+    assert result.returncode == 0
+    for command in ("simulate", "emulator", "eval", "models", "datasets", "config"):
+        assert command in result.stdout
+
+
+def test_simulate_help_explains_defaults() -> None:
+    result = offsite("simulate", "--help")
+    assert result.returncode == 0 and "five-way" in result.stdout
+
+
+def test_catalog_listings() -> None:
+    models, datasets = offsite("models"), offsite("datasets")
+    assert "smollm2-135m" in models.stdout and "gemma3-270m" in models.stdout
+    assert "bbc-news" in datasets.stdout and "chitchat" in datasets.stdout
+
+
+def test_config_listing_has_every_section() -> None:
+    out = offsite("config").stdout
+    for key in (
+        "model.name",
+        "emulator.keep",
+        "train.lr",
+        "federation.rounds",
+        "eval.full_finetune",
+    ):
+        assert key in out
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["simulate", "train.lr=oops", "bogus.key=1"], 2, "train.lr must be a number"),
+        (["simulate", "model.name=/nonexistent/model"], 4, "does not exist"),
+        (["simulate", "data.name=/nonexistent/data.jsonl"], 3, "not found"),
+        (["emulator", "verify", "/nonexistent"], 5, "manifest.json is missing"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code(
+    args: list[str], code: int, fragment: str, tmp_path: Path
+) -> None:
+    result = offsite(*args, cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_architecture_is_a_model_error(tmp_path: Path) -> None:
+    model_dir = tmp_path / "weird"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "mamba"}')
+    result = offsite("emulator", "build", "-o", str(tmp_path / "b"), f"model.name={model_dir}")
+    assert result.returncode in (4,), result.stderr
+    assert "model_type" in result.stderr

@@ -1,0 +1,82 @@
+"""Typed configuration: defaults, TOML, overrides, and all errors reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from offsite.config import OffsiteConfig, describe, load_config, parse_override
+from offsite.errors import ConfigError
+
+
+def test_defaults_are_the_documented_main_job() -> None:
+    config = load_config()
+    assert config == OffsiteConfig()
+    assert config.model.name == "smollm2-135m" and config.data.name == "bbc-news"
+    assert config.federation.num_clients == 4
+    assert (config.emulator.bottom, config.emulator.top) == (2, 2)
+
+
+def test_file_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('seed = 7\n[train]\nlr = 0.01\nadapter = "full"\n')
+    config = load_config(path, ["train.lr=0.002", "federation.rounds=5", "data.name=my.jsonl"])
+    assert config.seed == 7
+    assert config.train.adapter == "full"
+    assert config.train.lr == 0.002
+    assert config.federation.rounds == 5
+    assert config.data.name == "my.jsonl"  # a bare word is kept as a string
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            None,
+            ["train.lr=abc", "nope.x=1", "emulator.keep=0", "train.adapter=prefix", "seed=true"],
+        )
+    message = str(info.value)
+    for fragment in ("train.lr", "unknown key nope", "emulator.keep", "train.adapter", "seed"):
+        assert fragment in message
+
+
+def test_int_given_for_float_is_accepted_but_bool_is_not() -> None:
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    with pytest.raises(ConfigError, match=r"federation\.rounds must be an integer"):
+        load_config(None, ["federation.rounds=true"])
+
+
+def test_sections_validate_on_construction() -> None:
+    from offsite.config import FederationConfig
+
+    with pytest.raises(ConfigError, match="fraction_train"):
+        FederationConfig(fraction_train=0.0)
+
+
+def test_bad_files_and_overrides(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        parse_override("novalue")
+
+
+def test_template_must_have_one_slot() -> None:
+    with pytest.raises(ConfigError, match="template"):
+        load_config(None, ['data.template="no slot"'])
+
+
+def test_roundtrip_through_toml(tmp_path: Path) -> None:
+    config = load_config(None, ["federation.rounds=2"])
+    path = tmp_path / "saved.toml"
+    path.write_text(config.to_toml())
+    assert load_config(path) == config
+
+
+def test_every_key_has_help() -> None:
+    rows = describe()
+    assert len(rows) > 20
+    assert all(help_text for _, _, help_text in rows)

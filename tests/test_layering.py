@@ -1,0 +1,74 @@
+"""Package boundaries and safe deserialization, checked by parsing the source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("offsite", "emulator", "client", "coordinator")
+
+FORBIDDEN = {
+    "emulator": {"client", "coordinator", "grpc", "flwr", "sqlalchemy"},
+    "client": {"coordinator"},
+    "coordinator": {"client"},
+    "offsite": {"client", "coordinator", "emulator", "flwr", "grpc"},
+}
+# The CLI is the one place that wires packages together (imports happen inside commands).
+ALLOWED = {"offsite/cli.py": {"client", "coordinator", "emulator"}}
+
+
+def _sources(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_boundaries(package: str) -> None:
+    violations = []
+    for path in _sources(package):
+        relative = path.relative_to(ROOT).as_posix()
+        bad = (_imports(path) & FORBIDDEN[package]) - ALLOWED.get(relative, set())
+        if bad:
+            violations.append(f"{relative} imports {sorted(bad)}")
+    assert not violations, violations
+
+
+def test_no_unsafe_deserialization_anywhere() -> None:
+    """No torch.load, pickle, unsafe yaml or allow_pickle on any code path (CHECKLIST B7)."""
+    offenders = []
+    for package in PACKAGES:
+        for path in _sources(package):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call):
+                    name = ast.unparse(node.func)
+                    if name in {"torch.load", "pickle.load", "pickle.loads", "yaml.load"}:
+                        offenders.append(f"{path.name}: {name}")
+                    for kw in node.keywords:
+                        if kw.arg == "allow_pickle" and ast.unparse(kw.value) != "False":
+                            offenders.append(f"{path.name}: allow_pickle")
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    names = [a.name for a in node.names]
+                    module = getattr(node, "module", None) or ""
+                    if "pickle" in names or module == "pickle":
+                        offenders.append(f"{path.name}: imports pickle")
+    assert not offenders, offenders
+
+
+def test_every_package_has_a_docstring() -> None:
+    for package in PACKAGES:
+        init = ROOT / package / "__init__.py"
+        assert ast.get_docstring(ast.parse(init.read_text())), f"{package}/__init__.py"
