@@ -13,8 +13,8 @@ from offsite.catalog import resolve_model
 from offsite.errors import ModelError
 
 
-def check_model(name: str) -> ArchSpec:
-    """Resolve ``name`` and check its architecture without loading weights."""
+def check_model(name: str) -> tuple[ArchSpec, int]:
+    """Resolve ``name``; check its architecture without loading weights; (spec, block count)."""
     from transformers import AutoConfig
 
     path = resolve_model(name)
@@ -28,7 +28,7 @@ def check_model(name: str) -> ArchSpec:
             f"{name} is a {arch.model_type} encoder; federated runs score answers with a causal "
             "LM. Use a decoder model (e.g. smollm2-135m)"
         )
-    return arch
+    return arch, int(config.num_hidden_layers)
 
 
 def load_full_model(name: str) -> tuple[nn.Module, Any, ArchSpec, Path | str]:

@@ -68,6 +68,9 @@ def plot_losses(rounds: list[dict[str, Any]], path: Path) -> None:
         ax.plot(
             [p[0] for p in points], [p[1] for p in points], marker="o", label=f"client {client}"
         )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("mean local training loss")
     ax.set_title("Local training loss per round and client")

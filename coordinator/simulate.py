@@ -76,15 +76,10 @@ def simulate(
 ) -> SimulationResult:
     """Run a full federated offsite-tuning simulation and write its report."""
     timer = _Timer()
-    # Fail fast, before anything is written: data readable, model present, architecture known.
-    task = load_task(config.data.name, config.data.text_field, config.data.label_field)
-    check_model(config.model.name)
-    run_dir = run_dir.resolve() if run_dir else new_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config.to_toml())
-    log.info("run folder: %s", run_dir)
-
+    # Fail fast, before anything is written: data readable and large enough, model present,
+    # architecture known.
     with timer.stage("prepare data"):
+        task = load_task(config.data.name, config.data.text_field, config.data.label_field)
         template = config.data.template or task.template
         train, held = split_holdout(task.examples, config.data.eval_size, config.seed)
         shares = partition(
@@ -94,25 +89,27 @@ def simulate(
             config.data.alpha,
             config.seed,
         )
-        for index, share in enumerate(shares):
-            write_jsonl(share, run_dir / "data" / f"client-{index}.jsonl")
-        log.info(
-            "  %s: %d examples (%s), %d held out, clients get %s",
-            task.name,
-            len(task.examples),
-            task.kind,
-            len(held),
-            [len(s) for s in shares],
+        _, num_layers = check_model(config.model.name)
+        plan = plan_layers(
+            num_layers, config.emulator.bottom, config.emulator.top, config.emulator.keep
         )
+    run_dir = run_dir.resolve() if run_dir else new_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config.to_toml())
+    log.info("run folder: %s", run_dir)
+    for index, share in enumerate(shares):
+        write_jsonl(share, run_dir / "data" / f"client-{index}.jsonl")
+    log.info(
+        "  %s: %d examples (%s), %d held out, clients get %s",
+        task.name,
+        len(task.examples),
+        task.kind,
+        len(held),
+        [len(s) for s in shares],
+    )
 
     with timer.stage("load full model and build emulator bundle"):
         full_model, tokenizer, arch, _ = load_full_model(config.model.name)
-        plan = plan_layers(
-            int(full_model.config.num_hidden_layers),
-            config.emulator.bottom,
-            config.emulator.top,
-            config.emulator.keep,
-        )
         adapter = AdapterSpec(
             config.train.adapter,
             plan.adapter_layers,

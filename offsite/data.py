@@ -80,14 +80,14 @@ def _jsonl(path: Path, text_field: str, label_field: str) -> Task:
             elif text_field in row and label_field in row:
                 kinds.add("classification")
                 examples.append(Example(text=str(row[text_field]), label=str(row[label_field])))
-            elif text_field in row:
+            elif set(row) == {text_field}:
                 kinds.add("completion")
                 examples.append(Example(text="", completion=str(row[text_field])))
             else:
                 raise DataError(
                     f"{path}:{number} has fields {sorted(row)}; expected {text_field!r} and "
-                    f"{label_field!r}, or 'prompt' and 'completion' (set data.text_field / "
-                    "data.label_field to match your file)"
+                    f"{label_field!r}, 'prompt' and 'completion', or {text_field!r} alone (set "
+                    "data.text_field / data.label_field to match your file)"
                 )
     if len(kinds) > 1:
         raise DataError(

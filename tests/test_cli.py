@@ -60,11 +60,15 @@ def test_config_listing_has_every_section() -> None:
         (["simulate", "model.name=/nonexistent/model"], 4, "does not exist"),
         (["simulate", "data.name=/nonexistent/data.jsonl"], 3, "not found"),
         (["emulator", "verify", "/nonexistent"], 5, "manifest.json is missing"),
+        (["simulate", "data.name=bad.jsonl", "data.label_field=topic"], 3, "data.label_field"),
+        (["simulate", "data.name=empty.jsonl"], 3, "no examples"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code(
     args: list[str], code: int, fragment: str, tmp_path: Path
 ) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
     result = offsite(*args, cwd=tmp_path)
     assert result.returncode == code, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -81,9 +81,46 @@ def test_two_clients_two_rounds_end_to_end(
     assert metrics["run"]["plan"] == "1-2-1"
     report = (run / "report.md").read_text()
     assert "plug-in" in report and "privacy margin" in report
+    # `offsite eval RUN --round 2` re-scores the same adapter to the same numbers
+    from coordinator.rerun import evaluate_run
+
+    again = evaluate_run(run, 2)
+    for key in ("full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in"):
+        assert again[key]["value"] == pytest.approx(scores[key]["value"], abs=1e-9), key
     # the emulator bundle never contains the dropped middle blocks (full indices 2 and 3)
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     assert manifest["layers"]["emulator_layers"] == [0, 1, 4, 5]
     assert len([k for k in manifest["tensors"] if ".layers." in k]) == 4 * len(
         [k for k in manifest["tensors"] if ".layers.0." in k]
     )
+
+
+def test_prompt_completion_task_reports_perplexity(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from coordinator.simulate import simulate
+
+    data = tmp_path / "qa.jsonl"
+    rows = [
+        Example(f"Q: {t}", completion=f" A: {lab}") for lab in LABELS for t in tiny_texts(lab, 12)
+    ]
+    write_jsonl(rows, data)
+    config = load_config(
+        None,
+        [
+            f"model.name='{tiny_llama_dir}'",
+            f"data.name='{data}'",
+            "data.eval_size=6",
+            "emulator.bottom=1",
+            "emulator.top=1",
+            "emulator.keep=1",
+            "federation.num_clients=2",
+            "federation.rounds=1",
+            "train.local_steps=2",
+            "train.precision='fp32'",
+            f"output_dir='{tmp_path / 'runs'}'",
+        ],
+    )
+    result = simulate(config)
+    scores = json.loads((result.run_dir / "metrics.json").read_text())["scores"]
+    assert {s["metric"] for s in scores.values()} == {"perplexity"}
+    assert all(s["value"] > 1.0 for s in scores.values())
+    assert "perplexity" in (result.run_dir / "report.md").read_text()
