@@ -46,7 +46,7 @@ def train(msg: Message, context: Context) -> Message:
     global_state = msg.content["arrays"].to_torch_state_dict()
     session.adapted.load_trainable(global_state)
 
-    task = load_task(str(_data_path(config, context)))
+    task = load_task(str(_data_path(config, context)), min_labels=1)
     partition = int(context.node_config.get("partition-id", 0))
     server_round = int(config["server-round"])
     seed = int(config["seed"]) * 100_003 + partition * 1_009 + server_round

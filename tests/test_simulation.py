@@ -124,3 +124,64 @@ def test_prompt_completion_task_reports_perplexity(tiny_llama_dir: Path, tmp_pat
     assert {s["metric"] for s in scores.values()} == {"perplexity"}
     assert all(s["value"] > 1.0 for s in scores.values())
     assert "perplexity" in (result.run_dir / "report.md").read_text()
+
+
+def test_a_failing_client_does_not_end_the_run(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    """Client 1's data is corrupt: its replies are errors, FedAvg goes on with the others."""
+    from coordinator.models import load_full_model
+    from coordinator.simulation import run_flower_simulation
+    from emulator.adapter import AdapterSpec
+    from emulator.bundle import write_bundle
+    from emulator.layers import plan_layers
+    from offsite.runplan import RunPlan
+
+    config = load_config(
+        None,
+        [
+            "federation.num_clients=3",
+            "federation.rounds=2",
+            "train.local_steps=2",
+            "train.batch_size=4",
+            "train.precision='fp32'",
+            "data.max_length=48",
+        ],
+    )
+    model, tokenizer, arch, _ = load_full_model(str(tiny_llama_dir))
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
+    bundle = write_bundle(model, tokenizer, plan, spec, tmp_path / "bundle", source="tiny")
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = tiny_task.read_text().splitlines()
+    (data / "client-0.jsonl").write_text("\n".join(lines[:30]) + "\n")
+    (data / "client-1.jsonl").write_text("this is not json\n")
+    (data / "client-2.jsonl").write_text("\n".join(lines[30:60]) + "\n")
+    plan_path = tmp_path / "plan.json"
+    RunPlan(
+        run_dir=str(tmp_path),
+        bundle_path=str(bundle.path),
+        bundle_digest=bundle.digest,
+        data_dir=str(data),
+        task_kind="classification",
+        labels=LABELS,
+        template="Text: {text}\nTopic:",
+        config=config.to_dict(),
+    ).save(plan_path)
+
+    run_flower_simulation(plan_path, num_clients=3, client_cpus=1.0)
+
+    rounds = json.loads((tmp_path / "rounds.json").read_text())
+    errors = [r for r in rounds if "error" in r]
+    good = [r for r in rounds if "error" not in r]
+    assert len(errors) == 2 and all("not valid JSON" in r["error"] for r in errors)
+    assert sorted((r["round"], int(r["partition-id"])) for r in good) == [
+        (1, 0),
+        (1, 2),
+        (2, 0),
+        (2, 2),
+    ]
+    final = load_file(str(tmp_path / "adapters" / "round-2.safetensors"))
+    start = load_file(str(tmp_path / "adapters" / "round-0.safetensors"))
+    assert any(not torch.equal(final[k], start[k]) for k in start)
