@@ -26,6 +26,7 @@ from emulator.bundle import Bundle, bundle_arch, load_bundle_model
 from emulator.forward import resolve_precision
 from emulator.plug import plug_adapter
 from emulator.scoring import Score, classify, perplexity
+from offsite.config import OffsiteConfig
 from offsite.data import Example, Task
 
 SETTINGS = (
@@ -47,6 +48,21 @@ class EvalSpec:
     batch_size: int
     precision: str
     device: torch.device
+
+    @classmethod
+    def from_config(
+        cls, config: OffsiteConfig, task: Task, examples: Sequence[Example], device: torch.device
+    ) -> EvalSpec:
+        return cls(
+            task,
+            examples,
+            config.data.template or task.template,
+            config.data.max_words,
+            config.data.max_length,
+            config.eval.batch_size,
+            config.train.precision,
+            device,
+        )
 
 
 def score_model(
@@ -96,3 +112,29 @@ def evaluate_plug_in(
 ) -> Score:
     plugged = plug_adapter(copy.deepcopy(full_model), adapter, adapter_state)
     return score_model(plugged.model, tokenizer, spec, progress)
+
+
+def four_way(
+    full_model: nn.Module,
+    tokenizer: Any,
+    bundle: Bundle,
+    adapter_state: Mapping[str, torch.Tensor],
+    spec: EvalSpec,
+    bar: Any,
+) -> dict[str, Score]:
+    """The four settings every run reports; ``bar`` is a tqdm bar advanced per example."""
+    scores: dict[str, Score] = {}
+    full_model.to(spec.device)
+    bar.set_postfix_str("full zero-shot")
+    scores["full_zero_shot"] = score_model(full_model, tokenizer, spec, bar.update)
+    bar.set_postfix_str("emulator zero-shot")
+    scores["emulator_zero_shot"] = evaluate_emulator(bundle, tokenizer, None, spec, bar.update)
+    bar.set_postfix_str("emulator fine-tuned")
+    scores["emulator_fine_tuned"] = evaluate_emulator(
+        bundle, tokenizer, adapter_state, spec, bar.update
+    )
+    bar.set_postfix_str("plug-in")
+    scores["plug_in"] = evaluate_plug_in(
+        full_model, tokenizer, bundle.adapter, adapter_state, spec, bar.update
+    )
+    return scores

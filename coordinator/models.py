@@ -13,15 +13,19 @@ from offsite.catalog import resolve_model
 from offsite.errors import ModelError
 
 
-def check_model(name: str) -> tuple[ArchSpec, int]:
-    """Resolve ``name``; check its architecture without loading weights; (spec, block count)."""
+def _read_config(name: str) -> tuple[Path | str, Any]:
     from transformers import AutoConfig
 
     path = resolve_model(name)
     try:
-        config = AutoConfig.from_pretrained(path)
+        return path, AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot read the config of {name!r} at {path}: {err}") from err
+
+
+def check_model(name: str) -> tuple[ArchSpec, int]:
+    """Resolve ``name``; check its architecture without loading weights; (spec, block count)."""
+    _, config = _read_config(name)
     arch = arch_spec(config)
     if not arch.causal_lm:
         raise ModelError(
@@ -34,13 +38,9 @@ def check_model(name: str) -> tuple[ArchSpec, int]:
 def load_full_model(name: str) -> tuple[nn.Module, Any, ArchSpec, Path | str]:
     """(model, tokenizer, arch spec, path); the architecture is checked before weights load."""
     import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = resolve_model(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read the config of {name!r} at {path}: {err}") from err
+    path, config = _read_config(name)
     arch = arch_spec(config)
     auto = getattr(transformers, arch.auto_class)
     model = auto.from_pretrained(path, dtype=torch.float32).eval()

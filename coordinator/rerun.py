@@ -9,7 +9,7 @@ import tomllib
 from tqdm.auto import tqdm
 
 from coordinator.adapters import load_adapter
-from coordinator.evaluate import EvalSpec, evaluate_emulator, evaluate_plug_in, score_model
+from coordinator.evaluate import EvalSpec, four_way
 from coordinator.models import load_full_model
 from coordinator.report import five_way_table, margin_lines
 from emulator.bundle import verify_bundle
@@ -42,26 +42,9 @@ def evaluate_run(run_dir: Path, round_: int | None = None) -> dict[str, dict[str
     task = load_task(config.data.name, config.data.text_field, config.data.label_field)
     _, held = split_holdout(task.examples, config.data.eval_size, config.seed)
     full_model, tokenizer, _, _ = load_full_model(config.model.name)
-    template = config.data.template or task.template
-    spec = EvalSpec(
-        task,
-        held,
-        template,
-        config.data.max_words,
-        config.data.max_length,
-        config.eval.batch_size,
-        config.train.precision,
-        pick_device(),
-    )
-    with tqdm(total=4 * len(held), desc="evaluating", unit="ex") as bar:
-        scores = {
-            "full_zero_shot": score_model(full_model, tokenizer, spec, bar.update),
-            "emulator_zero_shot": evaluate_emulator(bundle, tokenizer, None, spec, bar.update),
-            "emulator_fine_tuned": evaluate_emulator(bundle, tokenizer, state, spec, bar.update),
-            "plug_in": evaluate_plug_in(
-                full_model, tokenizer, bundle.adapter, state, spec, bar.update
-            ),
-        }
+    spec = EvalSpec.from_config(config, task, held, pick_device())
+    with tqdm(total=4 * len(held), desc="evaluating", unit="ex", dynamic_ncols=True) as bar:
+        scores = four_way(full_model, tokenizer, bundle, state, spec, bar)
     table = {k: {"metric": s.metric, "value": s.value} for k, s in scores.items()}
     log.info(
         "round %d of %s\n%s\n%s",

