@@ -8,7 +8,6 @@ bundle on disk.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -32,16 +31,17 @@ def _data_path(config: ConfigRecord, context: Context) -> Path:
     return Path(str(config["data-dir"])) / f"client-{partition}.jsonl"
 
 
-def _threads(context: Context) -> None:
-    cpus = os.environ.get("OMP_NUM_THREADS")
-    if cpus and cpus.isdigit():
-        torch.set_num_threads(int(cpus))
+def _set_threads(config: ConfigRecord) -> None:
+    """Use the cores the simulation reserved for this client (0 = the torch default)."""
+    threads = int(config.get("threads", 0))  # type: ignore[arg-type]
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    _threads(context)
     config = msg.content["config"]
+    _set_threads(config)
     session = open_session(str(config["bundle-path"]), str(config["bundle-digest"]))
     global_state = msg.content["arrays"].to_torch_state_dict()
     session.adapted.load_trainable(global_state)
@@ -77,6 +77,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-seconds": result.seconds,
             "train-tokens": result.tokens,
             "partition-id": partition,
+            "threads": torch.get_num_threads(),
         }
     )
     arrays = ArrayRecord(session.adapted.trainable_state())

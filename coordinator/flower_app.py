@@ -40,6 +40,8 @@ def train_config(plan: RunPlan) -> ConfigRecord:
             "lr": float(train["lr"]),
             "precision": train["precision"],
             "seed": plan.config["seed"],
+            # simulation: one torch thread per reserved core, so parallel clients don't thrash
+            "threads": max(1, int(plan.config["federation"]["client_cpus"])),
         }
     )
 
