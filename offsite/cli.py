@@ -170,6 +170,33 @@ def evaluate(
     evaluate_run(run, round_)
 
 
+@app.command("export")
+def export(
+    run: Annotated[Path, typer.Argument(help="A run folder written by `offsite simulate`.")],
+    round_: Annotated[
+        int | None, typer.Option("--round", help="Export this round's adapter (default: last).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Target folder (default: RUN/export/round-N)."),
+    ] = None,
+) -> None:
+    """Export a run's adapter: merged HF checkpoint, PEFT adapter (LoRA) and a model card.
+
+    The merged folder loads with `AutoModelForCausalLM.from_pretrained`; the PEFT folder with
+    `PeftModel.from_pretrained(original_model, folder)` and serving engines that load LoRA.
+    """
+    _setup_logging(False)
+    _quiet_libraries()
+    from coordinator.export import export_run
+
+    result = export_run(run, round_, out)
+    typer.echo(f"merged checkpoint: {result.merged}")
+    if result.peft:
+        typer.echo(f"PEFT adapter:      {result.peft}")
+    typer.echo(f"model card:        {result.card}")
+
+
 @app.command()
 def models() -> None:
     """List the embedded models (install offline; any local HF directory also works)."""
