@@ -197,6 +197,47 @@ def export(
     typer.echo(f"model card:        {result.card}")
 
 
+@app.command("serve")
+def serve(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Base model: catalog name, HF folder or cached id.")
+    ] = "smollm2-135m",
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", "-a", help="NAME=PEFT_FOLDER to load at start (repeatable)."),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (loopback by default).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8000,
+    served_name: Annotated[
+        str | None, typer.Option(help="Model name clients use for the base model.")
+    ] = None,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longer prompts get HTTP 400.")] = 2048,
+) -> None:
+    """Serve the full model over an OpenAI-compatible API; adapters are model names.
+
+    Endpoints: /v1/models, /v1/completions and /v1/chat/completions (with "stream": true),
+    and vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter to swap adapters at runtime.
+    Example: offsite serve -a bbc=runs/<run>/export/round-3/peft
+    """
+    _setup_logging(False)
+    _quiet_libraries()
+    import uvicorn
+
+    from coordinator.serve import Engine, build_app
+    from offsite.catalog import resolve_model
+
+    engine = Engine(resolve_model(model), served_name or Path(model).name, max_prompt_tokens)
+    for spec in adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--adapter {spec!r} must be NAME=PATH")
+        engine.load_adapter(name, path)
+    typer.echo(f"serving {engine.model_names()} on http://{host}:{port}/v1")
+    uvicorn.run(build_app(engine), host=host, port=port, log_level="warning")
+
+
 @app.command()
 def models() -> None:
     """List the embedded models (install offline; any local HF directory also works)."""

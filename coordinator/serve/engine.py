@@ -1,0 +1,214 @@
+"""The serving engine: one base model, any number of PEFT LoRA adapters, token-by-token decoding.
+
+Decisions:
+- Each adapter is a model name (as in vLLM): requests for the base name run with adapters
+  disabled, requests for an adapter name activate it. Adapters load and unload at runtime.
+- One lock around the model: on a CPU box one request at a time is the fastest schedule anyway,
+  and PEFT's active adapter is global state.
+- Our own decode loop with a KV cache, so streaming needs no extra threads and every token is
+  produced under the lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offsite.errors import OffsiteError
+
+
+class EngineError(OffsiteError):
+    """A request the engine cannot serve; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Piece:
+    """A chunk of generated text; the last one carries the finish reason and token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, model_path: Path | str, served_name: str, max_prompt_tokens: int = 2048):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.base.to(self.device).eval()
+        self.model: Any = self.base
+        self.served_name = served_name
+        self.max_prompt_tokens = max_prompt_tokens
+        self.adapters: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+
+    # ------------------------------------------------------------------ adapters
+
+    def model_names(self) -> list[str]:
+        return [self.served_name, *self.adapters]
+
+    def load_adapter(self, name: str, path: str) -> float:
+        """Load a PEFT adapter folder under ``name``; returns the seconds it took."""
+        if not name or name == self.served_name:
+            raise EngineError(f"adapter name {name!r} is empty or the base model's name")
+        folder = Path(path)
+        if not (folder / "adapter_config.json").is_file():
+            raise EngineError(
+                f"{path} is not a PEFT adapter folder (no adapter_config.json); export one with "
+                "`offsite export RUN`",
+                status=400,
+            )
+        with self.lock:
+            if name in self.adapters:
+                raise EngineError(f"adapter {name!r} is already loaded; unload it first", 400)
+            start = time.perf_counter()
+            try:
+                if self.model is self.base:
+                    from peft import PeftModel
+
+                    self.model = PeftModel.from_pretrained(self.base, folder, adapter_name=name)
+                else:
+                    self.model.load_adapter(folder, adapter_name=name)
+            except (ValueError, KeyError, RuntimeError, OSError) as err:
+                raise EngineError(f"cannot load adapter from {path}: {err}", 400) from err
+            self.model.eval()
+            seconds = time.perf_counter() - start
+            self.adapters[name] = {"path": str(folder), "created": int(time.time())}
+            return seconds
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if name not in self.adapters:
+                raise EngineError(f"adapter {name!r} is not loaded", 404, "not_found_error")
+            self.model.delete_adapter(name)
+            del self.adapters[name]
+
+    # ------------------------------------------------------------------ generation
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if not ids:
+            raise EngineError("the prompt is empty")
+        if len(ids) > self.max_prompt_tokens:
+            raise EngineError(
+                f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}",
+                status=400,
+            )
+        return ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.encode_prompt(str(text))
+
+    def check_model(self, name: str) -> None:
+        if name != self.served_name and name not in self.adapters:
+            raise EngineError(
+                f"model {name!r} does not exist; available: {', '.join(self.model_names())}",
+                404,
+                "not_found_error",
+            )
+
+    def generate(self, name: str, prompt_ids: list[int], sampling: Sampling) -> Iterator[Piece]:
+        """Yield text pieces as they are decoded; holds the model lock while generating."""
+        self.check_model(name)
+        with self.lock:
+            yield from self._generate_locked(name, prompt_ids, sampling)
+
+    def _generate_locked(
+        self, name: str, prompt_ids: list[int], sampling: Sampling
+    ) -> Iterator[Piece]:
+        import contextlib
+
+        if name == self.served_name:
+            context = self.model.disable_adapter() if self.model is not self.base else None
+        else:
+            self.model.set_adapter(name)
+            context = None
+        generator = torch.Generator(device="cpu")
+        if sampling.seed is not None:
+            generator.manual_seed(sampling.seed)
+        eos = self.tokenizer.eos_token_id
+        with torch.no_grad(), context or contextlib.nullcontext():
+            ids = torch.tensor([prompt_ids], device=self.device)
+            past = None
+            produced: list[int] = []
+            emitted = 0  # characters of the decoded text already sent
+            # hold back enough characters that a stop string split across tokens is never sent
+            holdback = max((len(s) for s in sampling.stop), default=1) - 1
+            finish, stopped_by_string = "length", False
+            for _ in range(sampling.max_tokens):
+                out = self.model(
+                    input_ids=ids if past is None else ids[:, -1:],
+                    past_key_values=past,
+                    use_cache=True,
+                )
+                past = out.past_key_values
+                token = _sample(out.logits[0, -1].float(), sampling, generator)
+                if eos is not None and token == eos:
+                    finish = "stop"
+                    break
+                produced.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)
+                text = self.tokenizer.decode(produced, skip_special_tokens=True)
+                stop_at = _find_stop(text, sampling.stop)
+                if stop_at is not None:
+                    finish, stopped_by_string = "stop", True
+                    if stop_at > emitted:
+                        yield Piece(text[emitted:stop_at])
+                    break
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+                    continue
+                upto = len(text) - holdback
+                if upto > emitted:
+                    yield Piece(text[emitted:upto])
+                    emitted = upto
+            if not stopped_by_string:
+                text = self.tokenizer.decode(produced, skip_special_tokens=True)
+                if len(text) > emitted:
+                    yield Piece(text[emitted:])
+            yield Piece("", finish, len(prompt_ids), len(produced))
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / sampling.temperature, dim=-1).cpu()
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        probs /= probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))

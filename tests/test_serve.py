@@ -1,0 +1,173 @@
+"""`offsite serve` against the official openai client, on 127.0.0.1 with a free port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+
+def _peft_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter for the tiny base model, saved in the PEFT layout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def server(tiny_llama_dir: Path) -> Iterator[tuple[str, object]]:
+    import uvicorn
+
+    from coordinator.serve import Engine, build_app
+
+    engine = Engine(tiny_llama_dir, "tiny", max_prompt_tokens=64)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(build_app(engine), log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def test_completion_chat_stream_and_adapter_hot_swap(
+    server, tiny_llama_dir: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    base_url, _ = server
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
+
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    done = client.completions.create(
+        model="tiny", prompt="shares market", max_tokens=5, temperature=0
+    )
+    assert done.choices[0].finish_reason in {"length", "stop"}
+    assert done.usage.completion_tokens <= 5 and done.usage.prompt_tokens > 0
+    again = client.completions.create(
+        model="tiny", prompt="shares market", max_tokens=5, temperature=0
+    )
+    assert again.choices[0].text == done.choices[0].text  # greedy is deterministic
+
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant"
+
+    stream = client.completions.create(
+        model="tiny", prompt="shares market", max_tokens=5, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+    chat_stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        stream=True,
+        temperature=0,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chat_stream) == (
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
+
+    # hot-swap: load -> the adapter is a model name and changes the output -> unload -> 404
+    adapter = _peft_adapter(tiny_llama_dir, tmp_path / "ad", seed=1)
+    loaded = httpx.post(
+        f"{base_url}/v1/load_lora_adapter", json={"lora_name": "bbc", "lora_path": str(adapter)}
+    )
+    assert loaded.status_code == 200, loaded.text
+    assert {m.id for m in client.models.list()} == {"tiny", "bbc"}
+    tuned = client.completions.create(
+        model="bbc", prompt="shares market", max_tokens=5, temperature=0
+    )
+    base_again = client.completions.create(
+        model="tiny", prompt="shares market", max_tokens=5, temperature=0
+    )
+    assert base_again.choices[0].text == done.choices[0].text  # base unaffected by the adapter
+    assert tuned.choices[0].text != done.choices[0].text
+    assert (
+        httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": "bbc"}).status_code
+        == 200
+    )
+    with pytest.raises(openai.NotFoundError, match="bbc"):
+        client.completions.create(model="bbc", prompt="x", max_tokens=2)
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    base_url, _ = server
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="limit is 64"):
+        client.completions.create(model="tiny", prompt="market " * 200, max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=0)
+    malformed = httpx.post(
+        f"{base_url}/v1/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert malformed.status_code == 400 and "error" in malformed.json()
+    missing = httpx.post(
+        f"{base_url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path)}
+    )
+    assert missing.status_code == 400 and "adapter_config.json" in missing.text
+    assert (
+        httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 404
+    )
+    ok = client.completions.create(model="tiny", prompt="shares", max_tokens=2)
+    assert ok.choices[0].finish_reason in {"length", "stop"}
+
+
+def test_stop_strings_are_never_emitted(server) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    base_url, _ = server
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
+    free = client.completions.create(
+        model="tiny", prompt="team match", max_tokens=12, temperature=0
+    )
+    text = free.choices[0].text
+    assert len(text) >= 4
+    stop = text[2:4]
+    cut = client.completions.create(
+        model="tiny", prompt="team match", max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model="tiny", prompt="team match", max_tokens=12, temperature=0, stop=[stop], stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
