@@ -26,7 +26,8 @@ from coordinator.adapters import load_adapter
 from coordinator.models import load_full_model
 from coordinator.report import five_way_table, margin_lines
 from emulator.adapter import merged_model
-from emulator.bundle import verify_bundle
+from emulator.bundle import bundle_arch, verify_bundle
+from emulator.peft_format import write_peft_adapter
 from emulator.plug import plug_adapter
 from offsite.errors import DataError
 
@@ -72,12 +73,12 @@ def export_run(
     source = str(config["model"]["name"])
     full_model, tokenizer, _, resolved = load_full_model(source)
     peft_dir: Path | None = None
-    plugged = plug_adapter(copy.deepcopy(full_model), spec, state)
     if spec.kind == "lora":
-        peft_dir = out_dir / "peft"
-        plugged.model.peft_config["default"].base_model_name_or_path = str(resolved)
-        plugged.model.save_pretrained(peft_dir)
+        peft_dir = write_peft_adapter(
+            state, spec, bundle_arch(bundle), str(resolved), out_dir / "peft"
+        )
         tokenizer.save_pretrained(peft_dir)
+    plugged = plug_adapter(copy.deepcopy(full_model), spec, state)
     merged = merged_model(plugged)
     merged_dir = out_dir / "merged"
     merged.save_pretrained(merged_dir)

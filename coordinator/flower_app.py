@@ -17,8 +17,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from coordinator.adapters import initial_adapter_state, save_adapter
 from coordinator.progress import RoundProgress
+from coordinator.push import push_adapter
 from coordinator.strategy import AdapterFedAvg
-from emulator.bundle import verify_bundle
+from emulator.bundle import bundle_arch, verify_bundle
+from emulator.peft_format import write_peft_adapter
+from offsite.catalog import resolve_model
 from offsite.runplan import RunPlan
 
 app = ServerApp()
@@ -60,12 +63,22 @@ def main(grid: Grid, context: Context) -> None:
         rounds_log.append({"round": server_round, **report})
         progress.client_done(report)
 
+    serve_url = str(federation.get("serve_url", ""))
+
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        save_adapter(
-            arrays.to_torch_state_dict(), run_dir / "adapters" / f"round-{server_round}.safetensors"
-        )
+        state = arrays.to_torch_state_dict()
+        save_adapter(state, run_dir / "adapters" / f"round-{server_round}.safetensors")
         (run_dir / "rounds.json").write_text(json.dumps(rounds_log, indent=1))
         if server_round > 0:
+            if serve_url and bundle.adapter.kind == "lora":
+                folder = write_peft_adapter(
+                    state,
+                    bundle.adapter,
+                    bundle_arch(bundle),
+                    str(resolve_model(str(plan.config["model"]["name"]))),
+                    run_dir / "peft" / f"round-{server_round}",
+                )
+                push_adapter(serve_url, str(federation["serve_name"]), folder)
             progress.round_done(server_round)
         return None
 

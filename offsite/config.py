@@ -143,6 +143,12 @@ class FederationConfig(_Section):
     fraction_train: float = _f(1.0, "Fraction of clients sampled each round.")
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources).")
     round_timeout: float = _f(1800.0, "Seconds a round waits for replies before closing.")
+    serve_url: str = _f(
+        "",
+        "Push each round's aggregated LoRA adapter to a running `offsite serve` at this URL "
+        "(e.g. http://127.0.0.1:8000); clients then query it as model `serve_name`.",
+    )
+    serve_name: str = _f("federated", "Model name the pushed adapter is served under.")
 
     def problems(self) -> list[str]:
         out = []

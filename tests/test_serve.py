@@ -171,3 +171,72 @@ def test_stop_strings_are_never_emitted(server) -> None:  # type: ignore[no-unty
         model="tiny", prompt="team match", max_tokens=12, temperature=0, stop=[stop], stream=True
     )
     assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_inplace_replace_and_base_after_last_unload(
+    server, tiny_llama_dir: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    base_url, _ = server
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
+    base = client.completions.create(model="tiny", prompt="goal", max_tokens=6, temperature=0)
+    one = _peft_adapter(tiny_llama_dir, tmp_path / "one", seed=1)
+    two = _peft_adapter(tiny_llama_dir, tmp_path / "two", seed=2)
+    load = f"{base_url}/v1/load_lora_adapter"
+    assert httpx.post(load, json={"lora_name": "ad", "lora_path": str(one)}).status_code == 200
+    first = client.completions.create(model="ad", prompt="goal", max_tokens=6, temperature=0)
+    refused = httpx.post(load, json={"lora_name": "ad", "lora_path": str(two)})
+    assert refused.status_code == 400 and "load_inplace" in refused.text
+    swapped = httpx.post(
+        load, json={"lora_name": "ad", "lora_path": str(two), "load_inplace": True}
+    )
+    assert swapped.status_code == 200
+    second = client.completions.create(model="ad", prompt="goal", max_tokens=6, temperature=0)
+    assert second.choices[0].text != first.choices[0].text
+    assert (
+        httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": "ad"}).status_code
+        == 200
+    )
+    after = client.completions.create(model="tiny", prompt="goal", max_tokens=6, temperature=0)
+    assert after.choices[0].text == base.choices[0].text  # the base model is intact
+
+
+@pytest.mark.integration
+def test_federation_pushes_every_round_to_a_running_server(
+    server, tiny_llama_dir: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    from coordinator.simulate import simulate
+    from offsite.config import load_config
+    from offsite.data import Example, write_jsonl
+    from tests.conftest import LABELS, tiny_texts
+
+    base_url, engine = server
+    data = tmp_path / "task.jsonl"
+    write_jsonl([Example(t, label=lab) for lab in LABELS for t in tiny_texts(lab, 20)], data)
+    config = load_config(
+        None,
+        [
+            f"model.name='{tiny_llama_dir}'",
+            f"data.name='{data}'",
+            "data.eval_size=9",
+            "emulator.bottom=1",
+            "emulator.top=1",
+            "emulator.keep=2",
+            "federation.num_clients=2",
+            "federation.rounds=2",
+            f"federation.serve_url='{base_url}'",
+            "train.local_steps=2",
+            "train.lr=0.01",
+            "train.precision='fp32'",
+            f"output_dir='{tmp_path / 'runs'}'",
+        ],
+    )
+    result = simulate(config)
+    assert (result.run_dir / "peft" / "round-1" / "adapter_config.json").is_file()
+    assert engine.adapters["federated"]["path"] == str(result.run_dir / "peft" / "round-2")
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
+    served = client.completions.create(model="federated", prompt="shares", max_tokens=3)
+    assert served.choices[0].finish_reason in {"length", "stop"}

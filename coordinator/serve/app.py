@@ -53,6 +53,7 @@ class ChatRequest(_Sampling):
 class LoadAdapter(BaseModel):
     lora_name: str
     lora_path: str
+    load_inplace: bool = False
 
 
 class UnloadAdapter(BaseModel):
@@ -164,7 +165,9 @@ def build_app(engine: Engine) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapter) -> PlainTextResponse:
-        seconds = await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path)
+        seconds = await run_in_threadpool(
+            engine.load_adapter, body.lora_name, body.lora_path, body.load_inplace
+        )
         return PlainTextResponse(
             f"Success: LoRA adapter '{body.lora_name}' added successfully ({seconds:.3f} s)."
         )

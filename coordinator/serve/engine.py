@@ -70,8 +70,12 @@ class Engine:
     def model_names(self) -> list[str]:
         return [self.served_name, *self.adapters]
 
-    def load_adapter(self, name: str, path: str) -> float:
-        """Load a PEFT adapter folder under ``name``; returns the seconds it took."""
+    def load_adapter(self, name: str, path: str, inplace: bool = False) -> float:
+        """Load a PEFT adapter folder under ``name``; returns the seconds it took.
+
+        ``inplace`` replaces an adapter of the same name atomically (no window in which the
+        name is missing), which is how a federation pushes each new round.
+        """
         if not name or name == self.served_name:
             raise EngineError(f"adapter name {name!r} is empty or the base model's name")
         folder = Path(path)
@@ -82,9 +86,15 @@ class Engine:
                 status=400,
             )
         with self.lock:
-            if name in self.adapters:
-                raise EngineError(f"adapter {name!r} is already loaded; unload it first", 400)
             start = time.perf_counter()
+            if name in self.adapters:
+                if not inplace:
+                    raise EngineError(
+                        f"adapter {name!r} is already loaded; unload it first or pass "
+                        '"load_inplace": true',
+                        400,
+                    )
+                self._drop(name)
             try:
                 if self.model is self.base:
                     from peft import PeftModel
@@ -103,8 +113,17 @@ class Engine:
         with self.lock:
             if name not in self.adapters:
                 raise EngineError(f"adapter {name!r} is not loaded", 404, "not_found_error")
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        """Remove an adapter (lock held). PEFT breaks when its last adapter is deleted, so the
+        last one is unloaded instead, which gives back the untouched base model."""
+        if len(self.adapters) == 1:
+            self.base = self.model.unload()
+            self.model = self.base
+        else:
             self.model.delete_adapter(name)
-            del self.adapters[name]
+        del self.adapters[name]
 
     # ------------------------------------------------------------------ generation
 
