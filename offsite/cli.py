@@ -161,13 +161,21 @@ def evaluate(
     round_: Annotated[
         int | None, typer.Option("--round", help="Evaluate this round's adapter (default: last).")
     ] = None,
+    lm_eval: Annotated[
+        bool,
+        typer.Option(
+            "--lm-eval",
+            help="Also score the full and exported plug-in models with lm-evaluation-harness "
+            "on the same held-out data (a local task file; no downloads).",
+        ),
+    ] = False,
 ) -> None:
     """Re-run the five-way evaluation of a finished run (optionally for an earlier round)."""
     _setup_logging(False)
     _quiet_libraries()
     from coordinator.rerun import evaluate_run
 
-    evaluate_run(run, round_)
+    evaluate_run(run, round_, lm_eval=lm_eval)
 
 
 @app.command("export")

@@ -294,6 +294,11 @@ def load_config(path: Path | str | None = None, overrides: Iterable[str] = ()) -
     for text in overrides:
         keys, value = parse_override(text)
         _merge(data, keys, value)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> OffsiteConfig:
+    """Build and validate a config from nested tables (e.g. a run's saved ``config.toml``)."""
     problems: list[str] = []
     config = _build(OffsiteConfig, data, "", problems)
     if problems:

@@ -20,10 +20,14 @@ from offsite.errors import DataError
 from tests.conftest import VOCAB, tiny_model
 
 
-def _fake_run(tmp_path: Path, model_dir: Path, tokenizer, kind: str) -> Path:  # type: ignore[no-untyped-def]
+def _fake_run(  # type: ignore[no-untyped-def]
+    tmp_path: Path, model_dir: Path, tokenizer, kind: str, overrides: list[str] | None = None
+) -> Path:
     """A run folder as `offsite simulate` leaves it, with a trained-looking adapter."""
     run = tmp_path / "run"
-    config = load_config(None, [f"model.name='{model_dir}'", f"train.adapter='{kind}'"])
+    config = load_config(
+        None, [f"model.name='{model_dir}'", f"train.adapter='{kind}'", *(overrides or [])]
+    )
     run.mkdir()
     (run / "config.toml").write_text(config.to_toml())
     full = tiny_model("llama")
