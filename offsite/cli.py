@@ -77,6 +77,14 @@ def simulate(
     run_dir: Annotated[
         Path | None, typer.Option("--run-dir", help="Write into this folder instead of a new one.")
     ] = None,
+    serve_url: Annotated[
+        str | None,
+        typer.Option(
+            "--serve-url",
+            help="Push every round's aggregated adapter to this running `offsite serve` "
+            "(same as federation.serve_url=...).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run a multi-client federated offsite-tuning simulation and print the five-way table.
@@ -90,7 +98,8 @@ def simulate(
     _setup_logging(verbose)
     from offsite.config import load_config
 
-    cfg = load_config(config, overrides or [])
+    extra = [f"federation.serve_url={serve_url!r}"] if serve_url else []
+    cfg = load_config(config, [*(overrides or []), *extra])
     _quiet_libraries()
     from coordinator.simulate import simulate as run
 

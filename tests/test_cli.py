@@ -32,7 +32,15 @@ def test_help_lists_the_commands() -> None:
 
 def test_simulate_help_explains_defaults() -> None:
     result = offsite("simulate", "--help")
-    assert result.returncode == 0 and "five-way" in result.stdout
+    assert result.returncode == 0 and "five-way" in result.stdout and "--serve-url" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "fragment"), [("serve", "load_lora_adapter"), ("export", "PEFT")]
+)
+def test_serving_commands_explain_themselves(command: str, fragment: str) -> None:
+    result = offsite(command, "--help")
+    assert result.returncode == 0 and fragment in result.stdout
 
 
 def test_catalog_listings() -> None:
