@@ -240,3 +240,18 @@ def test_federation_pushes_every_round_to_a_running_server(
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
     served = client.completions.create(model="federated", prompt="shares", max_tokens=3)
     assert served.choices[0].finish_reason in {"length", "stop"}
+
+
+def test_client_disconnect_mid_stream_releases_the_model(server) -> None:  # type: ignore[no-untyped-def]
+    base_url, _ = server
+    body = {"model": "tiny", "prompt": "team", "max_tokens": 64, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # hang up after the first chunk
+    after = httpx.post(
+        f"{base_url}/v1/completions",
+        json={"model": "tiny", "prompt": "goal", "max_tokens": 2},
+        timeout=30,  # a leaked model lock would make this time out
+    )
+    assert after.status_code == 200

@@ -7,17 +7,19 @@ violations answer 400, unknown models 404; the server keeps serving after any of
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from coordinator.serve.engine import Engine, EngineError, Piece, Sampling
 
@@ -67,10 +69,43 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     )
 
 
-def _sse(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:
-    for chunk in chunks:
+async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    async for chunk in chunks:
         yield f"data: {json.dumps(chunk)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+async def _produce(
+    engine: Engine, model: str, ids: list[int], sampling: Sampling
+) -> AsyncIterator[Piece]:
+    """Run generation in one worker thread, hand pieces over through a queue.
+
+    The whole generation (and so the engine lock) lives in that one thread; when the client
+    hangs up, Starlette cancels this generator, ``finally`` sets ``cancel`` and the worker stops
+    at the next token.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
+    cancel = threading.Event()
+
+    def work() -> None:
+        try:
+            for piece in engine.generate(model, ids, sampling, cancel):
+                loop.call_soon_threadsafe(queue.put_nowait, piece)
+        except BaseException as err:  # handed to the response, re-raised there
+            loop.call_soon_threadsafe(queue.put_nowait, err)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancel.set()
+        del worker
 
 
 def build_app(engine: Engine) -> FastAPI:
@@ -125,14 +160,13 @@ def build_app(engine: Engine) -> FastAPI:
     async def _respond(body: _Sampling, ids: list[int], kind: str, chat: bool) -> Any:
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        pieces = engine.generate(body.model, ids, body.sampling())
         if body.stream:
+            pieces = _produce(engine, body.model, ids, body.sampling())
             return StreamingResponse(
-                iterate_in_threadpool(
-                    _sse(_stream_chunks(pieces, request_id, created, body.model, chat))
-                ),
+                _sse(_stream_chunks(pieces, request_id, created, body.model, chat)),
                 media_type="text/event-stream",
             )
+        pieces = engine.generate(body.model, ids, body.sampling())
         collected = await run_in_threadpool(list, pieces)
         text = "".join(p.text for p in collected)
         last = collected[-1]
@@ -184,12 +218,12 @@ def build_app(engine: Engine) -> FastAPI:
     return app
 
 
-def _stream_chunks(
-    pieces: Iterator[Piece], request_id: str, created: int, model: str, chat: bool
-) -> Iterator[dict[str, Any]]:
+async def _stream_chunks(
+    pieces: AsyncIterator[Piece], request_id: str, created: int, model: str, chat: bool
+) -> AsyncIterator[dict[str, Any]]:
     if chat:
         yield _chunk(request_id, created, model, chat, {"role": "assistant", "content": ""}, None)
-    for piece in pieces:
+    async for piece in pieces:
         if piece.text:
             delta: Any = {"content": piece.text} if chat else piece.text
             yield _chunk(request_id, created, model, chat, delta, None)

@@ -155,14 +155,28 @@ class Engine:
                 "not_found_error",
             )
 
-    def generate(self, name: str, prompt_ids: list[int], sampling: Sampling) -> Iterator[Piece]:
-        """Yield text pieces as they are decoded; holds the model lock while generating."""
+    def generate(
+        self,
+        name: str,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Piece]:
+        """Yield text pieces as they are decoded, holding the model lock meanwhile.
+
+        Consume it to the end in one thread; ``cancel`` stops it at the next token (a client
+        that hung up), which releases the lock.
+        """
         self.check_model(name)
         with self.lock:
-            yield from self._generate_locked(name, prompt_ids, sampling)
+            yield from self._generate_locked(name, prompt_ids, sampling, cancel)
 
     def _generate_locked(
-        self, name: str, prompt_ids: list[int], sampling: Sampling
+        self,
+        name: str,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        cancel: threading.Event | None,
     ) -> Iterator[Piece]:
         import contextlib
 
@@ -184,6 +198,9 @@ class Engine:
             holdback = max((len(s) for s in sampling.stop), default=1) - 1
             finish, stopped_by_string = "length", False
             for _ in range(sampling.max_tokens):
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
                 out = self.model(
                     input_ids=ids if past is None else ids[:, -1:],
                     past_key_values=past,
