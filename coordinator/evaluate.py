@@ -58,9 +58,9 @@ class EvalSpec:
             examples,
             config.data.template or task.template,
             config.data.max_words,
-            config.data.max_length,
+            config.eval.max_length,
             config.eval.batch_size,
-            config.train.precision,
+            config.eval.precision,
             device,
         )
 

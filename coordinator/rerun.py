@@ -93,6 +93,7 @@ def cross_check(
     task_dir = run_dir / "lm-eval"
     template = config.data.template or task.template
     name = write_multiple_choice_task(held, task.labels, template, config.data.max_words, task_dir)
+    # lm-eval scores in fp32 without truncation: do the same here, whatever the run used
     spec = dataclasses.replace(
         EvalSpec.from_config(config, task, held, pick_device()),
         precision="fp32",

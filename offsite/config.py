@@ -172,9 +172,22 @@ class EvalConfig(_Section):
         "Also train the same adapter recipe on the full model (the optional fifth baseline).",
     )
     batch_size: int = _f(16, "Examples per evaluation forward pass.")
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "fp32",
+        "Scoring precision. fp32 (default) matches lm-evaluation-harness exactly; bf16 is ~2x "
+        "faster on CPUs with bf16 units but moved plug-in accuracy by ~3 points here.",
+    )
+    max_length: int = _f(
+        1024, "Token limit when scoring (prompts longer than this are cut from the middle)."
+    )
 
     def problems(self) -> list[str]:
-        return ["eval.batch_size must be >= 1"] if self.batch_size < 1 else []
+        out = []
+        if self.batch_size < 1:
+            out.append("eval.batch_size must be >= 1")
+        if self.max_length < 8:
+            out.append("eval.max_length must be >= 8")
+        return out
 
 
 @dataclass(frozen=True)
