@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.evaluate import SETTINGS
+from emulator.build import describe_privacy
 
 
 def five_way_rows(scores: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -143,6 +144,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
         f"{info['adapter_bytes'] / 1e3:.1f} kB per client per round",
         f"- middle blocks shipped: {info['middle_kept']} of {info['middle_total']}; "
         f"full-model middle blocks never sent: {info['middle_dropped']}",
+        *([f"- {describe_privacy(info['privacy'])}"] if info.get("privacy") else []),
         *[f"- {stage}: {seconds:.1f} s" for stage, seconds in metrics["timings"].items()],
         "",
         f"Reproduce: `{info['command']}`",

@@ -26,7 +26,7 @@ from coordinator.models import check_model, load_full_model
 from coordinator.report import five_way_table, margin_lines, write_report
 from coordinator.simulation import run_flower_simulation
 from emulator.adapter import AdapterSpec
-from emulator.bundle import write_bundle
+from emulator.build import build_bundle
 from emulator.forward import pick_device
 from emulator.layers import plan_layers
 from emulator.scoring import Score
@@ -117,8 +117,15 @@ def simulate(
             config.train.lora_alpha,
             arch.lora_targets,
         )
-        bundle = write_bundle(
-            full_model, tokenizer, plan, adapter, run_dir / "bundle", source=config.model.name
+        bundle = build_bundle(
+            full_model,
+            tokenizer,
+            arch,
+            plan,
+            adapter,
+            run_dir / "bundle",
+            source=config.model.name,
+            settings=config.emulator,
         )
         log.info("  emulator %s, bundle %s…", plan.label, bundle.digest[:12])
 
@@ -207,6 +214,7 @@ def _metrics(
             "middle_kept": len(plan.middle_kept),
             "middle_total": middle_total,
             "middle_dropped": middle_total - len(plan.middle_kept),
+            "privacy": bundle.manifest.get("privacy", {}),
             "command": "offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         },
         "scores": {

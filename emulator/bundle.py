@@ -94,6 +94,7 @@ def write_bundle(
     *,
     source: str,
     compression: dict[str, Any] | None = None,
+    privacy: dict[str, Any] | None = None,
 ) -> Bundle:
     """Write the bundle for ``full_model`` split by ``plan`` into ``out_dir`` (atomically)."""
     arch = arch_spec(full_model.config)
@@ -156,6 +157,8 @@ def write_bundle(
         "tensors": tensors,
         "tokenizer_files": tokenizer_files,
     }
+    if privacy is not None:
+        manifest["privacy"] = privacy
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     if out_dir.exists():
         shutil.rmtree(out_dir)

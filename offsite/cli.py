@@ -2,7 +2,8 @@
 
 Subcommands import their heavy dependencies (torch, transformers, flwr) inside the command, so
 ``offsite --help`` is instant. Exit codes: 0 success, 1 runtime error, 2 configuration error,
-3 data error, 4 model error, 5 integrity error, 130 interrupted.
+3 data error, 4 model error, 5 integrity error, 6 emulator refused by the privacy gate,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def emulator_build(
 ) -> None:
     """Split the full model into adapter + emulator and write a verified bundle.
 
+    Measures what the emulator gives away (middle tensors shipped verbatim, perplexity ratio
+    to the full model on public text) and refuses it if it fails the owner's gate
+    (emulator.min_perplexity_ratio, emulator.max_verbatim_fraction; exit code 6).
     Uses the [model], [emulator] and [train] sections (adapter kind and LoRA shape).
     Example: offsite emulator build -o bundle/ emulator.keep=8
     """
@@ -124,7 +128,7 @@ def emulator_build(
     _quiet_libraries()
     from coordinator.models import load_full_model
     from emulator.adapter import AdapterSpec
-    from emulator.bundle import write_bundle
+    from emulator.build import build_bundle, describe_privacy
     from emulator.layers import plan_layers
 
     model, tokenizer, arch, _ = load_full_model(cfg.model.name)
@@ -141,13 +145,16 @@ def emulator_build(
         cfg.train.lora_alpha,
         arch.lora_targets,
     )
-    bundle = write_bundle(model, tokenizer, plan, adapter, out, source=cfg.model.name)
+    bundle = build_bundle(
+        model, tokenizer, arch, plan, adapter, out, source=cfg.model.name, settings=cfg.emulator
+    )
     size = sum(int(f["size"]) for f in bundle.manifest["files"].values())
     typer.echo(f"bundle {bundle.path}  digest {bundle.digest}")
     typer.echo(
         f"emulator {plan.label}: blocks {list(plan.emulator_layers)} of {plan.num_layers}; "
         f"{size / 1e6:.1f} MB"
     )
+    typer.echo(describe_privacy(bundle.manifest["privacy"]))
 
 
 @emulator_app.command("verify")

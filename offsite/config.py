@@ -59,6 +59,18 @@ class EmulatorConfig(_Section):
     selection: Literal["uniform"] = _f(
         "uniform", "How middle blocks are chosen: 'uniform' (the offsite-tuning reference)."
     )
+    public_text: str = _f(
+        "chitchat",
+        "Public text for the emulator/full perplexity ratio: a catalog name or a JSONL file; "
+        "empty skips the measurement.",
+    )
+    public_examples: int = _f(32, "How many public texts the perplexity ratio uses.")
+    min_perplexity_ratio: float = _f(
+        0.0, "Gate: refuse emulators whose perplexity ratio to the full model is lower (0 = off)."
+    )
+    max_verbatim_fraction: float = _f(
+        1.0, "Gate: refuse emulators shipping more of the full model's middle tensors verbatim."
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -68,6 +80,12 @@ class EmulatorConfig(_Section):
             out.append("emulator.bottom + emulator.top must be >= 1 (nothing would be trained)")
         if self.keep < -1 or self.keep == 0:
             out.append("emulator.keep must be -1 (all) or >= 1")
+        if self.public_examples < 1:
+            out.append("emulator.public_examples must be >= 1")
+        if not 0.0 <= self.max_verbatim_fraction <= 1.0:
+            out.append("emulator.max_verbatim_fraction must be in [0, 1]")
+        if self.min_perplexity_ratio < 0:
+            out.append("emulator.min_perplexity_ratio must be >= 0")
         return out
 
 
