@@ -11,9 +11,11 @@ from torch import nn
 from emulator.adapter import AdapterSpec
 from emulator.arch import ArchSpec
 from emulator.bundle import Bundle, write_bundle
+from emulator.distill import distill
+from emulator.forward import pick_device, resolve_precision
 from emulator.layers import LayerPlan
 from emulator.privacy import assess, enforce_gate, public_text_perplexity
-from emulator.split import build_emulator, emulator_state
+from emulator.split import build_emulator, emulator_state, unique_state
 from offsite.config import EmulatorConfig
 from offsite.data import load_task
 
@@ -41,16 +43,57 @@ def build_bundle(
     """Split ``full_model`` by ``plan``, assess the emulator, enforce the gate, write the bundle."""
     emulator = build_emulator(full_model, plan, arch)
     perplexity_fn = None
+    compression: dict[str, Any] = {
+        "method": "uniform-layer-drop",
+        "selection": settings.selection,
+        "kept_middle": len(plan.middle_kept),
+    }
     if settings.public_text and arch.causal_lm:
-        texts = public_texts(settings.public_text, settings.public_examples)
-        perplexity_fn = public_text_perplexity(tokenizer, texts)
-    report = assess(
-        full_model, emulator, plan, arch, emulator_state(full_model, plan, arch), perplexity_fn
-    )
-    del emulator
+        extra = settings.distill_texts + settings.public_examples if settings.distill else 0
+        texts = public_texts(settings.public_text, settings.public_examples + extra)
+        report_texts = texts[: settings.public_examples]
+        perplexity_fn = public_text_perplexity(tokenizer, report_texts)
+        if settings.distill:
+            held = texts[settings.public_examples : 2 * settings.public_examples]
+            train = texts[2 * settings.public_examples :]
+            device = pick_device()
+            result = distill(
+                full_model,
+                emulator,
+                plan,
+                arch,
+                tokenizer,
+                train,
+                held,
+                steps=settings.distill_steps,
+                lr=settings.distill_lr,
+                batch_size=settings.distill_batch_size,
+                max_length=settings.distill_max_length,
+                precision=resolve_precision("auto", device),
+                device=device,
+                checkpoint=out_dir.with_name(out_dir.name + ".distill-checkpoint"),
+            )
+            compression["distilled"] = {
+                "corpus": settings.public_text,
+                "texts": len(train),
+                "lr": settings.distill_lr,
+                **result.to_dict(),
+            }
+            full_model.to("cpu")
+            emulator.to("cpu")
+    shipped = unique_state(emulator) if settings.distill else emulator_state(full_model, plan, arch)
+    report = assess(full_model, emulator, plan, arch, shipped, perplexity_fn)
     enforce_gate(report, settings.min_perplexity_ratio, settings.max_verbatim_fraction)
     bundle = write_bundle(
-        full_model, tokenizer, plan, adapter, out_dir, source=source, privacy=report
+        full_model,
+        tokenizer,
+        plan,
+        adapter,
+        out_dir,
+        source=source,
+        privacy=report,
+        compression=compression,
+        emulator_model=emulator if settings.distill else None,
     )
     log.info("  %s", describe_privacy(report))
     return bundle

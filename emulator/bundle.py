@@ -36,7 +36,7 @@ from emulator.arch import ArchSpec, arch_spec, block_prefix
 from emulator.digest import canonical_json, file_sha256, tensor_sha256
 from emulator.layers import LayerPlan, block_index
 from emulator.safetensors_header import read_header
-from emulator.split import emulator_config, emulator_state
+from emulator.split import emulator_config, emulator_state, unique_state
 from offsite.errors import IntegrityError
 
 FORMAT = "offsite-bundle/1"
@@ -95,15 +95,23 @@ def write_bundle(
     source: str,
     compression: dict[str, Any] | None = None,
     privacy: dict[str, Any] | None = None,
+    emulator_model: nn.Module | None = None,
 ) -> Bundle:
-    """Write the bundle for ``full_model`` split by ``plan`` into ``out_dir`` (atomically)."""
+    """Write the bundle for ``full_model`` split by ``plan`` into ``out_dir`` (atomically).
+
+    ``emulator_model`` (e.g. a distilled emulator from ``build_emulator``) replaces the plain
+    layer-dropped weights; it must have the planned blocks in emulator order.
+    """
     arch = arch_spec(full_model.config)
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
 
-    state = emulator_state(full_model, plan, arch)
+    if emulator_model is None:
+        state = emulator_state(full_model, plan, arch)
+    else:
+        state = unique_state(emulator_model)
     prefix = block_prefix(full_model, arch)
     adapter_local = set(plan.adapter_layers_in_emulator())
     shards: dict[str, dict[str, torch.Tensor]] = {ADAPTER_FILE: {}, EMULATOR_FILE: {}}

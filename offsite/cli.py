@@ -112,6 +112,9 @@ def emulator_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the bundle into.")],
     overrides: Overrides = None,
     config: ConfigOption = None,
+    distill: Annotated[
+        bool, typer.Option("--distill", help="Distill the kept middle blocks (emulator.distill).")
+    ] = False,
 ) -> None:
     """Split the full model into adapter + emulator and write a verified bundle.
 
@@ -124,7 +127,7 @@ def emulator_build(
     _setup_logging(False)
     from offsite.config import load_config
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, [*(overrides or []), *(["emulator.distill=true"] if distill else [])])
     _quiet_libraries()
     from coordinator.models import load_full_model
     from emulator.adapter import AdapterSpec

@@ -71,6 +71,16 @@ class EmulatorConfig(_Section):
     max_verbatim_fraction: float = _f(
         1.0, "Gate: refuse emulators shipping more of the full model's middle tensors verbatim."
     )
+    distill: bool = _f(
+        False,
+        "Distill the kept middle blocks against the full middle on the public text "
+        "(LM loss + 30 x normalised MSE of the middle's output).",
+    )
+    distill_steps: int = _f(200, "Distillation optimizer steps.")
+    distill_lr: float = _f(1e-4, "Distillation learning rate (AdamW).")
+    distill_texts: int = _f(2000, "Public texts used for distillation (after the held-out ones).")
+    distill_batch_size: int = _f(8, "Texts per distillation step.")
+    distill_max_length: int = _f(128, "Tokens per distillation text.")
 
     def problems(self) -> list[str]:
         out = []
@@ -86,6 +96,10 @@ class EmulatorConfig(_Section):
             out.append("emulator.max_verbatim_fraction must be in [0, 1]")
         if self.min_perplexity_ratio < 0:
             out.append("emulator.min_perplexity_ratio must be >= 0")
+        if self.distill and not self.public_text:
+            out.append("emulator.distill needs emulator.public_text (the distillation corpus)")
+        if self.distill_steps < 1 or self.distill_texts < 1 or self.distill_batch_size < 1:
+            out.append("emulator.distill_steps, distill_texts and distill_batch_size must be >= 1")
         return out
 
 

@@ -1,0 +1,213 @@
+"""Distill the emulator's kept middle blocks against the full model's middle (offsite-tuning KD).
+
+Recipe (the reference's): loss = LM loss + 30 × normalised MSE between the teacher's and the
+student's hidden state at the exit of the middle (the input of the top adapter blocks). Embeddings
+and bottom blocks are identical in both models, so both middles see the same input. Only the
+student's middle blocks train; adapter blocks, embeddings and head stay as shipped.
+
+Progress bar over steps; the student with the best held-out public-text perplexity is kept; a
+checkpoint (safetensors weights + JSON step) lets an interrupted run resume (optimizer moments
+restart: we never unpickle, even our own files).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from emulator.arch import ArchSpec, block_list
+from emulator.batches import Batch, collate, encode_pair, pad_id
+from emulator.forward import autocast
+from emulator.layers import LayerPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    nmse: list[float] = field(default_factory=list)
+    evaluations: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out ppl)
+    best_step: int = 0
+    best_perplexity: float = math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "final_nmse": self.nmse[-1] if self.nmse else None,
+            "evaluations": self.evaluations,
+            "best_step": self.best_step,
+            "best_perplexity": self.best_perplexity,
+        }
+
+
+def _batches(tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> list[Batch]:
+    rows = [encode_pair(tokenizer, "", "", t, max_length) for t in texts if t.strip()]
+    rows = [r for r in rows if r[1] > 0]
+    pad = pad_id(tokenizer)
+    return [collate(rows[i : i + batch_size], pad) for i in range(0, len(rows), batch_size)]
+
+
+def _hidden(model: nn.Module, batch: Batch, index: int) -> tuple[torch.Tensor, Any]:
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return out.hidden_states[index], out
+
+
+def _lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    targets = batch.labels[:, 1:]
+    return nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+    )
+
+
+@torch.no_grad()
+def held_out_perplexity(model: nn.Module, batches: Sequence[Batch], device: torch.device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        tokens = int((batch.labels[:, 1:] != -100).sum())
+        total += float(_lm_loss(out.logits, batch)) * tokens
+        count += tokens
+    return math.exp(total / max(count, 1))
+
+
+def distill(
+    full_model: nn.Module,
+    student: nn.Module,
+    plan: LayerPlan,
+    arch: ArchSpec,
+    tokenizer: Any,
+    train_texts: Sequence[str],
+    held_out_texts: Sequence[str],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    max_length: int = 128,
+    mse_weight: float = 30.0,
+    precision: str = "fp32",
+    device: torch.device | None = None,
+    eval_every: int = 50,
+    checkpoint: Path | None = None,
+    seed: int = 0,
+) -> DistillResult:
+    """Train ``student``'s middle blocks in place; leaves the best held-out student in it."""
+    device = device or torch.device("cpu")
+    bottom, kept = len(plan.bottom), len(plan.middle_kept)
+    teacher_exit = plan.num_layers - len(plan.top)  # hidden state entering the top blocks
+    student_exit = bottom + kept
+    middle = list(block_list(student, arch))[bottom:student_exit]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = [p for block in middle for p in block.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    full_model.to(device).eval()
+    student.to(device)
+    train = _batches(tokenizer, train_texts, max_length, batch_size)
+    held = _batches(tokenizer, held_out_texts, max_length, batch_size)
+    if not train or not held:
+        raise ValueError("distillation needs non-empty training and held-out texts")
+
+    result = DistillResult(steps=steps)
+    start = 0
+    if checkpoint is not None and (checkpoint / "student.safetensors").is_file():
+        student.load_state_dict(load_file(str(checkpoint / "student.safetensors")), strict=False)
+        state = json.loads((checkpoint / "state.json").read_text())
+        start, result.best_step, result.best_perplexity = (
+            int(state["step"]),
+            int(state["best_step"]),
+            float(state["best_perplexity"]),
+        )
+        log.info("resuming distillation at step %d", start)
+    best = {k: v.detach().clone() for k, v in _middle_state(student, arch, bottom, kept).items()}
+    if start == 0:
+        result.best_perplexity = held_out_perplexity(student, held, device)
+        result.evaluations.append((0, result.best_perplexity))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(start, steps), desc="distilling emulator", unit="step", dynamic_ncols=True)
+    for step in bar:
+        batch = train[int(torch.randint(len(train), (1,), generator=generator))].to(device)
+        with torch.no_grad(), autocast(precision, device):
+            target, _ = _hidden(full_model, batch, teacher_exit)
+        student.train()
+        with autocast(precision, device):
+            hidden, out = _hidden(student, batch, student_exit)
+            mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
+            diff = ((hidden.float() - target.float()) ** 2 * mask).sum()
+            nmse = diff / ((target.float() ** 2) * mask).sum().clamp(min=1e-6)
+            loss = _lm_loss(out.logits, batch) + mse_weight * nmse
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(float(loss))
+        result.nmse.append(float(nmse))
+        bar.set_postfix(loss=f"{float(loss):.3f}", nmse=f"{float(nmse):.4f}")
+        done = step + 1
+        if done % eval_every == 0 or done == steps:
+            perplexity = held_out_perplexity(student, held, device)
+            result.evaluations.append((done, perplexity))
+            if perplexity < result.best_perplexity:
+                result.best_perplexity, result.best_step = perplexity, done
+                best = {
+                    k: v.detach().clone()
+                    for k, v in _middle_state(student, arch, bottom, kept).items()
+                }
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, student, done, result)
+    bar.close()
+    student.load_state_dict(best, strict=False)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return result
+
+
+def _middle_state(
+    student: nn.Module, arch: ArchSpec, bottom: int, kept: int
+) -> dict[str, torch.Tensor]:
+    from emulator.arch import block_prefix
+
+    prefix = block_prefix(student, arch)
+    wanted = tuple(f"{prefix}.{i}." for i in range(bottom, bottom + kept))
+    return {k: v for k, v in student.state_dict().items() if k.startswith(wanted)}
+
+
+def _save_checkpoint(folder: Path, student: nn.Module, step: int, result: DistillResult) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in copy.copy(student.state_dict()).items()}
+    seen: set[int] = set()
+    unique = {}
+    for k, v in tensors.items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            unique[k] = v
+    save_file(unique, str(folder / "student.safetensors.tmp"))
+    (folder / "student.safetensors.tmp").replace(folder / "student.safetensors")
+    (folder / "state.json").write_text(
+        json.dumps(
+            {"step": step, "best_step": result.best_step, "best_perplexity": result.best_perplexity}
+        )
+    )

@@ -1,0 +1,86 @@
+"""Distillation brings the emulator's middle closer to the full middle, and ships new bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from emulator.adapter import AdapterSpec
+from emulator.arch import arch_spec, block_list
+from emulator.build import build_bundle
+from emulator.bundle import load_bundle_model, verify_bundle
+from emulator.distill import distill
+from emulator.layers import plan_layers
+from emulator.split import build_emulator
+from offsite.config import EmulatorConfig
+from offsite.data import Example, write_jsonl
+from tests.conftest import LABELS, VOCAB, tiny_model, tiny_texts
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    return [t for lab in LABELS for t in tiny_texts(lab, n, seed=seed)]
+
+
+def test_distillation_reduces_student_teacher_mse(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    full = tiny_model("llama")
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 1)
+    student = build_emulator(full, plan, arch)
+    frozen = {k: v.clone() for k, v in student.state_dict().items() if ".layers.2." not in k}
+    torch.manual_seed(0)
+    result = distill(
+        full,
+        student,
+        plan,
+        arch,
+        tokenizer,
+        _texts(20, 1),
+        _texts(3, 2),
+        steps=60,
+        lr=3e-3,
+        batch_size=8,
+        max_length=32,
+        eval_every=20,
+    )
+    first, last = sum(result.nmse[:5]) / 5, sum(result.nmse[-5:]) / 5
+    assert last < first, (first, last)
+    assert result.best_perplexity <= result.evaluations[0][1]
+    # only the kept middle block (emulator index 1 -> here index 1) trained
+    trained = {
+        k for k, v in student.state_dict().items() if k in frozen and not torch.equal(v, frozen[k])
+    }
+    middle = block_list(student, arch)[1]
+    assert not trained - {f"model.layers.1.{n}" for n in middle.state_dict()}
+
+
+def test_distilled_bundle_ships_no_verbatim_middle(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    public = tmp_path / "public.jsonl"
+    write_jsonl([Example("", completion=t) for t in _texts(20, 4)], public)
+    full = tiny_model("llama")
+    with torch.no_grad():  # distinct norms, as in trained models
+        for p in full.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
+    settings = EmulatorConfig(
+        public_text=str(public),
+        public_examples=6,
+        distill=True,
+        distill_steps=10,
+        distill_lr=1e-3,
+        distill_texts=40,
+        distill_max_length=32,
+    )
+    bundle = build_bundle(
+        full, tokenizer, arch, plan, spec, tmp_path / "b", source="t", settings=settings
+    )
+    manifest = json.loads((bundle.path / "manifest.json").read_text())
+    assert manifest["compression"]["distilled"]["steps"] == 10
+    assert manifest["privacy"]["middle_tensors_verbatim"] == 0
+    emulator = load_bundle_model(verify_bundle(bundle.path, bundle.digest))
+    x = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert emulator(x).logits.isfinite().all()
