@@ -145,6 +145,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
         f"- middle blocks shipped: {info['middle_kept']} of {info['middle_total']}; "
         f"full-model middle blocks never sent: {info['middle_dropped']}",
         *([f"- {describe_privacy(info['privacy'])}"] if info.get("privacy") else []),
+        *_distillation_lines(info.get("compression", {})),
         *[f"- {stage}: {seconds:.1f} s" for stage, seconds in metrics["timings"].items()],
         "",
         f"Reproduce: `{info['command']}`",
@@ -153,6 +154,19 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _distillation_lines(compression: dict[str, Any]) -> list[str]:
+    distilled = compression.get("distilled")
+    if not distilled:
+        return []
+    curve = distilled.get("evaluations") or []
+    start = f"{curve[0][1]:.1f}" if curve else "?"
+    return [
+        f"- emulator distilled {distilled['steps']} steps on {distilled['corpus']} "
+        f"({distilled['texts']} texts): held-out perplexity {start} → "
+        f"{distilled['best_perplexity']:.1f} (best at step {distilled['best_step']})"
+    ]
 
 
 def _json_default(value: Any) -> Any:

@@ -215,6 +215,7 @@ def _metrics(
             "middle_total": middle_total,
             "middle_dropped": middle_total - len(plan.middle_kept),
             "privacy": bundle.manifest.get("privacy", {}),
+            "compression": bundle.manifest.get("compression", {}),
             "command": "offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         },
         "scores": {
