@@ -26,7 +26,7 @@ from coordinator.models import check_model, load_full_model
 from coordinator.report import five_way_table, margin_lines, write_report
 from coordinator.simulation import run_flower_simulation
 from emulator.adapter import AdapterSpec
-from emulator.build import build_bundle
+from emulator.build import build_bundle, choose_plan
 from emulator.forward import pick_device
 from emulator.layers import plan_layers
 from emulator.scoring import Score
@@ -110,6 +110,7 @@ def simulate(
 
     with timer.stage("load full model and build emulator bundle"):
         full_model, tokenizer, arch, _ = load_full_model(config.model.name)
+        plan = choose_plan(full_model, tokenizer, arch, config.emulator)
         adapter = AdapterSpec(
             config.train.adapter,
             plan.adapter_layers,

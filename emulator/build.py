@@ -13,8 +13,9 @@ from emulator.arch import ArchSpec
 from emulator.bundle import Bundle, write_bundle
 from emulator.distill import distill
 from emulator.forward import pick_device, resolve_precision
-from emulator.layers import LayerPlan
+from emulator.layers import LayerPlan, plan_layers
 from emulator.privacy import assess, enforce_gate, public_text_perplexity
+from emulator.selection import block_change_scores, select_by_change
 from emulator.split import build_emulator, emulator_state, unique_state
 from offsite.config import EmulatorConfig
 from offsite.data import load_task
@@ -27,6 +28,22 @@ def public_texts(name: str, count: int) -> list[str]:
     task = load_task(name)
     texts = [(e.text + (e.completion or "")).strip() for e in task.examples]
     return [t for t in texts if t][:count]
+
+
+def choose_plan(
+    full_model: nn.Module, tokenizer: Any, arch: ArchSpec, settings: EmulatorConfig
+) -> LayerPlan:
+    """The layer plan for ``settings.selection`` (uniform, or cosine on public text)."""
+    plan = plan_layers(
+        int(full_model.config.num_hidden_layers), settings.bottom, settings.top, settings.keep
+    )
+    if settings.selection == "uniform" or settings.keep == -1:
+        return plan
+    texts = public_texts(settings.public_text, settings.public_examples)
+    scores = block_change_scores(full_model, tokenizer, texts)
+    chosen = select_by_change(plan, scores, len(plan.middle_kept))
+    log.info("  cosine selection kept middle blocks %s", list(chosen.middle_kept))
+    return chosen
 
 
 def build_bundle(
@@ -44,7 +61,7 @@ def build_bundle(
     emulator = build_emulator(full_model, plan, arch)
     perplexity_fn = None
     compression: dict[str, Any] = {
-        "method": "uniform-layer-drop",
+        "method": "layer-drop",
         "selection": settings.selection,
         "kept_middle": len(plan.middle_kept),
     }

@@ -131,16 +131,10 @@ def emulator_build(
     _quiet_libraries()
     from coordinator.models import load_full_model
     from emulator.adapter import AdapterSpec
-    from emulator.build import build_bundle, describe_privacy
-    from emulator.layers import plan_layers
+    from emulator.build import build_bundle, choose_plan, describe_privacy
 
     model, tokenizer, arch, _ = load_full_model(cfg.model.name)
-    plan = plan_layers(
-        int(model.config.num_hidden_layers),
-        cfg.emulator.bottom,
-        cfg.emulator.top,
-        cfg.emulator.keep,
-    )
+    plan = choose_plan(model, tokenizer, arch, cfg.emulator)
     adapter = AdapterSpec(
         cfg.train.adapter,
         plan.adapter_layers,

@@ -56,8 +56,10 @@ class EmulatorConfig(_Section):
     keep: int = _f(
         16, "Middle blocks kept in the emulator (uniform layer drop); -1 keeps all of them."
     )
-    selection: Literal["uniform"] = _f(
-        "uniform", "How middle blocks are chosen: 'uniform' (the offsite-tuning reference)."
+    selection: Literal["uniform", "cosine"] = _f(
+        "uniform",
+        "How middle blocks are chosen: 'uniform' (the offsite-tuning reference) or 'cosine' "
+        "(keep the blocks that change the hidden state most on public text; training-free).",
     )
     public_text: str = _f(
         "chitchat",
@@ -96,6 +98,8 @@ class EmulatorConfig(_Section):
             out.append("emulator.max_verbatim_fraction must be in [0, 1]")
         if self.min_perplexity_ratio < 0:
             out.append("emulator.min_perplexity_ratio must be >= 0")
+        if self.selection == "cosine" and not self.public_text:
+            out.append("emulator.selection='cosine' needs emulator.public_text (calibration)")
         if self.distill and not self.public_text:
             out.append("emulator.distill needs emulator.public_text (the distillation corpus)")
         if self.distill_steps < 1 or self.distill_texts < 1 or self.distill_batch_size < 1:
