@@ -12,7 +12,6 @@ restart: we never unpickle, even our own files).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -196,18 +195,13 @@ def _middle_state(
 
 
 def _save_checkpoint(folder: Path, student: nn.Module, step: int, result: DistillResult) -> None:
+    """Weights (safetensors, tied aliases dropped) then the step, each replaced atomically."""
+    from emulator.split import unique_state
+
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in copy.copy(student.state_dict()).items()}
-    seen: set[int] = set()
-    unique = {}
-    for k, v in tensors.items():
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            unique[k] = v
-    save_file(unique, str(folder / "student.safetensors.tmp"))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in unique_state(student).items()}
+    save_file(tensors, str(folder / "student.safetensors.tmp"))
     (folder / "student.safetensors.tmp").replace(folder / "student.safetensors")
-    (folder / "state.json").write_text(
-        json.dumps(
-            {"step": step, "best_step": result.best_step, "best_perplexity": result.best_perplexity}
-        )
-    )
+    state = {"step": step, "best_step": result.best_step, "best_perplexity": result.best_perplexity}
+    (folder / "state.json.tmp").write_text(json.dumps(state))
+    (folder / "state.json.tmp").replace(folder / "state.json")

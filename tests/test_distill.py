@@ -84,3 +84,21 @@ def test_distilled_bundle_ships_no_verbatim_middle(tmp_path: Path, tokenizer) ->
     x = torch.randint(3, VOCAB, (1, 8))
     with torch.no_grad():
         assert emulator(x).logits.isfinite().all()
+
+
+def test_distillation_resumes_from_its_checkpoint(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    full = tiny_model("llama")
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 1)
+    student = build_emulator(full, plan, arch)
+    common = dict(lr=3e-3, batch_size=8, max_length=32, eval_every=5, checkpoint=tmp_path / "ck")
+    first = distill(
+        full, student, plan, arch, tokenizer, _texts(10, 1), _texts(2, 2), steps=10, **common
+    )  # type: ignore[arg-type]
+    assert json.loads((tmp_path / "ck" / "state.json").read_text())["step"] == 10
+    again = build_emulator(full, plan, arch)
+    resumed = distill(
+        full, again, plan, arch, tokenizer, _texts(10, 1), _texts(2, 2), steps=15, **common
+    )  # type: ignore[arg-type]
+    assert len(resumed.losses) == 5  # only the 5 missing steps ran
+    assert resumed.best_perplexity <= first.best_perplexity
