@@ -13,7 +13,6 @@ Writes into ``<run>/export/round-<r>/`` (or ``--out``):
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -78,7 +77,7 @@ def export_run(
             state, spec, bundle_arch(bundle), str(resolved), out_dir / "peft"
         )
         tokenizer.save_pretrained(peft_dir)
-    plugged = plug_adapter(copy.deepcopy(full_model), spec, state)
+    plugged = plug_adapter(full_model, spec, state)  # the model is not used again here
     merged = merged_model(plugged)
     merged_dir = out_dir / "merged"
     merged.save_pretrained(merged_dir)

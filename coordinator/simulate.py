@@ -90,9 +90,8 @@ def simulate(
             config.seed,
         )
         _, num_layers = check_model(config.model.name)
-        plan = plan_layers(
-            num_layers, config.emulator.bottom, config.emulator.top, config.emulator.keep
-        )
+        # emulator.* must fit this model; the plan itself is chosen once the model is loaded
+        plan_layers(num_layers, config.emulator.bottom, config.emulator.top, config.emulator.keep)
     run_dir = run_dir.resolve() if run_dir else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config.to_toml())

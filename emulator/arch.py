@@ -104,7 +104,3 @@ def block_prefix(model: Any, spec: ArchSpec, blocks: Any = None) -> str:
         if module is blocks:
             return name
     raise ModelError(f"block list of {type(model).__name__} is not a registered sub-module")
-
-
-def num_layers(config: Any) -> int:
-    return int(config.num_hidden_layers)

@@ -110,7 +110,7 @@ def build_bundle(
         source=source,
         privacy=report,
         compression=compression,
-        emulator_model=emulator if settings.distill else None,
+        state=shipped,
     )
     log.info("  %s", describe_privacy(report))
     return bundle

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from emulator.arch import ArchSpec, arch_spec, block_prefix
 from emulator.digest import canonical_json, file_sha256, tensor_sha256
 from emulator.layers import LayerPlan, block_index
 from emulator.safetensors_header import read_header
-from emulator.split import emulator_config, emulator_state, unique_state
+from emulator.split import emulator_config, emulator_state
 from offsite.errors import IntegrityError
 
 FORMAT = "offsite-bundle/1"
@@ -95,12 +96,12 @@ def write_bundle(
     source: str,
     compression: dict[str, Any] | None = None,
     privacy: dict[str, Any] | None = None,
-    emulator_model: nn.Module | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> Bundle:
     """Write the bundle for ``full_model`` split by ``plan`` into ``out_dir`` (atomically).
 
-    ``emulator_model`` (e.g. a distilled emulator from ``build_emulator``) replaces the plain
-    layer-dropped weights; it must have the planned blocks in emulator order.
+    ``state`` (emulator numbering, e.g. a distilled emulator's ``unique_state``) replaces the
+    plain layer-dropped weights; by default they are taken from ``full_model``.
     """
     arch = arch_spec(full_model.config)
     out_dir = Path(out_dir)
@@ -108,10 +109,8 @@ def write_bundle(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
 
-    if emulator_model is None:
+    if state is None:
         state = emulator_state(full_model, plan, arch)
-    else:
-        state = unique_state(emulator_model)
     prefix = block_prefix(full_model, arch)
     adapter_local = set(plan.adapter_layers_in_emulator())
     shards: dict[str, dict[str, torch.Tensor]] = {ADAPTER_FILE: {}, EMULATOR_FILE: {}}

@@ -9,14 +9,13 @@ blocks are never copied.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from emulator.arch import ArchSpec, block_list, block_prefix
-from emulator.layers import LayerPlan, block_index, renumber_state
+from emulator.layers import LayerPlan, renumber_state
 
 
 def emulator_config(full_config: Any, plan: LayerPlan, arch: ArchSpec) -> Any:
@@ -52,11 +51,6 @@ def emulator_state(
     return renumber_state(unique_state(full_model), prefix, plan.full_to_emulator())
 
 
-def is_adapter_key(key: str, prefix: str, emulator_adapter_layers: Iterable[int]) -> bool:
-    index = block_index(key, prefix)
-    return index is not None and index in set(emulator_adapter_layers)
-
-
 def build_emulator(full_model: nn.Module, plan: LayerPlan, arch: ArchSpec) -> nn.Module:
     """An in-memory emulator: a copy of the full model holding only the planned blocks.
 
@@ -84,16 +78,3 @@ def build_emulator(full_model: nn.Module, plan: LayerPlan, arch: ArchSpec) -> nn
         if hasattr(sliced, name):
             setattr(emulator.config, name, getattr(sliced, name))
     return emulator.eval()
-
-
-def plug_blocks(
-    full_model: nn.Module, emulator_model: nn.Module, plan: LayerPlan, arch: ArchSpec
-) -> nn.Module:
-    """Copy the emulator's adapter blocks back into (a copy of) the full model."""
-    full = copy.deepcopy(full_model)
-    full_blocks = block_list(full, arch)
-    emu_blocks = block_list(emulator_model, arch)
-    mapping = plan.full_to_emulator()
-    for full_index in plan.adapter_layers:
-        full_blocks[full_index].load_state_dict(emu_blocks[mapping[full_index]].state_dict())
-    return full

@@ -10,7 +10,6 @@ model that refuses ``save_pretrained``, so we convert it once into a plain fp32 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -193,8 +192,3 @@ def resolve_model(name: str) -> Path | str:
         f"unknown model {name!r}: use a catalog name ({known}), a local directory, "
         "or a cached Hugging Face id"
     )
-
-
-def model_summary(path: Path | str) -> dict[str, object]:
-    config = json.loads((Path(path) / "config.json").read_text())
-    return {k: config.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size")}
