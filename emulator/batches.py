@@ -79,3 +79,13 @@ def pad_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+def text_batches(
+    tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int
+) -> list[Batch]:
+    """Plain texts as language-modelling batches (every token is a target)."""
+    rows = [encode_pair(tokenizer, "", "", t, max_length) for t in texts if t.strip()]
+    rows = [r for r in rows if r[1] > 0]
+    pad = pad_id(tokenizer)
+    return [collate(rows[i : i + batch_size], pad) for i in range(0, len(rows), batch_size)]

@@ -9,12 +9,19 @@ from typing import Any
 from torch import nn
 
 from emulator.adapter import AdapterSpec
-from emulator.arch import ArchSpec
+from emulator.arch import ArchSpec, block_list, block_prefix
+from emulator.batches import text_batches
 from emulator.bundle import Bundle, write_bundle
 from emulator.distill import distill
 from emulator.forward import pick_device, resolve_precision
 from emulator.layers import LayerPlan, plan_layers
 from emulator.privacy import assess, enforce_gate, public_text_perplexity
+from emulator.quant import (
+    QuantScheme,
+    collect_activations,
+    quantizable_linears,
+    quantize_linears,
+)
 from emulator.selection import block_change_scores, select_by_change
 from emulator.split import build_emulator, emulator_state, unique_state
 from offsite.config import EmulatorConfig
@@ -57,7 +64,8 @@ def build_bundle(
     source: str,
     settings: EmulatorConfig,
 ) -> Bundle:
-    """Split ``full_model`` by ``plan``, assess the emulator, enforce the gate, write the bundle."""
+    """Split ``full_model`` by ``plan``; distill and quantize as configured; assess the
+    emulator, enforce the gate, write the bundle."""
     emulator = build_emulator(full_model, plan, arch)
     perplexity_fn = None
     compression: dict[str, Any] = {
@@ -65,40 +73,23 @@ def build_bundle(
         "selection": settings.selection,
         "kept_middle": len(plan.middle_kept),
     }
+    texts: list[str] = []
+    count = settings.public_examples
     if settings.public_text and arch.causal_lm:
-        extra = settings.distill_texts + settings.public_examples if settings.distill else 0
-        texts = public_texts(settings.public_text, settings.public_examples + extra)
-        report_texts = texts[: settings.public_examples]
-        perplexity_fn = public_text_perplexity(tokenizer, report_texts)
+        extra = settings.distill_texts + count if settings.distill else 0
+        texts = public_texts(settings.public_text, count + extra + settings.calibration_examples)
+        perplexity_fn = public_text_perplexity(tokenizer, texts[:count])
         if settings.distill:
-            held = texts[settings.public_examples : 2 * settings.public_examples]
-            train = texts[2 * settings.public_examples :]
-            device = pick_device()
-            result = distill(
-                full_model,
-                emulator,
-                plan,
-                arch,
-                tokenizer,
-                train,
-                held,
-                steps=settings.distill_steps,
-                lr=settings.distill_lr,
-                batch_size=settings.distill_batch_size,
-                max_length=settings.distill_max_length,
-                precision=resolve_precision("auto", device),
-                device=device,
-                checkpoint=out_dir.with_name(out_dir.name + ".distill-checkpoint"),
+            compression["distilled"] = _distill(
+                full_model, emulator, plan, arch, tokenizer, texts, settings, out_dir
             )
-            compression["distilled"] = {
-                "corpus": settings.public_text,
-                "texts": len(train),
-                "lr": settings.distill_lr,
-                **result.to_dict(),
-            }
-            full_model.to("cpu")
-            emulator.to("cpu")
-    shipped = unique_state(emulator) if settings.distill else emulator_state(full_model, plan, arch)
+    if settings.quantize != "none":
+        calibration = texts[count : count + settings.calibration_examples]
+        compression["quantization"] = quantize_emulator(
+            emulator, plan, arch, tokenizer, calibration, settings
+        )
+    changed = settings.distill or settings.quantize != "none"
+    shipped = unique_state(emulator) if changed else emulator_state(full_model, plan, arch)
     report = assess(full_model, emulator, plan, arch, shipped, perplexity_fn)
     enforce_gate(report, settings.min_perplexity_ratio, settings.max_verbatim_fraction)
     bundle = write_bundle(
@@ -114,6 +105,86 @@ def build_bundle(
     )
     log.info("  %s", describe_privacy(report))
     return bundle
+
+
+def _distill(
+    full_model: nn.Module,
+    emulator: nn.Module,
+    plan: LayerPlan,
+    arch: ArchSpec,
+    tokenizer: Any,
+    texts: list[str],
+    settings: EmulatorConfig,
+    out_dir: Path,
+) -> dict[str, Any]:
+    count = settings.public_examples
+    held = texts[count : 2 * count]
+    train = texts[2 * count : 2 * count + settings.distill_texts]
+    device = pick_device()
+    result = distill(
+        full_model,
+        emulator,
+        plan,
+        arch,
+        tokenizer,
+        train,
+        held,
+        steps=settings.distill_steps,
+        lr=settings.distill_lr,
+        batch_size=settings.distill_batch_size,
+        max_length=settings.distill_max_length,
+        precision=resolve_precision("auto", device),
+        device=device,
+        checkpoint=out_dir.with_name(out_dir.name + ".distill-checkpoint"),
+    )
+    full_model.to("cpu")
+    emulator.to("cpu")
+    return {
+        "corpus": settings.public_text,
+        "texts": len(train),
+        "lr": settings.distill_lr,
+        **result.to_dict(),
+    }
+
+
+def quantize_emulator(
+    emulator: nn.Module,
+    plan: LayerPlan,
+    arch: ArchSpec,
+    tokenizer: Any,
+    calibration: list[str],
+    settings: EmulatorConfig,
+) -> dict[str, Any]:
+    """Quantize the emulator's kept middle linears in place; the manifest's quantization entry.
+
+    With calibration text the per-channel input scales are searched (AWQ); without (encoders,
+    no public text) weights are rounded to nearest.
+    """
+    scheme = QuantScheme(settings.quantize, settings.quant_group_size, settings.awq)
+    blocks = block_list(emulator, arch)
+    first = len(plan.bottom)
+    middle = {i: blocks[i] for i in range(first, first + len(plan.middle_kept))}
+    linears = quantizable_linears(middle, block_prefix(emulator, arch))
+    activations = None
+    if calibration:
+        batches = [
+            {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+            for b in text_batches(tokenizer, calibration, settings.distill_max_length, 8)
+        ]
+        activations = collect_activations(emulator, linears, batches)
+    summary = quantize_linears(emulator, linears, scheme, activations)
+    log.info(
+        "  quantized %d middle linears to %s (calibrated on %d texts)",
+        len(linears),
+        scheme.name,
+        len(calibration),
+    )
+    return {
+        "scheme": scheme.to_dict(),
+        "calibration_texts": len(calibration),
+        **summary,
+        "modules": sorted(linears),
+    }
 
 
 def describe_privacy(report: dict[str, Any]) -> str:

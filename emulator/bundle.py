@@ -37,7 +37,7 @@ from emulator.arch import ArchSpec, arch_spec, block_prefix
 from emulator.digest import canonical_json, file_sha256, tensor_sha256
 from emulator.layers import LayerPlan, block_index
 from emulator.safetensors_header import read_header
-from emulator.split import emulator_config, emulator_state
+from emulator.split import emulator_config, emulator_state, unique_state
 from offsite.errors import IntegrityError
 
 FORMAT = "offsite-bundle/1"
@@ -242,12 +242,48 @@ def verify_bundle(path: Path | str, expected_digest: str | None = None) -> Bundl
     return Bundle(path, manifest, digest)
 
 
+def quantized_modules(manifest: Mapping[str, Any]) -> list[str]:
+    """Names of the emulator's quantized linears (empty for a full-precision bundle)."""
+    quantization = manifest.get("compression", {}).get("quantization")
+    return list(quantization["modules"]) if quantization else []
+
+
 def load_bundle_model(bundle: Bundle, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load the emulator model (adapter blocks + kept middle) of a *verified* bundle."""
+    """Load the emulator model (adapter blocks + kept middle) of a *verified* bundle.
+
+    A full-precision bundle is an ordinary Hugging Face checkpoint. A quantized one is built from
+    its config, its middle linears replaced by ``QuantLinear`` layers shaped from the manifest,
+    then filled from the safetensors files; every stored tensor must find its place.
+    """
     import transformers
 
     auto = getattr(transformers, bundle.manifest["model"]["auto_class"])
-    model = auto.from_pretrained(bundle.path, dtype=dtype, use_safetensors=True)
+    quantized = quantized_modules(bundle.manifest)
+    if not quantized:
+        model = auto.from_pretrained(bundle.path, dtype=dtype, use_safetensors=True)
+        return model.eval()
+    from safetensors.torch import load_file
+
+    from emulator.quant import install_quant_layers
+
+    config = transformers.AutoConfig.from_pretrained(bundle.path)
+    model = auto.from_config(config, dtype=dtype)
+    try:
+        install_quant_layers(model, quantized, bundle.manifest["tensors"])
+    except (AttributeError, ValueError, KeyError, TypeError) as err:
+        raise IntegrityError(f"bundle's quantized layers do not fit its model: {err}") from err
+    state: dict[str, torch.Tensor] = {}
+    for file_name in (ADAPTER_FILE, EMULATOR_FILE):
+        state.update(load_file(str(bundle.path / file_name)))
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = set(model.state_dict()) - set(unique_state(model))
+    missing = sorted(set(result.missing_keys) - tied)
+    if missing or result.unexpected_keys:
+        raise IntegrityError(
+            f"bundle tensors do not fit its model: missing {missing[:3]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:3]}"
+        )
     return model.eval()
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from emulator.arch import ArchSpec, block_list
-from emulator.batches import Batch, collate, encode_pair, pad_id
+from emulator.batches import Batch, text_batches
 from emulator.forward import autocast
 from emulator.layers import LayerPlan
 
@@ -51,13 +51,6 @@ class DistillResult:
             "best_step": self.best_step,
             "best_perplexity": self.best_perplexity,
         }
-
-
-def _batches(tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> list[Batch]:
-    rows = [encode_pair(tokenizer, "", "", t, max_length) for t in texts if t.strip()]
-    rows = [r for r in rows if r[1] > 0]
-    pad = pad_id(tokenizer)
-    return [collate(rows[i : i + batch_size], pad) for i in range(0, len(rows), batch_size)]
 
 
 def _hidden(model: nn.Module, batch: Batch, index: int) -> tuple[torch.Tensor, Any]:
@@ -124,8 +117,8 @@ def distill(
         p.requires_grad_(True)
     full_model.to(device).eval()
     student.to(device)
-    train = _batches(tokenizer, train_texts, max_length, batch_size)
-    held = _batches(tokenizer, held_out_texts, max_length, batch_size)
+    train = text_batches(tokenizer, train_texts, max_length, batch_size)
+    held = text_batches(tokenizer, held_out_texts, max_length, batch_size)
     if not train or not held:
         raise ValueError("distillation needs non-empty training and held-out texts")
 
@@ -141,6 +134,8 @@ def distill(
         )
         log.info("resuming distillation at step %d", start)
     best = {k: v.detach().clone() for k, v in _middle_state(student, arch, bottom, kept).items()}
+    if start and checkpoint is not None and (checkpoint / "best.safetensors").is_file():
+        best = load_file(str(checkpoint / "best.safetensors"))
     if start == 0:
         result.best_perplexity = held_out_perplexity(student, held, device)
         result.evaluations.append((0, result.best_perplexity))
@@ -176,7 +171,7 @@ def distill(
                     for k, v in _middle_state(student, arch, bottom, kept).items()
                 }
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, student, done, result)
+                _save_checkpoint(checkpoint, student, best, done, result)
     bar.close()
     student.load_state_dict(best, strict=False)
     for p in student.parameters():
@@ -194,14 +189,25 @@ def _middle_state(
     return {k: v for k, v in student.state_dict().items() if k.startswith(wanted)}
 
 
-def _save_checkpoint(folder: Path, student: nn.Module, step: int, result: DistillResult) -> None:
-    """Weights (safetensors, tied aliases dropped) then the step, each replaced atomically."""
+def _save_checkpoint(
+    folder: Path,
+    student: nn.Module,
+    best: dict[str, torch.Tensor],
+    step: int,
+    result: DistillResult,
+) -> None:
+    """Current and best weights (safetensors, tied aliases dropped), then the step; each file
+    replaced atomically, the step last, so a resume never pairs a step with older weights."""
     from emulator.split import unique_state
 
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in unique_state(student).items()}
-    save_file(tensors, str(folder / "student.safetensors.tmp"))
-    (folder / "student.safetensors.tmp").replace(folder / "student.safetensors")
+    current = {k: v.detach().contiguous().cpu() for k, v in unique_state(student).items()}
+    for name, tensors in (
+        ("best", {k: v.contiguous().cpu() for k, v in best.items()}),
+        ("student", current),
+    ):
+        save_file(tensors, str(folder / f"{name}.safetensors.tmp"))
+        (folder / f"{name}.safetensors.tmp").replace(folder / f"{name}.safetensors")
     state = {"step": step, "best_step": result.best_step, "best_perplexity": result.best_perplexity}
     (folder / "state.json.tmp").write_text(json.dumps(state))
     (folder / "state.json.tmp").replace(folder / "state.json")

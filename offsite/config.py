@@ -83,6 +83,19 @@ class EmulatorConfig(_Section):
     distill_texts: int = _f(2000, "Public texts used for distillation (after the held-out ones).")
     distill_batch_size: int = _f(8, "Texts per distillation step.")
     distill_max_length: int = _f(128, "Tokens per distillation text.")
+    quantize: Literal["none", "int8", "int4"] = _f(
+        "none",
+        "Store the emulator's middle linears weight-only quantized: 'int8' (per output "
+        "channel) or 'int4' (group-wise, see quant_group_size). Adapter blocks, embeddings, "
+        "norms and head stay full precision.",
+    )
+    quant_group_size: int = _f(64, "int4: input channels sharing one scale and zero point.")
+    awq: bool = _f(
+        True,
+        "Activation-aware scaling: search per-channel input scales on public text that protect "
+        "channels with large activations (off = plain round-to-nearest).",
+    )
+    calibration_examples: int = _f(64, "Public texts the quantization calibration runs on.")
 
     def problems(self) -> list[str]:
         out = []
@@ -102,6 +115,10 @@ class EmulatorConfig(_Section):
             out.append("emulator.selection='cosine' needs emulator.public_text (calibration)")
         if self.distill and not self.public_text:
             out.append("emulator.distill needs emulator.public_text (the distillation corpus)")
+        if self.quant_group_size < 2 or self.quant_group_size % 2:
+            out.append("emulator.quant_group_size must be an even number >= 2")
+        if self.calibration_examples < 1:
+            out.append("emulator.calibration_examples must be >= 1")
         if self.distill_steps < 1 or self.distill_texts < 1 or self.distill_batch_size < 1:
             out.append("emulator.distill_steps, distill_texts and distill_batch_size must be >= 1")
         return out

@@ -102,3 +102,25 @@ def test_distillation_resumes_from_its_checkpoint(tmp_path: Path, tokenizer) -> 
     )  # type: ignore[arg-type]
     assert len(resumed.losses) == 5  # only the 5 missing steps ran
     assert resumed.best_perplexity <= first.best_perplexity
+
+
+def test_resuming_a_finished_distillation_returns_its_best_student(
+    tmp_path: Path, tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    full = tiny_model("llama")
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 1)
+    common = dict(lr=0.2, batch_size=8, max_length=32, eval_every=3, checkpoint=tmp_path / "ck")
+    student = build_emulator(full, plan, arch)
+    first = distill(
+        full, student, plan, arch, tokenizer, _texts(10, 1), _texts(2, 2), steps=9, **common
+    )  # type: ignore[arg-type]
+    again = build_emulator(full, plan, arch)
+    resumed = distill(
+        full, again, plan, arch, tokenizer, _texts(10, 1), _texts(2, 2), steps=9, **common
+    )  # type: ignore[arg-type]
+    assert not resumed.losses  # nothing left to run
+    assert resumed.best_step == first.best_step
+    middle = block_list(student, arch)[1].state_dict()
+    for name, value in block_list(again, arch)[1].state_dict().items():
+        assert torch.equal(value, middle[name]), name
