@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup simulate test test-fast lint clean
+.PHONY: setup simulate test test-fast lint clean bench-emulator
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test: lint
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not integration and not real_model"
+
+# Emulator benchmark (issue 3): ~2-3 hours on 2 cores; finished cells are reused on re-runs.
+bench-emulator: setup
+	$(BIN)/python bench/emulator_matrix.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from emulator.adapter import AdapterSpec
 from emulator.arch import ArchSpec, block_list, block_prefix
 from emulator.batches import text_batches
 from emulator.bundle import Bundle, write_bundle
+from emulator.digest import canonical_json, tensor_sha256
 from emulator.distill import distill
 from emulator.forward import pick_device, resolve_precision
 from emulator.layers import LayerPlan, plan_layers
@@ -28,6 +30,16 @@ from offsite.config import EmulatorConfig
 from offsite.data import load_task
 
 log = logging.getLogger(__name__)
+
+_DISTILL_RECIPE = (
+    "public_text",
+    "public_examples",
+    "distill_steps",
+    "distill_lr",
+    "distill_texts",
+    "distill_batch_size",
+    "distill_max_length",
+)
 
 
 def public_texts(name: str, count: int) -> list[str]:
@@ -135,7 +147,10 @@ def _distill(
         max_length=settings.distill_max_length,
         precision=resolve_precision("auto", device),
         device=device,
-        checkpoint=out_dir.with_name(out_dir.name + ".distill-checkpoint"),
+        checkpoint=Path(settings.distill_checkpoint)
+        if settings.distill_checkpoint
+        else out_dir.with_name(out_dir.name + ".distill-checkpoint"),
+        checkpoint_key=distill_key(full_model, plan, arch, settings),
     )
     full_model.to("cpu")
     emulator.to("cpu")
@@ -145,6 +160,24 @@ def _distill(
         "lr": settings.distill_lr,
         **result.to_dict(),
     }
+
+
+def distill_key(
+    full_model: nn.Module, plan: LayerPlan, arch: ArchSpec, settings: EmulatorConfig
+) -> str:
+    """What a distilled student depends on: teacher, plan and recipe (checkpoints are reused
+    only when it matches)."""
+    teacher = {
+        name: tensor_sha256(t) for name, t in block_list(full_model, arch)[0].state_dict().items()
+    }
+    recipe = {k: getattr(settings, k) for k in _DISTILL_RECIPE}
+    payload = {
+        "config": full_model.config.to_dict(),
+        "teacher_block0": teacher,
+        "plan": plan.to_dict(),
+        "recipe": recipe,
+    }
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
 def quantize_emulator(

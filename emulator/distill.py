@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class DistillResult:
     evaluations: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out ppl)
     best_step: int = 0
     best_perplexity: float = math.inf
+    seconds: float = 0.0  # training time, including earlier runs resumed from
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +52,7 @@ class DistillResult:
             "evaluations": self.evaluations,
             "best_step": self.best_step,
             "best_perplexity": self.best_perplexity,
+            "seconds": round(self.seconds, 1),
         }
 
 
@@ -102,6 +105,7 @@ def distill(
     device: torch.device | None = None,
     eval_every: int = 50,
     checkpoint: Path | None = None,
+    checkpoint_key: str = "",
     seed: int = 0,
 ) -> DistillResult:
     """Train ``student``'s middle blocks in place; leaves the best held-out student in it."""
@@ -124,9 +128,11 @@ def distill(
 
     result = DistillResult(steps=steps)
     start = 0
-    if checkpoint is not None and (checkpoint / "student.safetensors").is_file():
+    if _resumable(checkpoint, checkpoint_key):
+        assert checkpoint is not None
         student.load_state_dict(load_file(str(checkpoint / "student.safetensors")), strict=False)
         state = json.loads((checkpoint / "state.json").read_text())
+        result.seconds = float(state.get("seconds", 0.0))
         start, result.best_step, result.best_perplexity = (
             int(state["step"]),
             int(state["best_step"]),
@@ -141,6 +147,7 @@ def distill(
         result.evaluations.append((0, result.best_perplexity))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
+    began = time.perf_counter() - result.seconds
     bar = tqdm(range(start, steps), desc="distilling emulator", unit="step", dynamic_ncols=True)
     for step in bar:
         batch = train[int(torch.randint(len(train), (1,), generator=generator))].to(device)
@@ -170,8 +177,9 @@ def distill(
                     k: v.detach().clone()
                     for k, v in _middle_state(student, arch, bottom, kept).items()
                 }
+            result.seconds = time.perf_counter() - began
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, student, best, done, result)
+                _save_checkpoint(checkpoint, checkpoint_key, student, best, done, result)
     bar.close()
     student.load_state_dict(best, strict=False)
     for p in student.parameters():
@@ -189,8 +197,23 @@ def _middle_state(
     return {k: v for k, v in student.state_dict().items() if k.startswith(wanted)}
 
 
+def _resumable(checkpoint: Path | None, key: str) -> bool:
+    """A checkpoint exists and was written for the same teacher, plan and recipe."""
+    if checkpoint is None or not (checkpoint / "student.safetensors").is_file():
+        return False
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if state.get("key", "") != key:
+        log.warning("ignoring distillation checkpoint %s: made for another setup", checkpoint)
+        return False
+    return True
+
+
 def _save_checkpoint(
     folder: Path,
+    key: str,
     student: nn.Module,
     best: dict[str, torch.Tensor],
     step: int,
@@ -208,6 +231,12 @@ def _save_checkpoint(
     ):
         save_file(tensors, str(folder / f"{name}.safetensors.tmp"))
         (folder / f"{name}.safetensors.tmp").replace(folder / f"{name}.safetensors")
-    state = {"step": step, "best_step": result.best_step, "best_perplexity": result.best_perplexity}
+    state = {
+        "key": key,
+        "step": step,
+        "best_step": result.best_step,
+        "best_perplexity": result.best_perplexity,
+        "seconds": result.seconds,
+    }
     (folder / "state.json.tmp").write_text(json.dumps(state))
     (folder / "state.json.tmp").replace(folder / "state.json")

@@ -83,6 +83,11 @@ class EmulatorConfig(_Section):
     distill_texts: int = _f(2000, "Public texts used for distillation (after the held-out ones).")
     distill_batch_size: int = _f(8, "Texts per distillation step.")
     distill_max_length: int = _f(128, "Tokens per distillation text.")
+    distill_checkpoint: str = _f(
+        "",
+        "Folder for the distillation checkpoint (resume, or reuse a finished distillation for "
+        "another bundle of the same model and plan); empty = next to the bundle.",
+    )
     quantize: Literal["none", "int8", "int4"] = _f(
         "none",
         "Store the emulator's middle linears weight-only quantized: 'int8' (per output "
