@@ -157,16 +157,28 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
 
 
 def _distillation_lines(compression: dict[str, Any]) -> list[str]:
-    distilled = compression.get("distilled")
-    if not distilled:
-        return []
-    curve = distilled.get("evaluations") or []
-    start = f"{curve[0][1]:.1f}" if curve else "?"
-    return [
-        f"- emulator distilled {distilled['steps']} steps on {distilled['corpus']} "
-        f"({distilled['texts']} texts): held-out perplexity {start} → "
-        f"{distilled['best_perplexity']:.1f} (best at step {distilled['best_step']})"
-    ]
+    lines = []
+    if distilled := compression.get("distilled"):
+        curve = distilled.get("evaluations") or []
+        start = f"{curve[0][1]:.1f}" if curve else "?"
+        lines.append(
+            f"- emulator distilled {distilled['steps']} steps on {distilled['corpus']} "
+            f"({distilled['texts']} texts): held-out perplexity {start} → "
+            f"{distilled['best_perplexity']:.1f} (best at step {distilled['best_step']})"
+        )
+    if quant := compression.get("quantization"):
+        scheme = quant["scheme"]
+        groups = f", groups of {scheme['group_size']}" if scheme["name"] == "int4" else ""
+        calibration = (
+            f"activation-aware scales from {quant['calibration_texts']} public texts"
+            if quant.get("calibrated")
+            else "round to nearest"
+        )
+        lines.append(
+            f"- emulator middle linears stored {scheme['name']}{groups} ({quant['layers']} "
+            f"layers, {calibration})"
+        )
+    return lines
 
 
 def _json_default(value: Any) -> Any:

@@ -231,3 +231,24 @@ def describe_privacy(report: dict[str, Any]) -> str:
             f"{report['full_perplexity']:.1f} (ratio {report['perplexity_ratio']:.2f})"
         )
     return text
+
+
+def describe_compression(manifest: dict[str, Any]) -> str:
+    """One line: bundle size against the full model, quantization and distillation."""
+    size = sum(int(f["size"]) for f in manifest["files"].values())
+    text = f"bundle {size / 1e6:.1f} MB"
+    full = manifest.get("privacy", {}).get("full_model_bytes")
+    if full:
+        text += f" = {100 * size / full:.0f} % of the full model ({full / 1e6:.1f} MB)"
+    compression = manifest.get("compression", {})
+    if quant := compression.get("quantization"):
+        error = quant.get("mean_relative_error")
+        text += f"; middle linears {quant['scheme']['name']}" + (
+            f" (mean relative output error {error:.4f} on calibration text)" if error else ""
+        )
+    if distilled := compression.get("distilled"):
+        text += (
+            f"; distilled {distilled['steps']} steps (best at {distilled['best_step']}, "
+            f"{distilled.get('seconds', 0):.0f} s)"
+        )
+    return text

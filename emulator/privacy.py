@@ -19,6 +19,7 @@ from torch import nn
 from emulator.arch import ArchSpec, block_list
 from emulator.digest import tensor_sha256
 from emulator.layers import LayerPlan
+from emulator.split import unique_state
 from offsite.errors import OffsiteError
 
 
@@ -64,6 +65,9 @@ def assess(
         "middle_tensors_verbatim": verbatim,
         "middle_verbatim_fraction": verbatim / total if total else 0.0,
         "middle_blocks_dropped": len(plan.dropped_layers),
+        "full_model_bytes": sum(
+            t.numel() * t.element_size() for t in unique_state(full_model).values()
+        ),
     }
     if perplexity_fn is not None:
         full_ppl, emulator_ppl = float(perplexity_fn(full_model)), float(perplexity_fn(emulator))

@@ -115,6 +115,14 @@ def emulator_build(
     distill: Annotated[
         bool, typer.Option("--distill", help="Distill the kept middle blocks (emulator.distill).")
     ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            help="Store the middle linears as 'int8' (per channel) or 'int4' (group-wise), with "
+            "activation-aware scales (emulator.quantize).",
+        ),
+    ] = None,
 ) -> None:
     """Split the full model into adapter + emulator and write a verified bundle.
 
@@ -127,11 +135,13 @@ def emulator_build(
     _setup_logging(False)
     from offsite.config import load_config
 
-    cfg = load_config(config, [*(overrides or []), *(["emulator.distill=true"] if distill else [])])
+    extra = ["emulator.distill=true"] if distill else []
+    extra += [f"emulator.quantize={quantize!r}"] if quantize else []
+    cfg = load_config(config, [*(overrides or []), *extra])
     _quiet_libraries()
     from coordinator.models import load_full_model
     from emulator.adapter import AdapterSpec
-    from emulator.build import build_bundle, choose_plan, describe_privacy
+    from emulator.build import build_bundle, choose_plan, describe_compression, describe_privacy
 
     model, tokenizer, arch, _ = load_full_model(cfg.model.name)
     plan = choose_plan(model, tokenizer, arch, cfg.emulator)
@@ -145,11 +155,10 @@ def emulator_build(
     bundle = build_bundle(
         model, tokenizer, arch, plan, adapter, out, source=cfg.model.name, settings=cfg.emulator
     )
-    size = sum(int(f["size"]) for f in bundle.manifest["files"].values())
     typer.echo(f"bundle {bundle.path}  digest {bundle.digest}")
     typer.echo(
         f"emulator {plan.label}: blocks {list(plan.emulator_layers)} of {plan.num_layers}; "
-        f"{size / 1e6:.1f} MB"
+        + describe_compression(bundle.manifest)
     )
     typer.echo(describe_privacy(bundle.manifest["privacy"]))
 

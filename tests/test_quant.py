@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -311,3 +313,42 @@ def test_quantize_linears_without_activations_is_round_to_nearest() -> None:
     report = quantize_linears(model, {"0": linear}, INT8)
     assert isinstance(model[0], QuantLinear) and report["calibrated"] == 0
     torch.testing.assert_close(model[0].input_scale, torch.ones(32))
+
+
+def _build_cli(tmp_path: Path, model_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "offsite.cli",
+            "emulator",
+            "build",
+            "-o",
+            str(tmp_path / "b"),
+            f"model.name={model_dir}",
+            "emulator.bottom=1",
+            "emulator.top=1",
+            "emulator.keep=3",
+            "emulator.public_text=''",
+            "emulator.quant_group_size=16",
+            "emulator.max_verbatim_fraction=0.5",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_quantized_build_passes_a_verbatim_gate_plain_drop_fails(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    plain = _build_cli(tmp_path, tiny_llama_dir)
+    assert plain.returncode == 6 and "emulator refused" in plain.stderr, plain.stderr
+    quantized = _build_cli(tmp_path, tiny_llama_dir, "--quantize", "int4")
+    assert quantized.returncode == 0, quantized.stderr
+    assert "middle linears int4" in quantized.stdout
+    assert "% of the full model" in quantized.stdout
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["compression"]["quantization"]["scheme"]["bits"] == 4
+    assert manifest["privacy"]["middle_verbatim_fraction"] <= 0.5
