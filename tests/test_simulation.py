@@ -95,7 +95,10 @@ def test_two_clients_two_rounds_end_to_end(
     )
 
 
-def test_prompt_completion_task_reports_perplexity(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_prompt_completion_task_on_a_quantized_emulator(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Perplexity tasks score as such; clients load an int8 bundle and train through it."""
     from coordinator.simulate import simulate
 
     data = tmp_path / "qa.jsonl"
@@ -112,6 +115,7 @@ def test_prompt_completion_task_reports_perplexity(tiny_llama_dir: Path, tmp_pat
             "emulator.bottom=1",
             "emulator.top=1",
             "emulator.keep=1",
+            "emulator.quantize='int8'",
             "federation.num_clients=2",
             "federation.rounds=1",
             "train.local_steps=2",
@@ -124,6 +128,10 @@ def test_prompt_completion_task_reports_perplexity(tiny_llama_dir: Path, tmp_pat
     assert {s["metric"] for s in scores.values()} == {"perplexity"}
     assert all(s["value"] > 1.0 for s in scores.values())
     assert "perplexity" in (result.run_dir / "report.md").read_text()
+    manifest = json.loads((result.run_dir / "bundle" / "manifest.json").read_text())
+    assert manifest["compression"]["quantization"]["scheme"]["name"] == "int8"
+    rounds = json.loads((result.run_dir / "rounds.json").read_text())
+    assert len(rounds) == 2 and all("error" not in r and r["train-loss"] > 0 for r in rounds)
 
 
 def test_a_failing_client_does_not_end_the_run(
