@@ -65,22 +65,21 @@ class Cell:
 
 def plan_cells(keep: int, sizes: list[int]) -> list[Cell]:
     """Every cell, most informative first (the report is rewritten after each one)."""
+    others = [size for size in sizes if size != keep]
     cells = [
         Cell("uniform", False, "fp32", keep, baseline=True),
-        Cell("uniform", True, "fp32", keep),
-        Cell("uniform", True, "int8", keep),
-        Cell("uniform", True, "int4", keep),
-        Cell("uniform", False, "int8", keep),
-        Cell("uniform", False, "int4", keep),
+        *(Cell("uniform", True, precision, keep) for precision in ("fp32", "int8", "int4")),
+        *(Cell("uniform", False, "fp32", size) for size in others),
+        Cell("cosine", False, "fp32", keep),
+        Cell("cosine", True, "fp32", keep),
+        *(Cell("uniform", True, "fp32", size) for size in others),
+        *(Cell("uniform", False, precision, keep) for precision in ("int8", "int4")),
     ]
     cells += [
         Cell("cosine", distill, precision, keep)
         for distill in (False, True)
-        for precision in ("fp32", "int8", "int4")
+        for precision in ("int8", "int4")
     ]
-    for size in sizes:
-        if size != keep:
-            cells += [Cell("uniform", False, "fp32", size), Cell("uniform", True, "fp32", size)]
     return cells
 
 

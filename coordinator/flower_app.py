@@ -22,6 +22,7 @@ from coordinator.strategy import AdapterFedAvg
 from emulator.bundle import bundle_arch, verify_bundle
 from emulator.peft_format import write_peft_adapter
 from offsite.catalog import resolve_model
+from offsite.config import config_from_dict
 from offsite.runplan import RunPlan
 
 app = ServerApp()
@@ -86,6 +87,7 @@ def main(grid: Grid, context: Context) -> None:
     sampled = max(1, round(num_clients * float(federation["fraction_train"])))
     strategy = AdapterFedAvg(
         on_client_report,
+        config_from_dict(plan.config).federation.aggregation_rule,
         fraction_train=float(federation["fraction_train"]),
         fraction_evaluate=0.0,
         min_train_nodes=sampled,

@@ -22,6 +22,7 @@ import tomli_w
 import tomllib
 
 from offsite.errors import ConfigError
+from offsite.robust import AggregationRule, rule_problems
 
 
 def _f(default: Any, help: str) -> Any:
@@ -207,9 +208,41 @@ class FederationConfig(_Section):
         "(e.g. http://127.0.0.1:8000); clients then query it as model `serve_name`.",
     )
     serve_name: str = _f("federated", "Model name the pushed adapter is served under.")
+    aggregation: Literal["fedavg", "trimmed-mean", "krum", "multi-krum"] = _f(
+        "fedavg",
+        "How client updates combine: 'fedavg' (example-weighted mean), 'trimmed-mean' "
+        "(coordinate-wise, trim_fraction cut from each end), 'krum' / 'multi-krum' (tolerate "
+        "`byzantine` malicious clients; need clients >= 2*byzantine + 3).",
+    )
+    trim_fraction: float = _f(0.1, "trimmed-mean: share of clients cut from each end.")
+    byzantine: int = _f(1, "krum / multi-krum: malicious clients to tolerate (f).")
+    krum_select: int = _f(0, "multi-krum: updates averaged (0 = clients - byzantine).")
+    max_update_norm: float = _f(
+        0.0, "Clip each client's update (L2 over all adapter tensors) to this norm; 0 = off."
+    )
+    max_examples: int = _f(
+        0, "Cap on the example count a client may claim (FedAvg weights by it); 0 = off."
+    )
+
+    @property
+    def sampled_clients(self) -> int:
+        return max(1, round(self.num_clients * self.fraction_train))
+
+    @property
+    def aggregation_rule(self) -> AggregationRule:
+        return AggregationRule(
+            self.aggregation,
+            self.trim_fraction,
+            self.byzantine,
+            self.krum_select,
+            self.max_update_norm,
+            self.max_examples,
+        )
 
     def problems(self) -> list[str]:
-        out = []
+        out = [
+            f"federation: {p}" for p in rule_problems(self.aggregation_rule, self.sampled_clients)
+        ]
         if self.num_clients < 1:
             out.append("federation.num_clients must be >= 1")
         if self.rounds < 1:

@@ -1,0 +1,126 @@
+"""Aggregation rules and their guards, on synthetic adapter updates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coordinator.aggregation import ClientUpdate, aggregate
+from offsite.robust import AggregationRule, rule_problems
+
+SHAPES = {"a.lora_A.weight": (4, 16), "a.lora_B.weight": (16, 4), "b.bias": (7,)}
+
+
+def _global() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()}
+
+
+def _clients(n: int, direction: dict[str, torch.Tensor], noise: float = 0.05, seed: int = 1):
+    base = _global()
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        ClientUpdate(
+            f"node-{i}",
+            {
+                k: base[k] + direction[k] + noise * torch.randn(v.shape, generator=gen)
+                for k, v in base.items()
+            },
+            100 + 10 * i,
+        )
+        for i in range(n)
+    ]
+
+
+def _direction() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(9)
+    return {k: 0.5 * torch.randn(s, generator=gen) for k, s in SHAPES.items()}
+
+
+def _distance(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> float:
+    return float(sum((state[k] - target[k]).pow(2).sum() for k in state).sqrt())
+
+
+def test_fedavg_is_the_example_weighted_mean() -> None:
+    updates = _clients(5, _direction())
+    result = aggregate(_global(), updates, AggregationRule())
+    total = sum(u.num_examples for u in updates)
+    for name in SHAPES:
+        expected = sum(u.state[name] * u.num_examples for u in updates) / total
+        torch.testing.assert_close(result.state[name], expected, rtol=0, atol=1e-6)
+    assert result.accepted == [u.node for u in updates] and not result.quarantined
+
+
+@pytest.mark.parametrize("attack", ["scaled", "sign-flipped"])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        AggregationRule("trimmed-mean", trim_fraction=0.2),
+        AggregationRule("krum", byzantine=2),
+        AggregationRule("multi-krum", byzantine=2),
+    ],
+    ids=lambda r: r.name,
+)
+def test_two_of_ten_attackers_barely_move_robust_rules(attack: str, rule: AggregationRule) -> None:
+    direction = _direction()
+    base = _global()
+    updates = _clients(10, direction)
+    honest_target = {k: base[k] + direction[k] for k in base}
+    for attacker in updates[:2]:
+        factor = 50.0 if attack == "scaled" else -10.0
+        attacker.state = {k: base[k] + factor * (v - base[k]) for k, v in attacker.state.items()}
+    step = _distance(honest_target, base)
+    robust = _distance(aggregate(base, updates, rule).state, honest_target)
+    plain = _distance(aggregate(base, updates, AggregationRule()).state, honest_target)
+    assert robust < 0.1 * step, (robust, step)
+    assert plain > step, (plain, step)  # FedAvg is visibly damaged
+
+
+def test_krum_selects_honest_clients() -> None:
+    base = _global()
+    updates = _clients(7, _direction())
+    for attacker in updates[:2]:
+        attacker.state = {k: base[k] - 20 * (v - base[k]) for k, v in attacker.state.items()}
+    result = aggregate(base, updates, AggregationRule("multi-krum", byzantine=2))
+    assert result.selected and not {"node-0", "node-1"} & set(result.selected)
+
+
+def test_preconditions_are_checked_at_configuration_time() -> None:
+    assert rule_problems(AggregationRule("krum", byzantine=1), 4)  # needs n >= 5
+    assert not rule_problems(AggregationRule("krum", byzantine=1), 5)
+    assert rule_problems(AggregationRule("trimmed-mean", trim_fraction=0.5), 10)
+    assert rule_problems(AggregationRule("trimmed-mean", trim_fraction=0.4), 2) == []
+    assert rule_problems(AggregationRule("median"), 10)
+    assert rule_problems(AggregationRule("multi-krum", byzantine=1, krum_select=9), 9)
+
+
+def test_malformed_updates_are_quarantined_with_a_reason() -> None:
+    updates = _clients(4, _direction())
+    updates[0].state = {**updates[0].state, "a.lora_A.weight": torch.zeros(3, 3)}
+    updates[1].state = {**updates[1].state, "b.bias": torch.full((7,), float("nan"))}
+    updates[2].state = {k: v for k, v in updates[2].state.items() if k != "b.bias"}
+    result = aggregate(_global(), updates, AggregationRule())
+    assert result.accepted == ["node-3"]
+    assert "shape" in result.quarantined["node-0"]
+    assert "non-finite" in result.quarantined["node-1"]
+    assert "missing" in result.quarantined["node-2"]
+    for name in SHAPES:
+        torch.testing.assert_close(result.state[name], updates[3].state[name])
+    with pytest.raises(ValueError, match="no usable client update"):
+        aggregate(_global(), updates[:3], AggregationRule())
+
+
+def test_norm_bound_and_example_cap_limit_one_client() -> None:
+    base = _global()
+    updates = _clients(4, _direction())
+    loud = updates[0]
+    loud.state = {k: base[k] + 1000 * (v - base[k]) for k, v in loud.state.items()}
+    loud.num_examples = 10**9
+    rule = AggregationRule(max_update_norm=10.0, max_examples=200)
+    result = aggregate(base, updates, rule)
+    assert result.clipped == ["node-0"]
+    target = {k: base[k] + _direction()[k] for k in base}
+    unguarded = aggregate(base, updates, AggregationRule())
+    assert _distance(result.state, target) < 0.5 * _distance(unguarded.state, target)
+    # the aggregate moved at most the bound (a convex combination of bounded updates)
+    assert _distance(result.state, base) <= 10.0 + 1e-6
