@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.session import open_session
+from emulator.dp import clip_update
 from emulator.examples import training_batches
 from emulator.forward import resolve_precision
 from emulator.train import train_adapter
@@ -69,16 +70,27 @@ def train(msg: Message, context: Context) -> Message:
         precision=precision,
         device=session.device,
     )
-    metrics = MetricRecord(
-        {
-            "num-examples": len(task.examples),
-            "train-loss": result.mean_loss,
-            "train-loss-last": result.losses[-1],
-            "train-seconds": result.seconds,
-            "train-tokens": result.tokens,
-            "partition-id": partition,
-            "threads": torch.get_num_threads(),
-        }
-    )
-    arrays = ArrayRecord(session.adapted.trainable_state())
+    trained = session.adapted.trainable_state()
+    clip = float(config.get("dp-clip", 0.0))
+    if clip > 0:
+        # Differential privacy: only the clipped update leaves; metrics that depend on the
+        # data (loss, example and token counts, timing) are withheld, since the noise covers
+        # the update alone.
+        update = {k: trained[k] - global_state[k].float() for k in trained}
+        clipped, _ = clip_update(update, clip)
+        trained = {k: global_state[k].float() + v for k, v in clipped.items()}
+        metrics = MetricRecord({"num-examples": 1, "partition-id": partition, "dp": 1})
+    else:
+        metrics = MetricRecord(
+            {
+                "num-examples": len(task.examples),
+                "train-loss": result.mean_loss,
+                "train-loss-last": result.losses[-1],
+                "train-seconds": result.seconds,
+                "train-tokens": result.tokens,
+                "partition-id": partition,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    arrays = ArrayRecord(trained)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

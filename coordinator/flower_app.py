@@ -9,6 +9,7 @@ global adapter after every round as ``adapters/round-<r>.safetensors`` in the ru
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,17 @@ from emulator.bundle import bundle_arch, verify_bundle
 from emulator.peft_format import write_peft_adapter
 from offsite.catalog import resolve_model
 from offsite.config import config_from_dict
+from offsite.dp import dp_schedule
 from offsite.runplan import RunPlan
 
+log = logging.getLogger(__name__)
 app = ServerApp()
 
 
 def train_config(plan: RunPlan) -> ConfigRecord:
     train = plan.config["train"]
     data = plan.config["data"]
+    privacy = plan.config.get("privacy", {"epsilon": 0.0, "clip_norm": 0.0})
     return ConfigRecord(
         {
             "bundle-path": plan.bundle_path,
@@ -46,6 +50,8 @@ def train_config(plan: RunPlan) -> ConfigRecord:
             "seed": plan.config["seed"],
             # simulation: one torch thread per reserved core, so parallel clients don't thrash
             "threads": max(1, int(plan.config["federation"]["client_cpus"])),
+            # differential privacy: clients clip their update to this norm (0 = off)
+            "dp-clip": float(privacy["clip_norm"]) if float(privacy["epsilon"]) > 0 else 0.0,
         }
     )
 
@@ -70,6 +76,7 @@ def main(grid: Grid, context: Context) -> None:
         state = arrays.to_torch_state_dict()
         save_adapter(state, run_dir / "adapters" / f"round-{server_round}.safetensors")
         (run_dir / "rounds.json").write_text(json.dumps(rounds_log, indent=1))
+        (run_dir / "outcomes.json").write_text(json.dumps(strategy.round_log, indent=1))
         if server_round > 0:
             if serve_url and bundle.adapter.kind == "lora":
                 folder = write_peft_adapter(
@@ -80,14 +87,30 @@ def main(grid: Grid, context: Context) -> None:
                     run_dir / "peft" / f"round-{server_round}",
                 )
                 push_adapter(serve_url, str(federation["serve_name"]), folder)
-            progress.round_done(server_round)
+            progress.round_done(
+                server_round, strategy.round_log[-1] if strategy.round_log else None
+            )
         return None
 
     num_clients = int(federation["num_clients"])
     sampled = max(1, round(num_clients * float(federation["fraction_train"])))
+    settings = config_from_dict(plan.config)
+    dp = dp_schedule(settings.privacy, settings.federation) if settings.privacy.enabled else None
+    if dp is not None:
+        log.info(
+            "  differential privacy: clip %.3g, noise multiplier %.3f, ε ≤ %.2f at δ=%g after "
+            "%d rounds",
+            dp.clip_norm,
+            dp.noise_multiplier,
+            dp.epsilon,
+            dp.delta,
+            dp.rounds,
+        )
     strategy = AdapterFedAvg(
         on_client_report,
-        config_from_dict(plan.config).federation.aggregation_rule,
+        settings.federation.aggregation_rule,
+        min_replies=settings.federation.min_replies,
+        dp=dp,
         fraction_train=float(federation["fraction_train"]),
         fraction_evaluate=0.0,
         min_train_nodes=sampled,

@@ -16,14 +16,20 @@ class RoundProgress:
         self._failed = 0
 
     def client_done(self, report: dict[str, Any]) -> None:
-        if "error" in report:
+        if "error" in report or "quarantined" in report:
             self._failed += 1
         elif "train-loss" in report:
             self._losses.append(float(report["train-loss"]))
         loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
         self._bar.set_postfix(clients=len(self._losses), failed=self._failed, loss=f"{loss:.3f}")
 
-    def round_done(self, server_round: int) -> None:
+    def round_done(self, server_round: int, outcome: dict[str, Any] | None = None) -> None:
+        """Advance; a failed round or the privacy spent so far is shown to the user."""
+        if outcome is not None:
+            if not str(outcome.get("outcome", "aggregated")).startswith("aggregated"):
+                self._bar.write(f"round {server_round}: {outcome['outcome']}")
+            if "epsilon" in outcome:
+                self._bar.set_postfix(epsilon=f"{outcome['epsilon']:.2f}")
         self._bar.update(1)
         self._losses.clear()
         self._failed = 0

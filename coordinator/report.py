@@ -146,6 +146,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
         f"full-model middle blocks never sent: {info['middle_dropped']}",
         *([f"- {describe_privacy(info['privacy'])}"] if info.get("privacy") else []),
         *_distillation_lines(info.get("compression", {})),
+        *_outcome_lines(metrics.get("outcomes", [])),
         *[f"- {stage}: {seconds:.1f} s" for stage, seconds in metrics["timings"].items()],
         "",
         f"Reproduce: `{info['command']}`",
@@ -154,6 +155,19 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _outcome_lines(outcomes: list[dict[str, Any]]) -> list[str]:
+    """Failed rounds and, under differential privacy, ε after each round."""
+    lines = [
+        f"- round {o['round']}: {o['outcome']}"
+        for o in outcomes
+        if not str(o.get("outcome", "")).startswith("aggregated")
+    ]
+    spent = [f"{o['epsilon']:.2f}" for o in outcomes if "epsilon" in o]
+    if spent:
+        lines.append(f"- differential privacy: ε after each round {', '.join(spent)}")
+    return lines
 
 
 def _distillation_lines(compression: dict[str, Any]) -> list[str]:

@@ -195,6 +195,8 @@ def _metrics(
 
     rounds_path = run_dir / "rounds.json"
     rounds = json.loads(rounds_path.read_text()) if rounds_path.is_file() else []
+    outcomes_path = run_dir / "outcomes.json"
+    outcomes = json.loads(outcomes_path.read_text()) if outcomes_path.is_file() else []
     middle_total = plan.num_layers - len(plan.adapter_layers)
     return {
         "run": {
@@ -223,6 +225,7 @@ def _metrics(
             for key, s in scores.items()
         },
         "rounds": rounds,
+        "outcomes": outcomes,
         "timings": {k: round(v, 2) for k, v in timer.stages.items()},
         "config": config.to_dict(),
     }

@@ -223,6 +223,11 @@ class FederationConfig(_Section):
     max_examples: int = _f(
         0, "Cap on the example count a client may claim (FedAvg weights by it); 0 = off."
     )
+    min_replies: int = _f(
+        1,
+        "Quorum: usable client updates a round needs; with fewer the round fails and the "
+        "global adapter stays as it was.",
+    )
 
     @property
     def sampled_clients(self) -> int:
@@ -253,6 +258,43 @@ class FederationConfig(_Section):
             out.append("federation.client_cpus must be > 0")
         if self.round_timeout <= 0:
             out.append("federation.round_timeout must be > 0")
+        if self.min_replies < 1:
+            out.append("federation.min_replies must be >= 1")
+        return out
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(_Section):
+    epsilon: float = _f(
+        0.0,
+        "Client-level differential privacy budget for the whole run (at privacy.delta): clients "
+        "clip their update, the aggregate gets Gaussian noise, an RDP accountant reports ε "
+        "after every round and stops the run before it would exceed this. 0 = DP off.",
+    )
+    delta: float = _f(1e-5, "δ of the (ε, δ) guarantee; keep it below 1 / number of clients.")
+    clip_norm: float = _f(
+        0.05, "Clients clip their adapter update (L2 over all tensors) to this norm."
+    )
+    noise_multiplier: float = _f(
+        0.0,
+        "Noise std ÷ clip_norm on the summed updates; 0 = the smallest that keeps ε within "
+        "privacy.epsilon after federation.rounds.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon > 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.epsilon < 0:
+            out.append("privacy.epsilon must be >= 0 (0 = off)")
+        if not 0 < self.delta < 1:
+            out.append("privacy.delta must be in (0, 1)")
+        if self.clip_norm <= 0:
+            out.append("privacy.clip_norm must be > 0")
+        if self.noise_multiplier < 0:
+            out.append("privacy.noise_multiplier must be >= 0")
         return out
 
 
@@ -290,6 +332,7 @@ class OffsiteConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -405,9 +448,35 @@ def config_from_dict(data: Mapping[str, Any]) -> OffsiteConfig:
     """Build and validate a config from nested tables (e.g. a run's saved ``config.toml``)."""
     problems: list[str] = []
     config = _build(OffsiteConfig, data, "", problems)
+    if not problems:
+        problems += _cross_section_problems(config)
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
     return config
+
+
+def _cross_section_problems(config: OffsiteConfig) -> list[str]:
+    """Settings that are each valid but do not work together."""
+    out = []
+    federation, privacy = config.federation, config.privacy
+    if federation.min_replies > federation.sampled_clients:
+        out.append(
+            f"federation.min_replies={federation.min_replies} can never be met: only "
+            f"{federation.sampled_clients} clients are sampled per round"
+        )
+    if privacy.enabled:
+        from offsite.dp import dp_schedule
+
+        if federation.aggregation != "fedavg":
+            out.append(
+                "privacy.epsilon needs federation.aggregation='fedavg' (the noise is calibrated "
+                "to the sensitivity of a sum of clipped updates)"
+            )
+        try:
+            dp_schedule(privacy, federation)
+        except ValueError as err:
+            out.append(str(err))
+    return out
 
 
 def describe(cls: type = OffsiteConfig, prefix: str = "") -> list[tuple[str, Any, str]]:

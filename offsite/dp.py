@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 ORDERS: tuple[float, ...] = (
     *(1 + x / 10 for x in range(1, 100)),
@@ -163,3 +164,47 @@ class PrivacyAccountant:
             )
         self.rounds += 1
         return next_epsilon
+
+
+@dataclass(frozen=True)
+class DpSchedule:
+    """The noise a run uses and what it spends: resolved from the privacy settings."""
+
+    noise_multiplier: float
+    sample_rate: float
+    rounds: int
+    delta: float
+    budget: float
+    clip_norm: float
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon(self.noise_multiplier, self.sample_rate, self.rounds, self.delta)
+
+    def accountant(self) -> PrivacyAccountant:
+        return PrivacyAccountant(self.noise_multiplier, self.sample_rate, self.delta, self.budget)
+
+
+def dp_schedule(privacy: Any, federation: Any) -> DpSchedule:
+    """Resolve ``privacy`` (a PrivacyConfig) for ``federation``; ValueError if it cannot hold.
+
+    The sampling rate is the share of clients sampled per round.
+    """
+    sample_rate = federation.sampled_clients / federation.num_clients
+    rounds = int(federation.rounds)
+    noise = privacy.noise_multiplier or noise_for_epsilon(
+        privacy.epsilon, privacy.delta, sample_rate, rounds
+    )
+    schedule = DpSchedule(
+        noise, sample_rate, rounds, privacy.delta, privacy.epsilon, privacy.clip_norm
+    )
+    if schedule.epsilon > privacy.epsilon * (1 + 1e-9):
+        fits = 0
+        while epsilon(noise, sample_rate, fits + 1, privacy.delta) <= privacy.epsilon:
+            fits += 1
+        raise ValueError(
+            f"privacy.noise_multiplier={noise:g} spends ε={schedule.epsilon:.2f} in {rounds} "
+            f"rounds, above privacy.epsilon={privacy.epsilon:g}: run at most {fits} rounds, "
+            "raise the noise, or set noise_multiplier=0 to calibrate it"
+        )
+    return schedule

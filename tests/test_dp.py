@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from client.dp import add_gaussian_noise, clip_update, os_generator, update_norm
+from emulator.dp import add_gaussian_noise, clip_update, os_generator, update_norm
 from offsite.dp import BudgetExceeded, PrivacyAccountant, epsilon, noise_for_epsilon
 
 

@@ -193,3 +193,42 @@ def test_a_failing_client_does_not_end_the_run(
     final = load_file(str(tmp_path / "adapters" / "round-2.safetensors"))
     start = load_file(str(tmp_path / "adapters" / "round-0.safetensors"))
     assert any(not torch.equal(final[k], start[k]) for k in start)
+
+
+def test_differentially_private_run_reports_epsilon_per_round(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    """Clients clip and withhold data-dependent metrics; ε grows per round within the budget."""
+    from coordinator.simulate import simulate
+
+    config = load_config(
+        None,
+        [
+            f"model.name='{tiny_llama_dir}'",
+            f"data.name='{tiny_task}'",
+            "data.eval_size=10",
+            "data.max_length=48",
+            "emulator.bottom=1",
+            "emulator.top=1",
+            "emulator.keep=2",
+            "federation.num_clients=2",
+            "federation.rounds=2",
+            "federation.min_replies=2",
+            "train.local_steps=2",
+            "train.batch_size=4",
+            "train.precision='fp32'",
+            "privacy.epsilon=8.0",
+            "privacy.clip_norm=0.01",
+            f"output_dir='{tmp_path / 'runs'}'",
+        ],
+    )
+    result = simulate(config)
+    outcomes = json.loads((result.run_dir / "outcomes.json").read_text())
+    spent = [o["epsilon"] for o in outcomes if o["round"] > 0]
+    assert len(spent) == 2 and 0 < spent[0] < spent[1] <= 8.0
+    rounds = json.loads((result.run_dir / "rounds.json").read_text())
+    assert rounds and all(r.get("dp") == 1 and "train-loss" not in r for r in rounds)
+    start = load_file(str(result.run_dir / "adapters" / "round-0.safetensors"))
+    final = load_file(str(result.run_dir / "adapters" / "round-2.safetensors"))
+    assert any(not torch.equal(final[k], start[k]) for k in start)
+    assert "ε after each round" in (result.run_dir / "report.md").read_text()

@@ -1,0 +1,135 @@
+"""The server strategy on real Flower messages: dead clients, quorum, duplicates, DP rounds."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+from coordinator.strategy import AdapterFedAvg
+from offsite.dp import DpSchedule, epsilon
+from offsite.robust import AggregationRule
+
+NAMES = {"l.lora_A.weight": (32, 64), "l.lora_B.weight": (64, 32)}
+
+
+def _metadata(node: int) -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id=f"m{node}-{time.monotonic_ns()}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="instruction",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+
+
+def _reply(node: int, state: dict[str, torch.Tensor], examples: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state),
+            "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0}),
+        }
+    )
+    return Message(content=content, metadata=_metadata(node))
+
+
+def _dead(node: int) -> Message:
+    return Message(error=Error(code=1, reason="client process died"), metadata=_metadata(node))
+
+
+def _global() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(s, generator=gen) for k, s in NAMES.items()}
+
+
+def _states(n: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    base = _global()
+    return [
+        {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        for _ in range(n)
+    ]
+
+
+def _strategy(**kwargs: Any) -> tuple[AdapterFedAvg, list[dict[str, Any]]]:
+    reports: list[dict[str, Any]] = []
+    strategy = AdapterFedAvg(lambda _round, report: reports.append(report), **kwargs)
+    strategy._global = ArrayRecord(_global())  # what configure_train would have sent
+    return strategy, reports
+
+
+def test_three_of_ten_dead_clients_aggregate_equals_fedavg_of_survivors() -> None:
+    states = _states(10)
+    examples = [20 + 7 * i for i in range(10)]
+    replies = [_dead(i) if i in (2, 5, 7) else _reply(i, states[i], examples[i]) for i in range(10)]
+    strategy, reports = _strategy(min_replies=7)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    result = arrays.to_torch_state_dict()
+    survivors = [i for i in range(10) if i not in (2, 5, 7)]
+    total = sum(examples[i] for i in survivors)
+    for name in NAMES:
+        expected = sum(states[i][name] * examples[i] for i in survivors) / total
+        torch.testing.assert_close(result[name], expected, rtol=0, atol=1e-6)
+    assert sum("error" in r for r in reports) == 3
+    assert strategy.round_log[-1]["outcome"] == "aggregated 7 updates"
+
+
+def test_below_quorum_the_round_fails_and_the_global_stays() -> None:
+    states = _states(4)
+    replies = [_dead(0), _dead(1), _reply(2, states[2], 10), _reply(3, states[3], 10)]
+    strategy, _ = _strategy(min_replies=3)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is None and metrics is None  # Flower keeps the previous global
+    assert "quorum is 3" in strategy.round_log[-1]["outcome"]
+
+
+def test_duplicate_and_malformed_replies_are_quarantined() -> None:
+    states = _states(3)
+    bad_shape = {"l.lora_A.weight": torch.zeros(2, 2), "l.lora_B.weight": torch.zeros(64, 32)}
+    replies = [
+        _reply(1, states[0], 10),
+        _reply(1, states[1], 10),  # the same node again
+        _reply(2, states[2], 10),
+        _reply(3, bad_shape, 10),
+    ]
+    strategy, reports = _strategy()
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    by_node = {r["node-id"]: r for r in reports}
+    assert "more than one reply" in by_node[1]["quarantined"]
+    assert "shape" in by_node[3]["quarantined"]
+    torch.testing.assert_close(
+        arrays.to_torch_state_dict()["l.lora_A.weight"], states[2]["l.lora_A.weight"]
+    )
+
+
+def test_dp_rounds_add_calibrated_noise_and_stop_at_the_budget() -> None:
+    sigma, clip = 2.0, 0.5
+    budget = epsilon(sigma, 1.0, 2, 1e-5)  # exactly two rounds fit
+    dp = DpSchedule(sigma, 1.0, 2, 1e-5, budget, clip)
+    states = _states(4)
+    strategy, _ = _strategy(dp=dp, rule=AggregationRule())
+    means = []
+    for server_round in (1, 2):
+        arrays, _ = strategy.aggregate_train(
+            server_round, [_reply(i, states[i], 10 + 100 * i) for i in range(4)]
+        )
+        assert arrays is not None
+        means.append(arrays.to_torch_state_dict())
+        assert strategy.round_log[-1]["epsilon"] == pytest.approx(
+            epsilon(sigma, 1.0, server_round, 1e-5)
+        )
+    # noise present, of the calibrated size around the *unweighted* mean (DP-FedAvg)
+    plain = {k: sum(s[k] for s in states) / 4 for k in NAMES}
+    noise = torch.cat([(means[0][k] - plain[k]).reshape(-1) for k in NAMES])
+    assert float(noise.std()) == pytest.approx(sigma * clip / 4, rel=0.05)
+    arrays, _ = strategy.aggregate_train(3, [_reply(i, states[i], 10) for i in range(4)])
+    assert arrays is None and strategy.round_log[-1]["outcome"].startswith("stopped")
