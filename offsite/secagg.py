@@ -1,0 +1,338 @@
+"""Secure aggregation (Bonawitz et al. 2017, double masking) for adapter updates.
+
+The coordinator learns the *sum* of the clients' vectors and nothing else about any one of them,
+and the sum survives clients dropping out as long as at least ``threshold`` stay.
+
+Protocol, one federated round (messages are plain dataclasses; transport is the caller's):
+
+1. advertise: each client makes two X25519 key pairs (one to encrypt key shares, one to agree
+   pairwise masks) and publishes both public keys.
+2. share: each client draws a self-mask seed ``b``, Shamir-shares ``b`` and its mask private key
+   (``threshold``-of-n over GF(2^521 - 1)) and sends every peer its shares encrypted with
+   AES-GCM under an HKDF key from their X25519 agreement (the server only routes ciphertexts).
+3. mask: each client encodes its vector as fixed-point integers mod 2^64, adds PRG(b) and, for
+   every peer j that shared, ±PRG(s_ij) (+ if i < j, - if i > j) where s_ij is the pairwise
+   X25519 secret; PRG = AES-256-CTR keyed by HKDF(seed, round).
+4. unmask: the server names who sent a masked vector; each survivor returns the shares of ``b``
+   for survivors and of the mask key for dropped clients — never both for one client (checked).
+   With ≥ ``threshold`` answers the server removes the self-masks and the dropped clients'
+   pairwise masks; with fewer it aborts and learns nothing.
+
+Fixed point: ``FRACTION_BITS`` fractional bits, two's complement in 64 bits, so a float sum is
+exact to n × 2^-(FRACTION_BITS+1) as long as |sum| < 2^(63 - FRACTION_BITS). Integers are exact.
+Masks come from AES-CTR on OS-random keys, never from ``numpy.random``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+FRACTION_BITS = 24
+PRIME = 2**521 - 1  # Mersenne prime: holds a 32-byte secret
+
+
+class SecAggError(RuntimeError):
+    """The protocol cannot continue safely (too few clients, bad message); no result."""
+
+
+def check_setup(clients: int, threshold: int) -> None:
+    """Refuse configurations that are unsafe or cannot survive a dropout."""
+    if clients < 3:
+        raise SecAggError("secure aggregation needs at least 3 clients per round")
+    if threshold <= clients // 2:
+        raise SecAggError(
+            f"threshold {threshold} must exceed half of the {clients} clients, or a server "
+            "could collect both the self-mask and the mask-key shares of one client"
+        )
+    if threshold > clients:
+        raise SecAggError(f"threshold {threshold} exceeds the {clients} clients")
+
+
+# ---------------------------------------------------------------- primitives
+
+
+def _hkdf(secret: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+def prg(seed: bytes, length: int, label: bytes) -> np.ndarray:
+    """``length`` pseudo-random uint64 values from a 32-byte seed (AES-256-CTR)."""
+    key = _hkdf(seed, b"offsite-secagg-prg|" + label)
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
+    stream = encryptor.update(b"\0" * (8 * length)) + encryptor.finalize()
+    return np.frombuffer(stream, dtype="<u8").copy()
+
+
+def share_secret(secret: bytes, holders: Sequence[int], threshold: int) -> dict[int, int]:
+    """Shamir shares of ``secret`` for ``holders`` (non-zero ids); any ``threshold`` recover it."""
+    value = int.from_bytes(secret, "big")
+    if value >= PRIME:
+        raise ValueError("secret too large for the field")
+    coefficients = [value] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    shares = {}
+    for holder in holders:
+        x, acc = holder, 0
+        for coefficient in reversed(coefficients):
+            acc = (acc * x + coefficient) % PRIME
+        shares[holder] = acc
+    return shares
+
+
+def recover_secret(shares: Mapping[int, int], threshold: int, length: int = 32) -> bytes:
+    """The secret from at least ``threshold`` shares (Lagrange interpolation at 0)."""
+    if len(shares) < threshold:
+        raise SecAggError(f"{len(shares)} shares cannot recover a {threshold}-threshold secret")
+    points = list(shares.items())[:threshold]
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                numerator = numerator * (-xj) % PRIME
+                denominator = denominator * (xi - xj) % PRIME
+        secret = (secret + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return secret.to_bytes(length, "big")
+
+
+def encode(values: np.ndarray) -> np.ndarray:
+    """Floats → fixed-point uint64 (two's complement)."""
+    scaled = np.rint(np.asarray(values, dtype=np.float64) * (1 << FRACTION_BITS))
+    limit = 2.0**63
+    if np.abs(scaled).max(initial=0) >= limit:
+        raise SecAggError("a value is too large for the fixed-point encoding; clip updates first")
+    return scaled.astype(np.int64).view(np.uint64)
+
+
+def decode(values: np.ndarray) -> np.ndarray:
+    return values.view(np.int64).astype(np.float64) / (1 << FRACTION_BITS)
+
+
+def _public_bytes(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _private_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )
+
+
+def _pair_seed(private: X25519PrivateKey, public: bytes) -> bytes:
+    return _hkdf(private.exchange(X25519PublicKey.from_public_bytes(public)), b"pair-mask")
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Advertise:
+    client: int
+    cipher_public: bytes
+    mask_public: bytes
+
+
+@dataclass(frozen=True)
+class EncryptedShares:
+    sender: int
+    ciphertexts: dict[int, bytes]  # recipient -> nonce + AES-GCM(ciphertext)
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    client: int
+    vector: np.ndarray  # uint64
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    client: int
+    self_mask: dict[int, int]  # survivor -> its share of b
+    mask_key: dict[int, int]  # dropped -> its share of the mask private key
+
+
+# ---------------------------------------------------------------- client
+
+
+@dataclass
+class SecAggClient:
+    """One client's side of one round. ``client`` ids are 1..n (Shamir x-coordinates)."""
+
+    client: int
+    threshold: int
+    round_label: bytes
+    _cipher_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    _mask_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    _self_seed: bytes = field(default_factory=lambda: os.urandom(32))
+    _peers: dict[int, Advertise] = field(default_factory=dict)
+    _held: dict[int, tuple[int, int]] = field(default_factory=dict)  # sender -> (b, key) shares
+    _sharers: list[int] = field(default_factory=list)
+    _answered: bool = False
+
+    def advertise(self) -> Advertise:
+        return Advertise(
+            self.client,
+            _public_bytes(self._cipher_key.public_key()),
+            _public_bytes(self._mask_key.public_key()),
+        )
+
+    def _channel(self, peer: int) -> AESGCM:
+        shared = self._cipher_key.exchange(
+            X25519PublicKey.from_public_bytes(self._peers[peer].cipher_public)
+        )
+        return AESGCM(_hkdf(shared, b"share-channel|" + self.round_label))
+
+    def share(self, advertised: Sequence[Advertise]) -> EncryptedShares:
+        peers = {a.client: a for a in advertised}
+        if len(peers) < self.threshold or self.client not in peers:
+            raise SecAggError(
+                f"only {len(peers)} clients advertised keys; threshold is {self.threshold}"
+            )
+        self._peers = peers
+        holders = sorted(peers)
+        b_shares = share_secret(self._self_seed, holders, self.threshold)
+        key_shares = share_secret(_private_bytes(self._mask_key), holders, self.threshold)
+        out = {}
+        for peer in holders:
+            plain = b_shares[peer].to_bytes(66, "big") + key_shares[peer].to_bytes(66, "big")
+            nonce = os.urandom(12)
+            aad = f"{self.client}->{peer}".encode()
+            out[peer] = nonce + self._channel(peer).encrypt(nonce, plain, aad)
+        return EncryptedShares(self.client, out)
+
+    def mask(self, received: Mapping[int, bytes], values: np.ndarray) -> MaskedInput:
+        """Store the shares sent to us; return our masked vector (encoded if float)."""
+        if len(received) < self.threshold:
+            raise SecAggError(
+                f"only {len(received)} clients shared keys; threshold is {self.threshold}"
+            )
+        for sender, blob in received.items():
+            aad = f"{sender}->{self.client}".encode()
+            try:
+                plain = self._channel(sender).decrypt(blob[:12], blob[12:], aad)
+            except Exception as err:  # InvalidTag and malformed input alike
+                raise SecAggError(f"share from client {sender} does not decrypt") from err
+            self._held[sender] = (
+                int.from_bytes(plain[:66], "big"),
+                int.from_bytes(plain[66:], "big"),
+            )
+        self._sharers = sorted(received)
+        vector = values.astype(np.uint64) if values.dtype == np.uint64 else encode(values)
+        masked = vector + prg(self._self_seed, vector.size, self.round_label)
+        for peer in self._sharers:
+            if peer == self.client:
+                continue
+            pair = prg(
+                _pair_seed(self._mask_key, self._peers[peer].mask_public),
+                vector.size,
+                self.round_label,
+            )
+            masked = masked + pair if self.client < peer else masked - pair
+        return MaskedInput(self.client, masked)
+
+    def unmask(self, survivors: Sequence[int]) -> UnmaskShares:
+        """Shares of b for survivors, of mask keys for the dropped; once per round."""
+        if self._answered:
+            raise SecAggError("this client already answered the unmasking request")
+        survivors_set = set(survivors)
+        if len(survivors_set) < self.threshold:
+            raise SecAggError(f"only {len(survivors_set)} survivors; threshold is {self.threshold}")
+        if not survivors_set <= set(self._sharers):
+            raise SecAggError("survivor list names clients that never shared keys")
+        self._answered = True
+        dropped = set(self._sharers) - survivors_set
+        return UnmaskShares(
+            self.client,
+            {i: self._held[i][0] for i in survivors_set},
+            {i: self._held[i][1] for i in dropped},
+        )
+
+
+# ---------------------------------------------------------------- server
+
+
+@dataclass
+class SecAggServer:
+    """The coordinator's side of one round: routes shares, sums masked vectors, unmasks."""
+
+    clients: int
+    threshold: int
+    round_label: bytes
+    advertised: dict[int, Advertise] = field(default_factory=dict)
+    sharers: list[int] = field(default_factory=list)
+    masked: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_setup(self.clients, self.threshold)
+
+    def collect_keys(self, messages: Sequence[Advertise]) -> list[Advertise]:
+        self.advertised = {m.client: m for m in messages}
+        if len(self.advertised) < self.threshold:
+            raise SecAggError(
+                f"{len(self.advertised)} clients advertised keys; need {self.threshold}"
+            )
+        return list(self.advertised.values())
+
+    def route_shares(self, messages: Sequence[EncryptedShares]) -> dict[int, dict[int, bytes]]:
+        """Per recipient: the ciphertexts addressed to it (from clients that shared)."""
+        self.sharers = sorted(m.sender for m in messages if m.sender in self.advertised)
+        if len(self.sharers) < self.threshold:
+            raise SecAggError(f"{len(self.sharers)} clients shared keys; need {self.threshold}")
+        inbox: dict[int, dict[int, bytes]] = {c: {} for c in self.sharers}
+        for message in messages:
+            for recipient, blob in message.ciphertexts.items():
+                if recipient in inbox:
+                    inbox[recipient][message.sender] = blob
+        return inbox
+
+    def collect_masked(self, messages: Sequence[MaskedInput]) -> list[int]:
+        """Record masked vectors; returns the survivors the unmasking request names."""
+        sizes = {m.vector.size for m in messages}
+        if len(sizes) > 1:
+            raise SecAggError("masked vectors differ in length")
+        self.masked = {m.client: m.vector for m in messages if m.client in self.sharers}
+        if len(self.masked) < self.threshold:
+            raise SecAggError(
+                f"{len(self.masked)} masked vectors arrived; need {self.threshold}: aborting"
+            )
+        return sorted(self.masked)
+
+    def unmask(self, messages: Sequence[UnmaskShares]) -> np.ndarray:
+        """The exact sum (uint64) of the survivors' vectors, or ``SecAggError``."""
+        answers = [m for m in messages if m.client in self.masked]
+        if len(answers) < self.threshold:
+            raise SecAggError(
+                f"{len(answers)} clients answered the unmasking; need {self.threshold}: aborting "
+                "without a result"
+            )
+        survivors = sorted(self.masked)
+        dropped = sorted(set(self.sharers) - set(survivors))
+        size = next(iter(self.masked.values())).size
+        total = np.zeros(size, dtype=np.uint64)
+        for vector in self.masked.values():
+            total += vector
+        for client in survivors:
+            shares = {m.client: m.self_mask[client] for m in answers if client in m.self_mask}
+            seed = recover_secret(shares, self.threshold)
+            total -= prg(seed, size, self.round_label)
+        for client in dropped:
+            shares = {m.client: m.mask_key[client] for m in answers if client in m.mask_key}
+            key = X25519PrivateKey.from_private_bytes(recover_secret(shares, self.threshold))
+            for peer in survivors:
+                pair = prg(
+                    _pair_seed(key, self.advertised[peer].mask_public), size, self.round_label
+                )
+                # survivor `peer` added +pair if peer < client, -pair otherwise: undo it
+                total = total - pair if peer < client else total + pair
+        return total
