@@ -14,8 +14,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.secure_stage import STAGE_KEY, handle_query, masked_update
 from client.session import open_session
-from emulator.dp import clip_update
+from emulator.dp import add_gaussian_noise, clip_update
 from emulator.examples import training_batches
 from emulator.forward import resolve_precision
 from emulator.train import train_adapter
@@ -72,6 +73,17 @@ def train(msg: Message, context: Context) -> Message:
     )
     trained = session.adapted.trainable_state()
     clip = float(config.get("dp-clip", 0.0))
+    if "secagg-inbox" in config:
+        # Secure aggregation: only a masked [weight · update, weight] vector leaves the node.
+        update = {k: trained[k] - global_state[k].float() for k in trained}
+        weight = float(len(task.examples))
+        if clip > 0:
+            update, _ = clip_update(update, clip)
+            update = add_gaussian_noise(update, float(config.get("dp-noise-std", 0.0)))
+            weight = 1.0
+        arrays = masked_update(context.state, str(config["secagg-inbox"]), update, weight)
+        metrics = MetricRecord({"num-examples": 1, "partition-id": partition, "secagg": 1})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
     if clip > 0:
         # Differential privacy: only the clipped update leaves; metrics that depend on the
         # data (loss, example and token counts, timing) are withheld, since the noise covers
@@ -94,3 +106,11 @@ def train(msg: Message, context: Context) -> Message:
         )
     arrays = ArrayRecord(trained)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Secure aggregation stages (advertise keys, share keys, unmask)."""
+    record = msg.content.config_records[STAGE_KEY]
+    answer = handle_query(record, context.state)
+    return Message(RecordDict({STAGE_KEY: ConfigRecord(answer)}), reply_to=msg)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from coordinator.adapters import initial_adapter_state, save_adapter
 from coordinator.progress import RoundProgress
 from coordinator.push import push_adapter
+from coordinator.secure_rounds import default_threshold
 from coordinator.strategy import AdapterFedAvg
 from emulator.bundle import bundle_arch, verify_bundle
 from emulator.peft_format import write_peft_adapter
@@ -52,8 +53,21 @@ def train_config(plan: RunPlan) -> ConfigRecord:
             "threads": max(1, int(plan.config["federation"]["client_cpus"])),
             # differential privacy: clients clip their update to this norm (0 = off)
             "dp-clip": float(privacy["clip_norm"]) if float(privacy["epsilon"]) > 0 else 0.0,
+            "dp-noise-std": distributed_noise_std(plan),
         }
     )
+
+
+def distributed_noise_std(plan: RunPlan) -> float:
+    """Under secure aggregation with DP each client adds σC/√t, so any ≥ t survivors' sum
+    carries at least the calibrated σC (the coordinator never sees a noise-free sum)."""
+    settings = config_from_dict(plan.config)
+    federation = settings.federation
+    if not (settings.privacy.enabled and federation.secure_aggregation):
+        return 0.0
+    dp = dp_schedule(settings.privacy, federation)
+    threshold = federation.secagg_threshold or default_threshold(federation.sampled_clients)
+    return dp.noise_multiplier * dp.clip_norm / threshold**0.5
 
 
 @app.main()
@@ -111,6 +125,9 @@ def main(grid: Grid, context: Context) -> None:
         settings.federation.aggregation_rule,
         min_replies=settings.federation.min_replies,
         dp=dp,
+        secure=settings.federation.secure_aggregation,
+        secure_threshold=settings.federation.secagg_threshold,
+        stage_timeout=float(federation["round_timeout"]),
         fraction_train=float(federation["fraction_train"]),
         fraction_evaluate=0.0,
         min_train_nodes=sampled,

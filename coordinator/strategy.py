@@ -10,18 +10,22 @@ every client's report with the server's verdict; ``round_log`` records each roun
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from coordinator.aggregation import ClientUpdate, aggregate
+from coordinator.secure_rounds import SecureRound, default_threshold, finish_round, setup_round
 from emulator.dp import add_gaussian_noise
 from offsite.dp import BudgetExceeded, DpSchedule
 from offsite.robust import AggregationRule
+from offsite.secagg import SecAggError
 
 ClientReport = dict[str, Any]
 
@@ -36,6 +40,9 @@ class AdapterFedAvg(FedAvg):
         *,
         min_replies: int = 1,
         dp: DpSchedule | None = None,
+        secure: bool = False,
+        secure_threshold: int = 0,
+        stage_timeout: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -47,13 +54,36 @@ class AdapterFedAvg(FedAvg):
         self._dp = dp
         self._accountant = dp.accountant() if dp else None
         self._global: ArrayRecord | None = None
+        self._secure_enabled, self._secure_threshold = secure, secure_threshold
+        self._stage_timeout = stage_timeout
+        self._secure: SecureRound | None = None
+        self._secure_failure = ""
         self.round_log: list[dict[str, Any]] = []  # one entry per round: outcome, ε
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays  # what this round's updates are measured against
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if not self._secure_enabled:
+            return messages
+        # Secure aggregation: key agreement with the sampled nodes before they train; each
+        # train message carries the encrypted key shares addressed to its node.
+        nodes = [m.metadata.dst_node_id for m in messages]
+        threshold = self._secure_threshold or default_threshold(len(nodes))
+        self._secure, self._secure_failure = None, ""
+        try:
+            label = f"round-{server_round}-{os.urandom(8).hex()}"
+            self._secure = setup_round(grid, nodes, threshold, label, self._stage_timeout)
+        except SecAggError as err:
+            self._secure_failure = f"failed: secure aggregation setup: {err}"
+            return []
+        out = []
+        for node, inbox in self._secure.inbox.items():
+            node_config = ConfigRecord({**dict(config), "secagg-inbox": inbox})
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
+            out.append(Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN))
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -61,6 +91,7 @@ class AdapterFedAvg(FedAvg):
         reports: dict[str, ClientReport] = {}
         updates: list[ClientUpdate] = []
         valid: list[Message] = []
+        masked: dict[int, np.ndarray] = {}
         for reply in replies:
             node = str(reply.metadata.src_node_id)
             if node in reports:
@@ -75,13 +106,23 @@ class AdapterFedAvg(FedAvg):
                 continue
             for record in reply.content.metric_records.values():
                 report.update(dict(record))
+            if self._secure_enabled:
+                update = _masked_vector(reply, self.arrayrecord_key)
+                if isinstance(update, str):
+                    report["quarantined"] = update
+                else:
+                    masked[int(reply.metadata.src_node_id)] = update
+                continue
             update = _client_update(node, reply, self.arrayrecord_key, self.weighted_by_key)
             if isinstance(update, str):
                 report["quarantined"] = update
                 continue
             updates.append(update)
             valid.append(reply)
-        arrays, metrics, outcome = self._combine(updates, valid, reports)
+        if self._secure_enabled:
+            arrays, metrics, outcome = self._combine_secure(masked)
+        else:
+            arrays, metrics, outcome = self._combine(updates, valid, reports)
         entry: dict[str, Any] = {"round": server_round, "outcome": outcome}
         if self._accountant is not None:
             entry["epsilon"] = self._accountant.spent
@@ -89,6 +130,30 @@ class AdapterFedAvg(FedAvg):
         for report in reports.values():
             self._on_client_report(server_round, report)
         return arrays, metrics
+
+    def _combine_secure(
+        self, masked: dict[int, np.ndarray]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, str]:
+        """Unmask the sum; any protocol failure fails the round without a partial result."""
+        if self._secure is None or self._global is None:
+            return None, None, self._secure_failure or "failed: no secure round was set up"
+        secure, self._secure = self._secure, None
+        if len(masked) < self._min_replies:
+            return (
+                None,
+                None,
+                f"failed: {len(masked)} masked updates, quorum is {self._min_replies}",
+            )
+        try:
+            state, count = finish_round(secure, masked, self._global.to_torch_state_dict())
+        except SecAggError as err:
+            return None, None, f"failed: secure aggregation: {err}"
+        if self._accountant is not None:
+            try:
+                self._accountant.spend_round()  # the noise was added by the clients
+            except BudgetExceeded as err:
+                return None, None, f"stopped: {err}"
+        return ArrayRecord(state), None, f"aggregated {count} updates (secure)"
 
     def _combine(
         self, updates: list[ClientUpdate], valid: list[Message], reports: dict[str, ClientReport]
@@ -129,6 +194,16 @@ class AdapterFedAvg(FedAvg):
         contents = [r.content for r in valid if str(r.metadata.src_node_id) in accepted]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return ArrayRecord(state), metrics, f"aggregated {len(accepted)} updates"
+
+
+def _masked_vector(reply: Message, arrays_key: str) -> np.ndarray | str:
+    try:
+        vector = reply.content.array_records[arrays_key]["masked"].numpy()
+    except (KeyError, TypeError, ValueError) as err:
+        return f"malformed secure-aggregation reply: {err!r}"
+    if vector.dtype != np.uint64 or vector.ndim != 1:
+        return f"masked vector is {vector.dtype}{list(vector.shape)}, expected a uint64 vector"
+    return vector
 
 
 def _client_update(

@@ -223,6 +223,17 @@ class FederationConfig(_Section):
     max_examples: int = _f(
         0, "Cap on the example count a client may claim (FedAvg weights by it); 0 = off."
     )
+    secure_aggregation: bool = _f(
+        False,
+        "Secure aggregation: clients send masked updates and the coordinator learns only their "
+        "sum (pairwise X25519 masks, Shamir-shared for dropout recovery). Needs >= 3 clients "
+        "per round and aggregation='fedavg'.",
+    )
+    secagg_threshold: int = _f(
+        0,
+        "Secure aggregation: clients that must stay until unmasking (more than half of those "
+        "sampled); 0 = max(majority, two thirds).",
+    )
     min_replies: int = _f(
         1,
         "Quorum: usable client updates a round needs; with fewer the round fails and the "
@@ -464,6 +475,26 @@ def _cross_section_problems(config: OffsiteConfig) -> list[str]:
             f"federation.min_replies={federation.min_replies} can never be met: only "
             f"{federation.sampled_clients} clients are sampled per round"
         )
+    if federation.secure_aggregation:
+        sampled = federation.sampled_clients
+        if federation.aggregation != "fedavg":
+            out.append(
+                "federation.secure_aggregation hides single updates, so it works only with "
+                "aggregation='fedavg' (robust rules must see each update)"
+            )
+        if federation.max_update_norm or federation.max_examples:
+            out.append(
+                "federation.max_update_norm / max_examples need to see single updates; with "
+                "secure_aggregation bound updates on the clients (privacy.clip_norm)"
+            )
+        if sampled < 3:
+            out.append(f"federation.secure_aggregation needs >= 3 clients per round, got {sampled}")
+        threshold = federation.secagg_threshold
+        if threshold and not sampled // 2 < threshold <= sampled:
+            out.append(
+                f"federation.secagg_threshold must be in ({sampled // 2}, {sampled}] for "
+                f"{sampled} clients per round"
+            )
     if privacy.enabled:
         from offsite.dp import dp_schedule
 

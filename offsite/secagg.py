@@ -25,6 +25,7 @@ Masks come from AES-CTR on OS-random keys, never from ``numpy.random``.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Mapping, Sequence
@@ -179,6 +180,46 @@ class SecAggClient:
     _held: dict[int, tuple[int, int]] = field(default_factory=dict)  # sender -> (b, key) shares
     _sharers: list[int] = field(default_factory=list)
     _answered: bool = False
+
+    def export(self) -> str:
+        """This client's round state as JSON (it holds private keys: keep it on the node)."""
+        return json.dumps(
+            {
+                "client": self.client,
+                "threshold": self.threshold,
+                "round_label": self.round_label.hex(),
+                "cipher_key": _private_bytes(self._cipher_key).hex(),
+                "mask_key": _private_bytes(self._mask_key).hex(),
+                "self_seed": self._self_seed.hex(),
+                "peers": [
+                    [a.client, a.cipher_public.hex(), a.mask_public.hex()]
+                    for a in self._peers.values()
+                ],
+                "held": {str(k): [str(b), str(key)] for k, (b, key) in self._held.items()},
+                "sharers": self._sharers,
+                "answered": self._answered,
+            }
+        )
+
+    @classmethod
+    def restore(cls, text: str) -> SecAggClient:
+        data = json.loads(text)
+        client = cls(
+            int(data["client"]),
+            int(data["threshold"]),
+            bytes.fromhex(data["round_label"]),
+            X25519PrivateKey.from_private_bytes(bytes.fromhex(data["cipher_key"])),
+            X25519PrivateKey.from_private_bytes(bytes.fromhex(data["mask_key"])),
+            bytes.fromhex(data["self_seed"]),
+        )
+        client._peers = {
+            int(i): Advertise(int(i), bytes.fromhex(c), bytes.fromhex(m))
+            for i, c, m in data["peers"]
+        }
+        client._held = {int(k): (int(b), int(key)) for k, (b, key) in data["held"].items()}
+        client._sharers = [int(i) for i in data["sharers"]]
+        client._answered = bool(data["answered"])
+        return client
 
     def advertise(self) -> Advertise:
         return Advertise(

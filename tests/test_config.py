@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,28 @@ def test_every_key_has_help() -> None:
     rows = describe()
     assert len(rows) > 20
     assert all(help_text for _, _, help_text in rows)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["federation.secure_aggregation=true", "federation.num_clients=2"], ">= 3 clients"),
+        (
+            ["federation.secure_aggregation=true", "federation.aggregation='trimmed-mean'"],
+            "only with aggregation='fedavg'",
+        ),
+        (["federation.secure_aggregation=true", "federation.secagg_threshold=2"], "(2, 4]"),
+        (["federation.aggregation='krum'", "federation.num_clients=4"], "n >= 2f + 3"),
+        (["privacy.epsilon=1", "privacy.noise_multiplier=0.5"], "at most 0 rounds"),
+        (
+            ["privacy.epsilon=4", "federation.aggregation='krum'", "federation.num_clients=5"],
+            "fedavg",
+        ),
+        (["federation.min_replies=5"], "can never be met"),
+    ],
+)
+def test_unsafe_federation_settings_are_refused_before_running(
+    overrides: list[str], fragment: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(None, overrides)

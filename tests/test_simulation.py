@@ -232,3 +232,67 @@ def test_differentially_private_run_reports_epsilon_per_round(
     final = load_file(str(result.run_dir / "adapters" / "round-2.safetensors"))
     assert any(not torch.equal(final[k], start[k]) for k in start)
     assert "ε after each round" in (result.run_dir / "report.md").read_text()
+
+
+def _federate_once(
+    tiny_llama_dir: Path, tiny_task: Path, folder: Path, overrides: list[str]
+) -> dict[str, torch.Tensor]:
+    """One round over 3 clients straight through Flower (no evaluation); the new adapter."""
+    from coordinator.models import load_full_model
+    from coordinator.simulation import run_flower_simulation
+    from emulator.adapter import AdapterSpec
+    from emulator.bundle import write_bundle
+    from emulator.layers import plan_layers
+    from offsite.runplan import RunPlan
+
+    config = load_config(
+        None,
+        [
+            "federation.num_clients=3",
+            "federation.rounds=1",
+            "train.local_steps=2",
+            "train.batch_size=4",
+            "train.precision='fp32'",
+            "data.max_length=48",
+            *overrides,
+        ],
+    )
+    model, tokenizer, arch, _ = load_full_model(str(tiny_llama_dir))
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
+    bundle = write_bundle(model, tokenizer, plan, spec, folder / "bundle", source="tiny")
+    data = folder / "data"
+    data.mkdir(parents=True)
+    lines = tiny_task.read_text().splitlines()
+    for index in range(3):
+        (data / f"client-{index}.jsonl").write_text("\n".join(lines[index::3]) + "\n")
+    plan_path = folder / "plan.json"
+    RunPlan(
+        run_dir=str(folder),
+        bundle_path=str(bundle.path),
+        bundle_digest=bundle.digest,
+        data_dir=str(data),
+        task_kind="classification",
+        labels=LABELS,
+        template="Text: {text}\nTopic:",
+        config=config.to_dict(),
+    ).save(plan_path)
+    run_flower_simulation(plan_path, num_clients=3, client_cpus=1.0)
+    outcomes = json.loads((folder / "outcomes.json").read_text())
+    assert outcomes[-1]["outcome"].startswith("aggregated 3 updates"), outcomes
+    return load_file(str(folder / "adapters" / "round-1.safetensors"))
+
+
+def test_secure_aggregation_run_equals_plain_fedavg(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    """Masked updates, unmasked sum: the same global adapter as plain FedAvg (to fixed point)."""
+    plain = _federate_once(tiny_llama_dir, tiny_task, tmp_path / "plain", [])
+    secure = _federate_once(
+        tiny_llama_dir, tiny_task, tmp_path / "secure", ["federation.secure_aggregation=true"]
+    )
+    assert plain.keys() == secure.keys()
+    for name in plain:
+        torch.testing.assert_close(secure[name], plain[name], rtol=0, atol=1e-6)
+    rounds = json.loads((tmp_path / "secure" / "rounds.json").read_text())
+    assert len(rounds) == 3 and all(r.get("secagg") == 1 for r in rounds)
