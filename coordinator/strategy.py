@@ -58,6 +58,7 @@ class AdapterFedAvg(FedAvg):
         self._stage_timeout = stage_timeout
         self._secure: SecureRound | None = None
         self._secure_failure = ""
+        self._sent: list[Message] = []
         self.round_log: list[dict[str, Any]] = []  # one entry per round: outcome, ε
 
     def configure_train(
@@ -65,6 +66,7 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._global = arrays  # what this round's updates are measured against
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent = messages  # the grid stamps their ids when it pushes them
         if not self._secure_enabled:
             return messages
         # Secure aggregation: key agreement with the sampled nodes before they train; each
@@ -83,6 +85,7 @@ class AdapterFedAvg(FedAvg):
             node_config = ConfigRecord({**dict(config), "secagg-inbox": inbox})
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
             out.append(Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN))
+        self._sent = out
         return out
 
     def aggregate_train(
@@ -92,8 +95,15 @@ class AdapterFedAvg(FedAvg):
         updates: list[ClientUpdate] = []
         valid: list[Message] = []
         masked: dict[int, np.ndarray] = {}
+        sent_ids = {m.metadata.message_id for m in self._sent if m.metadata.message_id}
+        stale_nodes: set[str] = set()
         for reply in replies:
             node = str(reply.metadata.src_node_id)
+            if sent_ids and reply.metadata.reply_to_message_id not in sent_ids:
+                stale = {"node-id": reply.metadata.src_node_id, "quarantined": "stale reply"}
+                self._on_client_report(server_round, stale)  # not this round's instruction
+                stale_nodes.add(node)
+                continue
             if node in reports:
                 reports[node]["quarantined"] = "sent more than one reply this round"
                 updates = [u for u in updates if u.node != node]
@@ -119,6 +129,13 @@ class AdapterFedAvg(FedAvg):
                 continue
             updates.append(update)
             valid.append(reply)
+        for message in self._sent:
+            silent = str(message.metadata.dst_node_id)
+            if silent not in reports and silent not in stale_nodes:
+                reports[silent] = {
+                    "node-id": message.metadata.dst_node_id,
+                    "error": "no reply before the round deadline (federation.round_timeout)",
+                }
         if self._secure_enabled:
             arrays, metrics, outcome = self._combine_secure(masked)
         else:

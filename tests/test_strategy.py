@@ -16,13 +16,15 @@ from offsite.robust import AggregationRule
 NAMES = {"l.lora_A.weight": (32, 64), "l.lora_B.weight": (64, 32)}
 
 
-def _metadata(node: int) -> Metadata:
+def _metadata(
+    node: int, reply_to: str = "instruction", src: int | None = None, dst: int = 0
+) -> Metadata:
     return Metadata(
         run_id=1,
         message_id=f"m{node}-{time.monotonic_ns()}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="instruction",
+        src_node_id=node if src is None else src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
         group_id="1",
         created_at=time.time(),
         ttl=60.0,
@@ -30,14 +32,16 @@ def _metadata(node: int) -> Metadata:
     )
 
 
-def _reply(node: int, state: dict[str, torch.Tensor], examples: int) -> Message:
+def _reply(
+    node: int, state: dict[str, torch.Tensor], examples: int, reply_to: str = "instruction"
+) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(state),
             "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0}),
         }
     )
-    return Message(content=content, metadata=_metadata(node))
+    return Message(content=content, metadata=_metadata(node, reply_to))
 
 
 def _dead(node: int) -> Message:
@@ -133,3 +137,26 @@ def test_dp_rounds_add_calibrated_noise_and_stop_at_the_budget() -> None:
     assert float(noise.std()) == pytest.approx(sigma * clip / 4, rel=0.05)
     arrays, _ = strategy.aggregate_train(3, [_reply(i, states[i], 10) for i in range(4)])
     assert arrays is None and strategy.round_log[-1]["outcome"].startswith("stopped")
+
+
+def test_stale_replies_are_rejected_and_silent_clients_recorded() -> None:
+    states = _states(3)
+    sent = [
+        Message(content=RecordDict(), metadata=_metadata(0, "", src=0, dst=node))
+        for node in (1, 2, 3)
+    ]
+    strategy, reports = _strategy()
+    strategy._sent = sent
+    ids = {m.metadata.dst_node_id: m.metadata.message_id for m in sent}
+    replies = [
+        _reply(1, states[0], 10, reply_to=ids[1]),
+        _reply(2, states[1], 10, reply_to="a-message-of-an-earlier-round"),
+    ]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is not None
+    by_node = {r["node-id"]: r for r in reports}
+    assert by_node[2]["quarantined"] == "stale reply"
+    assert "no reply before the round deadline" in by_node[3]["error"]
+    torch.testing.assert_close(
+        arrays.to_torch_state_dict()["l.lora_B.weight"], states[0]["l.lora_B.weight"]
+    )
