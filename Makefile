@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup simulate test test-fast lint clean bench-emulator
+.PHONY: setup simulate test test-fast lint clean bench-emulator bench-privacy
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ test-fast: lint
 # Emulator benchmark (issue 3): ~2-3 hours on 2 cores; finished cells are reused on re-runs.
 bench-emulator: setup
 	$(BIN)/python bench/emulator_matrix.py
+
+# Privacy options benchmark (issue 7): FedAvg, SecAgg, DP at three budgets; ~1 hour on 2 cores.
+bench-privacy: setup
+	$(BIN)/python bench/privacy_matrix.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cells import quiet_setup, simulate_cell
 
 ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
@@ -84,21 +84,7 @@ def plan_cells(keep: int, sizes: list[int]) -> list[Cell]:
 
 
 def run_cell(cell: Cell, steps: int, fresh: bool) -> dict[str, Any]:
-    from coordinator.simulate import simulate
-    from offsite.config import load_config
-
-    run_dir = WORK / cell.name
-    metrics_path = run_dir / "metrics.json"
-    if fresh or not metrics_path.is_file():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        config = load_config(None, cell.overrides(steps))
-        start = time.perf_counter()
-        simulate(config, run_dir)
-        wall = time.perf_counter() - start
-        metrics = json.loads(metrics_path.read_text())
-        metrics["bench_wall_seconds"] = wall
-        metrics_path.write_text(json.dumps(metrics, indent=1))
-    return row(cell, json.loads(metrics_path.read_text()))
+    return row(cell, simulate_cell(WORK / cell.name, cell.overrides(steps), fresh))
 
 
 def row(cell: Cell, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -321,14 +307,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="Run only cells whose name contains this.")
     parser.add_argument("--fresh", action="store_true", help="Re-run finished cells.")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for ours in ("offsite", "emulator", "client", "coordinator"):
-        logging.getLogger(ours).setLevel(logging.INFO)
-
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    quiet_setup()
     from offsite.config import OffsiteConfig
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]

@@ -1,0 +1,37 @@
+"""Shared by the benchmark scripts: one `offsite simulate` run per cell, reused when finished."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+
+def quiet_setup() -> None:
+    """Our loggers at INFO, third parties quiet, everything offline."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for ours in ("offsite", "emulator", "client", "coordinator"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def simulate_cell(run_dir: Path, overrides: list[str], fresh: bool) -> dict[str, Any]:
+    """The metrics of one simulation with ``overrides``; a finished run folder is reused."""
+    from coordinator.simulate import simulate
+    from offsite.config import load_config
+
+    metrics_path = run_dir / "metrics.json"
+    if fresh or not metrics_path.is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        config = load_config(None, overrides)
+        start = time.perf_counter()
+        simulate(config, run_dir)
+        metrics = json.loads(metrics_path.read_text())
+        metrics["bench_wall_seconds"] = time.perf_counter() - start
+        metrics_path.write_text(json.dumps(metrics, indent=1))
+    return json.loads(metrics_path.read_text())
