@@ -110,12 +110,8 @@ def simulate(
     with timer.stage("load full model and build emulator bundle"):
         full_model, tokenizer, arch, _ = load_full_model(config.model.name)
         plan = choose_plan(full_model, tokenizer, arch, config.emulator)
-        adapter = AdapterSpec(
-            config.train.adapter,
-            plan.adapter_layers,
-            config.train.lora_r,
-            config.train.lora_alpha,
-            arch.lora_targets,
+        adapter = AdapterSpec.for_plan(
+            config.train.adapter, plan, arch, config.train.lora_r, config.train.lora_alpha
         )
         bundle = build_bundle(
             full_model,

@@ -18,17 +18,86 @@ import torch
 from torch import nn
 
 from emulator.arch import ArchSpec, block_list, block_prefix
-from emulator.layers import renumber_state
+from emulator.layers import LayerPlan, renumber_state
 from offsite.errors import IntegrityError
 
 
 @dataclass(frozen=True)
+class UpdatePolicy:
+    """Which tensors of the adapter blocks train (the client's sparse-update policy)."""
+
+    name: str
+    help: str
+    lora: bool = False  # LoRA factors (PEFT) instead of the blocks' own tensors
+    top_only: bool = False  # only the top adapter blocks train
+    bottom: str = "all"  # in bottom blocks: "all" | "small" (biases, norms) | "outputs" | "none"
+    top: str = "all"  # in top blocks, same vocabulary
+
+
+POLICIES: dict[str, UpdatePolicy] = {
+    p.name: p
+    for p in (
+        UpdatePolicy("lora", "LoRA on the registry's target linears of every adapter block", True),
+        UpdatePolicy("full", "every tensor of every adapter block"),
+        UpdatePolicy(
+            "bias", "biases and norm weights of the adapter blocks", bottom="small", top="small"
+        ),
+        UpdatePolicy(
+            "top",
+            "every tensor of the top adapter blocks; backward never enters the emulator",
+            top_only=True,
+            bottom="none",
+        ),
+        UpdatePolicy(
+            "sparse",
+            "top blocks fully; in bottom blocks the attention-output and MLP-down projections, "
+            "biases and norms",
+            bottom="outputs",
+        ),
+    )
+}
+
+
+def _trains(part: str, name: str, arch: ArchSpec) -> bool:
+    """Whether the parameter ``name`` (inside a block) trains under block rule ``part``."""
+    if part == "all":
+        return True
+    if part == "none":
+        return False
+    module, _, leaf = name.rpartition(".")
+    small = leaf == "bias" or "norm" in module.lower() or "ln" in module.split(".")[-1].lower()
+    if part == "small":
+        return small
+    if part == "outputs":
+        return small or any(
+            module == suffix or module.endswith("." + suffix) for suffix in arch.output_projections
+        )
+    raise ValueError(f"unknown block rule {part!r}")
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
-    kind: str  # "lora" | "full"
+    kind: str  # an update policy: "lora" | "full" | "bias" | "top" | "sparse"
     layers: tuple[int, ...]  # full-model indices of the adapter blocks
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ()
+    top: tuple[int, ...] = ()  # full-model indices of the top adapter blocks
+
+    @classmethod
+    def for_plan(
+        cls, kind: str, plan: LayerPlan, arch: ArchSpec, lora_r: int = 8, lora_alpha: int = 16
+    ) -> AdapterSpec:
+        """The adapter of ``plan``'s bottom and top blocks under update policy ``kind``."""
+        return cls(
+            kind, plan.adapter_layers, lora_r, lora_alpha, arch.lora_targets, tuple(plan.top)
+        )
+
+    @property
+    def policy(self) -> UpdatePolicy:
+        if self.kind not in POLICIES:
+            raise ValueError(f"unknown adapter kind {self.kind!r}; use one of {sorted(POLICIES)}")
+        return POLICIES[self.kind]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,6 +110,7 @@ class AdapterSpec:
             lora_r=int(data.get("lora_r", 8)),
             lora_alpha=int(data.get("lora_alpha", 16)),
             lora_targets=tuple(data.get("lora_targets", ())),
+            top=tuple(int(i) for i in data.get("top", ())),
         )
 
 
@@ -92,13 +162,20 @@ class AdaptedModel:
 def attach_adapter(
     model: nn.Module, arch: ArchSpec, spec: AdapterSpec, to_full: Mapping[int, int], seed: int = 0
 ) -> AdaptedModel:
-    """Freeze ``model`` and make its adapter trainable (LoRA via PEFT, or full blocks)."""
+    """Freeze ``model`` and make the tensors of ``spec``'s update policy trainable.
+
+    LoRA goes through PEFT; the other policies unfreeze the blocks' own tensors. Nothing below
+    the lowest trainable tensor requires a gradient, so backward stops there.
+    """
     from_full = {full: own for own, full in to_full.items()}
-    local_layers = [from_full[i] for i in spec.layers]
+    policy = spec.policy
+    if policy.top_only and not spec.top:
+        raise ValueError(f"the {spec.kind!r} policy needs the adapter's top blocks (spec.top)")
+    local_layers = [from_full[i] for i in spec.layers if i in spec.top or not policy.top_only]
     blocks = block_list(model, arch)
     for p in model.parameters():
         p.requires_grad_(False)
-    if spec.kind == "lora":
+    if policy.lora:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
@@ -113,17 +190,22 @@ def attach_adapter(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = get_peft_model(model, config)
-    elif spec.kind == "full":
-        for index in local_layers:
-            for p in blocks[index].parameters():
-                p.requires_grad_(True)
     else:
-        raise ValueError(f"unknown adapter kind {spec.kind!r}")
+        top_local = {from_full[i] for i in spec.top}
+        for index in local_layers:
+            part = policy.top if index in top_local or not spec.top else policy.bottom
+            for name, p in blocks[index].named_parameters():
+                p.requires_grad_(_trains(part, name, arch))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                f"the {spec.kind!r} policy selects no tensor of {arch.model_type} adapter blocks "
+                f"{list(spec.layers)}; choose another train.adapter"
+            )
     return AdaptedModel(model, spec, arch, block_prefix(model, arch, blocks), dict(to_full))
 
 
 def merged_model(adapted: AdaptedModel) -> nn.Module:
     """The plain model with the adapter folded in (LoRA merged; full blocks already in place)."""
-    if adapted.spec.kind == "lora":
+    if adapted.spec.policy.lora:
         return adapted.model.merge_and_unload()  # type: ignore[operator]
     return adapted.model

@@ -26,6 +26,9 @@ class ArchSpec:
     auto_class: str = "AutoModelForCausalLM"
     per_layer_config: tuple[str, ...] = ()  # config lists indexed by layer (sliced on drop)
     lora_fan_in_fan_out: bool = False  # GPT-2 style Conv1D weights
+    # module names (suffixes inside a block) that write back into the residual stream: the
+    # attention output and MLP down projections the `sparse` update policy trains
+    output_projections: tuple[str, ...] = ("o_proj", "down_proj")
 
     @property
     def layers_pattern(self) -> str:
@@ -44,20 +47,38 @@ REGISTRY: dict[str, ArchSpec] = {
         ArchSpec("mistral", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
         ArchSpec("qwen2", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
         ArchSpec("gemma3_text", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
-        ArchSpec("gpt2", "h", ("c_attn", "c_proj", "c_fc"), lora_fan_in_fan_out=True),
-        ArchSpec("opt", "decoder.layers", ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
-        ArchSpec("bloom", "h", ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+        ArchSpec(
+            "gpt2",
+            "h",
+            ("c_attn", "c_proj", "c_fc"),
+            lora_fan_in_fan_out=True,
+            output_projections=("attn.c_proj", "mlp.c_proj"),
+        ),
+        ArchSpec(
+            "opt",
+            "decoder.layers",
+            ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+            output_projections=("out_proj", "fc2"),
+        ),
+        ArchSpec(
+            "bloom",
+            "h",
+            ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+            output_projections=("self_attention.dense", "dense_4h_to_h"),
+        ),
         ArchSpec(
             "gpt_neox",
             "layers",
             ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
             per_layer_config=("layer_types",),
+            output_projections=("attention.dense", "dense_4h_to_h"),
         ),
         ArchSpec(
             "bert",
             "encoder.layer",
             ("query", "key", "value", "dense"),
             auto_class="AutoModel",
+            output_projections=("output.dense",),
         ),
     )
 }

@@ -145,12 +145,8 @@ def emulator_build(
 
     model, tokenizer, arch, _ = load_full_model(cfg.model.name)
     plan = choose_plan(model, tokenizer, arch, cfg.emulator)
-    adapter = AdapterSpec(
-        cfg.train.adapter,
-        plan.adapter_layers,
-        cfg.train.lora_r,
-        cfg.train.lora_alpha,
-        arch.lora_targets,
+    adapter = AdapterSpec.for_plan(
+        cfg.train.adapter, plan, arch, cfg.train.lora_r, cfg.train.lora_alpha
     )
     bundle = build_bundle(
         model, tokenizer, arch, plan, adapter, out, source=cfg.model.name, settings=cfg.emulator

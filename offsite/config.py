@@ -170,8 +170,11 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    adapter: Literal["lora", "full"] = _f(
-        "lora", "Trainable adapter: 'lora' (PEFT LoRA in the adapter blocks) or 'full'."
+    adapter: Literal["lora", "full", "bias", "top", "sparse"] = _f(
+        "lora",
+        "Update policy: 'lora' (PEFT LoRA in the adapter blocks), 'full' (all their tensors), "
+        "'bias' (biases and norms), 'top' (top adapter blocks only: backward never enters the "
+        "emulator), 'sparse' (top blocks fully, bottom blocks' output projections and norms).",
     )
     lora_r: int = _f(8, "LoRA rank.")
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")

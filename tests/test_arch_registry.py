@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emulator.adapter import AdapterSpec, attach_adapter
+from emulator.adapter import POLICIES, AdapterSpec, attach_adapter
 from emulator.arch import REGISTRY, arch_spec, block_list
 from emulator.bundle import bundle_arch, load_bundle_model, verify_bundle, write_bundle
 from emulator.layers import plan_layers
@@ -28,7 +28,7 @@ def _randomize_lora(model: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
-@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kind", sorted(POLICIES))
 def test_plug_of_split_reproduces_full_model(
     model_type: str, kind: str, tokenizer, tmp_path: Path
 ) -> None:
@@ -36,7 +36,7 @@ def test_plug_of_split_reproduces_full_model(
     full = tiny_model(model_type)
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, -1)
-    spec = AdapterSpec(kind, plan.adapter_layers, 4, 8, arch.lora_targets)
+    spec = AdapterSpec.for_plan(kind, plan, arch, 4, 8)
     bundle = write_bundle(full, tokenizer, plan, spec, tmp_path / "b", source="tiny")
     bundle = verify_bundle(tmp_path / "b", bundle.digest)
     emulator = load_bundle_model(bundle)
