@@ -35,7 +35,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not integration and not real_model"
+	$(BIN)/python -m pytest -q -m "not integration and not real_model and not postgres"
 
 # Emulator benchmark (issue 3): ~2-3 hours on 2 cores; finished cells are reused on re-runs.
 bench-emulator: setup
