@@ -42,6 +42,7 @@ from offsite.errors import IntegrityError
 
 FORMAT = "offsite-bundle/1"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # Ed25519 over the canonical manifest (the bundle digest's input)
 ADAPTER_FILE = "adapter.safetensors"
 EMULATOR_FILE = "emulator.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -194,8 +195,19 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_bundle(path: Path | str, expected_digest: str | None = None) -> Bundle:
-    """Check a bundle completely before anything in it is loaded; return it verified."""
+def sign_bundle(path: Path | str, private_key: Any) -> None:
+    """Sign a written bundle's canonical manifest with the owner's Ed25519 key."""
+    manifest = read_manifest(Path(path))
+    (Path(path) / SIGNATURE).write_bytes(private_key.sign(canonical_json(manifest)))
+
+
+def verify_bundle(
+    path: Path | str, expected_digest: str | None = None, signing_key: bytes | None = None
+) -> Bundle:
+    """Check a bundle completely before anything in it is loaded; return it verified.
+
+    With ``signing_key`` (raw Ed25519 public key) the manifest must carry a valid signature.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     digest = manifest_digest(manifest)
@@ -204,11 +216,13 @@ def verify_bundle(path: Path | str, expected_digest: str | None = None) -> Bundl
             f"bundle manifest digest is {digest}, expected {expected_digest}; the bundle was "
             "modified or is not the one this run uses"
         )
+    if signing_key is not None:
+        _check_signature(path, manifest, signing_key)
     listed = manifest["files"]
     for name in listed:
         if not isinstance(name, str) or "/" in name or "\\" in name or name in {"", ".", ".."}:
             raise IntegrityError(f"bundle lists an unsafe file name {name!r}")
-    present = {p.name for p in path.iterdir()} - {MANIFEST}
+    present = {p.name for p in path.iterdir()} - {MANIFEST, SIGNATURE}
     if missing := sorted(set(listed) - present):
         raise IntegrityError(f"bundle file(s) missing: {', '.join(missing)}")
     if extra := sorted(present - set(listed)):
@@ -246,6 +260,24 @@ def quantized_modules(manifest: Mapping[str, Any]) -> list[str]:
     """Names of the emulator's quantized linears (empty for a full-precision bundle)."""
     quantization = manifest.get("compression", {}).get("quantization")
     return list(quantization["modules"]) if quantization else []
+
+
+def _check_signature(path: Path, manifest: dict[str, Any], public_key: bytes) -> None:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    signature_path = path / SIGNATURE
+    if not signature_path.is_file() or signature_path.stat().st_size != 64:
+        raise IntegrityError(f"bundle {path} is not signed ({SIGNATURE} missing or malformed)")
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(
+            signature_path.read_bytes(), canonical_json(manifest)
+        )
+    except (InvalidSignature, ValueError) as err:
+        raise IntegrityError(
+            f"bundle {path}: the manifest signature does not verify with the coordinator's "
+            "signing key; the bundle was altered or signed by someone else"
+        ) from err
 
 
 def load_bundle_model(bundle: Bundle, dtype: torch.dtype = torch.float32) -> nn.Module:
