@@ -19,8 +19,14 @@ import grpc
 
 from emulator.bundle import Bundle, verify_bundle
 from offsite.archive import sha256_file, unpack_bundle
-from offsite.errors import IntegrityError
+from offsite.errors import IntegrityError, OffsiteError
 from offsite.wire.v1 import artifacts_pb2, artifacts_pb2_grpc
+
+
+class TransferError(OffsiteError):
+    """The coordinator refused or could not deliver an artifact (the partial file is kept)."""
+
+    exit_code = 5
 
 
 @contextmanager
@@ -88,7 +94,13 @@ def fetch_bundle(
         if target.is_dir():
             return verify_bundle(target, bundle_digest, signing_key)
         stub = artifacts_pb2_grpc.ArtifactServiceStub(channel)
-        archive = download(stub, artifact, cache / "artifacts", progress)
+        try:
+            archive = download(stub, artifact, cache / "artifacts", progress)
+        except grpc.RpcError as err:
+            raise TransferError(
+                f"the coordinator did not deliver artifact {artifact[:12]}: "
+                f"{err.code().name}: {err.details()}"  # type: ignore[attr-defined]
+            ) from err
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         try:

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from offsite.cli_deploy import client_app, coordinator_app
 from offsite.errors import OffsiteError
 
 app = typer.Typer(
@@ -32,6 +33,8 @@ app = typer.Typer(
 )
 emulator_app = typer.Typer(help="Build and inspect emulator bundles.", no_args_is_help=True)
 app.add_typer(emulator_app, name="emulator")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(client_app, name="client")
 
 ConfigOption = Annotated[
     Path | None,

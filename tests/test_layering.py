@@ -19,6 +19,7 @@ FORBIDDEN = {
 # The CLI is the one place that wires packages together (imports happen inside commands).
 ALLOWED = {
     "offsite/cli.py": {"client", "coordinator", "emulator"},
+    "offsite/cli_deploy.py": {"client", "coordinator", "emulator"},
     # the generated gRPC stubs are the wire contract both sides share
     "offsite/wire/v1/artifacts_pb2_grpc.py": {"grpc"},
     "offsite/wire/v1/enrollment_pb2_grpc.py": {"grpc"},

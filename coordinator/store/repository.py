@@ -148,6 +148,11 @@ class Store:
                 else NodeInfo(row.id, row.name, row.certificate_fingerprint, row.status)
             )
 
+    def nodes(self) -> list[NodeInfo]:
+        with self._tx() as s:
+            rows = s.scalars(select(Node).order_by(Node.name))
+            return [NodeInfo(r.id, r.name, r.certificate_fingerprint, r.status) for r in rows]
+
     def is_allowed(self, fingerprint: str) -> bool:
         """Whether a peer certificate belongs to an enrolled, unrevoked node (read per request)."""
         found = self.node(fingerprint=fingerprint)

@@ -1,0 +1,194 @@
+"""``offsite coordinator …`` and ``offsite client …``: onboarding and the artifact plane.
+
+Heavy imports happen inside the commands (``offsite --help`` stays instant).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from offsite.paths import offsite_home
+
+coordinator_app = typer.Typer(
+    help="Run the coordinator's service: keys, enrollment tokens, nodes, artifacts.",
+    no_args_is_help=True,
+)
+client_app = typer.Typer(help="Join a coordinator as a data-owner node.", no_args_is_help=True)
+
+StateOption = Annotated[
+    Path | None,
+    typer.Option("--state", help="State folder (default: $OFFSITE_HOME/coordinator)."),
+]
+NodeStateOption = Annotated[
+    Path | None, typer.Option("--state", help="Node folder (default: $OFFSITE_HOME/node).")
+]
+
+
+def _state(path: Path | None) -> Path:
+    return path or offsite_home() / "coordinator"
+
+
+def _node_state(path: Path | None) -> Path:
+    return path or offsite_home() / "node"
+
+
+@coordinator_app.command("init")
+def coordinator_init(
+    state: StateOption = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="Name or IP clients use to reach this coordinator (repeat)."),
+    ] = None,
+) -> None:
+    """Create the coordinator CA, TLS certificate, bundle-signing key and registry.
+
+    Prints the CA fingerprint: give it to data owners with their token, out of band.
+    """
+    from coordinator.pki import fingerprint, init_pki
+    from coordinator.service import state_paths
+    from coordinator.store import open_store
+
+    folder = _state(state)
+    pki, _ = state_paths(folder)
+    init_pki(pki.folder, list(host or []))
+    open_store(folder)
+    typer.echo(f"coordinator state: {folder}")
+    typer.echo(f"CA fingerprint: {fingerprint(pki.ca_cert.read_bytes())}")
+
+
+@coordinator_app.command("token")
+def coordinator_token(
+    state: StateOption = None,
+    hours: Annotated[float, typer.Option(help="Validity of the token in hours.")] = 24.0,
+) -> None:
+    """Mint a one-time enrollment token (stored hashed; shown once)."""
+    from coordinator.store import open_store
+
+    typer.echo(open_store(_state(state)).mint_token(timedelta(hours=hours)))
+
+
+@coordinator_app.command("revoke")
+def coordinator_revoke(
+    node: Annotated[str, typer.Argument(help="Node name to revoke.")], state: StateOption = None
+) -> None:
+    """Revoke a node: its next call is refused (no restart needed; survives restarts)."""
+    from coordinator.store import open_store
+    from offsite.errors import OffsiteError
+
+    if not open_store(_state(state)).revoke(node):
+        raise OffsiteError(f"no active node named {node!r}; see `offsite coordinator nodes`")
+    typer.echo(f"revoked {node}")
+
+
+@coordinator_app.command("nodes")
+def coordinator_nodes(state: StateOption = None) -> None:
+    """List enrolled nodes."""
+    from coordinator.store import open_store
+
+    for node in open_store(_state(state)).nodes():
+        typer.echo(f"{node.name:24} {node.status:8} {node.fingerprint[:16]}…")
+
+
+@coordinator_app.command("publish")
+def coordinator_publish(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder from `offsite emulator build`.")],
+    state: StateOption = None,
+) -> None:
+    """Sign a bundle and make it downloadable; prints the artifact and bundle digests."""
+    from coordinator.pki import signing_key
+    from coordinator.service import state_paths
+    from coordinator.store import open_store
+    from emulator.bundle import sign_bundle, verify_bundle
+
+    folder = _state(state)
+    pki, files = state_paths(folder)
+    verified = verify_bundle(bundle)
+    sign_bundle(bundle, signing_key(pki))
+    artifact, size = files.add_bundle(bundle)
+    open_store(folder).put_artifact(artifact, "bundle", size, files.path(artifact))
+    typer.echo(f"artifact {artifact}  bundle {verified.digest}  ({size / 1e6:.1f} MB)")
+
+
+@coordinator_app.command("serve")
+def coordinator_serve(
+    state: StateOption = None,
+    enroll: Annotated[str, typer.Option(help="TLS address for enrollment.")] = "0.0.0.0:9300",
+    artifacts: Annotated[
+        str, typer.Option(help="Mutual-TLS address for artifacts.")
+    ] = "0.0.0.0:9301",
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plaintext; refused unless bound to loopback.")
+    ] = False,
+) -> None:
+    """Serve enrollment and artifacts until interrupted."""
+    from coordinator.service import build_server, state_paths
+    from coordinator.store import open_store
+    from offsite.errors import OffsiteError
+
+    folder = _state(state)
+    pki, files = state_paths(folder)
+    if not pki.exists():
+        raise OffsiteError(f"{folder} has no coordinator keys; run `offsite coordinator init`")
+    server, enroll_port, artifact_port = build_server(
+        open_store(folder), pki, files, enroll, artifacts, insecure=insecure
+    )
+    server.start()
+    typer.echo(f"enrollment on port {enroll_port}, artifacts on port {artifact_port}")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+
+
+@client_app.command("join")
+def client_join(
+    coordinator: Annotated[str, typer.Option(help="Coordinator enrollment address HOST:PORT.")],
+    token: Annotated[str, typer.Option(help="One-time token from `offsite coordinator token`.")],
+    ca_fingerprint: Annotated[
+        str, typer.Option(help="The CA fingerprint `offsite coordinator init` printed.")
+    ],
+    name: Annotated[str, typer.Option(help="This node's name ([a-z0-9-], unique).")],
+    state: NodeStateOption = None,
+) -> None:
+    """Enroll this node: make a key here, get a certificate; from then on mutual TLS."""
+    from client.identity import join
+
+    identity = join(coordinator, token, ca_fingerprint, name, _node_state(state))
+    typer.echo(f"joined as {name}; identity in {identity.folder}")
+
+
+@client_app.command("fetch")
+def client_fetch(
+    artifact: Annotated[str, typer.Argument(help="Artifact digest of the bundle.")],
+    bundle: Annotated[str, typer.Argument(help="Bundle (manifest) digest.")],
+    state: NodeStateOption = None,
+) -> None:
+    """Download, verify and cache a signed bundle (resumes an interrupted download)."""
+    from tqdm.auto import tqdm
+
+    from client.artifacts import fetch_bundle
+    from client.identity import NodeIdentity
+
+    identity = NodeIdentity(_node_state(state))
+    with tqdm(unit="B", unit_scale=True, desc="bundle") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        fetched = fetch_bundle(
+            identity.channel(),
+            artifact,
+            bundle,
+            identity.folder / "cache",
+            identity.signing_key(),
+            progress,
+        )
+    typer.echo(f"bundle {fetched.digest} verified in {fetched.path}")
