@@ -25,6 +25,15 @@ StateOption = Annotated[
     Path | None,
     typer.Option("--state", help="State folder (default: $OFFSITE_HOME/coordinator)."),
 ]
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option(
+        "--database",
+        envvar="OFFSITE_DATABASE_URL",
+        help="Registry database URL, e.g. postgresql+psycopg://user:pw@host/offsite "
+        "(default: SQLite in the state folder).",
+    ),
+]
 NodeStateOption = Annotated[
     Path | None, typer.Option("--state", help="Node folder (default: $OFFSITE_HOME/node).")
 ]
@@ -38,13 +47,23 @@ def _node_state(path: Path | None) -> Path:
     return path or offsite_home() / "node"
 
 
+def _store(state: Path | None, database: str | None):  # type: ignore[no-untyped-def]
+    from coordinator.store import open_store
+
+    return open_store(database or _state(state))
+
+
 @coordinator_app.command("init")
 def coordinator_init(
     state: StateOption = None,
+    database: DatabaseOption = None,
     host: Annotated[
         list[str] | None,
         typer.Option("--host", help="Name or IP clients use to reach this coordinator (repeat)."),
     ] = None,
+    exist_ok: Annotated[
+        bool, typer.Option("--exist-ok", help="Keep existing keys instead of refusing.")
+    ] = False,
 ) -> None:
     """Create the coordinator CA, TLS certificate, bundle-signing key and registry.
 
@@ -52,12 +71,12 @@ def coordinator_init(
     """
     from coordinator.pki import fingerprint, init_pki
     from coordinator.service import state_paths
-    from coordinator.store import open_store
 
     folder = _state(state)
     pki, _ = state_paths(folder)
-    init_pki(pki.folder, list(host or []))
-    open_store(folder)
+    if not (exist_ok and pki.exists()):
+        init_pki(pki.folder, list(host or []))
+    _store(folder, database)
     typer.echo(f"coordinator state: {folder}")
     typer.echo(f"CA fingerprint: {fingerprint(pki.ca_cert.read_bytes())}")
 
@@ -65,33 +84,31 @@ def coordinator_init(
 @coordinator_app.command("token")
 def coordinator_token(
     state: StateOption = None,
+    database: DatabaseOption = None,
     hours: Annotated[float, typer.Option(help="Validity of the token in hours.")] = 24.0,
 ) -> None:
     """Mint a one-time enrollment token (stored hashed; shown once)."""
-    from coordinator.store import open_store
-
-    typer.echo(open_store(_state(state)).mint_token(timedelta(hours=hours)))
+    typer.echo(_store(state, database).mint_token(timedelta(hours=hours)))
 
 
 @coordinator_app.command("revoke")
 def coordinator_revoke(
-    node: Annotated[str, typer.Argument(help="Node name to revoke.")], state: StateOption = None
+    node: Annotated[str, typer.Argument(help="Node name to revoke.")],
+    state: StateOption = None,
+    database: DatabaseOption = None,
 ) -> None:
     """Revoke a node: its next call is refused (no restart needed; survives restarts)."""
-    from coordinator.store import open_store
     from offsite.errors import OffsiteError
 
-    if not open_store(_state(state)).revoke(node):
+    if not _store(state, database).revoke(node):
         raise OffsiteError(f"no active node named {node!r}; see `offsite coordinator nodes`")
     typer.echo(f"revoked {node}")
 
 
 @coordinator_app.command("nodes")
-def coordinator_nodes(state: StateOption = None) -> None:
+def coordinator_nodes(state: StateOption = None, database: DatabaseOption = None) -> None:
     """List enrolled nodes."""
-    from coordinator.store import open_store
-
-    for node in open_store(_state(state)).nodes():
+    for node in _store(state, database).nodes():
         typer.echo(f"{node.name:24} {node.status:8} {node.fingerprint[:16]}…")
 
 
@@ -99,11 +116,11 @@ def coordinator_nodes(state: StateOption = None) -> None:
 def coordinator_publish(
     bundle: Annotated[Path, typer.Argument(help="A bundle folder from `offsite emulator build`.")],
     state: StateOption = None,
+    database: DatabaseOption = None,
 ) -> None:
     """Sign a bundle and make it downloadable; prints the artifact and bundle digests."""
     from coordinator.pki import signing_key
     from coordinator.service import state_paths
-    from coordinator.store import open_store
     from emulator.bundle import sign_bundle, verify_bundle
 
     folder = _state(state)
@@ -111,13 +128,14 @@ def coordinator_publish(
     verified = verify_bundle(bundle)
     sign_bundle(bundle, signing_key(pki))
     artifact, size = files.add_bundle(bundle)
-    open_store(folder).put_artifact(artifact, "bundle", size, files.path(artifact))
+    _store(folder, database).put_artifact(artifact, "bundle", size, files.path(artifact))
     typer.echo(f"artifact {artifact}  bundle {verified.digest}  ({size / 1e6:.1f} MB)")
 
 
 @coordinator_app.command("serve")
 def coordinator_serve(
     state: StateOption = None,
+    database: DatabaseOption = None,
     enroll: Annotated[str, typer.Option(help="TLS address for enrollment.")] = "0.0.0.0:9300",
     artifacts: Annotated[
         str, typer.Option(help="Mutual-TLS address for artifacts.")
@@ -128,7 +146,6 @@ def coordinator_serve(
 ) -> None:
     """Serve enrollment and artifacts until interrupted."""
     from coordinator.service import build_server, state_paths
-    from coordinator.store import open_store
     from offsite.errors import OffsiteError
 
     folder = _state(state)
@@ -136,7 +153,7 @@ def coordinator_serve(
     if not pki.exists():
         raise OffsiteError(f"{folder} has no coordinator keys; run `offsite coordinator init`")
     server, enroll_port, artifact_port = build_server(
-        open_store(folder), pki, files, enroll, artifacts, insecure=insecure
+        _store(folder, database), pki, files, enroll, artifacts, insecure=insecure
     )
     server.start()
     typer.echo(f"enrollment on port {enroll_port}, artifacts on port {artifact_port}")

@@ -1,0 +1,155 @@
+"""Static checks of deploy/: no Docker engine here, so the files are validated structurally —
+every offsite command they run parses against the real CLI, references resolve, ports agree."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import typer
+import yaml
+
+from offsite.cli import app
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+CLI = typer.main.get_command(app)
+
+
+def _parse_offsite(args: list[str]) -> None:
+    """Resolve ``offsite <args>`` to a command and parse its options (nothing runs)."""
+    command: click.Command = CLI
+    rest = list(args)
+    while isinstance(command, click.Group):
+        name, rest = rest[0], rest[1:]
+        sub = command.get_command(click.Context(command), name)
+        assert sub is not None, f"`offsite {' '.join(args)}`: unknown command {name!r}"
+        command = sub
+    command.make_context(command.name or "", rest)
+
+
+def _offsite_commands(text: str) -> list[list[str]]:
+    """``offsite …`` invocations inside a shell string."""
+    found = []
+    for part in re.split(r"&&|\|\||;", text):
+        words = shlex.split(part.strip())
+        if words and words[0] == "offsite":
+            found.append(words[1:])
+    return found
+
+
+def _substitute(args: list[str]) -> list[str]:
+    return [re.sub(r"\$\{?(\w+)[^}]*\}?", r"value-of-\1", a) for a in args]
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def _k8s() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_compose_services_run_real_commands_and_references_resolve() -> None:
+    compose = _compose()
+    services, volumes = compose["services"], set(compose["volumes"])
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+        for mount in service.get("volumes", []):
+            source = mount.split(":")[0]
+            assert source.startswith(".") or source in volumes, f"{name}: volume {source}"
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name}: {source} missing"
+        if service.get("image", "").startswith("offsite") and "command" in service:
+            _parse_offsite(_substitute(service["command"]))
+    ports = {p.split(":")[1] for p in services["coordinator"]["ports"]}
+    defaults = _serve_defaults()
+    assert ports == {defaults["enroll"], defaults["artifacts"]}
+
+
+def _serve_defaults() -> dict[str, str]:
+    serve = CLI.get_command(click.Context(CLI), "coordinator").get_command(  # type: ignore[union-attr]
+        click.Context(CLI), "serve"
+    )
+    return {
+        p.name: str(p.default).rsplit(":", 1)[1]
+        for p in serve.params
+        if p.name in {"enroll", "artifacts"}
+    }  # type: ignore[union-attr]
+
+
+def test_compose_variables_are_documented() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    used = set(re.findall(r"\$\{(\w+)", text))
+    documented = set(re.findall(r"^(\w+)=", (DEPLOY / ".env.example").read_text(), re.M))
+    assert used and used <= documented, used - documented
+
+
+def test_kubernetes_manifests_are_consistent() -> None:
+    docs = _k8s()
+    for doc in docs:
+        assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), doc
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    workloads = [d for d in docs if d["kind"] in {"Deployment", "StatefulSet"}]
+    pod_labels = []
+    for workload in workloads:
+        spec = workload["spec"]
+        labels = spec["template"]["metadata"]["labels"]
+        assert spec["selector"]["matchLabels"].items() <= labels.items(), workload["metadata"]
+        pod = spec["template"]["spec"]
+        ports = {
+            p["name"]: p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])
+        }
+        pod_labels.append((labels, ports))
+        templates = {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])}
+        for volume in pod.get("volumes", []):
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            assert claim is None or claim in claims, claim
+        mounted = {v["name"] for v in pod.get("volumes", [])} | templates
+        for container in pod["containers"] + pod.get("initContainers", []):
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in mounted, (workload["metadata"]["name"], mount)
+            if container.get("image", "").startswith("offsite"):
+                if "args" in container:
+                    _parse_offsite(container["args"])
+                for word in container.get("command", [])[2:]:
+                    for args in _offsite_commands(word):
+                        _parse_offsite(_substitute(args))
+    for service in (d for d in docs if d["kind"] == "Service"):
+        selector = service["spec"]["selector"]
+        matches = [ports for labels, ports in pod_labels if selector.items() <= labels.items()]
+        assert matches, f"Service {service['metadata']['name']} selects no pod"
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in matches[0], (service["metadata"]["name"], port)
+
+
+def test_dockerfile_pins_cpu_torch_first_and_exposes_the_service_ports() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    torch_at = text.index("torch==2.13.0")
+    assert torch_at < text.index("pip install .")
+    exposed = set(re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split())  # type: ignore[union-attr]
+    assert exposed == set(_serve_defaults().values())
+    assert re.search(r'^ENTRYPOINT \["offsite"\]', text, re.M)
+    for copied in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (DEPLOY.parent / copied).exists(), copied
+
+
+def test_example_config_loads() -> None:
+    from offsite.config import load_config
+
+    config = load_config(DEPLOY / "examples" / "simulate.toml")
+    assert config.federation.secure_aggregation and config.privacy.epsilon == 8.0
+
+
+@pytest.mark.parametrize("bad", [["coordinator", "serve", "--no-such-flag"], ["client", "joinn"]])
+def test_the_command_checker_itself_catches_mistakes(bad: list[str]) -> None:
+    with pytest.raises((click.UsageError, AssertionError)):
+        _parse_offsite(bad)
