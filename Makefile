@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup simulate test test-fast lint clean bench-emulator bench-privacy
+.PHONY: setup simulate test test-fast lint clean bench-emulator bench-privacy bench-inversion
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ bench-emulator: setup
 # Privacy options benchmark (issue 7): FedAvg, SecAgg, DP at three budgets; ~1 hour on 2 cores.
 bench-privacy: setup
 	$(BIN)/python bench/privacy_matrix.py
+
+# How much training text one client's adapter update gives away, with and without DP (~2 min).
+bench-inversion: setup
+	$(BIN)/python bench/inversion.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

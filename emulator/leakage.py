@@ -25,19 +25,15 @@ def effective_updates(
     spec: AdapterSpec,
     block: int,
 ) -> dict[str, torch.Tensor]:
-    """Weight change ``[out, in]`` of every linear of block ``block`` that the update touched."""
+    """Per linear of block ``block``: the change whose rows are combinations of its inputs
+    (``[*, in]``: the weight change, or LoRA's A-factor change)."""
     marker = f".{block}."
     out: dict[str, torch.Tensor] = {}
     if spec.policy.lora:
-        scale = spec.lora_alpha / spec.lora_r
+        # LoRA's A factor moves by B^T·δ·xᵀ: its change's row space is spanned by the inputs
         for name in after:
-            if marker not in name or ".lora_A." not in name:
-                continue
-            module = name.split(".lora_A.")[0]
-            a0, a1 = before[name].double(), after[name].double()
-            b_name = name.replace(".lora_A.", ".lora_B.")
-            b0, b1 = before[b_name].double(), after[b_name].double()
-            out[module] = scale * (b1 @ a1 - b0 @ a0)
+            if marker in name and ".lora_A." in name:
+                out[name.split(".lora_A.")[0]] = after[name].double() - before[name].double()
     else:
         for name, value in after.items():
             if marker in name and name.endswith(".weight") and value.dim() == 2:
