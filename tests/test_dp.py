@@ -90,3 +90,15 @@ def test_noise_is_seeded_by_the_os_not_reproducible() -> None:
     torch.manual_seed(0)
     second = add_gaussian_noise({"w": torch.zeros(8)}, 1.0)["w"]
     assert not torch.equal(first, second)  # the global seed does not fix it
+
+
+def test_clipping_holds_for_random_and_adversarial_updates() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(1000):
+        scale = 10.0 ** (trial % 12 - 4)  # from 1e-4 up to 1e7
+        update = {
+            "a": torch.randn(7, 5, generator=generator) * scale,
+            "b": torch.randn(3, generator=generator),
+        }
+        clipped, _ = clip_update(update, 1.5)
+        assert update_norm(clipped) <= 1.5 * (1 + 1e-6)

@@ -143,3 +143,40 @@ def test_shamir_and_prg_building_blocks() -> None:
         recover_secret({1: shares[1], 2: shares[2]}, 3)
     a, b = prg(b"k" * 32, 1000, b"x"), prg(b"k" * 32, 1000, b"y")
     assert np.array_equal(a, prg(b"k" * 32, 1000, b"x")) and not np.array_equal(a, b)
+
+
+def test_prg_avalanche_and_no_weak_randomness_in_crypto_code() -> None:
+    import ast
+    from pathlib import Path
+
+    seed = bytes(range(32))
+    flipped = bytes([seed[0] ^ 1]) + seed[1:]
+    a, b = prg(seed, 1 << 14, b"r"), prg(flipped, 1 << 14, b"r")  # 2^20 bits
+    differing = np.unpackbits((a ^ b).view(np.uint8)).mean()
+    assert 0.49 < differing < 0.51
+    root = Path(__file__).resolve().parents[1]
+    for module in ("offsite/secagg.py", "emulator/dp.py", "client/secure_stage.py"):
+        tree = ast.parse((root / module).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert "random" not in names and "numpy.random" not in names, module
+        assert "np.random" not in (root / module).read_text(), module
+
+
+def test_every_single_bit_flip_of_a_share_ciphertext_is_caught() -> None:
+    inputs = _float_inputs(3, size=4)
+    clients = {i: SecAggClient(i, 2, b"r") for i in inputs}
+    server = SecAggServer(3, 2, b"r")
+    advertised = server.collect_keys([c.advertise() for c in clients.values()])
+    inbox = server.route_shares([c.share(advertised) for c in clients.values()])
+    blob = inbox[1][2]
+    for bit in range(0, 8 * len(blob), max(1, 8 * len(blob) // 1000)):
+        tampered = bytearray(blob)
+        tampered[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(SecAggError, match="does not decrypt"):
+            SecAggClient.restore(clients[1].export()).mask(
+                {**inbox[1], 2: bytes(tampered)}, inputs[1]
+            )
+    # a share addressed to someone else (wrong associated data) is refused too
+    with pytest.raises(SecAggError, match="does not decrypt"):
+        SecAggClient.restore(clients[1].export()).mask({**inbox[1], 2: inbox[3][2]}, inputs[1])

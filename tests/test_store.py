@@ -175,3 +175,21 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
     assert isinstance(store, Store) and make_engine
+
+
+def test_concurrent_replies_store_exactly_one_row_each(store_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = open_store(store_url)
+    nodes = [store.enroll(store.mint_token(), f"n{i}", f"{i:064x}") for i in range(50)]
+    run = store.create_run("run", {}, "f" * 64, 1)
+    round_id = store.open_round(run, 1)
+
+    def send(node_id: int) -> bool:
+        return store.record_update(round_id, node_id, "a" * 64, 10)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        first = list(pool.map(send, [n.id for n in nodes]))
+        again = list(pool.map(send, [n.id for n in nodes]))  # duplicates after a lost ack
+    assert all(first) and not any(again)
+    assert len(store.updates(round_id)) == 50
