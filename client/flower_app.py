@@ -71,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
         precision=precision,
         device=session.device,
     )
-    trained = session.adapted.trainable_state()
+    trained = misbehave(config, partition, global_state, session.adapted.trainable_state())
     clip = float(config.get("dp-clip", 0.0))
     if "secagg-inbox" in config:
         # Secure aggregation: only a masked [weight · update, weight] vector leaves the node.
@@ -106,6 +106,28 @@ def train(msg: Message, context: Context) -> Message:
         )
     arrays = ArrayRecord(trained)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def misbehave(
+    config: ConfigRecord,
+    partition: int,
+    global_state: dict[str, torch.Tensor],
+    trained: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Injected faults (``[faults]``, for robustness tests): honest clients pass through."""
+    if partition >= int(config.get("fault-attackers", 0)):
+        return trained
+    attack = str(config["fault-attack"])
+    if attack == "crash":
+        raise RuntimeError(f"injected crash of client {partition}")
+    if attack == "nan":
+        first = next(iter(trained))
+        return {**trained, first: torch.full_like(trained[first], float("nan"))}
+    factor = float(config["fault-scale"]) * (-1.0 if attack == "sign-flip" else 1.0)
+    return {
+        k: global_state[k].float() + factor * (v - global_state[k].float())
+        for k, v in trained.items()
+    }
 
 
 @app.query()

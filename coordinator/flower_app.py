@@ -54,8 +54,21 @@ def train_config(plan: RunPlan) -> ConfigRecord:
             # differential privacy: clients clip their update to this norm (0 = off)
             "dp-clip": float(privacy["clip_norm"]) if float(privacy["epsilon"]) > 0 else 0.0,
             "dp-noise-std": distributed_noise_std(plan),
+            **fault_injection(plan),
         }
     )
+
+
+def fault_injection(plan: RunPlan) -> dict[str, Any]:
+    """Misbehaviour the run was told to inject (robustness tests and benchmarks)."""
+    faults = plan.config.get("faults", {})
+    if not int(faults.get("attackers", 0)):
+        return {}
+    return {
+        "fault-attackers": int(faults["attackers"]),
+        "fault-attack": str(faults["attack"]),
+        "fault-scale": float(faults["attack_scale"]),
+    }
 
 
 def distributed_noise_std(plan: RunPlan) -> float:

@@ -315,6 +315,24 @@ class PrivacyConfig(_Section):
 
 
 @dataclass(frozen=True)
+class FaultsConfig(_Section):
+    """Injected misbehaviour, for robustness tests and benchmarks only."""
+
+    attackers: int = _f(
+        0, "Clients (partition ids 0..k-1) that misbehave every round; 0 = everybody honest."
+    )
+    attack: Literal["scale", "sign-flip", "nan", "crash"] = _f(
+        "scale",
+        "What they do: 'scale' (update × attack_scale), 'sign-flip' (update × -attack_scale), "
+        "'nan' (a malformed update), 'crash' (the client process fails mid-round).",
+    )
+    attack_scale: float = _f(50.0, "Factor for 'scale' and 'sign-flip'.")
+
+    def problems(self) -> list[str]:
+        return ["faults.attackers must be >= 0"] if self.attackers < 0 else []
+
+
+@dataclass(frozen=True)
 class EvalConfig(_Section):
     full_finetune: bool = _f(
         False,
@@ -349,6 +367,7 @@ class OffsiteConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -235,9 +235,14 @@ def test_differentially_private_run_reports_epsilon_per_round(
 
 
 def _federate_once(
-    tiny_llama_dir: Path, tiny_task: Path, folder: Path, overrides: list[str]
+    tiny_llama_dir: Path,
+    tiny_task: Path,
+    folder: Path,
+    overrides: list[str],
+    clients: int = 3,
+    expect: str = "aggregated 3 updates",
 ) -> dict[str, torch.Tensor]:
-    """One round over 3 clients straight through Flower (no evaluation); the new adapter."""
+    """One round straight through Flower (no evaluation); the new global adapter."""
     from coordinator.models import load_full_model
     from coordinator.simulation import run_flower_simulation
     from emulator.adapter import AdapterSpec
@@ -248,7 +253,7 @@ def _federate_once(
     config = load_config(
         None,
         [
-            "federation.num_clients=3",
+            f"federation.num_clients={clients}",
             "federation.rounds=1",
             "train.local_steps=2",
             "train.batch_size=4",
@@ -264,8 +269,8 @@ def _federate_once(
     data = folder / "data"
     data.mkdir(parents=True)
     lines = tiny_task.read_text().splitlines()
-    for index in range(3):
-        (data / f"client-{index}.jsonl").write_text("\n".join(lines[index::3]) + "\n")
+    for index in range(clients):
+        (data / f"client-{index}.jsonl").write_text("\n".join(lines[index::clients]) + "\n")
     plan_path = folder / "plan.json"
     RunPlan(
         run_dir=str(folder),
@@ -277,9 +282,9 @@ def _federate_once(
         template="Text: {text}\nTopic:",
         config=config.to_dict(),
     ).save(plan_path)
-    run_flower_simulation(plan_path, num_clients=3, client_cpus=1.0)
+    run_flower_simulation(plan_path, num_clients=clients, client_cpus=1.0)
     outcomes = json.loads((folder / "outcomes.json").read_text())
-    assert outcomes[-1]["outcome"].startswith("aggregated 3 updates"), outcomes
+    assert outcomes[-1]["outcome"].startswith(expect), outcomes
     return load_file(str(folder / "adapters" / "round-1.safetensors"))
 
 
@@ -296,3 +301,32 @@ def test_secure_aggregation_run_equals_plain_fedavg(
         torch.testing.assert_close(secure[name], plain[name], rtol=0, atol=1e-6)
     rounds = json.loads((tmp_path / "secure" / "rounds.json").read_text())
     assert len(rounds) == 3 and all(r.get("secagg") == 1 for r in rounds)
+
+
+@pytest.mark.parametrize("attack", ["scale", "sign-flip"])
+def test_two_of_ten_attackers_barely_move_trimmed_mean_but_damage_fedavg(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path, attack: str
+) -> None:
+    def run(name: str, overrides: list[str]) -> dict[str, torch.Tensor]:
+        return _federate_once(
+            tiny_llama_dir,
+            tiny_task,
+            tmp_path / name,
+            overrides,
+            clients=10,
+            expect="aggregated 10",
+        )
+
+    attackers = ["faults.attackers=2", f"faults.attack='{attack}'", "faults.attack_scale=20"]
+    trimmed = ["federation.aggregation='trimmed-mean'", "federation.trim_fraction=0.2"]
+    clean = run("clean", [])
+    attacked_fedavg = run("fedavg", attackers)
+    attacked_trimmed = run("trimmed", [*attackers, *trimmed])
+    start = load_file(str(tmp_path / "clean" / "adapters" / "round-0.safetensors"))
+
+    def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return float(sum((a[k].double() - b[k].double()).pow(2).sum() for k in a).sqrt())
+
+    honest_step = distance(clean, start)
+    assert distance(attacked_trimmed, clean) < 0.35 * honest_step
+    assert distance(attacked_fedavg, clean) > 2 * honest_step
