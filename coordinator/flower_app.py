@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.adapters import initial_adapter_state, save_adapter
+from coordinator.ledger import RoundLedger
 from coordinator.progress import RoundProgress
 from coordinator.push import push_adapter
 from coordinator.secure_rounds import default_threshold
@@ -83,28 +84,53 @@ def distributed_noise_std(plan: RunPlan) -> float:
     return dp.noise_multiplier * dp.clip_norm / threshold**0.5
 
 
+def _previous(path: Path, done: int) -> list[dict[str, Any]]:
+    """Client reports of the rounds a resumed run already completed."""
+    if not done or not path.is_file():
+        return []
+    return [r for r in json.loads(path.read_text()) if int(r.get("round", 0)) <= done]
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     plan = RunPlan.load(str(context.run_config["plan"]))
     federation = plan.config["federation"]
     run_dir = Path(plan.run_dir)
     bundle = verify_bundle(plan.bundle_path, expected_digest=plan.bundle_digest)
-    initial = initial_adapter_state(bundle, seed=int(plan.config["seed"]))
-    rounds_log: list[dict[str, Any]] = []
-    progress = RoundProgress(int(federation["rounds"]))
+    total = int(federation["rounds"])
+    ledger = RoundLedger.open(run_dir, plan, total)
+    done = ledger.completed
+    if done >= total:
+        log.info("  all %d rounds are already complete", total)
+        return
+    if done:
+        log.info("  resuming after round %d (from the run's registry)", done)
+        initial = ledger.checkpoint_state(done)
+    else:
+        initial = initial_adapter_state(bundle, seed=int(plan.config["seed"]))
+    rounds_log: list[dict[str, Any]] = _previous(run_dir / "rounds.json", done)
+    progress = RoundProgress(total - done)
 
     def on_client_report(server_round: int, report: dict[str, Any]) -> None:
-        rounds_log.append({"round": server_round, **report})
+        rounds_log.append({"round": server_round + done, **report})
         progress.client_done(report)
 
     serve_url = str(federation.get("serve_url", ""))
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def after_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if flower_round == 0 and done:
+            return None  # the resumed-from adapter is already saved
+        server_round = flower_round + done
         state = arrays.to_torch_state_dict()
-        save_adapter(state, run_dir / "adapters" / f"round-{server_round}.safetensors")
+        path = run_dir / "adapters" / f"round-{server_round}.safetensors"
+        save_adapter(state, path)
         (run_dir / "rounds.json").write_text(json.dumps(rounds_log, indent=1))
         (run_dir / "outcomes.json").write_text(json.dumps(strategy.round_log, indent=1))
         if server_round > 0:
+            outcome = strategy.round_log[-1] if strategy.round_log else {}
+            ledger.close(
+                server_round, path, str(outcome.get("outcome", "")), outcome.get("epsilon")
+            )
             if serve_url and bundle.adapter.kind == "lora":
                 folder = write_peft_adapter(
                     state,
@@ -114,9 +140,7 @@ def main(grid: Grid, context: Context) -> None:
                     run_dir / "peft" / f"round-{server_round}",
                 )
                 push_adapter(serve_url, str(federation["serve_name"]), folder)
-            progress.round_done(
-                server_round, strategy.round_log[-1] if strategy.round_log else None
-            )
+            progress.round_done(server_round, outcome or None)
         return None
 
     num_clients = int(federation["num_clients"])
@@ -140,6 +164,7 @@ def main(grid: Grid, context: Context) -> None:
         dp=dp,
         secure=settings.federation.secure_aggregation,
         secure_threshold=settings.federation.secagg_threshold,
+        round_offset=done,
         stage_timeout=float(federation["round_timeout"]),
         fraction_train=float(federation["fraction_train"]),
         fraction_evaluate=0.0,
@@ -150,7 +175,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(initial),
-            num_rounds=int(federation["rounds"]),
+            num_rounds=total - done,
             timeout=float(federation["round_timeout"]),
             train_config=train_config(plan),
             evaluate_fn=after_round,

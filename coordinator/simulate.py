@@ -27,11 +27,13 @@ from coordinator.report import five_way_table, margin_lines, write_report
 from coordinator.simulation import run_flower_simulation
 from emulator.adapter import AdapterSpec
 from emulator.build import build_bundle, choose_plan
+from emulator.bundle import verify_bundle
 from emulator.forward import pick_device
 from emulator.layers import plan_layers
 from emulator.scoring import Score
 from offsite.config import OffsiteConfig
 from offsite.data import load_task, partition, split_holdout, write_jsonl
+from offsite.errors import ConfigError
 from offsite.runplan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,16 @@ def new_run_dir(config: OffsiteConfig) -> Path:
 
 
 def simulate(
-    config: OffsiteConfig, run_dir: Path | None = None, verbose: bool = False
+    config: OffsiteConfig,
+    run_dir: Path | None = None,
+    verbose: bool = False,
+    resume: bool = False,
 ) -> SimulationResult:
-    """Run a full federated offsite-tuning simulation and write its report."""
+    """Run a full federated offsite-tuning simulation and write its report.
+
+    ``resume`` continues the run in ``run_dir`` (data, bundle and plan reused) after its last
+    round recorded in the run's registry, then evaluates and reports as usual.
+    """
     timer = _Timer()
     # Fail fast, before anything is written: data readable and large enough, model present,
     # architecture known.
@@ -92,6 +101,10 @@ def simulate(
         _, num_layers = check_model(config.model.name)
         # emulator.* must fit this model; the plan itself is chosen once the model is loaded
         plan_layers(num_layers, config.emulator.bottom, config.emulator.top, config.emulator.keep)
+    if resume:
+        if run_dir is None or not (run_dir / "plan.json").is_file():
+            raise ConfigError(f"{run_dir} is not a run folder that can resume (no plan.json)")
+        return _resume(config, run_dir.resolve(), task, held, template, verbose, timer)
     run_dir = run_dir.resolve() if run_dir else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config.to_toml())
@@ -137,8 +150,60 @@ def simulate(
             template=template,
             config=config.to_dict(),
         ).save(plan_path)
+    return _federate_and_report(
+        config, run_dir, task, held, train, plan, bundle, full_model, tokenizer, timer, verbose
+    )
+
+
+def _resume(
+    config: OffsiteConfig,
+    run_dir: Path,
+    task: Any,
+    held: Any,
+    template: str,
+    verbose: bool,
+    timer: _Timer,
+) -> SimulationResult:
+    log.info("resuming run folder: %s", run_dir)
+    saved = RunPlan.load(str(run_dir / "plan.json"))
+    with timer.stage("load full model and verify the run's bundle"):
+        full_model, tokenizer, _, _ = load_full_model(config.model.name)
+        bundle = verify_bundle(saved.bundle_path, expected_digest=saved.bundle_digest)
+    train, _ = split_holdout(task.examples, config.data.eval_size, config.seed)
+    return _federate_and_report(
+        config,
+        run_dir,
+        task,
+        held,
+        train,
+        bundle.plan,
+        bundle,
+        full_model,
+        tokenizer,
+        timer,
+        verbose,
+    )
+
+
+def _federate_and_report(
+    config: OffsiteConfig,
+    run_dir: Path,
+    task: Any,
+    held: Any,
+    train: Any,
+    plan: Any,
+    bundle: Any,
+    full_model: Any,
+    tokenizer: Any,
+    timer: _Timer,
+    verbose: bool,
+) -> SimulationResult:
+    """Federate (resuming after the last recorded round, if any), evaluate, report."""
+    template = config.data.template or task.template
+    adapter = bundle.adapter
+    with timer.stage("federated training (Flower simulation)"):
         run_flower_simulation(
-            plan_path,
+            run_dir / "plan.json",
             config.federation.num_clients,
             config.federation.client_cpus,
             verbose=verbose,

@@ -43,6 +43,7 @@ class AdapterFedAvg(FedAvg):
         secure: bool = False,
         secure_threshold: int = 0,
         stage_timeout: float | None = None,
+        round_offset: int = 0,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -53,6 +54,10 @@ class AdapterFedAvg(FedAvg):
         self._min_replies = min_replies
         self._dp = dp
         self._accountant = dp.accountant() if dp else None
+        # a resumed run: Flower counts from 1 again, clients and logs see the real round
+        self._offset = round_offset
+        if self._accountant is not None:
+            self._accountant.rounds = round_offset  # privacy already spent
         self._global: ArrayRecord | None = None
         self._secure_enabled, self._secure_threshold = secure, secure_threshold
         self._stage_timeout = stage_timeout
@@ -66,6 +71,7 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._global = arrays  # what this round's updates are measured against
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        config["server-round"] = server_round + self._offset  # shared by the messages' records
         self._sent = messages  # the grid stamps their ids when it pushes them
         if not self._secure_enabled:
             return messages
@@ -140,7 +146,7 @@ class AdapterFedAvg(FedAvg):
             arrays, metrics, outcome = self._combine_secure(masked)
         else:
             arrays, metrics, outcome = self._combine(updates, valid, reports)
-        entry: dict[str, Any] = {"round": server_round, "outcome": outcome}
+        entry: dict[str, Any] = {"round": server_round + self._offset, "outcome": outcome}
         if self._accountant is not None:
             entry["epsilon"] = self._accountant.spent
         self.round_log.append(entry)

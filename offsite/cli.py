@@ -89,6 +89,14 @@ def simulate(
             "(same as federation.serve_url=...).",
         ),
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run folder after its last completed round "
+            "(its config.toml is used; no overrides).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run a multi-client federated offsite-tuning simulation and print the five-way table.
@@ -102,6 +110,15 @@ def simulate(
     _setup_logging(verbose)
     from offsite.config import load_config
 
+    if resume is not None:
+        if overrides or config or run_dir:
+            raise typer.BadParameter("--resume takes the run's own config; drop other settings")
+        cfg = load_config(resume / "config.toml")
+        _quiet_libraries()
+        from coordinator.simulate import simulate as run
+
+        run(cfg, resume, verbose=verbose, resume=True)
+        return
     extra = [f"federation.serve_url={serve_url!r}"] if serve_url else []
     cfg = load_config(config, [*(overrides or []), *extra])
     _quiet_libraries()

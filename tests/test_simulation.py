@@ -330,3 +330,58 @@ def test_two_of_ten_attackers_barely_move_trimmed_mean_but_damage_fedavg(
     honest_step = distance(clean, start)
     assert distance(attacked_trimmed, clean) < 0.35 * honest_step
     assert distance(attacked_fedavg, clean) > 2 * honest_step
+
+
+def test_a_killed_coordinator_resumes_and_matches_an_uninterrupted_run(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the whole run after round 2 is recorded; --resume finishes it identically."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from coordinator.simulate import simulate
+
+    overrides = [
+        f"model.name='{tiny_llama_dir}'",
+        f"data.name='{tiny_task}'",
+        "data.eval_size=10",
+        "data.max_length=48",
+        "emulator.bottom=1",
+        "emulator.top=1",
+        "emulator.keep=2",
+        "federation.num_clients=2",
+        "federation.rounds=3",
+        "train.local_steps=2",
+        "train.batch_size=4",
+        "train.precision='fp32'",
+    ]
+    reference = simulate(load_config(None, overrides), tmp_path / "reference")
+
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "offsite.cli", "simulate", "--run-dir", str(run_dir), *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = run_dir / "adapters" / "round-2.safetensors"
+    deadline = time.monotonic() + 600
+    while not marker.is_file() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the registry commit of round 2 land (or not: either is recoverable)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "report.md").exists(), "the run finished before it could be killed"
+
+    resumed = simulate(load_config(run_dir / "config.toml"), run_dir, resume=True)
+    final = load_file(str(run_dir / "adapters" / "round-3.safetensors"))
+    expected = load_file(str(reference.run_dir / "adapters" / "round-3.safetensors"))
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6)
+    for key, score in reference.scores.items():
+        assert resumed.scores[key].value == pytest.approx(score.value, abs=1e-9), key
+    outcomes = json.loads((run_dir / "outcomes.json").read_text())
+    assert [o["round"] for o in outcomes][-1] == 3
