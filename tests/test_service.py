@@ -293,3 +293,25 @@ def test_plaintext_is_refused_off_loopback(tmp_path: Path) -> None:
         build_server(open_store(tmp_path), pki, files, "0.0.0.0:0", "127.0.0.1:0", insecure=True)
     with pytest.raises(PkiError, match="refusing to replace"):
         init_pki(pki.folder, ["localhost"])
+
+
+@pytest.mark.parametrize("entry", ["../escape", "/etc/passwd", "sub/file", "link"])
+def test_bundle_archives_with_unsafe_entries_are_refused(tmp_path: Path, entry: str) -> None:
+    import io
+    import tarfile
+
+    from offsite.archive import unpack_bundle
+
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo(entry)
+        if entry == "link":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        else:
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(ValueError, match="unsafe entry"):
+        unpack_bundle(archive, tmp_path / "out")
+    assert not (tmp_path / "escape").exists()
+    assert not any((tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else True
