@@ -18,7 +18,8 @@ from pathlib import Path
 import grpc
 
 from emulator.bundle import Bundle, verify_bundle
-from offsite.archive import sha256_file, unpack_bundle
+from emulator.digest import file_sha256
+from offsite.archive import unpack_bundle
 from offsite.errors import IntegrityError, OffsiteError
 from offsite.wire.v1 import artifacts_pb2, artifacts_pb2_grpc
 
@@ -73,7 +74,7 @@ def download(
             if progress is not None:
                 progress(offset, size)
         os.fsync(handle.fileno())
-    if offset != size or sha256_file(partial) != digest:
+    if offset != size or file_sha256(partial) != digest:
         partial.unlink(missing_ok=True)
         raise IntegrityError(f"artifact {digest[:12]} arrived corrupt; it was discarded, retry")
     os.replace(partial, final)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from offsite.certs import fingerprint
 from offsite.errors import OffsiteError
 from offsite.files import write_private
 from offsite.wire.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -81,11 +82,6 @@ def server_chain(address: str, timeout: float = 10.0) -> list[bytes]:
         return [p.encode() if isinstance(p, str) else p for p in pems]
 
 
-def pem_fingerprint(pem: bytes) -> str:
-    cert = x509.load_pem_x509_certificate(pem)
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
 def join(
     address: str,
     token: str,
@@ -102,7 +98,7 @@ def join(
         chain = server_chain(address, timeout)
     except (OSError, ssl.SSLError) as err:
         raise JoinError(f"cannot reach the coordinator at {address} over TLS: {err}") from err
-    ca = next((pem for pem in chain if pem_fingerprint(pem) == wanted), None)
+    ca = next((pem for pem in chain if fingerprint(pem) == wanted), None)
     if ca is None:
         raise JoinError(
             f"the coordinator at {address} does not present a CA with fingerprint {wanted}; "
@@ -136,7 +132,7 @@ def join(
     )
     write_private(identity.key, key_pem)
     identity.cert.write_bytes(reply.certificate_pem)
-    if pem_fingerprint(reply.ca_certificate_pem) != wanted:
+    if fingerprint(reply.ca_certificate_pem) != wanted:
         raise JoinError("the coordinator answered with a CA other than the pinned one")
     identity.ca.write_bytes(reply.ca_certificate_pem)
     identity.info.write_text(

@@ -11,7 +11,8 @@ import os
 import re
 from pathlib import Path
 
-from offsite.archive import pack_bundle, sha256_file
+from emulator.digest import file_sha256
+from offsite.archive import pack_bundle
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 4 * 1024 * 1024 - 64 * 1024  # chunk + framing stays under gRPC's default 4 MiB limit
@@ -37,7 +38,7 @@ class ArtifactFiles:
         """Pack and store a bundle; returns (digest, size)."""
         scratch = self.root / ".incoming-bundle"
         pack_bundle(bundle_dir, scratch)
-        digest = sha256_file(scratch)
+        digest = file_sha256(scratch)
         os.replace(scratch, self.root / digest)
         return digest, (self.root / digest).stat().st_size
 

@@ -15,7 +15,7 @@ import torch
 
 from coordinator.adapters import load_adapter
 from coordinator.store import Store, open_store
-from offsite.archive import sha256_file
+from emulator.digest import file_sha256
 from offsite.errors import IntegrityError
 from offsite.runplan import RunPlan
 
@@ -40,7 +40,7 @@ class RoundLedger:
         return self.store.last_closed_round(self.run_id)
 
     def close(self, number: int, adapter: Path, outcome: str, epsilon: float | None) -> None:
-        digest = sha256_file(adapter)
+        digest = file_sha256(adapter)
         self.store.put_artifact(digest, "adapter", adapter.stat().st_size, adapter)
         round_id = self.store.open_round(self.run_id, number)
         if self.store.checkpoint(self.run_id, number) is None:
@@ -51,7 +51,7 @@ class RoundLedger:
         """The global adapter after round ``number``, checked against its recorded digest."""
         digest = self.store.checkpoint(self.run_id, number)
         path = self.run_dir / "adapters" / f"round-{number}.safetensors"
-        if digest is None or not path.is_file() or sha256_file(path) != digest:
+        if digest is None or not path.is_file() or file_sha256(path) != digest:
             raise IntegrityError(
                 f"the checkpoint of round {number} ({path}) is missing or does not match the "
                 "registry; the run cannot resume from it"

@@ -64,12 +64,6 @@ def _key_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
     )
 
 
-def fingerprint(cert_pem: bytes) -> str:
-    """sha256 of a certificate's DER encoding (what ``--ca-fingerprint`` pins)."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import grpc
 
 from coordinator.artifact_files import CHUNK, ArtifactFiles, is_digest
-from coordinator.pki import Pki, PkiError, fingerprint, issue_certificate, signing_public_key
+from coordinator.pki import Pki, PkiError, issue_certificate, signing_public_key
 from coordinator.store import Store
 from coordinator.store.repository import StoreError
+from offsite.certs import fingerprint
 from offsite.wire.v1 import (
     artifacts_pb2,
     artifacts_pb2_grpc,

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tarfile
 from pathlib import Path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pack_bundle(bundle_dir: Path, out: Path) -> None:

@@ -69,8 +69,9 @@ def coordinator_init(
 
     Prints the CA fingerprint: give it to data owners with their token, out of band.
     """
-    from coordinator.pki import fingerprint, init_pki
+    from coordinator.pki import init_pki
     from coordinator.service import state_paths
+    from offsite.certs import fingerprint
 
     folder = _state(state)
     pki, _ = state_paths(folder)

@@ -19,14 +19,15 @@ from cryptography.x509.oid import NameOID
 from client.artifacts import download, fetch_bundle
 from client.identity import JoinError, NodeIdentity, join
 from coordinator.artifact_files import CHUNK
-from coordinator.pki import Pki, PkiError, fingerprint, init_pki, issue_certificate, signing_key
+from coordinator.pki import Pki, PkiError, init_pki, issue_certificate, signing_key
 from coordinator.service import build_server, state_paths
 from coordinator.store import Store, open_store
 from emulator.adapter import AdapterSpec
 from emulator.arch import arch_spec
 from emulator.bundle import sign_bundle, write_bundle
+from emulator.digest import file_sha256
 from emulator.layers import plan_layers
-from offsite.archive import sha256_file
+from offsite.certs import fingerprint
 from offsite.errors import IntegrityError
 from offsite.wire.v1 import artifacts_pb2, artifacts_pb2_grpc
 from tests.conftest import tiny_model
@@ -224,7 +225,7 @@ def test_a_download_cut_halfway_resumes_without_resending(
             return stub.Download(request, **kwargs)
 
     path = download(Recording(), digest, folder)  # type: ignore[arg-type]
-    assert sha256_file(path) == digest
+    assert file_sha256(path) == digest
     resent = len(first.data) - offsets[0]  # bytes the server had to send twice
     assert offsets == [len(first.data)] and 0 <= resent <= CHUNK
 
