@@ -2,20 +2,23 @@
 
 Run: make bench-inversion   (= .venv/bin/python bench/inversion.py)
 
-One data owner of the default run (SmolLM2-135M 2-16-2, bbc-news, client 0 of 4) trains one
-round of the default LoRA recipe; the attack (emulator/leakage.py) guesses the k tokens most
-likely to be in its training text from the update of the first adapter block. Views compared:
-the plain update (FedAvg without secure aggregation), the clipped update (what a coordinator
-adding DP noise centrally still sees), and the client's share under distributed DP with secure
-aggregation (clip + N(0, (σC)²/t)) at ε ∈ {8, 4, 1}. Template and special tokens are excluded.
-The control scores another client's update against this client's tokens: what the attack
-reaches without any leakage (word-frequency priors); leakage is precision above the control.
-Writes bench/reports/inversion.{json,md}.
+One data owner of the default run (SmolLM2-135M 2-16-2, bbc-news, client 0 of 4) trains from a
+global adapter (the default LoRA recipe after one round on another client's data); the attack
+(emulator/leakage.py) guesses the k tokens most likely to be in its training text from the update
+of the first adapter block. Two granularities: one AdamW step on one batch (the FedSGD-like
+worst case, `train.local_steps = 1`) and one default round. Views compared: the plain update
+(FedAvg without secure aggregation), the clipped update (what a coordinator adding DP noise
+centrally still sees) and the client's share under distributed DP with secure aggregation
+(clip + N(0, (σC)²/t)) at ε ∈ {8, 4, 1}; noisy views are averaged over several noise draws.
+Controls: another client's update scored against this client's tokens (word-frequency priors
+alone) and pure noise (what random directions reach). Leakage is precision above the controls.
+Template and special tokens are excluded. Writes bench/reports/inversion.{json,md}.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -23,6 +26,8 @@ import torch
 from cells import quiet_setup
 
 REPORTS = Path(__file__).resolve().parent / "reports"
+DRAWS = 5
+KS = (50, 200)
 
 
 def main() -> None:
@@ -34,7 +39,7 @@ def main() -> None:
     from emulator.examples import training_batches
     from emulator.forward import pick_device, resolve_precision
     from emulator.layers import plan_layers
-    from emulator.leakage import effective_updates, recovery, token_scores
+    from emulator.leakage import effective_updates, recovery, token_inputs, token_scores
     from emulator.split import build_emulator
     from emulator.train import train_adapter
     from offsite.config import OffsiteConfig
@@ -53,14 +58,15 @@ def main() -> None:
     plan = plan_layers(int(full.config.num_hidden_layers), e.bottom, e.top, e.keep)
     spec = AdapterSpec.for_plan("lora", plan, arch, config.train.lora_r, config.train.lora_alpha)
     device = pick_device()
+    precision = resolve_precision(config.train.precision, device)
     template = config.data.template or task.template
+    emulator = build_emulator(full, plan, arch)
+    adapted = attach_adapter(emulator, arch, spec, plan.emulator_to_full(), seed=config.seed)
+    adapted.model.to(device)
 
-    def client_update(index: int) -> tuple[dict, dict, set[int]]:
-        """(global adapter, this client's trained adapter, token ids it trained on)."""
-        emulator = build_emulator(full, plan, arch)
-        adapted = attach_adapter(emulator, arch, spec, plan.emulator_to_full(), seed=config.seed)
-        adapted.model.to(device)
-        start_state = adapted.trainable_state()
+    def train_from(state: dict, index: int, steps: int) -> tuple[dict, set[int]]:
+        """Client ``index`` trains ``steps`` steps from ``state``: (its update, tokens it saw)."""
+        adapted.load_trainable(state)
         stream = training_batches(
             tokenizer,
             shares[index],
@@ -81,65 +87,101 @@ def main() -> None:
         train_adapter(
             adapted,
             recording(),
-            steps=config.train.local_steps,
+            steps=steps,
             lr=config.train.lr,
-            precision=resolve_precision(config.train.precision, device),
+            precision=precision,
             device=device,
         )
-        return start_state, adapted.trainable_state(), seen
+        after = adapted.trainable_state()
+        return {k: after[k] - state[k] for k in state}, seen
 
-    before, after, used = client_update(0)
-    _, other_after, _ = client_update(1)
-    embeddings = full.get_input_embeddings().weight.detach().cpu()
+    last = config.federation.num_clients - 1
+    train_from(adapted.trainable_state(), last, config.train.local_steps)
+    glob = adapted.trainable_state()  # the global adapter the attacked round starts from
+    inputs = token_inputs(adapted, plan.bottom[0])
     ignore = set(tokenizer(template.replace("{text}", ""))["input_ids"]) | set(
         tokenizer.all_special_ids
     )
-    delta = {k: after[k] - before[k] for k in after}
-    norm = float(torch.sqrt(sum(v.double().pow(2).sum() for v in delta.values())))
     clip = config.privacy.clip_norm
-    clipped, _ = clip_update(delta, clip)
-    views = {
-        "control: another client's plain update": {k: other_after[k] - before[k] for k in after},
-        "plain update": delta,
-        f"clipped to {clip}": clipped,
+    threshold = default_threshold(config.federation.sampled_clients)
+    sigmas = {
+        eps: noise_for_epsilon(eps, config.privacy.delta, 1.0, config.federation.rounds)
+        for eps in (8.0, 4.0, 1.0)
     }
-    sampled = config.federation.sampled_clients
-    threshold = default_threshold(sampled)
-    noise = {}
-    for target in (8.0, 4.0, 1.0):
-        sigma = noise_for_epsilon(target, config.privacy.delta, 1.0, config.federation.rounds)
-        noise[target] = sigma
-        views[f"DP ε={target:g} share (σ={sigma:.2f})"] = add_gaussian_noise(
-            clipped, sigma * clip / threshold**0.5
-        )
+
+    def precision_at(delta: dict, used: set[int]) -> dict[int, float]:
+        moved = {k: glob[k] + v for k, v in delta.items()}
+        scores = token_scores(effective_updates(glob, moved, spec, plan.bottom[0]), inputs)
+        return {k: recovery(scores, used, k, ignore).precision for k in KS}
+
     rows = []
-    for name, view in views.items():
-        moved = {k: before[k] + v for k, v in view.items()}
-        scores = token_scores(effective_updates(before, moved, spec, plan.bottom[0]), embeddings)
-        for k in (50, 200):
-            rows.append({"view": name, **recovery(scores, used, k, ignore).to_dict()})
+    granularities = {
+        "one step, one batch": 1,
+        f"one round ({config.train.local_steps} steps)": config.train.local_steps,
+    }
+    meta_tokens = {}
+    for granularity, steps in granularities.items():
+        delta, used = train_from(glob, 0, steps)
+        other, _ = train_from(glob, 1, steps)
+        chance = recovery(torch.zeros(len(inputs[next(iter(inputs))])), used, 1, ignore)
+        meta_tokens[granularity] = len(set(used) - ignore)
+        clipped, _ = clip_update(delta, clip)
+        zero = {k: torch.zeros_like(v) for k, v in delta.items()}
+        views: dict[str, list[dict]] = {
+            "control: another client's update": [other],
+            "control: noise only (σ of ε=1 share)": [
+                add_gaussian_noise(zero, sigmas[1.0] * clip / threshold**0.5) for _ in range(DRAWS)
+            ],
+            "plain update": [delta],
+            f"clipped to {clip} (central DP)": [clipped],
+            **{
+                f"DP ε={eps:g} share (σ={sigma:.2f})": [
+                    add_gaussian_noise(clipped, sigma * clip / threshold**0.5) for _ in range(DRAWS)
+                ]
+                for eps, sigma in sigmas.items()
+            },
+        }
+        for name, draws in views.items():
+            measured = [precision_at(d, used) for d in draws]
+            for k in KS:
+                values = [m[k] for m in measured]
+                rows.append(
+                    {
+                        "granularity": granularity,
+                        "view": name,
+                        "k": k,
+                        "precision": statistics.mean(values),
+                        "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+                        "draws": len(values),
+                        "chance_precision": chance.chance_precision,
+                    }
+                )
+        print(f"{granularity}: done", flush=True)
     REPORTS.mkdir(parents=True, exist_ok=True)
     meta = {
         "finished": time.strftime("%Y-%m-%d %H:%M"),
         "seconds": time.perf_counter() - start,
         "client_examples": len(shares[0]),
-        "distinct_tokens_trained": len(set(used) - ignore),
-        "update_norm": norm,
+        "distinct_tokens_trained": meta_tokens,
+        "noise_draws": DRAWS,
     }
     (REPORTS / "inversion.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "# Adapter inversion baseline",
         "",
         f"Generated {meta['finished']} by `python bench/inversion.py` "
-        f"({meta['seconds']:.0f} s). Client 0 of the default run: {meta['client_examples']} "
-        f"examples, {meta['distinct_tokens_trained']} distinct non-template tokens in the "
-        f"batches of one round; update L2 norm {norm:.2f}.",
+        f"({meta['seconds']:.0f} s). Client 0 of the default run ({meta['client_examples']} "
+        "examples) trains from a global adapter; distinct non-template tokens it saw: "
+        + ", ".join(f"{g}: {n}" for g, n in meta_tokens.items())
+        + f". Precision = share of the k guessed tokens that occur in its training text "
+        f"(mean ± std over {DRAWS} noise draws for noisy views).",
         "",
-        "| view of the update | k | precision | recall | chance precision |",
+        "| granularity | view of the update | k | precision | chance |",
         "|---|---|---|---|---|",
         *[
-            f"| {r['view']} | {r['k']} | {r['precision']:.2f} | {r['recall']:.3f} | "
-            f"{r['chance_precision']:.3f} |"
+            f"| {r['granularity']} | {r['view']} | {r['k']} | {r['precision']:.2f}"
+            + (f" ± {r['std']:.2f}" if r["draws"] > 1 else "")
+            + f" | {r['chance_precision']:.3f} |"
             for r in rows
         ],
         "",

@@ -33,6 +33,36 @@ def _data_path(config: ConfigRecord, context: Context) -> Path:
     return Path(str(config["data-dir"])) / f"client-{partition}.jsonl"
 
 
+def _partition(context: Context) -> int:
+    """The simulation's partition id; in deployment a stable number derived from the node id
+    (seeds and reports only need it to differ between nodes)."""
+    if "partition-id" in context.node_config:
+        return int(context.node_config["partition-id"])
+    return int(context.node_id) % 1_000_003
+
+
+def _bundle_path(config: ConfigRecord, context: Context) -> Path:
+    """The run's verified bundle: in deployment fetched from the coordinator's artifact service
+    into this node's locked cache (once per bundle), in simulation read where the plan says."""
+    identity_dir = context.node_config.get("identity-dir")
+    artifact = str(config.get("bundle-artifact", ""))
+    if identity_dir is None or not artifact:
+        return Path(str(config["bundle-path"]))
+    from client.artifacts import fetch_bundle
+    from client.identity import NodeIdentity
+
+    identity = NodeIdentity(Path(str(identity_dir)))
+    with identity.channel() as channel:
+        bundle = fetch_bundle(
+            channel,
+            artifact,
+            str(config["bundle-digest"]),
+            identity.folder / "cache",
+            identity.signing_key(),
+        )
+    return bundle.path
+
+
 def _set_threads(config: ConfigRecord) -> None:
     """Use the cores the simulation reserved for this client (0 = the torch default)."""
     threads = int(config.get("threads", 0))  # type: ignore[arg-type]
@@ -44,12 +74,12 @@ def _set_threads(config: ConfigRecord) -> None:
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     _set_threads(config)
-    session = open_session(str(config["bundle-path"]), str(config["bundle-digest"]))
+    session = open_session(_bundle_path(config, context), str(config["bundle-digest"]))
     global_state = msg.content["arrays"].to_torch_state_dict()
     session.adapted.load_trainable(global_state)
 
     task = load_task(str(_data_path(config, context)), min_labels=1)
-    partition = int(context.node_config.get("partition-id", 0))
+    partition = _partition(context)
     server_round = int(config["server-round"])
     seed = int(config["seed"]) * 100_003 + partition * 1_009 + server_round
     batches = training_batches(

@@ -37,6 +37,8 @@ class NodeIdentity:
     cert = property(lambda self: self.folder / "node.pem")
     ca = property(lambda self: self.folder / "ca.pem")
     info = property(lambda self: self.folder / "node.json")
+    flower_key = property(lambda self: self.folder / "flower.key")  # SuperNode auth (OpenSSH)
+    flower_public_key = property(lambda self: self.folder / "flower.pub")
 
     def exists(self) -> bool:
         return self.key.is_file() and self.cert.is_file() and self.ca.is_file()
@@ -51,6 +53,15 @@ class NodeIdentity:
     def channel(self) -> grpc.Channel:
         """A mutual-TLS channel to the coordinator's artifact port."""
         return grpc.secure_channel(self.artifact_address, self.credentials())
+
+    @property
+    def superlink_address(self) -> str:
+        address = str(self.details().get("superlink", ""))
+        if not address:
+            raise JoinError(
+                f"the coordinator of {self.folder} runs no Flower SuperLink; pass --superlink"
+            )
+        return address
 
     def signing_key(self) -> bytes:
         return bytes.fromhex(self.details()["signing_public_key"])
@@ -88,10 +99,14 @@ def join(
     ca_fingerprint: str,
     name: str,
     folder: Path,
-    flower_public_key: bytes = b"",
     timeout: float = 30.0,
 ) -> NodeIdentity:
-    """Enroll this node with the coordinator at ``address``; returns the stored identity."""
+    """Enroll this node with the coordinator at ``address``; returns the stored identity.
+
+    Two keys are made here and never leave the node: the TLS client key (its certificate comes
+    back from the coordinator) and the Flower SuperNode authentication key (its public half is
+    registered with the coordinator's SuperLink).
+    """
     identity = NodeIdentity(Path(folder))
     wanted = ca_fingerprint.lower().replace(":", "")
     try:
@@ -105,6 +120,10 @@ def join(
             "check the fingerprint (`offsite coordinator init` prints it) and the address"
         )
     key = ec.generate_private_key(ec.SECP256R1())
+    flower_key = ec.generate_private_key(ec.SECP384R1())
+    flower_public_key = flower_key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -131,6 +150,15 @@ def join(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     write_private(identity.key, key_pem)
+    write_private(
+        identity.flower_key,
+        flower_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    identity.flower_public_key.write_bytes(flower_public_key + b"\n")
     identity.cert.write_bytes(reply.certificate_pem)
     if fingerprint(reply.ca_certificate_pem) != wanted:
         raise JoinError("the coordinator answered with a CA other than the pinned one")
@@ -141,6 +169,11 @@ def join(
                 "name": name,
                 "coordinator": address,
                 "artifacts": f"{address.rpartition(':')[0]}:{reply.artifact_port}",
+                "superlink": (
+                    f"{address.rpartition(':')[0]}:{reply.superlink_port}"
+                    if reply.superlink_port
+                    else ""
+                ),
                 "ca_fingerprint": wanted,
                 "signing_public_key": reply.signing_public_key.hex(),
             },

@@ -41,6 +41,7 @@ def train_config(plan: RunPlan) -> ConfigRecord:
         {
             "bundle-path": plan.bundle_path,
             "bundle-digest": plan.bundle_digest,
+            "bundle-artifact": plan.bundle_artifact,
             "data-dir": plan.data_dir,
             "template": plan.template,
             "max-words": data["max_words"],

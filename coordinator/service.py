@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -126,6 +127,9 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
     def __init__(self, store: Store, pki: Pki) -> None:
         self.store, self.pki = store, pki
         self.artifact_port = 0
+        self.superlink_port = 0
+        # called after a node enrolled (registers its Flower key before the node is answered)
+        self.on_enrolled: Callable[[], object] | None = None
 
     def Enroll(self, request, context):  # type: ignore[no-untyped-def]
         try:
@@ -141,11 +145,14 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
         except StoreError as err:
             _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(err))
         log.info("enrolled node %s", request.node_name)
+        if self.on_enrolled is not None:
+            self.on_enrolled()
         return enrollment_pb2.EnrollResponse(
             certificate_pem=certificate,
             ca_certificate_pem=self.pki.ca_cert.read_bytes(),
             signing_public_key=signing_public_key(self.pki),
             artifact_port=self.artifact_port,
+            superlink_port=self.superlink_port,
         )
 
 
@@ -159,6 +166,16 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+@dataclass
+class CoordinatorServer:
+    """The gRPC server (not started), its bound ports and the enrollment servicer."""
+
+    server: grpc.Server
+    enroll_port: int
+    artifact_port: int
+    enrollment: EnrollmentServicer
+
+
 def build_server(
     store: Store,
     pki: Pki,
@@ -168,8 +185,8 @@ def build_server(
     *,
     insecure: bool = False,
     workers: int = 8,
-) -> tuple[grpc.Server, int, int]:
-    """A server bound to both addresses (not started); returns it and the two bound ports."""
+) -> CoordinatorServer:
+    """A server bound to both addresses (not started)."""
     for address in (enroll_address, artifact_address):
         if insecure and not is_loopback(address):
             raise PkiError(
@@ -203,7 +220,7 @@ def build_server(
     if 0 in ports:
         raise OSError(f"could not bind {enroll_address} and {artifact_address}")
     enrollment.artifact_port = ports[1]
-    return server, ports[0], ports[1]
+    return CoordinatorServer(server, ports[0], ports[1], enrollment)
 
 
 def state_paths(state_dir: Path) -> tuple[Pki, ArtifactFiles]:

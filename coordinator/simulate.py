@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +35,9 @@ from offsite.config import OffsiteConfig
 from offsite.data import load_task, partition, split_holdout, write_jsonl
 from offsite.errors import ConfigError
 from offsite.runplan import RunPlan
+
+if TYPE_CHECKING:
+    from coordinator.deployment import Deployment
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +81,14 @@ def simulate(
     run_dir: Path | None = None,
     verbose: bool = False,
     resume: bool = False,
+    deployment: Deployment | None = None,
 ) -> SimulationResult:
     """Run a full federated offsite-tuning simulation and write its report.
 
     ``resume`` continues the run in ``run_dir`` (data, bundle and plan reused) after its last
-    round recorded in the run's registry, then evaluates and reports as usual.
+    round recorded in the run's registry, then evaluates and reports as usual. With
+    ``deployment`` the rounds run on the coordinator's SuperLink and its enrolled nodes, which
+    train on their own data, instead of on the simulation engine with shares of ``data``.
     """
     timer = _Timer()
     # Fail fast, before anything is written: data readable and large enough, model present,
@@ -104,21 +110,26 @@ def simulate(
     if resume:
         if run_dir is None or not (run_dir / "plan.json").is_file():
             raise ConfigError(f"{run_dir} is not a run folder that can resume (no plan.json)")
-        return _resume(config, run_dir.resolve(), task, held, template, verbose, timer)
+        return _resume(config, run_dir.resolve(), task, held, verbose, timer, deployment)
     run_dir = run_dir.resolve() if run_dir else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config.to_toml())
     log.info("run folder: %s", run_dir)
-    for index, share in enumerate(shares):
-        write_jsonl(share, run_dir / "data" / f"client-{index}.jsonl")
-    log.info(
-        "  %s: %d examples (%s), %d held out, clients get %s",
-        task.name,
-        len(task.examples),
-        task.kind,
-        len(held),
-        [len(s) for s in shares],
-    )
+    if deployment is None:
+        for index, share in enumerate(shares):
+            write_jsonl(share, run_dir / "data" / f"client-{index}.jsonl")
+        log.info(
+            "  %s: %d examples (%s), %d held out, clients get %s",
+            task.name,
+            len(task.examples),
+            task.kind,
+            len(held),
+            [len(s) for s in shares],
+        )
+    else:
+        log.info(
+            "  %s: %d held out for evaluation; nodes train on their own data", task.name, len(held)
+        )
 
     with timer.stage("load full model and build emulator bundle"):
         full_model, tokenizer, arch, _ = load_full_model(config.model.name)
@@ -137,21 +148,35 @@ def simulate(
             settings=config.emulator,
         )
         log.info("  emulator %s, bundle %s…", plan.label, bundle.digest[:12])
+        artifact = deployment.publish(bundle.path) if deployment else ""
+        if artifact:
+            log.info("  bundle signed and published as artifact %s…", artifact[:12])
 
-    with timer.stage("federated training (Flower simulation)"):
-        plan_path = run_dir / "plan.json"
-        RunPlan(
-            run_dir=str(run_dir),
-            bundle_path=str(bundle.path),
-            bundle_digest=bundle.digest,
-            data_dir=str(run_dir / "data"),
-            task_kind=task.kind,
-            labels=task.labels,
-            template=template,
-            config=config.to_dict(),
-        ).save(plan_path)
+    plan_path = run_dir / "plan.json"
+    RunPlan(
+        run_dir=str(run_dir),
+        bundle_path=str(bundle.path),
+        bundle_digest=bundle.digest,
+        data_dir="" if deployment else str(run_dir / "data"),
+        task_kind=task.kind,
+        labels=task.labels,
+        template=template,
+        config=config.to_dict(),
+        bundle_artifact=artifact,
+    ).save(plan_path)
     return _federate_and_report(
-        config, run_dir, task, held, train, plan, bundle, full_model, tokenizer, timer, verbose
+        config,
+        run_dir,
+        task,
+        held,
+        train,
+        plan,
+        bundle,
+        full_model,
+        tokenizer,
+        timer,
+        verbose,
+        deployment,
     )
 
 
@@ -160,9 +185,9 @@ def _resume(
     run_dir: Path,
     task: Any,
     held: Any,
-    template: str,
     verbose: bool,
     timer: _Timer,
+    deployment: Deployment | None,
 ) -> SimulationResult:
     log.info("resuming run folder: %s", run_dir)
     saved = RunPlan.load(str(run_dir / "plan.json"))
@@ -182,6 +207,7 @@ def _resume(
         tokenizer,
         timer,
         verbose,
+        deployment,
     )
 
 
@@ -197,17 +223,22 @@ def _federate_and_report(
     tokenizer: Any,
     timer: _Timer,
     verbose: bool,
+    deployment: Deployment | None = None,
 ) -> SimulationResult:
     """Federate (resuming after the last recorded round, if any), evaluate, report."""
     template = config.data.template or task.template
     adapter = bundle.adapter
-    with timer.stage("federated training (Flower simulation)"):
-        run_flower_simulation(
-            run_dir / "plan.json",
-            config.federation.num_clients,
-            config.federation.client_cpus,
-            verbose=verbose,
-        )
+    engine = "deployment" if deployment else "simulation"
+    with timer.stage(f"federated training (Flower {engine})"):
+        if deployment is not None:
+            deployment.federate(run_dir / "plan.json", verbose=verbose)
+        else:
+            run_flower_simulation(
+                run_dir / "plan.json",
+                config.federation.num_clients,
+                config.federation.client_cpus,
+                verbose=verbose,
+            )
         final_path = run_dir / "adapters" / f"round-{config.federation.rounds}.safetensors"
         if not final_path.is_file():
             raise RuntimeError(

@@ -1,22 +1,25 @@
-"""How much of a client's training text an adapter update gives away: a simple inversion baseline.
+"""How much of a client's training text an adapter update gives away: an inversion baseline.
 
-A linear layer's weight update is a sum of outer products ``δ_t x_tᵀ`` over the tokens it saw,
-so for layers in the first adapter block (whose inputs are close to the token embeddings) the
-update's row space points at the embeddings of the training tokens. The attack scores every
-vocabulary token by how strongly the update responds to its (normalised) embedding and guesses
-the top k as "tokens in the client's text" — a bag-of-words reconstruction. It needs nothing but
-the update, the public embedding matrix and the adapter spec, i.e. what an honest-but-curious
-coordinator holds without secure aggregation.
+A linear layer's weight update is built from outer products ``δ_t x_tᵀ`` over the tokens it saw
+(AdamW rescales it per element, which blurs but does not remove that structure), so in the first
+adapter block, whose inputs are nearly a function of the token alone, the update responds most
+to the inputs of the tokens the client trained on. The attack feeds every vocabulary token
+through the public model up to that block, records what each linear reads (``token_inputs``),
+scores each token by the update's relative response to it (``token_scores``) and guesses the top
+k as "tokens in the client's text": a bag-of-words reconstruction. It needs only the update, the
+global adapter and the public model, i.e. what an honest-but-curious coordinator holds without
+secure aggregation.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from emulator.adapter import AdapterSpec
+from emulator.adapter import AdaptedModel, AdapterSpec
 
 
 def effective_updates(
@@ -41,16 +44,75 @@ def effective_updates(
     return out
 
 
-def token_scores(updates: Mapping[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
-    """Per vocabulary token: summed relative response of the updates to its unit embedding."""
-    unit = embeddings.double()
-    unit = unit / unit.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    scores = torch.zeros(unit.shape[0], dtype=torch.float64)
-    for delta in updates.values():
-        if delta.shape[1] != unit.shape[1]:
-            continue  # reads something other than the residual stream
+class _StopForward(Exception):
+    """Raised by a hook once the attacked block has run: nothing above it is needed."""
+
+
+@torch.no_grad()
+def token_inputs(
+    adapted: AdaptedModel, block: int, batch_size: int = 2048
+) -> dict[str, torch.Tensor]:
+    """Per linear of full-model block ``block``: what it reads when each vocabulary token is fed
+    alone, ``[vocab, in]`` (the normalisation and attention in front of it included, so the
+    attack compares the update against the linear's real inputs, not raw embeddings)."""
+    from_full = {full: own for own, full in adapted.to_full.items()}
+    if block not in from_full:
+        raise ValueError(f"block {block} is not in this model (it holds {sorted(from_full)})")
+    blocks = adapted.model.get_submodule(adapted.prefix)
+    target = blocks[from_full[block]]
+    linears = {  # names as effective_updates keys them (PEFT's wrapped base layer unwrapped)
+        f"{adapted.prefix}.{block}.{name.removesuffix('.base_layer')}": module
+        for name, module in target.named_modules()
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name
+    }
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+
+    def recorder(name: str):  # type: ignore[no-untyped-def]
+        def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            captured[name].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+
+        return record
+
+    hooks = [module.register_forward_pre_hook(recorder(n)) for n, module in linears.items()]
+
+    def stop(*_args: object) -> None:
+        raise _StopForward
+
+    hooks.append(target.register_forward_hook(stop))
+    vocab = int(adapted.model.get_input_embeddings().weight.shape[0])
+    device = next(adapted.model.parameters()).device
+    was_training = adapted.model.training
+    adapted.model.eval()
+    try:
+        for start in range(0, vocab, batch_size):
+            ids = torch.arange(start, min(start + batch_size, vocab), device=device)[:, None]
+            with contextlib.suppress(_StopForward):
+                adapted.model(input_ids=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        adapted.model.train(was_training)
+    return {name: torch.cat(parts) for name, parts in captured.items() if parts}
+
+
+def token_scores(
+    updates: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """Per vocabulary token: summed relative response of each linear's update to that token's
+    (unit-normalised) input to the linear."""
+    scores: torch.Tensor | None = None
+    for name, delta in updates.items():
+        if name not in inputs:
+            raise KeyError(
+                f"no token inputs recorded for {name}; pass token_inputs(...) of this block"
+            )
+        unit = inputs[name].double()
+        unit = unit / unit.norm(dim=1, keepdim=True).clamp(min=1e-12)
         response = (unit @ delta.t()).norm(dim=1)
-        scores += response / response.mean().clamp(min=1e-30)
+        part = response / response.mean().clamp(min=1e-30)
+        scores = part if scores is None else scores + part
+    if scores is None:
+        raise ValueError("no update of the attacked block to score")
     return scores
 
 

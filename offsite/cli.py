@@ -127,6 +127,56 @@ def simulate(
     run(cfg, run_dir, verbose=verbose)
 
 
+@app.command("run")
+def run_deployed(
+    overrides: Overrides = None,
+    config: ConfigOption = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            "--state", help="Coordinator state folder (default: $OFFSITE_HOME/coordinator)."
+        ),
+    ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option("--database", envvar="OFFSITE_DATABASE_URL", help="Registry database URL."),
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Write into this folder instead of a new one.")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue an interrupted run folder after its last round."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream Flower's log.")] = False,
+) -> None:
+    """Run a federation on the deployment: `offsite coordinator serve` and enrolled nodes.
+
+    Like `offsite simulate`, but the rounds run on the coordinator's Flower SuperLink with the
+    nodes that joined (`offsite client join` + `offsite client start`), each training on its own
+    data; `data.name` is only the coordinator's held-out evaluation set, and
+    `federation.num_clients` the number of nodes a round waits for. The bundle is signed and
+    published on the artifact service; nodes download and verify it on first use.
+
+    Example: offsite run federation.num_clients=2 federation.rounds=2
+    """
+    _setup_logging(verbose)
+    from coordinator.deployment import Deployment
+    from offsite.config import load_config
+    from offsite.paths import offsite_home
+
+    deployment = Deployment(state or offsite_home() / "coordinator", database)
+    _quiet_libraries()
+    from coordinator.simulate import simulate as run
+
+    if resume is not None:
+        if overrides or config or run_dir:
+            raise typer.BadParameter("--resume takes the run's own config; drop other settings")
+        run(load_config(resume / "config.toml"), resume, verbose, True, deployment)
+        return
+    run(load_config(config, overrides or []), run_dir, verbose, deployment=deployment)
+
+
 @emulator_app.command("build")
 def emulator_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the bundle into.")],

@@ -141,28 +141,71 @@ def coordinator_serve(
     artifacts: Annotated[
         str, typer.Option(help="Mutual-TLS address for artifacts.")
     ] = "0.0.0.0:9301",
+    flower: Annotated[
+        str,
+        typer.Option(
+            help="Address of the Flower SuperLink (TLS, SuperNode authentication); "
+            "'off' serves enrollment and artifacts only."
+        ),
+    ] = "0.0.0.0:9302",
     insecure: Annotated[
-        bool, typer.Option("--insecure", help="Plaintext; refused unless bound to loopback.")
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Plaintext enrollment/artifacts, no SuperLink; refused unless bound to loopback.",
+        ),
     ] = False,
 ) -> None:
-    """Serve enrollment and artifacts until interrupted."""
+    """Serve enrollment, artifacts and the Flower SuperLink until interrupted.
+
+    Enrolled nodes' Flower keys are registered with the SuperLink as they join; revoked nodes
+    are unregistered within seconds (and on every start).
+    """
+    from coordinator.flower_link import FlowerLink
     from coordinator.service import build_server, state_paths
     from offsite.errors import OffsiteError
+    from offsite.processes import stop_process_group
 
     folder = _state(state)
     pki, files = state_paths(folder)
     if not pki.exists():
         raise OffsiteError(f"{folder} has no coordinator keys; run `offsite coordinator init`")
-    server, enroll_port, artifact_port = build_server(
-        _store(folder, database), pki, files, enroll, artifacts, insecure=insecure
-    )
-    server.start()
-    typer.echo(f"enrollment on port {enroll_port}, artifacts on port {artifact_port}")
+    store = _store(folder, database)
+    built = build_server(store, pki, files, enroll, artifacts, insecure=insecure)
     stop = threading.Event()
+    link = None if insecure or flower == "off" else FlowerLink.of_state(folder, flower)
+    superlink = None
+    if link is not None:
+        superlink = link.start(pki)
+        built.enrollment.superlink_port = int(flower.rpartition(":")[2])
+        sync_lock = threading.Lock()
+
+        def sync() -> None:
+            with sync_lock:
+                link.sync(store)
+
+        built.enrollment.on_enrolled = sync
+        sync()
+
+        def keep_in_sync() -> None:
+            while not stop.wait(3.0):
+                sync()
+                if superlink.poll() is not None:
+                    typer.echo(f"the Flower SuperLink exited ({superlink.returncode})", err=True)
+                    stop.set()
+
+        threading.Thread(target=keep_in_sync, daemon=True).start()
+    built.server.start()
+    typer.echo(
+        f"enrollment on port {built.enroll_port}, artifacts on port {built.artifact_port}"
+        + (f", Flower SuperLink on {flower}" if link else "")
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    server.stop(grace=5).wait()
+    built.server.stop(grace=5).wait()
+    if superlink is not None:
+        stop_process_group(superlink)
 
 
 @client_app.command("join")
@@ -180,6 +223,46 @@ def client_join(
 
     identity = join(coordinator, token, ca_fingerprint, name, _node_state(state))
     typer.echo(f"joined as {name}; identity in {identity.folder}")
+
+
+@client_app.command("start")
+def client_start(
+    data: Annotated[Path, typer.Option(help="This node's training data (JSONL/CSV/text).")],
+    state: NodeStateOption = None,
+    port: Annotated[
+        int, typer.Option(help="Local port of the SuperNode's ClientApp API (loopback).")
+    ] = 9320,
+    superlink: Annotated[
+        str | None,
+        typer.Option(help="SuperLink HOST:PORT (default: the one the coordinator announced)."),
+    ] = None,
+) -> None:
+    """Run this node's Flower SuperNode until interrupted: it trains when the coordinator runs.
+
+    The data never leaves this machine; the run's bundle is fetched from the coordinator's
+    artifact service (mutual TLS, signature and digests verified) into the node's cache.
+    """
+    import subprocess
+
+    from client.identity import NodeIdentity
+    from client.supernode import supernode_command
+    from offsite.processes import flower_env, stop_process_group
+
+    identity = NodeIdentity(_node_state(state))
+    command = supernode_command(identity, data, port, superlink)
+    home = identity.folder / "flower"
+    home.mkdir(exist_ok=True)
+    process = subprocess.Popen(command, env=flower_env(home), start_new_session=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_process_group(process))
+    code = process.wait()
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        typer.echo(
+            f"the SuperNode exited with code {code} (305: this node's key is not registered "
+            "or was revoked; ask the coordinator's operator)",
+            err=True,
+        )
+        raise typer.Exit(code if code > 0 else 1)
 
 
 @client_app.command("fetch")

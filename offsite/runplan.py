@@ -22,6 +22,8 @@ class RunPlan:
     labels: tuple[str, ...]
     template: str
     config: dict[str, Any]  # the full OffsiteConfig as a dict
+    # deployment: the bundle's artifact digest on the coordinator's artifact service ("" = none)
+    bundle_artifact: str = ""
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))

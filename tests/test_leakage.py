@@ -9,7 +9,7 @@ from emulator.arch import arch_spec
 from emulator.dp import add_gaussian_noise, clip_update
 from emulator.examples import training_batches
 from emulator.layers import plan_layers
-from emulator.leakage import effective_updates, recovery, token_scores
+from emulator.leakage import effective_updates, recovery, token_inputs, token_scores
 from emulator.split import build_emulator
 from emulator.train import train_adapter
 from offsite.data import Example
@@ -44,17 +44,14 @@ def _client_update(tokenizer, kind: str):  # type: ignore[no-untyped-def]
     train_adapter(
         adapted, recording(), steps=8, lr=2e-2, precision="fp32", device=torch.device("cpu")
     )
-    embeddings = full.get_input_embeddings().weight.detach()
-    return before, adapted.trainable_state(), spec, used, embeddings
+    return before, adapted.trainable_state(), spec, used, token_inputs(adapted, 0)
 
 
 def test_plain_update_reveals_training_tokens_and_noise_hides_them(tokenizer) -> None:  # type: ignore[no-untyped-def]
     for kind in ("lora", "full"):
-        before, after, spec, used, embeddings = _client_update(tokenizer, kind)
+        before, after, spec, used, inputs = _client_update(tokenizer, kind)
         k = 20
-        plain = recovery(
-            token_scores(effective_updates(before, after, spec, 0), embeddings), used, k
-        )
+        plain = recovery(token_scores(effective_updates(before, after, spec, 0), inputs), used, k)
         assert plain.precision > 2 * plain.chance_precision, (kind, plain)
 
         delta = {name: after[name] - before[name] for name in after}
@@ -64,7 +61,26 @@ def test_plain_update_reveals_training_tokens_and_noise_hides_them(tokenizer) ->
             for name, value in add_gaussian_noise(clipped, 0.1 * 4.0).items()
         }
         noisy = recovery(
-            token_scores(effective_updates(before, noisy_after, spec, 0), embeddings), used, k
+            token_scores(effective_updates(before, noisy_after, spec, 0), inputs), used, k
         )
         assert noisy.precision < plain.precision, (kind, plain, noisy)
         assert noisy.precision < 1.6 * noisy.chance_precision + 0.1, (kind, noisy)
+
+
+def test_token_inputs_are_what_the_block_linears_read() -> None:
+    full = tiny_model("llama")
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec.for_plan("lora", plan, arch, 4, 8)
+    adapted = attach_adapter(build_emulator(full, plan, arch), arch, spec, plan.emulator_to_full())
+    inputs = token_inputs(adapted, 0, batch_size=7)
+    vocab = int(full.config.vocab_size)
+    q_name = next(name for name in inputs if name.endswith("self_attn.q_proj"))
+    assert all(tensor.shape[0] == vocab for tensor in inputs.values())
+    # q_proj reads the normalised embedding: RMSNorm(embedding) * weight
+    block = full.model.layers[0]
+    expected = block.input_layernorm(full.model.embed_tokens.weight[:, None, :]).squeeze(1)
+    torch.testing.assert_close(inputs[q_name], expected.detach(), rtol=1e-5, atol=1e-5)
+    # every LoRA-wrapped linear of the block has its inputs (keys match effective_updates)
+    updates = effective_updates(adapted.trainable_state(), adapted.trainable_state(), spec, 0)
+    assert set(updates) <= set(inputs)

@@ -52,11 +52,18 @@ def _start(state: Path, enroll_port: int = 0, artifact_port: int = 0) -> Coordin
     if not pki.exists():
         init_pki(pki.folder, ["localhost"])
     store = open_store(state)
-    server, enroll, artifacts = build_server(
+    built = build_server(
         store, pki, files, f"127.0.0.1:{enroll_port}", f"127.0.0.1:{artifact_port}"
     )
-    server.start()
-    return Coordinator(state, store, pki, f"127.0.0.1:{enroll}", f"127.0.0.1:{artifacts}", server)
+    built.server.start()
+    return Coordinator(
+        state,
+        store,
+        pki,
+        f"127.0.0.1:{built.enroll_port}",
+        f"127.0.0.1:{built.artifact_port}",
+        built.server,
+    )
 
 
 @pytest.fixture()

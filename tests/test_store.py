@@ -92,7 +92,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def test_schema_is_created_by_migrations_and_reversible(store_url: str) -> None:
     store = open_store(store_url)
-    assert current_revision(store.engine) == "0001"
+    assert current_revision(store.engine) == "0002"
     assert {"nodes", "enrollment_tokens", "artifacts", "runs", "rounds", "updates"} <= table_names(
         store.engine
     )
@@ -193,3 +193,22 @@ def test_concurrent_replies_store_exactly_one_row_each(store_url: str) -> None:
         again = list(pool.map(send, [n.id for n in nodes]))  # duplicates after a lost ack
     assert all(first) and not any(again)
     assert len(store.updates(round_id)) == 50
+
+
+def test_flower_registrations_follow_node_status(store_url: str) -> None:
+    store = open_store(store_url)
+    store.enroll(store.mint_token(), "site-a", "ab" * 32, "ecdsa-sha2-nistp384 AAAA a")
+    store.enroll(store.mint_token(), "site-b", "cd" * 32)  # no Flower key: nothing to register
+    pending = store.flower_out_of_sync()
+    assert [(k.name, k.active, k.flower_node_id) for k in pending] == [("site-a", True, None)]
+    store.set_flower_node_id("site-a", "123")
+    assert store.flower_out_of_sync() == []
+    store.revoke("site-a")
+    assert [(k.name, k.active, k.flower_node_id) for k in store.flower_out_of_sync()] == [
+        ("site-a", False, "123")
+    ]
+    store.set_flower_node_id("site-a", None)
+    assert store.flower_out_of_sync() == []
+    downgrade(store.engine, "0001")
+    assert current_revision(store.engine) == "0001"
+    assert current_revision(open_store(store_url).engine) == "0002"

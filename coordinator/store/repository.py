@@ -57,6 +57,16 @@ class NodeInfo:
     status: str
 
 
+@dataclass(frozen=True)
+class FlowerKey:
+    """A node's SuperNode authentication key and its SuperLink registration."""
+
+    name: str
+    public_key: str  # OpenSSH format
+    flower_node_id: str | None
+    active: bool
+
+
 class Store:
     """The coordinator's registry over one database."""
 
@@ -152,6 +162,29 @@ class Store:
         with self._tx() as s:
             rows = s.scalars(select(Node).order_by(Node.name))
             return [NodeInfo(r.id, r.name, r.certificate_fingerprint, r.status) for r in rows]
+
+    def flower_out_of_sync(self) -> list[FlowerKey]:
+        """Nodes whose SuperLink registration lags their status: active with a key but not
+        registered, or revoked but still registered."""
+        with self._tx() as s:
+            rows = s.scalars(
+                select(Node).where(
+                    (
+                        (Node.status == "active")
+                        & (Node.flower_public_key != "")
+                        & Node.flower_node_id.is_(None)
+                    )
+                    | ((Node.status != "active") & Node.flower_node_id.is_not(None))
+                )
+            )
+            return [
+                FlowerKey(r.name, r.flower_public_key, r.flower_node_id, r.status == "active")
+                for r in rows
+            ]
+
+    def set_flower_node_id(self, name: str, node_id: str | None) -> None:
+        with self._tx() as s:
+            s.execute(update(Node).where(Node.name == name).values(flower_node_id=node_id))
 
     def is_allowed(self, fingerprint: str) -> bool:
         """Whether a peer certificate belongs to an enrolled, unrevoked node (read per request)."""

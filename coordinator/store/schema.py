@@ -30,6 +30,8 @@ class Node(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     certificate_fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
     flower_public_key: Mapped[str] = mapped_column(Text, default="")
+    # the SuperLink's id for the registered key (None: not registered, or unregistered)
+    flower_node_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | revoked
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,0 +1,107 @@
+"""Federate over a real deployment: the coordinator's SuperLink and its enrolled SuperNodes.
+
+``offsite run`` prepares the run exactly as ``offsite simulate`` does (held-out split, emulator
+bundle, run plan), then instead of the simulation engine it
+
+1. signs the bundle and publishes it on the artifact service (nodes download it on first use,
+   over mutual TLS, verifying signature and digests before loading anything);
+2. starts the run on the SuperLink with ``flwr run`` (the Flower app is this installation's
+   ``coordinator.flower_app`` / ``client.flower_app``; only ``plan`` travels as run config) and
+   streams its log;
+3. evaluates and reports from the run folder the ServerApp wrote, as a simulation does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.flower_link import CONNECTION, FlowerLink, FlowerLinkError
+from offsite.processes import flower_env
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "offsite-run"
+version = "1.0.0"
+description = "Offsite federated offsite-tuning run (components from the installed offsite)"
+license = "Apache-2.0"
+dependencies = ["flwr>=1.41.0"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "offsite"
+
+[tool.flwr.app.components]
+serverapp = "coordinator.flower_app:app"
+clientapp = "client.flower_app:app"
+
+[tool.flwr.app.config]
+plan = ""
+"""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The coordinator state folder (keys, registry, artifacts, SuperLink) a run goes through."""
+
+    state: Path
+    database: str | None = None
+
+    def publish(self, bundle_dir: Path) -> str:
+        """Sign ``bundle_dir`` and offer it on the artifact service; its artifact digest."""
+        from coordinator.pki import signing_key
+        from coordinator.service import state_paths
+        from coordinator.store import open_store
+        from emulator.bundle import sign_bundle, verify_bundle
+
+        pki, files = state_paths(self.state)
+        verify_bundle(bundle_dir)
+        sign_bundle(bundle_dir, signing_key(pki))
+        artifact, size = files.add_bundle(bundle_dir)
+        store = open_store(self.database or self.state)
+        store.put_artifact(artifact, "bundle", size, files.path(artifact))
+        return artifact
+
+    def app_dir(self) -> Path:
+        folder = Path(self.state).resolve() / "flower" / "app"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+        return folder
+
+    def federate(self, plan_path: Path, verbose: bool = False) -> None:
+        """Run the plan on the SuperLink and stream its log until the run ends."""
+        link = FlowerLink.of_state(self.state)
+        command = [
+            str(Path(sys.executable).parent / "flwr"),
+            "run",
+            str(self.app_dir()),
+            CONNECTION,
+            "--run-config",
+            f'plan="{Path(plan_path).resolve()}"',
+            "--stream",
+        ]
+        result = subprocess.run(
+            command,
+            env=flower_env(link.home),
+            stdout=None if verbose else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        output = result.stdout or ""
+        if not verbose:
+            for line in output.splitlines():
+                if "round" in line.lower() or "error" in line.lower():
+                    print(line, flush=True)
+        if result.returncode != 0 or "ServerApp raised an exception" in output:
+            raise FlowerLinkError(
+                f"the run on the SuperLink at {link.address} failed (exit {result.returncode}):\n"
+                + "\n".join(output.splitlines()[-15:])
+            )
