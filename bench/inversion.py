@@ -1,18 +1,22 @@
-"""How much training text an honest-but-curious coordinator recovers from one client's update.
+"""How much of a client's training data an honest-but-curious coordinator recovers from its update.
 
 Run: make bench-inversion   (= .venv/bin/python bench/inversion.py)
 
-One data owner of the default run (SmolLM2-135M 2-16-2, bbc-news, client 0 of 4) trains from a
-global adapter (the default LoRA recipe after one round on another client's data); the attack
-(emulator/leakage.py) guesses the k tokens most likely to be in its training text from the update
-of the first adapter block. Two granularities: one AdamW step on one batch (the FedSGD-like
-worst case, `train.local_steps = 1`) and one default round. Views compared: the plain update
-(FedAvg without secure aggregation), the clipped update (what a coordinator adding DP noise
-centrally still sees) and the client's share under distributed DP with secure aggregation
-(clip + N(0, (σC)²/t)) at ε ∈ {8, 4, 1}; noisy views are averaged over several noise draws.
-Controls: another client's update scored against this client's tokens (word-frequency priors
-alone) and pure noise (what random directions reach). Leakage is precision above the controls.
-Template and special tokens are excluded. Writes bench/reports/inversion.{json,md}.
+Each data owner of the default run (SmolLM2-135M 2-16-2, bbc-news, 4 non-IID clients) trains
+from the same global adapter (the default LoRA recipe after one round on the last client's
+data) for one step on one batch (the FedSGD-like worst case, `train.local_steps = 1`) and for
+one default round. Two attacks (emulator/leakage.py) read the update:
+
+- label inference: which topic rises most on public prompts → the client's majority label
+  (hit rate over clients and noise draws; chance = 1 / number of labels);
+- bag of words: the k tokens the first adapter block's update responds to most → precision
+  against the tokens the client trained on (template and special tokens excluded). Control:
+  another client's update scored against this client's tokens.
+
+Views: the plain update (FedAvg without secure aggregation), the clipped update (what a
+coordinator adding DP noise centrally still sees) and the client's share under distributed DP
+with secure aggregation (clip + N(0, (σC)²/t)) at ε ∈ {8, 4, 1}, δ = 1e-5, 3 rounds; noisy views
+are drawn several times. Writes bench/reports/inversion.{json,md}.
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from cells import quiet_setup
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 DRAWS = 5
-KS = (50, 200)
+PROMPTS = 16
+K = 50
 
 
 def main() -> None:
@@ -35,16 +42,24 @@ def main() -> None:
     from coordinator.models import load_full_model
     from coordinator.secure_rounds import default_threshold
     from emulator.adapter import AdapterSpec, attach_adapter
+    from emulator.batches import encode_pair
     from emulator.dp import add_gaussian_noise, clip_update
     from emulator.examples import training_batches
     from emulator.forward import pick_device, resolve_precision
     from emulator.layers import plan_layers
-    from emulator.leakage import effective_updates, recovery, token_inputs, token_scores
+    from emulator.leakage import (
+        answer_shift,
+        effective_updates,
+        recovery,
+        token_inputs,
+        token_scores,
+    )
     from emulator.split import build_emulator
     from emulator.train import train_adapter
     from offsite.config import OffsiteConfig
     from offsite.data import load_task, partition, split_holdout
     from offsite.dp import noise_for_epsilon
+    from offsite.prompts import classification_parts, verbalize
 
     start = time.perf_counter()
     config = OffsiteConfig()
@@ -60,8 +75,9 @@ def main() -> None:
     device = pick_device()
     precision = resolve_precision(config.train.precision, device)
     template = config.data.template or task.template
-    emulator = build_emulator(full, plan, arch)
-    adapted = attach_adapter(emulator, arch, spec, plan.emulator_to_full(), seed=config.seed)
+    adapted = attach_adapter(
+        build_emulator(full, plan, arch), arch, spec, plan.emulator_to_full(), seed=config.seed
+    )
     adapted.model.to(device)
 
     def train_from(state: dict, index: int, steps: int) -> tuple[dict, set[int]]:
@@ -95,13 +111,38 @@ def main() -> None:
         after = adapted.trainable_state()
         return {k: after[k] - state[k] for k in state}, seen
 
-    last = config.federation.num_clients - 1
-    train_from(adapted.trainable_state(), last, config.train.local_steps)
+    clients = config.federation.num_clients
+    train_from(adapted.trainable_state(), clients - 1, config.train.local_steps)
     glob = adapted.trainable_state()  # the global adapter the attacked round starts from
     inputs = token_inputs(adapted, plan.bottom[0])
     ignore = set(tokenizer(template.replace("{text}", ""))["input_ids"]) | set(
         tokenizer.all_special_ids
     )
+    public = [ex.completion or ex.text for ex in load_task("chitchat").examples[:PROMPTS]]
+    prompts = [
+        torch.tensor(
+            encode_pair(
+                tokenizer,
+                *classification_parts(text, template, 40),
+                "",
+                config.data.max_length,
+            )[0]
+        )
+        for text in public
+    ]
+    labels = list(task.labels)
+    candidates = [
+        tokenizer(verbalize(label), add_special_tokens=False)["input_ids"][0] for label in labels
+    ]
+    if len(set(candidates)) != len(labels):
+        raise SystemExit("label inference needs label answers that start with distinct tokens")
+    majority = [Counter(ex.label for ex in share).most_common(1)[0] for share in shares]
+
+    @torch.no_grad()
+    def last_logits(state: dict, ids: torch.Tensor) -> torch.Tensor:
+        adapted.load_trainable(state)
+        return adapted.model(input_ids=ids[None].to(device)).logits[0, -1].float().cpu()
+
     clip = config.privacy.clip_norm
     threshold = default_threshold(config.federation.sampled_clients)
     sigmas = {
@@ -109,29 +150,9 @@ def main() -> None:
         for eps in (8.0, 4.0, 1.0)
     }
 
-    def precision_at(delta: dict, used: set[int]) -> dict[int, float]:
-        moved = {k: glob[k] + v for k, v in delta.items()}
-        scores = token_scores(effective_updates(glob, moved, spec, plan.bottom[0]), inputs)
-        return {k: recovery(scores, used, k, ignore).precision for k in KS}
-
-    rows = []
-    granularities = {
-        "one step, one batch": 1,
-        f"one round ({config.train.local_steps} steps)": config.train.local_steps,
-    }
-    meta_tokens = {}
-    for granularity, steps in granularities.items():
-        delta, used = train_from(glob, 0, steps)
-        other, _ = train_from(glob, 1, steps)
-        chance = recovery(torch.zeros(len(inputs[next(iter(inputs))])), used, 1, ignore)
-        meta_tokens[granularity] = len(set(used) - ignore)
+    def views(delta: dict) -> dict[str, list[dict]]:
         clipped, _ = clip_update(delta, clip)
-        zero = {k: torch.zeros_like(v) for k, v in delta.items()}
-        views: dict[str, list[dict]] = {
-            "control: another client's update": [other],
-            "control: noise only (σ of ε=1 share)": [
-                add_gaussian_noise(zero, sigmas[1.0] * clip / threshold**0.5) for _ in range(DRAWS)
-            ],
+        return {
             "plain update": [delta],
             f"clipped to {clip} (central DP)": [clipped],
             **{
@@ -141,51 +162,98 @@ def main() -> None:
                 for eps, sigma in sigmas.items()
             },
         }
-        for name, draws in views.items():
-            measured = [precision_at(d, used) for d in draws]
-            for k in KS:
-                values = [m[k] for m in measured]
-                rows.append(
-                    {
-                        "granularity": granularity,
-                        "view": name,
-                        "k": k,
-                        "precision": statistics.mean(values),
-                        "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-                        "draws": len(values),
-                        "chance_precision": chance.chance_precision,
-                    }
-                )
-        print(f"{granularity}: done", flush=True)
-    REPORTS.mkdir(parents=True, exist_ok=True)
+
+    def bag_precision(delta: dict, used: set[int]) -> float:
+        moved = {k: glob[k] + v for k, v in delta.items()}
+        scores = token_scores(effective_updates(glob, moved, spec, plan.bottom[0]), inputs)
+        return recovery(scores, used, K, ignore).precision
+
+    rows: list[dict[str, Any]] = []
+    chance_tokens: list[float] = []
+    granularities = {
+        "one step, one batch": 1,
+        f"one round ({config.train.local_steps} steps)": config.train.local_steps,
+    }
+    for granularity, steps in granularities.items():
+        updates = [train_from(glob, i, steps) for i in range(clients)]
+        hits: dict[str, list[float]] = {}
+        bags: dict[str, list[float]] = {}
+        controls = []
+        for i, (delta, used) in enumerate(updates):
+            chance_tokens.append(recovery(torch.zeros(1), used, 1, ignore).chance_precision)
+            controls.append(bag_precision(updates[(i + 1) % clients][0], used))
+            for name, draws in views(delta).items():
+                for draw in draws:
+                    moved = {k: glob[k] + v for k, v in draw.items()}
+                    rise = answer_shift(last_logits, glob, moved, prompts, candidates)
+                    guess = labels[int(rise.argmax())]
+                    hits.setdefault(name, []).append(float(guess == majority[i][0]))
+                    bags.setdefault(name, []).append(bag_precision(draw, used))
+            print(f"{granularity}: client {i} done", flush=True)
+        rows.append(
+            {
+                "granularity": granularity,
+                "view": "control: another client's update",
+                "label_hit_rate": None,
+                "bag_precision": statistics.mean(controls),
+                "bag_std": statistics.pstdev(controls),
+                "samples": len(controls),
+            }
+        )
+        for name in hits:
+            rows.append(
+                {
+                    "granularity": granularity,
+                    "view": name,
+                    "label_hit_rate": statistics.mean(hits[name]),
+                    "bag_precision": statistics.mean(bags[name]),
+                    "bag_std": statistics.pstdev(bags[name]),
+                    "samples": len(hits[name]),
+                }
+            )
     meta = {
         "finished": time.strftime("%Y-%m-%d %H:%M"),
         "seconds": time.perf_counter() - start,
-        "client_examples": len(shares[0]),
-        "distinct_tokens_trained": meta_tokens,
-        "noise_draws": DRAWS,
-    }
-    (REPORTS / "inversion.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [
-        "# Adapter inversion baseline",
-        "",
-        f"Generated {meta['finished']} by `python bench/inversion.py` "
-        f"({meta['seconds']:.0f} s). Client 0 of the default run ({meta['client_examples']} "
-        "examples) trains from a global adapter; distinct non-template tokens it saw: "
-        + ", ".join(f"{g}: {n}" for g, n in meta_tokens.items())
-        + f". Precision = share of the k guessed tokens that occur in its training text "
-        f"(mean ± std over {DRAWS} noise draws for noisy views).",
-        "",
-        "| granularity | view of the update | k | precision | chance |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {r['granularity']} | {r['view']} | {r['k']} | {r['precision']:.2f}"
-            + (f" ± {r['std']:.2f}" if r["draws"] > 1 else "")
-            + f" | {r['chance_precision']:.3f} |"
-            for r in rows
+        "clients": clients,
+        "majority_labels": [
+            {"label": lab, "share": n / len(s)}
+            for (lab, n), s in zip(majority, shares, strict=True)
         ],
+        "label_chance": 1 / len(labels),
+        "token_chance": statistics.mean(chance_tokens),
+        "k": K,
+        "noise_draws": DRAWS,
+        "public_prompts": PROMPTS,
+    }
+    write_reports(rows, meta)
+
+
+def write_reports(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    (REPORTS / "inversion.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    majority = ", ".join(f"{m['label']} {100 * m['share']:.0f} %" for m in meta["majority_labels"])
+    lines = [
+        "# Adapter inversion baselines",
         "",
+        f"Generated {meta['finished']} by `python bench/inversion.py` ({meta['seconds']:.0f} s). "
+        f"{meta['clients']} clients attacked, each from the same global adapter; their majority "
+        f"labels: {majority}. Label inference guesses the client's majority label from the "
+        f"answer shift on {meta['public_prompts']} public prompts (chance "
+        f"{meta['label_chance']:.2f}); bag of words guesses {meta['k']} tokens (chance "
+        f"precision {meta['token_chance']:.3f}). Noisy views: {meta['noise_draws']} draws per "
+        "client.",
+        "",
+        "| granularity | view of the update | label inference hit rate "
+        "| bag-of-words precision@k |",
+        "|---|---|---|---|",
     ]
+    for r in rows:
+        hit = "–" if r["label_hit_rate"] is None else f"{r['label_hit_rate']:.2f}"
+        lines.append(
+            f"| {r['granularity']} | {r['view']} | {hit} | "
+            f"{r['bag_precision']:.2f} ± {r['bag_std']:.2f} |"
+        )
+    lines.append("")
     (REPORTS / "inversion.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -86,7 +86,7 @@ def distributed_noise_std(plan: RunPlan) -> float:
 
 
 def _previous(path: Path, done: int) -> list[dict[str, Any]]:
-    """Client reports of the rounds a resumed run already completed."""
+    """Records (client reports, round outcomes) of the rounds a resumed run already completed."""
     if not done or not path.is_file():
         return []
     return [r for r in json.loads(path.read_text()) if int(r.get("round", 0)) <= done]
@@ -110,6 +110,7 @@ def main(grid: Grid, context: Context) -> None:
     else:
         initial = initial_adapter_state(bundle, seed=int(plan.config["seed"]))
     rounds_log: list[dict[str, Any]] = _previous(run_dir / "rounds.json", done)
+    earlier_outcomes = _previous(run_dir / "outcomes.json", done)
     progress = RoundProgress(total - done)
 
     def on_client_report(server_round: int, report: dict[str, Any]) -> None:
@@ -126,7 +127,8 @@ def main(grid: Grid, context: Context) -> None:
         path = run_dir / "adapters" / f"round-{server_round}.safetensors"
         save_adapter(state, path)
         (run_dir / "rounds.json").write_text(json.dumps(rounds_log, indent=1))
-        (run_dir / "outcomes.json").write_text(json.dumps(strategy.round_log, indent=1))
+        outcomes = [*earlier_outcomes, *strategy.round_log]
+        (run_dir / "outcomes.json").write_text(json.dumps(outcomes, indent=1))
         if server_round > 0:
             outcome = strategy.round_log[-1] if strategy.round_log else {}
             ledger.close(

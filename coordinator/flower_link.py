@@ -24,7 +24,7 @@ from typing import Any
 from coordinator.pki import Pki
 from coordinator.store import Store
 from offsite.errors import OffsiteError
-from offsite.processes import flower_env, stop_process_group
+from offsite.processes import flower_env, start_child, stop_tree
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +116,17 @@ class FlowerLink:
     def start(self, pki: Pki, timeout: float = 60.0) -> subprocess.Popen:
         """Start the SuperLink; returns once it accepts connections."""
         self.write_cli_config(pki)
-        process = subprocess.Popen(
+        process = start_child(
             self.command(pki),
-            env=flower_env(self.home),
+            flower_env(self.home),
             cwd=self.home,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            start_new_session=True,  # its SuperExec and ServerApp processes stop with it
         )
         try:
             wait_for_port(self.local_address, timeout, process)
         except FlowerLinkError as err:
-            stop_process_group(process)
+            stop_tree(process)
             raise FlowerLinkError(
                 f"the Flower SuperLink did not start on {self.address} ({err}); see "
                 f"{self.home / 'superlink.log'}"

@@ -1,20 +1,26 @@
-"""How much of a client's training text an adapter update gives away: an inversion baseline.
+"""How much of a client's training data an adapter update gives away: two inversion baselines.
 
-A linear layer's weight update is built from outer products ``δ_t x_tᵀ`` over the tokens it saw
+*Label inference* (``answer_shift``): plug the global and the client's adapter into the public
+model and compare the answer distribution on public prompts; the answers the client trained on
+rise. Under non-IID data this tells the coordinator what a client's data is about.
+
+*Bag of words* (``token_scores``):
+a linear layer's weight update is built from outer products ``δ_t x_tᵀ`` over the tokens it saw
 (AdamW rescales it per element, which blurs but does not remove that structure), so in the first
 adapter block, whose inputs are nearly a function of the token alone, the update responds most
 to the inputs of the tokens the client trained on. The attack feeds every vocabulary token
 through the public model up to that block, records what each linear reads (``token_inputs``),
 scores each token by the update's relative response to it (``token_scores``) and guesses the top
-k as "tokens in the client's text": a bag-of-words reconstruction. It needs only the update, the
-global adapter and the public model, i.e. what an honest-but-curious coordinator holds without
-secure aggregation.
+k as "tokens in the client's text".
+
+Both need only the update, the global adapter and the public model: what an honest-but-curious
+coordinator holds without secure aggregation.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,3 +148,29 @@ def recovery(
     ranked = sorted(candidates, key=lambda i: -float(scores[i]))[:k]
     hits = sum(1 for i in ranked if i in truth)
     return Recovery(k, hits / k, hits / max(len(truth), 1), len(truth) / max(len(candidates), 1))
+
+
+@torch.no_grad()
+def answer_shift(
+    logits_for: Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor],
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    contexts: Sequence[torch.Tensor],
+    candidates: Sequence[int],
+) -> torch.Tensor:
+    """Label inference: per candidate answer token, the mean rise of its log-probability at
+    the answer position of public prompts when the global adapter is replaced by the client's.
+
+    ``logits_for(state, input_ids)`` returns the last position's logits with adapter ``state``.
+    Fine-tuning raises the answers a client trained on, so the top candidate guesses the
+    client's majority label; per-element optimiser scaling (AdamW) does not hide it.
+    """
+    if not contexts:
+        raise ValueError("answer_shift needs at least one public prompt")
+    index = torch.tensor(list(candidates))
+    rise = torch.zeros(len(index), dtype=torch.float64)
+    for ids in contexts:
+        old = torch.log_softmax(logits_for(before, ids).double(), dim=-1)[index]
+        new = torch.log_softmax(logits_for(after, ids).double(), dim=-1)[index]
+        rise += new - old
+    return rise / len(contexts)

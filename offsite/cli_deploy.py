@@ -164,7 +164,7 @@ def coordinator_serve(
     from coordinator.flower_link import FlowerLink
     from coordinator.service import build_server, state_paths
     from offsite.errors import OffsiteError
-    from offsite.processes import stop_process_group
+    from offsite.processes import stop_tree
 
     folder = _state(state)
     pki, files = state_paths(folder)
@@ -205,7 +205,7 @@ def coordinator_serve(
     stop.wait()
     built.server.stop(grace=5).wait()
     if superlink is not None:
-        stop_process_group(superlink)
+        stop_tree(superlink)
 
 
 @client_app.command("join")
@@ -242,19 +242,18 @@ def client_start(
     The data never leaves this machine; the run's bundle is fetched from the coordinator's
     artifact service (mutual TLS, signature and digests verified) into the node's cache.
     """
-    import subprocess
 
     from client.identity import NodeIdentity
     from client.supernode import supernode_command
-    from offsite.processes import flower_env, stop_process_group
+    from offsite.processes import flower_env, start_child, stop_tree
 
     identity = NodeIdentity(_node_state(state))
     command = supernode_command(identity, data, port, superlink)
     home = identity.folder / "flower"
     home.mkdir(exist_ok=True)
-    process = subprocess.Popen(command, env=flower_env(home), start_new_session=True)
+    process = start_child(command, flower_env(home))
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_process_group(process))
+        signal.signal(sig, lambda *_: stop_tree(process))
     code = process.wait()
     if code not in (0, -signal.SIGTERM, -signal.SIGINT):
         typer.echo(

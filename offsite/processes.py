@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,15 +23,48 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
-def stop_process_group(process: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM a process started in its own session and its children; SIGKILL after ``grace``."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def die_with_parent() -> None:
+    """``preexec_fn``: on Linux the child gets SIGTERM when the process that started it dies,
+    even by SIGKILL, so a crashed coordinator or node leaves no Flower daemon behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def start_child(command: list[str], env: dict[str, str], **kwargs: object) -> subprocess.Popen:
+    """Start a Flower daemon in our process group (a signal to the group reaches it) that also
+    stops when we die.
+
+    The death signal is armed by a tiny launcher that then execs ``command`` (a ``preexec_fn``
+    would run after fork in a process that may hold gRPC threads, which aborts).
+    """
+    launcher = [sys.executable, "-m", "offsite.processes", *command]
+    return subprocess.Popen(launcher, env=env, **kwargs)  # type: ignore[call-overload]
+
+
+def stop_tree(process: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM ``process`` and everything it started; SIGKILL what is left after ``grace``."""
+    import psutil
+
+    try:
+        parent = psutil.Process(process.pid)
+        family = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=5.0)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=1.0)
+
+
+if __name__ == "__main__":  # the launcher of start_child
+    die_with_parent()
+    os.execvp(sys.argv[1], sys.argv[1:])

@@ -84,3 +84,45 @@ def test_token_inputs_are_what_the_block_linears_read() -> None:
     # every LoRA-wrapped linear of the block has its inputs (keys match effective_updates)
     updates = effective_updates(adapted.trainable_state(), adapted.trainable_state(), spec, 0)
     assert set(updates) <= set(inputs)
+
+
+def test_label_inference_names_the_label_a_client_trained_on(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from emulator.batches import encode_pair
+    from emulator.leakage import answer_shift
+    from offsite.prompts import classification_parts, verbalize
+
+    full = tiny_model("llama")
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec.for_plan("lora", plan, arch, 4, 8)
+    adapted = attach_adapter(build_emulator(full, plan, arch), arch, spec, plan.emulator_to_full())
+    template = "Text: {text}\nTopic:"
+    candidates = [
+        tokenizer(verbalize(lab), add_special_tokens=False)["input_ids"][0] for lab in LABELS
+    ]
+    assert len(set(candidates)) == len(LABELS)
+    prompts = [
+        torch.tensor(encode_pair(tokenizer, *classification_parts(t, template, 10), "", 48)[0])
+        for t in tiny_texts(LABELS[2], 4, seed=11)  # public prompts need not match the label
+    ]
+
+    def logits(state, ids):  # type: ignore[no-untyped-def]
+        adapted.load_trainable(state)
+        with torch.no_grad():
+            return adapted.model(input_ids=ids[None]).logits[0, -1]
+
+    before = adapted.trainable_state()
+    for label in LABELS[:2]:
+        adapted.load_trainable(before)
+        examples = [Example(t, label=label) for t in tiny_texts(label, 12, seed=3)]
+        stream = training_batches(
+            tokenizer, examples, template, max_words=10, max_length=48, batch_size=6, seed=0
+        )
+        torch.manual_seed(0)
+        train_adapter(
+            adapted, stream, steps=8, lr=2e-2, precision="fp32", device=torch.device("cpu")
+        )
+        after = adapted.trainable_state()
+        rise = answer_shift(logits, before, after, prompts, candidates)
+        assert LABELS[int(rise.argmax())] == label, (label, rise)
+        assert float(answer_shift(logits, before, before, prompts, candidates).abs().max()) == 0.0

@@ -384,4 +384,4 @@ def test_a_killed_coordinator_resumes_and_matches_an_uninterrupted_run(
     for key, score in reference.scores.items():
         assert resumed.scores[key].value == pytest.approx(score.value, abs=1e-9), key
     outcomes = json.loads((run_dir / "outcomes.json").read_text())
-    assert [o["round"] for o in outcomes][-1] == 3
+    assert [o["round"] for o in outcomes if o["round"] > 0] == [1, 2, 3]
