@@ -10,7 +10,8 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup simulate test test-fast lint clean bench-emulator bench-privacy bench-inversion
+.PHONY: setup simulate test test-fast lint clean bench-emulator bench-privacy bench-inversion \
+        bench-transfer
 
 setup: $(STAMP)
 
@@ -48,6 +49,10 @@ bench-privacy: setup
 # How much training text one client's adapter update gives away, with and without DP (~2 min).
 bench-inversion: setup
 	$(BIN)/python bench/inversion.py
+
+# Bundle transfer: artifact service vs one Flower message, 200 MB over loopback (~2 min).
+bench-transfer: setup
+	$(BIN)/python bench/transfer.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

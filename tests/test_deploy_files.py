@@ -72,7 +72,7 @@ def test_compose_services_run_real_commands_and_references_resolve() -> None:
             _parse_offsite(_substitute(service["command"]))
     ports = {p.split(":")[1] for p in services["coordinator"]["ports"]}
     defaults = _serve_defaults()
-    assert ports == {defaults["enroll"], defaults["artifacts"]}
+    assert ports == {defaults["enroll"], defaults["artifacts"], defaults["flower"]}
 
 
 def _serve_defaults() -> dict[str, str]:
@@ -82,7 +82,7 @@ def _serve_defaults() -> dict[str, str]:
     return {
         p.name: str(p.default).rsplit(":", 1)[1]
         for p in serve.params
-        if p.name in {"enroll", "artifacts"}
+        if p.name in {"enroll", "artifacts", "flower"}
     }  # type: ignore[union-attr]
 
 
