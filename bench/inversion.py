@@ -138,10 +138,18 @@ def main() -> None:
         raise SystemExit("label inference needs label answers that start with distinct tokens")
     majority = [Counter(ex.label for ex in share).most_common(1)[0] for share in shares]
 
+    lengths = torch.tensor([len(p) for p in prompts])
+    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+    mask = torch.zeros_like(padded)
+    for row, ids in enumerate(prompts):  # right padding: the answer position is lengths - 1
+        padded[row, : len(ids)], mask[row, : len(ids)] = ids, 1
+
     @torch.no_grad()
-    def last_logits(state: dict, ids: torch.Tensor) -> torch.Tensor:
+    def answer_logits(state: dict) -> torch.Tensor:
+        """[prompts, vocab] logits at the answer position with adapter ``state``."""
         adapted.load_trainable(state)
-        return adapted.model(input_ids=ids[None].to(device)).logits[0, -1].float().cpu()
+        out = adapted.model(input_ids=padded.to(device), attention_mask=mask.to(device))
+        return out.logits[torch.arange(len(prompts)), lengths - 1].float().cpu()
 
     clip = config.privacy.clip_norm
     threshold = default_threshold(config.federation.sampled_clients)
@@ -174,6 +182,7 @@ def main() -> None:
         "one step, one batch": 1,
         f"one round ({config.train.local_steps} steps)": config.train.local_steps,
     }
+    base = answer_logits(glob)
     for granularity, steps in granularities.items():
         updates = [train_from(glob, i, steps) for i in range(clients)]
         hits: dict[str, list[float]] = {}
@@ -185,7 +194,7 @@ def main() -> None:
             for name, draws in views(delta).items():
                 for draw in draws:
                     moved = {k: glob[k] + v for k, v in draw.items()}
-                    rise = answer_shift(last_logits, glob, moved, prompts, candidates)
+                    rise = answer_shift(base, answer_logits(moved), candidates)
                     guess = labels[int(rise.argmax())]
                     hits.setdefault(name, []).append(float(guess == majority[i][0]))
                     bags.setdefault(name, []).append(bag_precision(draw, used))

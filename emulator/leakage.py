@@ -20,7 +20,7 @@ coordinator holds without secure aggregation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,10 +112,9 @@ def token_scores(
             raise KeyError(
                 f"no token inputs recorded for {name}; pass token_inputs(...) of this block"
             )
-        unit = inputs[name].double()
-        unit = unit / unit.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        response = (unit @ delta.t()).norm(dim=1)
-        part = response / response.mean().clamp(min=1e-30)
+        x = inputs[name]
+        response = (x @ delta.to(x.dtype).t()).norm(dim=1) / x.norm(dim=1).clamp(min=1e-12)
+        part = response.double() / response.double().mean().clamp(min=1e-30)
         scores = part if scores is None else scores + part
     if scores is None:
         raise ValueError("no update of the attacked block to score")
@@ -142,35 +141,35 @@ def recovery(
     scores: torch.Tensor, used: Iterable[int], k: int, ignore: Iterable[int] = ()
 ) -> Recovery:
     """Score the top-``k`` guesses against the tokens actually trained on."""
-    ignored = set(ignore)
+    vocab = int(scores.shape[0])
+    ignored = {i for i in ignore if 0 <= i < vocab}
     truth = set(used) - ignored
-    candidates = [i for i in range(scores.shape[0]) if i not in ignored]
-    ranked = sorted(candidates, key=lambda i: -float(scores[i]))[:k]
+    masked = scores.double().clone()
+    if ignored:
+        masked[torch.tensor(sorted(ignored))] = float("-inf")
+    candidates = vocab - len(ignored)
+    ranked = masked.topk(min(k, candidates)).indices.tolist()
     hits = sum(1 for i in ranked if i in truth)
-    return Recovery(k, hits / k, hits / max(len(truth), 1), len(truth) / max(len(candidates), 1))
+    return Recovery(k, hits / k, hits / max(len(truth), 1), len(truth) / max(candidates, 1))
 
 
 @torch.no_grad()
 def answer_shift(
-    logits_for: Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor],
-    before: Mapping[str, torch.Tensor],
-    after: Mapping[str, torch.Tensor],
-    contexts: Sequence[torch.Tensor],
-    candidates: Sequence[int],
+    before: torch.Tensor, after: torch.Tensor, candidates: Sequence[int]
 ) -> torch.Tensor:
-    """Label inference: per candidate answer token, the mean rise of its log-probability at
-    the answer position of public prompts when the global adapter is replaced by the client's.
+    """Label inference: per candidate answer token, the mean rise of its log-probability at the
+    answer position of public prompts when the global adapter is replaced by the client's.
 
-    ``logits_for(state, input_ids)`` returns the last position's logits with adapter ``state``.
-    Fine-tuning raises the answers a client trained on, so the top candidate guesses the
-    client's majority label; per-element optimiser scaling (AdamW) does not hide it.
+    ``before`` / ``after``: ``[prompts, vocab]`` logits at the answer position with the global /
+    the client's adapter. Fine-tuning raises the answers a client trained on, so the top
+    candidate guesses the client's majority label; per-element optimiser scaling (AdamW) does
+    not hide it.
     """
-    if not contexts:
-        raise ValueError("answer_shift needs at least one public prompt")
+    if before.shape != after.shape or before.dim() != 2 or before.shape[0] == 0:
+        raise ValueError(
+            f"expected two equal [prompts, vocab] logits, got {before.shape}, {after.shape}"
+        )
     index = torch.tensor(list(candidates))
-    rise = torch.zeros(len(index), dtype=torch.float64)
-    for ids in contexts:
-        old = torch.log_softmax(logits_for(before, ids).double(), dim=-1)[index]
-        new = torch.log_softmax(logits_for(after, ids).double(), dim=-1)[index]
-        rise += new - old
-    return rise / len(contexts)
+    old = torch.log_softmax(before.double(), dim=-1)[:, index]
+    new = torch.log_softmax(after.double(), dim=-1)[:, index]
+    return (new - old).mean(dim=0)

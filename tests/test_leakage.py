@@ -106,12 +106,15 @@ def test_label_inference_names_the_label_a_client_trained_on(tokenizer) -> None:
         for t in tiny_texts(LABELS[2], 4, seed=11)  # public prompts need not match the label
     ]
 
-    def logits(state, ids):  # type: ignore[no-untyped-def]
+    def logits(state):  # type: ignore[no-untyped-def]
         adapted.load_trainable(state)
         with torch.no_grad():
-            return adapted.model(input_ids=ids[None]).logits[0, -1]
+            return torch.stack(
+                [adapted.model(input_ids=ids[None]).logits[0, -1] for ids in prompts]
+            )
 
     before = adapted.trainable_state()
+    base = logits(before)
     for label in LABELS[:2]:
         adapted.load_trainable(before)
         examples = [Example(t, label=label) for t in tiny_texts(label, 12, seed=3)]
@@ -123,6 +126,6 @@ def test_label_inference_names_the_label_a_client_trained_on(tokenizer) -> None:
             adapted, stream, steps=8, lr=2e-2, precision="fp32", device=torch.device("cpu")
         )
         after = adapted.trainable_state()
-        rise = answer_shift(logits, before, after, prompts, candidates)
+        rise = answer_shift(base, logits(after), candidates)
         assert LABELS[int(rise.argmax())] == label, (label, rise)
-        assert float(answer_shift(logits, before, before, prompts, candidates).abs().max()) == 0.0
+        assert float(answer_shift(base, logits(before), candidates).abs().max()) == 0.0
