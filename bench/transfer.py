@@ -259,7 +259,7 @@ def measure_flower_message(work: Path, size: int, env: dict[str, str]) -> dict[s
         idle = sampler.current()
         out = work / "flower-result.json"
         with sampler:
-            subprocess.run(
+            streamed = subprocess.run(
                 [
                     str(scripts / "flwr"),
                     "run",
@@ -270,13 +270,14 @@ def measure_flower_message(work: Path, size: int, env: dict[str, str]) -> dict[s
                     "--stream",
                 ],
                 env=flower_env(link_home),
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
                 timeout=3600,
             )
         if not out.is_file():
-            raise SystemExit("the Flower payload run wrote no result; see the SuperLink log")
+            tail = "\n".join(streamed.stdout.splitlines()[-20:])
+            raise SystemExit(f"the Flower payload run wrote no result:\n{tail}")
         result = json.loads(out.read_text())
     finally:
         if supernode is not None:
@@ -312,13 +313,18 @@ def write_reports(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         return sum(r["peak_rss"][s] - r["idle_rss"][s] for s in ("server", "node"))
 
     net = flower["seconds"] - flower["empty_seconds"]
+    net_ratio = (
+        f"{net / artifact['seconds']:.1f}× after subtracting Flower's fixed round-trip cost"
+        if net > 0
+        else "the payload's own cost is within the noise of Flower's fixed round-trip cost"
+    )
     lines += [
         "",
-        f"Flower's 1-byte round trip (ClientApp start, polling) took "
-        f"{flower['empty_seconds']:.2f} s; the payload message {flower['seconds']:.2f} s. "
-        f"Artifact download: {flower['seconds'] / artifact['seconds']:.1f}× faster than the "
-        f"Flower message ({net / artifact['seconds']:.1f}× "
-        "after subtracting Flower's fixed round-trip cost); memory added over idle on both "
+        f"Flower's 1-byte round trip (ClientApp start, polling; faster of one before and one "
+        f"after) took {flower['empty_seconds']:.2f} s; the payload message "
+        f"{flower['seconds']:.2f} s. Artifact download: "
+        f"{flower['seconds'] / artifact['seconds']:.1f}× faster than the Flower message "
+        f"({net_ratio}); memory added over idle on both "
         f"sides: {added(artifact) / MB:.0f} MB vs {added(flower) / MB:.0f} MB "
         f"({added(flower) / max(added(artifact), 1):.1f}×).",
         "",
