@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,18 @@ class Deployment:
         return folder
 
     def federate(self, plan_path: Path, verbose: bool = False) -> None:
-        """Run the plan on the SuperLink and stream its log until the run ends."""
+        """Run the plan on the SuperLink; a progress bar follows the rounds the ServerApp
+        records in the run folder, Flower's own log goes to ``<run>/flower.log`` (and to the
+        terminal with ``verbose``)."""
+        import json
+
+        from tqdm.auto import tqdm
+
+        from offsite.runplan import RunPlan
+
+        plan = RunPlan.load(plan_path)
+        run_dir = Path(plan.run_dir)
+        total = int(plan.config["federation"]["rounds"])
         link = FlowerLink.of_state(self.state)
         command = [
             str(Path(sys.executable).parent / "flwr"),
@@ -88,20 +100,35 @@ class Deployment:
             f'plan="{Path(plan_path).resolve()}"',
             "--stream",
         ]
-        result = subprocess.run(
-            command,
-            env=flower_env(link.home),
-            stdout=None if verbose else subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        output = result.stdout or ""
-        if not verbose:
-            for line in output.splitlines():
-                if "round" in line.lower() or "error" in line.lower():
-                    print(line, flush=True)
-        if result.returncode != 0 or "ServerApp raised an exception" in output:
+        log_path = run_dir / "flower.log"
+        outcomes = run_dir / "outcomes.json"
+
+        def finished_rounds() -> list[dict]:
+            try:
+                return [o for o in json.loads(outcomes.read_text()) if int(o["round"]) > 0]
+            except (OSError, ValueError):
+                return []
+
+        with (
+            log_path.open("a") as log,
+            tqdm(total=total, desc=f"rounds on {link.address}", unit="round") as bar,
+        ):
+            process = subprocess.Popen(
+                command,
+                env=flower_env(link.home),
+                stdout=None if verbose else log,
+                stderr=subprocess.STDOUT,
+            )
+            while process.poll() is None:
+                time.sleep(1.0)
+                done = finished_rounds()
+                bar.update(len(done) - bar.n)
+                if done:
+                    bar.set_postfix_str(str(done[-1].get("outcome", "")))
+            bar.update(len(finished_rounds()) - bar.n)
+        output = log_path.read_text(errors="replace")
+        if process.returncode != 0 or "ServerApp raised an exception" in output:
             raise FlowerLinkError(
-                f"the run on the SuperLink at {link.address} failed (exit {result.returncode}):\n"
-                + "\n".join(output.splitlines()[-15:])
+                f"the run on the SuperLink at {link.address} failed (exit {process.returncode}); "
+                f"Flower's log is {log_path}:\n" + "\n".join(output.splitlines()[-15:])
             )

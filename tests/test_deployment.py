@@ -225,6 +225,7 @@ def test_coordinator_and_two_nodes_federate_over_mtls_and_node_auth(
     output = deployment.processes.offsite(*deployment.run_args(2, run), timeout=900)
     assert (run / "adapters" / "round-2.safetensors").is_file(), output
     assert (run / "report.md").is_file()
+    assert (run / "flower.log").read_text().strip()  # Flower's own log, kept with the run
     rounds = json.loads((run / "rounds.json").read_text())
     per_round = {r["round"]: {int(r["partition-id"]) for r in rounds} for r in rounds}
     assert sorted(per_round) == [1, 2]
