@@ -33,6 +33,7 @@ from cells import quiet_setup
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 DRAWS = 5
+SHUFFLES = 4  # batches attacked per client at one-step granularity
 PROMPTS = 16
 K = 50
 
@@ -80,8 +81,11 @@ def main() -> None:
     )
     adapted.model.to(device)
 
-    def train_from(state: dict, index: int, steps: int) -> tuple[dict, set[int]]:
-        """Client ``index`` trains ``steps`` steps from ``state``: (its update, tokens it saw)."""
+    def train_from(
+        state: dict, index: int, steps: int, shuffle: int = 0
+    ) -> tuple[dict, set[int], Counter]:
+        """Client ``index`` trains ``steps`` steps from ``state``: its update, the tokens it
+        saw and how often each answer (first answer token) occurred in its batches."""
         adapted.load_trainable(state)
         stream = training_batches(
             tokenizer,
@@ -90,13 +94,16 @@ def main() -> None:
             max_words=config.data.max_words,
             max_length=config.data.max_length,
             batch_size=config.train.batch_size,
-            seed=config.seed + index,
+            seed=config.seed + index + 1000 * shuffle,
         )
         seen: set[int] = set()
+        answers: Counter = Counter()
 
         def recording():  # type: ignore[no-untyped-def]
             for batch in stream:
                 seen.update(batch.input_ids[batch.attention_mask.bool()].tolist())
+                for row in batch.labels:
+                    answers[int(row[row != -100][0])] += 1
                 yield batch
 
         torch.manual_seed(config.seed)
@@ -109,7 +116,7 @@ def main() -> None:
             device=device,
         )
         after = adapted.trainable_state()
-        return {k: after[k] - state[k] for k in state}, seen
+        return {k: after[k] - state[k] for k in state}, seen, answers
 
     clients = config.federation.num_clients
     train_from(adapted.trainable_state(), clients - 1, config.train.local_steps)
@@ -137,6 +144,7 @@ def main() -> None:
     if len(set(candidates)) != len(labels):
         raise SystemExit("label inference needs label answers that start with distinct tokens")
     majority = [Counter(ex.label for ex in share).most_common(1)[0] for share in shares]
+    vocab = int(inputs[next(iter(inputs))].shape[0])
 
     lengths = torch.tensor([len(p) for p in prompts])
     padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
@@ -178,27 +186,30 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     chance_tokens: list[float] = []
-    granularities = {
-        "one step, one batch": 1,
-        f"one round ({config.train.local_steps} steps)": config.train.local_steps,
+    granularities = {  # (local steps, batches drawn per client)
+        "one step, one batch": (1, SHUFFLES),
+        f"one round ({config.train.local_steps} steps)": (config.train.local_steps, 1),
     }
     base = answer_logits(glob)
-    for granularity, steps in granularities.items():
-        updates = [train_from(glob, i, steps) for i in range(clients)]
+    for granularity, (steps, shuffles) in granularities.items():
         hits: dict[str, list[float]] = {}
         bags: dict[str, list[float]] = {}
         controls = []
-        for i, (delta, used) in enumerate(updates):
-            chance_tokens.append(recovery(torch.zeros(1), used, 1, ignore).chance_precision)
-            controls.append(bag_precision(updates[(i + 1) % clients][0], used))
-            for name, draws in views(delta).items():
-                for draw in draws:
-                    moved = {k: glob[k] + v for k, v in draw.items()}
-                    rise = answer_shift(base, answer_logits(moved), candidates)
-                    guess = labels[int(rise.argmax())]
-                    hits.setdefault(name, []).append(float(guess == majority[i][0]))
-                    bags.setdefault(name, []).append(bag_precision(draw, used))
-            print(f"{granularity}: client {i} done", flush=True)
+        for shuffle in range(shuffles):
+            updates = [train_from(glob, i, steps, shuffle) for i in range(clients)]
+            for i, (delta, used, answers) in enumerate(updates):
+                chance_tokens.append(recovery(torch.zeros(vocab), used, 1, ignore).chance_precision)
+                controls.append(bag_precision(updates[(i + 1) % clients][0], used))
+                most = max(answers.values())
+                trained = {token for token, n in answers.items() if n == most}
+                for name, draws in views(delta).items():
+                    for draw in draws:
+                        moved = {k: glob[k] + v for k, v in draw.items()}
+                        rise = answer_shift(base, answer_logits(moved), candidates)
+                        guess = candidates[int(rise.argmax())]
+                        hits.setdefault(name, []).append(float(guess in trained))
+                        bags.setdefault(name, []).append(bag_precision(draw, used))
+            print(f"{granularity}: batches {shuffle + 1}/{shuffles} done", flush=True)
         rows.append(
             {
                 "granularity": granularity,
@@ -246,10 +257,11 @@ def write_reports(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         "",
         f"Generated {meta['finished']} by `python bench/inversion.py` ({meta['seconds']:.0f} s). "
         f"{meta['clients']} clients attacked, each from the same global adapter; their majority "
-        f"labels: {majority}. Label inference guesses the client's majority label from the "
-        f"answer shift on {meta['public_prompts']} public prompts (chance "
-        f"{meta['label_chance']:.2f}); bag of words guesses {meta['k']} tokens (chance "
-        f"precision {meta['token_chance']:.3f}). Noisy views: {meta['noise_draws']} draws per "
+        f"labels overall: {majority}. Label inference guesses the most frequent answer in the "
+        f"batches the update was trained on from the answer shift on {meta['public_prompts']} "
+        f"public prompts (chance ≈ {meta['label_chance']:.2f}); bag of words guesses "
+        f"{meta['k']} tokens (chance precision {meta['token_chance']:.3f}). Noisy views: "
+        f"{meta['noise_draws']} draws per update; one-step updates: {SHUFFLES} batches per "
         "client.",
         "",
         "| granularity | view of the update | label inference hit rate "
