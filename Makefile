@@ -42,11 +42,11 @@ test-fast: lint
 bench-emulator: setup
 	$(BIN)/python bench/emulator_matrix.py
 
-# Privacy options benchmark (issue 7): FedAvg, SecAgg, DP at three budgets; ~1 hour on 2 cores.
+# Privacy options benchmark: FedAvg, SecAgg, DP at three budgets, SecAgg + DP; ~35 min on 2 cores.
 bench-privacy: setup
 	$(BIN)/python bench/privacy_matrix.py
 
-# How much training text one client's adapter update gives away, with and without DP (~2 min).
+# What one client's adapter update gives away (label inference, bag of words), with and without DP (~20 min).
 bench-inversion: setup
 	$(BIN)/python bench/inversion.py
 
