@@ -35,6 +35,8 @@ from typing import Any
 
 import psutil
 
+from offsite.processes import wait_for_port
+
 ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
 APP = ROOT / "flower_payload"
@@ -45,19 +47,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{process.args[:3]} exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"nothing listens on port {port}")
 
 
 def tree_rss(pid: int) -> int:
@@ -154,7 +143,7 @@ def measure_artifact_plane(work: Path, size: int, env: dict[str, str]) -> dict[s
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_port(enroll, serve)
+        wait_for_port(f"127.0.0.1:{enroll}", 120.0, serve)
         node = work / "node"
         join(
             f"127.0.0.1:{enroll}",
@@ -233,7 +222,7 @@ def measure_flower_message(work: Path, size: int, env: dict[str, str]) -> dict[s
     )
     supernode = None
     try:
-        wait_port(port, superlink)
+        wait_for_port(f"127.0.0.1:{port}", 120.0, superlink)
         supernode = start_child(
             [
                 str(scripts / "flower-supernode"),

@@ -13,6 +13,7 @@ bundle, run plan), then instead of the simulation engine it
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -81,8 +82,6 @@ class Deployment:
         """Run the plan on the SuperLink; a progress bar follows the rounds the ServerApp
         records in the run folder, Flower's own log goes to ``<run>/flower.log`` (and to the
         terminal with ``verbose``)."""
-        import json
-
         from tqdm.auto import tqdm
 
         from offsite.runplan import RunPlan

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 from coordinator.pki import Pki
 from coordinator.store import Store
 from offsite.errors import OffsiteError
-from offsite.processes import flower_env, start_child, stop_tree
+from offsite.processes import flower_env, start_child, stop_tree, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +31,6 @@ CONNECTION = "offsite"
 
 class FlowerLinkError(OffsiteError):
     exit_code = 6
-
-
-def wait_for_port(address: str, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Block until something accepts TCP connections on ``address``."""
-    host, _, port = address.rpartition(":")
-    host = "127.0.0.1" if host in ("", "0.0.0.0") else host.strip("[]")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise FlowerLinkError(f"the Flower process exited with code {process.returncode}")
-        try:
-            with socket.create_connection((host, int(port)), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise FlowerLinkError(f"nothing listens on {address} after {timeout:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -125,7 +107,7 @@ class FlowerLink:
         )
         try:
             wait_for_port(self.local_address, timeout, process)
-        except FlowerLinkError as err:
+        except (ChildProcessError, TimeoutError) as err:
             stop_tree(process)
             raise FlowerLinkError(
                 f"the Flower SuperLink did not start on {self.address} ({err}); see "

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -21,6 +23,25 @@ def flower_env(home: Path) -> dict[str, str]:
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     return env
+
+
+def wait_for_port(address: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Block until something accepts TCP connections on ``address`` (``host:port``).
+
+    Raises ChildProcessError if ``process`` exits first, TimeoutError after ``timeout`` seconds.
+    """
+    host, _, port = address.rpartition(":")
+    host = "127.0.0.1" if host in ("", "0.0.0.0") else host.strip("[]")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ChildProcessError(f"the process exited with code {process.returncode}")
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {address} after {timeout:.0f} s")
 
 
 def die_with_parent() -> None:

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from offsite.data import Example, write_jsonl
+from offsite.processes import wait_for_port
 from tests.conftest import LABELS, tiny_texts
 
 pytestmark = pytest.mark.integration
@@ -36,18 +37,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _wait_port(port: int, process: subprocess.Popen, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"process exited with {process.returncode}"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 class Processes:
@@ -114,8 +103,8 @@ class Deployment:
             "--flower",
             f"127.0.0.1:{self.flower}",
         )
-        _wait_port(self.enroll, self.server)
-        _wait_port(self.flower, self.server)
+        wait_for_port(f"127.0.0.1:{self.enroll}", 90.0, self.server)
+        wait_for_port(f"127.0.0.1:{self.flower}", 90.0, self.server)
 
     def join_and_start(self, name: str, seed: int) -> Path:
         data = self.root / f"{name}.jsonl"
