@@ -1,0 +1,115 @@
+"""``PackedLinear``: a frozen linear on int8 / int4 weights for sparse fine-tuning.
+
+Its autograd function returns the gradient with respect to the *input only*: the weights are
+frozen, so no weight gradient is ever formed, and nothing is saved for backward — not the input
+(only a weight gradient would need it) and not a dequantized weight (rows are dequantized again,
+block by block, in backward). What stays in memory between forward and backward is the packed
+weight the layer holds anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from client.kernels.backends import KernelBackend, backend_for
+from client.kernels.packed import PackedWeight, pack_layer
+from emulator.quant import QuantLinear, replace_module
+
+
+class _PackedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:  # type: ignore[override]
+        weight = layer.packed
+        backend = backend_for(weight.codes.device)
+        rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        if weight.input_scale is not None:
+            rows = rows / weight.input_scale
+        out = backend.forward(rows, weight, backend.block_elements)
+        ctx.layer, ctx.backend, ctx.input_dtype = layer, backend, x.dtype
+        ctx.input_shape = x.shape
+        out_dtype = weight.dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return out.reshape(*x.shape[:-1], weight.out_features).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        weight: PackedWeight = ctx.layer.packed
+        backend: KernelBackend = ctx.backend
+        dy = grad_out.reshape(-1, weight.out_features).to(weight.dtype)
+        dx = backend.backward(dy, weight, backend.block_elements)
+        if weight.input_scale is not None:
+            dx = dx / weight.input_scale
+        return dx.reshape(ctx.input_shape).to(ctx.input_dtype), None
+
+
+class PackedLinear(nn.Module):
+    """Drop-in for a frozen ``QuantLinear`` with the fast kernels of ``client.kernels``."""
+
+    def __init__(self, packed: PackedWeight) -> None:
+        super().__init__()
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.register_buffer("codes", packed.codes)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("offsets", packed.offsets)
+        self.register_buffer("input_scale", packed.input_scale)
+        self.register_buffer("bias", packed.bias)
+
+    @property
+    def packed(self) -> PackedWeight:
+        """The buffers as a ``PackedWeight`` (they follow ``.to(device)``)."""
+        return PackedWeight(
+            self.codes,
+            self.scales,
+            self.offsets,
+            self.input_scale,
+            self.bias,
+            self.in_features,
+            self.out_features,
+        )
+
+    @classmethod
+    def from_quant(cls, layer: QuantLinear, dtype: torch.dtype) -> PackedLinear:
+        return cls(pack_layer(layer, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _PackedLinearFunction.apply(x, self)  # type: ignore[no-any-return]
+
+    def extra_repr(self) -> str:
+        bits = 8 if self.codes.dtype == torch.int8 else 4
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int{bits}, "
+            f"groups={self.scales.shape[1]}, dtype={self.scales.dtype}"
+        )
+
+
+def install_kernels(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every ``QuantLinear`` in ``model`` by a ``PackedLinear`` computing in ``dtype``."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name, layer in found:
+        replace_module(model, name, PackedLinear.from_quant(layer, dtype))
+    return len(found)
+
+
+def freeze_float_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights of frozen ``nn.Linear`` layers in ``dtype`` (bf16 compute needs no
+    fp32 master copy of a weight that never changes); returns how many were converted.
+
+    Embedding tables are left alone: the residual stream starts there.
+    """
+    converted = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or module.weight.requires_grad:
+            continue
+        if module.weight.dtype != dtype and not _is_tied(model, module.weight):
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(dtype)
+            converted += 1
+    return converted
+
+
+def _is_tied(model: nn.Module, weight: torch.Tensor) -> bool:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings is not None and embeddings.weight.data_ptr() == weight.data_ptr()
