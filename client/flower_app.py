@@ -18,7 +18,6 @@ from client.secure_stage import STAGE_KEY, handle_query, masked_update
 from client.session import open_session
 from emulator.dp import add_gaussian_noise, clip_update
 from emulator.examples import training_batches
-from emulator.forward import resolve_precision
 from emulator.train import train_adapter
 from offsite.data import load_task
 
@@ -74,7 +73,9 @@ def _set_threads(config: ConfigRecord) -> None:
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     _set_threads(config)
-    session = open_session(_bundle_path(config, context), str(config["bundle-digest"]))
+    session = open_session(
+        _bundle_path(config, context), str(config["bundle-digest"]), str(config["precision"])
+    )
     global_state = msg.content["arrays"].to_torch_state_dict()
     session.adapted.load_trainable(global_state)
 
@@ -92,13 +93,12 @@ def train(msg: Message, context: Context) -> Message:
         seed=seed,
     )
     torch.manual_seed(seed)
-    precision = resolve_precision(str(config["precision"]), session.device)
     result = train_adapter(
         session.adapted,
         batches,
         steps=int(config["local-steps"]),
         lr=float(config["lr"]),
-        precision=precision,
+        precision=session.precision,
         device=session.device,
     )
     trained = misbehave(config, partition, global_state, session.adapted.trainable_state())

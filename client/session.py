@@ -1,18 +1,28 @@
 """A data owner's training session: a verified bundle loaded once, reused across rounds.
 
 Flower keeps simulation workers (Ray actors) alive across rounds, so the emulator is loaded once
-per worker process and cached by bundle digest; each round only swaps in the global adapter.
+per worker process and cached by bundle digest and precision; each round only swaps in the
+global adapter.
+
+Loading prepares the frozen part for training (``prepare_frozen``): quantized middle linears
+move onto the packed kernels of ``client.kernels`` and, with bf16 compute, frozen float linears
+are stored in bf16 (autocast would cast them to bf16 on every use anyway, so the numbers do not
+change; the fp32 copy is simply never kept).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from client.kernels import freeze_float_linears, install_kernels
 from emulator.adapter import AdaptedModel, attach_adapter
 from emulator.bundle import (
     Bundle,
@@ -21,9 +31,11 @@ from emulator.bundle import (
     load_bundle_tokenizer,
     verify_bundle,
 )
-from emulator.forward import pick_device
+from emulator.forward import pick_device, resolve_precision
 
 log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -32,25 +44,70 @@ class Session:
     adapted: AdaptedModel
     tokenizer: Any
     device: torch.device
+    precision: str  # resolved: "fp32" | "bf16"
 
 
-_SESSIONS: dict[str, Session] = {}
+_SESSIONS: dict[tuple[str, str], Session] = {}
 
 
-def open_session(bundle_path: Path | str, digest: str) -> Session:
-    """Verify and load the bundle ``digest`` (once per process)."""
-    if digest in _SESSIONS:
-        return _SESSIONS[digest]
+def prepare_frozen(model: nn.Module, precision: str) -> dict[str, int]:
+    """Put ``model``'s frozen linears on the fast path for ``precision`` (call after the
+    adapter is attached, so trainable tensors are known); returns what was converted.
+
+    Tensors loaded from a memory-mapped checkpoint are copied into process memory and the
+    mapping dropped: otherwise every page of the file that a conversion touched stays
+    resident beside the converted copy.
+    """
+    dtype = COMPUTE_DTYPES[precision]
+    packed = install_kernels(model, dtype)
+    cast = freeze_float_linears(model, dtype) if dtype != torch.float32 else 0
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    release_freed_memory()
+    return {"packed_linears": packed, "bf16_linears": cast}
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python and torch back to the OS (glibc keeps it otherwise)."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def open_session(bundle_path: Path | str, digest: str, precision: str = "auto") -> Session:
+    """Verify and load the bundle ``digest`` for training in ``precision`` (once per process)."""
+    device = pick_device()
+    resolved = resolve_precision(precision, device)
+    key = (digest, resolved)
+    if key in _SESSIONS:
+        return _SESSIONS[key]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     bundle = verify_bundle(bundle_path, expected_digest=digest)
-    device = pick_device()
     model = load_bundle_model(bundle).to(device)
     plan = bundle.plan
     adapted = attach_adapter(model, bundle_arch(bundle), bundle.adapter, plan.emulator_to_full())
-    session = Session(bundle, adapted, load_bundle_tokenizer(bundle), device)
+    converted = prepare_frozen(adapted.model, resolved)
+    session = Session(bundle, adapted, load_bundle_tokenizer(bundle), device, resolved)
     _SESSIONS.clear()  # one bundle per worker at a time
-    _SESSIONS[digest] = session
-    log.info("loaded bundle %s (%s) on %s", digest[:12], plan.label, device)
+    _SESSIONS[key] = session
+    log.info(
+        "loaded bundle %s (%s) on %s, %s compute, %d packed and %d bf16 frozen linears",
+        digest[:12],
+        plan.label,
+        device,
+        resolved,
+        converted["packed_linears"],
+        converted["bf16_linears"],
+    )
     return session

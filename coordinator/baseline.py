@@ -14,7 +14,7 @@ from emulator.arch import arch_spec
 from emulator.examples import training_batches
 from emulator.forward import resolve_precision
 from emulator.train import train_adapter
-from offsite.config import OffsiteConfig
+from offsite.config import OffsiteConfig, learning_rate
 from offsite.data import Example
 
 
@@ -53,7 +53,7 @@ def full_fine_tune(
         adapted,
         batches,
         steps=steps,
-        lr=config.train.lr,
+        lr=learning_rate(config.train),
         precision=resolve_precision(config.train.precision, device),
         device=device,
         on_step=on_step,

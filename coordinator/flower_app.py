@@ -25,7 +25,7 @@ from coordinator.strategy import AdapterFedAvg
 from emulator.bundle import bundle_arch, verify_bundle
 from emulator.peft_format import write_peft_adapter
 from offsite.catalog import resolve_model
-from offsite.config import config_from_dict
+from offsite.config import config_from_dict, learning_rate
 from offsite.dp import dp_schedule
 from offsite.runplan import RunPlan
 
@@ -48,7 +48,7 @@ def train_config(plan: RunPlan) -> ConfigRecord:
             "max-length": data["max_length"],
             "batch-size": train["batch_size"],
             "local-steps": train["local_steps"],
-            "lr": float(train["lr"]),
+            "lr": learning_rate(train),
             "precision": train["precision"],
             "seed": plan.config["seed"],
             # simulation: one torch thread per reserved core, so parallel clients don't thrash

@@ -1,0 +1,478 @@
+"""Benchmark the data owner's client against full-model fine-tuning, side by side.
+
+Run: make bench-client   (= offsite bench client = .venv/bin/python bench/client_matrix.py)
+
+Two models: the embedded default (SmolLM2-135M, 30 blocks, emulator 2-16-2) and a deeper
+synthetic one (SmolLM2's shapes with 48 blocks, random weights, emulator 2-16-2). On each, in
+one run and on the same batches (bbc-news, the default recipe: 8 examples × ≤ 128 tokens,
+AdamW, answer-only loss):
+
+- **baselines**: full-model full fine-tuning in fp32 and in bf16 autocast, full-model LoRA;
+- **the offsite client**: every update policy × {fp32, bf16, int8, int4} on the emulator (int8
+  and int4 bundles are quantized by the owner with AWQ; the client computes in bf16 on the
+  packed kernels of ``client.kernels``).
+
+Each cell runs in a fresh process (nothing shared, no allocator reuse between cells): load,
+then ``--warmup`` discarded steps and ``--steps`` measured ones. Throughput is answer-loss
+training tokens per second; memory is the process's peak RSS over the training steps (kernel
+high-water mark, reset after loading). The baseline is the *faster* of full fine-tuning in fp32
+and bf16; ratios are against it.
+
+Plug-in accuracy (default model only: the synthetic model's weights are random) comes from a
+real ``offsite simulate`` run of the default federation per policy × precision; cells finished in
+bench/out/client are reused (``--fresh`` re-runs). The report
+(bench/reports/client.{json,md,png}) is rewritten after every cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+REPORTS = ROOT / "reports"
+WORK = ROOT / "out" / "client"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent))
+
+POLICIES = ("lora", "top", "sparse", "full", "bias")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+MODELS = {
+    "smollm2-135m (30 blocks)": {"key": "default", "blocks": 30},
+    "synthetic (48 blocks)": {"key": "deep48", "blocks": 48},
+}
+ACCURACY_TOLERANCE = 1.0  # points below the LoRA default a policy may lose
+GOALS = {"speedup": 6.5, "memory": 5.6}
+
+
+# ---------------------------------------------------------------- one cell, in its own process
+
+
+def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load the cell's model, train ``warmup + steps`` steps, measure (runs in a subprocess)."""
+    import peft  # noqa: F401  (imported before the runtime baseline is read)
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    from client.profile import measure_training, rss_bytes
+    from client.session import prepare_frozen
+    from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
+    from emulator.arch import arch_spec, block_list, block_prefix
+    from emulator.bundle import bundle_arch, load_bundle_model, verify_bundle
+    from emulator.examples import training_batches
+    from offsite.config import POLICY_LR, OffsiteConfig
+    from offsite.data import load_task, split_holdout
+
+    rss_imports = rss_bytes()
+    torch.manual_seed(0)
+    defaults = OffsiteConfig()
+    device = torch.device("cpu")
+    precision = "bf16" if spec["precision"] in ("bf16", "int8", "int4") else "fp32"
+    if spec["kind"] == "offsite":
+        bundle = verify_bundle(spec["bundle"])
+        model = load_bundle_model(bundle)
+        arch = bundle_arch(bundle)
+        adapter = AdapterSpec.for_plan(spec["policy"], bundle.plan, arch)
+        adapted = attach_adapter(model, arch, adapter, bundle.plan.emulator_to_full())
+        prepare_frozen(adapted.model, precision)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(spec["model_path"])
+        arch = arch_spec(config)
+        model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
+        layers = tuple(range(int(config.num_hidden_layers)))
+        identity = {i: i for i in layers}
+        if spec["kind"] == "full-lora":
+            adapted = attach_adapter(model, arch, AdapterSpec("lora", layers), identity)
+        else:
+            model.requires_grad_(True)
+            blocks = block_list(model, arch)
+            adapted = AdaptedModel(
+                model,
+                AdapterSpec("full", layers),
+                arch,
+                block_prefix(model, arch, blocks),
+                identity,
+            )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    task = load_task(defaults.data.name)
+    train, _ = split_holdout(task.examples, defaults.data.eval_size, defaults.seed)
+    batches = training_batches(
+        tokenizer,
+        train,
+        task.template or defaults.data.template,
+        max_words=defaults.data.max_words,
+        max_length=defaults.data.max_length,
+        batch_size=defaults.train.batch_size,
+        seed=0,
+    )
+    trainable = sum(p.numel() for p in adapted.trainable_parameters())
+    rss_loaded = rss_bytes()
+    measured = measure_training(
+        adapted,
+        batches,
+        steps=spec["steps"],
+        warmup=spec["warmup"],
+        lr=POLICY_LR[spec.get("policy", "full" if spec["kind"] == "full-ft" else "lora")],
+        precision=precision,
+        device=device,
+    )
+    return {
+        **spec,
+        "compute": precision,
+        "trainable_parameters": trainable,
+        "rss_imports": rss_imports,
+        "rss_loaded": rss_loaded,
+        **measured.to_dict(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def cell_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "cell", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"cell {spec['name']} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- models and bundles
+
+
+def synthetic_model(blocks: int, source: Path, out: Path) -> Path:
+    """SmolLM2's config with ``blocks`` decoder blocks, seeded random weights, its tokenizer."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source)
+    config.num_hidden_layers = blocks
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = out.with_suffix(".partial")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def ensure_bundle(model_path: Path, quantize: str, out: Path) -> Path:
+    """The model's 2-16-2 emulator bundle (fp32 or owner-quantized), built once."""
+    if (out / "manifest.json").is_file():
+        return out
+    from coordinator.models import load_full_model
+    from emulator.adapter import AdapterSpec
+    from emulator.build import build_bundle
+    from emulator.layers import plan_layers
+    from offsite.config import EmulatorConfig
+
+    full, tokenizer, arch, _ = load_full_model(str(model_path))
+    settings = EmulatorConfig(quantize=quantize)  # type: ignore[arg-type]
+    blocks = int(full.config.num_hidden_layers)
+    plan = plan_layers(blocks, settings.bottom, settings.top, settings.keep)
+    adapter = AdapterSpec.for_plan("lora", plan, arch)
+    build_bundle(
+        full, tokenizer, arch, plan, adapter, out, source=str(model_path), settings=settings
+    )
+    return out
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> list[dict]:
+    common = {"model_path": str(model_path), "tokenizer": str(model_path)}
+    common |= {"steps": args.steps, "warmup": args.warmup}
+    specs = [
+        {**common, "name": "full FT fp32", "kind": "full-ft", "precision": "fp32"},
+        {**common, "name": "full FT bf16", "kind": "full-ft", "precision": "bf16"},
+        {**common, "name": "full LoRA bf16", "kind": "full-lora", "precision": "bf16"},
+    ]
+    for policy in POLICIES:
+        for precision in PRECISIONS:
+            bundle = bundles["fp32" if precision in ("fp32", "bf16") else precision]
+            specs.append(
+                {
+                    **common,
+                    "name": f"offsite {policy} {precision}",
+                    "kind": "offsite",
+                    "policy": policy,
+                    "precision": precision,
+                    "bundle": str(bundle),
+                }
+            )
+    return specs
+
+
+def accuracy_cells() -> list[tuple[str, list[str]]]:
+    """(name, overrides) in the order they run: the default precision of every policy first."""
+    order = [("bf16", p) for p in POLICIES]
+    order += [(q, p) for q in ("int8", "int4", "fp32") for p in POLICIES]
+    cells = []
+    for precision, policy in order:
+        overrides = [f"train.adapter={policy}"]
+        overrides.append(f"train.precision={'fp32' if precision == 'fp32' else 'bf16'}")
+        if precision in ("int8", "int4"):
+            overrides.append(f"emulator.quantize={precision}")
+        cells.append((f"offsite {policy} {precision}", overrides))
+    return cells
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _mb(value: float) -> float:
+    return value / 2**20
+
+
+def summarise(model: str, rows: list[dict[str, Any]], accuracy: dict[str, float]) -> dict:
+    """Ratios against the faster full fine-tuning, and the verdict on the goals."""
+    done = {r["name"]: r for r in rows}
+    candidates = [done[n] for n in ("full FT fp32", "full FT bf16") if n in done]
+    if not candidates:
+        return {"model": model, "baseline": None}
+    base = max(candidates, key=lambda r: r["tokens_per_second"])
+    for r in rows:
+        r["speedup"] = r["tokens_per_second"] / base["tokens_per_second"]
+        r["memory_ratio"] = base["peak_rss"] / r["peak_rss"]
+        r["memory_ratio_over_runtime"] = (base["peak_rss"] - base["rss_imports"]) / max(
+            r["peak_rss"] - r["rss_imports"], 1
+        )
+        if r["name"] in accuracy:
+            r["plug_in"] = accuracy[r["name"]]
+    reference = accuracy.get("offsite lora bf16")
+    eligible = [
+        r
+        for r in rows
+        if r["kind"] == "offsite"
+        and reference is not None
+        and r["name"] in accuracy
+        and accuracy[r["name"]] >= reference - ACCURACY_TOLERANCE
+    ]
+    best = max(
+        eligible, key=lambda r: min(r["speedup"] / 6.5, r["memory_ratio"] / 5.6), default=None
+    )
+    return {
+        "model": model,
+        "baseline": base["name"],
+        "baseline_tokens_per_second": base["tokens_per_second"],
+        "baseline_peak_rss_mb": _mb(base["peak_rss"]),
+        "lora_default_plug_in": reference,
+        "best": None
+        if best is None
+        else {
+            "name": best["name"],
+            "speedup": best["speedup"],
+            "memory_ratio": best["memory_ratio"],
+            "memory_ratio_over_runtime": best["memory_ratio_over_runtime"],
+            "plug_in": best.get("plug_in"),
+            "meets_speedup": best["speedup"] >= GOALS["speedup"],
+            "meets_memory": best["memory_ratio"] >= GOALS["memory"],
+        },
+    }
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return pattern.format(value)
+
+
+def write_report(
+    tables: dict[str, list[dict]], accuracy: dict[str, float], meta: dict[str, Any]
+) -> None:
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    summaries = [summarise(model, rows, accuracy) for model, rows in tables.items()]
+    data = {"meta": meta, "accuracy": accuracy, "models": tables, "summaries": summaries}
+    (REPORTS / "client.json").write_text(json.dumps(data, indent=1))
+    lines = [
+        "# Client benchmark: offsite client vs full-model fine-tuning",
+        "",
+        f"Measured {meta['date']} on {meta['machine']}; {meta['steps']} measured steps after "
+        f"{meta['warmup']} warm-up steps per cell, each cell a fresh process. Batches: "
+        "bbc-news, 8 examples × ≤ 128 tokens. Peak RSS: the process's kernel high-water mark "
+        "over the training steps (interpreter and libraries included; 'over runtime' subtracts "
+        "what the process held after its imports). Plug-in: accuracy (%) of the adapter plugged "
+        "into the full model after the default federated run (4 clients × 3 rounds) with that "
+        "policy and precision; the synthetic model has random weights, so no accuracy there.",
+        "",
+    ]
+    for summary in summaries:
+        model = summary["model"]
+        lines += [f"## {model}", ""]
+        if summary.get("baseline") is None:
+            lines += ["(baselines not measured yet)", ""]
+            continue
+        lines += [
+            f"Baseline (the faster full fine-tuning): **{summary['baseline']}**, "
+            f"{summary['baseline_tokens_per_second']:.0f} tokens/s, "
+            f"{summary['baseline_peak_rss_mb']:.0f} MB peak.",
+            "",
+            "| cell | trainable | tokens/s | speed-up | peak RSS (MB) | memory ÷ | "
+            "÷ over runtime | plug-in |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in tables[model]:
+            lines.append(
+                f"| {r['name']} | {r['trainable_parameters'] / 1e6:.2f} M | "
+                f"{r['tokens_per_second']:.0f} | {r['speedup']:.2f}× | {_mb(r['peak_rss']):.0f} | "
+                f"{r['memory_ratio']:.2f}× | {r['memory_ratio_over_runtime']:.2f}× | "
+                f"{_fmt(r.get('plug_in'), '{:.1f}')} |"
+            )
+        best = summary.get("best")
+        lines.append("")
+        if best is not None:
+            verdict = "meets" if best["meets_speedup"] and best["meets_memory"] else "misses"
+            lines.append(
+                f"Best policy within {ACCURACY_TOLERANCE:g} point of the LoRA default "
+                f"({_fmt(summary['lora_default_plug_in'], '{:.1f}')} %): **{best['name']}** — "
+                f"{best['speedup']:.2f}× throughput, {best['memory_ratio']:.2f}× lower peak RSS "
+                f"({best['memory_ratio_over_runtime']:.2f}× over runtime); {verdict} the goal "
+                f"(≥ {GOALS['speedup']}× and ≥ {GOALS['memory']}×)."
+            )
+            lines.append("")
+    chosen = {s["model"]: s.get("best") for s in summaries}
+    default_best = next((b for b in chosen.values() if b), None)
+    if default_best is not None:
+        lines += [
+            f"On the synthetic model the same cell ({default_best['name']}) is the one that "
+            "counts: its accuracy is the default model's.",
+            "",
+        ]
+    lines += ["Cells still pending: " + (", ".join(meta.get("pending", [])) or "none"), ""]
+    (REPORTS / "client.md").write_text("\n".join(lines))
+    plot(tables, REPORTS / "client.png")
+
+
+def plot(tables: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(7 * len(tables), 5.5), squeeze=False)
+    markers = {"fp32": "o", "bf16": "s", "int8": "^", "int4": "v"}
+    colors = dict(zip(POLICIES, ("C0", "C1", "C2", "C3", "C4"), strict=True))
+    for ax, (model, rows) in zip(axes[0], tables.items(), strict=True):
+        for r in rows:
+            x, y = _mb(r["peak_rss"]), r["tokens_per_second"]
+            if r["kind"] == "offsite":
+                ax.scatter(x, y, marker=markers[r["precision"]], color=colors[r["policy"]])
+            else:
+                ax.scatter(x, y, marker="*", s=160, color="black")
+                ax.annotate(
+                    r["name"], (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points"
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("peak RSS over training steps (MB, log)")
+        ax.set_ylabel("training tokens / s (log)")
+        ax.set_title(model)
+        ax.grid(True, which="both", alpha=0.3)
+    handles = [
+        plt.Line2D([], [], color=c, marker="o", linestyle="", label=p) for p, c in colors.items()
+    ]
+    handles += [
+        plt.Line2D([], [], color="gray", marker=m, linestyle="", label=q)
+        for q, m in markers.items()
+    ]
+    axes[0][0].legend(handles=handles, fontsize=8, loc="lower left")
+    fig.suptitle("Offsite client vs full-model fine-tuning (up and left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per cell")
+    parser.add_argument("--warmup", type=int, default=2, help="discarded steps per cell")
+    parser.add_argument(
+        "--part", choices=("all", "throughput", "accuracy"), default="all", help="what to run"
+    )
+    parser.add_argument("--fresh", action="store_true", help="re-run finished cells")
+    args = parser.parse_args()
+
+    from cells import quiet_setup, simulate_cell
+
+    from offsite.catalog import resolve_model
+
+    quiet_setup()
+    WORK.mkdir(parents=True, exist_ok=True)
+    default_path = Path(resolve_model("smollm2-135m"))
+    paths = {"default": default_path}
+    paths["deep48"] = synthetic_model(48, default_path, WORK / "synthetic-48")
+    results_path = WORK / "throughput.json"
+    tables: dict[str, list[dict]] = (
+        json.loads(results_path.read_text()) if results_path.is_file() and not args.fresh else {}
+    )
+    accuracy_path = WORK / "accuracy.json"
+    accuracy: dict[str, float] = (
+        json.loads(accuracy_path.read_text()) if accuracy_path.is_file() and not args.fresh else {}
+    )
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores, torch threads default",
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "pending": [],
+    }
+    if args.part in ("all", "throughput"):
+        for model, info in MODELS.items():
+            path = paths[info["key"]]
+            bundles = {
+                q: ensure_bundle(path, "none" if q == "fp32" else q, WORK / f"{info['key']}-{q}")
+                for q in ("fp32", "int8", "int4")
+            }
+            rows = tables.setdefault(model, [])
+            for spec in throughput_specs(path, bundles, args):
+                if any(r["name"] == spec["name"] for r in rows):
+                    continue
+                start = time.perf_counter()
+                result = cell_in_subprocess(spec)
+                rows.append(result)
+                print(
+                    f"{model} | {spec['name']}: {result['tokens_per_second']:.0f} tok/s, "
+                    f"peak {_mb(result['peak_rss']):.0f} MB ({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+                results_path.write_text(json.dumps(tables, indent=1))
+                write_report(tables, accuracy, meta)
+    if args.part in ("all", "accuracy"):
+        cells = accuracy_cells()
+        for index, (name, overrides) in enumerate(cells):
+            if name in accuracy:
+                continue
+            meta["pending"] = [n for n, _ in cells[index:] if n not in accuracy]
+            write_report(tables, accuracy, meta)
+            metrics = simulate_cell(WORK / "runs" / name.replace(" ", "-"), overrides, args.fresh)
+            accuracy[name] = 100 * metrics["scores"]["plug_in"]["value"]
+            print(f"accuracy | {name}: plug-in {accuracy[name]:.1f} %", flush=True)
+            accuracy_path.write_text(json.dumps(accuracy, indent=1))
+        meta["pending"] = [n for n, _ in cells if n not in accuracy]
+    write_report(tables, accuracy, meta)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "cell":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import logging
+
+        logging.basicConfig(level=logging.ERROR)
+        print(json.dumps(run_cell(json.loads(sys.argv[2]))))
+    else:
+        main()
