@@ -11,7 +11,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup simulate test test-fast lint clean bench-emulator bench-privacy bench-inversion \
-        bench-transfer
+        bench-transfer bench-client
 
 setup: $(STAMP)
 
@@ -53,6 +53,11 @@ bench-inversion: setup
 # Bundle transfer: artifact service vs one Flower message, 200 MB over loopback (~2 min).
 bench-transfer: setup
 	$(BIN)/python bench/transfer.py
+
+# Client vs full-model fine-tuning: speed and memory of every policy x precision on two models
+# (~40 min), then one default federated run per cell for plug-in accuracy (~5 min each).
+bench-client: setup
+	$(BIN)/python bench/client_matrix.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -20,8 +20,10 @@ from emulator.dp import add_gaussian_noise, clip_update
 from emulator.examples import training_batches
 from emulator.train import train_adapter
 from offsite.data import load_task
+from offsite.sparse_update import encode_update
 
 app = ClientApp()
+RESIDUAL_KEY = "upload-residual"  # error-feedback residual of sparse upload, kept on the node
 
 
 def _data_path(config: ConfigRecord, context: Context) -> Path:
@@ -134,8 +136,27 @@ def train(msg: Message, context: Context) -> Message:
                 "threads": torch.get_num_threads(),
             }
         )
-    arrays = ArrayRecord(trained)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    if str(config.get("upload", "dense")) == "sparse" and clip == 0:
+        arrays = sparse_upload(context, trained, global_state, float(config["upload-fraction"]))
+        metrics["sparse-upload"] = 1
+        metrics["upload-bytes"] = sum(a.numel() * a.element_size() for a in arrays.values())
+    else:
+        arrays = trained
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
+
+
+def sparse_upload(
+    context: Context,
+    trained: dict[str, torch.Tensor],
+    global_state: dict[str, torch.Tensor],
+    fraction: float,
+) -> dict[str, torch.Tensor]:
+    """The changes to send; what top-k held back stays in the node's state for next round."""
+    stored = context.state.array_records.get(RESIDUAL_KEY)
+    residual = stored.to_torch_state_dict() if stored is not None else None
+    arrays, kept, _ = encode_update(trained, global_state, fraction, residual)
+    context.state[RESIDUAL_KEY] = ArrayRecord(kept)
+    return arrays
 
 
 def misbehave(

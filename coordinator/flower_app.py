@@ -50,6 +50,8 @@ def train_config(plan: RunPlan) -> ConfigRecord:
             "local-steps": train["local_steps"],
             "lr": learning_rate(train),
             "precision": train["precision"],
+            "upload": str(train.get("upload", "dense")),
+            "upload-fraction": float(train.get("upload_fraction", 1.0)),
             "seed": plan.config["seed"],
             # simulation: one torch thread per reserved core, so parallel clients don't thrash
             "threads": max(1, int(plan.config["federation"]["client_cpus"])),

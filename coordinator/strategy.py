@@ -26,6 +26,7 @@ from emulator.dp import add_gaussian_noise
 from offsite.dp import BudgetExceeded, DpSchedule
 from offsite.robust import AggregationRule
 from offsite.secagg import SecAggError
+from offsite.sparse_update import decode_update
 
 ClientReport = dict[str, Any]
 
@@ -129,7 +130,9 @@ class AdapterFedAvg(FedAvg):
                 else:
                     masked[int(reply.metadata.src_node_id)] = update
                 continue
-            update = _client_update(node, reply, self.arrayrecord_key, self.weighted_by_key)
+            update = _client_update(
+                node, reply, self.arrayrecord_key, self.weighted_by_key, self._global
+            )
             if isinstance(update, str):
                 report["quarantined"] = update
                 continue
@@ -230,14 +233,21 @@ def _masked_vector(reply: Message, arrays_key: str) -> np.ndarray | str:
 
 
 def _client_update(
-    node: str, reply: Message, arrays_key: str, examples_key: str
+    node: str,
+    reply: Message,
+    arrays_key: str,
+    examples_key: str,
+    global_arrays: ArrayRecord | None,
 ) -> ClientUpdate | str:
-    """The reply as an update, or why it cannot be one."""
+    """The reply as an update (a sparse upload rebuilt against the global adapter), or why it
+    cannot be one."""
     try:
         arrays = reply.content.array_records[arrays_key]
         state = arrays.to_torch_state_dict()
         metrics = next(iter(reply.content.metric_records.values()))
         examples = int(metrics[examples_key])
-    except (KeyError, StopIteration, TypeError, ValueError) as err:
+        if int(metrics.get("sparse-upload", 0)) and global_arrays is not None:
+            state = decode_update(state, global_arrays.to_torch_state_dict())
+    except (KeyError, StopIteration, TypeError, ValueError, RuntimeError) as err:
         return f"malformed reply: {err!r}"
     return ClientUpdate(node, state, examples)

@@ -35,6 +35,11 @@ emulator_app = typer.Typer(help="Build and inspect emulator bundles.", no_args_i
 app.add_typer(emulator_app, name="emulator")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(client_app, name="client")
+bench_app = typer.Typer(
+    help="Benchmarks (need a source checkout: they live in its bench/ folder).",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
 
 ConfigOption = Annotated[
     Path | None,
@@ -379,6 +384,33 @@ def show_config() -> None:
 
     for key, default, text in describe():
         typer.echo(f"{key:26} = {default!r:16} {text}")
+
+
+@bench_app.command("client")
+def bench_client(
+    steps: Annotated[int, typer.Option(help="Measured training steps per cell.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Discarded warm-up steps per cell.")] = 2,
+    part: Annotated[
+        str, typer.Option(help="'all', 'throughput' (speed and memory) or 'accuracy'.")
+    ] = "all",
+    fresh: Annotated[bool, typer.Option(help="Re-run cells that already finished.")] = False,
+) -> None:
+    """Offsite client vs full-model fine-tuning: tokens/s, peak RSS and plug-in accuracy of
+    every update policy x {fp32, bf16, int8, int4}, on the default and a 48-block model.
+
+    Writes bench/reports/client.{json,md,png}; finished cells are reused (takes hours in full:
+    each accuracy cell is a default federated run).
+    """
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "client_matrix.py"
+    if not script.is_file():
+        raise OffsiteError(
+            f"{script} not found: `offsite bench` runs from a source checkout of Offsite"
+        )
+    command = [sys.executable, str(script), "--steps", str(steps), "--warmup", str(warmup)]
+    command += ["--part", part, *(["--fresh"] if fresh else [])]
+    raise typer.Exit(subprocess.call(command))
 
 
 def main() -> None:

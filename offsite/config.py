@@ -198,9 +198,21 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = _f(
         "auto", "Compute precision: 'auto' uses bf16 autocast where the CPU/GPU supports it."
     )
+    upload: Literal["dense", "sparse"] = _f(
+        "dense",
+        "What a client sends back: 'dense' (every trainable tensor) or 'sparse' (only the "
+        "changes, see upload_fraction).",
+    )
+    upload_fraction: float = _f(
+        1.0,
+        "Sparse upload: share of each changed tensor's entries sent per round, largest first; "
+        "the rest is carried into the next round (error feedback). 1 = every changed entry.",
+    )
 
     def problems(self) -> list[str]:
         out = []
+        if not 0 < self.upload_fraction <= 1:
+            out.append("train.upload_fraction must be in (0, 1]")
         if self.lora_r < 1:
             out.append("train.lora_r must be >= 1")
         if self.lr < 0:
@@ -508,6 +520,11 @@ def _cross_section_problems(config: OffsiteConfig) -> list[str]:
     """Settings that are each valid but do not work together."""
     out = []
     federation, privacy = config.federation, config.privacy
+    if config.train.upload == "sparse" and (federation.secure_aggregation or privacy.epsilon > 0):
+        out.append(
+            "train.upload='sparse' cannot be combined with secure aggregation or differential "
+            "privacy: masks and noise cover every coordinate, so those updates are dense"
+        )
     if federation.min_replies > federation.sampled_clients:
         out.append(
             f"federation.min_replies={federation.min_replies} can never be met: only "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,37 @@ def test_secure_aggregation_run_equals_plain_fedavg(
         torch.testing.assert_close(secure[name], plain[name], rtol=0, atol=1e-6)
     rounds = json.loads((tmp_path / "secure" / "rounds.json").read_text())
     assert len(rounds) == 3 and all(r.get("secagg") == 1 for r in rounds)
+
+
+def test_sparse_upload_aggregates_exactly_like_dense_upload(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    """Clients send only their changes; rebuilt on the server, FedAvg is unchanged. With a
+    top-k fraction each client sends a tenth of every tensor's entries."""
+    dense = _federate_once(tiny_llama_dir, tiny_task, tmp_path / "dense", [])
+    sparse = _federate_once(
+        tiny_llama_dir, tiny_task, tmp_path / "sparse", ["train.upload='sparse'"]
+    )
+    assert dense.keys() == sparse.keys()
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=0, atol=1e-6)
+    topk = _federate_once(
+        tiny_llama_dir,
+        tiny_task,
+        tmp_path / "topk",
+        ["train.upload='sparse'", "train.upload_fraction=0.1"],
+    )
+    start = load_file(str(tmp_path / "topk" / "adapters" / "round-0.safetensors"))
+    rounds = json.loads((tmp_path / "topk" / "rounds.json").read_text())
+    dense_rounds = json.loads((tmp_path / "dense" / "rounds.json").read_text())
+    assert all(r.get("sparse-upload") == 1 for r in rounds)
+    total = sum(t.numel() for t in start.values())
+    # 10 % of the values, each with an int64 index: at most 0.1 x (8 + 4) bytes per value
+    assert all(r["upload-bytes"] <= 0.1 * total * 12 + 12 * len(start) for r in rounds)
+    assert "upload-bytes" not in dense_rounds[0]
+    for name, value in topk.items():
+        changed = int((value != start[name]).sum())
+        assert 0 < changed <= 3 * math.ceil(0.1 * value.numel()), name
 
 
 @pytest.mark.parametrize("attack", ["scale", "sign-flip"])
