@@ -292,3 +292,125 @@ def client_fetch(
             progress,
         )
     typer.echo(f"bundle {fetched.digest} verified in {fetched.path}")
+
+
+@client_app.command("plan")
+def client_plan(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder (e.g. runs/<run>/bundle).")],
+    memory_budget: Annotated[
+        str, typer.Option("--memory-budget", help="Peak resident memory allowed, e.g. 1.5GB.")
+    ],
+    data: Annotated[
+        str, typer.Option(help="Local training data the probes train on (catalog name/JSONL).")
+    ] = "bbc-news",
+    batch_size: Annotated[int, typer.Option(help="Examples per training step.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Tokens per example (prompt + answer).")] = 128,
+    policies: Annotated[
+        str, typer.Option(help="Update policies to consider, in order of preference.")
+    ] = "lora,full,sparse,top,bias",
+    precisions: Annotated[str, typer.Option(help="Compute precisions to consider.")] = "bf16,fp32",
+    checkpointing: Annotated[
+        bool, typer.Option(help="Also consider activation checkpointing.")
+    ] = True,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            help="Train the pick (and, with --measure-all, every candidate) for real "
+            "and report measured beside predicted peak memory."
+        ),
+    ] = True,
+    measure_all: Annotated[bool, typer.Option(help="Measure every candidate.")] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the plan as JSON here.")
+    ] = None,
+) -> None:
+    """Pick the update policy, precision and checkpointing that fit a memory budget.
+
+    Each candidate is probed with two short trainings at small batch sizes and its peak
+    resident memory extrapolated to --batch-size (see client/planner.py); the first candidate
+    in preference order that fits is the pick.
+    """
+    import json
+
+    from tqdm.auto import tqdm
+
+    from client import planner
+    from client.profile import rss_bytes
+    from emulator.batches import pad_id
+    from emulator.bundle import load_bundle_tokenizer, verify_bundle
+    from emulator.examples import training_batches
+    from offsite.config import DataConfig
+    from offsite.data import load_task
+
+    budget = planner.parse_size(memory_budget)
+    loaded = verify_bundle(bundle)
+    tokenizer = load_bundle_tokenizer(loaded)
+    task = load_task(data, min_labels=1)
+    defaults = DataConfig()
+
+    def make_batches(size: int):  # type: ignore[no-untyped-def]
+        return training_batches(
+            tokenizer,
+            task.examples,
+            task.template or defaults.template,
+            max_words=defaults.max_words,
+            max_length=max_length,
+            batch_size=size,
+            seed=0,
+        )
+
+    options = planner.candidates(
+        [p.strip() for p in policies.split(",") if p.strip()],
+        [q.strip() for q in precisions.split(",") if q.strip()],
+        (False, True) if checkpointing else (False,),
+    )
+    runtime = rss_bytes()
+    estimates = []
+    for candidate in tqdm(options, desc="probing", unit="candidate"):
+        estimates.append(
+            planner.estimate(
+                loaded,
+                candidate,
+                make_batches,
+                batch_size=batch_size,
+                max_length=max_length,
+                pad_id=pad_id(tokenizer),
+                runtime=runtime,
+            )
+        )
+    chosen = planner.pick(estimates, budget)
+    to_measure = estimates if measure_all else [chosen] if (measure and chosen) else []
+    for item in tqdm(to_measure, desc="measuring", unit="candidate", disable=len(to_measure) < 2):
+        planner.measure(loaded, item, make_batches)
+    mb = 2**20
+    typer.echo(f"budget {budget / mb:.0f} MiB, batch {batch_size} x {max_length} tokens")
+    typer.echo(f"{'candidate':32} {'predicted':>10} {'measured':>10} {'error':>7}  fits")
+    for item in estimates:
+        measured = f"{item.measured_peak / mb:.0f}" if item.measured_peak else "—"
+        error = f"{item.error:+.1%}" if item.error is not None else "—"
+        mark = "yes" if item.predicted_peak <= budget else "no"
+        pick_mark = "  <- pick" if item is chosen else ""
+        typer.echo(
+            f"{item.candidate.label:32} {item.predicted_peak / mb:>9.0f}M {measured:>9}M "
+            f"{error:>7}  {mark}{pick_mark}"
+        )
+    if json_out is not None:
+        json_out.write_text(
+            json.dumps(
+                {
+                    "budget": budget,
+                    "pick": chosen.candidate.label if chosen else None,
+                    "estimates": [e.to_dict() for e in estimates],
+                },
+                indent=1,
+            )
+        )
+    if chosen is None:
+        smallest = min(estimates, key=lambda e: e.predicted_peak)
+        typer.echo(
+            f"nothing fits {memory_budget}: the smallest candidate ({smallest.candidate.label}) "
+            f"needs {smallest.predicted_peak / mb:.0f} MiB; raise the budget or lower "
+            "--batch-size / --max-length",
+            err=True,
+        )
+        raise typer.Exit(1)

@@ -1,0 +1,227 @@
+"""Memory planner: which update policy, precision and checkpointing fit a data owner's budget.
+
+For each candidate the planner loads the bundle's emulator prepared that way and predicts the
+peak resident memory of training at the real batch size as
+
+    runtime (this process before any model) + model (resident cost of the prepared emulator)
+    + fixed training state (gradients, AdamW moments) + activations · examples per step,
+
+where the last two terms are read off two short *probe* trainings at small batch sizes (peak RSS
+over two steps at ``b1`` and ``b2`` examples, padded to the full length), extrapolated linearly
+to the batch size. Probing small batches is safe where the real batch might not fit, and it
+measures what an analytic count of weights and saved tensors misses: allocator workspace, the
+dequantize blocks of the packed kernels, autocast copies, the loss head.
+
+The first candidate in preference order that fits the budget is the pick. Preference: the
+policy order given (by default lora, full, sparse, top, bias: most trained capacity first), bf16
+before fp32 (faster and smaller where the CPU has bf16), no checkpointing before checkpointing
+(recomputation costs time).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from client.profile import measure_training, peak_rss_bytes, reset_peak_rss, rss_bytes
+from client.session import prepare_frozen, release_freed_memory
+from emulator.adapter import POLICIES, AdaptedModel, AdapterSpec, attach_adapter
+from emulator.batches import Batch
+from emulator.bundle import Bundle, bundle_arch, load_bundle_model
+from emulator.train import train_adapter
+from offsite.config import POLICY_LR
+
+POLICY_PREFERENCE = ("lora", "full", "sparse", "top", "bias")
+PROBE_SIZES = (2, 4)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10}
+_UNITS |= {"MIB": 2**20, "GIB": 2**30, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'1.5GB' → bytes (decimal units; KiB/MiB/GiB and K/M/G binary)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"cannot read the size {text!r}; write e.g. 1.5GB, 800MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Candidate:
+    policy: str
+    precision: str  # "fp32" | "bf16"
+    checkpointing: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy} {self.precision}" + (" +checkpointing" if self.checkpointing else "")
+
+
+@dataclass
+class Estimate:
+    candidate: Candidate
+    runtime: int  # bytes resident before any model
+    model: int  # resident cost of the prepared emulator
+    fixed: int  # training state independent of the batch (gradients, AdamW moments, ...)
+    per_example: int  # activations and workspace per example of the batch
+    batch_size: int
+    probe_peaks: tuple[int, ...] = ()  # peak RSS above the loaded model per probe size
+    measured_peak: int | None = None
+
+    @property
+    def predicted_peak(self) -> int:
+        return self.runtime + self.model + self.fixed + self.per_example * self.batch_size
+
+    @property
+    def error(self) -> float | None:
+        """(predicted - measured) / measured, once measured."""
+        if self.measured_peak is None:
+            return None
+        return (self.predicted_peak - self.measured_peak) / self.measured_peak
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["candidate"] = self.candidate.label
+        out["predicted_peak"] = self.predicted_peak
+        out["error"] = self.error
+        return out
+
+
+def candidates(
+    policies: Sequence[str] = POLICY_PREFERENCE,
+    precisions: Sequence[str] = ("bf16", "fp32"),
+    checkpointing: Sequence[bool] = (False, True),
+) -> list[Candidate]:
+    """Every combination, in preference order (see module docstring)."""
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown update policies {unknown}; use some of {sorted(POLICIES)}")
+    return [Candidate(p, q, c) for p in policies for q in precisions for c in checkpointing]
+
+
+def prepared_model(bundle: Bundle, candidate: Candidate) -> AdaptedModel:
+    """The bundle's emulator with ``candidate``'s policy attached, ready to train."""
+    model = load_bundle_model(bundle)
+    arch = bundle_arch(bundle)
+    spec = AdapterSpec.for_plan(candidate.policy, bundle.plan, arch)
+    adapted = attach_adapter(model, arch, spec, bundle.plan.emulator_to_full())
+    prepare_frozen(adapted.model, candidate.precision)
+    if candidate.checkpointing:
+        enable_checkpointing(adapted.model)
+    return adapted
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _fixed_length(batches: Iterator[Batch], max_length: int, pad_id: int) -> Iterator[Batch]:
+    """Left-pad every batch to ``max_length`` (probes see the worst case of the real run)."""
+    for batch in batches:
+        missing = max_length - batch.input_ids.shape[1]
+        if missing <= 0:
+            yield batch
+            continue
+        rows = batch.input_ids.shape[0]
+        yield Batch(
+            input_ids=torch.cat((torch.full((rows, missing), pad_id), batch.input_ids), 1),
+            attention_mask=torch.cat(
+                (
+                    torch.zeros(rows, missing, dtype=batch.attention_mask.dtype),
+                    batch.attention_mask,
+                ),
+                1,
+            ),
+            labels=torch.cat((torch.full((rows, missing), -100), batch.labels), 1),
+            answer_span=batch.answer_span,
+        )
+
+
+def _probe(
+    adapted: AdaptedModel, batches: Iterator[Batch], candidate: Candidate, device: torch.device
+) -> int:
+    """Peak RSS above the current RSS over two training steps."""
+    release_freed_memory()
+    before = rss_bytes()
+    reset_peak_rss()
+    train_adapter(
+        adapted,
+        batches,
+        steps=2,
+        lr=POLICY_LR[candidate.policy],
+        precision=candidate.precision,
+        device=device,
+    )
+    return peak_rss_bytes() - before
+
+
+def estimate(
+    bundle: Bundle,
+    candidate: Candidate,
+    make_batches: Any,
+    *,
+    batch_size: int,
+    max_length: int,
+    pad_id: int,
+    runtime: int,
+    device: torch.device | None = None,
+) -> Estimate:
+    """Probe ``candidate`` and extrapolate its peak to ``batch_size`` examples per step.
+
+    ``make_batches(size)`` returns an iterator of training batches of ``size`` examples.
+    """
+    device = device or torch.device("cpu")
+    release_freed_memory()
+    start = rss_bytes()
+    adapted = prepared_model(bundle, candidate)
+    release_freed_memory()
+    model_cost = max(0, rss_bytes() - start)
+    b1, b2 = PROBE_SIZES
+    peaks = tuple(
+        _probe(adapted, _fixed_length(make_batches(b), max_length, pad_id), candidate, device)
+        for b in (b1, b2)
+    )
+    per_example = max(0, (peaks[1] - peaks[0]) // (b2 - b1))
+    fixed = max(0, peaks[0] - per_example * b1)
+    del adapted
+    release_freed_memory()
+    return Estimate(candidate, runtime, model_cost, fixed, per_example, batch_size, peaks)
+
+
+def measure(
+    bundle: Bundle,
+    chosen: Estimate,
+    make_batches: Any,
+    *,
+    steps: int = 3,
+    device: torch.device | None = None,
+) -> Estimate:
+    """Train ``chosen`` at its real batch size and record the measured peak RSS."""
+    device = device or torch.device("cpu")
+    release_freed_memory()
+    adapted = prepared_model(bundle, chosen.candidate)
+    release_freed_memory()
+    result = measure_training(
+        adapted,
+        make_batches(chosen.batch_size),
+        steps=steps,
+        warmup=1,
+        lr=POLICY_LR[chosen.candidate.policy],
+        precision=chosen.candidate.precision,
+        device=device,
+    )
+    chosen.measured_peak = result.peak_rss
+    del adapted
+    release_freed_memory()
+    return chosen
+
+
+def pick(estimates: Sequence[Estimate], budget: int) -> Estimate | None:
+    """The first estimate (preference order) whose predicted peak fits ``budget`` bytes."""
+    return next((e for e in estimates if e.predicted_peak <= budget), None)
