@@ -12,6 +12,10 @@ to the batch size. Probing small batches is safe where the real batch might not 
 measures what an analytic count of weights and saved tensors misses: allocator workspace, the
 dequantize blocks of the packed kernels, autocast copies, the loss head.
 
+Every candidate is probed (and measured) in a fresh process, like the training process it
+stands for: in one long-lived process, memory freed by one candidate is reused by the next and
+hides part of its cost.
+
 The first candidate in preference order that fits the budget is the pick. Preference: the
 policy order given (by default lora, full, sparse, top, bias: most trained capacity first), bf16
 before fp32 (faster and smaller where the CPU has bf16), no checkpointing before checkpointing
@@ -20,7 +24,10 @@ before fp32 (faster and smaller where the CPU has bf16), no checkpointing before
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -179,6 +186,7 @@ def estimate(
     device = device or torch.device("cpu")
     release_freed_memory()
     start = rss_bytes()
+    runtime = max(runtime, start)  # libraries, tokenizer and data are resident by now
     adapted = prepared_model(bundle, candidate)
     release_freed_memory()
     model_cost = max(0, rss_bytes() - start)
@@ -225,3 +233,128 @@ def measure(
 def pick(estimates: Sequence[Estimate], budget: int) -> Estimate | None:
     """The first estimate (preference order) whose predicted peak fits ``budget`` bytes."""
     return next((e for e in estimates if e.predicted_peak <= budget), None)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the planned training looks like: the bundle, local data and the batch shape."""
+
+    bundle: str
+    data: str
+    batch_size: int = 8
+    max_length: int = 128
+    max_words: int = 90
+    template: str = ""  # empty: the data set's own, else "{text}" style default of the config
+
+    def make_batches(self, tokenizer: Any) -> Any:
+        from emulator.examples import training_batches
+        from offsite.config import DataConfig
+        from offsite.data import load_task
+
+        task = load_task(self.data, min_labels=1)
+        template = self.template or task.template or DataConfig().template
+
+        def make(size: int) -> Iterator[Batch]:
+            return training_batches(
+                tokenizer,
+                task.examples,
+                template,
+                max_words=self.max_words,
+                max_length=self.max_length,
+                batch_size=size,
+                seed=0,
+            )
+
+        return make
+
+
+def _run_here(action: str, workload: Workload, candidate: Candidate) -> Estimate:
+    """Probe (and for ``measure`` also train) one candidate in this process."""
+    from emulator.batches import pad_id
+    from emulator.bundle import load_bundle_tokenizer, verify_bundle
+
+    import peft  # noqa: F401  (resident in any training process; counted in the runtime)
+
+    bundle = verify_bundle(workload.bundle)
+    tokenizer = load_bundle_tokenizer(bundle)
+    make_batches = workload.make_batches(tokenizer)
+    next(make_batches(1))  # the data set is loaded and tokenized
+    runtime = rss_bytes()
+    if action == "measure":
+        result = Estimate(candidate, runtime, 0, 0, 0, workload.batch_size)
+        return measure(bundle, result, make_batches)
+    return estimate(
+        bundle,
+        candidate,
+        make_batches,
+        batch_size=workload.batch_size,
+        max_length=workload.max_length,
+        pad_id=pad_id(tokenizer),
+        runtime=runtime,
+    )
+
+
+def run_in_subprocess(action: str, workload: Workload, candidate: Candidate) -> Estimate:
+    """``probe`` or ``measure`` one candidate in a fresh Python process."""
+    payload = json.dumps({"workload": asdict(workload), "candidate": asdict(candidate)})
+    done = subprocess.run(
+        [sys.executable, "-m", "client.planner", action, payload],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{action} of {candidate.label} failed:\n{done.stderr[-2000:]}")
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    return Estimate(
+        candidate,
+        data["runtime"],
+        data["model"],
+        data["fixed"],
+        data["per_example"],
+        data["batch_size"],
+        tuple(data["probe_peaks"]),
+        data["measured_peak"],
+    )
+
+
+def plan(
+    workload: Workload,
+    options: Sequence[Candidate],
+    budget: int,
+    *,
+    measure_pick: bool = True,
+    measure_all: bool = False,
+    progress: Any = None,
+) -> tuple[list[Estimate], Estimate | None]:
+    """Probe every option, pick the first that fits ``budget``, measure as asked."""
+    estimates = []
+    for candidate in options:
+        estimates.append(run_in_subprocess("probe", workload, candidate))
+        if progress is not None:
+            progress()
+    chosen = pick(estimates, budget)
+    targets = estimates if measure_all else ([chosen] if measure_pick and chosen else [])
+    for item in targets:
+        item.measured_peak = run_in_subprocess("measure", workload, item.candidate).measured_peak
+    return estimates, chosen
+
+
+def _main(argv: Sequence[str]) -> None:
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    action, payload = argv
+    data = json.loads(payload)
+    workload = Workload(**data["workload"])
+    result = _run_here(action, workload, Candidate(**data["candidate"]))
+    print(json.dumps(asdict(result) | {"candidate": None}))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -335,53 +335,23 @@ def client_plan(
     from tqdm.auto import tqdm
 
     from client import planner
-    from client.profile import rss_bytes
-    from emulator.batches import pad_id
-    from emulator.bundle import load_bundle_tokenizer, verify_bundle
-    from emulator.examples import training_batches
-    from offsite.config import DataConfig
-    from offsite.data import load_task
 
     budget = planner.parse_size(memory_budget)
-    loaded = verify_bundle(bundle)
-    tokenizer = load_bundle_tokenizer(loaded)
-    task = load_task(data, min_labels=1)
-    defaults = DataConfig()
-
-    def make_batches(size: int):  # type: ignore[no-untyped-def]
-        return training_batches(
-            tokenizer,
-            task.examples,
-            task.template or defaults.template,
-            max_words=defaults.max_words,
-            max_length=max_length,
-            batch_size=size,
-            seed=0,
-        )
-
+    workload = planner.Workload(str(bundle), data, batch_size, max_length)
     options = planner.candidates(
         [p.strip() for p in policies.split(",") if p.strip()],
         [q.strip() for q in precisions.split(",") if q.strip()],
         (False, True) if checkpointing else (False,),
     )
-    runtime = rss_bytes()
-    estimates = []
-    for candidate in tqdm(options, desc="probing", unit="candidate"):
-        estimates.append(
-            planner.estimate(
-                loaded,
-                candidate,
-                make_batches,
-                batch_size=batch_size,
-                max_length=max_length,
-                pad_id=pad_id(tokenizer),
-                runtime=runtime,
-            )
+    with tqdm(total=len(options), desc="probing", unit="candidate") as bar:
+        estimates, chosen = planner.plan(
+            workload,
+            options,
+            budget,
+            measure_pick=measure,
+            measure_all=measure_all,
+            progress=bar.update,
         )
-    chosen = planner.pick(estimates, budget)
-    to_measure = estimates if measure_all else [chosen] if (measure and chosen) else []
-    for item in tqdm(to_measure, desc="measuring", unit="candidate", disable=len(to_measure) < 2):
-        planner.measure(loaded, item, make_batches)
     mb = 2**20
     typer.echo(f"budget {budget / mb:.0f} MiB, batch {batch_size} x {max_length} tokens")
     typer.echo(f"{'candidate':32} {'predicted':>10} {'measured':>10} {'error':>7}  fits")

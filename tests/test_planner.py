@@ -1,0 +1,114 @@
+"""Memory planner: sizes, preference order, probes on a tiny bundle; on the embedded default the
+prediction is within 15 % of the measured peak RSS for every policy (real_model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from client import planner
+from client.planner import Candidate, Estimate, Workload
+from offsite.catalog import model_cache_dir
+from offsite.data import Example, write_jsonl
+from tests.conftest import LABELS, tiny_texts
+
+
+def test_sizes_read_like_people_write_them() -> None:
+    assert planner.parse_size("1.5GB") == 1_500_000_000
+    assert planner.parse_size("800 MB") == 800_000_000
+    assert planner.parse_size("2GiB") == 2 * 2**30
+    assert planner.parse_size("512M") == 512 * 2**20
+    for bad in ("lots", "1.5XB", "", "GB"):
+        with pytest.raises(ValueError, match=r"1\.5GB"):
+            planner.parse_size(bad)
+
+
+def test_candidates_come_in_preference_order_and_the_first_fitting_one_is_picked() -> None:
+    options = planner.candidates(["lora", "top"], ["bf16", "fp32"], (False, True))
+    assert [c.label for c in options[:3]] == [
+        "lora bf16",
+        "lora bf16 +checkpointing",
+        "lora fp32",
+    ]
+    with pytest.raises(ValueError, match="unknown update policies"):
+        planner.candidates(["prefix"])
+    mb = 2**20
+    sizes = {"lora bf16": 1600, "lora bf16 +checkpointing": 1000, "top bf16": 900}
+    estimates = [
+        Estimate(
+            Candidate(*label.split(" ")[:2], "+" in label), 400 * mb, (size - 400) * mb, 0, 0, 8
+        )
+        for label, size in sizes.items()
+    ]
+    assert planner.pick(estimates, 2000 * mb) is estimates[0]
+    assert planner.pick(estimates, 1200 * mb) is estimates[1]
+    assert planner.pick(estimates, 950 * mb) is estimates[2]
+    assert planner.pick(estimates, 500 * mb) is None
+    estimates[0].measured_peak = 1500 * mb
+    assert estimates[0].error == pytest.approx(100 / 1500)
+
+
+def _tiny_bundle(tiny_llama_dir: Path, folder: Path) -> Path:
+    from coordinator.models import load_full_model
+    from emulator.adapter import AdapterSpec
+    from emulator.bundle import write_bundle
+    from emulator.layers import plan_layers
+
+    model, tokenizer, arch, _ = load_full_model(str(tiny_llama_dir))
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec.for_plan("lora", plan, arch)
+    return write_bundle(model, tokenizer, plan, spec, folder, source="tiny").path
+
+
+def test_a_probe_in_its_own_process_reports_every_component(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    bundle = _tiny_bundle(tiny_llama_dir, tmp_path / "bundle")
+    data = tmp_path / "data.jsonl"
+    write_jsonl([Example(t, label=lab) for lab in LABELS for t in tiny_texts(lab, 20)], data)
+    workload = Workload(str(bundle), str(data), batch_size=8, max_length=48)
+    result = planner.run_in_subprocess("probe", workload, Candidate("full", "fp32"))
+    assert result.runtime > 100 * 2**20  # torch and transformers are resident
+    assert result.model >= 0 and result.fixed >= 0 and result.per_example >= 0
+    assert len(result.probe_peaks) == 2
+    assert result.predicted_peak == (
+        result.runtime + result.model + result.fixed + 8 * result.per_example
+    )
+    measured = planner.run_in_subprocess("measure", workload, Candidate("full", "fp32"))
+    assert measured.measured_peak is not None and measured.measured_peak > result.runtime
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    not (model_cache_dir("smollm2-135m") / "config.json").is_file(),
+    reason="run `make setup` (it converts the embedded model once)",
+)
+def test_prediction_is_within_15_percent_of_the_measured_peak_per_policy(
+    tmp_path: Path,
+) -> None:
+    """The default (SmolLM2-135M, 2-16-2 fp32 bundle, bbc-news, 8 × 128 tokens, bf16): every
+    policy, and LoRA with checkpointing; each probe and measurement in a fresh process."""
+    from coordinator.models import load_full_model
+    from emulator.adapter import AdapterSpec
+    from emulator.bundle import write_bundle
+    from emulator.layers import plan_layers
+
+    full, tokenizer, arch, _ = load_full_model("smollm2-135m")
+    plan = plan_layers(30, 2, 2, 16)
+    spec = AdapterSpec.for_plan("lora", plan, arch)
+    bundle = write_bundle(full, tokenizer, plan, spec, tmp_path / "bundle", source="smollm2")
+    del full
+    workload = Workload(str(bundle.path), "bbc-news", batch_size=8, max_length=128)
+    options = planner.candidates(planner.POLICY_PREFERENCE, ["bf16"], (False,))
+    options.append(Candidate("lora", "bf16", True))
+    estimates, chosen = planner.plan(workload, options, 2**40, measure_all=True)
+    assert chosen is not None and chosen.candidate == Candidate("lora", "bf16")
+    errors = {e.candidate.label: e.error for e in estimates}
+    assert all(error is not None and abs(error) <= 0.15 for error in errors.values()), errors
+    by_label = {e.candidate.label: e for e in estimates}
+    # backward depth, not parameter count, sets the memory: top stops above the emulator
+    assert by_label["top bf16"].predicted_peak < 0.75 * by_label["lora bf16"].predicted_peak
+    assert (
+        by_label["lora bf16 +checkpointing"].measured_peak < by_label["lora bf16"].measured_peak  # type: ignore[operator]
+    )
