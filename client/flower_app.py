@@ -18,6 +18,7 @@ from client.secure_stage import STAGE_KEY, handle_query, masked_update
 from client.session import open_session
 from emulator.dp import add_gaussian_noise, clip_update
 from emulator.examples import training_batches
+from emulator.forward import resolve_precision
 from emulator.train import train_adapter
 from offsite.data import load_task
 from offsite.sparse_update import encode_update
@@ -71,12 +72,46 @@ def _set_threads(config: ConfigRecord) -> None:
         torch.set_num_threads(threads)
 
 
+def _checkpointing(config: ConfigRecord, context: Context, bundle_path: Path) -> bool:
+    """Activation checkpointing if this node's memory budget needs it (node config
+    ``memory-budget`` in deployment, else the run's ``train.memory_budget``)."""
+    budget = str(context.node_config.get("memory-budget", config.get("memory-budget", "")))
+    if not budget:
+        return False
+    from client.budget import fit_budget
+    from client.planner import Workload
+    from emulator.bundle import read_manifest
+    from emulator.forward import pick_device
+
+    manifest = read_manifest(bundle_path)
+    workload = Workload(
+        str(bundle_path),
+        str(_data_path(config, context)),
+        batch_size=int(config["batch-size"]),
+        max_length=int(config["max-length"]),
+        max_words=int(config["max-words"]),
+        template=str(config["template"]),
+    )
+    identity_dir = context.node_config.get("identity-dir")
+    fit = fit_budget(
+        workload,
+        str(manifest["adapter"]["kind"]),
+        resolve_precision(str(config["precision"]), pick_device()),
+        budget,
+        str(config["bundle-digest"]),
+        Path(str(identity_dir)) / "cache" if identity_dir else None,
+    )
+    return fit.checkpointing
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     _set_threads(config)
+    bundle_path = _bundle_path(config, context)
+    checkpointing = _checkpointing(config, context, bundle_path)
     session = open_session(
-        _bundle_path(config, context), str(config["bundle-digest"]), str(config["precision"])
+        bundle_path, str(config["bundle-digest"]), str(config["precision"]), checkpointing
     )
     global_state = msg.content["arrays"].to_torch_state_dict()
     session.adapted.load_trainable(global_state)

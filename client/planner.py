@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from client.profile import measure_training, peak_rss_bytes, reset_peak_rss, rss_bytes
-from client.session import prepare_frozen, release_freed_memory
+from client.session import enable_checkpointing, prepare_frozen, release_freed_memory
 from emulator.adapter import POLICIES, AdaptedModel, AdapterSpec, attach_adapter
 from emulator.batches import Batch
 from emulator.bundle import Bundle, bundle_arch, load_bundle_model
@@ -120,12 +120,6 @@ def prepared_model(bundle: Bundle, candidate: Candidate) -> AdaptedModel:
     if candidate.checkpointing:
         enable_checkpointing(adapted.model)
     return adapted
-
-
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in backward instead of keeping them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _fixed_length(batches: Iterator[Batch], max_length: int, pad_id: int) -> Iterator[Batch]:
@@ -270,10 +264,10 @@ class Workload:
 
 def _run_here(action: str, workload: Workload, candidate: Candidate) -> Estimate:
     """Probe (and for ``measure`` also train) one candidate in this process."""
+    import peft  # noqa: F401  (resident in any training process; counted in the runtime)
+
     from emulator.batches import pad_id
     from emulator.bundle import load_bundle_tokenizer, verify_bundle
-
-    import peft  # noqa: F401  (resident in any training process; counted in the runtime)
 
     bundle = verify_bundle(workload.bundle)
     tokenizer = load_bundle_tokenizer(bundle)

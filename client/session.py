@@ -47,7 +47,7 @@ class Session:
     precision: str  # resolved: "fp32" | "bf16"
 
 
-_SESSIONS: dict[tuple[str, str], Session] = {}
+_SESSIONS: dict[tuple[str, str, bool], Session] = {}
 
 
 def prepare_frozen(model: nn.Module, precision: str) -> dict[str, int]:
@@ -75,6 +75,12 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def release_freed_memory() -> None:
     """Hand memory freed by Python and torch back to the OS (glibc keeps it otherwise)."""
     gc.collect()
@@ -83,11 +89,14 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def open_session(bundle_path: Path | str, digest: str, precision: str = "auto") -> Session:
-    """Verify and load the bundle ``digest`` for training in ``precision`` (once per process)."""
+def open_session(
+    bundle_path: Path | str, digest: str, precision: str = "auto", checkpointing: bool = False
+) -> Session:
+    """Verify and load the bundle ``digest`` for training in ``precision``, with activation
+    checkpointing if asked (once per process)."""
     device = pick_device()
     resolved = resolve_precision(precision, device)
-    key = (digest, resolved)
+    key = (digest, resolved, checkpointing)
     if key in _SESSIONS:
         return _SESSIONS[key]
     from transformers.utils import logging as hf_logging
@@ -98,16 +107,19 @@ def open_session(bundle_path: Path | str, digest: str, precision: str = "auto") 
     plan = bundle.plan
     adapted = attach_adapter(model, bundle_arch(bundle), bundle.adapter, plan.emulator_to_full())
     converted = prepare_frozen(adapted.model, resolved)
+    if checkpointing:
+        enable_checkpointing(adapted.model)
     session = Session(bundle, adapted, load_bundle_tokenizer(bundle), device, resolved)
     _SESSIONS.clear()  # one bundle per worker at a time
     _SESSIONS[key] = session
     log.info(
-        "loaded bundle %s (%s) on %s, %s compute, %d packed and %d bf16 frozen linears",
+        "loaded bundle %s (%s) on %s, %s compute, %d packed and %d bf16 frozen linears%s",
         digest[:12],
         plan.label,
         device,
         resolved,
         converted["packed_linears"],
         converted["bf16_linears"],
+        ", activation checkpointing" if checkpointing else "",
     )
     return session

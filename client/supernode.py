@@ -15,9 +15,14 @@ from pathlib import Path
 from client.identity import JoinError, NodeIdentity
 
 
-def node_config(identity: NodeIdentity, data: Path) -> str:
+def node_config(identity: NodeIdentity, data: Path, memory_budget: str | None = None) -> str:
     """Flower's ``--node-config`` string for this node."""
-    values = {"data-path": Path(data).resolve(), "identity-dir": identity.folder.resolve()}
+    values: dict[str, object] = {
+        "data-path": Path(data).resolve(),
+        "identity-dir": identity.folder.resolve(),
+    }
+    if memory_budget:
+        values["memory-budget"] = memory_budget
     for key, value in values.items():
         if '"' in str(value):
             raise JoinError(f"{key} {value} contains a double quote; use another folder")
@@ -25,7 +30,11 @@ def node_config(identity: NodeIdentity, data: Path) -> str:
 
 
 def supernode_command(
-    identity: NodeIdentity, data: Path, port: int, superlink: str | None = None
+    identity: NodeIdentity,
+    data: Path,
+    port: int,
+    superlink: str | None = None,
+    memory_budget: str | None = None,
 ) -> list[str]:
     """The ``flower-supernode`` command line for this node (``port``: its local ClientApp API)."""
     if not identity.flower_key.is_file():
@@ -47,5 +56,5 @@ def supernode_command(
         "--port",
         str(port),
         "--node-config",
-        node_config(identity, data),
+        node_config(identity, data, memory_budget),
     ]

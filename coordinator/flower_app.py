@@ -52,6 +52,7 @@ def train_config(plan: RunPlan) -> ConfigRecord:
             "precision": train["precision"],
             "upload": str(train.get("upload", "dense")),
             "upload-fraction": float(train.get("upload_fraction", 1.0)),
+            "memory-budget": str(train.get("memory_budget", "")),
             "seed": plan.config["seed"],
             # simulation: one torch thread per reserved core, so parallel clients don't thrash
             "threads": max(1, int(plan.config["federation"]["client_cpus"])),

@@ -236,6 +236,14 @@ def client_start(
         str | None,
         typer.Option(help="SuperLink HOST:PORT (default: the one the coordinator announced)."),
     ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-budget",
+            help="Peak memory training may use on this node, e.g. 1.5GB: activation "
+            "checkpointing is turned on if that is what fits (`offsite client plan` shows why).",
+        ),
+    ] = None,
 ) -> None:
     """Run this node's Flower SuperNode until interrupted: it trains when the coordinator runs.
 
@@ -248,7 +256,14 @@ def client_start(
     from offsite.processes import flower_env, start_child, stop_tree
 
     identity = NodeIdentity(_node_state(state))
-    command = supernode_command(identity, data, port, superlink)
+    if memory_budget:
+        from client.planner import parse_size
+
+        try:
+            parse_size(memory_budget)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from err
+    command = supernode_command(identity, data, port, superlink, memory_budget)
     home = identity.folder / "flower"
     home.mkdir(exist_ok=True)
     process = start_child(command, flower_env(home))

@@ -11,6 +11,7 @@ Decisions:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -209,8 +210,18 @@ class TrainConfig(_Section):
         "the rest is carried into the next round (error feedback). 1 = every changed entry.",
     )
 
+    memory_budget: str = _f(
+        "",
+        "Each client's peak-memory budget, e.g. '1.5GB': a client probes its training and turns "
+        "on activation checkpointing if that is what fits, or refuses with the numbers; "
+        "empty = no limit. A node's own `offsite client start --memory-budget` overrides it.",
+    )
+
     def problems(self) -> list[str]:
         out = []
+        size = r"\s*[0-9]*\.?[0-9]+\s*([KMG]i?B?|B)?\s*"
+        if self.memory_budget and not re.fullmatch(size, self.memory_budget, re.I):
+            out.append(f"train.memory_budget {self.memory_budget!r} is not a size like 1.5GB")
         if not 0 < self.upload_fraction <= 1:
             out.append("train.upload_fraction must be in (0, 1]")
         if self.lora_r < 1:

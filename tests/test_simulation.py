@@ -335,6 +335,31 @@ def test_sparse_upload_aggregates_exactly_like_dense_upload(
         assert 0 < changed <= 3 * math.ceil(0.1 * value.numel()), name
 
 
+def test_a_memory_budget_is_planned_for_and_refused_with_the_numbers_when_too_small(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    roomy = _federate_once(
+        tiny_llama_dir,
+        tiny_task,
+        tmp_path / "roomy",
+        ["train.memory_budget='64GB'"],
+        clients=2,
+        expect="aggregated 2 updates",
+    )
+    assert roomy
+    _federate_once(
+        tiny_llama_dir,
+        tiny_task,
+        tmp_path / "tight",
+        ["train.memory_budget='1MB'"],
+        clients=2,
+        expect="failed",
+    )
+    rounds = json.loads((tmp_path / "tight" / "rounds.json").read_text())
+    assert len(rounds) == 2
+    assert all("memory budget of 1MB" in r["error"] and "MiB" in r["error"] for r in rounds)
+
+
 @pytest.mark.parametrize("attack", ["scale", "sign-flip"])
 def test_two_of_ten_attackers_barely_move_trimmed_mean_but_damage_fedavg(
     tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path, attack: str
