@@ -216,8 +216,10 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
 
 
 def accuracy_cells() -> list[tuple[str, list[str]]]:
-    """(name, overrides) in the order they run: the LoRA default and the fastest policy first."""
-    first = [("bf16", "lora"), ("bf16", "top"), ("int4", "top"), ("int8", "top")]
+    """(name, overrides) in the order they run: the LoRA default, the fastest policy, the
+    quantized LoRA cells and the other policies at the default precision first."""
+    first = [("bf16", "lora"), ("bf16", "top"), ("int8", "lora"), ("int4", "lora")]
+    first += [("bf16", "sparse"), ("bf16", "full"), ("bf16", "bias")]
     rest = [(q, p) for q in ("bf16", "int8", "int4", "fp32") for p in POLICIES]
     order = first + [cell for cell in rest if cell not in first]
     cells = []
