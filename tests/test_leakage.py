@@ -56,15 +56,23 @@ def test_plain_update_reveals_training_tokens_and_noise_hides_them(tokenizer) ->
 
         delta = {name: after[name] - before[name] for name in after}
         clipped, _ = clip_update(delta, 0.1)
-        noisy_after = {
-            name: before[name] + value
-            for name, value in add_gaussian_noise(clipped, 0.1 * 4.0).items()
-        }
-        noisy = recovery(
-            token_scores(effective_updates(before, noisy_after, spec, 0), inputs), used, k
-        )
-        assert noisy.precision < plain.precision, (kind, plain, noisy)
-        assert noisy.precision < 1.6 * noisy.chance_precision + 0.1, (kind, noisy)
+        # one noise draw hits 4 of 20 tokens by luck now and then: judge the mean of five
+        draws = []
+        for seed in range(5):
+            noise = torch.Generator().manual_seed(seed)
+            noisy_after = {
+                name: before[name] + value
+                for name, value in add_gaussian_noise(clipped, 0.1 * 4.0, noise).items()
+            }
+            draws.append(
+                recovery(
+                    token_scores(effective_updates(before, noisy_after, spec, 0), inputs), used, k
+                )
+            )
+        noisy_precision = sum(d.precision for d in draws) / len(draws)
+        chance = draws[0].chance_precision
+        assert noisy_precision < plain.precision, (kind, plain, draws)
+        assert noisy_precision < 1.6 * chance + 0.1, (kind, draws)
 
 
 def test_token_inputs_are_what_the_block_linears_read() -> None:
