@@ -43,7 +43,14 @@ def run_flower_simulation(
     cpus = total_cpus or os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
+        # no dashboard: it is five extra processes whose startup on a busy 2-core machine
+        # made Ray's node start time out now and then
+        "init_args": {
+            "num_cpus": cpus,
+            "logging_level": "ERROR",
+            "log_to_driver": True,
+            "include_dashboard": False,
+        },
     }
     context = Context(
         run_id=0,
