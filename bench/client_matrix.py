@@ -62,10 +62,10 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     from client.profile import measure_training, rss_bytes
-    from client.session import prepare_frozen
+    from client.session import load_for_training
     from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
     from emulator.arch import arch_spec, block_list, block_prefix
-    from emulator.bundle import bundle_arch, load_bundle_model, verify_bundle
+    from emulator.bundle import verify_bundle
     from emulator.examples import training_batches
     from offsite.config import POLICY_LR, OffsiteConfig
     from offsite.data import load_task, split_holdout
@@ -77,11 +77,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     precision = "bf16" if spec["precision"] in ("bf16", "int8", "int4") else "fp32"
     if spec["kind"] == "offsite":
         bundle = verify_bundle(spec["bundle"])
-        model = load_bundle_model(bundle)
-        arch = bundle_arch(bundle)
-        adapter = AdapterSpec.for_plan(spec["policy"], bundle.plan, arch)
-        adapted = attach_adapter(model, arch, adapter, bundle.plan.emulator_to_full())
-        prepare_frozen(adapted.model, precision)
+        adapted, _ = load_for_training(bundle, precision, policy=spec["policy"])
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 

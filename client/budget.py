@@ -15,6 +15,7 @@ from pathlib import Path
 
 from client import planner
 from client.planner import Candidate, Workload
+from offsite.sizes import parse_size
 
 
 class BudgetError(RuntimeError):
@@ -39,7 +40,7 @@ def fit_budget(
     cache_dir: Path | None = None,
 ) -> Fit:
     """Whether to checkpoint so that training ``workload`` stays under ``budget_text``."""
-    budget = planner.parse_size(budget_text)
+    budget = parse_size(budget_text)
     key = f"{digest[:16]}-{policy}-{precision}-{workload.batch_size}x{workload.max_length}-{budget}"
     if key in _DECISIONS:
         return _DECISIONS[key]

@@ -172,9 +172,11 @@ def train(msg: Message, context: Context) -> Message:
             }
         )
     if str(config.get("upload", "dense")) == "sparse" and clip == 0:
-        arrays = sparse_upload(context, trained, global_state, float(config["upload-fraction"]))
+        arrays, sent_bytes = sparse_upload(
+            context, trained, global_state, float(config["upload-fraction"])
+        )
         metrics["sparse-upload"] = 1
-        metrics["upload-bytes"] = sum(a.numel() * a.element_size() for a in arrays.values())
+        metrics["upload-bytes"] = sent_bytes
     else:
         arrays = trained
     return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
@@ -185,13 +187,14 @@ def sparse_upload(
     trained: dict[str, torch.Tensor],
     global_state: dict[str, torch.Tensor],
     fraction: float,
-) -> dict[str, torch.Tensor]:
-    """The changes to send; what top-k held back stays in the node's state for next round."""
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The changes to send and their size in bytes; what top-k held back stays in the node's
+    state for the next round."""
     stored = context.state.array_records.get(RESIDUAL_KEY)
     residual = stored.to_torch_state_dict() if stored is not None else None
-    arrays, kept, _ = encode_update(trained, global_state, fraction, residual)
+    arrays, kept, stats = encode_update(trained, global_state, fraction, residual)
     context.state[RESIDUAL_KEY] = ArrayRecord(kept)
-    return arrays
+    return arrays, stats.bytes_sent
 
 
 def misbehave(

@@ -25,7 +25,6 @@ before fp32 (faster and smaller where the CPU has bf16), no checkpointing before
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -35,26 +34,15 @@ from typing import Any
 import torch
 
 from client.profile import measure_training, peak_rss_bytes, reset_peak_rss, rss_bytes
-from client.session import enable_checkpointing, prepare_frozen, release_freed_memory
-from emulator.adapter import POLICIES, AdaptedModel, AdapterSpec, attach_adapter
+from client.session import load_for_training, release_freed_memory
+from emulator.adapter import POLICIES, AdaptedModel
 from emulator.batches import Batch
-from emulator.bundle import Bundle, bundle_arch, load_bundle_model
+from emulator.bundle import Bundle
 from emulator.train import train_adapter
 from offsite.config import POLICY_LR
 
 POLICY_PREFERENCE = ("lora", "full", "sparse", "top", "bias")
 PROBE_SIZES = (2, 4)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10}
-_UNITS |= {"MIB": 2**20, "GIB": 2**30, "K": 2**10, "M": 2**20, "G": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'1.5GB' → bytes (decimal units; KiB/MiB/GiB and K/M/G binary)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).upper() if match else ""
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"cannot read the size {text!r}; write e.g. 1.5GB, 800MB or 2GiB")
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -112,13 +100,12 @@ def candidates(
 
 def prepared_model(bundle: Bundle, candidate: Candidate) -> AdaptedModel:
     """The bundle's emulator with ``candidate``'s policy attached, ready to train."""
-    model = load_bundle_model(bundle)
-    arch = bundle_arch(bundle)
-    spec = AdapterSpec.for_plan(candidate.policy, bundle.plan, arch)
-    adapted = attach_adapter(model, arch, spec, bundle.plan.emulator_to_full())
-    prepare_frozen(adapted.model, candidate.precision)
-    if candidate.checkpointing:
-        enable_checkpointing(adapted.model)
+    adapted, _ = load_for_training(
+        bundle,
+        candidate.precision,
+        policy=candidate.policy,
+        checkpointing=candidate.checkpointing,
+    )
     return adapted
 
 
@@ -181,8 +168,7 @@ def estimate(
     release_freed_memory()
     start = rss_bytes()
     runtime = max(runtime, start)  # libraries, tokenizer and data are resident by now
-    adapted = prepared_model(bundle, candidate)
-    release_freed_memory()
+    adapted = prepared_model(bundle, candidate)  # trims freed memory itself
     model_cost = max(0, rss_bytes() - start)
     b1, b2 = PROBE_SIZES
     peaks = tuple(
@@ -208,7 +194,6 @@ def measure(
     device = device or torch.device("cpu")
     release_freed_memory()
     adapted = prepared_model(bundle, chosen.candidate)
-    release_freed_memory()
     result = measure_training(
         adapted,
         make_batches(chosen.batch_size),

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from client.kernels import freeze_float_linears, install_kernels
-from emulator.adapter import AdaptedModel, attach_adapter
+from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
 from emulator.bundle import (
     Bundle,
     bundle_arch,
@@ -89,6 +89,27 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+def load_for_training(
+    bundle: Bundle,
+    precision: str,
+    *,
+    policy: str | None = None,
+    checkpointing: bool = False,
+    device: torch.device | None = None,
+) -> tuple[AdaptedModel, dict[str, int]]:
+    """The bundle's emulator on ``device`` with its adapter attached (``policy`` instead of the
+    bundle's own, for planning and benchmarks), the frozen part prepared for ``precision`` and
+    activation checkpointing if asked; also what ``prepare_frozen`` converted."""
+    model = load_bundle_model(bundle).to(device or torch.device("cpu"))
+    arch = bundle_arch(bundle)
+    spec = bundle.adapter if policy is None else AdapterSpec.for_plan(policy, bundle.plan, arch)
+    adapted = attach_adapter(model, arch, spec, bundle.plan.emulator_to_full())
+    converted = prepare_frozen(adapted.model, precision)
+    if checkpointing:
+        enable_checkpointing(adapted.model)
+    return adapted, converted
+
+
 def open_session(
     bundle_path: Path | str, digest: str, precision: str = "auto", checkpointing: bool = False
 ) -> Session:
@@ -103,12 +124,10 @@ def open_session(
 
     hf_logging.disable_progress_bar()
     bundle = verify_bundle(bundle_path, expected_digest=digest)
-    model = load_bundle_model(bundle).to(device)
+    adapted, converted = load_for_training(
+        bundle, resolved, checkpointing=checkpointing, device=device
+    )
     plan = bundle.plan
-    adapted = attach_adapter(model, bundle_arch(bundle), bundle.adapter, plan.emulator_to_full())
-    converted = prepare_frozen(adapted.model, resolved)
-    if checkpointing:
-        enable_checkpointing(adapted.model)
     session = Session(bundle, adapted, load_bundle_tokenizer(bundle), device, resolved)
     _SESSIONS.clear()  # one bundle per worker at a time
     _SESSIONS[key] = session

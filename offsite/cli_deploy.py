@@ -257,7 +257,7 @@ def client_start(
 
     identity = NodeIdentity(_node_state(state))
     if memory_budget:
-        from client.planner import parse_size
+        from offsite.sizes import parse_size
 
         try:
             parse_size(memory_budget)
@@ -350,8 +350,9 @@ def client_plan(
     from tqdm.auto import tqdm
 
     from client import planner
+    from offsite.sizes import parse_size
 
-    budget = planner.parse_size(memory_budget)
+    budget = parse_size(memory_budget)
     workload = planner.Workload(str(bundle), data, batch_size, max_length)
     options = planner.candidates(
         [p.strip() for p in policies.split(",") if p.strip()],

@@ -11,7 +11,6 @@ Decisions:
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -24,6 +23,7 @@ import tomllib
 
 from offsite.errors import ConfigError
 from offsite.robust import AggregationRule, rule_problems
+from offsite.sizes import parse_size
 
 
 def _f(default: Any, help: str) -> Any:
@@ -219,9 +219,11 @@ class TrainConfig(_Section):
 
     def problems(self) -> list[str]:
         out = []
-        size = r"\s*[0-9]*\.?[0-9]+\s*([KMG]i?B?|B)?\s*"
-        if self.memory_budget and not re.fullmatch(size, self.memory_budget, re.I):
-            out.append(f"train.memory_budget {self.memory_budget!r} is not a size like 1.5GB")
+        if self.memory_budget:
+            try:
+                parse_size(self.memory_budget)
+            except ValueError as err:
+                out.append(f"train.memory_budget: {err}")
         if not 0 < self.upload_fraction <= 1:
             out.append("train.upload_fraction must be in (0, 1]")
         if self.lora_r < 1:

@@ -11,17 +11,18 @@ from client import planner
 from client.planner import Candidate, Estimate, Workload
 from offsite.catalog import model_cache_dir
 from offsite.data import Example, write_jsonl
+from offsite.sizes import parse_size
 from tests.conftest import LABELS, tiny_texts
 
 
 def test_sizes_read_like_people_write_them() -> None:
-    assert planner.parse_size("1.5GB") == 1_500_000_000
-    assert planner.parse_size("800 MB") == 800_000_000
-    assert planner.parse_size("2GiB") == 2 * 2**30
-    assert planner.parse_size("512M") == 512 * 2**20
+    assert parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("800 MB") == 800_000_000
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("512M") == 512 * 2**20
     for bad in ("lots", "1.5XB", "", "GB"):
         with pytest.raises(ValueError, match=r"1\.5GB"):
-            planner.parse_size(bad)
+            parse_size(bad)
 
 
 def test_candidates_come_in_preference_order_and_the_first_fitting_one_is_picked() -> None:
