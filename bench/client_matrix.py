@@ -8,9 +8,12 @@ one run and on the same batches (bbc-news, the default recipe: 8 examples × ≤
 AdamW, answer-only loss):
 
 - **baselines**: full-model full fine-tuning in fp32 and in bf16 autocast, full-model LoRA;
-- **the offsite client**: every update policy × {fp32, bf16, int8, int4} on the emulator (int8
-  and int4 bundles are quantized by the owner with AWQ; the client computes in bf16 on the
-  packed kernels of ``client.kernels``).
+- **the offsite client**: every update policy × {fp32, bf16, int8, int4} on the default 2-16-2
+  emulator (int8 and int4 bundles are quantized by the owner with AWQ; the client computes in
+  bf16 on the packed kernels of ``client.kernels``), and LoRA × the same precisions on a smaller
+  emulator (2-SMALL_KEEP-2). The small emulator's accuracy runs select its middle blocks by cosine
+  and distill them (``emulator.selection=cosine``, ``emulator.distill=true``); its throughput
+  bundles are the same shapes undistilled (speed and memory depend on shapes only).
 
 Each cell runs in a fresh process (nothing shared, no allocator reuse between cells): load,
 then ``--warmup`` discarded steps and ``--steps`` measured ones. Throughput is answer-loss
@@ -42,7 +45,9 @@ WORK = ROOT / "out" / "client"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-POLICIES = ("lora", "top", "sparse", "full", "bias")
+POLICIES = ("lora", "lora-top", "top", "sparse", "full", "bias")
+SMALL_KEEP = 4  # middle blocks of the small emulator
+SMALL_POLICIES = ("lora",)
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 MODELS = {
     "smollm2-135m (30 blocks)": {"key": "default", "blocks": 30},
@@ -163,8 +168,8 @@ def synthetic_model(blocks: int, source: Path, out: Path) -> Path:
     return out
 
 
-def ensure_bundle(model_path: Path, quantize: str, out: Path) -> Path:
-    """The model's 2-16-2 emulator bundle (fp32 or owner-quantized), built once."""
+def ensure_bundle(model_path: Path, quantize: str, out: Path, keep: int = 16) -> Path:
+    """The model's 2-``keep``-2 emulator bundle (fp32 or owner-quantized), built once."""
     if (out / "manifest.json").is_file():
         return out
     from coordinator.models import load_full_model
@@ -174,7 +179,7 @@ def ensure_bundle(model_path: Path, quantize: str, out: Path) -> Path:
     from offsite.config import EmulatorConfig
 
     full, tokenizer, arch, _ = load_full_model(str(model_path))
-    settings = EmulatorConfig(quantize=quantize)  # type: ignore[arg-type]
+    settings = EmulatorConfig(keep=keep, quantize=quantize)  # type: ignore[arg-type]
     blocks = int(full.config.num_hidden_layers)
     plan = plan_layers(blocks, settings.bottom, settings.top, settings.keep)
     adapter = AdapterSpec.for_plan("lora", plan, arch)
@@ -195,36 +200,49 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
         {**common, "name": "full FT bf16", "kind": "full-ft", "precision": "bf16"},
         {**common, "name": "full LoRA bf16", "kind": "full-lora", "precision": "bf16"},
     ]
-    for policy in POLICIES:
+    grid = [(16, policy) for policy in POLICIES] + [(SMALL_KEEP, p) for p in SMALL_POLICIES]
+    for keep, policy in grid:
         for precision in PRECISIONS:
-            bundle = bundles["fp32" if precision in ("fp32", "bf16") else precision]
+            bundle = bundles[keep, "fp32" if precision in ("fp32", "bf16") else precision]
             specs.append(
                 {
                     **common,
-                    "name": f"offsite {policy} {precision}",
+                    "name": cell_name(keep, policy, precision),
                     "kind": "offsite",
                     "policy": policy,
                     "precision": precision,
+                    "emulator": f"2-{keep}-2",
                     "bundle": str(bundle),
                 }
             )
     return specs
 
 
+def cell_name(keep: int, policy: str, precision: str) -> str:
+    """'offsite lora bf16' on the default emulator, 'offsite 2-4-2 lora bf16' on another."""
+    shape = "" if keep == 16 else f"2-{keep}-2 "
+    return f"offsite {shape}{policy} {precision}"
+
+
 def accuracy_cells() -> list[tuple[str, list[str]]]:
     """(name, overrides) in the order they run: the LoRA default, the fastest policy, the
     quantized LoRA cells and the other policies at the default precision first."""
-    first = [("bf16", "lora"), ("bf16", "top"), ("int8", "lora"), ("int4", "lora")]
-    first += [("bf16", "sparse"), ("bf16", "full"), ("bf16", "bias")]
-    rest = [(q, p) for q in ("bf16", "int8", "int4", "fp32") for p in POLICIES]
+    first = [(16, "bf16", "lora"), (16, "bf16", "top"), (16, "int8", "lora"), (16, "int4", "lora")]
+    first += [(16, "bf16", p) for p in ("sparse", "full", "bias", "lora-top")]
+    first += [(SMALL_KEEP, q, p) for p in SMALL_POLICIES for q in ("bf16", "int8", "int4")]
+    rest = [(16, q, p) for q in ("bf16", "int8", "int4", "fp32") for p in POLICIES]
     order = first + [cell for cell in rest if cell not in first]
     cells = []
-    for precision, policy in order:
+    for keep, precision, policy in order:
         overrides = [f"train.adapter={policy}"]
         overrides.append(f"train.precision={'fp32' if precision == 'fp32' else 'bf16'}")
         if precision in ("int8", "int4"):
             overrides.append(f"emulator.quantize={precision}")
-        cells.append((f"offsite {policy} {precision}", overrides))
+        if keep != 16:
+            checkpoint = WORK / f"distill-cosine-keep{keep}"  # shared by its precisions
+            overrides += [f"emulator.keep={keep}", "emulator.selection=cosine"]
+            overrides += ["emulator.distill=true", f"emulator.distill_checkpoint='{checkpoint}'"]
+        cells.append((cell_name(keep, policy, precision), overrides))
     return cells
 
 
@@ -304,7 +322,10 @@ def write_report(
         "over the training steps (interpreter and libraries included; 'over runtime' subtracts "
         "what the process held after its imports). Plug-in: accuracy (%) of the adapter plugged "
         "into the full model after the default federated run (4 clients × 3 rounds) with that "
-        "policy and precision; the synthetic model has random weights, so no accuracy there.",
+        "policy and precision; the synthetic model has random weights, so no accuracy there. "
+        f"Cells named 2-{SMALL_KEEP}-2 use the small emulator: for accuracy its middle blocks "
+        "are chosen by cosine selection and distilled (200 steps on public chitchat text); "
+        "its throughput bundle has the same shapes, undistilled.",
         "",
     ]
     for summary in summaries:
@@ -362,12 +383,20 @@ def plot(tables: dict[str, list[dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(tables), figsize=(7 * len(tables), 5.5), squeeze=False)
     markers = {"fp32": "o", "bf16": "s", "int8": "^", "int4": "v"}
-    colors = dict(zip(POLICIES, ("C0", "C1", "C2", "C3", "C4"), strict=True))
+    colors = {p: f"C{i}" for i, p in enumerate(POLICIES)}
     for ax, (model, rows) in zip(axes[0], tables.items(), strict=True):
         for r in rows:
             x, y = _mb(r["peak_rss"]), r["tokens_per_second"]
             if r["kind"] == "offsite":
-                ax.scatter(x, y, marker=markers[r["precision"]], color=colors[r["policy"]])
+                color = colors[r["policy"]]
+                small = r.get("emulator", "2-16-2") != "2-16-2"  # hollow: the small emulator
+                ax.scatter(
+                    x,
+                    y,
+                    marker=markers[r["precision"]],
+                    edgecolors=color,
+                    facecolors="none" if small else color,
+                )
             else:
                 ax.scatter(x, y, marker="*", s=160, color="black")
                 ax.annotate(
@@ -386,6 +415,17 @@ def plot(tables: dict[str, list[dict]], path: Path) -> None:
         plt.Line2D([], [], color="gray", marker=m, linestyle="", label=q)
         for q, m in markers.items()
     ]
+    handles.append(
+        plt.Line2D(
+            [],
+            [],
+            color="gray",
+            marker="o",
+            markerfacecolor="none",
+            linestyle="",
+            label=f"hollow: 2-{SMALL_KEEP}-2 emulator",
+        )
+    )
     axes[0][0].legend(handles=handles, fontsize=8, loc="lower left")
     fig.suptitle("Offsite client vs full-model fine-tuning (up and left is better)")
     fig.tight_layout()
@@ -434,7 +474,13 @@ def main() -> None:
         for model, info in MODELS.items():
             path = paths[info["key"]]
             bundles = {
-                q: ensure_bundle(path, "none" if q == "fp32" else q, WORK / f"{info['key']}-{q}")
+                (keep, q): ensure_bundle(
+                    path,
+                    "none" if q == "fp32" else q,
+                    WORK / f"{info['key']}{'' if keep == 16 else f'-keep{keep}'}-{q}",
+                    keep,
+                )
+                for keep in (16, SMALL_KEEP)
                 for q in ("fp32", "int8", "int4")
             }
             rows = tables.setdefault(model, [])

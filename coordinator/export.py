@@ -72,7 +72,7 @@ def export_run(
     source = str(config["model"]["name"])
     full_model, tokenizer, _, resolved = load_full_model(source)
     peft_dir: Path | None = None
-    if spec.kind == "lora":
+    if spec.policy.lora:
         peft_dir = write_peft_adapter(
             state, spec, bundle_arch(bundle), str(resolved), out_dir / "peft"
         )

@@ -137,7 +137,7 @@ def main(grid: Grid, context: Context) -> None:
             ledger.close(
                 server_round, path, str(outcome.get("outcome", "")), outcome.get("epsilon")
             )
-            if serve_url and bundle.adapter.kind == "lora":
+            if serve_url and bundle.adapter.policy.lora:
                 folder = write_peft_adapter(
                     state,
                     bundle.adapter,

@@ -38,6 +38,14 @@ POLICIES: dict[str, UpdatePolicy] = {
     p.name: p
     for p in (
         UpdatePolicy("lora", "LoRA on the registry's target linears of every adapter block", True),
+        UpdatePolicy(
+            "lora-top",
+            "LoRA on the registry's target linears of the top adapter blocks only; backward "
+            "never enters the emulator",
+            lora=True,
+            top_only=True,
+            bottom="none",
+        ),
         UpdatePolicy("full", "every tensor of every adapter block"),
         UpdatePolicy(
             "bias", "biases and norm weights of the adapter blocks", bottom="small", top="small"
@@ -77,7 +85,7 @@ def _trains(part: str, name: str, arch: ArchSpec) -> bool:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    kind: str  # an update policy: "lora" | "full" | "bias" | "top" | "sparse"
+    kind: str  # an update policy: a key of POLICIES
     layers: tuple[int, ...]  # full-model indices of the adapter blocks
     lora_r: int = 8
     lora_alpha: int = 16
@@ -92,6 +100,13 @@ class AdapterSpec:
         return cls(
             kind, plan.adapter_layers, lora_r, lora_alpha, arch.lora_targets, tuple(plan.top)
         )
+
+    @property
+    def trained_layers(self) -> tuple[int, ...]:
+        """Full-model indices of the blocks the policy trains in (all, or only the top ones)."""
+        if self.policy.top_only:
+            return tuple(i for i in self.layers if i in self.top)
+        return self.layers
 
     @property
     def policy(self) -> UpdatePolicy:
@@ -171,7 +186,7 @@ def attach_adapter(
     policy = spec.policy
     if policy.top_only and not spec.top:
         raise ValueError(f"the {spec.kind!r} policy needs the adapter's top blocks (spec.top)")
-    local_layers = [from_full[i] for i in spec.layers if i in spec.top or not policy.top_only]
+    local_layers = [from_full[i] for i in spec.trained_layers]
     blocks = block_list(model, arch)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -33,7 +33,7 @@ def write_peft_adapter(
     """Write ``state`` (LoRA tensors, full-model names) as a PEFT adapter into ``out_dir``."""
     from peft import LoraConfig
 
-    if spec.kind != "lora":
+    if not spec.policy.lora:
         raise ValueError(f"only LoRA adapters have a PEFT form (this one is {spec.kind!r})")
     out_dir.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(
@@ -41,7 +41,7 @@ def write_peft_adapter(
         lora_alpha=spec.lora_alpha,
         lora_dropout=0.0,
         target_modules=list(spec.lora_targets or arch.lora_targets),
-        layers_to_transform=list(spec.layers),
+        layers_to_transform=list(spec.trained_layers),
         layers_pattern=arch.layers_pattern,
         fan_in_fan_out=arch.lora_fan_in_fan_out,
         task_type="CAUSAL_LM" if arch.causal_lm else None,

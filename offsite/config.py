@@ -169,7 +169,14 @@ class DataConfig(_Section):
         return out
 
 
-POLICY_LR = {"lora": 2e-3, "bias": 1e-3, "full": 1e-4, "top": 1e-4, "sparse": 1e-4}
+POLICY_LR = {
+    "lora": 2e-3,
+    "lora-top": 2e-3,
+    "bias": 1e-3,
+    "full": 1e-4,
+    "top": 1e-4,
+    "sparse": 1e-4,
+}
 
 
 def learning_rate(train: Mapping[str, Any] | TrainConfig) -> float:
@@ -181,18 +188,20 @@ def learning_rate(train: Mapping[str, Any] | TrainConfig) -> float:
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    adapter: Literal["lora", "full", "bias", "top", "sparse"] = _f(
+    adapter: Literal["lora", "lora-top", "full", "bias", "top", "sparse"] = _f(
         "lora",
         "Update policy: 'lora' (PEFT LoRA in the adapter blocks), 'full' (all their tensors), "
         "'bias' (biases and norms), 'top' (top adapter blocks only: backward never enters the "
-        "emulator), 'sparse' (top blocks fully, bottom blocks' output projections and norms).",
+        "emulator), 'lora-top' (LoRA in the top adapter blocks only), 'sparse' (top blocks "
+        "fully, bottom blocks' output projections and norms).",
     )
     lora_r: int = _f(8, "LoRA rank.")
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
     lr: float = _f(
         0.0,
-        "AdamW learning rate; 0 = the policy's default (lora 2e-3, measured best for r=8 on the "
-        "default; bias 1e-3; full, top and sparse 1e-4, since they move pretrained weights).",
+        "AdamW learning rate; 0 = the policy's default (lora and lora-top 2e-3, measured best "
+        "for r=8 on the default; bias 1e-3; full, top and sparse 1e-4, since they move "
+        "pretrained weights).",
     )
     batch_size: int = _f(8, "Examples per local step.")
     local_steps: int = _f(10, "Optimizer steps each client runs per round.")

@@ -33,7 +33,7 @@ def _fake_run(  # type: ignore[no-untyped-def]
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 2)
-    spec = AdapterSpec(kind, plan.adapter_layers, 4, 8, arch.lora_targets)
+    spec = AdapterSpec(kind, plan.adapter_layers, 4, 8, arch.lora_targets, tuple(plan.top))
     bundle = write_bundle(full, tokenizer, plan, spec, run / "bundle", source=str(model_dir))
     adapted = attach_adapter(load_bundle_model(bundle), arch, spec, plan.emulator_to_full(), seed=0)
     gen = torch.Generator().manual_seed(5)
@@ -61,16 +61,19 @@ def _fake_run(  # type: ignore[no-untyped-def]
     return run
 
 
-def test_lora_export_peft_and_merged_agree(tmp_path: Path, tiny_llama_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("kind", "layers"), [("lora", [0, 5]), ("lora-top", [5])])
+def test_lora_export_peft_and_merged_agree(  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_llama_dir: Path, tokenizer, kind: str, layers: list[int]
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run = _fake_run(tmp_path, tiny_llama_dir, tokenizer, "lora")
+    run = _fake_run(tmp_path, tiny_llama_dir, tokenizer, kind)
     result = export_run(run)
     assert result.out_dir == run / "export" / "round-2"
     assert result.peft is not None
     config = json.loads((result.peft / "adapter_config.json").read_text())
-    assert config["layers_to_transform"] == [0, 5]  # full-model adapter blocks only
+    assert config["layers_to_transform"] == layers  # full-model blocks the policy trains only
     assert config["peft_type"] == "LORA"
 
     x = torch.randint(3, VOCAB, (2, 10))

@@ -177,3 +177,36 @@ def test_frozen_float_linears_are_stored_in_bf16_and_trainable_ones_are_not() ->
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(2, 8)).sum().backward()
     assert trained.weight.grad is not None and frozen.weight.grad is None
+
+
+def test_frozen_tied_embedding_is_stored_once_in_bf16_and_the_residual_stays_fp32() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    reference = LlamaForCausalLM(config)
+    reference.load_state_dict(model.state_dict())
+    model.requires_grad_(False)
+    model.model.layers[1].mlp.down_proj.weight.requires_grad_(True)
+    x = torch.randint(0, 64, (2, 9))
+    freeze_float_linears(model, torch.bfloat16)
+    table = model.get_input_embeddings().weight
+    assert table.dtype == torch.bfloat16 and model.lm_head.weight is table  # still tied, one copy
+    seen: list[torch.dtype] = []
+    model.model.layers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x).logits
+        expected = reference(x).logits
+    assert seen == [torch.float32]  # the residual stream starts in fp32
+    assert _relative(logits.float(), expected.float()) < 2e-2  # bf16 rounding of the table only
+    logits.float().sum().backward()
+    assert model.model.layers[1].mlp.down_proj.weight.grad is not None

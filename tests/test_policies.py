@@ -44,6 +44,9 @@ def test_each_policy_trains_what_it_says(model_type: str) -> None:
     assert layers["sparse"][top] == layers["full"][top]
     assert layers["bias"][bottom] < layers["sparse"][bottom] < layers["full"][bottom]
     assert all(n.endswith("bias") or "norm" in n.lower() or "ln" in n for n in layers["bias"][top])
+    lora_top, _ = _adapted(model_type, "lora-top")
+    found = _trainable_blocks(lora_top, lora_top.prefix)
+    assert set(found) == {top} and all("lora_" in n for n in found[top])
     arch = REGISTRY[model_type]
     projections = layers["sparse"][bottom] - layers["bias"][bottom]
     assert projections and all(
@@ -54,7 +57,7 @@ def test_each_policy_trains_what_it_says(model_type: str) -> None:
 def _saved_bytes(model_type: str, kind: str) -> tuple[int, bool]:
     """Bytes autograd saves for backward, and whether any gradient reached the bottom block."""
     adapted, _ = _adapted(model_type, kind)
-    blocks = adapted.model.get_base_model() if kind == "lora" else adapted.model
+    blocks = adapted.model.get_base_model() if adapted.spec.policy.lora else adapted.model
     first = block_list(blocks, adapted.arch)[0]
     reached: list[bool] = []
     first.register_full_backward_hook(lambda *_: reached.append(True))
@@ -76,11 +79,13 @@ def _saved_bytes(model_type: str, kind: str) -> tuple[int, bool]:
 def test_backward_stops_at_the_lowest_trainable_tensor(model_type: str) -> None:
     top_bytes, top_reached = _saved_bytes(model_type, "top")
     lora_bytes, lora_reached = _saved_bytes(model_type, "lora")
-    assert lora_reached and not top_reached  # nothing is computed for frozen layers below
+    lora_top_bytes, lora_top_reached = _saved_bytes(model_type, "lora-top")
+    assert lora_reached and not top_reached and not lora_top_reached  # nothing below is computed
     assert top_bytes < 0.6 * lora_bytes, (top_bytes, lora_bytes)
+    assert lora_top_bytes < 0.6 * lora_bytes, (lora_top_bytes, lora_bytes)
 
 
 def test_policy_registry_is_complete_and_unknown_kinds_fail() -> None:
-    assert set(POLICIES) == {"lora", "full", "bias", "top", "sparse"}
+    assert set(POLICIES) == {"lora", "lora-top", "full", "bias", "top", "sparse"}
     with pytest.raises(ValueError, match="unknown adapter kind"):
         _adapted("llama", "everything")

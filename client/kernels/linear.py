@@ -93,16 +93,21 @@ def install_kernels(model: nn.Module, dtype: torch.dtype) -> int:
 
 
 def freeze_float_linears(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store the weights of frozen ``nn.Linear`` layers in ``dtype`` (bf16 compute needs no
-    fp32 master copy of a weight that never changes); returns how many were converted.
+    """Store the weights of frozen ``nn.Linear`` layers and of a frozen input embedding in
+    ``dtype`` (bf16 compute needs no fp32 master copy of a weight that never changes); returns
+    how many linears were converted.
 
-    Embedding tables are left alone: the residual stream starts there.
+    The embedding's lookups are cast back to its old dtype by a forward hook, so the residual
+    stream keeps its precision (only the table's values are rounded). A head tied to the
+    embedding shares the converted table: autocast would otherwise cast the fp32 table to bf16
+    on every forward and keep that copy for backward.
     """
+    _store_embedding(model, dtype)
     converted = 0
     for module in model.modules():
         if not isinstance(module, nn.Linear) or module.weight.requires_grad:
             continue
-        if module.weight.dtype != dtype and not _is_tied(model, module.weight):
+        if module.weight.dtype != dtype:
             module.weight.data = module.weight.data.to(dtype)
             if module.bias is not None and not module.bias.requires_grad:
                 module.bias.data = module.bias.data.to(dtype)
@@ -110,6 +115,13 @@ def freeze_float_linears(model: nn.Module, dtype: torch.dtype) -> int:
     return converted
 
 
-def _is_tied(model: nn.Module, weight: torch.Tensor) -> bool:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return embeddings is not None and embeddings.weight.data_ptr() == weight.data_ptr()
+def _store_embedding(model: nn.Module, dtype: torch.dtype) -> None:
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if not isinstance(embedding, nn.Embedding) or embedding.weight.requires_grad:
+        return
+    residual = embedding.weight.dtype
+    if residual == dtype:
+        return
+    embedding.weight.data = embedding.weight.data.to(dtype)  # a tied head shares the Parameter
+    embedding.register_forward_hook(lambda _module, _args, out: out.to(residual))
