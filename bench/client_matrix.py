@@ -370,6 +370,16 @@ def write_report(
             "counts: its accuracy is the default model's.",
             "",
         ]
+    versions: dict[str, list[str]] = {}
+    for model, rows in tables.items():
+        for r in rows:
+            versions.setdefault(r.get("code", "before the commit stamp"), []).append(
+                f"{r['name']} ({model.split(' ')[0]})"
+            )
+    if len(versions) > 1:
+        lines += ["Code each throughput row was measured on (cached rows are not re-measured):", ""]
+        lines += [f"- {code}: {', '.join(names)}" for code, names in versions.items()]
+        lines.append("")
     lines += ["Cells still pending: " + (", ".join(meta.get("pending", [])) or "none"), ""]
     (REPORTS / "client.md").write_text("\n".join(lines))
     plot(tables, REPORTS / "client.png")
@@ -436,6 +446,17 @@ def plot(tables: dict[str, list[dict]], path: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
+def code_version() -> str:
+    """The checkout's commit (rows carry it: cached cells may predate a change)."""
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="measured steps per cell")
@@ -469,6 +490,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "pending": [],
+        "code": code_version(),
     }
     if args.part in ("all", "throughput"):
         for model, info in MODELS.items():
@@ -488,7 +510,7 @@ def main() -> None:
                 if any(r["name"] == spec["name"] for r in rows):
                     continue
                 start = time.perf_counter()
-                result = cell_in_subprocess(spec)
+                result = cell_in_subprocess(spec) | {"code": meta["code"]}
                 rows.append(result)
                 print(
                     f"{model} | {spec['name']}: {result['tokens_per_second']:.0f} tok/s, "
