@@ -16,6 +16,7 @@ from client.kernels import BACKENDS, PackedLinear, freeze_float_linears, install
 from client.kernels.backends import FUSED_INT8_MAX_ROWS, blocked_backward, blocked_forward
 from client.kernels.packed import pack_layer, planar_int4, unpack_planar
 from emulator.quant import QuantLinear, QuantScheme, quantize_weight, unpack_int4
+from tests.conftest import VOCAB, tiny_model
 
 SCHEMES = {"int8": QuantScheme("int8"), "int4": QuantScheme("int4", group_size=64)}
 SHAPES = [(96, 128), (33, 64), (200, 384), (17, 36)]  # (out, in); 36 → one int4 group per row
@@ -180,24 +181,10 @@ def test_frozen_float_linears_are_stored_in_bf16_and_trainable_ones_are_not() ->
 
 
 def test_frozen_tied_embedding_is_stored_once_in_bf16_and_the_residual_stays_fp32() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    reference = LlamaForCausalLM(config)
-    reference.load_state_dict(model.state_dict())
+    model, reference = tiny_model("llama"), tiny_model("llama")  # tied, same seeded weights
     model.requires_grad_(False)
     model.model.layers[1].mlp.down_proj.weight.requires_grad_(True)
-    x = torch.randint(0, 64, (2, 9))
+    x = torch.randint(0, VOCAB, (2, 9))
     freeze_float_linears(model, torch.bfloat16)
     table = model.get_input_embeddings().weight
     assert table.dtype == torch.bfloat16 and model.lm_head.weight is table  # still tied, one copy
