@@ -49,7 +49,7 @@ POLICIES = ("lora", "lora-top", "top", "sparse", "full", "bias")
 SMALL_KEEP = 8  # middle blocks of the small emulator (2-4-2 distilled: LoRA plug-in 46.0 %)
 SMALL_POLICIES = ("lora",)
 SMALL_PRECISIONS = ("bf16", "int8")
-BUNDLES = [(16, "fp32"), (16, "int8"), (16, "int4"), (SMALL_KEEP, "fp32"), (SMALL_KEEP, "int8")]
+DEFAULT_KEEP = 16  # the default emulator, 2-16-2 (EmulatorConfig.keep)
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 MODELS = {
     "smollm2-135m (30 blocks)": {"key": "default", "blocks": 30},
@@ -170,7 +170,7 @@ def synthetic_model(blocks: int, source: Path, out: Path) -> Path:
     return out
 
 
-def ensure_bundle(model_path: Path, quantize: str, out: Path, keep: int = 16) -> Path:
+def ensure_bundle(model_path: Path, quantize: str, out: Path, keep: int = DEFAULT_KEEP) -> Path:
     """The model's 2-``keep``-2 emulator bundle (fp32 or owner-quantized), built once."""
     if (out / "manifest.json").is_file():
         return out
@@ -202,10 +202,8 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
         {**common, "name": "full FT bf16", "kind": "full-ft", "precision": "bf16"},
         {**common, "name": "full LoRA bf16", "kind": "full-lora", "precision": "bf16"},
     ]
-    grid = [(16, policy, q) for policy in POLICIES for q in PRECISIONS]
-    grid += [(SMALL_KEEP, policy, q) for policy in SMALL_POLICIES for q in SMALL_PRECISIONS]
-    for keep, policy, precision in grid:
-        bundle = bundles[keep, "fp32" if precision in ("fp32", "bf16") else precision]
+    for keep, policy, precision in offsite_grid():
+        bundle = bundles[keep, bundle_precision(precision)]
         specs.append(
             {
                 **common,
@@ -220,19 +218,31 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
     return specs
 
 
+def offsite_grid() -> list[tuple[int, str, str]]:
+    """(emulator keep, policy, precision) of every offsite throughput cell."""
+    grid = [(DEFAULT_KEEP, policy, q) for policy in POLICIES for q in PRECISIONS]
+    return grid + [(SMALL_KEEP, p, q) for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
+
+
+def bundle_precision(precision: str) -> str:
+    """The bundle a compute precision trains on: fp32 and bf16 share the float one."""
+    return "fp32" if precision in ("fp32", "bf16") else precision
+
+
 def cell_name(keep: int, policy: str, precision: str) -> str:
     """'offsite lora bf16' on the default emulator, 'offsite 2-4-2 lora bf16' on another."""
-    shape = "" if keep == 16 else f"2-{keep}-2 "
+    shape = "" if keep == DEFAULT_KEEP else f"2-{keep}-2 "
     return f"offsite {shape}{policy} {precision}"
 
 
 def accuracy_cells() -> list[tuple[str, list[str]]]:
     """(name, overrides) in the order they run: the LoRA default, the fastest policy, the
     quantized LoRA cells and the other policies at the default precision first."""
-    first = [(16, "bf16", "lora"), (16, "bf16", "top"), (16, "int8", "lora"), (16, "int4", "lora")]
-    first += [(16, "bf16", p) for p in ("sparse", "full", "bias", "lora-top")]
+    first = [("bf16", "lora"), ("bf16", "top"), ("int8", "lora"), ("int4", "lora")]
+    first += [("bf16", p) for p in ("sparse", "full", "bias", "lora-top")]
+    first = [(DEFAULT_KEEP, q, p) for q, p in first]
     first += [(SMALL_KEEP, q, p) for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
-    rest = [(16, q, p) for q in ("bf16", "int8", "int4", "fp32") for p in POLICIES]
+    rest = [(DEFAULT_KEEP, q, p) for q in ("bf16", "int8", "int4", "fp32") for p in POLICIES]
     order = first + [cell for cell in rest if cell not in first]
     cells = []
     for keep, precision, policy in order:
@@ -240,7 +250,7 @@ def accuracy_cells() -> list[tuple[str, list[str]]]:
         overrides.append(f"train.precision={'fp32' if precision == 'fp32' else 'bf16'}")
         if precision in ("int8", "int4"):
             overrides.append(f"emulator.quantize={precision}")
-        if keep != 16:
+        if keep != DEFAULT_KEEP:
             checkpoint = WORK / f"distill-cosine-keep{keep}"  # shared by its precisions
             overrides += [f"emulator.keep={keep}", "emulator.selection=cosine"]
             overrides += ["emulator.distill=true", f"emulator.distill_checkpoint='{checkpoint}'"]
@@ -401,7 +411,7 @@ def plot(tables: dict[str, list[dict]], path: Path) -> None:
             x, y = _mb(r["peak_rss"]), r["tokens_per_second"]
             if r["kind"] == "offsite":
                 color = colors[r["policy"]]
-                small = r.get("emulator", "2-16-2") != "2-16-2"  # hollow: the small emulator
+                small = r.get("emulator", "2-16-2") != f"2-{DEFAULT_KEEP}-2"  # hollow: small one
                 ax.scatter(
                     x,
                     y,
@@ -501,10 +511,10 @@ def main() -> None:
                 (keep, q): ensure_bundle(
                     path,
                     "none" if q == "fp32" else q,
-                    WORK / f"{info['key']}{'' if keep == 16 else f'-keep{keep}'}-{q}",
+                    WORK / f"{info['key']}{'' if keep == DEFAULT_KEEP else f'-keep{keep}'}-{q}",
                     keep,
                 )
-                for keep, q in BUNDLES
+                for keep, q in sorted({(k, bundle_precision(q)) for k, _, q in offsite_grid()})
             }
             rows = tables.setdefault(model, [])
             for spec in throughput_specs(path, bundles, args):
