@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from client.kernels import freeze_float_linears, install_kernels
+from client.kernels.lean import lean_frozen_mlps
 from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
 from emulator.bundle import (
     Bundle,
@@ -50,22 +51,24 @@ class Session:
 _SESSIONS: dict[tuple[str, str, bool], Session] = {}
 
 
-def prepare_frozen(model: nn.Module, precision: str) -> dict[str, int]:
-    """Put ``model``'s frozen linears on the fast path for ``precision`` (call after the
-    adapter is attached, so trainable tensors are known); returns what was converted.
+def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
+    """Put the model's frozen linears on the fast path for ``precision`` and its frozen gated
+    MLPs on the lean autograd of ``client.kernels.lean`` (call after the adapter is attached,
+    so trainable tensors are known); returns what was converted.
 
     Tensors loaded from a memory-mapped checkpoint are copied into process memory and the
     mapping dropped: otherwise every page of the file that a conversion touched stays
     resident beside the converted copy.
     """
-    dtype = COMPUTE_DTYPES[precision]
+    model, dtype = adapted.model, COMPUTE_DTYPES[precision]
     packed = install_kernels(model, dtype)
     cast = freeze_float_linears(model, dtype) if dtype != torch.float32 else 0
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()
+    lean = lean_frozen_mlps(model, adapted.arch, adapted.prefix)
     release_freed_memory()
-    return {"packed_linears": packed, "bf16_linears": cast}
+    return {"packed_linears": packed, "bf16_linears": cast, "lean_mlps": lean}
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -104,7 +107,7 @@ def load_for_training(
     arch = bundle_arch(bundle)
     spec = bundle.adapter if policy is None else AdapterSpec.for_plan(policy, bundle.plan, arch)
     adapted = attach_adapter(model, arch, spec, bundle.plan.emulator_to_full())
-    converted = prepare_frozen(adapted.model, precision)
+    converted = prepare_frozen(adapted, precision)
     if checkpointing:
         enable_checkpointing(adapted.model)
     return adapted, converted
@@ -132,13 +135,15 @@ def open_session(
     _SESSIONS.clear()  # one bundle per worker at a time
     _SESSIONS[key] = session
     log.info(
-        "loaded bundle %s (%s) on %s, %s compute, %d packed and %d bf16 frozen linears%s",
+        "loaded bundle %s (%s) on %s, %s compute, %d packed and %d bf16 frozen linears, "
+        "%d lean frozen MLPs%s",
         digest[:12],
         plan.label,
         device,
         resolved,
         converted["packed_linears"],
         converted["bf16_linears"],
+        converted["lean_mlps"],
         ", activation checkpointing" if checkpointing else "",
     )
     return session

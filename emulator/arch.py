@@ -29,6 +29,9 @@ class ArchSpec:
     # module names (suffixes inside a block) that write back into the residual stream: the
     # attention output and MLP down projections the `sparse` update policy trains
     output_projections: tuple[str, ...] = ("o_proj", "down_proj")
+    # block-relative path of a gated MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, whose
+    # frozen copies ``client.kernels.lean`` computes keeping one activation fewer; "" if none
+    gated_mlp: str = ""
 
     @property
     def layers_pattern(self) -> str:
@@ -43,10 +46,22 @@ class ArchSpec:
 REGISTRY: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        ArchSpec("llama", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
-        ArchSpec("mistral", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
-        ArchSpec("qwen2", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
-        ArchSpec("gemma3_text", "layers", _DECODER_LORA, per_layer_config=("layer_types",)),
+        ArchSpec(
+            "llama", "layers", _DECODER_LORA, per_layer_config=("layer_types",), gated_mlp="mlp"
+        ),
+        ArchSpec(
+            "mistral", "layers", _DECODER_LORA, per_layer_config=("layer_types",), gated_mlp="mlp"
+        ),
+        ArchSpec(
+            "qwen2", "layers", _DECODER_LORA, per_layer_config=("layer_types",), gated_mlp="mlp"
+        ),
+        ArchSpec(
+            "gemma3_text",
+            "layers",
+            _DECODER_LORA,
+            per_layer_config=("layer_types",),
+            gated_mlp="mlp",
+        ),
         ArchSpec(
             "gpt2",
             "h",

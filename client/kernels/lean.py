@@ -1,0 +1,93 @@
+"""Memory-lean autograd for frozen gated MLPs: one activation fewer kept per block, same numbers.
+
+Backward through the frozen emulator (the LoRA policy's gradient must reach the bottom adapter
+blocks) keeps, per block, what autograd's generic ops save. Measured on SmolLM2-135M's blocks
+(8 × 128 tokens, bf16 compute): 16.3 MB of activations per frozen block, 9.4 MB of them in the
+gated MLP ``down(act(gate(x)) * up(x))``: ``gate(x)`` for the activation's backward, and both
+``act(gate(x))`` and ``up(x)`` for the product's. ``act(gate(x))`` is an elementwise function
+of a tensor already kept, so ``GatedProduct`` keeps ``gate(x)`` and ``up(x)`` only and
+recomputes the activation in backward: a third of the MLP's saved bytes (3.1 MB per block)
+for one elementwise op, with the same gradient (tested bitwise against eager autograd).
+
+The frozen linears around it keep nothing themselves (no weight gradient needs their input),
+so this is the last large tensor a frozen MLP saves that costs no matmul to avoid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from emulator.arch import ArchSpec
+from emulator.quant import replace_module
+
+
+class GatedProduct(torch.autograd.Function):
+    """``act(gate) * up`` keeping ``gate`` and ``up`` for backward, not ``act(gate)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, gate: torch.Tensor, up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        ctx.act = act
+        ctx.save_for_backward(gate, up)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = gate.detach().requires_grad_(ctx.needs_input_grad[0])
+            activated = ctx.act(leaf)
+        grad_up = grad * activated.detach() if ctx.needs_input_grad[1] else None
+        grad_gate = None
+        if ctx.needs_input_grad[0]:
+            (grad_gate,) = torch.autograd.grad(activated, leaf, grad * up)
+        return grad_gate, grad_up, None
+
+
+class LeanGatedMLP(nn.Module):
+    """A frozen gated MLP (same sub-modules and state-dict keys) computed with ``GatedProduct``."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj = mlp.gate_proj
+        self.up_proj = mlp.up_proj
+        self.down_proj = mlp.down_proj
+        self.act_fn = mlp.act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        product = GatedProduct.apply(self.gate_proj(x), self.up_proj(x), self.act_fn)
+        return self.down_proj(product)  # type: ignore[no-any-return]
+
+
+def lean_frozen_mlps(model: nn.Module, arch: ArchSpec, prefix: str) -> int:
+    """Swap every fully frozen gated MLP of the blocks under ``prefix`` (the state-dict prefix
+    of the block list in ``model``) for a ``LeanGatedMLP``; returns how many were swapped.
+
+    MLPs with a trainable tensor (LoRA, sparse policies) keep their own forward: their
+    sub-modules need what eager autograd saves for the weight gradients.
+    """
+    if not arch.gated_mlp:
+        return 0
+    found = [
+        name
+        for name, module in model.named_modules()
+        if _block_part(name, prefix) == arch.gated_mlp
+        and not isinstance(module, LeanGatedMLP)
+        and not any(p.requires_grad for p in module.parameters())
+    ]
+    for name in found:
+        replace_module(model, name, LeanGatedMLP(model.get_submodule(name)))
+    return len(found)
+
+
+def _block_part(name: str, prefix: str) -> str:
+    """``mlp`` for ``{prefix}.3.mlp``; empty for names outside a block."""
+    if not name.startswith(f"{prefix}."):
+        return ""
+    index, _, rest = name[len(prefix) + 1 :].partition(".")
+    return rest if index.isdigit() else ""

@@ -1,0 +1,119 @@
+"""client.kernels.lean: frozen gated MLPs keep one activation fewer, with the same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from client.kernels.lean import GatedProduct, LeanGatedMLP, lean_frozen_mlps
+from emulator.adapter import AdapterSpec, attach_adapter
+from emulator.arch import REGISTRY, arch_spec
+from emulator.layers import plan_layers
+from emulator.split import build_emulator
+from tests.conftest import VOCAB, tiny_model
+
+GATED = sorted(name for name, spec in REGISTRY.items() if spec.gated_mlp)
+ACTIVATIONS = {
+    "silu": nn.functional.silu,
+    "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+}
+
+
+def _saved_bytes(loss_fn) -> tuple[int, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """Distinct bytes autograd saves while ``loss_fn`` runs forward, and the loss."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    return sum(seen.values()), loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_gated_product_gradients_are_eager_autograd_bit_for_bit(
+    act: str, dtype: torch.dtype
+) -> None:
+    fn = ACTIVATIONS[act]
+    generator = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(4, 16, 48, generator=generator).to(dtype) for _ in range(3))
+    eager = [t.clone().requires_grad_(True) for t in (gate, up)]
+    lean = [t.clone().requires_grad_(True) for t in (gate, up)]
+    expected = fn(eager[0]) * eager[1]
+    got = GatedProduct.apply(lean[0], lean[1], fn)
+    expected.backward(grad)
+    got.backward(grad)
+    assert torch.equal(got, expected)
+    assert torch.equal(lean[0].grad, eager[0].grad)
+    assert torch.equal(lean[1].grad, eager[1].grad)
+
+
+def test_gated_product_keeps_two_tensors_where_eager_keeps_three() -> None:
+    gate, up = (torch.randn(8, 64, 96, requires_grad=True) for _ in range(2))
+    eager, _ = _saved_bytes(lambda: (nn.functional.silu(gate) * up).sum())
+    lean, _ = _saved_bytes(lambda: GatedProduct.apply(gate, up, nn.functional.silu).sum())
+    one = gate.numel() * gate.element_size()
+    assert eager == 3 * one
+    assert lean == 2 * one
+
+
+def _frozen_with_trainable_embedding(model_type: str) -> nn.Module:
+    model = tiny_model(model_type).requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)  # backward crosses every block
+    return model
+
+
+@pytest.mark.parametrize("model_type", GATED)
+def test_lean_frozen_blocks_save_less_and_give_the_same_gradient(model_type: str) -> None:
+    eager_model = _frozen_with_trainable_embedding(model_type)
+    lean_model = _frozen_with_trainable_embedding(model_type)
+    arch = arch_spec(lean_model.config)
+    prefix = "model.layers"
+    assert lean_frozen_mlps(lean_model, arch, prefix) == lean_model.config.num_hidden_layers
+    assert set(lean_model.state_dict()) == set(eager_model.state_dict())
+    ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
+
+    def loss(model: nn.Module):  # type: ignore[no-untyped-def]
+        return lambda: model(input_ids=ids).logits.float().square().mean()
+
+    eager_bytes, eager_loss = _saved_bytes(loss(eager_model))
+    lean_bytes, lean_loss = _saved_bytes(loss(lean_model))
+    eager_loss.backward()
+    lean_loss.backward()
+    config = lean_model.config
+    activation = 3 * 24 * config.intermediate_size * 4  # one fp32 act(gate) per block
+    assert eager_bytes - lean_bytes == config.num_hidden_layers * activation
+    assert torch.equal(lean_loss, eager_loss)
+    assert torch.equal(
+        lean_model.get_input_embeddings().weight.grad,
+        eager_model.get_input_embeddings().weight.grad,
+    )
+
+
+@pytest.mark.parametrize("policy", ["lora", "sparse", "top"])
+def test_mlps_with_a_trainable_tensor_keep_their_own_forward(policy: str) -> None:
+    full = tiny_model("llama")
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 2)
+    emulator = build_emulator(full, plan, arch)
+    spec = AdapterSpec.for_plan(policy, plan, arch, 4, 8)
+    adapted = attach_adapter(emulator, arch, spec, plan.emulator_to_full())
+    swapped = lean_frozen_mlps(adapted.model, arch, adapted.prefix)
+    mlps = {
+        int(name.rsplit(".", 2)[-2]): module
+        for name, module in adapted.model.named_modules()
+        if name.endswith(".mlp")
+    }
+    trainable = {i for i, m in mlps.items() if any(p.requires_grad for p in m.parameters())}
+    assert trainable  # every policy trains some MLP tensor in an adapter block
+    assert swapped == len(mlps) - len(trainable)
+    assert all(isinstance(m, LeanGatedMLP) == (i not in trainable) for i, m in mlps.items())
+
+
+def test_architectures_without_a_gated_mlp_are_left_alone() -> None:
+    model = tiny_model("gpt2")
+    assert lean_frozen_mlps(model, arch_spec(model.config), "transformer.h") == 0
