@@ -12,7 +12,6 @@ change; the fp32 copy is simply never kept).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from emulator.bundle import (
     verify_bundle,
 )
 from emulator.forward import pick_device, resolve_precision
+from offsite.memory import trim_allocator
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,6 @@ def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
     return {"packed_linears": packed, "bf16_linears": cast, "lean_mlps": lean}
 
 
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, macOS): nothing to trim
-        return None
-
-
 def enable_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward instead of keeping them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -87,9 +80,7 @@ def enable_checkpointing(model: nn.Module) -> None:
 def release_freed_memory() -> None:
     """Hand memory freed by Python and torch back to the OS (glibc keeps it otherwise)."""
     gc.collect()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    trim_allocator()
 
 
 def load_for_training(

@@ -15,6 +15,7 @@ import torch
 from emulator.adapter import AdaptedModel
 from emulator.batches import Batch
 from emulator.forward import answer_loss, autocast
+from offsite.memory import trim_allocator
 
 
 @dataclass
@@ -60,6 +61,8 @@ def train_adapter(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cpu":
+            trim_allocator()  # the step's freed activations, back to the OS (offsite.memory)
         value = float(loss.detach())
         result.losses.append(value)
         result.examples += int(batch.input_ids.shape[0])
