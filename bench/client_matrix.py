@@ -129,6 +129,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         lr=POLICY_LR[spec.get("policy", "full" if spec["kind"] == "full-ft" else "lora")],
         precision=precision,
         device=device,
+        trim_memory=True,
     )
     return {
         **spec,
@@ -334,7 +335,11 @@ def write_report(
         "over the training steps (interpreter and libraries included; 'over runtime' subtracts "
         "what the process held after its imports). Plug-in: accuracy (%) of the adapter plugged "
         "into the full model after the default federated run (4 clients × 3 rounds) with that "
-        "policy and precision; the synthetic model has random weights, so no accuracy there. "
+        "policy and precision; the synthetic model has random weights, so its rows carry the "
+        "default model's accuracy for the same cell. Every cell, baselines too, trains as a node "
+        "under a memory budget does: the C heap is trimmed after each optimizer step "
+        "(``offsite.memory``; measured A/B on LoRA bf16: 5-12 % fewer tokens/s for 8-10 % "
+        "lower peak RSS). "
         f"Cells named 2-{SMALL_KEEP}-2 use the small emulator: for accuracy its middle blocks "
         "are chosen by cosine selection and distilled (200 steps on public chitchat text); "
         "its throughput bundle has the same shapes, undistilled.",
@@ -365,23 +370,25 @@ def write_report(
         best = summary.get("best")
         lines.append("")
         if best is not None:
-            verdict = "meets" if best["meets_speedup"] and best["meets_memory"] else "misses"
+            met = [
+                ("throughput", best["meets_speedup"]),
+                ("memory", best["meets_memory"]),
+            ]
+            missed = [goal for goal, ok in met if not ok]
+            verdict = (
+                "meets the goal"
+                if not missed
+                else f"misses the {' and '.join(missed)} goal{'s' if len(missed) > 1 else ''}"
+            )
             lines.append(
                 f"Best policy within {ACCURACY_TOLERANCE:g} point of the LoRA default "
-                f"({_fmt(summary['lora_default_plug_in'], '{:.1f}')} %): **{best['name']}** — "
+                f"({_fmt(summary['lora_default_plug_in'], '{:.1f}')} %): **{best['name']}** "
+                f"(plug-in {_fmt(best['plug_in'], '{:.1f}')} %) — "
                 f"{best['speedup']:.2f}× throughput, {best['memory_ratio']:.2f}× lower peak RSS "
-                f"({best['memory_ratio_over_runtime']:.2f}× over runtime); {verdict} the goal "
+                f"({best['memory_ratio_over_runtime']:.2f}× over runtime); {verdict} "
                 f"(≥ {GOALS['speedup']}× and ≥ {GOALS['memory']}×)."
             )
             lines.append("")
-    chosen = {s["model"]: s.get("best") for s in summaries}
-    default_best = next((b for b in chosen.values() if b), None)
-    if default_best is not None:
-        lines += [
-            f"On the synthetic model the same cell ({default_best['name']}) is the one that "
-            "counts: its accuracy is the default model's.",
-            "",
-        ]
     versions: dict[str, list[str]] = {}
     for model, rows in tables.items():
         for r in rows:
@@ -474,7 +481,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured steps per cell")
     parser.add_argument("--warmup", type=int, default=2, help="discarded steps per cell")
     parser.add_argument(
-        "--part", choices=("all", "throughput", "accuracy"), default="all", help="what to run"
+        "--part",
+        choices=("all", "throughput", "accuracy", "report"),
+        default="all",
+        help="what to run ('report' only rewrites the report from the cached results)",
     )
     parser.add_argument("--fresh", action="store_true", help="re-run finished cells")
     args = parser.parse_args()
@@ -485,9 +495,6 @@ def main() -> None:
 
     quiet_setup()
     WORK.mkdir(parents=True, exist_ok=True)
-    default_path = Path(resolve_model("smollm2-135m"))
-    paths = {"default": default_path}
-    paths["deep48"] = synthetic_model(48, default_path, WORK / "synthetic-48")
     results_path = WORK / "throughput.json"
     tables: dict[str, list[dict]] = (
         json.loads(results_path.read_text()) if results_path.is_file() and not args.fresh else {}
@@ -505,6 +512,9 @@ def main() -> None:
         "code": code_version(),
     }
     if args.part in ("all", "throughput"):
+        default_path = Path(resolve_model("smollm2-135m"))
+        paths = {"default": default_path}
+        paths["deep48"] = synthetic_model(48, default_path, WORK / "synthetic-48")
         for model, info in MODELS.items():
             path = paths[info["key"]]
             bundles = {
@@ -541,7 +551,7 @@ def main() -> None:
             accuracy[name] = 100 * metrics["scores"]["plug_in"]["value"]
             print(f"accuracy | {name}: plug-in {accuracy[name]:.1f} %", flush=True)
             accuracy_path.write_text(json.dumps(accuracy, indent=1))
-        meta["pending"] = [n for n, _ in cells if n not in accuracy]
+    meta["pending"] = [n for n, _ in accuracy_cells() if n not in accuracy]
     write_report(tables, accuracy, meta)
 
 

@@ -72,10 +72,15 @@ def _set_threads(config: ConfigRecord) -> None:
         torch.set_num_threads(threads)
 
 
+def _memory_budget(config: ConfigRecord, context: Context) -> str:
+    """This node's memory budget: node config ``memory-budget`` in deployment, else the run's
+    ``train.memory_budget``; empty for none."""
+    return str(context.node_config.get("memory-budget", config.get("memory-budget", "")))
+
+
 def _checkpointing(config: ConfigRecord, context: Context, bundle_path: Path) -> bool:
-    """Activation checkpointing if this node's memory budget needs it (node config
-    ``memory-budget`` in deployment, else the run's ``train.memory_budget``)."""
-    budget = str(context.node_config.get("memory-budget", config.get("memory-budget", "")))
+    """Activation checkpointing if this node's memory budget needs it."""
+    budget = _memory_budget(config, context)
     if not budget:
         return False
     from client.budget import fit_budget
@@ -137,6 +142,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(config["lr"]),
         precision=session.precision,
         device=session.device,
+        trim_memory=bool(_memory_budget(config, context)),
     )
     trained = misbehave(config, partition, global_state, session.adapted.trainable_state())
     clip = float(config.get("dp-clip", 0.0))

@@ -145,6 +145,7 @@ def _probe(
         lr=POLICY_LR[candidate.policy],
         precision=candidate.precision,
         device=device,
+        trim_memory=True,  # what a node under a budget does (client.budget)
     )
     return peak_rss_bytes() - before
 
@@ -202,6 +203,7 @@ def measure(
         lr=POLICY_LR[chosen.candidate.policy],
         precision=chosen.candidate.precision,
         device=device,
+        trim_memory=True,
     )
     chosen.measured_peak = result.peak_rss
     del adapted

@@ -73,6 +73,7 @@ def measure_training(
     lr: float,
     precision: str,
     device: torch.device,
+    trim_memory: bool = False,
 ) -> Measurement:
     """Train ``warmup + steps`` steps with the client recipe; time only the last ``steps``."""
     gc.collect()
@@ -100,6 +101,7 @@ def measure_training(
         precision=precision,
         device=device,
         on_step=on_step,
+        trim_memory=trim_memory,
     )
     times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)][warmup:]
     measured_tokens = sum(tokens[warmup:])

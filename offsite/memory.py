@@ -4,9 +4,10 @@ glibc keeps freed heap memory for reuse, and a training step's activations (many
 1–5 MB, freed in a different order than allocated) leave it fragmented: the next step's
 tensors do not fit the holes, the heap grows, and the process keeps a high-water mark well
 above what it uses. Trimming after every optimizer step returns the free pages, so each step
-starts from what is live. Measured on the LoRA policy over a 2-8-2 emulator of a 48-block
-SmolLM2-shaped model (bf16, 8 × 128 tokens): peak RSS 1105 → about 980 MB, step time
-unchanged (1.03 vs 1.02 s), and RSS between steps 1105 → 596 MB.
+starts from what is live, at the price of faulting them in again. Measured A/B (LoRA, bf16,
+8 × 128 tokens, two fresh processes each): on a 2-8-2 emulator of a 48-block SmolLM2-shaped
+model peak RSS 1138 → 1039 MB for 1108 → 1052 tokens/s; on the default 2-16-2 emulator of
+SmolLM2-135M 1439 → 1294 MB for 716 → 620 tokens/s. Hence opt-in: nodes under a memory budget.
 """
 
 from __future__ import annotations
