@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 
 from offsite.errors import OffsiteError
 
 CLIENT_APP = "client.flower_app:app"
+log = logging.getLogger(__name__)
 
 
 def run_flower_simulation(
@@ -60,6 +63,7 @@ def run_flower_simulation(
         run_config={"plan": str(plan_path)},
     )
     try:
+        _start_ray(backend_config["init_args"])  # type: ignore[arg-type]
         _run_simulation(
             num_supernodes=num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -86,3 +90,38 @@ def run_flower_simulation(
                 ray.shutdown()
         except ImportError:
             pass
+
+
+RAY_START_ATTEMPTS = 3
+
+
+def _start_ray(init_args: dict[str, object]) -> None:
+    """Start the local Ray node Flower's backend will use, retrying a start that times out.
+
+    On a busy 2-core machine (or beside a killed run's stray Ray daemons) Ray's node start
+    times out now and then; Flower would then fail the whole run. Flower's backend reuses a
+    running Ray, so starting it here, with the same worker ``PYTHONPATH`` Flower would pass,
+    lets a failed start be retried before any round runs.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    paths = [*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])]
+    pythonpath = os.pathsep.join(paths)
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except Exception as err:  # Ray raises a bare Exception on a start timeout
+            ray.shutdown()
+            if attempt == RAY_START_ATTEMPTS:
+                raise OffsiteError(
+                    f"Ray's local node did not start after {attempt} attempts ({err}); if a "
+                    "killed run left Ray daemons behind, stop them with `ray stop` and retry"
+                ) from err
+            log.warning(
+                "Ray's node did not start (%s); retrying (%d/%d)", err, attempt, RAY_START_ATTEMPTS
+            )
+            time.sleep(2 * attempt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from offsite.config import load_config
 from offsite.data import Example, write_jsonl
+from offsite.errors import OffsiteError
 from tests.conftest import LABELS, tiny_texts
 
 pytestmark = pytest.mark.integration
@@ -442,3 +444,43 @@ def test_a_killed_coordinator_resumes_and_matches_an_uninterrupted_run(
         assert resumed.scores[key].value == pytest.approx(score.value, abs=1e-9), key
     outcomes = json.loads((run_dir / "outcomes.json").read_text())
     assert [o["round"] for o in outcomes if o["round"] > 0] == [1, 2, 3]
+
+
+def test_a_ray_start_that_times_out_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from coordinator import simulation
+
+    real_init, calls = ray.init, []
+
+    def flaky_init(**kwargs: object) -> object:
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup.")  # what Ray raises
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(ray, "init", flaky_init)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # _start_ray sets it
+    monkeypatch.setattr(simulation.time, "sleep", lambda _seconds: None)
+    try:
+        simulation._start_ray({"num_cpus": 1, "include_dashboard": False})
+        assert ray.is_initialized() and len(calls) == 2
+        assert calls[1]["runtime_env"] == {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
+    finally:
+        ray.shutdown()
+
+
+def test_a_ray_start_that_keeps_failing_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from coordinator import simulation
+
+    def failing_init(**_kwargs: object) -> None:
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "init", failing_init)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setattr(simulation.time, "sleep", lambda _seconds: None)
+    with pytest.raises(OffsiteError, match="ray stop"):
+        simulation._start_ray({"num_cpus": 1})
+    assert not ray.is_initialized()
