@@ -338,7 +338,7 @@ def write_report(
         "policy and precision; the synthetic model has random weights, so its rows carry the "
         "default model's accuracy for the same cell. Every cell, baselines too, trains as a node "
         "under a memory budget does: the C heap is trimmed after each optimizer step "
-        "(``offsite.memory``; measured A/B on LoRA bf16: 5-12 % fewer tokens/s for 8-10 % "
+        "(``offsite.memory``; measured A/B on LoRA bf16: 5-13 % fewer tokens/s for 8-10 % "
         "lower peak RSS). "
         f"Cells named 2-{SMALL_KEEP}-2 use the small emulator: for accuracy its middle blocks "
         "are chosen by cosine selection and distilled (200 steps on public chitchat text); "

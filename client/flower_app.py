@@ -78,9 +78,8 @@ def _memory_budget(config: ConfigRecord, context: Context) -> str:
     return str(context.node_config.get("memory-budget", config.get("memory-budget", "")))
 
 
-def _checkpointing(config: ConfigRecord, context: Context, bundle_path: Path) -> bool:
-    """Activation checkpointing if this node's memory budget needs it."""
-    budget = _memory_budget(config, context)
+def _checkpointing(budget: str, config: ConfigRecord, context: Context, bundle_path: Path) -> bool:
+    """Activation checkpointing if this node's memory ``budget`` needs it."""
     if not budget:
         return False
     from client.budget import fit_budget
@@ -114,7 +113,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     _set_threads(config)
     bundle_path = _bundle_path(config, context)
-    checkpointing = _checkpointing(config, context, bundle_path)
+    budget = _memory_budget(config, context)
+    checkpointing = _checkpointing(budget, config, context, bundle_path)
     session = open_session(
         bundle_path, str(config["bundle-digest"]), str(config["precision"]), checkpointing
     )
@@ -142,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(config["lr"]),
         precision=session.precision,
         device=session.device,
-        trim_memory=bool(_memory_budget(config, context)),
+        trim_memory=bool(budget),
     )
     trained = misbehave(config, partition, global_state, session.adapted.trainable_state())
     clip = float(config.get("dp-clip", 0.0))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from emulator.arch import ArchSpec
+from emulator.layers import block_index
 from emulator.quant import replace_module
 
 
@@ -76,7 +77,7 @@ def lean_frozen_mlps(model: nn.Module, arch: ArchSpec, prefix: str) -> int:
     found = [
         name
         for name, module in model.named_modules()
-        if _block_part(name, prefix) == arch.gated_mlp
+        if _is_block_part(name, prefix, arch.gated_mlp)
         and not isinstance(module, LeanGatedMLP)
         and not any(p.requires_grad for p in module.parameters())
     ]
@@ -85,9 +86,7 @@ def lean_frozen_mlps(model: nn.Module, arch: ArchSpec, prefix: str) -> int:
     return len(found)
 
 
-def _block_part(name: str, prefix: str) -> str:
-    """``mlp`` for ``{prefix}.3.mlp``; empty for names outside a block."""
-    if not name.startswith(f"{prefix}."):
-        return ""
-    index, _, rest = name[len(prefix) + 1 :].partition(".")
-    return rest if index.isdigit() else ""
+def _is_block_part(name: str, prefix: str, part: str) -> bool:
+    """Whether ``name`` is ``{prefix}.{i}.{part}`` for some block index ``i``."""
+    index = block_index(name, prefix)
+    return index is not None and name == f"{prefix}.{index}.{part}"
