@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from client.kernels import freeze_float_linears, install_kernels
+from client.kernels.attention import use_gqa_attention
+from client.kernels.casts import cast_norm_outputs
 from client.kernels.lean import lean_frozen_mlps
 from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
 from emulator.bundle import (
@@ -52,9 +54,11 @@ _SESSIONS: dict[tuple[str, str, bool], Session] = {}
 
 
 def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
-    """Put the model's frozen linears on the fast path for ``precision`` and its frozen gated
-    MLPs on the lean autograd of ``client.kernels.lean`` (call after the adapter is attached,
-    so trainable tensors are known); returns what was converted.
+    """Put the model's frozen linears on the fast path for ``precision``, its frozen gated
+    MLPs on the lean autograd of ``client.kernels.lean``, grouped-query attention on unexpanded
+    key/value heads (``client.kernels.attention``) and pre-norm outputs cast once under autocast
+    (``client.kernels.casts``); call after the adapter is attached, so trainable tensors are
+    known. Returns what was converted.
 
     Tensors loaded from a memory-mapped checkpoint are copied into process memory and the
     mapping dropped: otherwise every page of the file that a conversion touched stays
@@ -67,8 +71,16 @@ def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()
     lean = lean_frozen_mlps(model, adapted.arch, adapted.prefix)
+    norms = cast_norm_outputs(model, adapted.arch, adapted.prefix)
+    gqa = use_gqa_attention(model)
     release_freed_memory()
-    return {"packed_linears": packed, "bf16_linears": cast, "lean_mlps": lean}
+    return {
+        "packed_linears": packed,
+        "bf16_linears": cast,
+        "lean_mlps": lean,
+        "cast_norms": norms,
+        "gqa_attention": int(gqa),
+    }
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -127,7 +139,7 @@ def open_session(
     _SESSIONS[key] = session
     log.info(
         "loaded bundle %s (%s) on %s, %s compute, %d packed and %d bf16 frozen linears, "
-        "%d lean frozen MLPs%s",
+        "%d lean frozen MLPs, %d norms cast once%s%s",
         digest[:12],
         plan.label,
         device,
@@ -135,6 +147,8 @@ def open_session(
         converted["packed_linears"],
         converted["bf16_linears"],
         converted["lean_mlps"],
+        converted["cast_norms"],
+        ", grouped-query attention unexpanded" if converted["gqa_attention"] else "",
         ", activation checkpointing" if checkpointing else "",
     )
     return session

@@ -13,6 +13,7 @@ from typing import Any
 
 from offsite.errors import ModelError
 
+_PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
 _DECODER_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -32,6 +33,9 @@ class ArchSpec:
     # block-relative path of a gated MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, whose
     # frozen copies ``client.kernels.lean`` computes keeping one activation fewer; "" if none
     gated_mlp: str = ""
+    # block-relative names of the norms whose output only feeds linear layers (pre-norm blocks);
+    # under autocast ``client.kernels.casts`` casts their output once instead of once per linear
+    linear_input_norms: tuple[str, ...] = ()
 
     @property
     def layers_pattern(self) -> str:
@@ -47,13 +51,28 @@ REGISTRY: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
         ArchSpec(
-            "llama", "layers", _DECODER_LORA, per_layer_config=("layer_types",), gated_mlp="mlp"
+            "llama",
+            "layers",
+            _DECODER_LORA,
+            per_layer_config=("layer_types",),
+            gated_mlp="mlp",
+            linear_input_norms=_PRE_NORMS,
         ),
         ArchSpec(
-            "mistral", "layers", _DECODER_LORA, per_layer_config=("layer_types",), gated_mlp="mlp"
+            "mistral",
+            "layers",
+            _DECODER_LORA,
+            per_layer_config=("layer_types",),
+            gated_mlp="mlp",
+            linear_input_norms=_PRE_NORMS,
         ),
         ArchSpec(
-            "qwen2", "layers", _DECODER_LORA, per_layer_config=("layer_types",), gated_mlp="mlp"
+            "qwen2",
+            "layers",
+            _DECODER_LORA,
+            per_layer_config=("layer_types",),
+            gated_mlp="mlp",
+            linear_input_norms=_PRE_NORMS,
         ),
         ArchSpec(
             "gemma3_text",
@@ -61,6 +80,7 @@ REGISTRY: dict[str, ArchSpec] = {
             _DECODER_LORA,
             per_layer_config=("layer_types",),
             gated_mlp="mlp",
+            linear_input_norms=("input_layernorm", "pre_feedforward_layernorm"),
         ),
         ArchSpec(
             "gpt2",
@@ -68,6 +88,7 @@ REGISTRY: dict[str, ArchSpec] = {
             ("c_attn", "c_proj", "c_fc"),
             lora_fan_in_fan_out=True,
             output_projections=("attn.c_proj", "mlp.c_proj"),
+            linear_input_norms=("ln_1", "ln_2"),
         ),
         ArchSpec(
             "opt",
@@ -87,6 +108,7 @@ REGISTRY: dict[str, ArchSpec] = {
             ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
             per_layer_config=("layer_types",),
             output_projections=("attention.dense", "dense_4h_to_h"),
+            linear_input_norms=_PRE_NORMS,
         ),
         ArchSpec(
             "bert",

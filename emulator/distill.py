@@ -164,9 +164,9 @@ def distill(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        result.losses.append(float(loss))
-        result.nmse.append(float(nmse))
-        bar.set_postfix(loss=f"{float(loss):.3f}", nmse=f"{float(nmse):.4f}")
+        result.losses.append(float(loss.detach()))
+        result.nmse.append(float(nmse.detach()))
+        bar.set_postfix(loss=f"{result.losses[-1]:.3f}", nmse=f"{result.nmse[-1]:.4f}")
         done = step + 1
         if done % eval_every == 0 or done == steps:
             perplexity = held_out_perplexity(student, held, device)

@@ -62,7 +62,8 @@ def build_emulator(full_model: nn.Module, plan: LayerPlan, arch: ArchSpec) -> nn
     # Copy everything except the dropped blocks (never materialise what is not shipped).
     memo: dict[int, Any] = {id(blocks): nn.ModuleList()}
     emulator = copy.deepcopy(full_model, memo)
-    new_blocks = nn.ModuleList([copy.deepcopy(b) for b in kept])
+    # The same memo: the kept blocks refer to the copied config, not to copies of their own.
+    new_blocks = nn.ModuleList([copy.deepcopy(b, memo) for b in kept])
     parent_path, _, attr = f"base_model.{arch.blocks}".rpartition(".")
     parent = emulator
     for part in parent_path.split("."):
