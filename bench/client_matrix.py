@@ -10,10 +10,11 @@ AdamW, answer-only loss):
 - **baselines**: full-model full fine-tuning in fp32 and in bf16 autocast, full-model LoRA;
 - **the offsite client**: every update policy × {fp32, bf16, int8, int4} on the default 2-16-2
   emulator (int8 and int4 bundles are quantized by the owner with AWQ; the client computes in
-  bf16 on the packed kernels of ``client.kernels``), and LoRA × {bf16, int8} on a smaller
-  emulator (2-SMALL_KEEP-2). The small emulator's accuracy runs select its middle blocks by cosine
-  and distill them (``emulator.selection=cosine``, ``emulator.distill=true``); its throughput
-  bundles are the same shapes undistilled (speed and memory depend on shapes only).
+  bf16 on the packed kernels of ``client.kernels``), and LoRA × {bf16, int8} on smaller
+  emulators (2-k-2 for k in SMALL_KEEPS). The small emulators' accuracy runs select their
+  middle blocks by cosine and distill them (``emulator.selection=cosine``,
+  ``emulator.distill=true``); their throughput bundles are the same shapes undistilled (speed
+  and memory depend on shapes only).
 
 Each cell runs in a fresh process (nothing shared, no allocator reuse between cells): load,
 then ``--warmup`` discarded steps and ``--steps`` measured ones. Throughput is answer-loss
@@ -46,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
 POLICIES = ("lora", "lora-top", "top", "sparse", "full", "bias")
-SMALL_KEEP = 8  # middle blocks of the small emulator (2-4-2 distilled: LoRA plug-in 46.0 %)
+# Middle blocks of the smaller emulators (2-4-2 distilled gave LoRA plug-in 46.0 %: too lossy).
+SMALL_KEEPS = (8, 6)
 SMALL_POLICIES = ("lora",)
 SMALL_PRECISIONS = ("bf16", "int8")
 DEFAULT_KEEP = 16  # the default emulator, 2-16-2 (EmulatorConfig.keep)
@@ -55,6 +57,7 @@ MODELS = {
     "smollm2-135m (30 blocks)": {"key": "default", "blocks": 30},
     "synthetic (48 blocks)": {"key": "deep48", "blocks": 48},
 }
+BASELINES = ("full FT fp32", "full FT bf16")
 ACCURACY_TOLERANCE = 1.0  # points below the LoRA default a policy may lose
 GOALS = {"speedup": 6.5, "memory": 5.6}
 
@@ -222,7 +225,8 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
 def offsite_grid() -> list[tuple[int, str, str]]:
     """(emulator keep, policy, precision) of every offsite throughput cell."""
     grid = [(DEFAULT_KEEP, policy, q) for policy in POLICIES for q in PRECISIONS]
-    return grid + [(SMALL_KEEP, p, q) for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
+    small = [(k, p, q) for k in SMALL_KEEPS for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
+    return grid + small
 
 
 def bundle_precision(precision: str) -> str:
@@ -242,7 +246,7 @@ def accuracy_cells() -> list[tuple[str, list[str]]]:
     first = [("bf16", "lora"), ("bf16", "top"), ("int8", "lora"), ("int4", "lora")]
     first += [("bf16", p) for p in ("sparse", "full", "bias", "lora-top")]
     first = [(DEFAULT_KEEP, q, p) for q, p in first]
-    first += [(SMALL_KEEP, q, p) for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
+    first += [(k, q, p) for k in SMALL_KEEPS for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
     rest = [(DEFAULT_KEEP, q, p) for q in ("bf16", "int8", "int4", "fp32") for p in POLICIES]
     order = first + [cell for cell in rest if cell not in first]
     cells = []
@@ -269,10 +273,12 @@ def _mb(value: float) -> float:
 def summarise(model: str, rows: list[dict[str, Any]], accuracy: dict[str, float]) -> dict:
     """Ratios against the faster full fine-tuning, and the verdict on the goals."""
     done = {r["name"]: r for r in rows}
-    candidates = [done[n] for n in ("full FT fp32", "full FT bf16") if n in done]
+    candidates = [done[n] for n in BASELINES if n in done]
     if not candidates:
         return {"model": model, "baseline": None}
     base = max(candidates, key=lambda r: r["tokens_per_second"])
+    for r in rows:
+        r["same_run_as_baseline"] = r.get("measured") == base.get("measured")
     for r in rows:
         r["speedup"] = r["tokens_per_second"] / base["tokens_per_second"]
         r["memory_ratio"] = base["peak_rss"] / r["peak_rss"]
@@ -286,6 +292,7 @@ def summarise(model: str, rows: list[dict[str, Any]], accuracy: dict[str, float]
         r
         for r in rows
         if r["kind"] == "offsite"
+        and r["same_run_as_baseline"]
         and reference is not None
         and r["name"] in accuracy
         and accuracy[r["name"]] >= reference - ACCURACY_TOLERANCE
@@ -298,6 +305,7 @@ def summarise(model: str, rows: list[dict[str, Any]], accuracy: dict[str, float]
         "baseline": base["name"],
         "baseline_tokens_per_second": base["tokens_per_second"],
         "baseline_peak_rss_mb": _mb(base["peak_rss"]),
+        "baseline_measured": base.get("measured", "in an earlier run"),
         "lora_default_plug_in": reference,
         "best": None
         if best is None
@@ -326,11 +334,12 @@ def write_report(
     summaries = [summarise(model, rows, accuracy) for model, rows in tables.items()]
     data = {"meta": meta, "accuracy": accuracy, "models": tables, "summaries": summaries}
     (REPORTS / "client.json").write_text(json.dumps(data, indent=1))
+    small_names = " and ".join(f"2-{k}-2" for k in SMALL_KEEPS)
     lines = [
         "# Client benchmark: offsite client vs full-model fine-tuning",
         "",
-        f"Measured {meta['date']} on {meta['machine']}; {meta['steps']} measured steps after "
-        f"{meta['warmup']} warm-up steps per cell, each cell a fresh process. Batches: "
+        f"Written {meta['date']}, measured on {meta['machine']}; {meta['steps']} measured "
+        f"steps after {meta['warmup']} warm-up steps per cell, each cell a fresh process. Batches: "
         "bbc-news, 8 examples × ≤ 128 tokens. Peak RSS: the process's kernel high-water mark "
         "over the training steps (interpreter and libraries included; 'over runtime' subtracts "
         "what the process held after its imports). Plug-in: accuracy (%) of the adapter plugged "
@@ -340,9 +349,9 @@ def write_report(
         "under a memory budget does: the C heap is trimmed after each optimizer step "
         "(``offsite.memory``; measured A/B on LoRA bf16: 5-13 % fewer tokens/s for 8-10 % "
         "lower peak RSS). "
-        f"Cells named 2-{SMALL_KEEP}-2 use the small emulator: for accuracy its middle blocks "
+        f"Cells named {small_names} use smaller emulators: for accuracy their middle blocks "
         "are chosen by cosine selection and distilled (200 steps on public chitchat text); "
-        "its throughput bundle has the same shapes, undistilled.",
+        "their throughput bundles have the same shapes, undistilled.",
         "",
     ]
     for summary in summaries:
@@ -354,21 +363,36 @@ def write_report(
         lines += [
             f"Baseline (the faster full fine-tuning): **{summary['baseline']}**, "
             f"{summary['baseline_tokens_per_second']:.0f} tokens/s, "
-            f"{summary['baseline_peak_rss_mb']:.0f} MB peak.",
+            f"{summary['baseline_peak_rss_mb']:.0f} MB peak (measured "
+            f"{summary['baseline_measured']}).",
             "",
             "| cell | trainable | tokens/s | speed-up | peak RSS (MB) | memory ÷ | "
             "÷ over runtime | plug-in |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in tables[model]:
+            mark = "" if r.get("same_run_as_baseline", True) else " †"
             lines.append(
-                f"| {r['name']} | {r['trainable_parameters'] / 1e6:.2f} M | "
+                f"| {r['name']}{mark} | {r['trainable_parameters'] / 1e6:.2f} M | "
                 f"{r['tokens_per_second']:.0f} | {r['speedup']:.2f}× | {_mb(r['peak_rss']):.0f} | "
                 f"{r['memory_ratio']:.2f}× | {r['memory_ratio_over_runtime']:.2f}× | "
                 f"{_fmt(r.get('plug_in'), '{:.1f}')} |"
             )
         best = summary.get("best")
         lines.append("")
+        earlier = sorted(
+            {
+                str(r.get("measured", "an earlier run"))
+                for r in tables[model]
+                if not r.get("same_run_as_baseline", True)
+            }
+        )
+        if earlier:
+            lines += [
+                f"† measured in an earlier run ({', '.join(earlier)}), not side by side with "
+                "this baseline: compare its ratios with care.",
+                "",
+            ]
         if best is not None:
             met = [
                 ("throughput", best["meets_speedup"]),
@@ -452,7 +476,7 @@ def plot(tables: dict[str, list[dict]], path: Path) -> None:
             marker="o",
             markerfacecolor="none",
             linestyle="",
-            label=f"hollow: 2-{SMALL_KEEP}-2 emulator",
+            label="hollow: a smaller emulator",
         )
     )
     axes[0][0].legend(handles=handles, fontsize=8, loc="lower left")
@@ -487,7 +511,17 @@ def main() -> None:
         help="what to run ('report' only rewrites the report from the cached results)",
     )
     parser.add_argument("--fresh", action="store_true", help="re-run finished cells")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated throughput cells to re-measure now (e.g. 'offsite 2-6-2 lora "
+        "bf16'); the full fine-tuning baselines are re-measured with them, so their ratios "
+        "compare rows of one run. Other cached rows are kept and marked with their date",
+    )
     args = parser.parse_args()
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    if only:
+        only |= set(BASELINES)
 
     from cells import quiet_setup, simulate_cell
 
@@ -518,20 +552,25 @@ def main() -> None:
         for model, info in MODELS.items():
             path = paths[info["key"]]
             bundles = {
-                (keep, q): ensure_bundle(
-                    path,
-                    "none" if q == "fp32" else q,
-                    WORK / f"{info['key']}{'' if keep == DEFAULT_KEEP else f'-keep{keep}'}-{q}",
-                    keep,
-                )
+                (keep, q): WORK
+                / f"{info['key']}{'' if keep == DEFAULT_KEEP else f'-keep{keep}'}-{q}"
                 for keep, q in sorted({(k, bundle_precision(q)) for k, _, q in offsite_grid()})
             }
             rows = tables.setdefault(model, [])
             for spec in throughput_specs(path, bundles, args):
-                if any(r["name"] == spec["name"] for r in rows):
+                if only and spec["name"] not in only:
                     continue
+                if not only and any(r["name"] == spec["name"] for r in rows):
+                    continue
+                if spec["kind"] == "offsite":  # built once, when a cell first needs it
+                    quantize = bundle_precision(spec["precision"])
+                    keep = int(spec["emulator"].split("-")[1])
+                    ensure_bundle(
+                        path, "none" if quantize == "fp32" else quantize, Path(spec["bundle"]), keep
+                    )
                 start = time.perf_counter()
-                result = cell_in_subprocess(spec) | {"code": meta["code"]}
+                result = cell_in_subprocess(spec) | {"code": meta["code"], "measured": meta["date"]}
+                rows[:] = [r for r in rows if r["name"] != spec["name"]]
                 rows.append(result)
                 print(
                     f"{model} | {spec['name']}: {result['tokens_per_second']:.0f} tok/s, "
