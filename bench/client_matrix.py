@@ -145,6 +145,23 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def median_row(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from repeated runs of a cell: the median tokens/s and the median peak RSS (upper
+    median for an even count), every run's numbers kept under ``runs``."""
+
+    def median(key: str) -> Any:
+        values = sorted(r[key] for r in results)
+        return values[len(values) // 2]
+
+    row = dict(results[0])
+    row["tokens_per_second"] = median("tokens_per_second")
+    row["peak_rss"] = median("peak_rss")
+    row["runs"] = [
+        {"tokens_per_second": r["tokens_per_second"], "peak_rss": r["peak_rss"]} for r in results
+    ]
+    return row
+
+
 def cell_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "cell", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -321,6 +338,16 @@ def summarise(model: str, rows: list[dict[str, Any]], accuracy: dict[str, float]
     }
 
 
+def _spread(row: dict[str, Any], key: str, unit: float) -> str:
+    """The row's (median) value, with the range over its runs when it was measured repeatedly."""
+    text = f"{row[key] / unit:.0f}"
+    runs = row.get("runs", [])
+    if len(runs) > 1:
+        values = [run[key] / unit for run in runs]
+        text += f" ({min(values):.0f}–{max(values):.0f})"
+    return text
+
+
 def _fmt(value: Any, pattern: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
@@ -339,7 +366,8 @@ def write_report(
         "# Client benchmark: offsite client vs full-model fine-tuning",
         "",
         f"Written {meta['date']}, measured on {meta['machine']}; {meta['steps']} measured "
-        f"steps after {meta['warmup']} warm-up steps per cell, each cell a fresh process. Batches: "
+        f"steps after {meta['warmup']} warm-up steps per cell, each cell a fresh process; a "
+        "cell measured several times shows the median and (in brackets) the range. Batches: "
         "bbc-news, 8 examples × ≤ 128 tokens. Peak RSS: the process's kernel high-water mark "
         "over the training steps (interpreter and libraries included; 'over runtime' subtracts "
         "what the process held after its imports). Plug-in: accuracy (%) of the adapter plugged "
@@ -374,7 +402,8 @@ def write_report(
             mark = "" if r.get("same_run_as_baseline", True) else " †"
             lines.append(
                 f"| {r['name']}{mark} | {r['trainable_parameters'] / 1e6:.2f} M | "
-                f"{r['tokens_per_second']:.0f} | {r['speedup']:.2f}× | {_mb(r['peak_rss']):.0f} | "
+                f"{_spread(r, 'tokens_per_second', 1)} | {r['speedup']:.2f}× | "
+                f"{_spread(r, 'peak_rss', 2**20)} | "
                 f"{r['memory_ratio']:.2f}× | {r['memory_ratio_over_runtime']:.2f}× | "
                 f"{_fmt(r.get('plug_in'), '{:.1f}')} |"
             )
@@ -518,6 +547,13 @@ def main() -> None:
         "bf16'); the full fine-tuning baselines are re-measured with them, so their ratios "
         "compare rows of one run. Other cached rows are kept and marked with their date",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure every cell this many times, in rounds over all cells; rows report the "
+        "median tokens/s and the median peak RSS (each run's numbers are kept in the JSON)",
+    )
     args = parser.parse_args()
     only = {name.strip() for name in args.only.split(",") if name.strip()}
     if only:
@@ -557,28 +593,38 @@ def main() -> None:
                 for keep, q in sorted({(k, bundle_precision(q)) for k, _, q in offsite_grid()})
             }
             rows = tables.setdefault(model, [])
-            for spec in throughput_specs(path, bundles, args):
-                if only and spec["name"] not in only:
-                    continue
-                if not only and any(r["name"] == spec["name"] for r in rows):
-                    continue
+            specs = [
+                spec
+                for spec in throughput_specs(path, bundles, args)
+                if (spec["name"] in only)
+                or (not only and not any(r["name"] == spec["name"] for r in rows))
+            ]
+            for spec in specs:
                 if spec["kind"] == "offsite":  # built once, when a cell first needs it
                     quantize = bundle_precision(spec["precision"])
                     keep = int(spec["emulator"].split("-")[1])
                     ensure_bundle(
                         path, "none" if quantize == "fp32" else quantize, Path(spec["bundle"]), keep
                     )
-                start = time.perf_counter()
-                result = cell_in_subprocess(spec) | {"code": meta["code"], "measured": meta["date"]}
-                rows[:] = [r for r in rows if r["name"] != spec["name"]]
-                rows.append(result)
-                print(
-                    f"{model} | {spec['name']}: {result['tokens_per_second']:.0f} tok/s, "
-                    f"peak {_mb(result['peak_rss']):.0f} MB ({time.perf_counter() - start:.0f} s)",
-                    flush=True,
-                )
-                results_path.write_text(json.dumps(tables, indent=1))
-                write_report(tables, accuracy, meta)
+            runs: dict[str, list[dict[str, Any]]] = {}
+            for repeat in range(args.repeats):  # rounds over all cells: noise spreads evenly
+                for spec in specs:
+                    start = time.perf_counter()
+                    result = cell_in_subprocess(spec)
+                    runs.setdefault(spec["name"], []).append(result)
+                    row = median_row(runs[spec["name"]]) | {
+                        "code": meta["code"],
+                        "measured": meta["date"],
+                    }
+                    rows[:] = [r for r in rows if r["name"] != spec["name"]] + [row]
+                    print(
+                        f"{model} | {spec['name']} (run {repeat + 1}/{args.repeats}): "
+                        f"{result['tokens_per_second']:.0f} tok/s, peak "
+                        f"{_mb(result['peak_rss']):.0f} MB ({time.perf_counter() - start:.0f} s)",
+                        flush=True,
+                    )
+                    results_path.write_text(json.dumps(tables, indent=1))
+                    write_report(tables, accuracy, meta)
     if args.part in ("all", "accuracy"):
         cells = accuracy_cells()
         for index, (name, overrides) in enumerate(cells):
