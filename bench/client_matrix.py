@@ -550,7 +550,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=1,
+        default=3,
         help="measure every cell this many times, in rounds over all cells; rows report the "
         "median tokens/s and the median peak RSS (each run's numbers are kept in the JSON)",
     )
