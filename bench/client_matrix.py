@@ -479,6 +479,14 @@ def plot(tables: dict[str, list[dict]], path: Path) -> None:
                     edgecolors=color,
                     facecolors="none" if small else color,
                 )
+                if small and r["precision"] == "bf16":  # name the emulator shape once
+                    ax.annotate(
+                        r["emulator"],
+                        (x, y),
+                        fontsize=7,
+                        xytext=(5, -3),
+                        textcoords="offset points",
+                    )
             else:
                 ax.scatter(x, y, marker="*", s=160, color="black")
                 ax.annotate(
