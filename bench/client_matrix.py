@@ -233,6 +233,7 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
                 "policy": policy,
                 "precision": precision,
                 "emulator": f"2-{keep}-2",
+                "keep": keep,
                 "bundle": str(bundle),
             }
         )
@@ -296,7 +297,6 @@ def summarise(model: str, rows: list[dict[str, Any]], accuracy: dict[str, float]
     base = max(candidates, key=lambda r: r["tokens_per_second"])
     for r in rows:
         r["same_run_as_baseline"] = r.get("measured") == base.get("measured")
-    for r in rows:
         r["speedup"] = r["tokens_per_second"] / base["tokens_per_second"]
         r["memory_ratio"] = base["peak_rss"] / r["peak_rss"]
         r["memory_ratio_over_runtime"] = (base["peak_rss"] - base["rss_imports"]) / max(
@@ -610,9 +610,11 @@ def main() -> None:
             for spec in specs:
                 if spec["kind"] == "offsite":  # built once, when a cell first needs it
                     quantize = bundle_precision(spec["precision"])
-                    keep = int(spec["emulator"].split("-")[1])
                     ensure_bundle(
-                        path, "none" if quantize == "fp32" else quantize, Path(spec["bundle"]), keep
+                        path,
+                        "none" if quantize == "fp32" else quantize,
+                        Path(spec["bundle"]),
+                        spec["keep"],
                     )
             runs: dict[str, list[dict[str, Any]]] = {}
             for repeat in range(args.repeats):  # rounds over all cells: noise spreads evenly

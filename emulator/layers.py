@@ -118,6 +118,14 @@ def block_index(key: str, prefix: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def block_part(name: str, prefix: str) -> str | None:
+    """The block-relative part of a module name ``{prefix}.{i}.{part}`` (``"mlp"``,
+    ``"self_attn.q_proj"``), or None for a name outside the blocks under ``prefix``."""
+    index = block_index(name, prefix)
+    head = f"{prefix}.{index}."
+    return name[len(head) :] if index is not None and name.startswith(head) else None
+
+
 def renumber_state(
     state: Mapping[str, Any], prefix: str, mapping: Mapping[int, int]
 ) -> dict[str, Any]:

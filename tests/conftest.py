@@ -118,6 +118,19 @@ def _tiny_configs() -> dict[str, Callable[[], object]]:
 TINY_CONFIGS = _tiny_configs()
 
 
+def saved_bytes(loss_fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """Distinct bytes autograd saves while ``loss_fn`` runs forward, and the loss."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    return sum(seen.values()), loss
+
+
 def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised 6-block model of ``model_type`` (fixed seed, eval mode)."""
     import transformers

@@ -12,24 +12,11 @@ from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
 from emulator.arch import REGISTRY, arch_spec
 from emulator.layers import plan_layers
 from emulator.split import build_emulator
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import VOCAB, saved_bytes, tiny_model
 
 GROUPED = ("llama", "mistral", "qwen2", "gemma3_text")  # tiny configs: 4 heads, 2 key/value
 CAST_NORMS = sorted(name for name, spec in REGISTRY.items() if spec.linear_input_norms)
 BATCH, LENGTH = 3, 24
-
-
-def _saved_bytes(loss_fn) -> tuple[int, torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Distinct bytes autograd saves while ``loss_fn`` runs forward, and the loss."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
-    return sum(seen.values()), loss
 
 
 def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +69,8 @@ def test_grouped_query_attention_keeps_unexpanded_heads_with_the_same_result(
     expanded, grouped = _lora_emulator(model_type), _lora_emulator(model_type)
     assert use_gqa_attention(grouped.model)
     assert grouped.model.get_base_model().config._attn_implementation == IMPLEMENTATION
-    expanded_bytes, expanded_loss = _saved_bytes(_loss(expanded.model))
-    grouped_bytes, grouped_loss = _saved_bytes(_loss(grouped.model))
+    expanded_bytes, expanded_loss = saved_bytes(_loss(expanded.model))
+    grouped_bytes, grouped_loss = saved_bytes(_loss(grouped.model))
     expanded_loss.backward()
     grouped_loss.backward()
     torch.testing.assert_close(grouped_loss, expanded_loss, rtol=1e-6, atol=0)
@@ -118,8 +105,8 @@ def test_norm_outputs_cast_once_keep_less_and_change_only_bf16_rounding(model_ty
     assert cast_norm_outputs(cast.model, arch, cast.prefix) == 2 * blocks
     assert cast_norm_outputs(cast.model, arch, cast.prefix) == 0  # hooked once only
     assert set(cast.model.state_dict()) == set(eager.model.state_dict())
-    eager_bytes, eager_loss = _saved_bytes(_loss(eager.model, "bf16"))
-    cast_bytes, cast_loss = _saved_bytes(_loss(cast.model, "bf16"))
+    eager_bytes, eager_loss = saved_bytes(_loss(eager.model, "bf16"))
+    cast_bytes, cast_loss = saved_bytes(_loss(cast.model, "bf16"))
     eager_loss.backward()
     cast_loss.backward()
     assert torch.equal(cast_loss, eager_loss)  # the same cast, done once: same forward bits
@@ -146,8 +133,8 @@ def test_llama_lora_blocks_keep_one_input_copy_per_norm() -> None:
     norm's: at least three copies fewer per LoRA block than a cast per linear (five)."""
     eager, cast = _lora_emulator("llama"), _lora_emulator("llama")
     cast_norm_outputs(cast.model, cast.arch, cast.prefix)
-    eager_bytes, _ = _saved_bytes(_loss(eager.model, "bf16"))
-    cast_bytes, _ = _saved_bytes(_loss(cast.model, "bf16"))
+    eager_bytes, _ = saved_bytes(_loss(eager.model, "bf16"))
+    cast_bytes, _ = saved_bytes(_loss(cast.model, "bf16"))
     config = cast.model.get_base_model().config
     lora_blocks = 2  # the bottom and top adapter blocks of the 1-2-1 plan
     one_copy = BATCH * LENGTH * config.hidden_size * 2  # bf16

@@ -11,26 +11,13 @@ from emulator.adapter import AdapterSpec, attach_adapter
 from emulator.arch import REGISTRY, arch_spec
 from emulator.layers import plan_layers
 from emulator.split import build_emulator
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import VOCAB, saved_bytes, tiny_model
 
 GATED = sorted(name for name, spec in REGISTRY.items() if spec.gated_mlp)
 ACTIVATIONS = {
     "silu": nn.functional.silu,
     "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
 }
-
-
-def _saved_bytes(loss_fn) -> tuple[int, torch.Tensor]:  # type: ignore[no-untyped-def]
-    """Distinct bytes autograd saves while ``loss_fn`` runs forward, and the loss."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
-    return sum(seen.values()), loss
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -54,8 +41,8 @@ def test_gated_product_gradients_are_eager_autograd_bit_for_bit(
 
 def test_gated_product_keeps_two_tensors_where_eager_keeps_three() -> None:
     gate, up = (torch.randn(8, 64, 96, requires_grad=True) for _ in range(2))
-    eager, _ = _saved_bytes(lambda: (nn.functional.silu(gate) * up).sum())
-    lean, _ = _saved_bytes(lambda: GatedProduct.apply(gate, up, nn.functional.silu).sum())
+    eager, _ = saved_bytes(lambda: (nn.functional.silu(gate) * up).sum())
+    lean, _ = saved_bytes(lambda: GatedProduct.apply(gate, up, nn.functional.silu).sum())
     one = gate.numel() * gate.element_size()
     assert eager == 3 * one
     assert lean == 2 * one
@@ -80,8 +67,8 @@ def test_lean_frozen_blocks_save_less_and_give_the_same_gradient(model_type: str
     def loss(model: nn.Module):  # type: ignore[no-untyped-def]
         return lambda: model(input_ids=ids).logits.float().square().mean()
 
-    eager_bytes, eager_loss = _saved_bytes(loss(eager_model))
-    lean_bytes, lean_loss = _saved_bytes(loss(lean_model))
+    eager_bytes, eager_loss = saved_bytes(loss(eager_model))
+    lean_bytes, lean_loss = saved_bytes(loss(lean_model))
     eager_loss.backward()
     lean_loss.backward()
     config = lean_model.config

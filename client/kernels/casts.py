@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from emulator.arch import ArchSpec
-from emulator.layers import block_index
+from emulator.layers import block_part
 
 
 def _output_in_autocast_dtype(module: nn.Module, args: Any, output: Any) -> Any:
@@ -47,12 +47,12 @@ def cast_norm_outputs(model: nn.Module, arch: ArchSpec, prefix: str) -> int:
         return 0
     hooked = 0
     for name, module in model.named_modules():
-        index = block_index(name, prefix)
-        if index is None:
+        part = block_part(name, prefix)
+        if part is None:
             continue
         if hasattr(module, "cast_input_dtype_enabled"):  # a PEFT tuner layer
             module.cast_input_dtype_enabled = False
-        if name.removeprefix(f"{prefix}.{index}.") not in names:
+        if part not in names:
             continue
         if getattr(module, "_offsite_casts_output", False):
             continue

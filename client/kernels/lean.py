@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from emulator.arch import ArchSpec
-from emulator.layers import block_index
+from emulator.layers import block_part
 from emulator.quant import replace_module
 
 
@@ -77,16 +77,10 @@ def lean_frozen_mlps(model: nn.Module, arch: ArchSpec, prefix: str) -> int:
     found = [
         name
         for name, module in model.named_modules()
-        if _is_block_part(name, prefix, arch.gated_mlp)
+        if block_part(name, prefix) == arch.gated_mlp
         and not isinstance(module, LeanGatedMLP)
         and not any(p.requires_grad for p in module.parameters())
     ]
     for name in found:
         replace_module(model, name, LeanGatedMLP(model.get_submodule(name)))
     return len(found)
-
-
-def _is_block_part(name: str, prefix: str, part: str) -> bool:
-    """Whether ``name`` is ``{prefix}.{i}.{part}`` for some block index ``i``."""
-    index = block_index(name, prefix)
-    return index is not None and name == f"{prefix}.{index}.{part}"
