@@ -7,14 +7,16 @@ peak resident memory of training at the real batch size as
     + fixed training state (gradients, AdamW moments) + activations · examples per step,
 
 where the last two terms are read off two short *probe* trainings at small batch sizes (peak RSS
-over two steps at ``b1`` and ``b2`` examples, padded to the full length), extrapolated linearly
+over four steps at ``b1`` and ``b2`` examples, padded to the full length), extrapolated linearly
 to the batch size. Probing small batches is safe where the real batch might not fit, and it
 measures what an analytic count of weights and saved tensors misses: allocator workspace, the
 dequantize blocks of the packed kernels, autocast copies, the loss head.
 
-Every candidate is probed (and measured) in a fresh process, like the training process it
-stands for: in one long-lived process, memory freed by one candidate is reused by the next and
-hides part of its cost.
+Every probe (and every measurement) runs in a fresh process, like the training process it
+stands for: in one long-lived process, heap memory freed by one run is reused by the next and
+hides part of its cost. Probing both batch sizes in one process made the second probe reuse
+the first one's heap, so the per-example slope came out low and predictions fell up to 16 %
+below the measured peak (SmolLM2-135M, 2-16-2, bias policy).
 
 The first candidate in preference order that fits the budget is the pick. Preference: the
 policy order given (by default lora, full, sparse, top, bias: most trained capacity first), bf16
@@ -43,6 +45,14 @@ from offsite.config import POLICY_LR
 
 POLICY_PREFERENCE = ("lora", "full", "sparse", "top", "bias")
 PROBE_SIZES = (2, 4)
+# a probe trains as many steps as a measurement: the peak RSS is the worst of a few steps'
+# heap layouts, and two steps missed it often enough to move a prediction by 10 %
+PROBE_STEPS = 4
+MEASURE_WARMUP = 1
+# each size is probed this many times (a fresh process each) and the highest peak kept: the
+# same probe's peak varies between processes by up to 50 MB (glibc's per-thread heaps), and the
+# extrapolation to the batch size multiplies a low draw at the small size by (b - b1) / (b2 - b1)
+PROBE_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -131,84 +141,96 @@ def _fixed_length(batches: Iterator[Batch], max_length: int, pad_id: int) -> Ite
         )
 
 
-def _probe(
-    adapted: AdaptedModel, batches: Iterator[Batch], candidate: Candidate, device: torch.device
-) -> int:
-    """Peak RSS above the current RSS over two training steps."""
-    release_freed_memory()
-    before = rss_bytes()
-    reset_peak_rss()
-    train_adapter(
-        adapted,
-        batches,
-        steps=2,
-        lr=POLICY_LR[candidate.policy],
-        precision=candidate.precision,
-        device=device,
-        trim_memory=True,  # what a node under a budget does (client.budget)
-    )
-    return peak_rss_bytes() - before
+@dataclass
+class Probe:
+    """One short training at ``size`` examples per step, in its own process."""
+
+    runtime: int  # bytes resident before any model
+    model: int  # resident cost of the prepared emulator
+    size: int
+    peak: int  # peak RSS above the loaded model over the probe's steps
 
 
-def estimate(
+def probe(
     bundle: Bundle,
     candidate: Candidate,
-    make_batches: Any,
+    batches: Iterator[Batch],
     *,
-    batch_size: int,
-    max_length: int,
-    pad_id: int,
+    size: int,
     runtime: int,
     device: torch.device | None = None,
-) -> Estimate:
-    """Probe ``candidate`` and extrapolate its peak to ``batch_size`` examples per step.
-
-    ``make_batches(size)`` returns an iterator of training batches of ``size`` examples.
-    """
+) -> Probe:
+    """Load ``candidate`` and train it ``PROBE_STEPS`` steps on ``batches`` of ``size`` examples."""
     device = device or torch.device("cpu")
     release_freed_memory()
     start = rss_bytes()
     runtime = max(runtime, start)  # libraries, tokenizer and data are resident by now
     adapted = prepared_model(bundle, candidate)  # trims freed memory itself
     model_cost = max(0, rss_bytes() - start)
-    b1, b2 = PROBE_SIZES
-    peaks = tuple(
-        _probe(adapted, _fixed_length(make_batches(b), max_length, pad_id), candidate, device)
-        for b in (b1, b2)
-    )
-    per_example = max(0, (peaks[1] - peaks[0]) // (b2 - b1))
-    fixed = max(0, peaks[0] - per_example * b1)
-    del adapted
     release_freed_memory()
-    return Estimate(candidate, runtime, model_cost, fixed, per_example, batch_size, peaks)
+    before = rss_bytes()
+    reset_peak_rss()
+    train_adapter(
+        adapted,
+        batches,
+        steps=PROBE_STEPS,
+        lr=POLICY_LR[candidate.policy],
+        precision=candidate.precision,
+        device=device,
+        trim_memory=True,  # what a node under a budget does (client.budget)
+    )
+    return Probe(runtime, model_cost, size, peak_rss_bytes() - before)
+
+
+def fit(candidate: Candidate, probes: Sequence[Probe], batch_size: int) -> Estimate:
+    """The line through the highest peak at each of two probe sizes: a fixed cost plus a
+    cost per example."""
+    highest: dict[int, Probe] = {}
+    for item in probes:
+        if item.size not in highest or item.peak > highest[item.size].peak:
+            highest[item.size] = item
+    if len(highest) != 2:
+        sizes = sorted(highest)
+        raise ValueError(f"probes need exactly two batch sizes to fit a line, got {sizes}")
+    small, large = (highest[size] for size in sorted(highest))
+    per_example = max(0, (large.peak - small.peak) // (large.size - small.size))
+    fixed = max(0, small.peak - per_example * small.size)
+    return Estimate(
+        candidate,
+        max(p.runtime for p in probes),
+        sum(p.model for p in probes) // len(probes),
+        fixed,
+        per_example,
+        batch_size,
+        (small.peak, large.peak),
+    )
 
 
 def measure(
     bundle: Bundle,
-    chosen: Estimate,
-    make_batches: Any,
+    candidate: Candidate,
+    batches: Iterator[Batch],
     *,
-    steps: int = 3,
+    steps: int = PROBE_STEPS - MEASURE_WARMUP,
     device: torch.device | None = None,
-) -> Estimate:
-    """Train ``chosen`` at its real batch size and record the measured peak RSS."""
+) -> int:
+    """Train ``candidate`` on ``batches`` (the real batch size) and return the peak RSS."""
     device = device or torch.device("cpu")
     release_freed_memory()
-    adapted = prepared_model(bundle, chosen.candidate)
+    adapted = prepared_model(bundle, candidate)
     result = measure_training(
         adapted,
-        make_batches(chosen.batch_size),
+        batches,
         steps=steps,
-        warmup=1,
-        lr=POLICY_LR[chosen.candidate.policy],
-        precision=chosen.candidate.precision,
+        warmup=MEASURE_WARMUP,
+        lr=POLICY_LR[candidate.policy],
+        precision=candidate.precision,
         device=device,
         trim_memory=True,
     )
-    chosen.measured_peak = result.peak_rss
     del adapted
     release_freed_memory()
-    return chosen
+    return result.peak_rss
 
 
 def pick(estimates: Sequence[Estimate], budget: int) -> Estimate | None:
@@ -249,8 +271,8 @@ class Workload:
         return make
 
 
-def _run_here(action: str, workload: Workload, candidate: Candidate) -> Estimate:
-    """Probe (and for ``measure`` also train) one candidate in this process."""
+def _run_here(action: str, workload: Workload, candidate: Candidate, size: int) -> dict[str, Any]:
+    """``probe`` at ``size`` examples per step, or ``measure`` at the real batch size, here."""
     import peft  # noqa: F401  (resident in any training process; counted in the runtime)
 
     from emulator.batches import pad_id
@@ -262,22 +284,17 @@ def _run_here(action: str, workload: Workload, candidate: Candidate) -> Estimate
     next(make_batches(1))  # the data set is loaded and tokenized
     runtime = rss_bytes()
     if action == "measure":
-        result = Estimate(candidate, runtime, 0, 0, 0, workload.batch_size)
-        return measure(bundle, result, make_batches)
-    return estimate(
-        bundle,
-        candidate,
-        make_batches,
-        batch_size=workload.batch_size,
-        max_length=workload.max_length,
-        pad_id=pad_id(tokenizer),
-        runtime=runtime,
+        return {"measured_peak": measure(bundle, candidate, make_batches(workload.batch_size))}
+    batches = _fixed_length(make_batches(size), workload.max_length, pad_id(tokenizer))
+    return asdict(probe(bundle, candidate, batches, size=size, runtime=runtime))
+
+
+def _in_subprocess(
+    action: str, workload: Workload, candidate: Candidate, size: int = 0
+) -> dict[str, Any]:
+    payload = json.dumps(
+        {"workload": asdict(workload), "candidate": asdict(candidate), "size": size}
     )
-
-
-def run_in_subprocess(action: str, workload: Workload, candidate: Candidate) -> Estimate:
-    """``probe`` or ``measure`` one candidate in a fresh Python process."""
-    payload = json.dumps({"workload": asdict(workload), "candidate": asdict(candidate)})
     done = subprocess.run(
         [sys.executable, "-m", "client.planner", action, payload],
         capture_output=True,
@@ -286,17 +303,23 @@ def run_in_subprocess(action: str, workload: Workload, candidate: Candidate) -> 
     )
     if done.returncode != 0:
         raise RuntimeError(f"{action} of {candidate.label} failed:\n{done.stderr[-2000:]}")
-    data = json.loads(done.stdout.strip().splitlines()[-1])
-    return Estimate(
-        candidate,
-        data["runtime"],
-        data["model"],
-        data["fixed"],
-        data["per_example"],
-        data["batch_size"],
-        tuple(data["probe_peaks"]),
-        data["measured_peak"],
-    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def estimate(workload: Workload, candidate: Candidate) -> Estimate:
+    """Probe ``candidate`` ``PROBE_REPEATS`` times at each of ``PROBE_SIZES`` (a fresh process
+    each) and fit."""
+    probes = [
+        Probe(**_in_subprocess("probe", workload, candidate, size))
+        for size in PROBE_SIZES
+        for _ in range(PROBE_REPEATS)
+    ]
+    return fit(candidate, probes, workload.batch_size)
+
+
+def measure_in_subprocess(workload: Workload, candidate: Candidate) -> int:
+    """Peak RSS of training ``candidate`` at the real batch size, in a fresh process."""
+    return int(_in_subprocess("measure", workload, candidate)["measured_peak"])
 
 
 def plan(
@@ -311,13 +334,13 @@ def plan(
     """Probe every option, pick the first that fits ``budget``, measure as asked."""
     estimates = []
     for candidate in options:
-        estimates.append(run_in_subprocess("probe", workload, candidate))
+        estimates.append(estimate(workload, candidate))
         if progress is not None:
             progress()
     chosen = pick(estimates, budget)
     targets = estimates if measure_all else ([chosen] if measure_pick and chosen else [])
     for item in targets:
-        item.measured_peak = run_in_subprocess("measure", workload, item.candidate).measured_peak
+        item.measured_peak = measure_in_subprocess(workload, item.candidate)
     return estimates, chosen
 
 
@@ -333,8 +356,7 @@ def _main(argv: Sequence[str]) -> None:
     action, payload = argv
     data = json.loads(payload)
     workload = Workload(**data["workload"])
-    result = _run_here(action, workload, Candidate(**data["candidate"]))
-    print(json.dumps(asdict(result) | {"candidate": None}))
+    print(json.dumps(_run_here(action, workload, Candidate(**data["candidate"]), data["size"])))
 
 
 if __name__ == "__main__":

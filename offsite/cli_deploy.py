@@ -341,9 +341,9 @@ def client_plan(
 ) -> None:
     """Pick the update policy, precision and checkpointing that fit a memory budget.
 
-    Each candidate is probed with two short trainings at small batch sizes and its peak
-    resident memory extrapolated to --batch-size (see client/planner.py); the first candidate
-    in preference order that fits is the pick.
+    Each candidate is probed with short trainings at two small batch sizes (each twice, in
+    fresh processes) and its peak resident memory extrapolated to --batch-size (see
+    client/planner.py); the first candidate in preference order that fits is the pick.
     """
     import json
 
