@@ -1,9 +1,9 @@
 """Fit a node's training to its memory budget before the first round trains.
 
 The bundle fixes the update policy (every client must train the same tensors); what a node can
-still choose is activation checkpointing. With a budget, the node asks the planner (a probe per
-option, each in a fresh process) whether training fits as is, else with checkpointing, and
-refuses to train — with the numbers — when neither does. The decision is kept per bundle and
+still choose is activation checkpointing. With a budget, the node asks the planner (probes in
+fresh processes) whether training fits as is, else — probed only then — with checkpointing,
+and refuses to train — with the numbers — when neither does. The decision is kept per bundle and
 budget (in a JSON file when the node has a folder), so it is made once.
 """
 
@@ -50,7 +50,9 @@ def fit_budget(
         fit = Fit(bool(saved["checkpointing"]), int(saved["predicted_peak"]))
     else:
         options = [Candidate(policy, precision, False), Candidate(policy, precision, True)]
-        estimates, chosen = planner.plan(workload, options, budget, measure_pick=False)
+        estimates, chosen = planner.plan(
+            workload, options, budget, measure_pick=False, stop_at_first_fit=True
+        )
         if chosen is None:
             smallest = min(e.predicted_peak for e in estimates)
             raise BudgetError(

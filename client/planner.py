@@ -329,14 +329,21 @@ def plan(
     *,
     measure_pick: bool = True,
     measure_all: bool = False,
+    stop_at_first_fit: bool = False,
     progress: Any = None,
 ) -> tuple[list[Estimate], Estimate | None]:
-    """Probe every option, pick the first that fits ``budget``, measure as asked."""
+    """Probe the options in order, pick the first that fits ``budget``, measure as asked.
+
+    ``stop_at_first_fit`` leaves the options after the pick unprobed (a node deciding before
+    training needs only the pick; a planning report shows them all).
+    """
     estimates = []
     for candidate in options:
         estimates.append(estimate(workload, candidate))
         if progress is not None:
             progress()
+        if stop_at_first_fit and estimates[-1].predicted_peak <= budget:
+            break
     chosen = pick(estimates, budget)
     targets = estimates if measure_all else ([chosen] if measure_pick and chosen else [])
     for item in targets:

@@ -50,6 +50,29 @@ def test_candidates_come_in_preference_order_and_the_first_fitting_one_is_picked
     assert estimates[0].error == pytest.approx(100 / 1500)
 
 
+def test_a_node_stops_probing_at_the_first_option_that_fits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mb = 2**20
+    peaks = {"lora bf16": 1600, "lora bf16 +checkpointing": 1000, "top bf16": 900}
+    probed: list[str] = []
+
+    def fake_estimate(workload: Workload, candidate: Candidate) -> Estimate:
+        probed.append(candidate.label)
+        return Estimate(candidate, 400 * mb, (peaks[candidate.label] - 400) * mb, 0, 0, 8)
+
+    monkeypatch.setattr(planner, "estimate", fake_estimate)
+    options = [Candidate("lora", "bf16"), Candidate("lora", "bf16", True), Candidate("top", "bf16")]
+    workload = Workload("bundle", "data")
+    estimates, chosen = planner.plan(
+        workload, options, 1200 * mb, measure_pick=False, stop_at_first_fit=True
+    )
+    assert chosen is estimates[1] and probed == ["lora bf16", "lora bf16 +checkpointing"]
+    probed.clear()
+    estimates, chosen = planner.plan(workload, options, 1200 * mb, measure_pick=False)
+    assert chosen is estimates[1] and len(probed) == 3
+
+
 def _tiny_bundle(tiny_llama_dir: Path, folder: Path) -> Path:
     from coordinator.models import load_full_model
     from emulator.adapter import AdapterSpec
