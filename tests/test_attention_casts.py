@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from client.kernels import short_attention
 from client.kernels.attention import IMPLEMENTATION, use_gqa_attention
 from client.kernels.casts import cast_norm_outputs
 from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
@@ -64,8 +65,10 @@ def _relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("model_type", GROUPED)
 def test_grouped_query_attention_keeps_unexpanded_heads_with_the_same_result(
-    model_type: str,
+    model_type: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Torch's fused kernel on unexpanded heads (the path past ``SHORT_KEYS``)."""
+    monkeypatch.setattr(short_attention, "SHORT_KEYS", 0)
     expanded, grouped = _lora_emulator(model_type), _lora_emulator(model_type)
     assert use_gqa_attention(grouped.model)
     assert grouped.model.get_base_model().config._attn_implementation == IMPLEMENTATION
@@ -80,6 +83,40 @@ def test_grouped_query_attention_keeps_unexpanded_heads_with_the_same_result(
     copies = 2 * BATCH * config.num_attention_heads * LENGTH * head_dim * 4  # expanded k and v
     kept = 2 * BATCH * config.num_key_value_heads * LENGTH * head_dim * 4
     assert expanded_bytes - grouped_bytes == config.num_hidden_layers * (copies - kept)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("model_type", GROUPED)
+def test_short_sequences_take_the_matmul_path_with_the_same_result(
+    model_type: str, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against transformers' attention in fp32; in bf16 against torch's fused kernel on the
+    same heads, where the two differ only by rounding."""
+    expanded, grouped = _lora_emulator(model_type), _lora_emulator(model_type)
+    use_gqa_attention(grouped.model)
+    if precision == "bf16":
+        use_gqa_attention(expanded.model)
+    calls = []
+    hook = short_attention._ShortAttention.forward
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return hook(*args)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(short_attention._ShortAttention, "forward", staticmethod(counted))
+        grouped_loss = _loss(grouped.model, precision)()
+    assert len(calls) == grouped.model.get_base_model().config.num_hidden_layers
+    monkeypatch.setattr(short_attention, "SHORT_KEYS", 0)
+    expanded_loss = _loss(expanded.model, precision)()
+    expanded_loss.backward()
+    grouped_loss.backward()
+    if precision == "fp32":
+        torch.testing.assert_close(grouped_loss, expanded_loss, rtol=1e-6, atol=0)
+        assert _relative_difference(_grads(expanded), _grads(grouped)) < 1e-5
+    else:
+        torch.testing.assert_close(grouped_loss, expanded_loss, rtol=1e-2, atol=0)
+        assert _relative_difference(_grads(expanded), _grads(grouped)) < 2e-2
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "bert"])
