@@ -24,7 +24,7 @@ from torch import nn
 from client.kernels import freeze_float_linears, install_kernels
 from client.kernels.attention import use_gqa_attention
 from client.kernels.casts import cast_norm_outputs
-from client.kernels.lean import lean_frozen_mlps
+from client.kernels.lean import lean_gated_mlps
 from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
 from emulator.bundle import (
     Bundle,
@@ -54,8 +54,8 @@ _SESSIONS: dict[tuple[str, str, bool], Session] = {}
 
 
 def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
-    """Put the model's frozen linears on the fast path for ``precision``, its frozen gated
-    MLPs on the lean autograd of ``client.kernels.lean``, grouped-query attention on unexpanded
+    """Put the model's frozen linears on the fast path for ``precision``, its gated MLPs on
+    the lean autograd of ``client.kernels.lean``, grouped-query attention on unexpanded
     key/value heads (``client.kernels.attention``) and pre-norm outputs cast once under autocast
     (``client.kernels.casts``); call after the adapter is attached, so trainable tensors are
     known. Returns what was converted.
@@ -70,7 +70,7 @@ def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()
-    lean = lean_frozen_mlps(model, adapted.arch, adapted.prefix)
+    lean = lean_gated_mlps(model, adapted.arch, adapted.prefix)
     norms = cast_norm_outputs(model, adapted.arch, adapted.prefix)
     gqa = use_gqa_attention(model)
     release_freed_memory()
@@ -139,7 +139,7 @@ def open_session(
     _SESSIONS[key] = session
     log.info(
         "loaded bundle %s (%s) on %s, %s compute, %d packed and %d bf16 frozen linears, "
-        "%d lean frozen MLPs, %d norms cast once%s%s",
+        "%d lean gated MLPs, %d norms cast once%s%s",
         digest[:12],
         plan.label,
         device,

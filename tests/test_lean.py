@@ -1,4 +1,4 @@
-"""client.kernels.lean: frozen gated MLPs keep one activation fewer, with the same gradients."""
+"""client.kernels.lean: gated MLPs keep one activation fewer, with the same gradients."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from client.kernels.lean import GatedProduct, LeanGatedMLP, lean_frozen_mlps
-from emulator.adapter import AdapterSpec, attach_adapter
-from emulator.arch import REGISTRY, arch_spec
+from client.kernels.lean import GatedProduct, LeanGatedMLP, lean_gated_mlps
+from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
+from emulator.arch import REGISTRY, ArchSpec, arch_spec
 from emulator.layers import plan_layers
 from emulator.split import build_emulator
 from tests.conftest import VOCAB, saved_bytes, tiny_model
@@ -60,7 +60,7 @@ def test_lean_frozen_blocks_save_less_and_give_the_same_gradient(model_type: str
     lean_model = _frozen_with_trainable_embedding(model_type)
     arch = arch_spec(lean_model.config)
     prefix = "model.layers"
-    assert lean_frozen_mlps(lean_model, arch, prefix) == lean_model.config.num_hidden_layers
+    assert lean_gated_mlps(lean_model, arch, prefix) == lean_model.config.num_hidden_layers
     assert set(lean_model.state_dict()) == set(eager_model.state_dict())
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
 
@@ -81,26 +81,54 @@ def test_lean_frozen_blocks_save_less_and_give_the_same_gradient(model_type: str
     )
 
 
-@pytest.mark.parametrize("policy", ["lora", "sparse", "top"])
-def test_mlps_with_a_trainable_tensor_keep_their_own_forward(policy: str) -> None:
+def _adapted(policy: str) -> tuple[AdaptedModel, ArchSpec]:
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 2)
     emulator = build_emulator(full, plan, arch)
     spec = AdapterSpec.for_plan(policy, plan, arch, 4, 8)
-    adapted = attach_adapter(emulator, arch, spec, plan.emulator_to_full())
-    swapped = lean_frozen_mlps(adapted.model, arch, adapted.prefix)
-    mlps = {
-        int(name.rsplit(".", 2)[-2]): module
-        for name, module in adapted.model.named_modules()
-        if name.endswith(".mlp")
-    }
-    trainable = {i for i, m in mlps.items() if any(p.requires_grad for p in m.parameters())}
-    assert trainable  # every policy trains some MLP tensor in an adapter block
-    assert swapped == len(mlps) - len(trainable)
-    assert all(isinstance(m, LeanGatedMLP) == (i not in trainable) for i, m in mlps.items())
+    return attach_adapter(emulator, arch, spec, plan.emulator_to_full()), arch
+
+
+@pytest.mark.parametrize("policy", ["lora", "sparse", "full"])
+def test_mlps_with_trainable_tensors_go_lean_with_the_same_gradients(policy: str) -> None:
+    eager, arch = _adapted(policy)
+    lean, _ = _adapted(policy)
+    mlps = [name for name, _ in lean.model.named_modules() if name.endswith(".mlp")]
+    trainable = [
+        name
+        for name in mlps
+        if any(p.requires_grad for p in lean.model.get_submodule(name).parameters())
+    ]
+    assert trainable  # every policy here trains some MLP tensor in an adapter block
+    assert lean_gated_mlps(lean.model, arch, lean.prefix) == len(mlps)
+    assert all(isinstance(lean.model.get_submodule(name), LeanGatedMLP) for name in mlps)
+    assert set(lean.model.state_dict()) == set(eager.model.state_dict())
+    ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(2))
+
+    def loss(adapted: AdaptedModel):  # type: ignore[no-untyped-def]
+        return lambda: adapted.model(input_ids=ids).logits.float().square().mean()
+
+    eager_bytes, eager_loss = saved_bytes(loss(eager))
+    lean_bytes, lean_loss = saved_bytes(loss(lean))
+    eager_loss.backward()
+    lean_loss.backward()
+    # the tiny emulator's blocks before the lowest trainable one run without autograd
+    reached = (
+        1
+        + max(int(name.split(".")[-2]) for name in mlps)
+        - min(int(name.split(".")[-2]) for name in trainable)
+    )
+    activation = 3 * 24 * lean.model.config.intermediate_size * 4  # fp32 act(gate)
+    assert eager_bytes - lean_bytes == reached * activation
+    assert torch.equal(lean_loss, eager_loss)
+    grads = {n: p.grad for n, p in eager.model.named_parameters() if p.requires_grad}
+    assert grads
+    for name, param in lean.model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.grad, grads[name]), name
 
 
 def test_architectures_without_a_gated_mlp_are_left_alone() -> None:
     model = tiny_model("gpt2")
-    assert lean_frozen_mlps(model, arch_spec(model.config), "transformer.h") == 0
+    assert lean_gated_mlps(model, arch_spec(model.config), "transformer.h") == 0

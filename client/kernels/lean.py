@@ -1,4 +1,4 @@
-"""Memory-lean autograd for frozen gated MLPs: one activation fewer kept per block, same numbers.
+"""Memory-lean autograd for gated MLPs: one activation fewer kept per block, same numbers.
 
 Backward through the frozen emulator (the LoRA policy's gradient must reach the bottom adapter
 blocks) keeps, per block, what autograd's generic ops save. Measured on SmolLM2-135M's blocks
@@ -10,7 +10,9 @@ recomputes the activation in backward: a third of the MLP's saved bytes (3.1 MB 
 for one elementwise op, with the same gradient (tested bitwise against eager autograd).
 
 The frozen linears around it keep nothing themselves (no weight gradient needs their input),
-so this is the last large tensor a frozen MLP saves that costs no matmul to avoid.
+so this is the last large tensor a frozen MLP saves that costs no matmul to avoid. The swap
+holds for MLPs with LoRA or trainable projections too: each projection keeps what its own weight
+gradient needs, and only the product's third tensor goes.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class GatedProduct(torch.autograd.Function):
 
 
 class LeanGatedMLP(nn.Module):
-    """A frozen gated MLP (same sub-modules and state-dict keys) computed with ``GatedProduct``."""
+    """A gated MLP (same sub-modules and state-dict keys) computed with ``GatedProduct``."""
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
@@ -65,21 +67,17 @@ class LeanGatedMLP(nn.Module):
         return self.down_proj(product)  # type: ignore[no-any-return]
 
 
-def lean_frozen_mlps(model: nn.Module, arch: ArchSpec, prefix: str) -> int:
-    """Swap every fully frozen gated MLP of the blocks under ``prefix`` (the state-dict prefix
-    of the block list in ``model``) for a ``LeanGatedMLP``; returns how many were swapped.
-
-    MLPs with a trainable tensor (LoRA, sparse policies) keep their own forward: their
-    sub-modules need what eager autograd saves for the weight gradients.
-    """
+def lean_gated_mlps(model: nn.Module, arch: ArchSpec, prefix: str) -> int:
+    """Swap every gated MLP of the blocks under ``prefix`` (the state-dict prefix of the block
+    list in ``model``) for a ``LeanGatedMLP``; returns how many were swapped. Frozen or not:
+    the projections (LoRA-wrapped or trainable) keep what their weight gradients need
+    themselves."""
     if not arch.gated_mlp:
         return 0
     found = [
         name
         for name, module in model.named_modules()
-        if block_part(name, prefix) == arch.gated_mlp
-        and not isinstance(module, LeanGatedMLP)
-        and not any(p.requires_grad for p in module.parameters())
+        if block_part(name, prefix) == arch.gated_mlp and not isinstance(module, LeanGatedMLP)
     ]
     for name in found:
         replace_module(model, name, LeanGatedMLP(model.get_submodule(name)))
