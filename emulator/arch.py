@@ -30,8 +30,8 @@ class ArchSpec:
     # module names (suffixes inside a block) that write back into the residual stream: the
     # attention output and MLP down projections the `sparse` update policy trains
     output_projections: tuple[str, ...] = ("o_proj", "down_proj")
-    # block-relative path of a gated MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, whose
-    # frozen copies ``client.kernels.lean`` computes keeping one activation fewer; "" if none
+    # block-relative path of a gated MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, which
+    # ``client.kernels.lean`` computes keeping one activation fewer (frozen or not); "" if none
     gated_mlp: str = ""
     # block-relative names of the norms whose output only feeds linear layers (pre-norm blocks);
     # under autocast ``client.kernels.casts`` casts their output once instead of once per linear
