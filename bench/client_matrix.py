@@ -66,13 +66,19 @@ GOALS = {"speedup": 6.5, "memory": 5.6}
 
 
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
-    """Load the cell's model, train ``warmup + steps`` steps, measure (runs in a subprocess)."""
-    import peft  # noqa: F401  (imported before the runtime baseline is read)
+    """Load the cell's model, train ``warmup + steps`` steps, measure (runs in a subprocess).
+
+    Each kind imports what its own process needs before the runtime's memory is read: the
+    baselines transformers' modeling and PEFT, the client its lean runtime (``client.runtime``;
+    transformers only for a family that runtime does not cover).
+    """
+    if spec["kind"] != "offsite":
+        import peft  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
     import torch
-    import transformers.models.llama.modeling_llama  # noqa: F401
 
     from client.profile import measure_training, rss_bytes
-    from client.session import load_for_training
+    from client.session import load_client_tokenizer, load_for_training
     from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
     from emulator.arch import arch_spec, block_list, block_prefix
     from emulator.bundle import verify_bundle
@@ -85,9 +91,10 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     defaults = OffsiteConfig()
     device = torch.device("cpu")
     precision = "bf16" if spec["precision"] in ("bf16", "int8", "int4") else "fp32"
+    converted: dict[str, int] = {}
     if spec["kind"] == "offsite":
         bundle = verify_bundle(spec["bundle"])
-        adapted, _ = load_for_training(bundle, precision, policy=spec["policy"])
+        adapted, converted = load_for_training(bundle, precision, policy=spec["policy"])
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -108,9 +115,12 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                 block_prefix(model, arch, blocks),
                 identity,
             )
-    from transformers import AutoTokenizer
+    if spec["kind"] == "offsite":
+        tokenizer = load_client_tokenizer(bundle)
+    else:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+        tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     task = load_task(defaults.data.name)
     train, _ = split_holdout(task.examples, defaults.data.eval_size, defaults.seed)
     batches = training_batches(
@@ -142,6 +152,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_loaded": rss_loaded,
         **measured.to_dict(),
         "threads": torch.get_num_threads(),
+        "runtime": "lean" if converted.get("lean_runtime") else "transformers",
     }
 
 

@@ -25,7 +25,7 @@ from client.kernels import freeze_float_linears, install_kernels
 from client.kernels.attention import use_gqa_attention
 from client.kernels.casts import cast_norm_outputs
 from client.kernels.lean import lean_gated_mlps
-from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
+from emulator.adapter import AdaptedModel, AdapterSpec, LoraWrap, attach_adapter
 from emulator.bundle import (
     Bundle,
     bundle_arch,
@@ -34,6 +34,7 @@ from emulator.bundle import (
     verify_bundle,
 )
 from emulator.forward import pick_device, resolve_precision
+from offsite.errors import ModelError
 from offsite.memory import trim_allocator
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,39 @@ def release_freed_memory() -> None:
     trim_allocator()
 
 
+RUNTIMES = ("auto", "lean", "transformers")
+
+
+def load_client_model(bundle: Bundle, runtime: str = "auto") -> tuple[nn.Module, LoraWrap | None]:
+    """The bundle's emulator on the lean runtime (``client.runtime``) where its family and
+    config allow (``runtime="auto"``), else through transformers; also the LoRA wrapper that
+    goes with it (None: PEFT's)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown client runtime {runtime!r}; use one of {RUNTIMES}")
+    if runtime != "transformers":
+        from client.runtime.load import bundle_lean_config, load_lean_model
+        from client.runtime.lora import wrap_lora
+
+        config, why = bundle_lean_config(bundle)
+        if config is not None:
+            return load_lean_model(bundle, config), wrap_lora
+        if runtime == "lean":
+            raise ModelError(f"the lean client runtime cannot run this bundle: {why}")
+        log.info("lean client runtime not used (%s): loading through transformers", why)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return load_bundle_model(bundle), None
+
+
+def load_client_tokenizer(bundle: Bundle) -> Any:
+    """The bundle's tokenizer on ``tokenizers`` alone where that encodes identically, else
+    ``AutoTokenizer``."""
+    from client.runtime.tokenizer import lean_tokenizer
+
+    return lean_tokenizer(bundle.path) or load_bundle_tokenizer(bundle)
+
+
 def load_for_training(
     bundle: Bundle,
     precision: str,
@@ -102,15 +136,19 @@ def load_for_training(
     policy: str | None = None,
     checkpointing: bool = False,
     device: torch.device | None = None,
+    runtime: str = "auto",
 ) -> tuple[AdaptedModel, dict[str, int]]:
     """The bundle's emulator on ``device`` with its adapter attached (``policy`` instead of the
     bundle's own, for planning and benchmarks), the frozen part prepared for ``precision`` and
-    activation checkpointing if asked; also what ``prepare_frozen`` converted."""
-    model = load_bundle_model(bundle).to(device or torch.device("cpu"))
+    activation checkpointing if asked; also what ``prepare_frozen`` converted. ``runtime``
+    picks the model code (``load_client_model``)."""
+    model, lora = load_client_model(bundle, runtime)
+    model = model.to(device or torch.device("cpu"))
     arch = bundle_arch(bundle)
     spec = bundle.adapter if policy is None else AdapterSpec.for_plan(policy, bundle.plan, arch)
-    adapted = attach_adapter(model, arch, spec, bundle.plan.emulator_to_full())
+    adapted = attach_adapter(model, arch, spec, bundle.plan.emulator_to_full(), lora=lora)
     converted = prepare_frozen(adapted, precision)
+    converted["lean_runtime"] = int(lora is not None)
     if checkpointing:
         enable_checkpointing(adapted.model)
     return adapted, converted
@@ -126,23 +164,21 @@ def open_session(
     key = (digest, resolved, checkpointing)
     if key in _SESSIONS:
         return _SESSIONS[key]
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     bundle = verify_bundle(bundle_path, expected_digest=digest)
     adapted, converted = load_for_training(
         bundle, resolved, checkpointing=checkpointing, device=device
     )
     plan = bundle.plan
-    session = Session(bundle, adapted, load_bundle_tokenizer(bundle), device, resolved)
+    session = Session(bundle, adapted, load_client_tokenizer(bundle), device, resolved)
     _SESSIONS.clear()  # one bundle per worker at a time
     _SESSIONS[key] = session
     log.info(
-        "loaded bundle %s (%s) on %s, %s compute, %d packed and %d bf16 frozen linears, "
-        "%d lean gated MLPs, %d norms cast once%s%s",
+        "loaded bundle %s (%s) on %s, %s runtime, %s compute, %d packed and %d bf16 frozen "
+        "linears, %d lean gated MLPs, %d norms cast once%s%s",
         digest[:12],
         plan.label,
         device,
+        "lean" if converted["lean_runtime"] else "transformers",
         resolved,
         converted["packed_linears"],
         converted["bf16_linears"],

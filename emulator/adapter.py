@@ -10,7 +10,7 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -174,12 +174,22 @@ class AdaptedModel:
                 target.copy_(value.to(target.dtype))
 
 
+# (model, block-list prefix, local block indices, target names, r, alpha, seed) -> wrapped model
+LoraWrap = Callable[[nn.Module, str, Sequence[int], Sequence[str], int, int, int], nn.Module]
+
+
 def attach_adapter(
-    model: nn.Module, arch: ArchSpec, spec: AdapterSpec, to_full: Mapping[int, int], seed: int = 0
+    model: nn.Module,
+    arch: ArchSpec,
+    spec: AdapterSpec,
+    to_full: Mapping[int, int],
+    seed: int = 0,
+    lora: LoraWrap | None = None,
 ) -> AdaptedModel:
     """Freeze ``model`` and make the tensors of ``spec``'s update policy trainable.
 
-    LoRA goes through PEFT; the other policies unfreeze the blocks' own tensors. Nothing below
+    LoRA goes through PEFT, or through ``lora`` when given (the client's lean runtime builds
+    PEFT's tree itself); the other policies unfreeze the blocks' own tensors. Nothing below
     the lowest trainable tensor requires a gradient, so backward stops there.
     """
     from_full = {full: own for own, full in to_full.items()}
@@ -190,14 +200,18 @@ def attach_adapter(
     blocks = block_list(model, arch)
     for p in model.parameters():
         p.requires_grad_(False)
-    if policy.lora:
+    targets = list(spec.lora_targets or arch.lora_targets)
+    if policy.lora and lora is not None:
+        prefix = block_prefix(model, arch, blocks)
+        model = lora(model, prefix, local_layers, targets, spec.lora_r, spec.lora_alpha, seed)
+    elif policy.lora:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
             r=spec.lora_r,
             lora_alpha=spec.lora_alpha,
             lora_dropout=0.0,
-            target_modules=list(spec.lora_targets or arch.lora_targets),
+            target_modules=targets,
             layers_to_transform=local_layers,
             layers_pattern=arch.layers_pattern,
             fan_in_fan_out=arch.lora_fan_in_fan_out,

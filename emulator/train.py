@@ -15,6 +15,7 @@ import torch
 from emulator.adapter import AdaptedModel
 from emulator.batches import Batch
 from emulator.forward import answer_loss, autocast
+from emulator.optim import AdamW
 from offsite.memory import trim_allocator
 
 
@@ -50,7 +51,7 @@ def train_adapter(
     params = adapted.trainable_parameters()
     if not params:
         raise ValueError("the adapter has no trainable tensors")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = AdamW(params, lr=lr, weight_decay=0.0)
     model = adapted.model
     model.train()
     result = TrainResult()

@@ -17,6 +17,10 @@ GATED = sorted(name for name, spec in REGISTRY.items() if spec.gated_mlp)
 ACTIVATIONS = {
     "silu": nn.functional.silu,
     "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    # modules take the direct backward kernels of client.kernels.lean._DERIVATIVES
+    "silu-module": nn.SiLU(),
+    "gelu-module": nn.GELU(),
+    "gelu_tanh-module": nn.GELU(approximate="tanh"),
 }
 
 

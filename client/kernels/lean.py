@@ -27,6 +27,15 @@ from emulator.arch import ArchSpec
 from emulator.layers import block_part
 from emulator.quant import replace_module
 
+# Backward kernels of common activations, called directly: ``torch.autograd.grad`` would give
+# the same numbers but imports torch's symbolic-shape machinery (sympy, ~30 MB) on first use.
+_DERIVATIVES: dict[type, Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    nn.SiLU: lambda _act, grad, x: torch.ops.aten.silu_backward(grad, x),
+    nn.GELU: lambda act, grad, x: torch.ops.aten.gelu_backward(
+        grad, x, approximate=act.approximate
+    ),
+}
+
 
 class GatedProduct(torch.autograd.Function):
     """``act(gate) * up`` keeping ``gate`` and ``up`` for backward, not ``act(gate)``."""
@@ -42,6 +51,11 @@ class GatedProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         gate, up = ctx.saved_tensors
+        derivative = _DERIVATIVES.get(type(ctx.act))
+        if derivative is not None:  # the kernel autograd itself would run
+            grad_up = grad * ctx.act(gate) if ctx.needs_input_grad[1] else None
+            grad_gate = derivative(ctx.act, grad * up, gate) if ctx.needs_input_grad[0] else None
+            return grad_gate, grad_up, None
         with torch.enable_grad():
             leaf = gate.detach().requires_grad_(ctx.needs_input_grad[0])
             activated = ctx.act(leaf)

@@ -1,0 +1,115 @@
+"""LoRA on the lean decoder with PEFT's module tree, parameter names and arithmetic, without PEFT.
+
+The adapter travels between client and coordinator as a state dict keyed by PEFT's names
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``), and the
+coordinator, which runs PEFT, aggregates and exports it. ``wrap_lora`` builds the same tree
+around a ``LeanCausalLM``: ``LoraWrapper.base_model.model`` is the model and every targeted
+linear becomes a ``LoraLinear`` holding the original as ``base_layer`` beside ``lora_A`` /
+``lora_B`` ``ModuleDict``s under the ``default`` adapter name. The forward is PEFT's:
+``base_layer(x) + lora_B(lora_A(x)) * alpha / r`` (no dropout), the result in the base
+layer's dtype; initialisation is PEFT's default (Kaiming-uniform A, zero B).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from emulator.layers import block_index
+from emulator.quant import replace_module
+
+ADAPTER_NAME = "default"
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict(
+            {ADAPTER_NAME: nn.Linear(base_layer.in_features, r, bias=False)}
+        )
+        self.lora_B = nn.ModuleDict(
+            {ADAPTER_NAME: nn.Linear(r, base_layer.out_features, bias=False)}
+        )
+        self.scaling = alpha / r
+        # PEFT's switch (``client.kernels.casts`` turns it off under autocast): cast the input
+        # to the LoRA weights' dtype first
+        self.cast_input_dtype_enabled = True
+        nn.init.kaiming_uniform_(self.lora_A[ADAPTER_NAME].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[ADAPTER_NAME].weight)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.base_layer.in_features)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.base_layer.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.base_layer(x)
+        dtype = result.dtype
+        lora_a, lora_b = self.lora_A[ADAPTER_NAME], self.lora_B[ADAPTER_NAME]
+        if self.cast_input_dtype_enabled:
+            x = x.to(lora_a.weight.dtype)
+        result = result + lora_b(lora_a(x)) * self.scaling
+        return result.to(dtype)
+
+
+class _Tuner(nn.Module):
+    """PEFT's ``LoraModel`` position in the tree: holds the model as ``model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+class LoraWrapper(nn.Module):
+    """PEFT's ``PeftModel`` position in the tree: ``base_model.model`` is the wrapped model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.base_model = _Tuner(model)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.model.get_input_embeddings()  # type: ignore[no-any-return]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model(*args, **kwargs)
+
+
+def wrap_lora(
+    model: nn.Module,
+    prefix: str,
+    layers: Sequence[int],
+    targets: Sequence[str],
+    r: int,
+    alpha: int,
+    seed: int = 0,
+) -> LoraWrapper:
+    """LoRA on every linear named in ``targets`` inside blocks ``layers`` of the block list at
+    state-dict prefix ``prefix``; everything else stays as it is (frozen by the caller)."""
+    chosen = set(layers)
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and name.rsplit(".", 1)[-1] in targets
+        and block_index(name, prefix) in chosen
+    ]
+    if not found:
+        raise ValueError(f"no LoRA target {list(targets)} in blocks {sorted(chosen)} of {prefix}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in found:
+            base = model.get_submodule(name)
+            lora = LoraLinear(base, r, alpha).to(base.weight.device)
+            replace_module(model, name, lora)
+    return LoraWrapper(model)

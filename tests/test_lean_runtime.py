@@ -1,0 +1,316 @@
+"""client.runtime: the lean decoder, LoRA, tokenizer and optimizer against transformers, PEFT,
+AutoTokenizer and torch.optim, and a client process that imports none of the heavy stacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.runtime.decoder import FAMILIES, LeanCausalLM, lean_config
+from client.runtime.tokenizer import lean_tokenizer
+from client.session import load_client_model, load_client_tokenizer, load_for_training
+from emulator.adapter import AdapterSpec
+from emulator.batches import Batch
+from emulator.build import build_bundle
+from emulator.bundle import verify_bundle
+from emulator.examples import training_batches
+from emulator.forward import answer_loss, autocast
+from emulator.layers import plan_layers
+from emulator.optim import AdamW
+from offsite.config import EmulatorConfig
+from offsite.data import Example, write_jsonl
+from offsite.errors import IntegrityError, ModelError
+from tests.conftest import LABELS, TINY_CONFIGS, VOCAB, tiny_model, tiny_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _windowed(model_type: str) -> object:
+    """A config of ``model_type`` whose layers attend through a 5-token sliding window."""
+    config = TINY_CONFIGS[model_type]()
+    if model_type == "mistral":
+        config.sliding_window = 5
+    if model_type == "qwen2":
+        import transformers
+
+        config = transformers.Qwen2Config(
+            **{k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size")},
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=5,
+            max_window_layers=3,
+        )
+    return config
+
+
+def _pair(config: object) -> tuple[torch.nn.Module, LeanCausalLM]:
+    """A transformers model from ``config`` (random, seeded) and the lean one with its weights."""
+    import transformers
+
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    lean_cfg, why = lean_config(reference.config.to_dict())
+    assert lean_cfg is not None, why
+    lean = LeanCausalLM(lean_cfg)
+    result = lean.load_state_dict(reference.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert set(result.missing_keys) <= {"lm_head.weight"}
+    lean.tie_weights()
+    return reference, lean.eval()
+
+
+def _left_padded(length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (3, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, : length // 2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+CASES = [(t, False) for t in sorted(FAMILIES)] + [("mistral", True), ("qwen2", True)]
+
+
+@pytest.mark.parametrize("length", [24, 200], ids=["short-kernel", "sdpa"])
+@pytest.mark.parametrize(("model_type", "windowed"), CASES)
+def test_lean_decoder_computes_what_transformers_computes(
+    model_type: str, windowed: bool, length: int
+) -> None:
+    config = _windowed(model_type) if windowed else TINY_CONFIGS[model_type]()
+    reference, lean = _pair(config)
+    ids, mask, positions = _left_padded(length)
+    real = mask.bool()
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    expected = reference(**kwargs, use_cache=False).logits
+    got = lean(**kwargs).logits
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+    for model in (reference, lean):
+        model.zero_grad()
+        out = model(**kwargs).logits
+        (out[real].float().pow(2).mean()).backward()
+    grads = dict(lean.named_parameters())
+    for name, param in reference.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name].grad, param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_configs_the_lean_decoder_does_not_compute_say_why() -> None:
+    base = TINY_CONFIGS["llama"]().to_dict()
+    scaled = {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}
+    cases = {
+        "gpt2": ({**base, "model_type": "gpt2"}, "lean-runtime family"),
+        "rope": (scaled, "rotary scaling"),
+        "act": ({**base, "hidden_act": "relu"}, "activation 'relu'"),
+        "tp": ({**base, "pretraining_tp": 2}, "pretraining_tp"),
+    }
+    for config, reason in cases.values():
+        lean, why = lean_config(config)
+        assert lean is None and reason in why
+
+
+def _public(tmp_path: Path) -> Path:
+    path = tmp_path / "public.jsonl"
+    texts = [t for lab in LABELS for t in tiny_texts(lab, 12, seed=5)]
+    write_jsonl([Example("", completion=t) for t in texts], path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    """Tiny llama bundles, 1-2-1 of 6 blocks: full precision, int8 and int4."""
+    from emulator.arch import arch_spec
+
+    out = {}
+    root = tmp_path_factory.mktemp("lean-bundles")
+    full = tiny_model("llama")
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets, tuple(plan.top))
+    for scheme in ("none", "int8", "int4"):
+        settings = EmulatorConfig(
+            public_text=str(_public(root)),
+            public_examples=4,
+            calibration_examples=8,
+            quantize=scheme,  # type: ignore[arg-type]
+            quant_group_size=16,
+        )
+        bundle = build_bundle(
+            full, tokenizer, arch, plan, spec, root / scheme, source="tiny", settings=settings
+        )
+        out[scheme] = bundle.path
+    return out
+
+
+def _batch(tokenizer) -> Batch:  # type: ignore[no-untyped-def]
+    examples = [Example(t, label=lab) for lab in LABELS for t in tiny_texts(lab, 4)]
+    return next(
+        training_batches(
+            tokenizer, examples, "{text}\nTopic:", max_words=8, max_length=40, batch_size=6, seed=0
+        )
+    )
+
+
+@pytest.mark.parametrize("policy", ["lora", "sparse"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+def test_client_trains_the_same_numbers_on_either_runtime(
+    bundles: dict[str, Path], scheme: str, precision: str, policy: str
+) -> None:
+    """Loss, trainable names and gradients of one step are the same bits on the lean runtime
+    (LoRA without PEFT) and on transformers (LoRA through PEFT)."""
+    bundle = verify_bundle(bundles[scheme])
+    batch = _batch(load_client_tokenizer(bundle))
+    runs = {}
+    for runtime in ("transformers", "lean"):
+        adapted, converted = load_for_training(bundle, precision, policy=policy, runtime=runtime)
+        assert converted["lean_runtime"] == (runtime == "lean")
+        adapted.model.train()
+        with autocast(precision, torch.device("cpu")):
+            loss = answer_loss(adapted.model, batch)
+        loss.backward()
+        grads = {n: p.grad for n, p in adapted.model.named_parameters() if p.requires_grad}
+        runs[runtime] = (loss, grads, adapted.trainable_state())
+    (loss_t, grads_t, state_t), (loss_l, grads_l, state_l) = runs["transformers"], runs["lean"]
+    assert torch.equal(loss_l, loss_t)
+    assert list(grads_l) == list(grads_t)
+    assert any(g.abs().sum() > 0 for g in grads_l.values())
+    for name, grad in grads_t.items():
+        assert torch.equal(grads_l[name], grad), name
+    assert state_l.keys() == state_t.keys()  # the adapter on the wire has PEFT's names
+
+
+def test_a_bundle_whose_tensors_do_not_fit_is_refused(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from emulator.bundle import ADAPTER_FILE
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundles["none"], copy)
+    bundle = verify_bundle(copy)
+    tensors = load_file(str(copy / ADAPTER_FILE))
+    tensors.pop(next(iter(tensors)))
+    save_file(tensors, str(copy / ADAPTER_FILE))  # after verification: the loader's own check
+    with pytest.raises(IntegrityError, match="missing"):
+        load_client_model(bundle, "lean")
+
+
+def test_lean_runtime_asked_for_a_family_it_does_not_cover_says_why(
+    tokenizer, tmp_path: Path
+) -> None:
+    from emulator.arch import arch_spec
+    from emulator.bundle import write_bundle
+
+    full = tiny_model("gpt2")
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec.for_plan("lora", plan, arch)
+    bundle = write_bundle(full, tokenizer, plan, spec, tmp_path / "b", source="tiny")
+    with pytest.raises(ModelError, match="gpt2"):
+        load_client_model(bundle, "lean")
+    model, lora = load_client_model(bundle, "auto")  # falls back to transformers
+    assert lora is None and type(model).__name__ == "GPT2LMHeadModel"
+
+
+def test_lean_tokenizer_encodes_what_auto_tokenizer_encodes(tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(tokenizer_dir)
+    lean = lean_tokenizer(tokenizer_dir)
+    assert lean is not None
+    texts = ["", "hello world", "  spaces  and\nnewlines\t", "ünïcödé 123", *tiny_texts("tech", 5)]
+    for text in texts:
+        for special in (True, False):
+            assert (
+                lean(text, add_special_tokens=special)["input_ids"]
+                == reference(text, add_special_tokens=special)["input_ids"]
+            )
+    assert (lean.pad_token_id, lean.eos_token_id) == (
+        reference.pad_token_id,
+        reference.eos_token_id,
+    )
+
+
+def test_tokenizer_configs_transformers_would_rewrite_stay_on_auto_tokenizer(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    for change in ({"add_bos_token": True}, {"tokenizer_class": "LlamaTokenizer"}):
+        folder = tmp_path / next(iter(change))
+        shutil.copytree(tokenizer_dir, folder)
+        config_path = folder / "tokenizer_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+        assert lean_tokenizer(folder) is None
+
+
+def test_adamw_is_torch_adamw_bit_for_bit() -> None:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(16, 8), (8,), (3, 5, 7)]
+    start = [torch.randn(s, generator=generator) for s in shapes]
+    grads = [[torch.randn(s, generator=generator) for s in shapes] for _ in range(6)]
+    ours = [t.clone().requires_grad_(True) for t in start]
+    theirs = [t.clone().requires_grad_(True) for t in start]
+    mine = AdamW(ours, lr=3e-3, weight_decay=0.1)
+    reference = torch.optim.AdamW(theirs, lr=3e-3, weight_decay=0.1)
+    for step_grads in grads:
+        for params in (ours, theirs):
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+        mine.step()
+        reference.step()
+        mine.zero_grad()
+        reference.zero_grad()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+        assert a.grad is None
+
+
+_CLIENT_PROCESS = """
+import json, sys, torch
+from client.session import load_client_tokenizer, load_for_training
+from emulator.bundle import verify_bundle
+from emulator.examples import training_batches
+from emulator.train import train_adapter
+from offsite.data import Example
+bundle = verify_bundle(sys.argv[1])
+adapted, converted = load_for_training(bundle, "bf16")
+tokenizer = load_client_tokenizer(bundle)
+examples = [Example(f"text number {i} about things", label=["a", "b"][i % 2]) for i in range(8)]
+batches = training_batches(tokenizer, examples, "{text}\\nTopic:", max_words=8, max_length=32,
+                           batch_size=4, seed=0)
+result = train_adapter(adapted, batches, steps=2, lr=1e-3, precision="bf16",
+                       device=torch.device("cpu"))
+heavy = ["transformers", "peft", "torch._dynamo", "sympy", "scipy"]
+print(json.dumps({"loaded": sorted(m for m in heavy if m in sys.modules),
+                  "lean": converted["lean_runtime"], "losses": result.losses}))
+"""
+
+
+def test_a_client_trains_without_importing_the_heavy_stacks(bundles: dict[str, Path]) -> None:
+    """transformers, PEFT, torch's compiler and sympy stay out of a client's process (~150 MB
+    resident on SmolLM2, see client.runtime)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CLIENT_PROCESS, str(bundles["int8"])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["lean"] == 1
+    assert report["loaded"] == []
+    assert len(report["losses"]) == 2 and all(v == v for v in report["losses"])
