@@ -142,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(config["lr"]),
         precision=session.precision,
         device=session.device,
-        trim_memory=bool(budget),
+        **session.memory,
     )
     trained = misbehave(config, partition, global_state, session.adapted.trainable_state())
     clip = float(config.get("dp-clip", 0.0))

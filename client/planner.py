@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from client.profile import measure_training, peak_rss_bytes, reset_peak_rss, rss_bytes
-from client.session import load_for_training, release_freed_memory
+from client.session import load_for_training, release_freed_memory, training_memory
 from emulator.adapter import POLICIES, AdaptedModel
 from emulator.batches import Batch
 from emulator.bundle import Bundle
@@ -177,7 +177,7 @@ def probe(
         lr=POLICY_LR[candidate.policy],
         precision=candidate.precision,
         device=device,
-        trim_memory=True,  # what a node under a budget does (client.budget)
+        **training_memory(adapted, candidate.checkpointing, device),  # as the node trains
     )
     return Probe(runtime, model_cost, size, peak_rss_bytes() - before)
 
@@ -226,7 +226,7 @@ def measure(
         lr=POLICY_LR[candidate.policy],
         precision=candidate.precision,
         device=device,
-        trim_memory=True,
+        **training_memory(adapted, candidate.checkpointing, device),
     )
     del adapted
     release_freed_memory()
@@ -273,13 +273,12 @@ class Workload:
 
 def _run_here(action: str, workload: Workload, candidate: Candidate, size: int) -> dict[str, Any]:
     """``probe`` at ``size`` examples per step, or ``measure`` at the real batch size, here."""
-    import peft  # noqa: F401  (resident in any training process; counted in the runtime)
-
+    from client.session import load_client_tokenizer
     from emulator.batches import pad_id
-    from emulator.bundle import load_bundle_tokenizer, verify_bundle
+    from emulator.bundle import verify_bundle
 
     bundle = verify_bundle(workload.bundle)
-    tokenizer = load_bundle_tokenizer(bundle)
+    tokenizer = load_client_tokenizer(bundle)
     make_batches = workload.make_batches(tokenizer)
     next(make_batches(1))  # the data set is loaded and tokenized
     runtime = rss_bytes()

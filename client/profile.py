@@ -74,6 +74,7 @@ def measure_training(
     precision: str,
     device: torch.device,
     trim_memory: bool = False,
+    saved_tensors: Any = None,
 ) -> Measurement:
     """Train ``warmup + steps`` steps with the client recipe; time only the last ``steps``."""
     gc.collect()
@@ -102,6 +103,7 @@ def measure_training(
         device=device,
         on_step=on_step,
         trim_memory=trim_memory,
+        saved_tensors=saved_tensors,
     )
     times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)][warmup:]
     measured_tokens = sum(tokens[warmup:])

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from client.kernels import freeze_float_linears, install_kernels
+from client.kernels.arena import ActivationArena
 from client.kernels.attention import use_gqa_attention
 from client.kernels.casts import cast_norm_outputs
 from client.kernels.lean import lean_gated_mlps
@@ -49,6 +50,7 @@ class Session:
     tokenizer: Any
     device: torch.device
     precision: str  # resolved: "fp32" | "bf16"
+    memory: dict[str, Any]  # ``train_adapter`` keywords: how steps hold memory (training_memory)
 
 
 _SESSIONS: dict[tuple[str, str, bool], Session] = {}
@@ -82,6 +84,22 @@ def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
         "cast_norms": norms,
         "gqa_attention": int(gqa),
     }
+
+
+def training_memory(
+    adapted: AdaptedModel, checkpointing: bool, device: torch.device | None = None
+) -> dict[str, Any]:
+    """``train_adapter`` keywords for how a client's steps hold memory on CPU: saved
+    activations in an ``ActivationArena`` (no heap trimming needed: ~15 % faster at the same
+    peak), or, with activation checkpointing (whose recomputation installs autograd's
+    saved-tensor hooks itself), trimming the heap after every step. CUDA's caching allocator
+    needs neither."""
+    if device is not None and device.type != "cpu":
+        return {}
+    if checkpointing:
+        return {"trim_memory": True}
+    arena = ActivationArena([*adapted.model.parameters(), *adapted.model.buffers()])
+    return {"saved_tensors": arena.step}
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -169,7 +187,8 @@ def open_session(
         bundle, resolved, checkpointing=checkpointing, device=device
     )
     plan = bundle.plan
-    session = Session(bundle, adapted, load_client_tokenizer(bundle), device, resolved)
+    memory = training_memory(adapted, checkpointing, device)
+    session = Session(bundle, adapted, load_client_tokenizer(bundle), device, resolved, memory)
     _SESSIONS.clear()  # one bundle per worker at a time
     _SESSIONS[key] = session
     log.info(

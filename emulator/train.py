@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -41,12 +42,14 @@ def train_adapter(
     device: torch.device,
     on_step: Callable[[int, float], None] | None = None,
     trim_memory: bool = False,
+    saved_tensors: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on the adapter's trainable tensors.
 
     ``trim_memory`` hands the C heap's free pages back to the OS after every step on CPU
     (``offsite.memory``): a lower peak RSS for some throughput, the trade a node under a
-    memory budget makes.
+    memory budget makes. ``saved_tensors`` wraps each step's forward and backward (the client's
+    ``client.kernels.arena.ActivationArena.step``: activations in one reused buffer).
     """
     params = adapted.trainable_parameters()
     if not params:
@@ -58,13 +61,14 @@ def train_adapter(
     start = time.perf_counter()
     for step in range(steps):
         batch = next(batches).to(device)
-        with autocast(precision, device):
-            loss = answer_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss.item()} at step {step}; lower train.lr"
-            )
-        loss.backward()
+        with (saved_tensors or nullcontext)():
+            with autocast(precision, device):
+                loss = answer_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} at step {step}; lower train.lr"
+                )
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

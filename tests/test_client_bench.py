@@ -51,6 +51,20 @@ def test_ratios_are_against_the_faster_baseline_and_only_same_run_rows_can_be_be
     assert not rows[-1]["same_run_as_baseline"]
 
 
+def test_speed_is_against_the_fastest_baseline_and_memory_against_the_lowest_peak() -> None:
+    rows = [
+        _row("full FT bf16", "full-ft", 150, 5600, "today"),  # trims the heap: lower peak
+        _row("full FT bf16 no-trim", "full-ft", 170, 6100, "today"),  # faster, higher peak
+        _row("offsite lora bf16", "offsite", 1200, 1000, "today"),
+    ]
+    summary = client_matrix.summarise("m", rows, {"offsite lora bf16": 70.0})
+    assert summary["baseline"] == "full FT bf16 no-trim"
+    assert summary["memory_baseline"] == "full FT bf16"
+    best = summary["best"]
+    assert best["speedup"] == 1200 / 170
+    assert best["memory_ratio"] == 5600 / 1000
+
+
 def test_a_policy_that_loses_more_than_a_point_is_not_eligible() -> None:
     rows = [
         _row("full FT bf16", "full-ft", 150, 5600, "today"),

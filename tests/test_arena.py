@@ -1,0 +1,101 @@
+"""client.kernels.arena: saved activations in one reused buffer, same gradients bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.kernels import arena as arena_module
+from client.kernels.arena import ActivationArena
+from emulator.adapter import AdapterSpec, attach_adapter
+from emulator.arch import arch_spec
+from emulator.forward import autocast
+from emulator.layers import plan_layers
+from tests.conftest import VOCAB, saved_bytes, tiny_model
+
+
+def _adapted(policy: str):  # type: ignore[no-untyped-def]
+    model = tiny_model("llama")
+    arch = arch_spec(model.config)
+    plan = plan_layers(6, 1, 1, 4)
+    spec = AdapterSpec.for_plan(policy, plan, arch)
+    return attach_adapter(model, arch, spec, {i: i for i in range(6)})
+
+
+def _loss(model: torch.nn.Module, ids: torch.Tensor, precision: str) -> torch.Tensor:
+    with autocast(precision, torch.device("cpu")):
+        logits = model(input_ids=ids).logits
+    return logits.float().logsumexp(-1).mean()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("policy", ["lora", "sparse", "full"])
+def test_gradients_are_the_same_bits_with_the_arena(
+    policy: str, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(arena_module, "MIN_BYTES", 0)  # tiny model: route every tensor
+    ids = torch.randint(3, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+    plain, routed = _adapted(policy), _adapted(policy)
+    arena = ActivationArena([*routed.model.parameters(), *routed.model.buffers()])
+    for _ in range(3):  # the buffer is reused from the second step on
+        _loss(plain.model, ids, precision).backward()
+        with arena.step():
+            _loss(routed.model, ids, precision).backward()
+        for (name, a), b in zip(
+            plain.model.named_parameters(), routed.model.parameters(), strict=True
+        ):
+            if a.requires_grad:
+                assert torch.equal(a.grad, b.grad), name
+                a.grad = b.grad = None
+    assert arena.peak_bytes > 0
+
+
+def test_saved_activations_land_in_the_buffer_and_parameters_stay_put(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(arena_module, "MIN_BYTES", 0)
+    adapted = _adapted("lora")
+    params = [*adapted.model.parameters(), *adapted.model.buffers()]
+    arena = ActivationArena(params)
+    ids = torch.randint(3, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
+    kept_in_place = {p.untyped_storage().data_ptr() for p in params}
+
+    total, _ = saved_bytes(lambda: _loss(adapted.model, ids, "fp32"))
+    in_place = 0
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        nonlocal in_place
+        if t.untyped_storage().data_ptr() in kept_in_place:
+            in_place += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        _loss(adapted.model, ids, "fp32")
+    with arena.step():
+        loss = _loss(adapted.model, ids, "fp32")
+        loss.backward()
+    # what is not a parameter or buffer went into the buffer (in 64-byte slices), except
+    # strided views, which stay where they are (measured here: 95 % of the bytes routed)
+    activations = total - in_place
+    assert 0.9 * activations <= arena.peak_bytes <= activations + 64 * 200
+    for p in params:
+        assert arena._pack(p) is p
+
+
+def test_the_buffer_is_reused_and_grows_once_for_a_longer_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(arena_module, "MIN_BYTES", 0)
+    monkeypatch.setattr(arena_module, "_CHUNK", 4096)  # force several chunks in the first step
+    adapted = _adapted("lora")
+    arena = ActivationArena([*adapted.model.parameters(), *adapted.model.buffers()])
+    generator = torch.Generator().manual_seed(2)
+    capacities = []
+    for length in (16, 16, 16, 40, 40, 16):
+        ids = torch.randint(3, VOCAB, (4, length), generator=generator)
+        with arena.step():
+            _loss(adapted.model, ids, "fp32").backward()
+        capacities.append(arena.capacity)
+        assert len(arena._chunks) == 1  # one buffer after every step
+    assert capacities[0] == capacities[1] == capacities[2] < capacities[3]
+    assert capacities[3] == capacities[4] == capacities[5] == arena.peak_bytes
