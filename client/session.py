@@ -71,8 +71,16 @@ def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
     packed = install_kernels(model, dtype)
     cast = freeze_float_linears(model, dtype) if dtype != torch.float32 else 0
     with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.data = tensor.data.clone()
+        for param in model.parameters():
+            param.data = param.data.clone()
+        # new buffer objects, not new data under old ones: a view keeps its base alive
+        copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # shared buffers stay shared
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    if id(buffer) not in copies:
+                        copies[id(buffer)] = (buffer, buffer.clone())
+                    module._buffers[name] = copies[id(buffer)][1]
     lean = lean_gated_mlps(model, adapted.arch, adapted.prefix)
     norms = cast_norm_outputs(model, adapted.arch, adapted.prefix)
     gqa = use_gqa_attention(model)

@@ -188,6 +188,22 @@ def test_client_trains_the_same_numbers_on_either_runtime(
     assert state_l.keys() == state_t.keys()  # the adapter on the wire has PEFT's names
 
 
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+def test_nothing_of_the_bundle_files_stays_mapped_after_loading(
+    bundles: dict[str, Path], scheme: str
+) -> None:
+    """Tensors are read through a memory map and copied; a view left on the map (a packed
+    buffer once did) would keep every touched page of the file resident beside the copy."""
+    import gc
+
+    bundle = verify_bundle(bundles[scheme])
+    adapted, _ = load_for_training(bundle, "bf16", runtime="lean")
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text()
+    assert str(bundle.path) not in maps
+    assert adapted.trainable_parameters()
+
+
 def test_a_bundle_whose_tensors_do_not_fit_is_refused(
     bundles: dict[str, Path], tmp_path: Path
 ) -> None:
