@@ -7,7 +7,9 @@ above what it uses. Trimming after every optimizer step returns the free pages, 
 starts from what is live, at the price of faulting them in again. Measured A/B (LoRA, bf16,
 8 × 128 tokens, two fresh processes each): on a 2-8-2 emulator of a 48-block SmolLM2-shaped
 model peak RSS 1138 → 1039 MB for 1108 → 1052 tokens/s; on the default 2-16-2 emulator of
-SmolLM2-135M 1439 → 1294 MB for 716 → 620 tokens/s. Hence opt-in: nodes under a memory budget.
+SmolLM2-135M 1439 → 1294 MB for 716 → 620 tokens/s. Hence opt-in (``train_adapter``'s
+``trim_memory``). Clients no longer use it: ``client.kernels.arena`` keeps their activations
+out of the heap at a lower cost.
 """
 
 from __future__ import annotations

@@ -50,6 +50,34 @@ def test_gradients_are_the_same_bits_with_the_arena(
     assert arena.peak_bytes > 0
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_checkpointing_inside_the_arena_gives_the_same_gradients(
+    precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpointed blocks recompute under their own saved-tensor hooks (the innermost win);
+    what is saved outside them goes to the buffer."""
+    from client.session import enable_checkpointing
+
+    monkeypatch.setattr(arena_module, "MIN_BYTES", 0)
+    ids = torch.randint(3, VOCAB, (4, 24), generator=torch.Generator().manual_seed(3))
+    plain, routed = _adapted("lora"), _adapted("lora")
+    for adapted in (plain, routed):
+        enable_checkpointing(adapted.model)
+        adapted.model.train()
+    arena = ActivationArena([*routed.model.parameters(), *routed.model.buffers()])
+    for _ in range(2):
+        _loss(plain.model, ids, precision).backward()
+        with arena.step():
+            _loss(routed.model, ids, precision).backward()
+        for (name, a), b in zip(
+            plain.model.named_parameters(), routed.model.parameters(), strict=True
+        ):
+            if a.requires_grad:
+                assert torch.equal(a.grad, b.grad), name
+                a.grad = b.grad = None
+    assert arena.peak_bytes > 0
+
+
 def test_saved_activations_land_in_the_buffer_and_parameters_stay_put(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
