@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,24 +296,39 @@ def load_bundle_model(bundle: Bundle, dtype: torch.dtype = torch.float32) -> nn.
         return model.eval()
     from safetensors.torch import load_file
 
-    from emulator.quant import install_quant_layers
-
     config = transformers.AutoConfig.from_pretrained(bundle.path)
     model = auto.from_config(config, dtype=dtype)
+    return fill_bundle_model(model, bundle, lambda path: load_file(str(path)))
+
+
+def fill_bundle_model(
+    model: nn.Module,
+    bundle: Bundle,
+    read: Callable[[Path], dict[str, torch.Tensor]],
+    *,
+    assign: bool = False,
+) -> nn.Module:
+    """Give ``model`` the bundle's quantized layers (shaped from the manifest) and every tensor
+    of the bundle's files, read with ``read`` (``assign``: take the tensors as they are, for a
+    model built on the meta device); a tensor that finds no place, or a place left without a
+    tensor, is an ``IntegrityError``."""
+    from emulator.quant import install_quant_layers
+
     try:
-        install_quant_layers(model, quantized, bundle.manifest["tensors"])
+        install_quant_layers(model, quantized_modules(bundle.manifest), bundle.manifest["tensors"])
     except (AttributeError, ValueError, KeyError, TypeError) as err:
         raise IntegrityError(f"bundle's quantized layers do not fit its model: {err}") from err
     state: dict[str, torch.Tensor] = {}
     for file_name in (ADAPTER_FILE, EMULATOR_FILE):
-        state.update(load_file(str(bundle.path / file_name)))
-    result = model.load_state_dict(state, strict=False)
-    model.tie_weights()
+        state.update(read(bundle.path / file_name))
+    result = model.load_state_dict(state, strict=False, assign=assign)
+    model.tie_weights()  # type: ignore[operator]
     tied = set(model.state_dict()) - set(unique_state(model))
     missing = sorted(set(result.missing_keys) - tied)
-    if missing or result.unexpected_keys:
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing or result.unexpected_keys or empty:
         raise IntegrityError(
-            f"bundle tensors do not fit its model: missing {missing[:3]}, "
+            f"bundle tensors do not fit its model: missing {(missing or empty)[:3]}, "
             f"unexpected {sorted(result.unexpected_keys)[:3]}"
         )
     return model.eval()

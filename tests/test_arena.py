@@ -28,6 +28,23 @@ def _loss(model: torch.nn.Module, ids: torch.Tensor, precision: str) -> torch.Te
     return logits.float().logsumexp(-1).mean()
 
 
+def _assert_same_gradients(
+    plain: torch.nn.Module, routed: torch.nn.Module, ids: torch.Tensor, precision: str, steps: int
+) -> None:
+    """Train-step both models ``steps`` times, ``routed`` inside an arena (reused from the
+    second step on); every gradient must be the same bits, and the arena must have been used."""
+    arena = ActivationArena([*routed.parameters(), *routed.buffers()])
+    for _ in range(steps):
+        _loss(plain, ids, precision).backward()
+        with arena.step():
+            _loss(routed, ids, precision).backward()
+        for (name, a), b in zip(plain.named_parameters(), routed.parameters(), strict=True):
+            if a.requires_grad:
+                assert torch.equal(a.grad, b.grad), name
+                a.grad = b.grad = None
+    assert arena.peak_bytes > 0
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("policy", ["lora", "sparse", "full"])
 def test_gradients_are_the_same_bits_with_the_arena(
@@ -36,18 +53,7 @@ def test_gradients_are_the_same_bits_with_the_arena(
     monkeypatch.setattr(arena_module, "MIN_BYTES", 0)  # tiny model: route every tensor
     ids = torch.randint(3, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
     plain, routed = _adapted(policy), _adapted(policy)
-    arena = ActivationArena([*routed.model.parameters(), *routed.model.buffers()])
-    for _ in range(3):  # the buffer is reused from the second step on
-        _loss(plain.model, ids, precision).backward()
-        with arena.step():
-            _loss(routed.model, ids, precision).backward()
-        for (name, a), b in zip(
-            plain.model.named_parameters(), routed.model.parameters(), strict=True
-        ):
-            if a.requires_grad:
-                assert torch.equal(a.grad, b.grad), name
-                a.grad = b.grad = None
-    assert arena.peak_bytes > 0
+    _assert_same_gradients(plain.model, routed.model, ids, precision, steps=3)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -64,18 +70,7 @@ def test_activation_checkpointing_inside_the_arena_gives_the_same_gradients(
     for adapted in (plain, routed):
         enable_checkpointing(adapted.model)
         adapted.model.train()
-    arena = ActivationArena([*routed.model.parameters(), *routed.model.buffers()])
-    for _ in range(2):
-        _loss(plain.model, ids, precision).backward()
-        with arena.step():
-            _loss(routed.model, ids, precision).backward()
-        for (name, a), b in zip(
-            plain.model.named_parameters(), routed.model.parameters(), strict=True
-        ):
-            if a.requires_grad:
-                assert torch.equal(a.grad, b.grad), name
-                a.grad = b.grad = None
-    assert arena.peak_bytes > 0
+    _assert_same_gradients(plain.model, routed.model, ids, precision, steps=2)
 
 
 def test_saved_activations_land_in_the_buffer_and_parameters_stay_put(

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from client.runtime.decoder import LeanCausalLM, LeanConfig, lean_config
-from emulator.bundle import ADAPTER_FILE, EMULATOR_FILE, Bundle, quantized_modules
-from emulator.quant import install_quant_layers
+from emulator.bundle import Bundle, fill_bundle_model
 from emulator.safetensors_header import read_header
 from offsite.errors import IntegrityError
 
@@ -62,22 +61,5 @@ def load_lean_model(bundle: Bundle, config: LeanConfig) -> LeanCausalLM:
     files; a tensor that finds no place, or a place left without a tensor, is an error."""
     with torch.device("meta"):
         model = LeanCausalLM(config)
-    quantized = quantized_modules(bundle.manifest)
-    try:
-        install_quant_layers(model, quantized, bundle.manifest["tensors"])
-    except (AttributeError, ValueError, KeyError, TypeError) as err:
-        raise IntegrityError(f"bundle's quantized layers do not fit its model: {err}") from err
-    state: dict[str, torch.Tensor] = {}
-    for file_name in (ADAPTER_FILE, EMULATOR_FILE):
-        state.update(mapped_tensors(bundle.path / file_name))
-    result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(set(result.missing_keys) - tied)
-    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if missing or result.unexpected_keys or empty:
-        raise IntegrityError(
-            f"bundle tensors do not fit its model: missing {(missing or empty)[:3]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:3]}"
-        )
-    return model.eval()
+    fill_bundle_model(model, bundle, mapped_tensors, assign=True)
+    return model
