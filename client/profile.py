@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def measure_training(
     precision: str,
     device: torch.device,
     trim_memory: bool = False,
-    saved_tensors: Any = None,
+    saved_tensors: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> Measurement:
     """Train ``warmup + steps`` steps with the client recipe; time only the last ``steps``."""
     gc.collect()

@@ -47,9 +47,10 @@ def train_adapter(
     """Run ``steps`` optimizer steps on the adapter's trainable tensors.
 
     ``trim_memory`` hands the C heap's free pages back to the OS after every step on CPU
-    (``offsite.memory``): a lower peak RSS for some throughput, the trade a node under a
-    memory budget makes. ``saved_tensors`` wraps each step's forward and backward (the client's
-    ``client.kernels.arena.ActivationArena.step``: activations in one reused buffer).
+    (``offsite.memory``): a lower peak RSS for some throughput (the benchmark's full
+    fine-tuning baselines measure it). ``saved_tensors`` wraps each step's forward and
+    backward (the client's ``client.kernels.arena.ActivationArena.step``: activations in one
+    reused buffer).
     """
     params = adapted.trainable_parameters()
     if not params:
