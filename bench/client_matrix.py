@@ -20,9 +20,10 @@ Each cell runs in a fresh process (nothing shared, no allocator reuse between ce
 then ``--warmup`` discarded steps and ``--steps`` measured ones. Throughput is answer-loss
 training tokens per second; memory is the process's peak RSS over the training steps (kernel
 high-water mark, reset after loading). Full fine-tuning runs in fp32 and bf16, trimming the C
-heap after every step, and in bf16 without trimming (faster, higher peak); speed-ups are against
-the fastest of them and memory ratios against the lowest peak. Offsite cells train as a client
-does: lean runtime, saved activations in ``client.kernels.arena``, no trimming.
+heap after every step, in bf16 without trimming (faster, higher peak) and in bf16 on jemalloc
+(``offsite.allocator``); speed-ups are against the fastest of them and memory ratios against the
+lowest peak. Offsite cells train as a client does: lean runtime, saved activations in
+``client.kernels.arena``, no trimming, jemalloc where installed.
 
 Plug-in accuracy (default model only: the synthetic model's weights are random) comes from a
 real ``offsite simulate`` run of the default federation per policy × precision; cells finished in
@@ -59,7 +60,7 @@ MODELS = {
     "smollm2-135m (30 blocks)": {"key": "default", "blocks": 30},
     "synthetic (48 blocks)": {"key": "deep48", "blocks": 48},
 }
-BASELINES = ("full FT fp32", "full FT bf16", "full FT bf16 no-trim")
+BASELINES = ("full FT fp32", "full FT bf16", "full FT bf16 no-trim", "full FT bf16 jemalloc")
 ACCURACY_TOLERANCE = 1.0  # points below the LoRA default a policy may lose
 GOALS = {"speedup": 6.5, "memory": 5.6}
 
@@ -85,6 +86,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     from emulator.arch import arch_spec, block_list, block_prefix
     from emulator.bundle import verify_bundle
     from emulator.examples import training_batches
+    from offsite.allocator import active_allocator
     from offsite.config import POLICY_LR, OffsiteConfig
     from offsite.data import load_task, split_holdout
 
@@ -162,6 +164,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "runtime": "lean" if converted.get("lean_runtime") else "transformers",
         "memory_mode": memory_mode,
+        "allocator": active_allocator(),
     }
 
 
@@ -183,8 +186,11 @@ def median_row(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def cell_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    from offsite.allocator import allocator_env
+
     command = [sys.executable, str(Path(__file__).resolve()), "cell", json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = allocator_env(os.environ, spec.get("allocator", "system"))
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"cell {spec['name']} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -248,6 +254,14 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
             "precision": "bf16",
             "trim": False,
         },
+        {
+            **common,
+            "name": "full FT bf16 jemalloc",
+            "kind": "full-ft",
+            "precision": "bf16",
+            "trim": False,  # malloc_trim is glibc's: nothing to trim under jemalloc
+            "allocator": "jemalloc",
+        },
         {**common, "name": "full LoRA bf16", "kind": "full-lora", "precision": "bf16"},
     ]
     for keep, policy, precision in offsite_grid():
@@ -262,6 +276,7 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
                 "emulator": f"2-{keep}-2",
                 "keep": keep,
                 "bundle": str(bundle),
+                "allocator": "auto",  # as a node's SuperNode starts its ClientApps
             }
         )
     return specs
@@ -408,9 +423,11 @@ def write_report(
         "default model's accuracy for the same cell. Offsite cells train as a client does "
         "(``client.session``): on the lean runtime (``client.runtime``: no transformers, PEFT "
         "or torch compiler in the process) with saved activations in a reused buffer "
-        "(``client.kernels.arena``) instead of trimming the C heap after each step. Full "
-        "fine-tuning is measured both ways, trimming the heap after each step (lower peak) and "
-        "not (faster): speed-ups are against the fastest baseline row, memory ratios against "
+        "(``client.kernels.arena``) instead of trimming the C heap after each step, and with "
+        "jemalloc as the C allocator where one is installed, as a node's SuperNode starts them "
+        "(``offsite.allocator``; column 'allocator'). Full fine-tuning is measured three ways: "
+        "on glibc's allocator trimming the heap after each step, on glibc without trimming, and "
+        "on jemalloc: speed-ups are against the fastest baseline row, memory ratios against "
         "the one with the lowest peak. "
         f"Cells named {small_names} use smaller emulators: for accuracy their middle blocks "
         "are chosen by cosine selection and distilled (200 steps on public chitchat text); "
@@ -429,14 +446,15 @@ def write_report(
             f"{summary['baseline_measured']}). Memory baseline (the lowest peak): "
             f"**{summary['memory_baseline']}**, {summary['memory_baseline_peak_rss_mb']:.0f} MB.",
             "",
-            "| cell | trainable | tokens/s | speed-up | peak RSS (MB) | memory ÷ | "
+            "| cell | allocator | trainable | tokens/s | speed-up | peak RSS (MB) | memory ÷ | "
             "÷ over runtime | plug-in |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in tables[model]:
             mark = "" if r.get("same_run_as_baseline", True) else " †"
             lines.append(
-                f"| {r['name']}{mark} | {r['trainable_parameters'] / 1e6:.2f} M | "
+                f"| {r['name']}{mark} | {r.get('allocator', 'system')} | "
+                f"{r['trainable_parameters'] / 1e6:.2f} M | "
                 f"{_spread(r, 'tokens_per_second', 1)} | {r['speedup']:.2f}× | "
                 f"{_spread(r, 'peak_rss', 2**20)} | "
                 f"{r['memory_ratio']:.2f}× | {r['memory_ratio_over_runtime']:.2f}× | "

@@ -244,6 +244,14 @@ def client_start(
             "checkpointing is turned on if that is what fits (`offsite client plan` shows why).",
         ),
     ] = None,
+    allocator: Annotated[
+        str,
+        typer.Option(
+            help="C allocator of the SuperNode and the ClientApps it starts: 'auto' (jemalloc "
+            "where installed: ~150 MB lower peak memory for the same speed), 'jemalloc' (fail "
+            "without it) or 'system'.",
+        ),
+    ] = "auto",
 ) -> None:
     """Run this node's Flower SuperNode until interrupted: it trains when the coordinator runs.
 
@@ -253,7 +261,11 @@ def client_start(
 
     from client.identity import NodeIdentity
     from client.supernode import supernode_command
+    from offsite.allocator import ALLOCATORS, allocator_env
     from offsite.processes import flower_env, start_child, stop_tree
+
+    if allocator not in ALLOCATORS:
+        raise typer.BadParameter(f"--allocator must be one of {', '.join(ALLOCATORS)}")
 
     identity = NodeIdentity(_node_state(state))
     if memory_budget:
@@ -266,7 +278,8 @@ def client_start(
     command = supernode_command(identity, data, port, superlink, memory_budget)
     home = identity.folder / "flower"
     home.mkdir(exist_ok=True)
-    process = start_child(command, flower_env(home))
+    env = allocator_env(flower_env(home), allocator)  # type: ignore[arg-type]
+    process = start_child(command, env)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop_tree(process))
     code = process.wait()

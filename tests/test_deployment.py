@@ -234,6 +234,30 @@ def test_coordinator_and_two_nodes_federate_over_mtls_and_node_auth(
         assert oct((node / "flower.key").stat().st_mode & 0o777) == "0o600"
 
 
+def test_each_node_supernode_allocates_with_jemalloc(deployment: Deployment) -> None:
+    """`offsite client start` preloads jemalloc (the ClientApps inherit the SuperNode's env)."""
+    import psutil
+
+    from offsite.allocator import active_allocator
+
+    def command(child: psutil.Process) -> list[str]:
+        try:
+            return child.cmdline()
+        except psutil.Error:  # a ClientApp that finished (zombie until reaped)
+            return []
+
+    supernodes = [
+        child
+        for process in deployment.processes.running
+        if process.poll() is None
+        for child in psutil.Process(process.pid).children(recursive=True)
+        if any("flower-supernode" in part for part in command(child))
+    ]
+    assert len(supernodes) == 2, [c.cmdline() for c in supernodes]
+    assert [active_allocator(c.pid) for c in supernodes] == ["jemalloc", "jemalloc"]
+    assert all("libjemalloc" in c.environ().get("LD_PRELOAD", "") for c in supernodes)
+
+
 def test_a_killed_coordinator_resumes_the_deployed_run_and_matches_an_uninterrupted_one(
     deployment: Deployment,
 ) -> None:
