@@ -26,6 +26,7 @@ from client.kernels.arena import ActivationArena
 from client.kernels.attention import use_gqa_attention
 from client.kernels.casts import cast_norm_outputs
 from client.kernels.lean import lean_gated_mlps
+from client.kernels.rms_norm import lean_rms_norms
 from emulator.adapter import AdaptedModel, AdapterSpec, LoraWrap, attach_adapter
 from emulator.bundle import (
     Bundle,
@@ -58,10 +59,11 @@ _SESSIONS: dict[tuple[str, str, bool], Session] = {}
 
 def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
     """Put the model's frozen linears on the fast path for ``precision``, its gated MLPs on
-    the lean autograd of ``client.kernels.lean``, grouped-query attention on unexpanded
-    key/value heads (``client.kernels.attention``) and pre-norm outputs cast once under autocast
-    (``client.kernels.casts``); call after the adapter is attached, so trainable tensors are
-    known. Returns what was converted.
+    the lean autograd of ``client.kernels.lean``, Llama-style RMS norms on
+    ``client.kernels.rms_norm`` (half the bytes kept for backward), grouped-query attention
+    on unexpanded key/value heads (``client.kernels.attention``) and pre-norm outputs cast
+    once under autocast (``client.kernels.casts``); call after the adapter is attached, so
+    trainable tensors are known. Returns what was converted.
 
     Tensors loaded from a memory-mapped checkpoint are copied into process memory and the
     mapping dropped: otherwise every page of the file that a conversion touched stays
@@ -82,6 +84,7 @@ def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
                         copies[id(buffer)] = (buffer, buffer.clone())
                     module._buffers[name] = copies[id(buffer)][1]
     lean = lean_gated_mlps(model, adapted.arch, adapted.prefix)
+    rms = lean_rms_norms(model)
     norms = cast_norm_outputs(model, adapted.arch, adapted.prefix)
     gqa = use_gqa_attention(model)
     release_freed_memory()
@@ -89,6 +92,7 @@ def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
         "packed_linears": packed,
         "bf16_linears": cast,
         "lean_mlps": lean,
+        "lean_norms": rms,
         "cast_norms": norms,
         "gqa_attention": int(gqa),
     }
