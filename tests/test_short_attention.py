@@ -98,7 +98,7 @@ def test_under_autocast_mixed_inputs_run_in_the_autocast_dtype() -> None:
     assert mixed.dtype == torch.bfloat16 and torch.equal(mixed, same)
 
 
-def test_it_keeps_the_folded_query_unexpanded_keys_values_and_the_probabilities() -> None:
+def test_it_keeps_the_folded_query_unexpanded_keys_values_and_the_mask_not_probabilities() -> None:
     batch, heads, kv_heads, length, dim = 2, 6, 2, 16, 8
     query, key, value, _, mask = _inputs(batch, heads, kv_heads, length, dim)
     leaves = [t.to(torch.bfloat16).detach().requires_grad_() for t in (query, key, value)]
@@ -106,9 +106,8 @@ def test_it_keeps_the_folded_query_unexpanded_keys_values_and_the_probabilities(
     elements = (
         batch * heads * length * dim  # query, folded into (batch, kv_heads, groups · length, dim)
         + 2 * batch * kv_heads * length * dim  # key and value as given
-        + batch * heads * length * length  # probabilities
     )
-    assert kept == 2 * elements  # bf16
+    assert kept == 2 * elements + mask.numel()  # bf16, and the boolean mask (shared by blocks)
 
 
 def test_the_path_is_taken_only_where_it_is_exact_and_faster() -> None:

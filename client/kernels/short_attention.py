@@ -3,10 +3,12 @@
 On CPU, torch's fused (flash) attention spends most of a short sequence's time in backward:
 for SmolLM2's 9 query and 3 key/value heads at 8 × 128 tokens in bf16, forward and backward
 take 17 ms per block, against 6-7 ms for scores, softmax and weighted sum written as batched
-matmuls (``bench``-style A/B in one process, 30 repeats). The scores of one sequence are small
-at these lengths (128 × 128 per head: 2.4 MB per block of 8 × 9 heads in bf16), so keeping the
-probabilities for backward costs about what the fused kernel keeps (its output and
-log-sum-exp) and saves the recomputation. Past ``SHORT_KEYS`` keys the fused kernel wins
+matmuls (``bench``-style A/B in one process, 30 repeats). Backward recomputes the
+probabilities from the query, key and mask it keeps (one batched matmul and a softmax per
+block) rather than keeping them: 2.25 MB per block of 8 × 9 heads × 128 × 128 in bf16, 22 MB
+of a 2-6-2 SmolLM2 emulator's saved activations (bench cell: peak 606 → 585 MB; tokens/s
+within this machine's noise over three alternating runs each). Past ``SHORT_KEYS`` keys the
+fused kernel wins
 (measured: a tie at 192, fused 30 % faster at 256) and is used.
 
 Grouped query heads are folded into the sequence axis: the ``G`` query heads that share a
@@ -44,6 +46,20 @@ def takes(
     )
 
 
+def _probabilities(
+    folded: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: float, groups: int
+) -> torch.Tensor:
+    """Masked softmax of the folded scores, (B, H_kv, G · T, S), in the inputs' dtype."""
+    batch, kv_heads, rows, _ = folded.shape
+    keys = key.shape[2]
+    scores = torch.matmul(folded, key.transpose(-1, -2))
+    scores = scores.view(batch, kv_heads, groups, rows // groups, keys).mul_(scale)
+    masked = ~mask.unsqueeze(2)
+    scores.masked_fill_(masked, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).masked_fill_(masked, 0.0)
+    return probs.view(batch, kv_heads, rows, keys)
+
+
 class _ShortAttention(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -55,26 +71,20 @@ class _ShortAttention(torch.autograd.Function):
         scale: float,
     ) -> torch.Tensor:
         batch, heads, length, dim = query.shape
-        kv_heads, keys = key.shape[1], key.shape[2]
-        groups = heads // kv_heads
-        folded = query.reshape(batch, kv_heads, groups * length, dim)
+        kv_heads = key.shape[1]
+        folded = query.reshape(batch, kv_heads, (heads // kv_heads) * length, dim)
         with torch.autocast(query.device.type, enabled=False):
-            scores = torch.matmul(folded, key.transpose(-1, -2))
-            scores = scores.view(batch, kv_heads, groups, length, keys).mul_(scale)
-            masked = ~mask.unsqueeze(2)
-            scores.masked_fill_(masked, torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores, dim=-1).masked_fill_(masked, 0.0)
-            del scores
-            probs = probs.view(batch, kv_heads, groups * length, keys)
+            probs = _probabilities(folded, key, mask, scale, heads // kv_heads)
             out = torch.matmul(probs, value)
-        ctx.save_for_backward(folded, key, value, probs)
-        ctx.scale = scale
+        ctx.save_for_backward(folded, key, value, mask)
+        ctx.scale, ctx.groups = scale, heads // kv_heads
         return out.view(batch, heads, length, dim)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        folded, key, value, probs = ctx.saved_tensors
+        folded, key, value, mask = ctx.saved_tensors
         with torch.autocast(grad_out.device.type, enabled=False):
+            probs = _probabilities(folded, key, mask, ctx.scale, ctx.groups)
             grad = grad_out.reshape(folded.shape).to(value.dtype)
             grad_value = torch.matmul(probs.transpose(-1, -2), grad)
             grad_probs = torch.matmul(grad, value.transpose(-1, -2))
