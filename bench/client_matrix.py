@@ -604,9 +604,10 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated throughput cells to re-measure now (e.g. 'offsite 2-6-2 lora "
-        "bf16'); the full fine-tuning baselines are re-measured with them, so their ratios "
-        "compare rows of one run. Other cached rows are kept and marked with their date",
+        help="comma-separated cells to re-measure now (e.g. 'offsite 2-6-2 lora bf16'): their "
+        "throughput rows, with the full fine-tuning baselines re-measured beside them so their "
+        "ratios compare rows of one run, and their plug-in accuracy (a fresh federated run "
+        "each). Other cached rows are kept and marked with their date",
     )
     parser.add_argument(
         "--repeats",
@@ -690,12 +691,17 @@ def main() -> None:
                     write_report(tables, accuracy, meta)
     if args.part in ("all", "accuracy"):
         cells = accuracy_cells()
+        if only:
+            cells = [(name, overrides) for name, overrides in cells if name in only]
+            for name, _ in cells:
+                accuracy.pop(name, None)
         for index, (name, overrides) in enumerate(cells):
             if name in accuracy:
                 continue
             meta["pending"] = [n for n, _ in cells[index:] if n not in accuracy]
             write_report(tables, accuracy, meta)
-            metrics = simulate_cell(WORK / "runs" / name.replace(" ", "-"), overrides, args.fresh)
+            run = WORK / "runs" / name.replace(" ", "-")
+            metrics = simulate_cell(run, overrides, args.fresh or bool(only))
             accuracy[name] = 100 * metrics["scores"]["plug_in"]["value"]
             print(f"accuracy | {name}: plug-in {accuracy[name]:.1f} %", flush=True)
             accuracy_path.write_text(json.dumps(accuracy, indent=1))

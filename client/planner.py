@@ -27,6 +27,7 @@ before fp32 (faster and smaller where the CPU has bf16), no checkpointing before
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -248,6 +249,9 @@ class Workload:
     max_length: int = 128
     max_words: int = 90
     template: str = ""  # empty: the data set's own, else "{text}" style default of the config
+    # C allocator of the probe processes (``offsite.allocator``): "inherit" takes this
+    # process's own (a node's ClientApp runs on what its SuperNode was started with)
+    allocator: str = "inherit"
 
     def make_batches(self, tokenizer: Any) -> Any:
         from emulator.examples import training_batches
@@ -294,11 +298,17 @@ def _in_subprocess(
     payload = json.dumps(
         {"workload": asdict(workload), "candidate": asdict(candidate), "size": size}
     )
+    from offsite.allocator import allocator_env
+
+    env = dict(os.environ)
+    if workload.allocator != "inherit":
+        env = allocator_env(env, workload.allocator)  # type: ignore[arg-type]
     done = subprocess.run(
         [sys.executable, "-m", "client.planner", action, payload],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     if done.returncode != 0:
         raise RuntimeError(f"{action} of {candidate.label} failed:\n{done.stderr[-2000:]}")
@@ -352,7 +362,6 @@ def plan(
 
 def _main(argv: Sequence[str]) -> None:
     import logging
-    import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.ERROR)

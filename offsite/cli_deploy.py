@@ -351,6 +351,13 @@ def client_plan(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the plan as JSON here.")
     ] = None,
+    allocator: Annotated[
+        str,
+        typer.Option(
+            help="C allocator the probes run on; keep it the one `offsite client start "
+            "--allocator` will use ('auto': jemalloc where installed, or 'system').",
+        ),
+    ] = "auto",
 ) -> None:
     """Pick the update policy, precision and checkpointing that fit a memory budget.
 
@@ -363,10 +370,13 @@ def client_plan(
     from tqdm.auto import tqdm
 
     from client import planner
+    from offsite.allocator import ALLOCATORS
     from offsite.sizes import parse_size
 
+    if allocator not in ALLOCATORS:
+        raise typer.BadParameter(f"--allocator must be one of {', '.join(ALLOCATORS)}")
     budget = parse_size(memory_budget)
-    workload = planner.Workload(str(bundle), data, batch_size, max_length)
+    workload = planner.Workload(str(bundle), data, batch_size, max_length, allocator=allocator)
     options = planner.candidates(
         [p.strip() for p in policies.split(",") if p.strip()],
         [q.strip() for q in precisions.split(",") if q.strip()],
