@@ -91,3 +91,19 @@ def test_unknown_architecture_is_a_model_error(tmp_path: Path) -> None:
     result = offsite("emulator", "build", "-o", str(tmp_path / "b"), f"model.name={model_dir}")
     assert result.returncode in (4,), result.stderr
     assert "model_type" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["client", "start", "--data", "d.jsonl"],
+        ["client", "plan", "bundle", "--memory-budget", "1GB"],
+    ],
+)
+def test_an_unknown_allocator_is_refused_before_anything_starts(
+    command: list[str], tmp_path: Path
+) -> None:
+    result = offsite(*command, "--allocator", "tcmalloc", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "--allocator must be one of auto, jemalloc, system" in result.stderr
+    assert "Traceback" not in result.stderr
