@@ -11,7 +11,7 @@ AdamW, answer-only loss):
 - **the offsite client**: every update policy × {fp32, bf16, int8, int4} on the default 2-16-2
   emulator (int8 and int4 bundles are quantized by the owner with AWQ; the client computes in
   bf16 on the packed kernels of ``client.kernels``), and LoRA × {bf16, int8} on smaller
-  emulators (2-k-2 for k in SMALL_KEEPS). The small emulators' accuracy runs select their
+  emulators (SMALL_SHAPES: bottom-keep-top blocks). The small emulators' accuracy runs select their
   middle blocks by cosine and distill them (``emulator.selection=cosine``,
   ``emulator.distill=true``); their throughput bundles are the same shapes undistilled (speed
   and memory depend on shapes only).
@@ -50,11 +50,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
 POLICIES = ("lora", "lora-top", "top", "sparse", "full", "bias")
-# Middle blocks of the smaller emulators (2-4-2 distilled gave LoRA plug-in 46.0 %: too lossy).
-SMALL_KEEPS = (8, 6)
+Shape = tuple[int, int, int]  # emulator (bottom adapter blocks, middle blocks kept, top ones)
+# The smaller emulators (2-4-2 distilled gave LoRA plug-in 46.0 %: too lossy).
+SMALL_SHAPES: tuple[Shape, ...] = ((2, 8, 2), (2, 6, 2))
 SMALL_POLICIES = ("lora",)
 SMALL_PRECISIONS = ("bf16", "int8")
-DEFAULT_KEEP = 16  # the default emulator, 2-16-2 (EmulatorConfig.keep)
+DEFAULT_SHAPE: Shape = (2, 16, 2)  # the default emulator (EmulatorConfig's bottom, keep, top)
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 MODELS = {
     "smollm2-135m (30 blocks)": {"key": "default", "blocks": 30},
@@ -217,8 +218,21 @@ def synthetic_model(blocks: int, source: Path, out: Path) -> Path:
     return out
 
 
-def ensure_bundle(model_path: Path, quantize: str, out: Path, keep: int = DEFAULT_KEEP) -> Path:
-    """The model's 2-``keep``-2 emulator bundle (fp32 or owner-quantized), built once."""
+def shape_label(shape: Shape) -> str:
+    return "-".join(str(n) for n in shape)
+
+
+def shape_suffix(shape: Shape) -> str:
+    """Folder-name part of a shape's bundles and distillation ('' for the default; 2-k-2
+    shapes keep their first name, 'keep<k>', so bundles built before are reused)."""
+    if shape == DEFAULT_SHAPE:
+        return ""
+    bottom, keep, top = shape
+    return f"keep{keep}" if (bottom, top) == DEFAULT_SHAPE[::2] else shape_label(shape)
+
+
+def ensure_bundle(model_path: Path, quantize: str, out: Path, shape: Shape = DEFAULT_SHAPE) -> Path:
+    """The model's emulator bundle of ``shape`` (fp32 or owner-quantized), built once."""
     if (out / "manifest.json").is_file():
         return out
     from coordinator.models import load_full_model
@@ -228,7 +242,8 @@ def ensure_bundle(model_path: Path, quantize: str, out: Path, keep: int = DEFAUL
     from offsite.config import EmulatorConfig
 
     full, tokenizer, arch, _ = load_full_model(str(model_path))
-    settings = EmulatorConfig(keep=keep, quantize=quantize)  # type: ignore[arg-type]
+    bottom, keep, top = shape
+    settings = EmulatorConfig(bottom=bottom, keep=keep, top=top, quantize=quantize)  # type: ignore[arg-type]
     blocks = int(full.config.num_hidden_layers)
     plan = plan_layers(blocks, settings.bottom, settings.top, settings.keep)
     adapter = AdapterSpec.for_plan("lora", plan, arch)
@@ -264,17 +279,17 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
         },
         {**common, "name": "full LoRA bf16", "kind": "full-lora", "precision": "bf16"},
     ]
-    for keep, policy, precision in offsite_grid():
-        bundle = bundles[keep, bundle_precision(precision)]
+    for shape, policy, precision in offsite_grid():
+        bundle = bundles[shape, bundle_precision(precision)]
         specs.append(
             {
                 **common,
-                "name": cell_name(keep, policy, precision),
+                "name": cell_name(shape, policy, precision),
                 "kind": "offsite",
                 "policy": policy,
                 "precision": precision,
-                "emulator": f"2-{keep}-2",
-                "keep": keep,
+                "emulator": shape_label(shape),
+                "shape": list(shape),
                 "bundle": str(bundle),
                 "allocator": "auto",  # as a node's SuperNode starts its ClientApps
             }
@@ -282,10 +297,10 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
     return specs
 
 
-def offsite_grid() -> list[tuple[int, str, str]]:
-    """(emulator keep, policy, precision) of every offsite throughput cell."""
-    grid = [(DEFAULT_KEEP, policy, q) for policy in POLICIES for q in PRECISIONS]
-    small = [(k, p, q) for k in SMALL_KEEPS for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
+def offsite_grid() -> list[tuple[Shape, str, str]]:
+    """(emulator shape, policy, precision) of every offsite throughput cell."""
+    grid = [(DEFAULT_SHAPE, policy, q) for policy in POLICIES for q in PRECISIONS]
+    small = [(s, p, q) for s in SMALL_SHAPES for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
     return grid + small
 
 
@@ -294,10 +309,10 @@ def bundle_precision(precision: str) -> str:
     return "fp32" if precision in ("fp32", "bf16") else precision
 
 
-def cell_name(keep: int, policy: str, precision: str) -> str:
+def cell_name(shape: Shape, policy: str, precision: str) -> str:
     """'offsite lora bf16' on the default emulator, 'offsite 2-4-2 lora bf16' on another."""
-    shape = "" if keep == DEFAULT_KEEP else f"2-{keep}-2 "
-    return f"offsite {shape}{policy} {precision}"
+    label = "" if shape == DEFAULT_SHAPE else f"{shape_label(shape)} "
+    return f"offsite {label}{policy} {precision}"
 
 
 def accuracy_cells() -> list[tuple[str, list[str]]]:
@@ -305,21 +320,23 @@ def accuracy_cells() -> list[tuple[str, list[str]]]:
     quantized LoRA cells and the other policies at the default precision first."""
     first = [("bf16", "lora"), ("bf16", "top"), ("int8", "lora"), ("int4", "lora")]
     first += [("bf16", p) for p in ("sparse", "full", "bias", "lora-top")]
-    first = [(DEFAULT_KEEP, q, p) for q, p in first]
-    first += [(k, q, p) for k in SMALL_KEEPS for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
-    rest = [(DEFAULT_KEEP, q, p) for q in ("bf16", "int8", "int4", "fp32") for p in POLICIES]
+    first = [(DEFAULT_SHAPE, q, p) for q, p in first]
+    first += [(s, q, p) for s in SMALL_SHAPES for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
+    rest = [(DEFAULT_SHAPE, q, p) for q in ("bf16", "int8", "int4", "fp32") for p in POLICIES]
     order = first + [cell for cell in rest if cell not in first]
     cells = []
-    for keep, precision, policy in order:
+    for shape, precision, policy in order:
         overrides = [f"train.adapter={policy}"]
         overrides.append(f"train.precision={'fp32' if precision == 'fp32' else 'bf16'}")
         if precision in ("int8", "int4"):
             overrides.append(f"emulator.quantize={precision}")
-        if keep != DEFAULT_KEEP:
-            checkpoint = WORK / f"distill-cosine-keep{keep}"  # shared by its precisions
-            overrides += [f"emulator.keep={keep}", "emulator.selection=cosine"]
+        if shape != DEFAULT_SHAPE:
+            checkpoint = WORK / f"distill-cosine-{shape_suffix(shape)}"  # shared by precisions
+            bottom, keep, top = shape
+            overrides += [f"emulator.bottom={bottom}", f"emulator.keep={keep}"]
+            overrides += [f"emulator.top={top}", "emulator.selection=cosine"]
             overrides += ["emulator.distill=true", f"emulator.distill_checkpoint='{checkpoint}'"]
-        cells.append((cell_name(keep, policy, precision), overrides))
+        cells.append((cell_name(shape, policy, precision), overrides))
     return cells
 
 
@@ -408,7 +425,7 @@ def write_report(
     summaries = [summarise(model, rows, accuracy) for model, rows in tables.items()]
     data = {"meta": meta, "accuracy": accuracy, "models": tables, "summaries": summaries}
     (REPORTS / "client.json").write_text(json.dumps(data, indent=1))
-    small_names = " and ".join(f"2-{k}-2" for k in SMALL_KEEPS)
+    small_names = " and ".join(shape_label(s) for s in SMALL_SHAPES)
     lines = [
         "# Client benchmark: offsite client vs full-model fine-tuning",
         "",
@@ -524,7 +541,7 @@ def plot(tables: dict[str, list[dict]], path: Path) -> None:
             x, y = _mb(r["peak_rss"]), r["tokens_per_second"]
             if r["kind"] == "offsite":
                 color = colors[r["policy"]]
-                small = r.get("emulator", "2-16-2") != f"2-{DEFAULT_KEEP}-2"  # hollow: small one
+                small = r.get("emulator", "2-16-2") != shape_label(DEFAULT_SHAPE)  # hollow: small
                 ax.scatter(
                     x,
                     y,
@@ -650,9 +667,8 @@ def main() -> None:
         for model, info in MODELS.items():
             path = paths[info["key"]]
             bundles = {
-                (keep, q): WORK
-                / f"{info['key']}{'' if keep == DEFAULT_KEEP else f'-keep{keep}'}-{q}"
-                for keep, q in sorted({(k, bundle_precision(q)) for k, _, q in offsite_grid()})
+                (shape, q): WORK / "-".join(p for p in (info["key"], shape_suffix(shape), q) if p)
+                for shape, q in sorted({(s, bundle_precision(q)) for s, _, q in offsite_grid()})
             }
             rows = tables.setdefault(model, [])
             specs = [
@@ -668,7 +684,7 @@ def main() -> None:
                         path,
                         "none" if quantize == "fp32" else quantize,
                         Path(spec["bundle"]),
-                        spec["keep"],
+                        tuple(spec["shape"]),  # type: ignore[arg-type]
                     )
             runs: dict[str, list[dict[str, Any]]] = {}
             for repeat in range(args.repeats):  # rounds over all cells: noise spreads evenly
