@@ -152,10 +152,11 @@ def test_prediction_is_within_15_percent_of_the_measured_peak_per_policy(
     assert len(errors) == len(planner.POLICY_PREFERENCE) + 1
     for label, error in errors.items():
         assert error is not None and abs(error) <= 0.15, (label, errors)
-    assert (
-        by_label["lora bf16 +checkpointing"].predicted_peak
-        < 0.8 * by_label["lora bf16"].predicted_peak
-    )
+    # checkpointing keeps block inputs only: under half the activations per example (measured
+    # 29 MB against 65 MB), and a lower peak even with its fixed cost
+    checkpointed, plain = by_label["lora bf16 +checkpointing"], by_label["lora bf16"]
+    assert checkpointed.per_example < 0.5 * plain.per_example
+    assert checkpointed.predicted_peak < plain.predicted_peak
     # backward depth, not parameter count, sets the memory: top stops above the emulator
     assert by_label["top bf16"].predicted_peak < 0.75 * by_label["lora bf16"].predicted_peak
     assert (
