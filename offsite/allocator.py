@@ -22,12 +22,12 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from offsite.errors import OffsiteError
 
 Allocator = Literal["auto", "jemalloc", "system"]
-ALLOCATORS: tuple[str, ...] = ("auto", "jemalloc", "system")
+ALLOCATORS: tuple[str, ...] = get_args(Allocator)
 _SYSTEM_LIBRARIES = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
     "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from offsite.allocator import ALLOCATORS
 from offsite.paths import offsite_home
 
 coordinator_app = typer.Typer(
@@ -37,6 +38,12 @@ DatabaseOption = Annotated[
 NodeStateOption = Annotated[
     Path | None, typer.Option("--state", help="Node folder (default: $OFFSITE_HOME/node).")
 ]
+
+
+def _check_allocator(value: str) -> None:
+    """Refuse an unknown ``--allocator`` before the command starts anything."""
+    if value not in ALLOCATORS:
+        raise typer.BadParameter(f"--allocator must be one of {', '.join(ALLOCATORS)}")
 
 
 def _state(path: Path | None) -> Path:
@@ -261,12 +268,10 @@ def client_start(
 
     from client.identity import NodeIdentity
     from client.supernode import supernode_command
-    from offsite.allocator import ALLOCATORS, allocator_env
+    from offsite.allocator import allocator_env
     from offsite.processes import flower_env, start_child, stop_tree
 
-    if allocator not in ALLOCATORS:
-        raise typer.BadParameter(f"--allocator must be one of {', '.join(ALLOCATORS)}")
-
+    _check_allocator(allocator)
     identity = NodeIdentity(_node_state(state))
     if memory_budget:
         from offsite.sizes import parse_size
@@ -370,11 +375,9 @@ def client_plan(
     from tqdm.auto import tqdm
 
     from client import planner
-    from offsite.allocator import ALLOCATORS
     from offsite.sizes import parse_size
 
-    if allocator not in ALLOCATORS:
-        raise typer.BadParameter(f"--allocator must be one of {', '.join(ALLOCATORS)}")
+    _check_allocator(allocator)
     budget = parse_size(memory_budget)
     workload = planner.Workload(str(bundle), data, batch_size, max_length, allocator=allocator)
     options = planner.candidates(

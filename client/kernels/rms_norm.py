@@ -92,7 +92,7 @@ def lean_rms_norms(model: nn.Module) -> int:
         for name, module in model.named_modules()
         if (type(module).__module__, type(module).__name__) in LLAMA_STYLE_NORMS
     ]
-    for name, module in found:
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        replace_module(model, name, LeanRMSNorm(module.weight, float(eps)))  # type: ignore[arg-type]
+    for name, module in found:  # each of them keeps its epsilon as ``variance_epsilon``
+        eps = float(module.variance_epsilon)  # type: ignore[arg-type]
+        replace_module(model, name, LeanRMSNorm(module.weight, eps))  # type: ignore[arg-type]
     return len(found)

@@ -72,12 +72,13 @@ class _ShortAttention(torch.autograd.Function):
     ) -> torch.Tensor:
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
-        folded = query.reshape(batch, kv_heads, (heads // kv_heads) * length, dim)
+        groups = heads // kv_heads
+        folded = query.reshape(batch, kv_heads, groups * length, dim)
         with torch.autocast(query.device.type, enabled=False):
-            probs = _probabilities(folded, key, mask, scale, heads // kv_heads)
+            probs = _probabilities(folded, key, mask, scale, groups)
             out = torch.matmul(probs, value)
         ctx.save_for_backward(folded, key, value, mask)
-        ctx.scale, ctx.groups = scale, heads // kv_heads
+        ctx.scale, ctx.groups = scale, groups
         return out.view(batch, heads, length, dim)
 
     @staticmethod
