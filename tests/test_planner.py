@@ -157,8 +157,13 @@ def test_prediction_is_within_15_percent_of_the_measured_peak_per_policy(
     checkpointed, plain = by_label["lora bf16 +checkpointing"], by_label["lora bf16"]
     assert checkpointed.per_example < 0.5 * plain.per_example
     assert checkpointed.predicted_peak < plain.predicted_peak
-    # backward depth, not parameter count, sets the memory: top stops above the emulator
-    assert by_label["top bf16"].predicted_peak < 0.75 * by_label["lora bf16"].predicted_peak
+    # backward depth, not parameter count, sets the memory: top trains whole blocks (its Adam
+    # state makes a larger fixed cost, measured 153 against 53 MB) yet keeps under half the
+    # activations per example (13 against 61 MB), because its backward stops above the emulator
+    top, lora = by_label["top bf16"], by_label["lora bf16"]
+    assert top.fixed > lora.fixed
+    assert top.per_example < 0.5 * lora.per_example
+    assert top.predicted_peak < lora.predicted_peak
     assert (
         by_label["lora bf16 +checkpointing"].measured_peak < by_label["lora bf16"].measured_peak  # type: ignore[operator]
     )
