@@ -103,6 +103,31 @@ def test_lean_decoder_computes_what_transformers_computes(
             torch.testing.assert_close(grads[name].grad, param.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("length", [24, 200], ids=["short-kernel", "sdpa"])
+def test_the_last_block_computes_only_the_kept_positions(length: int) -> None:
+    """With ``logits_to_keep``, the last block's queries, MLP and residual cover the kept
+    positions only; logits and every gradient are those of the whole sequence's forward."""
+    _, lean = _pair(TINY_CONFIGS["llama"]())
+    ids, mask, positions = _left_padded(length)
+    keep = 5
+    rows: list[int] = []
+    lean.model.layers[-1].mlp.register_forward_pre_hook(
+        lambda _m, args: rows.append(args[0].shape[1])
+    )
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    runs = []
+    for logits_to_keep in (0, keep):
+        lean.zero_grad()
+        logits = lean(**kwargs, logits_to_keep=logits_to_keep).logits[:, -keep:]
+        logits.float().pow(2).mean().backward()
+        runs.append((logits.detach(), {n: p.grad.clone() for n, p in lean.named_parameters()}))
+    assert rows == [length, keep]
+    (full, full_grads), (kept, kept_grads) = runs
+    torch.testing.assert_close(kept, full, rtol=1e-6, atol=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_configs_the_lean_decoder_does_not_compute_say_why() -> None:
     base = TINY_CONFIGS["llama"]().to_dict()
     scaled = {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}
@@ -165,8 +190,10 @@ def _batch(tokenizer) -> Batch:  # type: ignore[no-untyped-def]
 def test_client_trains_the_same_numbers_on_either_runtime(
     bundles: dict[str, Path], scheme: str, precision: str, policy: str
 ) -> None:
-    """Loss, trainable names and gradients of one step are the same bits on the lean runtime
-    (LoRA without PEFT) and on transformers (LoRA through PEFT)."""
+    """Loss and trainable names of one step are the same bits on the lean runtime (LoRA without
+    PEFT) and on transformers (LoRA through PEFT); gradients agree to rounding (the lean last
+    block sums over the answer rows only: measured 1.8e-7 of the gradient's scale in fp32,
+    5.5e-3 in bf16, whose unit roundoff is 2⁻⁸)."""
     bundle = verify_bundle(bundles[scheme])
     batch = _batch(load_client_tokenizer(bundle))
     runs = {}
@@ -183,8 +210,10 @@ def test_client_trains_the_same_numbers_on_either_runtime(
     assert torch.equal(loss_l, loss_t)
     assert list(grads_l) == list(grads_t)
     assert any(g.abs().sum() > 0 for g in grads_l.values())
+    bound = 1e-6 if precision == "fp32" else 2**-6
     for name, grad in grads_t.items():
-        assert torch.equal(grads_l[name], grad), name
+        error = (grads_l[name] - grad).abs().max()
+        assert error <= bound * grad.abs().max(), (name, error.item())
     assert state_l.keys() == state_t.keys()  # the adapter on the wire has PEFT's names
 
 

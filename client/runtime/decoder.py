@@ -193,8 +193,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries and keys by their positions; queries may be the last positions only."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    queries = q.shape[-2]
+    q_cos, q_sin = cos[..., -queries:, :], sin[..., -queries:, :]
+    return q * q_cos + _rotate_half(q) * q_sin, k * cos + _rotate_half(k) * sin
 
 
 class Attention(nn.Module):
@@ -211,12 +214,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * dim, hidden, bias=config.o_bias)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        queries: int = 0,
     ) -> torch.Tensor:
+        """Attention output for every position, or for the last ``queries`` ones only (keys and
+        values still span the whole sequence)."""
         shape = (*x.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
+        if queries:
+            x, mask = x[:, -queries:], mask[..., -queries:, :]
+            shape = (*x.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         if short_attention.takes(q, k, mask, 0.0):
             out = short_attention.short_attention(q, k, v, mask, self.scaling)
@@ -251,9 +264,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        queries: int = 0,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
+        """The block's output at every position, or at the last ``queries`` positions only."""
+        attended = self.self_attn(self.input_layernorm(x), mask, cos, sin, queries)
+        x = (x[:, -queries:] if queries else x) + attended
         return x + self.mlp(self.post_attention_layernorm(x))  # type: ignore[no-any-return]
 
 
@@ -293,7 +313,10 @@ class Decoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        keep: int = 0,
     ) -> torch.Tensor:
+        """Final hidden states, (B, T, H); with ``keep``, (B, keep, H) for the last positions
+        only, and the last block computes nothing else (its keys and values excepted)."""
         x = self.embed_tokens(input_ids)
         length = input_ids.shape[1]
         if position_ids is None:
@@ -301,12 +324,15 @@ class Decoder(nn.Module):
         windows = {layer.window for layer in self.layers}
         masks = attention_masks(attention_mask, length, windows, x.device)
         cos, sin = self.rotary_emb(x, position_ids)
-        for layer in self.layers:
+        queries = keep if 0 < keep < length else 0
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
             mask = masks[layer.window]
+            args = (x, mask, cos, sin, queries if index == last else 0)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, mask, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, mask, cos, sin)
+                x = layer(*args)
         return self.norm(x)  # type: ignore[no-any-return]
 
 
@@ -351,7 +377,7 @@ class LeanCausalLM(nn.Module):
         logits_to_keep: int = 0,
         use_cache: bool | None = None,
     ) -> CausalOutput:
-        hidden = self.model(input_ids, attention_mask, position_ids)
+        hidden = self.model(input_ids, attention_mask, position_ids, keep=logits_to_keep)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:, :]
         return CausalOutput(self.lm_head(hidden))
