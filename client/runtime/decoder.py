@@ -227,7 +227,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         if queries:
-            x, mask = x[:, -queries:], mask[..., -queries:, :]
+            # contiguous: matmul would broadcast each weight over a strided batch (a copy)
+            x, mask = x[:, -queries:].contiguous(), mask[..., -queries:, :]
             shape = (*x.shape[:-1], -1, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
