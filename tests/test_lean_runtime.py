@@ -128,6 +128,57 @@ def test_the_last_block_computes_only_the_kept_positions(length: int) -> None:
         torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lean_lora_computes_what_peft_computes_with_trained_weights(precision: str) -> None:
+    """LoRA with nonzero B (as after training): logits and LoRA gradients as PEFT's, in fp32
+    to 1e-5, in bf16 no further from fp32 than PEFT's own bf16 (the lean LoRA folds scale and
+    sum into one matmul, so it rounds less)."""
+    from peft import LoraConfig, get_peft_model
+
+    from client.runtime.lora import wrap_lora
+
+    reference, lean = _pair(TINY_CONFIGS["llama"]())
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    config.layers_to_transform, config.layers_pattern = [0, 1], "layers"
+    peft_model = get_peft_model(reference, config)
+    lean_model = wrap_lora(lean, "model.layers", [0, 1], targets, r=4, alpha=8)
+    generator = torch.Generator().manual_seed(1)
+    trained = {
+        n: torch.randn(p.shape, generator=generator) * 0.2
+        for n, p in peft_model.named_parameters()
+        if "lora_" in n
+    }
+    for model in (peft_model, lean_model):
+        missing = model.load_state_dict(trained, strict=False)
+        assert not missing.unexpected_keys
+    ids, mask, positions = _left_padded(24)
+    real = mask.bool()
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+    def run(model: torch.nn.Module, dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        with autocast(dtype, torch.device("cpu")):
+            logits = model(**kwargs).logits[real].float()
+        logits.pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+        return logits.detach(), grads
+
+    want_logits, want_grads = run(peft_model, "fp32")
+    got_logits, got_grads = run(lean_model, precision)
+    assert got_grads.keys() == want_grads.keys() == trained.keys()
+    if precision == "fp32":
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        return
+    peft_logits, _ = run(peft_model, "bf16")
+    ours = (got_logits - want_logits).norm() / want_logits.norm()
+    theirs = (peft_logits - want_logits).norm() / want_logits.norm()
+    assert ours <= 1.1 * theirs, (ours.item(), theirs.item())
+    assert ours < 2e-2
+
+
 def test_configs_the_lean_decoder_does_not_compute_say_why() -> None:
     base = TINY_CONFIGS["llama"]().to_dict()
     scaled = {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}
