@@ -73,12 +73,16 @@ def test_backends_agree_and_blocking_changes_nothing(scheme: str) -> None:
     """The CUDA backend's code runs on CPU tensors here; row blocks of any size sum exactly."""
     layer = _layer(scheme, (200, 384))
     packed = pack_layer(layer, torch.float32)
-    x = torch.randn(64, 384, generator=torch.Generator().manual_seed(3)) / packed.input_scale
+    raw = torch.randn(64, 384, generator=torch.Generator().manual_seed(3))
+    x = raw / packed.input_scale
     dy = torch.randn(64, 200, generator=torch.Generator().manual_seed(4))
     whole = blocked_forward(x, packed, 1 << 30)
-    for name, backend in BACKENDS.items():
-        got = backend.forward(x, packed, backend.block_elements)
+    whole_dx = blocked_backward(dy, packed, 1 << 30) / packed.input_scale
+    for name, backend in BACKENDS.items():  # backends divide by the input scale themselves
+        got = backend.forward(raw, packed, backend.block_elements)
         assert _relative(got, whole) < 1e-5, name
+        got_dx = backend.backward(dy, packed, backend.block_elements)
+        assert _relative(got_dx, whole_dx) < 1e-5, name
     for block in (384, 384 * 7, 384 * 64):  # 1, 7 and 64 rows per block
         assert _relative(blocked_forward(x, packed, block), whole) < 1e-5
         assert (

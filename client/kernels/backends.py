@@ -1,13 +1,16 @@
 """Matmul backends for packed frozen weights, chosen by device type (data, not branches).
 
-A backend computes ``y = x · Wᵀ`` (forward) and ``dx = dy · W`` (the input gradient) from a
-``PackedWeight`` without materialising more than one block of dequantized rows at a time.
+A backend computes ``y = (x / s_in) · Wᵀ`` (forward) and ``dx = (dy · W) / s_in`` (the input
+gradient) from a ``PackedWeight`` (``s_in``: its activation-aware input scale, if any) without
+materialising more than one block of dequantized rows at a time.
 
 - ``cpu``: where torch's fused int8 kernel is fast (few rows, e.g. generation) it is used for the
-  forward; otherwise rows of W are dequantized block by block into the compute dtype and fed to
-  the dense matmul, which on a bf16-capable CPU is the fastest kernel torch has (measured on this
-  machine: ``_weight_int8pack_mm`` is 2-3× slower than dequantize + bf16 matmul at 1024 rows,
-  7-15× faster at 1-8 rows).
+  forward. Per-channel int8 weights in bf16 compute on a CPU with int8 dot products multiply
+  int8 × int8 (``client.kernels.int8_matmul``: activations and gradients quantized per row,
+  ~1.9× the bf16 matmul at 1024 rows). Otherwise rows of W are dequantized block by block into
+  the compute dtype and fed to the dense matmul, which on a bf16-capable CPU is the fastest
+  floating-point kernel torch has (measured on this machine: ``_weight_int8pack_mm`` is 2-3×
+  slower than dequantize + bf16 matmul at 1024 rows, 7-15× faster at 1-8 rows).
 - ``cuda``: the same blocked dequantize-matmul with larger blocks (GPU memory is the budget,
   cuBLAS the kernel). It runs on any device, which is how the CPU tests keep it equivalent.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from client.kernels.int8_matmul import cpu_has_int8_dot, int8_forward, int8_input_grad
 from client.kernels.packed import PackedWeight, dequantize_rows
 
 FUSED_INT8_MAX_ROWS = 16  # at or below this many input rows the fused int8 kernel wins on CPU
@@ -72,16 +76,62 @@ def blocked_backward(dy: torch.Tensor, weight: PackedWeight, block_elements: int
     return dx
 
 
+def integer_matmuls(weight: PackedWeight) -> bool:
+    """Whether ``client.kernels.int8_matmul`` computes this layer on CPU: per-channel int8
+    codes, bf16 compute (fp32 compute asks for full-precision activations) and a CPU with int8
+    dot products."""
+    return (
+        weight.bits == 8
+        and weight.groups == 1
+        and weight.dtype == torch.bfloat16
+        and cpu_has_int8_dot()
+    )
+
+
+def _inverse_input_scale(weight: PackedWeight) -> torch.Tensor | None:
+    return None if weight.input_scale is None else weight.input_scale.float().reciprocal()
+
+
 def cpu_forward(x: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
+    if integer_matmuls(weight) and x.shape[0] > FUSED_INT8_MAX_ROWS:
+        # the input scale rides in the quantizing pass instead of a division of its own
+        scales, inverse = weight.scales[:, 0].float(), _inverse_input_scale(weight)
+        out = int8_forward(x, weight.codes, scales, inverse)
+        return out if weight.bias is None else out.add_(weight.bias)
+    if weight.input_scale is not None:
+        x = x / weight.input_scale
     if weight.bits == 8 and weight.groups == 1 and x.shape[0] <= FUSED_INT8_MAX_ROWS:
         out = torch.ops.aten._weight_int8pack_mm(x, weight.codes, weight.scales[:, 0])
         return out if weight.bias is None else out + weight.bias
     return blocked_forward(x, weight, block_elements)
 
 
+def cpu_backward(dy: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
+    if integer_matmuls(weight) and dy.shape[0] > FUSED_INT8_MAX_ROWS:
+        scales, inverse = weight.scales[:, 0].float(), _inverse_input_scale(weight)
+        return int8_input_grad(dy, weight.codes, scales, inverse)
+    return _unscaled(blocked_backward(dy, weight, block_elements), weight)
+
+
+def _unscaled(dx: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    return dx if weight.input_scale is None else dx / weight.input_scale
+
+
+def scaled_forward(x: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
+    """``blocked_forward`` of ``x`` divided by the layer's activation-aware input scale."""
+    if weight.input_scale is not None:
+        x = x / weight.input_scale
+    return blocked_forward(x, weight, block_elements)
+
+
+def scaled_backward(dy: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
+    """``blocked_backward``, divided by the layer's activation-aware input scale."""
+    return _unscaled(blocked_backward(dy, weight, block_elements), weight)
+
+
 BACKENDS: dict[str, KernelBackend] = {
-    "cpu": KernelBackend("cpu", 1 << 22, cpu_forward, blocked_backward),
-    "cuda": KernelBackend("cuda", 1 << 26, blocked_forward, blocked_backward),
+    "cpu": KernelBackend("cpu", 1 << 22, cpu_forward, cpu_backward),
+    "cuda": KernelBackend("cuda", 1 << 26, scaled_forward, scaled_backward),
 }
 
 

@@ -25,9 +25,7 @@ class _PackedLinearFunction(torch.autograd.Function):
         weight = layer.packed
         backend = backend_for(weight.codes.device)
         rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
-        if weight.input_scale is not None:
-            rows = rows / weight.input_scale
-        out = backend.forward(rows, weight, backend.block_elements)
+        out = backend.forward(rows, weight, backend.block_elements)  # divides by input_scale
         ctx.layer, ctx.backend, ctx.input_dtype = layer, backend, x.dtype
         ctx.input_shape = x.shape
         out_dtype = weight.dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -38,9 +36,7 @@ class _PackedLinearFunction(torch.autograd.Function):
         weight: PackedWeight = ctx.layer.packed
         backend: KernelBackend = ctx.backend
         dy = grad_out.reshape(-1, weight.out_features).to(weight.dtype)
-        dx = backend.backward(dy, weight, backend.block_elements)
-        if weight.input_scale is not None:
-            dx = dx / weight.input_scale
+        dx = backend.backward(dy, weight, backend.block_elements)  # divides by input_scale
         return dx.reshape(ctx.input_shape).to(ctx.input_dtype), None
 
 
