@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.kernels import freeze_float_linears, install_kernels
+from client.kernels import PackedLinear, freeze_float_linears, install_kernels
 from client.kernels.arena import ActivationArena
 from client.kernels.attention import use_gqa_attention
+from client.kernels.backends import integer_matmuls
 from client.kernels.casts import cast_norm_outputs
 from client.kernels.lean import lean_gated_mlps
+from client.kernels.linear import pack_frozen_block_linears
 from client.kernels.rms_norm import lean_rms_norms
 from emulator.adapter import AdaptedModel, AdapterSpec, LoraWrap, attach_adapter
 from emulator.bundle import (
@@ -57,9 +59,18 @@ class Session:
 _SESSIONS: dict[tuple[str, str, bool], Session] = {}
 
 
+def _integer_emulator(model: nn.Module) -> bool:
+    """Whether the emulator's linears run int8 × int8 here (``backends.integer_matmuls``)."""
+    return any(
+        isinstance(module, PackedLinear) and integer_matmuls(module.packed)
+        for module in model.modules()
+    )
+
+
 def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
-    """Put the model's frozen linears on the fast path for ``precision``, its gated MLPs on
-    the lean autograd of ``client.kernels.lean``, Llama-style RMS norms on
+    """Put the model's frozen linears on the fast path for ``precision`` (with an int8
+    emulator on a CPU with int8 dot products, the adapter blocks' frozen linears in int8 too),
+    its gated MLPs on the lean autograd of ``client.kernels.lean``, Llama-style RMS norms on
     ``client.kernels.rms_norm`` (half the bytes kept for backward), grouped-query attention
     on unexpanded key/value heads (``client.kernels.attention``) and pre-norm outputs cast
     once under autocast (``client.kernels.casts``); call after the adapter is attached, so
@@ -71,6 +82,8 @@ def prepare_frozen(adapted: AdaptedModel, precision: str) -> dict[str, int]:
     """
     model, dtype = adapted.model, COMPUTE_DTYPES[precision]
     packed = install_kernels(model, dtype)
+    if _integer_emulator(model):  # every frozen block linear on int8 × int8, the adapter's too
+        packed += pack_frozen_block_linears(model, adapted.prefix, dtype)
     cast = freeze_float_linears(model, dtype) if dtype != torch.float32 else 0
     with torch.no_grad():
         for param in model.parameters():

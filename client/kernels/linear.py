@@ -16,7 +16,8 @@ from torch import nn
 
 from client.kernels.backends import KernelBackend, backend_for
 from client.kernels.packed import PackedWeight, pack_layer
-from emulator.quant import QuantLinear, replace_module
+from emulator.layers import block_part
+from emulator.quant import QuantLinear, QuantScheme, quantize_weight, replace_module
 
 
 class _PackedLinearFunction(torch.autograd.Function):
@@ -84,6 +85,31 @@ def install_kernels(model: nn.Module, dtype: torch.dtype) -> int:
     """Replace every ``QuantLinear`` in ``model`` by a ``PackedLinear`` computing in ``dtype``."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name, layer in found:
+        replace_module(model, name, PackedLinear.from_quant(layer, dtype))
+    return len(found)
+
+
+def pack_frozen_block_linears(model: nn.Module, prefix: str, dtype: torch.dtype) -> int:
+    """Quantize the frozen float ``nn.Linear`` layers inside the blocks under ``prefix`` (the
+    adapter blocks' LoRA base layers, say) to per-channel int8 ``PackedLinear``s computing in
+    ``dtype``; returns how many. Meant for an int8 emulator on a CPU with int8 dot products
+    (``backends.integer_matmuls``), where it puts every frozen block linear on int8 × int8
+    matmuls: the adapter's own frozen weights are then rounded as the emulator's are (LoRA
+    trains against them as QLoRA trains against its quantized base; the plug-in uses the full
+    model's). The head stays as it is: at a few answer rows its int8 kernel is the slower one.
+    """
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and not module.weight.requires_grad
+        and block_part(name, prefix) is not None
+    ]
+    scheme = QuantScheme("int8", awq=False)
+    for name, module in found:
+        weight = quantize_weight(module.weight, scheme)
+        ones = torch.ones(module.in_features)
+        layer = QuantLinear.from_weight(weight, ones, module.bias)
         replace_module(model, name, PackedLinear.from_quant(layer, dtype))
     return len(found)
 
