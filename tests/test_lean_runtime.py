@@ -410,3 +410,31 @@ def test_a_client_trains_without_importing_the_heavy_stacks(bundles: dict[str, P
     assert report["lean"] == 1
     assert report["loaded"] == []
     assert len(report["losses"]) == 2 and all(v == v for v in report["losses"])
+
+
+@pytest.mark.parametrize("runtime", ["lean", "transformers"])
+def test_an_int8_emulator_puts_the_adapters_frozen_linears_on_int8_too(
+    bundles: dict[str, Path], runtime: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU with int8 dot products, an int8 bundle in bf16 compute runs every frozen block
+    linear int8 × int8: the LoRA bases of the adapter blocks are packed at load (the head is
+    not); fp32 compute, int4 and full-precision bundles, and CPUs without int8 dot products
+    keep them as they were."""
+    from client.kernels import PackedLinear, backends
+
+    def bases(scheme: str, precision: str) -> list[type]:
+        adapted, _ = load_for_training(
+            verify_bundle(bundles[scheme]), precision, policy="lora", runtime=runtime
+        )
+        names = dict(adapted.model.named_modules())
+        found = [type(m) for n, m in names.items() if n.endswith("base_layer")]
+        head = [m for n, m in names.items() if n.endswith("lm_head")]
+        assert found and len(head) == 1 and not isinstance(head[0], PackedLinear)
+        return found
+
+    monkeypatch.setattr(backends, "cpu_has_int8_dot", lambda: True)
+    assert set(bases("int8", "bf16")) == {PackedLinear}
+    for scheme, precision in (("int8", "fp32"), ("int4", "bf16"), ("none", "bf16")):
+        assert PackedLinear not in bases(scheme, precision), (scheme, precision)
+    monkeypatch.setattr(backends, "cpu_has_int8_dot", lambda: False)
+    assert PackedLinear not in bases("int8", "bf16")
