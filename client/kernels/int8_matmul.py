@@ -47,13 +47,24 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _native_takes(tensor: torch.Tensor, dtype: torch.dtype, *factors: torch.Tensor | None) -> bool:
+    """Whether the C loops take these operands: CPU, the dtype they are written for, and
+    contiguous fp32 factors (anything else goes to the torch ops)."""
+    return (
+        tensor.device.type == "cpu"
+        and tensor.dtype == dtype
+        and all(f is None or (f.dtype == torch.float32 and f.is_contiguous()) for f in factors)
+    )
+
+
 def quantize_rows(
     x: torch.Tensor, col_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes of a 2-D bf16 tensor (times ``col_scale`` [cols], fp32, if given),
-    one fp32 scale per row: ``x · col_scale ≈ codes · scale`` [rows, 1]."""
+    """Symmetric int8 codes of a 2-D tensor (times ``col_scale`` [cols], fp32, if given), one
+    fp32 scale per row: ``x · col_scale ≈ codes · scale`` [rows, 1]. bf16 on CPU takes the C
+    loop, anything else the same arithmetic in torch ops."""
     lib = native.library()
-    if lib is None or x.device.type != "cpu":
+    if lib is None or not _native_takes(x, torch.bfloat16, col_scale):
         scaled = x.float() if col_scale is None else x.float() * col_scale
         amax = scaled.abs().amax(dim=1, keepdim=True).clamp_(min=TINY)
         inverse = torch.full_like(amax, 127.0).div_(amax)  # `127 / amax` would take 1/amax · 127
@@ -79,10 +90,10 @@ def dequantize_rows(
 ) -> torch.Tensor:
     """``sums [rows, cols] (int32) · row_scale [rows, 1] · col_scale [cols]`` in bf16."""
     lib = native.library()
-    if lib is None or sums.device.type != "cpu":
+    if lib is None or not _native_takes(sums, torch.int32, row_scale, col_scale):
         scaled = sums.float() * row_scale
         return (scaled if col_scale is None else scaled * col_scale).to(torch.bfloat16)
-    out = torch.empty(sums.shape, dtype=torch.bfloat16)
+    sums, out = sums.contiguous(), torch.empty(sums.shape, dtype=torch.bfloat16)
     lib.offsite_dequantize_rows_bf16(
         sums.data_ptr(),
         sums.shape[0],
