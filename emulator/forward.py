@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from emulator.batches import Batch
+from offsite.cpu import cpu_flags
 
 
 @lru_cache(maxsize=64)
@@ -66,12 +67,7 @@ def pick_device() -> torch.device:
 
 
 def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            flags = info.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -148,6 +148,6 @@ def test_the_cached_build_is_keyed_by_source_flags_and_cpu(
     first = native.library_path()
     monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-DOTHER"))
     assert native.library_path() != first
-    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : other")
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"other"}))
     assert len({first, native.library_path()}) == 2
     assert first.parent == tmp_path / "native"

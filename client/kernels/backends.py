@@ -92,41 +92,40 @@ def _inverse_input_scale(weight: PackedWeight) -> torch.Tensor | None:
     return None if weight.input_scale is None else weight.input_scale.float().reciprocal()
 
 
+def _over_input_scale(t: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """``t`` divided by the layer's activation-aware input scale (the input going forward, its
+    gradient coming back), or ``t`` itself when the layer has none."""
+    return t if weight.input_scale is None else t / weight.input_scale
+
+
+def scaled_forward(x: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
+    """``blocked_forward`` of ``x`` divided by the layer's activation-aware input scale."""
+    return blocked_forward(_over_input_scale(x, weight), weight, block_elements)
+
+
+def scaled_backward(dy: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
+    """``blocked_backward``, divided by the layer's activation-aware input scale."""
+    return _over_input_scale(blocked_backward(dy, weight, block_elements), weight)
+
+
 def cpu_forward(x: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
     if integer_matmuls(weight) and x.shape[0] > FUSED_INT8_MAX_ROWS:
         # the input scale rides in the quantizing pass instead of a division of its own
         scales, inverse = weight.scales[:, 0].float(), _inverse_input_scale(weight)
         out = int8_forward(x, weight.codes, scales, inverse)
         return out if weight.bias is None else out.add_(weight.bias)
-    if weight.input_scale is not None:
-        x = x / weight.input_scale
     if weight.bits == 8 and weight.groups == 1 and x.shape[0] <= FUSED_INT8_MAX_ROWS:
+        x = _over_input_scale(x, weight)
         out = torch.ops.aten._weight_int8pack_mm(x, weight.codes, weight.scales[:, 0])
         return out if weight.bias is None else out + weight.bias
-    return blocked_forward(x, weight, block_elements)
+    return scaled_forward(x, weight, block_elements)
 
 
 def cpu_backward(dy: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
     if integer_matmuls(weight) and dy.shape[0] > FUSED_INT8_MAX_ROWS:
         scales, inverse = weight.scales[:, 0].float(), _inverse_input_scale(weight)
         return int8_input_grad(dy, weight.codes, scales, inverse)
-    return _unscaled(blocked_backward(dy, weight, block_elements), weight)
-
-
-def _unscaled(dx: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    return dx if weight.input_scale is None else dx / weight.input_scale
-
-
-def scaled_forward(x: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
-    """``blocked_forward`` of ``x`` divided by the layer's activation-aware input scale."""
-    if weight.input_scale is not None:
-        x = x / weight.input_scale
-    return blocked_forward(x, weight, block_elements)
-
-
-def scaled_backward(dy: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
-    """``blocked_backward``, divided by the layer's activation-aware input scale."""
-    return _unscaled(blocked_backward(dy, weight, block_elements), weight)
+    return scaled_backward(dy, weight, block_elements)
 
 
 BACKENDS: dict[str, KernelBackend] = {

@@ -22,25 +22,18 @@ bounded in tests.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from client.kernels import native
+from offsite.cpu import cpu_flags
 
-INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 TINY = torch.finfo(torch.float32).tiny  # an all-zero row keeps a finite scale
 
 
-@lru_cache(maxsize=1)
 def cpu_has_int8_dot() -> bool:
-    """Whether this CPU has int8 dot-product instructions (read from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            flags = set(info.read().split())
-    except OSError:
-        return False
-    return any(flag in flags for flag in INT8_DOT_FLAGS)
+    """Whether this CPU has int8 dot-product instructions."""
+    return bool(INT8_DOT_FLAGS & cpu_flags())
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:

@@ -28,6 +28,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from offsite.cpu import cpu_flags
 from offsite.paths import offsite_home
 
 log = logging.getLogger(__name__)
@@ -43,21 +44,11 @@ SIGNATURES = {
 }
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return ""
-
-
 def library_path() -> Path:
     """Where this source, built with these flags for this CPU, is cached."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
+    cpu = " ".join(sorted(cpu_flags()))
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cpu.encode()):
         digest.update(part)
     return offsite_home() / "native" / f"int8_rows-{digest.hexdigest()[:16]}.so"
 
