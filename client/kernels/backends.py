@@ -88,8 +88,16 @@ def integer_matmuls(weight: PackedWeight) -> bool:
     )
 
 
-def _inverse_input_scale(weight: PackedWeight) -> torch.Tensor | None:
-    return None if weight.input_scale is None else weight.input_scale.float().reciprocal()
+def int8_factors(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The integer matmuls' fp32 factors of a per-channel int8 weight: its scales [out] and
+    its input scale's inverse [in] (None without one), as packed or derived here."""
+    scales = weight.fp32_scales
+    if scales is None:
+        scales = weight.scales[:, 0].float()
+    inverse = weight.fp32_inverse_input
+    if inverse is None and weight.input_scale is not None:
+        inverse = weight.input_scale.float().reciprocal()
+    return scales, inverse
 
 
 def _over_input_scale(t: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
@@ -111,7 +119,7 @@ def scaled_backward(dy: torch.Tensor, weight: PackedWeight, block_elements: int)
 def cpu_forward(x: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
     if integer_matmuls(weight) and x.shape[0] > FUSED_INT8_MAX_ROWS:
         # the input scale rides in the quantizing pass instead of a division of its own
-        scales, inverse = weight.scales[:, 0].float(), _inverse_input_scale(weight)
+        scales, inverse = int8_factors(weight)
         out = int8_forward(x, weight.codes, scales, inverse)
         return out if weight.bias is None else out.add_(weight.bias)
     if weight.bits == 8 and weight.groups == 1 and x.shape[0] <= FUSED_INT8_MAX_ROWS:
@@ -123,7 +131,7 @@ def cpu_forward(x: torch.Tensor, weight: PackedWeight, block_elements: int) -> t
 
 def cpu_backward(dy: torch.Tensor, weight: PackedWeight, block_elements: int) -> torch.Tensor:
     if integer_matmuls(weight) and dy.shape[0] > FUSED_INT8_MAX_ROWS:
-        scales, inverse = weight.scales[:, 0].float(), _inverse_input_scale(weight)
+        scales, inverse = int8_factors(weight)
         return int8_input_grad(dy, weight.codes, scales, inverse)
     return scaled_backward(dy, weight, block_elements)
 

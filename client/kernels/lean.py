@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from client.kernels import int8_mlp
 from emulator.arch import ArchSpec
 from emulator.layers import block_part
 from emulator.quant import replace_module
@@ -77,6 +78,8 @@ class LeanGatedMLP(nn.Module):
         self.act_fn = mlp.act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int8_mlp.takes(self, x):
+            return int8_mlp.int8_gated_mlp(x, self)
         product = GatedProduct.apply(self.gate_proj(x), self.up_proj(x), self.act_fn)
         return self.down_proj(product)  # type: ignore[no-any-return]
 

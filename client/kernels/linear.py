@@ -52,6 +52,9 @@ class PackedLinear(nn.Module):
         self.register_buffer("offsets", packed.offsets)
         self.register_buffer("input_scale", packed.input_scale)
         self.register_buffer("bias", packed.bias)
+        # derived from the buffers above, so not part of the state dict
+        self.register_buffer("fp32_scales", packed.fp32_scales, persistent=False)
+        self.register_buffer("fp32_inverse_input", packed.fp32_inverse_input, persistent=False)
 
     @property
     def packed(self) -> PackedWeight:
@@ -64,6 +67,8 @@ class PackedLinear(nn.Module):
             self.bias,
             self.in_features,
             self.out_features,
+            self.fp32_scales,
+            self.fp32_inverse_input,
         )
 
     @classmethod

@@ -28,6 +28,10 @@ class PackedWeight:
     bias: torch.Tensor | None  # [out], compute dtype
     in_features: int
     out_features: int
+    # derived once, for the integer matmuls (``client.kernels.int8_matmul``) of per-channel
+    # int8 weights: the scales and the input scale's inverse as contiguous fp32 vectors
+    fp32_scales: torch.Tensor | None = None  # [out]
+    fp32_inverse_input: torch.Tensor | None = None  # [in], None when there is no input scale
 
     @property
     def bits(self) -> int:
@@ -70,8 +74,18 @@ def pack_layer(layer: QuantLinear, dtype: torch.dtype) -> PackedWeight:
     input_scale = layer.input_scale.float()
     divisor = None if bool((input_scale == 1).all()) else input_scale.to(dtype)
     bias = None if layer.bias is None else layer.bias.to(dtype)
+    fp32_scales = scales[:, 0].float().contiguous() if scales.shape[1] == 1 else None
+    inverse = None if divisor is None else divisor.float().reciprocal()
     return PackedWeight(
-        codes, scales, offsets, divisor, bias, layer.in_features, layer.out_features
+        codes,
+        scales,
+        offsets,
+        divisor,
+        bias,
+        layer.in_features,
+        layer.out_features,
+        fp32_scales,
+        inverse,
     )
 
 

@@ -1,19 +1,24 @@
 """Small C loops the client needs and torch does not fuse, compiled for this CPU on first use.
 
-``int8_rows.c`` holds the two elementwise passes around an int8 × int8 matmul
+``loops.c`` holds the two elementwise passes around an int8 × int8 matmul
 (``client.kernels.int8_matmul``): quantize each row of a bf16 matrix to int8 with its own scale,
 and turn int32 sums back into bf16 with a scale per row and per column. Written as torch ops
 they take four or five passes each, which cost more than the integer matmul saves; in C they
 take one (measured at SmolLM2's 1024 × 576 and 1024 × 1536 on 2 cores: quantize 0.05 and
-0.12 ms, dequantize 0.13 ms, against 2.2 ms for the integer matmul and 4.4 ms for bf16).
+0.12 ms, dequantize 0.13 ms, against 2.2 ms for the integer matmul and 4.4 ms for bf16). It also
+holds the three passes of a frozen int8 gated MLP (``client.kernels.int8_mlp``), where SiLU and
+its derivative are computed on the way from int32 sums to int8 codes, and an RMS norm's
+forward and input gradient for bf16 compute on an fp32 residual stream
+(``client.kernels.rms_norm``).
 
 The library is built with the system C compiler (``$CC``, else ``cc``) for the CPU it runs on
 (``-march=native``) the first time it is needed, in well under a second, and cached under
 ``$OFFSITE_HOME/native`` by a hash of the source, the flags and the CPU's feature flags, so a
 cache shared between machines never hands one CPU code built for another. Its loops run on
 the OpenMP runtime torch itself loaded (one thread pool, no oversubscription). Without a
-compiler ``library()`` returns None, says why once in the log, and callers use the same
-arithmetic in torch ops: the same numbers, slower.
+compiler ``library()`` returns None, says why once in the log, and callers use torch ops,
+slower: the quantizing loops' very bits, the MLP and the norm computed as they were before
+fusion (eager's numbers, which the fused passes match up to rounding).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from offsite.paths import offsite_home
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int8_rows.c")
+SOURCE = Path(__file__).with_name("loops.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
 _POINTER, _SIZE, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
@@ -41,6 +46,18 @@ SIGNATURES = {
     "offsite_quantize_rows_bf16": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _INT],
     # sums, rows, cols, row_scale, col_scale (nullable), out, threads
     "offsite_dequantize_rows_bf16": [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER, _INT],
+    # gate sums, rows, cols; up sums, rows, cols; factor; rows, cols;
+    # gate, up, codes, row_scale, scratch, threads
+    "offsite_swiglu_quantize": [*[_POINTER] * 7, _SIZE, _SIZE, *[_POINTER] * 5, _INT],
+    # sums, rows, factor, gate, up, gate cols, up cols; rows, cols;
+    # gate codes, gate scale, up codes, up scale, scratch, threads
+    "offsite_swiglu_backward_quantize": [*[_POINTER] * 7, _SIZE, _SIZE, *[_POINTER] * 5, _INT],
+    # a, a rows, a cols, b, b rows, b cols, rows, cols, out, threads
+    "offsite_dequantize_sum_bf16": [*[_POINTER] * 6, _SIZE, _SIZE, _POINTER, _INT],
+    # x, weight, rows, cols, eps, out, normed, rstd, threads
+    "offsite_rms_norm": [_POINTER, _POINTER, _SIZE, _SIZE, ctypes.c_float, *[_POINTER] * 3, _INT],
+    # dy, normed, rstd, weight, rows, cols, dx, threads
+    "offsite_rms_norm_backward": [*[_POINTER] * 4, _SIZE, _SIZE, _POINTER, _INT],
 }
 
 
@@ -50,7 +67,7 @@ def library_path() -> Path:
     cpu = " ".join(sorted(cpu_flags()))
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cpu.encode()):
         digest.update(part)
-    return offsite_home() / "native" / f"int8_rows-{digest.hexdigest()[:16]}.so"
+    return offsite_home() / "native" / f"loops-{digest.hexdigest()[:16]}.so"
 
 
 def build(target: Path) -> None:
@@ -77,7 +94,7 @@ def library() -> ctypes.CDLL | None:
             build(target)
         lib = ctypes.CDLL(str(target))
     except OSError as error:
-        log.warning("native int8 loops unavailable, using torch ops instead: %s", error)
+        log.warning("native loops unavailable, using torch ops instead: %s", error)
         return None
     for name, argtypes in SIGNATURES.items():
         function = getattr(lib, name)

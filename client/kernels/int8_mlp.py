@@ -1,0 +1,172 @@
+"""A frozen gated MLP on int8 × int8 matmuls with the elementwise work fused between them.
+
+In an int8 emulator block on a CPU with int8 dot products, ``down(silu(gate(x)) * up(x))`` is
+three ``PackedLinear`` layers on ``client.kernels.int8_matmul`` around ``GatedProduct``. Layer
+by layer, the int32 sums of gate and up are each turned into bf16, the activation and the
+product each make a pass, and the product is quantized again for ``down``; coming back, the
+product's gradient is dequantized, multiplied in three passes, quantized twice for gate and
+up, and their two input gradients are dequantized and summed: thirteen elementwise passes over
+[tokens, intermediate] or [tokens, hidden] tensors per MLP and step, each cheap next to the
+matmul but together about as long as it on two cores.
+
+Here the MLP is one autograd function with the same three integer matmuls each way and three
+fused passes in ``client.kernels.native`` instead:
+
+- forward: gate and up sums → bf16 ``gate`` and ``up`` (kept for backward, as ``GatedProduct``
+  keeps them) and ``silu(gate) · up`` quantized per row for ``down``;
+- backward: ``down``'s input-gradient sums → the gradients of gate and up, each quantized per
+  row for its layer's input-gradient matmul;
+- the two input gradients summed in fp32 and rounded to bf16 once.
+
+Values between the int32 sums and the int8 codes stay in fp32 (the layer-by-layer path rounds
+them to bf16 four times), and the sigmoid is a polynomial ``exp`` (~1 ulp in fp32), so results
+differ from that path by rounding only; both are bounded against the dequantized fp32 MLP in
+tests. Memory is that of ``GatedProduct``: gate and up in bf16, nothing else.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from client.kernels import native
+from client.kernels.backends import FUSED_INT8_MAX_ROWS, int8_factors, integer_matmuls
+from client.kernels.int8_matmul import dequantize_rows, quantize_rows
+from client.kernels.linear import PackedLinear
+from client.kernels.packed import PackedWeight
+
+# activations that compute ``F.silu``: torch's module and transformers' (lean runtime and PEFT)
+SILU_TYPES = frozenset({"SiLU", "SiLUActivation"})
+
+
+@lru_cache(maxsize=8)
+def _ones(size: int) -> torch.Tensor:
+    return torch.ones(size)
+
+
+def _factors(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's weight scales and inverse input scale (ones without one), fp32."""
+    scales, inverse = int8_factors(weight)
+    return scales, _ones(weight.in_features) if inverse is None else inverse
+
+
+def takes(mlp: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``int8_gated_mlp`` computes this MLP on this input: SiLU gating over three
+    bias-free per-channel int8 ``PackedLinear`` layers on the integer matmuls, a CPU input of
+    more rows than the fused int8 kernel's, and the native loops built."""
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if type(mlp.act_fn).__name__ not in SILU_TYPES:
+        return False
+    if not all(type(m) is PackedLinear for m in layers):
+        return False
+    if x.device.type != "cpu" or x.numel() // x.shape[-1] <= FUSED_INT8_MAX_ROWS:
+        return False
+    weights = [m.packed for m in layers]
+    if not all(integer_matmuls(w) and w.bias is None for w in weights):
+        return False
+    return native.library() is not None
+
+
+class _Int8GatedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, gate: PackedWeight, up: PackedWeight, down: PackedWeight
+    ) -> torch.Tensor:
+        lib, threads = native.library(), torch.get_num_threads()
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        count, inner = rows.shape[0], gate.out_features
+        (gate_scales, gate_inverse), (up_scales, up_inverse) = _factors(gate), _factors(up)
+        down_scales, down_inverse = _factors(down)
+        gate_codes, gate_rows = quantize_rows(rows, gate_inverse)
+        gate_sums = torch._int_mm(gate_codes, gate.codes.t())
+        up_codes, up_rows = quantize_rows(rows, up_inverse)
+        up_sums = torch._int_mm(up_codes, up.codes.t())
+        gated = torch.empty(count, inner, dtype=torch.bfloat16)
+        upped = torch.empty(count, inner, dtype=torch.bfloat16)
+        codes = torch.empty(count, inner, dtype=torch.int8)
+        scale = torch.empty(count, 1, dtype=torch.float32)
+        scratch = torch.empty(threads, inner, dtype=torch.float32)
+        lib.offsite_swiglu_quantize(
+            gate_sums.data_ptr(),
+            gate_rows.data_ptr(),
+            gate_scales.data_ptr(),
+            up_sums.data_ptr(),
+            up_rows.data_ptr(),
+            up_scales.data_ptr(),
+            down_inverse.data_ptr(),
+            count,
+            inner,
+            gated.data_ptr(),
+            upped.data_ptr(),
+            codes.data_ptr(),
+            scale.data_ptr(),
+            scratch.data_ptr(),
+            threads,
+        )
+        del gate_sums, up_sums
+        out = dequantize_rows(torch._int_mm(codes, down.codes.t()), scale, down_scales)
+        ctx.save_for_backward(gated, upped)
+        ctx.weights, ctx.input_shape, ctx.input_dtype = (gate, up, down), x.shape, x.dtype
+        out_dtype = torch.bfloat16 if torch.is_autocast_enabled("cpu") else x.dtype
+        return out.reshape(*x.shape[:-1], down.out_features).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
+        lib, threads = native.library(), torch.get_num_threads()
+        gated, upped = ctx.saved_tensors
+        gate, up, down = ctx.weights
+        (gate_scales, gate_inverse), (up_scales, up_inverse) = _factors(gate), _factors(up)
+        down_scales, down_inverse = _factors(down)
+        dy = grad.reshape(-1, down.out_features).to(torch.bfloat16).contiguous()
+        count, inner = gated.shape
+        dy_codes, dy_rows = quantize_rows(dy, down_scales)
+        sums = torch._int_mm(dy_codes, down.codes)  # the product's gradient, [count, inner]
+        gate_codes = torch.empty(count, inner, dtype=torch.int8)
+        up_codes = torch.empty(count, inner, dtype=torch.int8)
+        gate_rows = torch.empty(count, 1, dtype=torch.float32)
+        up_rows = torch.empty(count, 1, dtype=torch.float32)
+        scratch = torch.empty(threads, 2 * inner, dtype=torch.float32)
+        lib.offsite_swiglu_backward_quantize(
+            sums.data_ptr(),
+            dy_rows.data_ptr(),
+            down_inverse.data_ptr(),
+            gated.data_ptr(),
+            upped.data_ptr(),
+            gate_scales.data_ptr(),
+            up_scales.data_ptr(),
+            count,
+            inner,
+            gate_codes.data_ptr(),
+            gate_rows.data_ptr(),
+            up_codes.data_ptr(),
+            up_rows.data_ptr(),
+            scratch.data_ptr(),
+            threads,
+        )
+        del sums
+        through_gate = torch._int_mm(gate_codes, gate.codes)
+        through_up = torch._int_mm(up_codes, up.codes)
+        dx = torch.empty(count, gate.in_features, dtype=torch.bfloat16)
+        lib.offsite_dequantize_sum_bf16(
+            through_gate.data_ptr(),
+            gate_rows.data_ptr(),
+            gate_inverse.data_ptr(),
+            through_up.data_ptr(),
+            up_rows.data_ptr(),
+            up_inverse.data_ptr(),
+            count,
+            gate.in_features,
+            dx.data_ptr(),
+            threads,
+        )
+        return dx.reshape(ctx.input_shape).to(ctx.input_dtype), None, None, None
+
+
+def int8_gated_mlp(x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+    """``down(silu(gate(x)) · up(x))`` for an MLP ``takes`` accepts, with the input gradient
+    only (its layers are frozen)."""
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    return _Int8GatedMLP.apply(x, *(m.packed for m in layers))  # type: ignore[no-any-return]
