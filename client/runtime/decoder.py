@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from client.kernels import short_attention
+from client.kernels import rotary, short_attention
 
 ACTIVATIONS: dict[str, Any] = {
     "silu": nn.SiLU,
@@ -224,14 +224,19 @@ class Attention(nn.Module):
         """Attention output for every position, or for the last ``queries`` ones only (keys and
         values still span the whole sequence)."""
         shape = (*x.shape[:-1], -1, self.head_dim)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         if queries:
             # contiguous: matmul would broadcast each weight over a strided batch (a copy)
             x, mask = x[:, -queries:].contiguous(), mask[..., -queries:, :]
             shape = (*x.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        q, k = apply_rotary(q, k, cos, sin)
+        q = self.q_proj(x)
+        if rotary.takes(q, cos) and rotary.takes(k, cos):  # one fused pass each, same bits
+            q = rotary.rotary_heads(q, cos, sin, q.shape[-1] // self.head_dim)
+            k = rotary.rotary_heads(k, cos, sin, k.shape[-1] // self.head_dim)
+        else:
+            k = k.view(*k.shape[:-1], -1, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q.view(shape).transpose(1, 2), k, cos, sin)
         if short_attention.takes(q, k, mask, 0.0):
             out = short_attention.short_attention(q, k, v, mask, self.scaling)
         else:

@@ -58,6 +58,10 @@ SIGNATURES = {
     "offsite_rms_norm": [_POINTER, _POINTER, _SIZE, _SIZE, ctypes.c_float, *[_POINTER] * 3, _INT],
     # dy, normed, rstd, weight, rows, cols, dx, threads
     "offsite_rms_norm_backward": [*[_POINTER] * 4, _SIZE, _SIZE, _POINTER, _INT],
+    # x (grad), cos, sin, batch, length, heads, dim, table batch, table length, offset,
+    # out (dx), threads
+    "offsite_rotary_heads": [*[_POINTER] * 3, *[_SIZE] * 7, _POINTER, _INT],
+    "offsite_rotary_heads_backward": [*[_POINTER] * 3, *[_SIZE] * 7, _POINTER, _INT],
 }
 
 

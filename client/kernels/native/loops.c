@@ -257,3 +257,68 @@ void offsite_rms_norm_backward(const float *dy, const uint16_t *normed, const fl
             drow[c] = ((gr[c] * weight[c]) - bf16_to_float(nrow[c]) * inner) * s;
     }
 }
+
+/* ---- rotary position embedding of one projection, into attention's head-major layout ----
+ * (client/kernels/rotary.py) x: [batch, length, heads · dim] bf16 (a linear's output);
+ * cos, sin: [table_batch (1 or batch), table_length, dim] fp32, read at positions
+ * offset + t. The arithmetic is that of ``q·cos + rotate_half(q)·sin`` with a bf16 q and fp32
+ * tables followed by a cast to bf16, and of its autograd backward, operation for operation,
+ * so both give the same bits as those torch ops. */
+
+static inline const float *table_row(const float *table, int64_t b, int64_t t,
+                                     int64_t table_batch, int64_t table_length, int64_t offset,
+                                     int64_t dim) {
+    return table + ((table_batch == 1 ? 0 : b) * table_length + offset + t) * dim;
+}
+
+/* out[b, h, t, :] = bf16(q·cos + rotate_half(q)·sin), q = x[b, t, h·dim : (h+1)·dim] */
+void offsite_rotary_heads(const uint16_t *x, const float *cos, const float *sin, int64_t batch,
+                          int64_t length, int64_t heads, int64_t dim, int64_t table_batch,
+                          int64_t table_length, int64_t offset, uint16_t *out, int threads) {
+    int64_t half = dim / 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t t = 0; t < length; t++) {
+            const float *c = table_row(cos, b, t, table_batch, table_length, offset, dim);
+            const float *s = table_row(sin, b, t, table_batch, table_length, offset, dim);
+            for (int64_t h = 0; h < heads; h++) {
+                const uint16_t *q = x + ((b * length + t) * heads + h) * dim;
+                uint16_t *o = out + ((b * heads + h) * length + t) * dim;
+                for (int64_t d = 0; d < half; d++) {
+                    float q1 = bf16_to_float(q[d]), q2 = bf16_to_float(q[d + half]);
+                    o[d] = float_to_bf16(q1 * c[d] + (-q2) * s[d]);
+                    o[d + half] = float_to_bf16(q2 * c[d + half] + q1 * s[d + half]);
+                }
+            }
+        }
+    }
+}
+
+/* The gradient of x from that of out (both bf16): each path rounded to bf16 as autograd does
+ * (the fp32 products cast back to q's dtype), then summed in bf16. */
+void offsite_rotary_heads_backward(const uint16_t *grad, const float *cos, const float *sin,
+                                   int64_t batch, int64_t length, int64_t heads, int64_t dim,
+                                   int64_t table_batch, int64_t table_length, int64_t offset,
+                                   uint16_t *dx, int threads) {
+    int64_t half = dim / 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t t = 0; t < length; t++) {
+            const float *c = table_row(cos, b, t, table_batch, table_length, offset, dim);
+            const float *s = table_row(sin, b, t, table_batch, table_length, offset, dim);
+            for (int64_t h = 0; h < heads; h++) {
+                const uint16_t *g = grad + ((b * heads + h) * length + t) * dim;
+                uint16_t *o = dx + ((b * length + t) * heads + h) * dim;
+                for (int64_t d = 0; d < half; d++) {
+                    float g1 = bf16_to_float(g[d]), g2 = bf16_to_float(g[d + half]);
+                    float direct1 = bf16_to_float(float_to_bf16(g1 * c[d]));
+                    float direct2 = bf16_to_float(float_to_bf16(g2 * c[d + half]));
+                    float rotated1 = bf16_to_float(float_to_bf16(g2 * s[d + half]));
+                    float rotated2 = -bf16_to_float(float_to_bf16(g1 * s[d]));
+                    o[d] = float_to_bf16(direct1 + rotated1);
+                    o[d + half] = float_to_bf16(direct2 + rotated2);
+                }
+            }
+        }
+    }
+}
