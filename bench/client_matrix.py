@@ -527,6 +527,28 @@ def write_report(
     plot(tables, REPORTS / "client.png")
 
 
+def _draw_goal(ax, baselines: list[dict]) -> None:  # type: ignore[no-untyped-def]
+    """Dashed lines where a cell meets the goals against these full fine-tuning rows: above
+    ``GOALS['speedup']`` × the fastest, left of the lowest peak ÷ ``GOALS['memory']``."""
+    if not baselines:
+        return
+    speed = GOALS["speedup"] * max(r["tokens_per_second"] for r in baselines)
+    memory = min(_mb(r["peak_rss"]) for r in baselines) / GOALS["memory"]
+    style = {"color": "gray", "linestyle": "--", "linewidth": 0.8}
+    ax.axhline(speed, **style)
+    ax.axvline(memory, **style)
+    ax.annotate(
+        f"goal: ≥ {GOALS['speedup']}× faster, ≥ {GOALS['memory']}× less memory (up-left)",
+        (1.0, speed),
+        xycoords=("axes fraction", "data"),
+        ha="right",
+        fontsize=7,
+        color="gray",
+        xytext=(-4, 3),
+        textcoords="offset points",
+    )
+
+
 def plot(tables: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -549,7 +571,7 @@ def plot(tables: dict[str, list[dict]], path: Path) -> None:
                     edgecolors=color,
                     facecolors="none" if small else color,
                 )
-                if small and r["precision"] == "bf16":  # name the emulator shape once
+                if small:  # name the emulator shape
                     ax.annotate(
                         r["emulator"],
                         (x, y),
@@ -559,9 +581,15 @@ def plot(tables: dict[str, list[dict]], path: Path) -> None:
                     )
             else:
                 ax.scatter(x, y, marker="*", s=160, color="black")
+                below = r["kind"] != "full-ft"  # full LoRA sits level with full FT: label apart
                 ax.annotate(
-                    r["name"], (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points"
+                    r["name"],
+                    (x, y),
+                    fontsize=8,
+                    xytext=(4, -11 if below else 4),
+                    textcoords="offset points",
                 )
+        _draw_goal(ax, [r for r in rows if r["kind"] == "full-ft"])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("peak RSS over training steps (MB, log)")

@@ -76,3 +76,21 @@ def test_a_policy_that_loses_more_than_a_point_is_not_eligible() -> None:
     )
     assert summary["best"]["name"] == "offsite lora bf16"
     assert not summary["best"]["meets_speedup"]
+
+
+def test_the_plot_draws_the_goal_against_the_fastest_and_leanest_baselines() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baselines = [
+        _row("full FT fp32", "full-ft", 150, 4200, "d"),
+        _row("full FT bf16", "full-ft", 300, 3500, "d"),
+    ]
+    fig, ax = plt.subplots()
+    client_matrix._draw_goal(ax, baselines)
+    horizontal, vertical = ax.lines[0].get_ydata(), ax.lines[1].get_xdata()
+    plt.close(fig)
+    assert set(horizontal) == {client_matrix.GOALS["speedup"] * 300}  # the fastest baseline
+    assert set(vertical) == {3500 / client_matrix.GOALS["memory"]}  # the leanest baseline
