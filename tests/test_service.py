@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -115,9 +116,11 @@ def test_join_then_fetch_a_signed_bundle(
         channel, artifact, bundle.digest, tmp_path / "cache", identity.signing_key()
     )
     assert fetched.digest == bundle.digest
-    # a bundle signed by someone else is refused before anything is loaded
+    # a bundle signed by someone else is refused before anything is loaded: the same files
+    # (so the same digest; a second write_bundle would differ by its manifest's creation
+    # second), re-signed with another key
     other = tmp_path / "forged"
-    write_bundle(full, tokenizer, plan, spec, other, source="tiny")
+    shutil.copytree(bundle.path, other)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     sign_bundle(other, Ed25519PrivateKey.generate())
