@@ -99,6 +99,24 @@ def dequantize_rows(
     return out
 
 
+def forward_sums(
+    x: torch.Tensor, codes: torch.Tensor, input_factor: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int32 sums of ``x [M, in] · input_factor`` quantized per row times ``codesᵀ`` [out,
+    in], and the rows' scales: ``int8_forward`` before its dequantizing pass."""
+    q, row_scale = quantize_rows(x, input_factor)
+    return torch._int_mm(q, codes.t()), row_scale
+
+
+def input_grad_sums(
+    grad: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int32 sums of ``grad [M, out] · scales`` quantized per row times ``codes`` [out, in],
+    and the rows' scales: ``int8_input_grad`` before its dequantizing pass."""
+    q, row_scale = quantize_rows(grad, scales)
+    return torch._int_mm(q, codes), row_scale
+
+
 def int8_forward(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -107,8 +125,7 @@ def int8_forward(
 ) -> torch.Tensor:
     """``(x [M, in] · input_factor [in]) · Wᵀ`` in bf16 for ``W = codes [out, in] · scales
     [out]`` (fp32 factors; ``input_factor`` None: all ones)."""
-    q, row_scale = quantize_rows(x, input_factor)
-    return dequantize_rows(torch._int_mm(q, codes.t()), row_scale, scales)
+    return dequantize_rows(*forward_sums(x, codes, input_factor), scales)
 
 
 def int8_input_grad(
@@ -119,5 +136,4 @@ def int8_input_grad(
 ) -> torch.Tensor:
     """``(grad [M, out] · W) · input_factor [in]`` in bf16 for ``W = codes [out, in] · scales
     [out]`` (fp32 factors; ``input_factor`` None: all ones)."""
-    q, row_scale = quantize_rows(grad, scales)
-    return dequantize_rows(torch._int_mm(q, codes), row_scale, input_factor)
+    return dequantize_rows(*input_grad_sums(grad, codes, scales), input_factor)

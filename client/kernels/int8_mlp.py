@@ -36,7 +36,7 @@ from torch import nn
 
 from client.kernels import native
 from client.kernels.backends import FUSED_INT8_MAX_ROWS, int8_factors, integer_matmuls
-from client.kernels.int8_matmul import dequantize_rows, quantize_rows
+from client.kernels.int8_matmul import dequantize_rows, forward_sums, input_grad_sums
 from client.kernels.linear import PackedLinear
 from client.kernels.packed import PackedWeight
 
@@ -82,10 +82,8 @@ class _Int8GatedMLP(torch.autograd.Function):
         count, inner = rows.shape[0], gate.out_features
         (gate_scales, gate_inverse), (up_scales, up_inverse) = _factors(gate), _factors(up)
         down_scales, down_inverse = _factors(down)
-        gate_codes, gate_rows = quantize_rows(rows, gate_inverse)
-        gate_sums = torch._int_mm(gate_codes, gate.codes.t())
-        up_codes, up_rows = quantize_rows(rows, up_inverse)
-        up_sums = torch._int_mm(up_codes, up.codes.t())
+        gate_sums, gate_rows = forward_sums(rows, gate.codes, gate_inverse)
+        up_sums, up_rows = forward_sums(rows, up.codes, up_inverse)
         gated = torch.empty(count, inner, dtype=torch.bfloat16)
         upped = torch.empty(count, inner, dtype=torch.bfloat16)
         codes = torch.empty(count, inner, dtype=torch.int8)
@@ -124,8 +122,7 @@ class _Int8GatedMLP(torch.autograd.Function):
         down_scales, down_inverse = _factors(down)
         dy = grad.reshape(-1, down.out_features).to(torch.bfloat16).contiguous()
         count, inner = gated.shape
-        dy_codes, dy_rows = quantize_rows(dy, down_scales)
-        sums = torch._int_mm(dy_codes, down.codes)  # the product's gradient, [count, inner]
+        sums, dy_rows = input_grad_sums(dy, down.codes, down_scales)  # product's gradient
         gate_codes = torch.empty(count, inner, dtype=torch.int8)
         up_codes = torch.empty(count, inner, dtype=torch.int8)
         gate_rows = torch.empty(count, 1, dtype=torch.float32)

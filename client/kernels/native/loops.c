@@ -271,10 +271,13 @@ static inline const float *table_row(const float *table, int64_t b, int64_t t,
     return table + ((table_batch == 1 ? 0 : b) * table_length + offset + t) * dim;
 }
 
-/* out[b, h, t, :] = bf16(q·cos + rotate_half(q)·sin), q = x[b, t, h·dim : (h+1)·dim] */
-void offsite_rotary_heads(const uint16_t *x, const float *cos, const float *sin, int64_t batch,
-                          int64_t length, int64_t heads, int64_t dim, int64_t table_batch,
-                          int64_t table_length, int64_t offset, uint16_t *out, int threads) {
+/* One pass over every (batch, position, head) row of dim values: forward reads x in
+ * [batch, length, heads · dim] and writes out in [batch, heads, length, dim]; backward reads
+ * the gradient in the head-major layout and writes the row-major one. */
+static void rotary_pass(const uint16_t *in, const float *cos, const float *sin, int64_t batch,
+                        int64_t length, int64_t heads, int64_t dim, int64_t table_batch,
+                        int64_t table_length, int64_t offset, uint16_t *out, int threads,
+                        int backward) {
     int64_t half = dim / 2;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t b = 0; b < batch; b++) {
@@ -282,35 +285,23 @@ void offsite_rotary_heads(const uint16_t *x, const float *cos, const float *sin,
             const float *c = table_row(cos, b, t, table_batch, table_length, offset, dim);
             const float *s = table_row(sin, b, t, table_batch, table_length, offset, dim);
             for (int64_t h = 0; h < heads; h++) {
-                const uint16_t *q = x + ((b * length + t) * heads + h) * dim;
-                uint16_t *o = out + ((b * heads + h) * length + t) * dim;
-                for (int64_t d = 0; d < half; d++) {
-                    float q1 = bf16_to_float(q[d]), q2 = bf16_to_float(q[d + half]);
-                    o[d] = float_to_bf16(q1 * c[d] + (-q2) * s[d]);
-                    o[d + half] = float_to_bf16(q2 * c[d + half] + q1 * s[d + half]);
+                int64_t row_major = ((b * length + t) * heads + h) * dim;
+                int64_t head_major = ((b * heads + h) * length + t) * dim;
+                const uint16_t *v = in + (backward ? head_major : row_major);
+                uint16_t *o = out + (backward ? row_major : head_major);
+                if (!backward) {
+                    /* out = bf16(q·cos + rotate_half(q)·sin) */
+                    for (int64_t d = 0; d < half; d++) {
+                        float q1 = bf16_to_float(v[d]), q2 = bf16_to_float(v[d + half]);
+                        o[d] = float_to_bf16(q1 * c[d] + (-q2) * s[d]);
+                        o[d + half] = float_to_bf16(q2 * c[d + half] + q1 * s[d + half]);
+                    }
+                    continue;
                 }
-            }
-        }
-    }
-}
-
-/* The gradient of x from that of out (both bf16): each path rounded to bf16 as autograd does
- * (the fp32 products cast back to q's dtype), then summed in bf16. */
-void offsite_rotary_heads_backward(const uint16_t *grad, const float *cos, const float *sin,
-                                   int64_t batch, int64_t length, int64_t heads, int64_t dim,
-                                   int64_t table_batch, int64_t table_length, int64_t offset,
-                                   uint16_t *dx, int threads) {
-    int64_t half = dim / 2;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < batch; b++) {
-        for (int64_t t = 0; t < length; t++) {
-            const float *c = table_row(cos, b, t, table_batch, table_length, offset, dim);
-            const float *s = table_row(sin, b, t, table_batch, table_length, offset, dim);
-            for (int64_t h = 0; h < heads; h++) {
-                const uint16_t *g = grad + ((b * heads + h) * length + t) * dim;
-                uint16_t *o = dx + ((b * length + t) * heads + h) * dim;
+                /* each path rounded to bf16 as autograd does (the fp32 products cast back to
+                 * q's dtype), then summed in bf16 */
                 for (int64_t d = 0; d < half; d++) {
-                    float g1 = bf16_to_float(g[d]), g2 = bf16_to_float(g[d + half]);
+                    float g1 = bf16_to_float(v[d]), g2 = bf16_to_float(v[d + half]);
                     float direct1 = bf16_to_float(float_to_bf16(g1 * c[d]));
                     float direct2 = bf16_to_float(float_to_bf16(g2 * c[d + half]));
                     float rotated1 = bf16_to_float(float_to_bf16(g2 * s[d + half]));
@@ -321,4 +312,21 @@ void offsite_rotary_heads_backward(const uint16_t *grad, const float *cos, const
             }
         }
     }
+}
+
+/* out[b, h, t, :] = bf16(q·cos + rotate_half(q)·sin), q = x[b, t, h·dim : (h+1)·dim] */
+void offsite_rotary_heads(const uint16_t *x, const float *cos, const float *sin, int64_t batch,
+                          int64_t length, int64_t heads, int64_t dim, int64_t table_batch,
+                          int64_t table_length, int64_t offset, uint16_t *out, int threads) {
+    rotary_pass(x, cos, sin, batch, length, heads, dim, table_batch, table_length, offset, out,
+                threads, 0);
+}
+
+/* The gradient of x from that of out (both bf16). */
+void offsite_rotary_heads_backward(const uint16_t *grad, const float *cos, const float *sin,
+                                   int64_t batch, int64_t length, int64_t heads, int64_t dim,
+                                   int64_t table_batch, int64_t table_length, int64_t offset,
+                                   uint16_t *dx, int threads) {
+    rotary_pass(grad, cos, sin, batch, length, heads, dim, table_batch, table_length, offset, dx,
+                threads, 1);
 }
