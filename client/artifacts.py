@@ -20,6 +20,7 @@ import grpc
 from emulator.bundle import Bundle, verify_bundle
 from emulator.digest import file_sha256
 from offsite.archive import unpack_bundle
+from offsite.digests import require_sha256
 from offsite.errors import IntegrityError, OffsiteError
 from offsite.wire.v1 import artifacts_pb2, artifacts_pb2_grpc
 
@@ -49,7 +50,7 @@ def download(
     timeout: float | None = None,
 ) -> Path:
     """``folder/<digest>``, downloaded (or resumed) and verified."""
-    final = folder / digest
+    final = folder / require_sha256(digest, "artifact digest")
     if final.is_file():
         return final
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,8 +90,12 @@ def fetch_bundle(
     signing_key: bytes,
     progress: Callable[[int, int], None] | None = None,
 ) -> Bundle:
-    """The verified bundle ``bundle_digest``, from the cache or downloaded as ``artifact``."""
-    target = cache / "bundles" / bundle_digest
+    """The verified bundle ``bundle_digest``, from the cache or downloaded as ``artifact``.
+
+    Both digests come from the run's config (the coordinator's word): they are checked to be
+    sha256 digests before either becomes a path in the cache."""
+    require_sha256(artifact, "artifact digest")
+    target = cache / "bundles" / require_sha256(bundle_digest, "bundle digest")
     with locked(cache / ".lock"):
         if target.is_dir():
             return verify_bundle(target, bundle_digest, signing_key)
@@ -106,9 +111,9 @@ def fetch_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         try:
             unpack_bundle(archive, staging)
-        except ValueError as err:
+        except IntegrityError:
             shutil.rmtree(staging, ignore_errors=True)
-            raise IntegrityError(str(err)) from err
+            raise
         try:
             verify_bundle(staging, bundle_digest, signing_key)
         except IntegrityError:

@@ -1,12 +1,17 @@
-"""A data-owner node's identity: its key (generated here, never sent), certificate and CA.
+"""A data-owner node's identity: its keys (generated here, never sent), certificate and pins.
 
 ``offsite client join`` fetches the coordinator's certificate chain, pins the CA by the
-fingerprint the coordinator's operator gave out of band, sends a CSR with the one-time token and
-stores the returned certificate. From then on every call is mutual TLS.
+fingerprint the coordinator's operator gave out of band, checks that this CA is a CA and signed
+the certificate the server presents (before the token leaves the node), sends a CSR with the
+one-time token and stores what comes back: the certificate, the CA, and the two coordinator
+keys the node trusts from then on — the bundle-signing key (data it loads) and the app-signing
+key (the only Flower app its SuperNode executes). From then on every call is mutual TLS.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import socket
 import ssl
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -24,9 +30,17 @@ from offsite.errors import OffsiteError
 from offsite.files import write_private
 from offsite.wire.v1 import enrollment_pb2, enrollment_pb2_grpc
 
+IDENTITY_FILES = ("node.key", "node.pem", "ca.pem", "node.json", "flower.key", "flower.pub")
+
 
 class JoinError(OffsiteError):
     exit_code = 5
+
+
+def key_fingerprint(openssh: str) -> str:
+    """``SHA256:…`` of an OpenSSH public key, as ``ssh-keygen -l`` prints it."""
+    blob = base64.b64decode(openssh.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 @dataclass(frozen=True)
@@ -39,11 +53,14 @@ class NodeIdentity:
     info = property(lambda self: self.folder / "node.json")
     flower_key = property(lambda self: self.folder / "flower.key")  # SuperNode auth (OpenSSH)
     flower_public_key = property(lambda self: self.folder / "flower.pub")
+    trusted_entities = property(lambda self: self.folder / "trusted-entities.yaml")
 
     def exists(self) -> bool:
         return self.key.is_file() and self.cert.is_file() and self.ca.is_file()
 
     def details(self) -> dict:
+        if not self.info.is_file():
+            raise JoinError(f"{self.folder} holds no node identity; run `offsite client join`")
         return json.loads(self.info.read_text())
 
     @property
@@ -66,6 +83,23 @@ class NodeIdentity:
     def signing_key(self) -> bytes:
         return bytes.fromhex(self.details()["signing_public_key"])
 
+    def app_signer(self) -> tuple[str, str]:
+        """(Flower entity id, OpenSSH Ed25519 key) of the only app signer this node trusts."""
+        details = self.details()
+        key, key_id = details.get("app_signing_public_key"), details.get("app_signing_key_id")
+        if not key or not key_id:
+            raise JoinError(
+                f"{self.folder} pins no app-signing key (it joined an older coordinator); join "
+                "again into a new --state folder with a fresh token"
+            )
+        return str(key_id), str(key)
+
+    def write_trusted_entities(self) -> Path:
+        """Flower's ``--trusted-entities`` file: the pinned app-signing key, nothing else."""
+        key_id, key = self.app_signer()
+        self.trusted_entities.write_text(f"{key_id}: {json.dumps(key)}\n")
+        return self.trusted_entities
+
     def credentials(self) -> grpc.ChannelCredentials:
         if not self.exists():
             raise JoinError(f"{self.folder} holds no node identity; run `offsite client join`")
@@ -74,6 +108,23 @@ class NodeIdentity:
             private_key=self.key.read_bytes(),
             certificate_chain=self.cert.read_bytes(),
         )
+
+    def status(self) -> dict[str, str]:
+        """What this node trusts and who it is, for ``offsite client status``."""
+        details = self.details()
+        key_id, app_key = self.app_signer()
+        bundle_key = bytes.fromhex(details["signing_public_key"])
+        return {
+            "name": str(details["name"]),
+            "coordinator": str(details["coordinator"]),
+            "artifacts": str(details["artifacts"]),
+            "superlink": str(details.get("superlink") or "none"),
+            "CA fingerprint": str(details["ca_fingerprint"]),
+            "certificate fingerprint": fingerprint(self.cert.read_bytes()),
+            "bundle-signing key": "sha256:" + hashlib.sha256(bundle_key).hexdigest(),
+            "app-signing key": f"{key_fingerprint(app_key)} ({key_id})",
+            "Flower key": key_fingerprint(self.flower_public_key.read_text()),
+        }
 
 
 def server_chain(address: str, timeout: float = 10.0) -> list[bytes]:
@@ -93,6 +144,31 @@ def server_chain(address: str, timeout: float = 10.0) -> list[bytes]:
         return [p.encode() if isinstance(p, str) else p for p in pems]
 
 
+def check_pinned_ca(ca_pem: bytes, leaf_pem: bytes) -> None:
+    """The pinned certificate must be a CA and must have signed the server's leaf certificate;
+    JoinError otherwise (checked before the token is sent)."""
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    leaf = x509.load_pem_x509_certificate(leaf_pem)
+    try:
+        constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise JoinError(
+            "the certificate with the pinned fingerprint is not a CA (no BasicConstraints CA); "
+            "check the fingerprint with the coordinator's operator"
+        )
+    if leaf.fingerprint(hashes.SHA256()) == ca.fingerprint(hashes.SHA256()):
+        raise JoinError("the coordinator presents its CA as its server certificate; refusing")
+    try:
+        leaf.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as err:
+        raise JoinError(
+            "the server's certificate was not issued by the pinned CA; this is not the "
+            "coordinator you were given the fingerprint of"
+        ) from err
+
+
 def join(
     address: str,
     token: str,
@@ -105,20 +181,27 @@ def join(
 
     Two keys are made here and never leave the node: the TLS client key (its certificate comes
     back from the coordinator) and the Flower SuperNode authentication key (its public half is
-    registered with the coordinator's SuperLink).
+    registered with the coordinator's SuperLink). An existing identity is never overwritten.
     """
     identity = NodeIdentity(Path(folder))
+    present = [f for f in IDENTITY_FILES if (identity.folder / f).exists()]
+    if present:
+        raise JoinError(
+            f"{identity.folder} already holds a node identity ({', '.join(present)}); "
+            "use another --state folder, or --exist-ok to keep it"
+        )
     wanted = ca_fingerprint.lower().replace(":", "")
     try:
         chain = server_chain(address, timeout)
     except (OSError, ssl.SSLError) as err:
         raise JoinError(f"cannot reach the coordinator at {address} over TLS: {err}") from err
     ca = next((pem for pem in chain if fingerprint(pem) == wanted), None)
-    if ca is None:
+    if ca is None or not chain:
         raise JoinError(
             f"the coordinator at {address} does not present a CA with fingerprint {wanted}; "
             "check the fingerprint (`offsite coordinator init` prints it) and the address"
         )
+    check_pinned_ca(ca, chain[0])
     key = ec.generate_private_key(ec.SECP256R1())
     flower_key = ec.generate_private_key(ec.SECP384R1())
     flower_public_key = flower_key.public_key().public_bytes(
@@ -146,38 +229,83 @@ def join(
             )
         except grpc.RpcError as err:
             raise JoinError(f"enrollment refused: {err.details()}") from err  # type: ignore[attr-defined]
+    if fingerprint(reply.ca_certificate_pem) != wanted:
+        raise JoinError("the coordinator answered with a CA other than the pinned one")
+    if not reply.app_signing_public_key or not reply.app_signing_key_id:
+        raise JoinError(
+            "the coordinator sent no app-signing key, so this node could run no app; upgrade "
+            "the coordinator's offsite"
+        )
+    identity.folder.mkdir(parents=True, exist_ok=True)
+    identity.folder.chmod(0o700)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     write_private(identity.key, key_pem)
-    write_private(
-        identity.flower_key,
-        flower_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        ),
-    )
-    identity.flower_public_key.write_bytes(flower_public_key + b"\n")
+    write_flower_key(identity, flower_key)
     identity.cert.write_bytes(reply.certificate_pem)
-    if fingerprint(reply.ca_certificate_pem) != wanted:
-        raise JoinError("the coordinator answered with a CA other than the pinned one")
     identity.ca.write_bytes(reply.ca_certificate_pem)
+    origin = address.rpartition(":")[0]
     identity.info.write_text(
         json.dumps(
             {
                 "name": name,
                 "coordinator": address,
-                "artifacts": f"{address.rpartition(':')[0]}:{reply.artifact_port}",
-                "superlink": (
-                    f"{address.rpartition(':')[0]}:{reply.superlink_port}"
-                    if reply.superlink_port
-                    else ""
-                ),
+                "artifacts": f"{origin}:{reply.artifact_port}",
+                "superlink": f"{origin}:{reply.superlink_port}" if reply.superlink_port else "",
                 "ca_fingerprint": wanted,
                 "signing_public_key": reply.signing_public_key.hex(),
+                "app_signing_public_key": reply.app_signing_public_key,
+                "app_signing_key_id": reply.app_signing_key_id,
             },
             indent=1,
         )
     )
+    identity.write_trusted_entities()
     return identity
+
+
+def write_flower_key(identity: NodeIdentity, key: ec.EllipticCurvePrivateKey) -> None:
+    """Store the SuperNode key pair (private 0600, atomically)."""
+    write_private(
+        identity.flower_key,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    identity.flower_public_key.write_bytes(public + b"\n")
+
+
+def renew_flower_key(identity: NodeIdentity, timeout: float = 30.0) -> bool:
+    """Ask the coordinator (mutual TLS) to admit a fresh SuperNode key; True when it did and the
+    node now uses it, False when the current key is still registered. A revoked node gets a
+    JoinError that says so."""
+    fresh = ec.generate_private_key(ec.SECP384R1())
+    public = fresh.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    with identity.channel() as channel:
+        stub = enrollment_pb2_grpc.NodeServiceStub(channel)
+        try:
+            reply = stub.RenewFlowerKey(
+                enrollment_pb2.RenewFlowerKeyRequest(flower_public_key=public), timeout=timeout
+            )
+        except grpc.RpcError as err:
+            code = err.code()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                raise RevokedError(
+                    "the coordinator refused this node (revoked or not enrolled); ask its operator"
+                ) from err
+            raise JoinError(f"cannot renew the Flower key: {code.name}: {err.details()}") from err  # type: ignore[attr-defined]
+    if reply.renewed:
+        write_flower_key(identity, fresh)
+    return bool(reply.renewed)
+
+
+class RevokedError(JoinError):
+    """The coordinator no longer accepts this node."""

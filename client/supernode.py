@@ -1,18 +1,33 @@
-"""Run this node's Flower SuperNode against the coordinator's SuperLink.
+"""Run this node's Flower SuperNode against the coordinator's SuperLink, and keep it running.
 
 ``offsite client start`` launches ``flower-supernode`` with the CA pinned at enrollment, the
-node's authentication key (its public half was registered when the node joined) and a node
+node's authentication key (its public half was registered when the node joined), Flower's
+``--trusted-entities`` holding only the coordinator's app-signing key pinned at enrollment (the
+SuperNode refuses, before any of its code runs, every app that key did not sign), and a node
 config naming the local data and the identity folder; the ClientApp reads both from
 ``context.node_config`` (``data-path``, ``identity-dir``) and fetches the run's bundle from the
 artifact service into the identity's locked cache.
+
+When the SuperNode exits on its own (the SuperLink dropped its registration, the link broke),
+``supervise`` asks the coordinator over mutual TLS whether its key is still admitted, sends a
+fresh one if not (Flower never re-admits an unregistered key), and starts it again after a
+growing pause; a revoked node stops with a one-line reason.
 """
 
 from __future__ import annotations
 
+import logging
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from client.identity import JoinError, NodeIdentity
+from client.identity import JoinError, NodeIdentity, RevokedError, renew_flower_key
+
+log = logging.getLogger(__name__)
+
+BACKOFF = (2.0, 5.0, 10.0, 30.0, 60.0)
 
 
 def node_config(identity: NodeIdentity, data: Path, memory_budget: str | None = None) -> str:
@@ -51,6 +66,8 @@ def supernode_command(
         str(identity.ca.resolve()),
         "--auth-supernode-private-key",
         str(identity.flower_key.resolve()),
+        "--trusted-entities",
+        str(identity.write_trusted_entities().resolve()),
         "--host",
         "127.0.0.1",
         "--port",
@@ -58,3 +75,46 @@ def supernode_command(
         "--node-config",
         node_config(identity, data, memory_budget),
     ]
+
+
+def supervise(
+    identity: NodeIdentity,
+    launch: Callable[[], subprocess.Popen],
+    stopping: Callable[[], bool],
+    on_start: Callable[[subprocess.Popen], None] = lambda _: None,
+) -> int:
+    """Run the SuperNode ``launch`` starts until ``stopping()``; restart it when it exits on
+    its own, re-keying first when the coordinator says its key is no longer admitted.
+
+    Returns 0 when stopped, or raises RevokedError when the coordinator refuses the node.
+    """
+    failures = 0
+    while True:
+        started = time.monotonic()
+        process = launch()
+        on_start(process)
+        code = process.wait()
+        if stopping():
+            return 0
+        if time.monotonic() - started > 300:
+            failures = 0  # it ran for a while: start the pauses over
+        pause = BACKOFF[min(failures, len(BACKOFF) - 1)]
+        failures += 1
+        log.warning("the SuperNode exited with code %s; checking this node's registration", code)
+        try:
+            renewed = renew_flower_key(identity)
+        except RevokedError:
+            raise
+        except JoinError as err:
+            log.warning("%s; retrying in %.0f s", err, pause)
+        else:
+            log.warning(
+                "the coordinator admitted a fresh Flower key"
+                if renewed
+                else "this node's Flower key is still admitted"
+            )
+        deadline = time.monotonic() + pause
+        while time.monotonic() < deadline:
+            if stopping():
+                return 0
+            time.sleep(0.2)

@@ -5,9 +5,11 @@ bundle, run plan), then instead of the simulation engine it
 
 1. signs the bundle and publishes it on the artifact service (nodes download it on first use,
    over mutual TLS, verifying signature and digests before loading anything);
-2. starts the run on the SuperLink with ``flwr run`` (the Flower app is this installation's
-   ``coordinator.flower_app`` / ``client.flower_app``; only ``plan`` travels as run config) and
-   streams its log;
+2. builds the Flower app (this installation's ``coordinator.flower_app`` /
+   ``client.flower_app``), signs it with the coordinator's app key and files it in the
+   coordinator's app registry, then starts it on the SuperLink with ``flwr run @offsite/…``
+   (only ``plan`` travels as run config) and streams its log: nodes run it because its
+   signature verifies against the key they pinned at enrollment;
 3. evaluates and reports from the run folder the ServerApp wrote, as a simulation does.
 """
 
@@ -22,32 +24,6 @@ from pathlib import Path
 
 from coordinator.flower_link import CONNECTION, FlowerLink, FlowerLinkError
 from offsite.processes import flower_env
-
-APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "offsite-run"
-version = "1.0.0"
-description = "Offsite federated offsite-tuning run (components from the installed offsite)"
-license = "Apache-2.0"
-dependencies = ["flwr>=1.41.0"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "offsite"
-
-[tool.flwr.app.components]
-serverapp = "coordinator.flower_app:app"
-clientapp = "client.flower_app:app"
-
-[tool.flwr.app.config]
-plan = ""
-"""
 
 
 @dataclass(frozen=True)
@@ -72,11 +48,13 @@ class Deployment:
         store.put_artifact(artifact, "bundle", size, files.path(artifact))
         return artifact
 
-    def app_dir(self) -> Path:
-        folder = Path(self.state).resolve() / "flower" / "app"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "pyproject.toml").write_text(APP_PYPROJECT)
-        return folder
+    def signed_app(self) -> str:
+        """Build, sign and file the run's Flower app; the app spec ``flwr run`` takes."""
+        from coordinator.app_registry import build_and_file_app
+        from coordinator.service import state_paths
+
+        pki, _ = state_paths(self.state)
+        return build_and_file_app(self.state, pki).spec
 
     def federate(self, plan_path: Path, verbose: bool = False) -> None:
         """Run the plan on the SuperLink; a progress bar follows the rounds the ServerApp
@@ -93,7 +71,7 @@ class Deployment:
         command = [
             str(Path(sys.executable).parent / "flwr"),
             "run",
-            str(self.app_dir()),
+            self.signed_app(),
             CONNECTION,
             "--run-config",
             f'plan="{Path(plan_path).resolve()}"',

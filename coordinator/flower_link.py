@@ -1,11 +1,19 @@
-"""The coordinator's Flower SuperLink, run beside the artifact service.
+"""The coordinator's Flower SuperLink: loopback-only, behind the Fleet proxy, led by the registry.
 
-``offsite coordinator serve`` starts ``flower-superlink`` with the coordinator's TLS certificate,
-SuperNode authentication on, runtime dependency installation and telemetry off, and its state in
-the coordinator's folder (``<state>/flower``). Which SuperNodes may connect follows the registry:
-an enrolled node's authentication key is registered with the SuperLink, a revoked node's key is
-unregistered (``sync``). ``offsite run`` drives federations through the same folder's ``flwr``
-connection (``<state>/flower/config.toml``).
+``offsite coordinator serve`` starts ``flower-superlink`` with the coordinator's TLS
+certificate, SuperNode authentication on, runtime dependency installation and telemetry off,
+its state in ``<state>/flower`` and its one HTTP port (Fleet + Control + Runtime API) bound to
+loopback (``control``); nodes reach only its Fleet API, through nginx on ``address``
+(coordinator/fleet_proxy.py). Its app registry is the coordinator's own
+(coordinator/app_registry.py), so the only app nodes will run is the one the coordinator signed.
+
+The registry is the source of truth for which SuperNode keys the SuperLink admits
+(``reconcile``, at start and every few seconds): an enrolled node's key is registered, a revoked
+node's unregistered, a registration the registry does not know is removed, and an enrolled node
+unregistered behind the registry's back is noted so the node can re-key (Flower never admits an
+unregistered key again; the node's ``client start`` sends a fresh one over mutual TLS). Every
+change goes to the audit log. ``offsite run`` drives federations through this folder's ``flwr``
+connection (``<state>/flower/config.toml``, the loopback address).
 """
 
 from __future__ import annotations
@@ -14,19 +22,24 @@ import json
 import logging
 import subprocess
 import sys
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.audit import Audit
 from coordinator.pki import Pki
 from coordinator.store import Store
+from offsite.certs import parse_flower_public_key
 from offsite.errors import OffsiteError
 from offsite.processes import flower_env, start_child, stop_tree, wait_for_port
 
 log = logging.getLogger(__name__)
 
 CONNECTION = "offsite"
+DEFAULT_CONTROL = "127.0.0.1:9303"
+UNREGISTERED = "unregistered"
 
 
 class FlowerLinkError(OffsiteError):
@@ -34,14 +47,27 @@ class FlowerLinkError(OffsiteError):
 
 
 @dataclass(frozen=True)
+class SuperLinkNode:
+    """One row of the SuperLink's node table."""
+
+    node_id: str
+    status: str  # registered | online | offline | unregistered
+    public_key: bytes  # PEM, as Flower stores it
+    name: str
+
+
+@dataclass(frozen=True)
 class FlowerLink:
     """The SuperLink of one coordinator state folder."""
 
     home: Path  # FLWR_HOME of the coordinator side
-    address: str  # host:port the SuperLink listens on (Fleet + Control API)
+    address: str  # public host:port of the Fleet API (the proxy), what nodes are told
+    control: str = DEFAULT_CONTROL  # loopback host:port of the SuperLink itself
 
     @classmethod
-    def of_state(cls, state: Path, address: str | None = None) -> FlowerLink:
+    def of_state(
+        cls, state: Path, address: str | None = None, control: str | None = None
+    ) -> FlowerLink:
         """The link of ``state``; without ``address``, the one ``serve`` last recorded."""
         home = Path(state).resolve() / "flower"
         if address is None:
@@ -51,22 +77,17 @@ class FlowerLink:
                     f"{state} has no running Flower SuperLink on record; start it with "
                     "`offsite coordinator serve`"
                 )
-            address = str(json.loads(recorded.read_text())["address"])
-        return cls(home, address)
-
-    @property
-    def local_address(self) -> str:
-        """Where the coordinator's own ``flwr`` calls reach the SuperLink."""
-        host, _, port = self.address.rpartition(":")
-        return f"127.0.0.1:{port}" if host in ("", "0.0.0.0", "::", "[::]") else self.address
+            saved = json.loads(recorded.read_text())
+            address, control = str(saved["address"]), str(saved.get("control", DEFAULT_CONTROL))
+        return cls(home, address, control or DEFAULT_CONTROL)
 
     def command(self, pki: Pki) -> list[str]:
-        host, _, port = self.address.rpartition(":")
+        host, _, port = self.control.rpartition(":")
         scripts = Path(sys.executable).parent
         return [
             str(scripts / "flower-superlink"),
             "--host",
-            host.strip("[]") or "0.0.0.0",
+            host.strip("[]"),
             "--port",
             port,
             "--ssl-ca-certfile",
@@ -84,87 +105,171 @@ class FlowerLink:
         ]
 
     def write_cli_config(self, pki: Pki) -> None:
-        """The ``flwr`` connection ``offsite`` used by register/unregister/run."""
+        """The ``flwr`` connection ``offsite run`` uses: the loopback Control API."""
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             "[superlink]\n"
             f'default = "{CONNECTION}"\n\n'
             f"[superlink.{CONNECTION}]\n"
-            f'address = "{self.local_address}"\n'
+            f'address = "{self.control}"\n'
             f'root-certificates = "{pki.ca_cert.resolve()}"\n'
         )
-        (self.home / "link.json").write_text(json.dumps({"address": self.address}))
+        (self.home / "link.json").write_text(
+            json.dumps({"address": self.address, "control": self.control})
+        )
 
-    def start(self, pki: Pki, timeout: float = 60.0) -> subprocess.Popen:
-        """Start the SuperLink; returns once it accepts connections."""
+    def start(self, pki: Pki, registry_url: str, timeout: float = 60.0) -> subprocess.Popen:
+        """Start the SuperLink (its app hub: ``registry_url``); returns once it accepts
+        connections."""
         self.write_cli_config(pki)
+        env = flower_env(self.home)
+        env["FLWR_SUPERGRID_API_URL"] = registry_url
         process = start_child(
             self.command(pki),
-            flower_env(self.home),
+            env,
             cwd=self.home,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_for_port(self.local_address, timeout, process)
+            wait_for_port(self.control, timeout, process)
         except (ChildProcessError, TimeoutError) as err:
             stop_tree(process)
             raise FlowerLinkError(
-                f"the Flower SuperLink did not start on {self.address} ({err}); see "
+                f"the Flower SuperLink did not start on {self.control} ({err}); see "
                 f"{self.home / 'superlink.log'}"
             ) from err
         return process
 
-    def flwr(self, *args: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Run a ``flwr`` CLI command against this SuperLink; its JSON answer."""
-        scripts = Path(sys.executable).parent
-        result = subprocess.run(
-            [str(scripts / "flwr"), *args, CONNECTION, "--format", "json"],
-            env=flower_env(self.home),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
+    # ------------------------------------------------------------------ Control API (loopback)
+
+    @contextmanager
+    def _control(self) -> Iterator[Any]:
+        """Flower's own Control API client (what ``flwr`` uses), in process: a call costs
+        milliseconds where the ``flwr`` CLI costs a second of CPU (reconcile runs every few
+        seconds)."""
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors.http.runtime_version import (
+            RuntimeVersionHttpInterceptor,
+        )
+
+        ca = (self.home.parent / "pki" / "ca.pem").read_bytes()
+        client = ControlHttpClient.from_server_address(
+            server_address=self.control,
+            insecure=False,
+            root_certificates=ca,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
         )
         try:
-            answer = json.loads(result.stdout)
-        except json.JSONDecodeError:
-            answer = {"success": False, "error-message": (result.stdout + result.stderr)[-400:]}
-        if not answer.get("success", False):
-            raise FlowerLinkError(
-                f"`flwr {' '.join(args)}` failed: {answer.get('error-message', answer)}"
-            )
-        return answer
+            yield client
+        except Exception as err:  # httpx, FlowerError, protobuf: all one "the call failed"
+            raise FlowerLinkError(f"the SuperLink's Control API refused or failed: {err}") from err
+        finally:
+            client.close()
+
+    def nodes(self) -> list[SuperLinkNode]:
+        """Every node the SuperLink holds, unregistered ones included."""
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        with self._control() as control:
+            answer = control.ListNodes(ListNodesRequest())
+        return [
+            SuperLinkNode(str(n.node_id), n.status, bytes(n.public_key), n.name)
+            for n in answer.nodes_info
+        ]
 
     def register(self, public_key: str, name: str) -> str:
-        """Allow a SuperNode's authentication key; returns the node id Flower assigned."""
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / f"{name}.pub"
-            path.write_text(public_key.strip() + "\n")
-            answer = self.flwr("supernode", "register", str(path), "--name", name)
-        return str(answer["node-id"])
+        """Admit a SuperNode's authentication key; returns the node id Flower assigned."""
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+
+        pem = parse_flower_public_key(public_key)
+        with self._control() as control:
+            answer = control.RegisterNode(RegisterNodeRequest(public_key=pem, name=name))
+        if not answer.node_id:
+            raise FlowerLinkError(f"the SuperLink did not register node {name}")
+        return str(answer.node_id)
 
     def unregister(self, node_id: str) -> None:
-        self.flwr("supernode", "unregister", node_id)
+        from flwr.proto.control_pb2 import UnregisterNodeRequest
 
-    def sync(self, store: Store) -> int:
-        """Register active nodes' keys, unregister revoked ones; how many changed.
+        with self._control() as control:
+            control.UnregisterNode(UnregisterNodeRequest(node_id=int(node_id)))
 
-        Failures are logged and retried on the next call: the registry is the source of truth.
-        """
+    # ------------------------------------------------------------------ the registry leads
+
+    def reconcile(self, store: Store, audit: Audit) -> int:
+        """Make the SuperLink admit exactly the enrolled, unrevoked nodes' keys; how many
+        changes were made. Failures are logged and retried on the next call."""
+        try:
+            held = self.nodes()
+        except FlowerLinkError as err:
+            log.warning("cannot read the SuperLink's nodes (will retry): %s", err)
+            return 0
+        live = {n.node_id: n for n in held if n.status != UNREGISTERED}
+        by_key = {n.public_key: n for n in held}
         changed = 0
-        for key in store.flower_out_of_sync():
+        wanted: set[str] = set()
+        for key in store.flower_keys():
             try:
-                if key.active:
-                    store.set_flower_node_id(key.name, self.register(key.public_key, key.name))
-                    log.info("registered node %s with the SuperLink", key.name)
-                else:
-                    self.unregister(str(key.flower_node_id))
-                    store.set_flower_node_id(key.name, None)
-                    log.info("unregistered revoked node %s from the SuperLink", key.name)
-                changed += 1
-            except (FlowerLinkError, subprocess.TimeoutExpired) as err:
+                changed += self._reconcile_node(store, audit, key, live, by_key, wanted)
+            except (FlowerLinkError, ValueError) as err:
                 log.warning("SuperLink registration of %s failed (will retry): %s", key.name, err)
+        for node_id, node in live.items():
+            if node_id in wanted:
+                continue
+            try:
+                self.unregister(node_id)
+            except FlowerLinkError as err:
+                log.warning("cannot unregister unknown node %s (will retry): %s", node_id, err)
+                continue
+            audit.record(
+                "superlink-node-removed",
+                node_id=node_id,
+                superlink_name=node.name or None,
+                reason="registered on the SuperLink but not by the registry",
+            )
+            changed += 1
         return changed
 
-    def nodes(self) -> list[dict[str, Any]]:
-        return list(self.flwr("supernode", "ls")["nodes"])
+    def _reconcile_node(
+        self,
+        store: Store,
+        audit: Audit,
+        key: Any,
+        live: dict[str, SuperLinkNode],
+        by_key: dict[bytes, SuperLinkNode],
+        wanted: set[str],
+    ) -> int:
+        """One registry node against the SuperLink; 1 if something changed."""
+        if not key.active:
+            if key.flower_node_id is None:
+                return 0
+            if key.flower_node_id in live:
+                self.unregister(key.flower_node_id)
+            store.set_flower_node_id(key.name, None)
+            audit.record("superlink-node-unregistered", node=key.name, reason="revoked")
+            return 1
+        if not key.public_key:
+            return 0  # waiting for the node to send a fresh key
+        found = by_key.get(parse_flower_public_key(key.public_key))
+        if found is not None and found.status != UNREGISTERED:
+            wanted.add(found.node_id)
+            if found.node_id != key.flower_node_id:
+                store.set_flower_node_id(key.name, found.node_id)
+                return 1
+            return 0
+        if found is not None:  # unregistered behind the registry's back: the key is burnt
+            store.set_flower_key(key.name, "")
+            audit.record(
+                "superlink-node-lost",
+                node=key.name,
+                node_id=found.node_id,
+                reason="unregistered on the SuperLink without the registry; Flower never "
+                "re-admits that key, the node re-keys when its SuperNode restarts",
+            )
+            return 1
+        node_id = self.register(key.public_key, key.name)
+        wanted.add(node_id)
+        store.set_flower_node_id(key.name, node_id)
+        audit.record("superlink-node-registered", node=key.name, node_id=node_id)
+        return 1

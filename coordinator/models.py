@@ -43,6 +43,9 @@ def load_full_model(name: str) -> tuple[nn.Module, Any, ArchSpec, Path | str]:
     path, config = _read_config(name)
     arch = arch_spec(config)
     auto = getattr(transformers, arch.auto_class)
-    model = auto.from_pretrained(path, dtype=torch.float32).eval()
+    try:  # safetensors only: a pickle checkpoint can run code when loaded
+        model = auto.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the weights of {name!r} at {path}: {err}") from err
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, arch, path

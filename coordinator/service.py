@@ -1,11 +1,13 @@
-"""The coordinator's gRPC plane: enrollment (TLS) and artifacts (mutual TLS), thin servicers.
+"""The coordinator's gRPC plane: enrollment (TLS), artifacts and node services (mutual TLS).
 
 One server, two ports. The enrollment port offers TLS without asking for a client certificate
 (gRPC cannot make that per-service), so a new node can enroll with just its token. The artifact
 port demands a client certificate signed by the coordinator CA (any other fails the handshake),
-and every ArtifactService call also checks that the certificate's fingerprint belongs to an
-enrolled, unrevoked node — read from the registry on each call, so revocation needs no restart.
-Plaintext (``insecure``) only on loopback.
+and every ArtifactService and NodeService call also checks that the certificate's fingerprint
+belongs to an enrolled, unrevoked node — read from the registry on each call, so revocation
+needs no restart. The artifact plane is download-only: nodes have nothing to store here.
+Plaintext (``insecure``) only on loopback. Ports are bound exclusively (no ``SO_REUSEPORT``,
+which gRPC sets by default): a second coordinator on the same port fails instead of sharing it.
 """
 
 from __future__ import annotations
@@ -19,11 +21,21 @@ from pathlib import Path
 
 import grpc
 
-from coordinator.artifact_files import CHUNK, ArtifactFiles, is_digest
-from coordinator.pki import Pki, PkiError, issue_certificate, signing_public_key
+from coordinator.artifact_files import CHUNK, ArtifactFiles
+from coordinator.audit import Audit
+from coordinator.pki import (
+    Pki,
+    PkiError,
+    app_signer,
+    check_csr,
+    issue_certificate,
+    signing_public_key,
+)
 from coordinator.store import Store
 from coordinator.store.repository import StoreError
-from offsite.certs import fingerprint
+from offsite.certs import fingerprint, parse_flower_public_key
+from offsite.digests import is_sha256
+from offsite.errors import OffsiteError
 from offsite.wire.v1 import (
     artifacts_pb2,
     artifacts_pb2_grpc,
@@ -44,14 +56,17 @@ def peer_fingerprint(context: grpc.ServicerContext) -> str | None:
     return fingerprint(certs[0]) if certs else None
 
 
-def _require_node(store: Store, context: grpc.ServicerContext) -> None:
+def _require_node(store: Store, context: grpc.ServicerContext) -> str:
+    """The calling node's name, or the call is aborted (no certificate, unknown, revoked)."""
     found = peer_fingerprint(context)
     if found is None:
         _abort(context, grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
-    elif not store.is_allowed(found):
+    node = store.node(fingerprint=found)
+    if node is None or node.status != "active":
         _abort(
             context, grpc.StatusCode.PERMISSION_DENIED, "this node is not enrolled or was revoked"
         )
+    return node.name  # type: ignore[union-attr]
 
 
 class ArtifactServicer(artifacts_pb2_grpc.ArtifactServiceServicer):
@@ -59,7 +74,7 @@ class ArtifactServicer(artifacts_pb2_grpc.ArtifactServiceServicer):
         self.store, self.files, self.require_node = store, files, require_node
 
     def _known(self, digest: str, context: grpc.ServicerContext) -> dict:
-        if not is_digest(digest):
+        if not is_sha256(digest):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "digest must be 64 lowercase hex")
         found = self.store.artifact(digest)
         if found is None or not self.files.path(digest).is_file():
@@ -87,73 +102,82 @@ class ArtifactServicer(artifacts_pb2_grpc.ArtifactServiceServicer):
                 yield artifacts_pb2.Chunk(offset=offset, data=data)
                 offset += len(data)
 
-    def Upload(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        if self.require_node:
-            _require_node(self.store, context)
-        receiver = None
-        try:
-            for chunk in request_iterator:
-                if receiver is None:
-                    if not is_digest(chunk.digest) or not chunk.kind or chunk.size <= 0:
-                        _abort(
-                            context,
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            "first chunk needs digest, kind and size",
-                        )
-                    if self.store.artifact(chunk.digest) is not None:
-                        return artifacts_pb2.UploadResponse(
-                            digest=chunk.digest, already_present=True
-                        )
-                    receiver = self.files.receiver(chunk.digest, chunk.size)
-                    kind = chunk.kind
-                receiver.write(chunk.offset, chunk.data)
-            if receiver is None:
-                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty upload")
-            receiver.commit()  # type: ignore[union-attr]
-            path = self.files.path(receiver.digest)  # type: ignore[union-attr]
-            self.store.put_artifact(receiver.digest, kind, receiver.size, path)  # type: ignore[union-attr]
-            return artifacts_pb2.UploadResponse(digest=receiver.digest, already_present=False)  # type: ignore[union-attr]
-        except ValueError as err:
-            if receiver is not None:
-                receiver.abort()
-            _abort(context, grpc.StatusCode.DATA_LOSS, str(err))
-        except BaseException:
-            if receiver is not None:
-                receiver.abort()
-            raise
-
 
 class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
-    def __init__(self, store: Store, pki: Pki) -> None:
-        self.store, self.pki = store, pki
+    def __init__(self, store: Store, pki: Pki, audit: Audit | None = None) -> None:
+        self.store, self.pki, self.audit = store, pki, audit
         self.artifact_port = 0
         self.superlink_port = 0
         # called after a node enrolled (registers its Flower key before the node is answered)
         self.on_enrolled: Callable[[], object] | None = None
 
+    def _record(self, event: str, **fields: object) -> None:
+        if self.audit is not None:
+            self.audit.record(event, **fields)
+
     def Enroll(self, request, context):  # type: ignore[no-untyped-def]
+        name = request.node_name
         try:
-            certificate = issue_certificate(self.pki, request.csr_pem, request.node_name)
-            self.store.enroll(
-                request.token,
-                request.node_name,
-                fingerprint(certificate),
-                request.flower_public_key.decode("utf-8", "replace"),
+            # everything the node sent is checked before the token is touched; the certificate
+            # is signed only inside the token's transaction, once the token proved good
+            check_csr(request.csr_pem, name)
+            parse_flower_public_key(request.flower_public_key)
+            issued: list[bytes] = []
+
+            def issue() -> str:
+                issued.append(issue_certificate(self.pki, request.csr_pem, name))
+                return fingerprint(issued[0])
+
+            node = self.store.enroll(
+                request.token, name, issue, request.flower_public_key.decode("ascii")
             )
-        except PkiError as err:
+        except (PkiError, ValueError, UnicodeDecodeError) as err:
+            self._record("enrollment-refused", node=name[:63], reason=str(err)[:200])
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except StoreError as err:
+            self._record("enrollment-refused", node=name[:63], reason=str(err)[:200])
             _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(err))
-        log.info("enrolled node %s", request.node_name)
+        self._record("enrolled", node=name, fingerprint=node.fingerprint)
         if self.on_enrolled is not None:
             self.on_enrolled()
+        signer = app_signer(self.pki)
         return enrollment_pb2.EnrollResponse(
-            certificate_pem=certificate,
+            certificate_pem=issued[0],
             ca_certificate_pem=self.pki.ca_cert.read_bytes(),
             signing_public_key=signing_public_key(self.pki),
             artifact_port=self.artifact_port,
             superlink_port=self.superlink_port,
+            app_signing_public_key=signer.public_key,
+            app_signing_key_id=signer.key_id,
         )
+
+
+class NodeServicer(enrollment_pb2_grpc.NodeServiceServicer):
+    """Calls of enrolled nodes about their own registration (mutual TLS only)."""
+
+    def __init__(self, store: Store, audit: Audit | None = None) -> None:
+        self.store, self.audit = store, audit
+        # decides a renewal: (node name, new key) -> renewed?; None: no SuperLink here
+        self.renew: Callable[[str, str], bool] | None = None
+
+    def RenewFlowerKey(self, request, context):  # type: ignore[no-untyped-def]
+        name = _require_node(self.store, context)
+        if self.renew is None:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no SuperLink runs here")
+        try:
+            parse_flower_public_key(request.flower_public_key)
+            renewed = self.renew(name, request.flower_public_key.decode("ascii"))  # type: ignore[misc]
+        except (ValueError, UnicodeDecodeError) as err:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except OffsiteError as err:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, str(err))
+        return enrollment_pb2.RenewFlowerKeyResponse(renewed=renewed)
+
+
+class AddressInUse(OffsiteError):
+    """A port the coordinator needs is taken."""
+
+    exit_code = 1
 
 
 def is_loopback(address: str) -> bool:
@@ -174,6 +198,7 @@ class CoordinatorServer:
     enroll_port: int
     artifact_port: int
     enrollment: EnrollmentServicer
+    nodes: NodeServicer
 
 
 def build_server(
@@ -185,8 +210,11 @@ def build_server(
     *,
     insecure: bool = False,
     workers: int = 8,
+    audit: Audit | None = None,
 ) -> CoordinatorServer:
-    """A server bound to both addresses (not started)."""
+    """A server bound to both addresses (not started); its audit trail defaults to the state
+    folder's (``pki``'s parent)."""
+    audit = audit or Audit(pki.folder.parent)
     for address in (enroll_address, artifact_address):
         if insecure and not is_loopback(address):
             raise PkiError(
@@ -195,32 +223,41 @@ def build_server(
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.so_reuseport", 0),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(
         ArtifactServicer(store, files, require_node=not insecure), server
     )
-    enrollment = EnrollmentServicer(store, pki)
+    enrollment = EnrollmentServicer(store, pki, audit)
     enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(enrollment, server)
+    nodes = NodeServicer(store, audit)
+    enrollment_pb2_grpc.add_NodeServiceServicer_to_server(nodes, server)
     if insecure:
-        ports = [
-            server.add_insecure_port(enroll_address),
-            server.add_insecure_port(artifact_address),
-        ]
+        credentials: tuple[grpc.ServerCredentials | None, ...] = (None, None)
     else:
         identity = [(pki.server_key.read_bytes(), pki.server_cert.read_bytes())]
         tls = grpc.ssl_server_credentials(identity)
         mutual = grpc.ssl_server_credentials(
             identity, root_certificates=pki.ca_cert.read_bytes(), require_client_auth=True
         )
-        ports = [
-            server.add_secure_port(enroll_address, tls),
-            server.add_secure_port(artifact_address, mutual),
-        ]
-    if 0 in ports:
-        raise OSError(f"could not bind {enroll_address} and {artifact_address}")
+        credentials = (tls, mutual)
+    ports = []
+    for address, credential in zip((enroll_address, artifact_address), credentials, strict=True):
+        try:
+            port = (
+                server.add_insecure_port(address)
+                if credential is None
+                else server.add_secure_port(address, credential)
+            )
+        except RuntimeError:  # grpc >= 1.60 raises where it used to return 0
+            port = 0
+        if port == 0:
+            server.stop(None)
+            raise AddressInUse(f"cannot listen on {address}: address in use")
+        ports.append(port)
     enrollment.artifact_port = ports[1]
-    return CoordinatorServer(server, ports[0], ports[1], enrollment)
+    return CoordinatorServer(server, ports[0], ports[1], enrollment, nodes)
 
 
 def state_paths(state_dir: Path) -> tuple[Pki, ArtifactFiles]:

@@ -176,6 +176,8 @@ def write_bundle(
 
 def read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = Path(path) / MANIFEST
+    if manifest_path.is_symlink():
+        raise IntegrityError(f"{manifest_path} is a symbolic link; a bundle holds regular files")
     if not manifest_path.is_file():
         raise IntegrityError(
             f"{path} is not a bundle: {MANIFEST} is missing; rebuild it with "
@@ -192,7 +194,32 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for key in ("model", "layers", "adapter", "files", "tensors"):
         if not isinstance(manifest.get(key), dict):
             raise IntegrityError(f"{manifest_path} lacks the {key!r} section")
+    _check_entries(manifest_path, manifest)
     return manifest
+
+
+def _check_entries(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """Every file and tensor entry has the types verification relies on (one-line errors)."""
+    for name, meta in manifest["files"].items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            raise IntegrityError(f"{manifest_path}: file entry {str(name)[:60]!r} is malformed")
+    for name, meta in manifest["tensors"].items():
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("file"), str)
+            or not isinstance(meta.get("dtype"), str)
+            or not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        ):
+            raise IntegrityError(f"{manifest_path}: tensor entry {str(name)[:60]!r} is malformed")
+    for section, parse in (("layers", LayerPlan.from_dict), ("adapter", AdapterSpec.from_dict)):
+        try:
+            parse(manifest[section])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise IntegrityError(
+                f"{manifest_path}: the {section!r} section is malformed ({err!r:.80})"
+            ) from err
 
 
 def sign_bundle(path: Path | str, private_key: Any) -> None:
@@ -267,6 +294,8 @@ def _check_signature(path: Path, manifest: dict[str, Any], public_key: bytes) ->
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     signature_path = path / SIGNATURE
+    if signature_path.is_symlink():
+        raise IntegrityError(f"{signature_path} is a symbolic link; a bundle holds regular files")
     if not signature_path.is_file() or signature_path.stat().st_size != 64:
         raise IntegrityError(f"bundle {path} is not signed ({SIGNATURE} missing or malformed)")
     try:

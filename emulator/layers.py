@@ -75,9 +75,9 @@ class LayerPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> LayerPlan:
         return cls(
             num_layers=int(data["num_layers"]),
-            bottom=tuple(data["bottom"]),
-            middle_kept=tuple(data["middle_kept"]),
-            top=tuple(data["top"]),
+            bottom=tuple(int(i) for i in data["bottom"]),
+            middle_kept=tuple(int(i) for i in data["middle_kept"]),
+            top=tuple(int(i) for i in data["top"]),
         )
 
 

@@ -153,6 +153,24 @@ def model_cache_dir(name: str) -> Path:
     return offsite_home() / "models" / name
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def require_safetensors(path: Path) -> Path:
+    """``path``, unless it holds pickle weights and no safetensors: a ModelError then (loading
+    pickle can run arbitrary code, so Offsite never does)."""
+    if any(path.glob("*.safetensors")):
+        return path
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        raise ModelError(
+            f"{path} holds only pickle weights ({', '.join(pickles[:3])}); Offsite loads "
+            "safetensors only: convert with `AutoModel.from_pretrained(path)."
+            "save_pretrained(new_path)` in a Python you trust"
+        )
+    return path  # no weights at all: the loader says so when weights are needed
+
+
 def resolve_model(name: str) -> Path | str:
     """Return a local directory (or cached HF id) for ``name``, preparing catalog models once."""
     if name in MODELS:
@@ -169,7 +187,7 @@ def resolve_model(name: str) -> Path | str:
                 f"{path} has no config.json; pass a Hugging Face model directory "
                 "(save_pretrained layout) or a catalog name from `offsite models`"
             )
-        return path
+        return require_safetensors(path)
     looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") != 1
     if looks_like_path:
         raise ModelError(
@@ -180,13 +198,14 @@ def resolve_model(name: str) -> Path | str:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(name, local_files_only=True))
+            cached = Path(snapshot_download(name, local_files_only=True))
         except Exception as err:
             raise ModelError(
                 f"model {name!r} is not in the local Hugging Face cache and Offsite never "
                 "downloads weights; download it where you have network access, or pass a "
                 "local directory"
             ) from err
+        return require_safetensors(cached)
     known = ", ".join(MODELS)
     raise ModelError(
         f"unknown model {name!r}: use a catalog name ({known}), a local directory, "

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from offsite.cli_deploy import client_app, coordinator_app
-from offsite.errors import OffsiteError
+from offsite.errors import ConfigError, OffsiteError
 
 app = typer.Typer(
     name="offsite",
@@ -165,6 +165,9 @@ def run_deployed(
 
     Example: offsite run federation.num_clients=2 federation.rounds=2
     """
+    import os
+
+    os.umask(0o077)  # the coordinator's artifacts, apps and run state: owner-only
     _setup_logging(verbose)
     from coordinator.deployment import Deployment
     from offsite.config import load_config
@@ -237,15 +240,63 @@ def emulator_build(
 @emulator_app.command("verify")
 def emulator_verify(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    digest: Annotated[str | None, typer.Option(help="Expected manifest digest.")] = None,
+    digest: Annotated[
+        str | None, typer.Option(help="Expected manifest digest (pins this exact bundle).")
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            help="The coordinator's bundle-signing public key: 64 hex characters (as "
+            "`offsite client status` shows it in node.json), or a file holding them or a PEM "
+            "public key. The manifest signature must verify with it.",
+        ),
+    ] = None,
 ) -> None:
-    """Check a bundle's manifest, every file digest and every tensor header."""
-    from emulator.bundle import verify_bundle
+    """Check a bundle's manifest, every file digest and every tensor header, and (with --key)
+    its signature; says what was not checked."""
+    from emulator.bundle import SIGNATURE, verify_bundle
+    from offsite.digests import require_sha256
 
-    verified = verify_bundle(bundle, digest)
+    if digest is not None:
+        require_sha256(digest, "--digest")
+    verified = verify_bundle(bundle, digest, _bundle_key(key) if key else None)
     typer.echo(
         f"OK {verified.digest} ({verified.plan.label}, {len(verified.manifest['tensors'])} tensors)"
     )
+    if key:
+        typer.echo("signature: valid for the given key")
+    elif (Path(bundle) / SIGNATURE).is_file():
+        typer.echo("signature: present, NOT checked (pass --key to check it)")
+    else:
+        typer.echo("signature: none (the bundle is unsigned; nodes refuse unsigned bundles)")
+    if digest is None:
+        typer.echo("digest: not pinned (pass --digest to make sure this is the bundle you expect)")
+
+
+def _bundle_key(value: str) -> bytes:
+    """Raw Ed25519 public key from hex, a hex file or a PEM public key file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    text = value
+    if Path(value).is_file():
+        data = Path(value).read_bytes()
+        if b"BEGIN PUBLIC KEY" in data:
+            loaded = serialization.load_pem_public_key(data)
+            if not isinstance(loaded, Ed25519PublicKey):
+                raise ConfigError(f"--key {value} is not an Ed25519 public key")
+            return loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        text = data.decode("ascii", "replace").strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(
+            "--key must be the 32-byte Ed25519 public key as 64 hex characters, or a file "
+            "holding them or a PEM public key"
+        )
+    return raw
 
 
 @app.command("eval")
@@ -310,19 +361,59 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Interface to bind (loopback by default).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one and prints it).")] = 8000,
     served_name: Annotated[
         str | None, typer.Option(help="Model name clients use for the base model.")
     ] = None,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longer prompts get HTTP 400.")] = 2048,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Larger request bodies get HTTP 413 (read no further).")
+    ] = 1024 * 1024,
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="OFFSITE_ADMIN_TOKEN_FILE",
+            help="File holding the token the adapter load/unload routes require (Bearer). "
+            "Required when --host is not loopback.",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="OFFSITE_API_KEY_FILE",
+            help="File holding the API key every model route requires (Bearer, as OpenAI "
+            "clients send it).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the full model over an OpenAI-compatible API; adapters are model names.
 
     Endpoints: /v1/models, /v1/completions and /v1/chat/completions (with "stream": true),
     and vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter to swap adapters at runtime.
+    Beyond loopback an admin token is required for the adapter routes.
     Example: offsite serve -a bbc=runs/<run>/export/round-3/peft
     """
+    import socket
+
+    from coordinator.service import is_loopback
+
     _setup_logging(False)
+    admin_token = _secret(admin_token_file, "--admin-token-file")
+    api_key = _secret(api_key_file, "--api-key-file")
+    if not is_loopback(f"{host}:{port}") and not admin_token:
+        raise ConfigError(
+            f"--host {host} is reachable beyond this machine: pass --admin-token-file so only "
+            "you can load and unload adapters (and --api-key-file to guard completions)"
+        )
+    if max_body_bytes < 1024 or max_prompt_tokens < 1:
+        raise ConfigError("--max-body-bytes must be >= 1024 and --max-prompt-tokens >= 1")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}") from err
     _quiet_libraries()
     import uvicorn
 
@@ -335,8 +426,27 @@ def serve(
         if not sep:
             raise typer.BadParameter(f"--adapter {spec!r} must be NAME=PATH")
         engine.load_adapter(name, path)
-    typer.echo(f"serving {engine.model_names()} on http://{host}:{port}/v1")
-    uvicorn.run(build_app(engine), host=host, port=port, log_level="warning")
+    bound = listener.getsockname()[1]
+    typer.echo(f"serving {engine.model_names()} on http://{host}:{bound}/v1", color=False)
+    sys.stdout.flush()
+    app_ = build_app(
+        engine, admin_token=admin_token, api_key=api_key, max_body_bytes=max_body_bytes
+    )
+    server = uvicorn.Server(uvicorn.Config(app_, log_level="warning"))
+    server.run(sockets=[listener])
+
+
+def _secret(path: Path | None, option: str) -> str | None:
+    """A token read from a file (never from argv, which every local user can list)."""
+    if path is None:
+        return None
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {option} {path}: {err}") from err
+    if len(value) < 16:
+        raise ConfigError(f"{option} {path} must hold a token of at least 16 characters")
+    return value
 
 
 @app.command()

@@ -5,8 +5,9 @@ Heavy imports happen inside the commands (``offsite --help`` stays instant).
 
 from __future__ import annotations
 
+import math
+import os
 import signal
-import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ from typing import Annotated
 import typer
 
 from offsite.allocator import ALLOCATORS
+from offsite.errors import ConfigError
 from offsite.paths import offsite_home
 
 coordinator_app = typer.Typer(
@@ -21,6 +23,16 @@ coordinator_app = typer.Typer(
     no_args_is_help=True,
 )
 client_app = typer.Typer(help="Join a coordinator as a data-owner node.", no_args_is_help=True)
+
+
+@coordinator_app.callback()
+@client_app.callback()
+def _owner_only_files() -> None:
+    """Keys, registries, caches and logs these commands write are readable by their owner only."""
+    os.umask(0o077)
+
+
+MAX_HOURS = 24 * 90  # a token is for one enrollment soon; a quarter is the longest we mint
 
 StateOption = Annotated[
     Path | None,
@@ -93,9 +105,16 @@ def coordinator_init(
 def coordinator_token(
     state: StateOption = None,
     database: DatabaseOption = None,
-    hours: Annotated[float, typer.Option(help="Validity of the token in hours.")] = 24.0,
+    hours: Annotated[
+        float, typer.Option(help=f"Validity of the token in hours (0 < hours <= {MAX_HOURS}).")
+    ] = 24.0,
 ) -> None:
     """Mint a one-time enrollment token (stored hashed; shown once)."""
+    if not (math.isfinite(hours) and 0 < hours <= MAX_HOURS):
+        raise ConfigError(
+            f"--hours must be a number in (0, {MAX_HOURS}] (a token valid for {hours} hours "
+            "never or always works)"
+        )
     typer.echo(_store(state, database).mint_token(timedelta(hours=hours)))
 
 
@@ -105,19 +124,33 @@ def coordinator_revoke(
     state: StateOption = None,
     database: DatabaseOption = None,
 ) -> None:
-    """Revoke a node: its next call is refused (no restart needed; survives restarts)."""
+    """Revoke a node: its next call is refused (no restart needed; survives restarts).
+
+    A running `coordinator serve` unregisters its SuperNode key within seconds."""
+    from coordinator.audit import Audit
     from offsite.errors import OffsiteError
 
     if not _store(state, database).revoke(node):
         raise OffsiteError(f"no active node named {node!r}; see `offsite coordinator nodes`")
+    Audit(_state(state)).record("revoked", node=node)
     typer.echo(f"revoked {node}")
 
 
 @coordinator_app.command("nodes")
 def coordinator_nodes(state: StateOption = None, database: DatabaseOption = None) -> None:
-    """List enrolled nodes."""
-    for node in _store(state, database).nodes():
-        typer.echo(f"{node.name:24} {node.status:8} {node.fingerprint[:16]}…")
+    """List enrolled nodes: registry status, certificate fingerprint and, while `coordinator
+    serve` runs, what the SuperLink says of the node (online, offline, registered)."""
+    from coordinator.flower_link import FlowerLink, FlowerLinkError
+
+    store = _store(state, database)
+    try:
+        held = {n.node_id: n.status for n in FlowerLink.of_state(_state(state)).nodes()}
+    except (FlowerLinkError, OSError):
+        held = {}
+    keys = {k.name: k.flower_node_id for k in store.flower_keys()}
+    for node in store.nodes():
+        superlink = held.get(keys.get(node.name) or "", "—") if held else "(not serving)"
+        typer.echo(f"{node.name:24} {node.status:8} {superlink:12} {node.fingerprint[:16]}…")
 
 
 @coordinator_app.command("publish")
@@ -151,10 +184,16 @@ def coordinator_serve(
     flower: Annotated[
         str,
         typer.Option(
-            help="Address of the Flower SuperLink (TLS, SuperNode authentication); "
-            "'off' serves enrollment and artifacts only."
+            help="Address nodes reach the Flower SuperLink's Fleet API on (TLS through nginx; "
+            "node authentication); 'off' serves enrollment and artifacts only."
         ),
     ] = "0.0.0.0:9302",
+    control: Annotated[
+        str,
+        typer.Option(
+            help="Loopback address of the SuperLink itself (its Control API: this host only)."
+        ),
+    ] = "127.0.0.1:9303",
     insecure: Annotated[
         bool,
         typer.Option(
@@ -165,71 +204,99 @@ def coordinator_serve(
 ) -> None:
     """Serve enrollment, artifacts and the Flower SuperLink until interrupted.
 
-    Enrolled nodes' Flower keys are registered with the SuperLink as they join; revoked nodes
-    are unregistered within seconds (and on every start).
+    Nodes reach the SuperLink's Fleet API only, through nginx on --flower; its Control API
+    (list/register/unregister nodes, start runs) stays on --control, loopback. The registry
+    leads: enrolled nodes' keys are registered, revoked and unknown ones removed within
+    seconds (and on every start); every change goes to <state>/audit.log.
     """
-    from coordinator.flower_link import FlowerLink
-    from coordinator.service import build_server, state_paths
+    from coordinator.daemon import CoordinatorDaemon, secure_state
+    from coordinator.service import state_paths
     from offsite.errors import OffsiteError
-    from offsite.processes import stop_tree
 
     folder = _state(state)
-    pki, files = state_paths(folder)
+    pki, _ = state_paths(folder)
     if not pki.exists():
         raise OffsiteError(f"{folder} has no coordinator keys; run `offsite coordinator init`")
-    store = _store(folder, database)
-    built = build_server(store, pki, files, enroll, artifacts, insecure=insecure)
-    stop = threading.Event()
-    link = None if insecure or flower == "off" else FlowerLink.of_state(folder, flower)
-    superlink = None
-    if link is not None:
-        superlink = link.start(pki)
-        built.enrollment.superlink_port = int(flower.rpartition(":")[2])
-        sync_lock = threading.Lock()
-
-        def sync() -> None:
-            with sync_lock:
-                link.sync(store)
-
-        built.enrollment.on_enrolled = sync
-        sync()
-
-        def keep_in_sync() -> None:
-            while not stop.wait(3.0):
-                sync()
-                if superlink.poll() is not None:
-                    typer.echo(f"the Flower SuperLink exited ({superlink.returncode})", err=True)
-                    stop.set()
-
-        threading.Thread(target=keep_in_sync, daemon=True).start()
-    built.server.start()
+    secure_state(folder)
+    link = None if insecure or flower == "off" else flower
+    daemon = CoordinatorDaemon(
+        folder, _store(folder, database), enroll, artifacts, link, control, insecure
+    )
+    built = daemon.start()
     typer.echo(
         f"enrollment on port {built.enroll_port}, artifacts on port {built.artifact_port}"
-        + (f", Flower SuperLink on {flower}" if link else "")
+        + (f", Flower Fleet API on {flower} (SuperLink on {control})" if link else "")
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, lambda *_: daemon.stop.set())
+    daemon.stop.wait()
     built.server.stop(grace=5).wait()
-    if superlink is not None:
-        stop_tree(superlink)
+    daemon.shutdown()
 
 
 @client_app.command("join")
 def client_join(
     coordinator: Annotated[str, typer.Option(help="Coordinator enrollment address HOST:PORT.")],
-    token: Annotated[str, typer.Option(help="One-time token from `offsite coordinator token`.")],
     ca_fingerprint: Annotated[
         str, typer.Option(help="The CA fingerprint `offsite coordinator init` printed.")
     ],
     name: Annotated[str, typer.Option(help="This node's name ([a-z0-9-], unique).")],
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OFFSITE_ENROLL_TOKEN",
+            help="One-time token from `offsite coordinator token` (or $OFFSITE_ENROLL_TOKEN; "
+            "prefer --token-file: arguments show in process lists).",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the token (a mounted secret in compose/Kubernetes)."),
+    ] = None,
     state: NodeStateOption = None,
+    exist_ok: Annotated[
+        bool,
+        typer.Option(
+            "--exist-ok", help="If this folder already holds an identity, keep it and succeed."
+        ),
+    ] = False,
 ) -> None:
-    """Enroll this node: make a key here, get a certificate; from then on mutual TLS."""
-    from client.identity import join
+    """Enroll this node: make a key here, get a certificate; from then on mutual TLS.
 
-    identity = join(coordinator, token, ca_fingerprint, name, _node_state(state))
+    The coordinator's CA is pinned by --ca-fingerprint and checked to have issued the
+    server's certificate before the token is sent. The node also pins the coordinator's
+    app-signing key: its SuperNode will run no Flower app that key did not sign.
+    """
+    from client.identity import NodeIdentity, join
+
+    folder = _node_state(state)
+    if exist_ok and NodeIdentity(folder).exists():
+        typer.echo(
+            f"{folder} already holds the identity of {NodeIdentity(folder).details()['name']}"
+        )
+        return
+    if (token is None) == (token_file is None):
+        raise ConfigError("pass the token with exactly one of --token or --token-file")
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read --token-file {token_file}: {err}") from err
+    identity = join(coordinator, str(token), ca_fingerprint, name, folder)
     typer.echo(f"joined as {name}; identity in {identity.folder}")
+    typer.echo(f"trusting apps signed by {identity.status()['app-signing key']}")
+
+
+@client_app.command("status")
+def client_status(state: NodeStateOption = None) -> None:
+    """Show this node's identity and what it trusts (CA, bundle and app signers).
+
+    The app-signing key is the only signer whose Flower apps this node's SuperNode runs;
+    compare its fingerprint with the one the coordinator's operator gives you."""
+    from client.identity import NodeIdentity
+
+    for key, value in NodeIdentity(_node_state(state)).status().items():
+        typer.echo(f"{key + ':':26} {value}")
 
 
 @client_app.command("start")
@@ -266,13 +333,19 @@ def client_start(
     artifact service (mutual TLS, signature and digests verified) into the node's cache.
     """
 
+    import logging
+    import subprocess
+    import threading
+
     from client.identity import NodeIdentity
-    from client.supernode import supernode_command
+    from client.supernode import supernode_command, supervise
     from offsite.allocator import allocator_env
     from offsite.processes import flower_env, start_child, stop_tree
 
     _check_allocator(allocator)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     identity = NodeIdentity(_node_state(state))
+    identity.app_signer()  # refuse to start a node that pins no app signer
     if memory_budget:
         from offsite.sizes import parse_size
 
@@ -280,21 +353,29 @@ def client_start(
             parse_size(memory_budget)
         except ValueError as err:
             raise typer.BadParameter(str(err)) from err
-    command = supernode_command(identity, data, port, superlink, memory_budget)
     home = identity.folder / "flower"
     home.mkdir(exist_ok=True)
-    env = allocator_env(flower_env(home), allocator)  # type: ignore[arg-type]
-    process = start_child(command, env)
+    supernode_command(identity, data, port, superlink, memory_budget)  # checks before starting
+    stopping = threading.Event()
+    running: list[subprocess.Popen] = []
+
+    def launch() -> subprocess.Popen:
+        command = supernode_command(identity, data, port, superlink, memory_budget)
+        return start_child(command, allocator_env(flower_env(home), allocator))  # type: ignore[arg-type]
+
+    def started(process: subprocess.Popen) -> None:
+        running[:] = [process]
+        if stopping.is_set():  # a signal arrived while it was starting
+            stop_tree(process)
+
+    def stop(*_: object) -> None:
+        stopping.set()
+        for process in running:
+            stop_tree(process)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop_tree(process))
-    code = process.wait()
-    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-        typer.echo(
-            f"the SuperNode exited with code {code} (305: this node's key is not registered "
-            "or was revoked; ask the coordinator's operator)",
-            err=True,
-        )
-        raise typer.Exit(code if code > 0 else 1)
+        signal.signal(sig, stop)
+    supervise(identity, launch, stopping.is_set, on_start=started)
 
 
 @client_app.command("fetch")
@@ -308,7 +389,10 @@ def client_fetch(
 
     from client.artifacts import fetch_bundle
     from client.identity import NodeIdentity
+    from offsite.digests import require_sha256
 
+    require_sha256(artifact, "artifact digest")
+    require_sha256(bundle, "bundle digest")
     identity = NodeIdentity(_node_state(state))
     with tqdm(unit="B", unit_scale=True, desc="bundle") as bar:
 

@@ -527,6 +527,9 @@ def load_config(path: Path | str | None = None, overrides: Iterable[str] = ()) -
     return config_from_dict(data)
 
 
+MAX_SEED = 2**31 - 1
+
+
 def config_from_dict(data: Mapping[str, Any]) -> OffsiteConfig:
     """Build and validate a config from nested tables (e.g. a run's saved ``config.toml``)."""
     problems: list[str] = []
@@ -542,6 +545,9 @@ def _cross_section_problems(config: OffsiteConfig) -> list[str]:
     """Settings that are each valid but do not work together."""
     out = []
     federation, privacy = config.federation, config.privacy
+    if not 0 <= config.seed <= MAX_SEED:
+        # numpy takes 32-bit seeds, and per-client seeds are derived by adding small offsets
+        out.append(f"seed must be in [0, {MAX_SEED}], got {config.seed}")
     if config.train.upload == "sparse" and (federation.secure_aggregation or privacy.epsilon > 0):
         out.append(
             "train.upload='sparse' cannot be combined with secure aggregation or differential "

@@ -59,36 +59,55 @@ def _folder_per_label(root: Path, name: str) -> Task:
     return Task(name, "classification", tuple(examples), tuple(labels))
 
 
+def user_text(path: Path) -> str:
+    """A user's text file: UTF-8 (BOM optional) or UTF-16 with a BOM; anything else is a
+    DataError naming the line and byte to fix."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path} starts like UTF-16 but is not ({err.reason})") from err
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line} is not UTF-8 text (byte 0x{data[err.start]:02x}); re-save the file "
+            "as UTF-8"
+        ) from err
+
+
 def _jsonl(path: Path, text_field: str, label_field: str) -> Task:
     examples: list[Example] = []
     kinds: set[str] = set()
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{number} is not valid JSON ({err.msg}); fix that line"
-                ) from err
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number} must be a JSON object")
-            if "prompt" in row and "completion" in row:
-                kinds.add("completion")
-                examples.append(Example(text=str(row["prompt"]), completion=str(row["completion"])))
-            elif text_field in row and label_field in row:
-                kinds.add("classification")
-                examples.append(Example(text=str(row[text_field]), label=str(row[label_field])))
-            elif set(row) == {text_field}:
-                kinds.add("completion")
-                examples.append(Example(text="", completion=str(row[text_field])))
-            else:
-                raise DataError(
-                    f"{path}:{number} has fields {sorted(row)}; expected {text_field!r} and "
-                    f"{label_field!r}, 'prompt' and 'completion', or {text_field!r} alone (set "
-                    "data.text_field / data.label_field to match your file)"
-                )
+    lines = user_text(path).split("\n")  # not splitlines: U+2028 may sit inside a JSON string
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}:{number} is not valid JSON ({err.msg}); fix that line"
+            ) from err
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number} must be a JSON object")
+        if "prompt" in row and "completion" in row:
+            kinds.add("completion")
+            examples.append(Example(text=str(row["prompt"]), completion=str(row["completion"])))
+        elif text_field in row and label_field in row:
+            kinds.add("classification")
+            examples.append(Example(text=str(row[text_field]), label=str(row[label_field])))
+        elif set(row) == {text_field}:
+            kinds.add("completion")
+            examples.append(Example(text="", completion=str(row[text_field])))
+        else:
+            raise DataError(
+                f"{path}:{number} has fields {sorted(row)}; expected {text_field!r} and "
+                f"{label_field!r}, 'prompt' and 'completion', or {text_field!r} alone (set "
+                "data.text_field / data.label_field to match your file)"
+            )
     if len(kinds) > 1:
         raise DataError(
             f"{path} mixes labelled and prompt/completion rows; use one format per file"

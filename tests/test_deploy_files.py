@@ -153,3 +153,55 @@ def test_example_config_loads() -> None:
 def test_the_command_checker_itself_catches_mistakes(bad: list[str]) -> None:
     with pytest.raises((click.UsageError, AssertionError)):
         _parse_offsite(bad)
+
+
+def _coordinator_serve_args() -> list[list[str]]:
+    compose = [_compose()["services"]["coordinator"]["command"]]
+    k8s = [
+        c["args"]
+        for d in _k8s()
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if c.get("args", [])[:2] == ["coordinator", "serve"]
+    ]
+    return compose + k8s
+
+
+def test_the_control_api_is_on_loopback_and_never_published() -> None:
+    from coordinator.service import is_loopback
+
+    served = _coordinator_serve_args()
+    assert len(served) == 2
+    for args in served:
+        control = args[args.index("--control") + 1]
+        assert is_loopback(control), args
+        port = control.rsplit(":", 1)[1]
+        published = {p.split(":")[1] for p in _compose()["services"]["coordinator"]["ports"]}
+        assert port not in published
+        services = [d for d in _k8s() if d["kind"] == "Service"]
+        assert all(str(p["port"]) != port for s in services for p in s["spec"]["ports"])
+        dockerfile = (DEPLOY / "Dockerfile").read_text()
+        assert port not in re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split()  # type: ignore[union-attr]
+
+
+def test_enrollment_tokens_never_sit_in_a_command_line_and_joins_are_idempotent() -> None:
+    joins = [s["command"] for n, s in _compose()["services"].items() if n.endswith("-join")]
+    for container in (
+        c
+        for d in _k8s()
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"].get("initContainers", [])
+        if c["name"] == "join"
+    ):
+        joins += [
+            _substitute(a) for word in container["command"][2:] for a in _offsite_commands(word)
+        ]
+    assert len(joins) == 3
+    for args in joins:
+        assert "--token" not in args and "--exist-ok" in args, args
+    assert "OFFSITE_ENROLL_TOKEN" in (DEPLOY / "compose.yaml").read_text()
+
+
+def test_the_image_installs_nginx_for_the_fleet_proxy() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"apt-get install[^\n]*\bnginx\b", text)

@@ -240,30 +240,31 @@ def test_a_download_cut_halfway_resumes_without_resending(
     assert offsets == [len(first.data)] and 0 <= resent <= CHUNK
 
 
-def test_upload_is_idempotent_and_checked(coordinator: Coordinator, tmp_path: Path) -> None:
+def test_the_artifact_plane_is_download_only(coordinator: Coordinator, tmp_path: Path) -> None:
+    """Nodes have nothing to store on the coordinator: an upload call is not even routed."""
     identity = _join(coordinator, tmp_path / "node")
-    stub = _stub(coordinator, identity)
-    data = os.urandom(3 * 1024 * 1024)
-    import hashlib
-
-    digest = hashlib.sha256(data).hexdigest()
-
-    def chunks(payload: bytes, claimed: str) -> Iterator[artifacts_pb2.UploadChunk]:
-        for offset in range(0, len(payload), 1 << 20):
-            yield artifacts_pb2.UploadChunk(
-                digest=claimed,
-                kind="adapter",
-                size=len(payload),
-                offset=offset,
-                data=payload[offset : offset + (1 << 20)],
-            )
-
-    assert not stub.Upload(chunks(data, digest), timeout=30).already_present
-    assert stub.Upload(chunks(data, digest), timeout=30).already_present
+    upload = identity.channel().stream_unary(
+        "/offsite.v1.ArtifactService/Upload",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    before = sorted(p.name for p in (coordinator.state / "artifacts").iterdir())
     with pytest.raises(grpc.RpcError) as err:
-        stub.Upload(chunks(data, "0" * 64), timeout=30)
-    assert err.value.code() == grpc.StatusCode.DATA_LOSS
-    assert coordinator.store.artifact("0" * 64) is None
+        upload(iter([os.urandom(1 << 20)] * 3), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert sorted(p.name for p in (coordinator.state / "artifacts").iterdir()) == before
+
+
+def test_a_second_server_on_a_bound_port_fails_with_address_in_use(
+    coordinator: Coordinator,
+) -> None:
+    from coordinator.service import AddressInUse
+
+    pki, files = state_paths(coordinator.state)
+    with pytest.raises(AddressInUse, match="address in use"):
+        build_server(coordinator.store, pki, files, coordinator.address, "127.0.0.1:0")
+    with pytest.raises(AddressInUse, match="address in use"):
+        build_server(coordinator.store, pki, files, "127.0.0.1:0", coordinator.artifacts)
 
 
 @pytest.mark.integration
@@ -276,7 +277,7 @@ def test_fuzzed_requests_do_not_crash_the_server(coordinator: Coordinator, tmp_p
         "/offsite.v1.ArtifactService/Stat": channel.unary_unary,
         "/offsite.v1.EnrollmentService/Enroll": channel.unary_unary,
         "/offsite.v1.ArtifactService/Download": channel.unary_stream,
-        "/offsite.v1.ArtifactService/Upload": channel.stream_unary,
+        "/offsite.v1.NodeService/RenewFlowerKey": channel.unary_unary,
     }
     codes: set[grpc.StatusCode] = set()
     for path, factory in methods.items():
@@ -322,7 +323,7 @@ def test_bundle_archives_with_unsafe_entries_are_refused(tmp_path: Path, entry: 
         else:
             info.size = 3
             tar.addfile(info, io.BytesIO(b"bad"))
-    with pytest.raises(ValueError, match="unsafe entry"):
+    with pytest.raises(IntegrityError, match="unsafe entry"):
         unpack_bundle(archive, tmp_path / "out")
     assert not (tmp_path / "escape").exists()
     assert not any((tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else True

@@ -1,25 +1,37 @@
 """HTTP routes of ``offsite serve``: the OpenAI API shape, plus vLLM's adapter load/unload.
 
 Thin transport: each route validates the request body, calls the engine, and maps
-``EngineError`` to its HTTP status with an OpenAI-style error body. Malformed JSON and schema
-violations answer 400, unknown models 404; the server keeps serving after any of them.
+``EngineError`` to its HTTP status with an OpenAI-style error body. Every error has that shape:
+malformed JSON and schema violations 400, a missing or wrong key 401, unknown models and routes
+404, a wrong method 405, an oversized body 413, anything unexpected 500; the server keeps
+serving after any of them.
+
+Guards: request bodies are capped while they are read (``max_body_bytes``) and prompts by
+characters before they are tokenized; tokenizing and generation run off the event loop, so a
+large request never stalls ``/health``. With ``admin_token`` the adapter load/unload routes need
+``Authorization: Bearer <admin token>``; with ``api_key`` every model route needs that key (or
+the admin token), as OpenAI clients send it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator.serve.engine import Engine, EngineError, Piece, Sampling
 
@@ -62,11 +74,71 @@ class UnloadAdapter(BaseModel):
     lora_name: str
 
 
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 1024 * 1024
+CHARS_PER_TOKEN_CAP = 32  # a prompt longer than this many characters per allowed token is refused
+
+
 def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse(
         {"error": {"message": message, "type": kind, "param": None, "code": status}},
         status_code=status,
     )
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is refused with 413 — by its declared
+    length, or while it arrives (chunked) — before the app sees any of it. Bodies under the
+    limit are read here and replayed to the app (at most ``limit`` bytes are held)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = _error(
+            413, f"the request body exceeds {self.limit} bytes", "invalid_request_error"
+        )
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away; the app sees the disconnect below
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await too_large(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def _matches(given: str, *expected: str | None) -> bool:
+    return any(e and hmac.compare_digest(given.encode(), e.encode()) for e in expected)
 
 
 async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
@@ -108,12 +180,51 @@ async def _produce(
         del worker
 
 
-def build_app(engine: Engine) -> FastAPI:
+def build_app(
+    engine: Engine,
+    *,
+    admin_token: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
     app = FastAPI(title="offsite serve", version="1")
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    max_prompt_chars = engine.max_prompt_tokens * CHARS_PER_TOKEN_CAP
+
+    async def caller(request: Request) -> None:
+        if api_key and not _matches(_bearer(request), api_key, admin_token):
+            raise EngineError(
+                "a valid API key is required (Authorization: Bearer …)", 401, "authentication_error"
+            )
+
+    async def admin(request: Request) -> None:
+        if admin_token and not _matches(_bearer(request), admin_token):
+            raise EngineError(
+                "the admin token is required to load or unload adapters",
+                401,
+                "authentication_error",
+            )
+
+    def check_prompt(text: str) -> None:
+        if len(text) > max_prompt_chars:
+            raise EngineError(
+                f"the prompt has {len(text)} characters; the limit is {max_prompt_chars} "
+                f"({engine.max_prompt_tokens} tokens)"
+            )
 
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, err: EngineError) -> JSONResponse:
         return _error(err.status, str(err), err.kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return _error(err.status_code, str(err.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error while serving a request")
+        return _error(500, f"internal error: {type(err).__name__}", "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -125,7 +236,7 @@ def build_app(engine: Engine) -> FastAPI:
             "invalid_request_error",
         )
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(caller)])
     async def models() -> dict[str, Any]:
         now = int(time.time())
         data = [
@@ -144,17 +255,20 @@ def build_app(engine: Engine) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=[Depends(caller)])
     async def completions(body: CompletionRequest) -> Any:
         prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
         engine.check_model(body.model)
-        ids = engine.encode_prompt(prompt)
+        check_prompt(prompt)
+        ids = await run_in_threadpool(engine.encode_prompt, prompt)
         return await _respond(body, ids, "text_completion", chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(caller)])
     async def chat(body: ChatRequest) -> Any:
         engine.check_model(body.model)
-        ids = engine.encode_chat([m.model_dump() for m in body.messages])
+        check_prompt("".join(m.content for m in body.messages))
+        messages = [m.model_dump() for m in body.messages]
+        ids = await run_in_threadpool(engine.encode_chat, messages)
         return await _respond(body, ids, "chat.completion", chat=True)
 
     async def _respond(body: _Sampling, ids: list[int], kind: str, chat: bool) -> Any:
@@ -197,7 +311,7 @@ def build_app(engine: Engine) -> FastAPI:
             "usage": usage,
         }
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(admin)])
     async def load_adapter(body: LoadAdapter) -> PlainTextResponse:
         seconds = await run_in_threadpool(
             engine.load_adapter, body.lora_name, body.lora_path, body.load_inplace
@@ -206,7 +320,7 @@ def build_app(engine: Engine) -> FastAPI:
             f"Success: LoRA adapter '{body.lora_name}' added successfully ({seconds:.3f} s)."
         )
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(admin)])
     async def unload_adapter(body: UnloadAdapter) -> PlainTextResponse:
         await run_in_threadpool(engine.unload_adapter, body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

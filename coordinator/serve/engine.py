@@ -62,7 +62,8 @@ class Engine:
         self.model: Any = self.base
         self.served_name = served_name
         self.max_prompt_tokens = max_prompt_tokens
-        self.adapters: dict[str, dict[str, Any]] = {}
+        self.adapters: dict[str, dict[str, Any]] = {}  # served name -> path, time, PEFT name
+        self._serial = 0
         self.lock = threading.Lock()
 
     # ------------------------------------------------------------------ adapters
@@ -74,7 +75,10 @@ class Engine:
         """Load a PEFT adapter folder under ``name``; returns the seconds it took.
 
         ``inplace`` replaces an adapter of the same name atomically (no window in which the
-        name is missing), which is how a federation pushes each new round.
+        name is missing), which is how a federation pushes each new round. A load that fails
+        leaves the base model and every loaded adapter exactly as they were: the new adapter
+        is built under a fresh internal name and only then swapped in; a failure removes
+        whatever PEFT had injected.
         """
         if not name or name == self.served_name:
             raise EngineError(f"adapter name {name!r} is empty or the base model's name")
@@ -87,43 +91,57 @@ class Engine:
             )
         with self.lock:
             start = time.perf_counter()
-            if name in self.adapters:
-                if not inplace:
-                    raise EngineError(
-                        f"adapter {name!r} is already loaded; unload it first or pass "
-                        '"load_inplace": true',
-                        400,
-                    )
-                self._drop(name)
-            try:
-                if self.model is self.base:
-                    from peft import PeftModel
-
-                    self.model = PeftModel.from_pretrained(self.base, folder, adapter_name=name)
-                else:
-                    self.model.load_adapter(folder, adapter_name=name)
-            except (ValueError, KeyError, RuntimeError, OSError) as err:
-                raise EngineError(f"cannot load adapter from {path}: {err}", 400) from err
+            if name in self.adapters and not inplace:
+                raise EngineError(
+                    f"adapter {name!r} is already loaded; unload it first or pass "
+                    '"load_inplace": true',
+                    400,
+                )
+            self._serial += 1
+            internal = f"adapter-{self._serial}"
+            self._attach(folder, internal)
+            previous = self.adapters.get(name)
+            self.adapters[name] = {
+                "path": str(folder),
+                "created": int(time.time()),
+                "internal": internal,
+            }
+            if previous is not None:
+                self.model.delete_adapter(previous["internal"])
             self.model.eval()
-            seconds = time.perf_counter() - start
-            self.adapters[name] = {"path": str(folder), "created": int(time.time())}
-            return seconds
+            return time.perf_counter() - start
+
+    def _attach(self, folder: Path, internal: str) -> None:
+        """Attach a PEFT adapter as ``internal`` (lock held), or restore the model and raise."""
+        from peft import PeftModel
+
+        modules = {
+            name: dict(module.named_children()) for name, module in self.base.named_modules()
+        }
+        was_base = self.model is self.base
+        try:
+            if was_base:
+                self.model = PeftModel.from_pretrained(self.base, folder, adapter_name=internal)
+            else:
+                self.model.load_adapter(folder, adapter_name=internal)
+        except Exception as err:  # PEFT raises many kinds; every one leaves the model restored
+            if was_base:
+                _restore_children(self.base, modules)
+                self.model = self.base
+            elif internal in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter(internal)
+            raise EngineError(f"cannot load adapter from {folder}: {err}", 400) from err
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:
             if name not in self.adapters:
                 raise EngineError(f"adapter {name!r} is not loaded", 404, "not_found_error")
-            self._drop(name)
-
-    def _drop(self, name: str) -> None:
-        """Remove an adapter (lock held). PEFT breaks when its last adapter is deleted, so the
-        last one is unloaded instead, which gives back the untouched base model."""
-        if len(self.adapters) == 1:
-            self.base = self.model.unload()
-            self.model = self.base
-        else:
-            self.model.delete_adapter(name)
-        del self.adapters[name]
+            internal = self.adapters.pop(name)["internal"]
+            if self.adapters:
+                self.model.delete_adapter(internal)
+            else:  # PEFT breaks when its last adapter is deleted: unload gives back the base
+                self.base = self.model.unload()
+                self.model = self.base
 
     # ------------------------------------------------------------------ generation
 
@@ -183,7 +201,7 @@ class Engine:
         if name == self.served_name:
             context = self.model.disable_adapter() if self.model is not self.base else None
         else:
-            self.model.set_adapter(name)
+            self.model.set_adapter(self.adapters[name]["internal"])
             context = None
         generator = torch.Generator(device="cpu")
         if sampling.seed is not None:
@@ -231,6 +249,17 @@ class Engine:
                 if len(text) > emitted:
                     yield Piece(text[emitted:])
             yield Piece("", finish, len(prompt_ids), len(produced))
+
+
+def _restore_children(root: torch.nn.Module, children: dict[str, dict[str, Any]]) -> None:
+    """Put back every submodule a failed injection replaced (LoRA wraps modules in place)."""
+    for parent_name, original in children.items():
+        parent = root.get_submodule(parent_name) if parent_name else root
+        for child_name, child in original.items():
+            if getattr(parent, child_name, None) is not child:
+                setattr(parent, child_name, child)
+    for name in [n for n in vars(root) if n == "peft_config"]:
+        delattr(root, name)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

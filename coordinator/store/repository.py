@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -88,8 +88,19 @@ class Store:
             s.add(EnrollmentToken(token_hash=token_hash(token), expires_at=_now() + ttl))
         return token
 
-    def enroll(self, token: str, name: str, fingerprint: str, flower_key: str = "") -> NodeInfo:
-        """Consume ``token`` and register the node, atomically; refused tokens change nothing."""
+    def enroll(
+        self,
+        token: str,
+        name: str,
+        fingerprint: str | Callable[[], str],
+        flower_key: str = "",
+    ) -> NodeInfo:
+        """Consume ``token`` and register the node, atomically; refused tokens change nothing.
+
+        ``fingerprint`` may be a function (issue the certificate, return its fingerprint): it
+        runs only once the token proved valid and unused and the name free, inside the same
+        transaction, so nothing is signed for a bad token and a failure leaves the token unused.
+        """
         now = _now()
         try:
             with self._tx() as s:
@@ -104,9 +115,11 @@ class Store:
                 )
                 if used.rowcount != 1:  # type: ignore[attr-defined]
                     raise StoreError(self._token_problem(s, token))
+                if s.scalar(select(Node.id).where(Node.name == name)) is not None:
+                    raise StoreError(f"a node named {name!r} is already enrolled; pick another")
                 node = Node(
                     name=name,
-                    certificate_fingerprint=fingerprint,
+                    certificate_fingerprint=fingerprint() if callable(fingerprint) else fingerprint,
                     flower_public_key=flower_key,
                     status="active",
                     created_at=now,
@@ -118,7 +131,7 @@ class Store:
                     .where(EnrollmentToken.token_hash == token_hash(token))
                     .values(node_id=node.id)
                 )
-                return NodeInfo(node.id, node.name, fingerprint, node.status)
+                return NodeInfo(node.id, node.name, node.certificate_fingerprint, node.status)
         except DbIntegrityError as err:
             raise StoreError(
                 f"a node named {name!r} or with this certificate is already enrolled"
@@ -185,6 +198,25 @@ class Store:
     def set_flower_node_id(self, name: str, node_id: str | None) -> None:
         with self._tx() as s:
             s.execute(update(Node).where(Node.name == name).values(flower_node_id=node_id))
+
+    def flower_keys(self) -> list[FlowerKey]:
+        """Every node's SuperNode key and registration (what the SuperLink must hold)."""
+        with self._tx() as s:
+            rows = s.scalars(select(Node).order_by(Node.name))
+            return [
+                FlowerKey(r.name, r.flower_public_key, r.flower_node_id, r.status == "active")
+                for r in rows
+            ]
+
+    def set_flower_key(self, name: str, public_key: str) -> None:
+        """Replace a node's SuperNode key ("" = none until the node sends one); the new key is
+        not registered yet."""
+        with self._tx() as s:
+            s.execute(
+                update(Node)
+                .where(Node.name == name)
+                .values(flower_public_key=public_key, flower_node_id=None)
+            )
 
     def is_allowed(self, fingerprint: str) -> bool:
         """Whether a peer certificate belongs to an enrolled, unrevoked node (read per request)."""

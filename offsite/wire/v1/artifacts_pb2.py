@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aoffsite/v1/artifacts.proto\x12\noffsite.v1\"\x1d\n\x0bStatRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"N\n\x0cStatResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"1\n\x0f\x44ownloadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"W\n\x0bUploadChunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"9\n\x0eUploadResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x08\x32\xcb\x01\n\x0f\x41rtifactService\x12\x39\n\x04Stat\x12\x17.offsite.v1.StatRequest\x1a\x18.offsite.v1.StatResponse\x12<\n\x08\x44ownload\x12\x1b.offsite.v1.DownloadRequest\x1a\x11.offsite.v1.Chunk0\x01\x12?\n\x06Upload\x12\x17.offsite.v1.UploadChunk\x1a\x1a.offsite.v1.UploadResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aoffsite/v1/artifacts.proto\x12\noffsite.v1\"\x1d\n\x0bStatRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"N\n\x0cStatResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"1\n\x0f\x44ownloadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\x8a\x01\n\x0f\x41rtifactService\x12\x39\n\x04Stat\x12\x17.offsite.v1.StatRequest\x1a\x18.offsite.v1.StatResponse\x12<\n\x08\x44ownload\x12\x1b.offsite.v1.DownloadRequest\x1a\x11.offsite.v1.Chunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,10 +40,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOWNLOADREQUEST']._serialized_end=202
   _globals['_CHUNK']._serialized_start=204
   _globals['_CHUNK']._serialized_end=241
-  _globals['_UPLOADCHUNK']._serialized_start=243
-  _globals['_UPLOADCHUNK']._serialized_end=330
-  _globals['_UPLOADRESPONSE']._serialized_start=332
-  _globals['_UPLOADRESPONSE']._serialized_end=389
-  _globals['_ARTIFACTSERVICE']._serialized_start=392
-  _globals['_ARTIFACTSERVICE']._serialized_end=595
+  _globals['_ARTIFACTSERVICE']._serialized_start=244
+  _globals['_ARTIFACTSERVICE']._serialized_end=382
 # @@protoc_insertion_point(module_scope)

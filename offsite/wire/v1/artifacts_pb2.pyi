@@ -38,25 +38,3 @@ class Chunk(_message.Message):
     offset: int
     data: bytes
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
-
-class UploadChunk(_message.Message):
-    __slots__ = ("digest", "kind", "size", "offset", "data")
-    DIGEST_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    digest: str
-    kind: str
-    size: int
-    offset: int
-    data: bytes
-    def __init__(self, digest: _Optional[str] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
-
-class UploadResponse(_message.Message):
-    __slots__ = ("digest", "already_present")
-    DIGEST_FIELD_NUMBER: _ClassVar[int]
-    ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
-    digest: str
-    already_present: bool
-    def __init__(self, digest: _Optional[str] = ..., already_present: _Optional[bool] = ...) -> None: ...

@@ -45,11 +45,6 @@ class ArtifactServiceStub:
                 request_serializer=offsite_dot_v1_dot_artifacts__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=offsite_dot_v1_dot_artifacts__pb2.Chunk.FromString,
                 _registered_method=True)
-        self.Upload = channel.stream_unary(
-                '/offsite.v1.ArtifactService/Upload',
-                request_serializer=offsite_dot_v1_dot_artifacts__pb2.UploadChunk.SerializeToString,
-                response_deserializer=offsite_dot_v1_dot_artifacts__pb2.UploadResponse.FromString,
-                _registered_method=True)
 
 
 class ArtifactServiceServicer:
@@ -68,13 +63,6 @@ class ArtifactServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Upload(self, request_iterator, context):
-        """Large adapters; idempotent by digest (a second upload of the same bytes is a no-op).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_ArtifactServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -87,11 +75,6 @@ def add_ArtifactServiceServicer_to_server(servicer, server):
                     servicer.Download,
                     request_deserializer=offsite_dot_v1_dot_artifacts__pb2.DownloadRequest.FromString,
                     response_serializer=offsite_dot_v1_dot_artifacts__pb2.Chunk.SerializeToString,
-            ),
-            'Upload': grpc.stream_unary_rpc_method_handler(
-                    servicer.Upload,
-                    request_deserializer=offsite_dot_v1_dot_artifacts__pb2.UploadChunk.FromString,
-                    response_serializer=offsite_dot_v1_dot_artifacts__pb2.UploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -148,33 +131,6 @@ class ArtifactService:
             '/offsite.v1.ArtifactService/Download',
             offsite_dot_v1_dot_artifacts__pb2.DownloadRequest.SerializeToString,
             offsite_dot_v1_dot_artifacts__pb2.Chunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Upload(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/offsite.v1.ArtifactService/Upload',
-            offsite_dot_v1_dot_artifacts__pb2.UploadChunk.SerializeToString,
-            offsite_dot_v1_dot_artifacts__pb2.UploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

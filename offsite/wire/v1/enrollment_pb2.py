@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1boffsite/v1/enrollment.proto\x12\noffsite.v1\"]\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\x12\x19\n\x11\x66lower_public_key\x18\x04 \x01(\x0c\"\x90\x01\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12\x15\n\rartifact_port\x18\x04 \x01(\r\x12\x16\n\x0esuperlink_port\x18\x05 \x01(\r2T\n\x11\x45nrollmentService\x12?\n\x06\x45nroll\x12\x19.offsite.v1.EnrollRequest\x1a\x1a.offsite.v1.EnrollResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1boffsite/v1/enrollment.proto\x12\noffsite.v1\"]\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\x12\x19\n\x11\x66lower_public_key\x18\x04 \x01(\x0c\"\xcc\x01\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12\x15\n\rartifact_port\x18\x04 \x01(\r\x12\x16\n\x0esuperlink_port\x18\x05 \x01(\r\x12\x1e\n\x16\x61pp_signing_public_key\x18\x06 \x01(\t\x12\x1a\n\x12\x61pp_signing_key_id\x18\x07 \x01(\t\"2\n\x15RenewFlowerKeyRequest\x12\x19\n\x11\x66lower_public_key\x18\x01 \x01(\x0c\")\n\x16RenewFlowerKeyResponse\x12\x0f\n\x07renewed\x18\x01 \x01(\x08\x32T\n\x11\x45nrollmentService\x12?\n\x06\x45nroll\x12\x19.offsite.v1.EnrollRequest\x1a\x1a.offsite.v1.EnrollResponse2f\n\x0bNodeService\x12W\n\x0eRenewFlowerKey\x12!.offsite.v1.RenewFlowerKeyRequest\x1a\".offsite.v1.RenewFlowerKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST']._serialized_start=43
   _globals['_ENROLLREQUEST']._serialized_end=136
   _globals['_ENROLLRESPONSE']._serialized_start=139
-  _globals['_ENROLLRESPONSE']._serialized_end=283
-  _globals['_ENROLLMENTSERVICE']._serialized_start=285
-  _globals['_ENROLLMENTSERVICE']._serialized_end=369
+  _globals['_ENROLLRESPONSE']._serialized_end=343
+  _globals['_RENEWFLOWERKEYREQUEST']._serialized_start=345
+  _globals['_RENEWFLOWERKEYREQUEST']._serialized_end=395
+  _globals['_RENEWFLOWERKEYRESPONSE']._serialized_start=397
+  _globals['_RENEWFLOWERKEYRESPONSE']._serialized_end=438
+  _globals['_ENROLLMENTSERVICE']._serialized_start=440
+  _globals['_ENROLLMENTSERVICE']._serialized_end=524
+  _globals['_NODESERVICE']._serialized_start=526
+  _globals['_NODESERVICE']._serialized_end=628
 # @@protoc_insertion_point(module_scope)

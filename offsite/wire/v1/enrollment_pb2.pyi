@@ -18,15 +18,31 @@ class EnrollRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., node_name: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., flower_public_key: _Optional[bytes] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("certificate_pem", "ca_certificate_pem", "signing_public_key", "artifact_port", "superlink_port")
+    __slots__ = ("certificate_pem", "ca_certificate_pem", "signing_public_key", "artifact_port", "superlink_port", "app_signing_public_key", "app_signing_key_id")
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_PORT_FIELD_NUMBER: _ClassVar[int]
     SUPERLINK_PORT_FIELD_NUMBER: _ClassVar[int]
+    APP_SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    APP_SIGNING_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     certificate_pem: bytes
     ca_certificate_pem: bytes
     signing_public_key: bytes
     artifact_port: int
     superlink_port: int
-    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_certificate_pem: _Optional[bytes] = ..., signing_public_key: _Optional[bytes] = ..., artifact_port: _Optional[int] = ..., superlink_port: _Optional[int] = ...) -> None: ...
+    app_signing_public_key: str
+    app_signing_key_id: str
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_certificate_pem: _Optional[bytes] = ..., signing_public_key: _Optional[bytes] = ..., artifact_port: _Optional[int] = ..., superlink_port: _Optional[int] = ..., app_signing_public_key: _Optional[str] = ..., app_signing_key_id: _Optional[str] = ...) -> None: ...
+
+class RenewFlowerKeyRequest(_message.Message):
+    __slots__ = ("flower_public_key",)
+    FLOWER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    flower_public_key: bytes
+    def __init__(self, flower_public_key: _Optional[bytes] = ...) -> None: ...
+
+class RenewFlowerKeyResponse(_message.Message):
+    __slots__ = ("renewed",)
+    RENEWED_FIELD_NUMBER: _ClassVar[int]
+    renewed: bool
+    def __init__(self, renewed: _Optional[bool] = ...) -> None: ...

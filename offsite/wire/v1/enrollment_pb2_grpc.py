@@ -49,6 +49,7 @@ class EnrollmentServiceServicer:
         """Served on the enrollment port: TLS without a client certificate (the client pins the CA
         fingerprint it was given). Everything else uses the mutual-TLS artifact port.
         The node's private key never leaves it: it sends a CSR and gets the certificate back.
+        The token is checked, and the CSR and Flower key validated, before anything is signed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +91,82 @@ class EnrollmentService:
             '/offsite.v1.EnrollmentService/Enroll',
             offsite_dot_v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
             offsite_dot_v1_dot_enrollment__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class NodeServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RenewFlowerKey = channel.unary_unary(
+                '/offsite.v1.NodeService/RenewFlowerKey',
+                request_serializer=offsite_dot_v1_dot_enrollment__pb2.RenewFlowerKeyRequest.SerializeToString,
+                response_deserializer=offsite_dot_v1_dot_enrollment__pb2.RenewFlowerKeyResponse.FromString,
+                _registered_method=True)
+
+
+class NodeServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def RenewFlowerKey(self, request, context):
+        """Mutual TLS only: the caller is the enrolled, unrevoked node its certificate names.
+        Flower never re-admits a SuperNode key once it was unregistered, so a node whose SuperLink
+        registration vanished sends a fresh key; the coordinator registers it (renewed = true) or
+        answers renewed = false when the node's current key is still registered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RenewFlowerKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewFlowerKey,
+                    request_deserializer=offsite_dot_v1_dot_enrollment__pb2.RenewFlowerKeyRequest.FromString,
+                    response_serializer=offsite_dot_v1_dot_enrollment__pb2.RenewFlowerKeyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'offsite.v1.NodeService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('offsite.v1.NodeService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def RenewFlowerKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offsite.v1.NodeService/RenewFlowerKey',
+            offsite_dot_v1_dot_enrollment__pb2.RenewFlowerKeyRequest.SerializeToString,
+            offsite_dot_v1_dot_enrollment__pb2.RenewFlowerKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,280 @@
+"""Enrollment hardening and node-side safety, on real gRPC servers on loopback.
+
+Each test fails when its fix is reverted: the token is checked and the CSR and Flower key
+validated before anything is signed; a join checks that the pinned certificate is a CA that
+issued the server's certificate before the token leaves the node; an identity is never
+overwritten; digests become paths only after they are checked; archive errors are one-line
+integrity errors; every trust decision is in the audit log, without secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+import coordinator.service as service
+from client.artifacts import fetch_bundle
+from client.identity import JoinError, join
+from coordinator.audit import Audit
+from coordinator.pki import init_pki
+from offsite.errors import IntegrityError
+from offsite.wire.v1 import enrollment_pb2, enrollment_pb2_grpc
+from tests.test_service import Coordinator, _start
+
+
+@pytest.fixture()
+def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
+    running = _start(tmp_path / "coordinator")
+    yield running
+    running.server.stop(None)
+
+
+def _csr(name: str, key: object | None = None) -> bytes:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return request.public_bytes(serialization.Encoding.PEM)
+
+
+def _flower_key() -> bytes:
+    key = ec.generate_private_key(ec.SECP384R1())
+    return key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+
+
+def _enroll(coordinator: Coordinator, **fields: object) -> grpc.RpcError | None:
+    credentials = grpc.ssl_channel_credentials(coordinator.pki.ca_cert.read_bytes())
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    with grpc.secure_channel(coordinator.address, credentials, options=options) as channel:
+        stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
+        try:
+            stub.Enroll(enrollment_pb2.EnrollRequest(**fields), timeout=10)  # type: ignore[arg-type]
+        except grpc.RpcError as err:
+            return err
+    return None
+
+
+@pytest.fixture()
+def issued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names the CA signed a certificate for (a spy on the one signing function)."""
+    names: list[str] = []
+    real = service.issue_certificate
+
+    def spy(pki, csr_pem, node_name, days=365):  # type: ignore[no-untyped-def]
+        names.append(node_name)
+        return real(pki, csr_pem, node_name, days)
+
+    monkeypatch.setattr(service, "issue_certificate", spy)
+    return names
+
+
+@pytest.mark.parametrize(
+    "problem",
+    ["not-ssh", "rsa-key", "ed25519-key", "garbage-csr", "csr-bad-signature", "rsa-1024-csr"],
+)
+def test_a_bad_csr_or_flower_key_is_refused_before_the_token_is_used(
+    coordinator: Coordinator, issued: list[str], problem: str
+) -> None:
+    token = coordinator.store.mint_token()
+    csr, flower = _csr("clinic-a"), _flower_key()
+    if problem == "not-ssh":
+        flower = b"-----BEGIN PUBLIC KEY----- nonsense"
+    elif problem == "rsa-key":
+        flower = (
+            rsa.generate_private_key(65537, 2048)
+            .public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        )
+    elif problem == "ed25519-key":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        flower = (
+            Ed25519PrivateKey.generate()
+            .public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        )
+    elif problem == "garbage-csr":
+        csr = b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+    elif problem == "csr-bad-signature":
+        text = bytearray(csr)
+        middle = len(text) // 2
+        text[middle] = ord("A") if text[middle] != ord("A") else ord("B")
+        csr = bytes(text)
+    elif problem == "rsa-1024-csr":
+        csr = _csr("clinic-a", rsa.generate_private_key(65537, 1024))
+    error = _enroll(
+        coordinator, token=token, node_name="clinic-a", csr_pem=csr, flower_public_key=flower
+    )
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert issued == [] and coordinator.store.nodes() == []
+    # the token was not consumed: a correct request with it still enrolls
+    assert (
+        _enroll(
+            coordinator,
+            token=token,
+            node_name="clinic-a",
+            csr_pem=_csr("clinic-a"),
+            flower_public_key=_flower_key(),
+        )
+        is None
+    )
+    assert issued == ["clinic-a"]
+
+
+def test_a_bad_token_or_taken_name_gets_nothing_signed(
+    coordinator: Coordinator, issued: list[str]
+) -> None:
+    fields = {
+        "node_name": "clinic-a",
+        "csr_pem": _csr("clinic-a"),
+        "flower_public_key": _flower_key(),
+    }
+    for token in ("made-up", ""):
+        error = _enroll(coordinator, token=token, **fields)
+        assert error is not None and error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert issued == []
+    assert _enroll(coordinator, token=coordinator.store.mint_token(), **fields) is None
+    spare = coordinator.store.mint_token()
+    error = _enroll(coordinator, token=spare, **{**fields, "csr_pem": _csr("clinic-a")})
+    assert error is not None and "already enrolled" in error.details()
+    assert issued == ["clinic-a"]  # the second clinic-a got no certificate
+    # and its token survived the refusal
+    renamed = {**fields, "node_name": "clinic-b", "csr_pem": _csr("clinic-b")}
+    assert _enroll(coordinator, token=spare, **renamed) is None
+
+
+def test_enrollments_and_refusals_are_audited_without_secrets(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    token = coordinator.store.mint_token()
+    join(coordinator.address, token, coordinator.ca_fingerprint, "clinic-a", tmp_path / "a")
+    with pytest.raises(JoinError):
+        join(coordinator.address, token, coordinator.ca_fingerprint, "clinic-b", tmp_path / "b")
+    audit = Audit(coordinator.state)
+    events = [(e["event"], e.get("node")) for e in audit.entries()]
+    assert events == [("enrolled", "clinic-a"), ("enrollment-refused", "clinic-b")]
+    assert "already used" in audit.entries()[1]["reason"]
+    text = audit.path.read_text()
+    assert token not in text and "PRIVATE KEY" not in text and "BEGIN" not in text
+    assert oct(audit.path.stat().st_mode & 0o777) == "0o600"
+
+
+def _fake_coordinator(tmp_path: Path, chain: bytes, key: bytes) -> tuple[grpc.Server, str, list]:
+    """An enrollment server presenting ``chain``; records every Enroll it receives."""
+    calls: list[str] = []
+
+    class Recording(enrollment_pb2_grpc.EnrollmentServiceServicer):
+        def Enroll(self, request, context):  # type: ignore[no-untyped-def]
+            calls.append(request.token)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(Recording(), server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, chain)]))
+    server.start()
+    return server, f"127.0.0.1:{port}", calls
+
+
+def test_join_checks_the_pinned_ca_before_the_token_leaves_the_node(tmp_path: Path) -> None:
+    from offsite.certs import fingerprint
+
+    real = init_pki(tmp_path / "real", ["localhost"])
+    impostor = init_pki(tmp_path / "impostor", ["localhost"])
+    real_ca = real.ca_cert.read_bytes()
+    impostor_leaf = impostor.server_cert.read_bytes().split(b"-----END CERTIFICATE-----")[0]
+    impostor_leaf += b"-----END CERTIFICATE-----\n"
+    # (1) the impostor shows the real CA next to its own leaf: the pinned CA did not sign it
+    server, address, calls = _fake_coordinator(
+        tmp_path, impostor_leaf + real_ca, impostor.server_key.read_bytes()
+    )
+    try:
+        with pytest.raises(JoinError, match="not issued by the pinned CA"):
+            join(address, "secret-token", fingerprint(real_ca), "clinic-a", tmp_path / "n1")
+        # (2) pinning the leaf itself: not a CA
+        with pytest.raises(JoinError, match="not a CA"):
+            join(address, "secret-token", fingerprint(impostor_leaf), "clinic-a", tmp_path / "n2")
+    finally:
+        server.stop(None)
+    assert calls == []  # the token never reached the impostor
+    assert not (tmp_path / "n1").exists() and not (tmp_path / "n2").exists()
+
+
+def test_join_never_overwrites_an_identity(coordinator: Coordinator, tmp_path: Path) -> None:
+    folder = tmp_path / "node"
+    identity = join(
+        coordinator.address,
+        coordinator.store.mint_token(),
+        coordinator.ca_fingerprint,
+        "clinic-a",
+        folder,
+    )
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    token = coordinator.store.mint_token()
+    with pytest.raises(JoinError, match="already holds a node identity"):
+        join(coordinator.address, token, coordinator.ca_fingerprint, "clinic-b", folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert [n.name for n in coordinator.store.nodes()] == ["clinic-a"]  # token left unused
+    assert identity.app_signer()[0].startswith("fpk_")
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.parametrize("bad", ["../../escape", "/etc/passwd", "ab" * 32 + "\n", "AB" * 32, ""])
+def test_digests_are_checked_before_they_become_cache_paths(tmp_path: Path, bad: str) -> None:
+    good = "ab" * 32
+    for artifact, bundle in ((bad, good), (good, bad)):
+        with pytest.raises(IntegrityError, match="not a sha256 digest"):
+            fetch_bundle(None, artifact, bundle, tmp_path / "cache", b"\0" * 32)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.rglob("*")) in ([], ["cache"])
+
+
+def test_a_corrupt_bundle_archive_is_a_one_line_integrity_error(tmp_path: Path) -> None:
+    from offsite.archive import unpack_bundle
+
+    for name, data in (("random.tar", os.urandom(5000)), ("empty.tar", b""), ("cut.tar", None)):
+        archive = tmp_path / name
+        if data is None:
+            import io
+            import tarfile
+
+            with tarfile.open(archive, "w") as tar:
+                info = tarfile.TarInfo("adapter.safetensors")
+                info.size = 10_000
+                tar.addfile(info, io.BytesIO(os.urandom(10_000)))
+            archive.write_bytes(archive.read_bytes()[:3000])  # truncated mid-member
+        else:
+            archive.write_bytes(data)
+        with pytest.raises(IntegrityError) as err:
+            unpack_bundle(archive, tmp_path / f"out-{name}")
+        assert "\n" not in str(err.value), str(err.value)
+
+
+def test_audit_lines_from_two_writers_never_interleave(tmp_path: Path) -> None:
+    import threading
+
+    audit = Audit(tmp_path)
+
+    def write(who: str) -> None:
+        for i in range(300):
+            audit.record("revoked", node=who, index=i, reason="x" * 200)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in ("a", "b", "c")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = audit.path.read_text().splitlines()
+    assert len(lines) == 900 and all(json.loads(line)["event"] == "revoked" for line in lines)
