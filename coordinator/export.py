@@ -114,7 +114,7 @@ def model_card(run_dir: Path, round_: int, source: str, kind: str, has_peft: boo
             "",
             five_way_table(metrics["scores"]),
             "",
-            *[f"- {line}" for line in margin_lines(metrics["scores"])],
+            *[f"- {line}" for line in margin_lines(metrics["scores"], metrics.get("training"))],
             "",
         ]
     if run:

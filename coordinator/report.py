@@ -33,9 +33,18 @@ def five_way_table(scores: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def margin_lines(scores: dict[str, dict[str, Any]]) -> list[str]:
+def margin_lines(
+    scores: dict[str, dict[str, Any]], training: dict[str, Any] | None = None
+) -> list[str]:
+    """The privacy margin and the gain from tuning, unless the adapter never changed (then the
+    plug-in is the full model and there is no margin to claim)."""
     if not {"plug_in", "emulator_fine_tuned", "full_zero_shot"} <= scores.keys():
         return []
+    if training is not None and not training.get("adapter_changed", True):
+        return [
+            "the adapter did not change in training: the plug-in is the untouched full model, "
+            "so there is no privacy margin or gain to report"
+        ]
     metric = scores["plug_in"]["metric"]
     plug, emu, zero = (
         scores[k]["value"] for k in ("plug_in", "emulator_fine_tuned", "full_zero_shot")
@@ -118,9 +127,12 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
     plot_five_way(scores, run_dir / "five_way.png")
     plot_losses(metrics.get("rounds", []), run_dir / "loss_per_round.png")
     info = metrics["run"]
+    training = metrics.get("training") or {}
+    warning = training.get("warning", "")
     lines = [
         f"# Offsite run `{run_dir.name}`",
         "",
+        *([f"**Warning: {warning}.**", ""] if warning else []),
         f"Model **{info['model']}** split {info['plan']} (adapter {info['adapter']}), task "
         f"**{info['data']}** ({info['eval_examples']} held-out examples), "
         f"{info['num_clients']} clients × {info['rounds']} rounds of FedAvg.",
@@ -129,7 +141,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
         "",
         five_way_table(scores),
         "",
-        *[f"- {line}" for line in margin_lines(scores)],
+        *[f"- {line}" for line in margin_lines(scores, training or None)],
         "",
         "![five-way](five_way.png)",
         "",
@@ -150,6 +162,28 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
         *[f"- {stage}: {seconds:.1f} s" for stage, seconds in metrics["timings"].items()],
         "",
         f"Reproduce: `{info['command']}`",
+        "",
+    ]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def write_failure_report(run_dir: Path, metrics: dict[str, Any], error: str) -> Path:
+    """``metrics.json`` and a ``report.md`` for a run that trained nothing: no five-way table."""
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
+    lines = [
+        f"# Offsite run `{run_dir.name}`: failed",
+        "",
+        f"**{error}**",
+        "",
+        "No five-way evaluation was run: the adapter never trained.",
+        "",
+        *_outcome_lines(metrics.get("outcomes", [])),
+        *[
+            f"- {failure}"
+            for failure in (metrics.get("training") or {}).get("client_failures", [])[:20]
+        ],
         "",
     ]
     report = run_dir / "report.md"

@@ -16,6 +16,7 @@ from coordinator.export import export_run
 from coordinator.lmeval import lm_eval_accuracy, write_multiple_choice_task
 from coordinator.models import load_full_model
 from coordinator.report import five_way_table, margin_lines
+from coordinator.run_health import adapter_changed
 from emulator.bundle import verify_bundle
 from emulator.forward import pick_device
 from offsite.config import OffsiteConfig, config_from_dict
@@ -61,7 +62,7 @@ def evaluate_run(
         rounds,
         run_dir.name,
         five_way_table(table),
-        "\n".join(margin_lines(table)),
+        "\n".join(margin_lines(table, {"adapter_changed": adapter_changed(run_dir, state)})),
     )
     if lm_eval:
         table["lm_eval"] = cross_check(

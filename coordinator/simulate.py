@@ -23,7 +23,8 @@ from coordinator.adapters import load_adapter
 from coordinator.baseline import full_fine_tune
 from coordinator.evaluate import EvalSpec, four_way, score_model
 from coordinator.models import check_model, load_full_model
-from coordinator.report import five_way_table, margin_lines, write_report
+from coordinator.report import five_way_table, margin_lines, write_failure_report, write_report
+from coordinator.run_health import RunHealth, adapter_changed
 from coordinator.simulation import run_flower_simulation
 from emulator.adapter import AdapterSpec
 from emulator.build import build_bundle, choose_plan
@@ -239,6 +240,11 @@ def _federate_and_report(
                 config.federation.client_cpus,
                 verbose=verbose,
             )
+        health = RunHealth.read(run_dir, config.federation.rounds)
+        if not health.trained:
+            error = health.failure(run_dir)
+            write_failure_report(run_dir, _failure_metrics(config, run_dir, health), str(error))
+            raise error
         final_path = run_dir / "adapters" / f"round-{config.federation.rounds}.safetensors"
         if not final_path.is_file():
             raise RuntimeError(
@@ -264,11 +270,38 @@ def _federate_and_report(
     metrics = _metrics(
         config, run_dir, task, held, plan, bundle, full_model, final_state, scores, timer
     )
+    metrics["training"] = _training(health, adapter_changed(run_dir, final_state))
     report = write_report(run_dir, metrics)
     score_dicts = metrics["scores"]
-    log.info("\n%s\n%s", five_way_table(score_dicts), "\n".join(margin_lines(score_dicts)))
+    if warning := metrics["training"]["warning"]:
+        log.warning("WARNING: %s", warning)
+    margins = margin_lines(score_dicts, metrics["training"])
+    log.info("\n%s\n%s", five_way_table(score_dicts), "\n".join(margins))
     log.info("report: %s", report)
     return SimulationResult(run_dir, scores, report)
+
+
+def _training(health: RunHealth, changed: bool) -> dict[str, Any]:
+    """What the report and the CLI say about how training went."""
+    return {
+        "warning": health.warning(),
+        "aggregated_rounds": health.aggregated,
+        "failed_rounds": [{"round": r, "outcome": v} for r, v in health.failed_rounds],
+        "client_failures": [f.describe() for f in health.client_failures],
+        "adapter_changed": changed,
+    }
+
+
+def _failure_metrics(config: OffsiteConfig, run_dir: Path, health: RunHealth) -> dict[str, Any]:
+    import json
+
+    outcomes_path = run_dir / "outcomes.json"
+    return {
+        "run": {"model": config.model.name, "data": config.data.name, "failed": True},
+        "training": _training(health, changed=False),
+        "outcomes": json.loads(outcomes_path.read_text()) if outcomes_path.is_file() else [],
+        "config": config.to_dict(),
+    }
 
 
 def _metrics(

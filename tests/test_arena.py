@@ -8,7 +8,7 @@ import torch
 from client.kernels import arena as arena_module
 from client.kernels.arena import ActivationArena
 from emulator.adapter import AdapterSpec, attach_adapter
-from emulator.arch import arch_spec
+from emulator.arch import REGISTRY, arch_spec
 from emulator.forward import autocast
 from emulator.layers import plan_layers
 from tests.conftest import VOCAB, saved_bytes, tiny_model
@@ -122,3 +122,43 @@ def test_the_buffer_is_reused_and_grows_once_for_a_longer_batch(
         assert len(arena._chunks) == 1  # one buffer after every step
     assert capacities[0] == capacities[1] == capacities[2] < capacities[3]
     assert capacities[3] == capacities[4] == capacities[5] == arena.peak_bytes
+
+
+CAUSAL = sorted(name for name, spec in REGISTRY.items() if spec.causal_lm)
+
+
+@pytest.mark.parametrize("model_type", CAUSAL)
+def test_every_family_trains_inside_the_arena_with_the_clients_lean_mlps(
+    model_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a client runs — LoRA, lean gated MLPs, the buffer — on every registry family, with
+    every saved tensor routed. Gemma3's ``gelu_pytorch_tanh`` once crashed here: its activation's
+    recompute in backward saved a tensor the buffer held, and the buffer copied it into itself."""
+    from client.kernels.lean import lean_gated_mlps
+
+    monkeypatch.setattr(arena_module, "MIN_BYTES", 0)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    models = []
+    for _ in range(2):
+        model = tiny_model(model_type)
+        arch = arch_spec(model.config)
+        plan = plan_layers(6, 1, 1, 4)
+        adapted = attach_adapter(
+            model, arch, AdapterSpec.for_plan("lora", plan, arch), {i: i for i in range(6)}
+        )
+        lean_gated_mlps(adapted.model, adapted.arch, adapted.prefix)
+        models.append(adapted.model)
+    _assert_same_gradients(models[0], models[1], ids, "bf16", steps=2)
+
+
+def test_a_tensor_already_in_the_buffer_is_not_copied_into_it_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(arena_module, "MIN_BYTES", 0)
+    arena = ActivationArena()
+    with arena.step():
+        inside = arena._pack(torch.randn(64, 64))
+        assert arena._pack(inside) is inside
+        x = inside.detach().requires_grad_(True)  # what a backward-time recompute sees
+        (x * x).sum().backward()  # saves x: autograd refuses a pack hook that writes into it
+    assert torch.equal(x.grad, 2 * inside)

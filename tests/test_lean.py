@@ -136,3 +136,35 @@ def test_mlps_with_trainable_tensors_go_lean_with_the_same_gradients(policy: str
 def test_architectures_without_a_gated_mlp_are_left_alone() -> None:
     model = tiny_model("gpt2")
     assert lean_gated_mlps(model, arch_spec(model.config), "transformer.h") == 0
+
+
+@pytest.mark.parametrize("name", ["gelu_pytorch_tanh", "gelu", "silu", "gelu_new", "quick_gelu"])
+def test_transformers_activations_take_a_direct_kernel_or_recompute_with_eager_bits(
+    name: str,
+) -> None:
+    """transformers' own activation modules (Gemma3's gelu_pytorch_tanh among them): the ones
+    calling F.gelu / F.silu take the direct backward kernel, the rest recompute; both give eager
+    autograd's gradient bit for bit, also when an outer saved-tensor hook routes every tensor."""
+    from transformers.activations import ACT2FN
+
+    from client.kernels import arena as arena_module
+    from client.kernels.arena import ActivationArena
+    from client.kernels.lean import derivative
+
+    act = ACT2FN[name]
+    direct = name in {"gelu_pytorch_tanh", "gelu", "silu"}
+    assert (derivative(act) is not None) == direct
+    generator = torch.Generator().manual_seed(5)
+    gate, up, grad = (torch.randn(2, 8, 32, generator=generator) for _ in range(3))
+    eager = [t.clone().requires_grad_(True) for t in (gate, up)]
+    (act(eager[0]) * eager[1]).backward(grad)
+    routed = [t.clone().requires_grad_(True) for t in (gate, up)]
+    arena = ActivationArena(routed)
+    old, arena_module.MIN_BYTES = arena_module.MIN_BYTES, 0
+    try:
+        with arena.step():
+            GatedProduct.apply(routed[0], routed[1], act).backward(grad)
+    finally:
+        arena_module.MIN_BYTES = old
+    assert torch.equal(routed[0].grad, eager[0].grad)
+    assert torch.equal(routed[1].grad, eager[1].grad)

@@ -484,3 +484,81 @@ def test_a_ray_start_that_keeps_failing_says_what_to_do(monkeypatch: pytest.Monk
     with pytest.raises(OffsiteError, match="ray stop"):
         simulation._start_ray({"num_cpus": 1})
     assert not ray.is_initialized()
+
+
+def _cli_run(tiny_llama_dir: Path, tiny_task: Path, run: Path, *extra: str):  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "offsite.cli",
+            "simulate",
+            "--run-dir",
+            str(run),
+            f"model.name='{tiny_llama_dir}'",
+            f"data.name='{tiny_task}'",
+            "data.eval_size=12",
+            "data.max_length=48",
+            "emulator.bottom=1",
+            "emulator.top=1",
+            "emulator.keep=2",
+            "federation.num_clients=2",
+            "train.local_steps=2",
+            "train.batch_size=4",
+            "train.precision='fp32'",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_a_run_in_which_every_client_fails_exits_nonzero_with_the_first_failure(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    result = _cli_run(
+        tiny_llama_dir,
+        tiny_task,
+        run,
+        "federation.rounds=2",
+        "faults.attackers=2",
+        "faults.attack='crash'",
+    )
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "no round aggregated an update" in errors[0] and "round 1, client" in errors[0]
+    assert "--verbose" in errors[0]
+    assert "privacy margin" not in result.stdout + result.stderr
+    assert "| plug-in" not in result.stdout + result.stderr  # no five-way table
+    report = (run / "report.md").read_text()
+    assert "failed" in report.splitlines()[0] and "privacy margin" not in report
+    assert not (run / "five_way.png").exists()
+
+
+def test_a_run_where_some_clients_failed_says_so_above_the_table_and_atop_the_report(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    result = _cli_run(
+        tiny_llama_dir,
+        tiny_task,
+        run,
+        "federation.rounds=1",
+        "faults.attackers=1",
+        "faults.attack='crash'",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    warning = output.index("WARNING: 1 of 2 client replies failed (first: round 1, client ")
+    assert warning < output.index("| plug-in")
+    assert "RuntimeError: injected crash of client 0)" in output[warning:].splitlines()[0]
+    report = (run / "report.md").read_text().splitlines()
+    assert report[2].startswith("**Warning: 1 of 2 client replies failed")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["training"]["adapter_changed"] and metrics["training"]["aggregated_rounds"] == 1

@@ -10,7 +10,10 @@ costs ~15 % of throughput in re-faulted pages.
 
 ``ActivationArena.step()`` installs autograd's saved-tensor hooks for one forward and backward:
 every saved tensor of at least ``MIN_BYTES`` that is not a parameter or buffer is copied into a
-bump-allocated slice of one buffer, and the original is left to die with the temporaries. The
+bump-allocated slice of one buffer, and the original is left to die with the temporaries. A
+tensor that already lives in the buffer (one unpacked for backward and saved again by a graph
+built there) stays where it is: copying it into the same buffer would change its storage while
+autograd holds it, which autograd refuses. The
 buffer is reused from the start at the next step (grown once if a step needed more), so its
 pages are touched once and stay; the heap is left with temporaries only, whose holes do fit the
 next ones. The copies are exact, so gradients are the same bits (tested); the cost is one copy
@@ -41,6 +44,7 @@ class ActivationArena:
     def __init__(self, keep_in_place: Iterable[torch.Tensor] = ()) -> None:
         self._protected = {t.untyped_storage().data_ptr() for t in keep_in_place}
         self._chunks: list[torch.Tensor] = []
+        self._own: set[int] = set()  # storages of the chunks: what is already in the buffer
         self._chunk = 0
         self._offset = 0
         self._used = 0  # bytes taken this step, over all chunks
@@ -62,6 +66,7 @@ class ActivationArena:
                 return piece
             self._chunk, self._offset = self._chunk + 1, 0
         self._chunks.append(torch.empty(max(size, _CHUNK), dtype=torch.uint8))
+        self._own.add(self._chunks[-1].untyped_storage().data_ptr())
         self._chunk, self._offset = len(self._chunks) - 1, 0
         return self._take(nbytes)
 
@@ -73,6 +78,7 @@ class ActivationArena:
             or tensor.layout != torch.strided
             or not tensor.is_contiguous()  # views: copying would duplicate shared storage
             or tensor.untyped_storage().data_ptr() in self._protected
+            or tensor.untyped_storage().data_ptr() in self._own
         ):
             return tensor
         key = tensor.data_ptr()
@@ -91,6 +97,7 @@ class ActivationArena:
         if grown:
             self._chunks = []  # freed before the single replacement is allocated
             self._chunks = [torch.empty(max(self.peak_bytes, _CHUNK), dtype=torch.uint8)]
+            self._own = {self._chunks[0].untyped_storage().data_ptr()}
         self._chunk = self._offset = self._used = 0
         self._copies.clear()
         if grown:  # the step that sized the buffer left the heap at its old high-water mark

@@ -17,10 +17,12 @@ gradient needs, and only the product's third tensor goes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from client.kernels import int8_mlp
@@ -28,14 +30,36 @@ from emulator.arch import ArchSpec
 from emulator.layers import block_part
 from emulator.quant import replace_module
 
-# Backward kernels of common activations, called directly: ``torch.autograd.grad`` would give
-# the same numbers but imports torch's symbolic-shape machinery (sympy, ~30 MB) on first use.
-_DERIVATIVES: dict[type, Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    nn.SiLU: lambda _act, grad, x: torch.ops.aten.silu_backward(grad, x),
-    nn.GELU: lambda act, grad, x: torch.ops.aten.gelu_backward(
-        grad, x, approximate=act.approximate
-    ),
-}
+Derivative = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (grad, x) -> grad of act(x)
+
+
+def derivative(act: Any) -> Derivative | None:
+    """The backward kernel of an activation module that computes a known torch function, called
+    directly (``torch.autograd.grad`` would give the same numbers but imports torch's
+    symbolic-shape machinery, sympy ~30 MB, on first use); None for anything else.
+
+    Known: torch's ``SiLU`` and ``GELU`` (either approximation) and transformers' modules that
+    call ``F.silu`` or ``F.gelu`` (``SiLUActivation``, ``GELUActivation``, ``GELUTanh``: Gemma's
+    ``gelu_pytorch_tanh``); their own pure-Python variants are left to autograd.
+    """
+    if isinstance(act, nn.SiLU) or type(act).__name__ in int8_mlp.SILU_TYPES:
+        return lambda grad, x: torch.ops.aten.silu_backward(grad, x)
+    if isinstance(act, nn.GELU):
+        return _gelu_backward(act.approximate)
+    inner = getattr(act, "act", None)  # transformers' GELU modules keep the function they call
+    if inner is F.gelu:
+        return _gelu_backward("none")
+    if isinstance(inner, functools.partial) and inner.func is F.gelu and not inner.args:
+        return _gelu_backward(str(inner.keywords.get("approximate", "none")))
+    return None
+
+
+def _gelu_backward(approximate: str) -> Derivative:
+    return lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
+
+
+def _no_hooks(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 class GatedProduct(torch.autograd.Function):
@@ -52,12 +76,15 @@ class GatedProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         gate, up = ctx.saved_tensors
-        derivative = _DERIVATIVES.get(type(ctx.act))
-        if derivative is not None:  # the kernel autograd itself would run
+        kernel = derivative(ctx.act)
+        if kernel is not None:  # the kernel autograd itself would run
             grad_up = grad * ctx.act(gate) if ctx.needs_input_grad[1] else None
-            grad_gate = derivative(ctx.act, grad * up, gate) if ctx.needs_input_grad[0] else None
+            grad_gate = kernel(grad * up, gate) if ctx.needs_input_grad[0] else None
             return grad_gate, grad_up, None
-        with torch.enable_grad():
+        # Any other activation: recompute it under autograd. Its saved tensors must not reach an
+        # outer saved-tensor hook (the activation buffer would copy ``gate``, which already lives
+        # in it): this small graph is used and dropped right here.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_no_hooks, _no_hooks):
             leaf = gate.detach().requires_grad_(ctx.needs_input_grad[0])
             activated = ctx.act(leaf)
         grad_up = grad * activated.detach() if ctx.needs_input_grad[1] else None
