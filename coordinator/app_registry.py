@@ -22,12 +22,12 @@ import base64
 import hashlib
 import json
 import logging
-import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from coordinator.loopback_http import LoopbackHTTP
 from coordinator.pki import Pki, app_signer, app_signing_key
 from offsite.digests import is_sha256
 from offsite.files import write_private
@@ -38,7 +38,6 @@ PUBLISHER = "offsite"
 APP_NAME = "offsite-run"
 APP_VERSION = "1.0.0"
 APP_SPEC = f"@{PUBLISHER}/{APP_NAME}=={APP_VERSION}"
-MAX_REQUEST = 64 * 1024
 
 APP_PYPROJECT = f"""\
 [build-system]
@@ -145,52 +144,29 @@ def filed_app(state: Path, app_id: str, version: str | None) -> SignedApp | None
 class AppRegistry:
     """The loopback HTTP server speaking the two Flower Hub calls a SuperLink makes."""
 
-    def __init__(self, state: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, state: Path) -> None:
         self.state = Path(state)
-        registry = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("app registry: " + format, *args)
-
-            def _answer(self, status: int, body: bytes, kind: str = "application/json") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self) -> None:
-                status, answer = registry.fetch(self.path, self._body())
-                self._answer(status, json.dumps(answer).encode())
-
-            def do_GET(self) -> None:
-                status, body = registry.download(self.path)
-                self._answer(status, body, "application/octet-stream")
-
-            def _body(self) -> bytes:
-                try:
-                    length = int(self.headers.get("Content-Length", "0"))
-                except ValueError:
-                    length = -1
-                return self.rfile.read(length) if 0 <= length <= MAX_REQUEST else b""
-
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.http = LoopbackHTTP(self._answer, "app-registry")
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self.http.url
 
     def start(self) -> AppRegistry:
-        self.thread.start()
+        self.http.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.stop()
+
+    def _answer(
+        self, method: str, path: str, _headers: Mapping[str, str], body: bytes
+    ) -> tuple[int, str, bytes]:
+        if method == "POST":
+            status, answer = self.fetch(path, body)
+            return status, "application/json", json.dumps(answer).encode()
+        status, data = self.download(path)
+        return status, "application/octet-stream", data
 
     def fetch(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
         """``POST /hub/fetch-fab``: where the FAB is and its signature."""

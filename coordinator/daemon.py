@@ -9,6 +9,7 @@ What runs, and who may reach it:
 | Fleet proxy (nginx, TLS) | ``flower`` | SuperNodes with a registered key (Flower node auth) |
 | SuperLink (Fleet + Control + Runtime API) | ``control``, loopback only | the coordinator |
 | app registry (HTTP) | an ephemeral loopback port | the SuperLink |
+| Fleet gate (HTTP) | an ephemeral loopback port | nginx (``auth_request``) |
 
 Every port is checked free before anything starts (a second coordinator fails with "address in
 use" and leaves the first one untouched), files are created readable by their owner only, and
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from coordinator.app_registry import AppRegistry
 from coordinator.audit import Audit
+from coordinator.fleet_gate import FleetGate
 from coordinator.fleet_proxy import FleetProxy
 from coordinator.flower_link import DEFAULT_CONTROL, UNREGISTERED, FlowerLink
 from coordinator.pki import app_signing_key
@@ -40,6 +42,7 @@ from coordinator.service import (
     state_paths,
 )
 from coordinator.store import Store
+from offsite.certs import parse_flower_public_key
 from offsite.errors import OffsiteError
 from offsite.processes import stop_tree
 
@@ -76,6 +79,18 @@ def require_free(address: str) -> None:
             raise AddressInUse(f"cannot listen on {address}: {why}") from err
 
 
+def admitted_keys(store: Store) -> list[bytes]:
+    """The SuperNode keys (PEM) of enrolled, unrevoked nodes: what the Fleet gate lets in."""
+    keys = []
+    for key in store.flower_keys():
+        if key.active and key.public_key:
+            try:
+                keys.append(parse_flower_public_key(key.public_key))
+            except ValueError:
+                log.warning("node %s has an unreadable Flower key; it is not admitted", key.name)
+    return keys
+
+
 @dataclass
 class CoordinatorDaemon:
     """The services of one coordinator state folder (see the module docstring)."""
@@ -93,6 +108,12 @@ class CoordinatorDaemon:
 
     def start(self) -> CoordinatorServer:
         """Start everything; raises (and leaves nothing running) when any part cannot start."""
+        # Flower's modules are imported before any helper thread runs: two threads importing
+        # flwr at once can deadlock on its circular imports (seen as _DeadlockError).
+        import flwr.proto.control_pb2
+        import flwr.supercore.control
+        import flwr.supercore.interceptors.http.runtime_version  # noqa: F401
+
         pki, files = state_paths(self.state)
         audit = Audit(self.state)
         if self.flower is not None:
@@ -112,19 +133,22 @@ class CoordinatorDaemon:
         app_signing_key(pki)  # made now for state folders that predate app signing
         link = FlowerLink.of_state(self.state, self.flower, self.control)
         registry = AppRegistry(self.state).start()
+        gate = FleetGate().start()
         try:
             self._children.append(link.start(pki, registry.url))
-            proxy = FleetProxy(link.home / "proxy", self.flower, self.control)
+            proxy = FleetProxy(link.home / "proxy", self.flower, self.control, gate.port)
             self._children.append(proxy.start(pki))
         except BaseException:
             self.shutdown()
             registry.stop()
+            gate.stop()
             raise
         built.enrollment.superlink_port = int(self.flower.rpartition(":")[2])
 
         def reconcile() -> None:
             with self._lock:
                 link.reconcile(self.store, audit)
+                gate.admit(admitted_keys(self.store))
 
         def renew(name: str, public_key: str) -> bool:
             with self._lock:
@@ -142,6 +166,7 @@ class CoordinatorDaemon:
                 self.store.set_flower_key(name, public_key)
                 audit.record("flower-key-renewed", node=name)
                 link.reconcile(self.store, audit)
+                gate.admit(admitted_keys(self.store))
                 return True
 
         built.enrollment.on_enrolled = reconcile
@@ -150,12 +175,16 @@ class CoordinatorDaemon:
 
         def watch() -> None:
             while not self.stop.wait(RECONCILE_SECONDS):
-                reconcile()
+                try:
+                    reconcile()
+                except Exception:  # the watcher must outlive any one failed reconcile
+                    log.exception("reconciling the SuperLink failed; retrying")
                 for child, what in zip(self._children, ("SuperLink", "Fleet proxy"), strict=True):
                     if child.poll() is not None:
                         log.error("the %s exited (%s); stopping", what, child.returncode)
                         self.stop.set()
             registry.stop()
+            gate.stop()
 
         threading.Thread(target=watch, daemon=True, name="coordinator-watch").start()
         built.server.start()

@@ -11,9 +11,14 @@ SuperLink address is Debian's nginx (a real, hardened TLS proxy, not ours):
 - ``POST /v1/fleet/<method>`` for exactly the Fleet methods a SuperNode calls is forwarded to
   the loopback SuperLink (TLS verified against the coordinator CA); every other path and method
   gets 403 before it reaches Flower: ``/v1/control``, ``/v1/runtime``, ``/docs``, anything new;
-- Fleet requests are authenticated by Flower itself: with ``--enable-supernode-auth`` every call
-  is signed by a SuperNode key, and only keys the coordinator registered (enrolled, unrevoked
-  nodes) are accepted.
+- each allowed route is an exact ``location =`` (the normalized path must equal it: no prefix,
+  suffix or encoding tricks) and passes nginx's ``auth_request`` to the Fleet gate
+  (coordinator/fleet_gate.py) before any body is read: only a call signed by a key the registry
+  admits goes on, so an outsider cannot make the SuperLink buffer request bodies;
+- bodies are capped per route (a node's largest messages travel in push-object/push-messages)
+  and connections per client address are limited;
+- Flower then authenticates the call again itself (``--enable-supernode-auth``: only keys the
+  coordinator registered, the node id bound to the key).
 
 Why not mutual TLS with the node certificates our CA issues on this door: ``flower-supernode``
 cannot present a client certificate (its HTTP client takes only root certificates; read in
@@ -50,7 +55,12 @@ FLEET_METHODS = (
     "pull-object",
     "confirm-message-received",
 )
-MAX_BODY = "512m"  # the largest Flower message a node sends (adapters); beyond: 413
+# the largest objects a node sends (adapter tensors) go through these; beyond: 413
+LARGE_BODY_METHODS = ("push-object", "push-messages")
+MAX_LARGE_BODY = "512m"
+MAX_BODY = "1m"  # every other Fleet call is a small protobuf
+MAX_CONNECTIONS_PER_ADDRESS = 64
+GATE_LOCATION = "/_offsite/fleet-auth"
 
 
 class ProxyError(OffsiteError):
@@ -85,6 +95,7 @@ class FleetProxy:
     folder: Path
     address: str  # public host:port the nodes use
     upstream: str  # loopback host:port of the SuperLink
+    gate_port: int  # loopback port of the Fleet gate (auth_request)
 
     @property
     def config_path(self) -> Path:
@@ -97,10 +108,10 @@ class FleetProxy:
     def render(self, pki: Pki) -> str:
         """The nginx configuration (every path absolute, nothing outside ``folder`` written)."""
         folder = self.folder.resolve()
-        methods = "|".join(FLEET_METHODS)
         # As root the workers keep root's rights (the coordinator already has them); as anyone
         # else nginx ignores `user` and runs as that user.
         user = "user root;\n" if os.geteuid() == 0 else ""
+        routes = "".join(self._route(pki, method) for method in FLEET_METHODS)
         return f"""# Written by offsite coordinator serve (coordinator/fleet_proxy.py); do not edit.
 {user}worker_processes 1;
 daemon off;
@@ -115,15 +126,34 @@ http {{
     uwsgi_temp_path {folder}/tmp/uwsgi;
     scgi_temp_path {folder}/tmp/scgi;
     server_tokens off;
+    limit_conn_zone $binary_remote_addr zone=per_address:1m;
     server {{
         listen {_listen(self.address)} ssl;
         ssl_certificate {pki.server_cert.resolve()};
         ssl_certificate_key {pki.server_key.resolve()};
         ssl_protocols TLSv1.2 TLSv1.3;
+        limit_conn per_address {MAX_CONNECTIONS_PER_ADDRESS};
         client_max_body_size {MAX_BODY};
         default_type text/plain;
-        location ~ ^/v1/fleet/({methods})$ {{
+        location = {GATE_LOCATION} {{
+            internal;
+            proxy_pass http://127.0.0.1:{self.gate_port}/fleet-auth;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+        }}
+{routes}        location / {{
+            return 403 "offsite: only the Flower Fleet API is served here\\n";
+        }}
+    }}
+}}
+"""
+
+    def _route(self, pki: Pki, method: str) -> str:
+        size = MAX_LARGE_BODY if method in LARGE_BODY_METHODS else MAX_BODY
+        return f"""        location = /v1/fleet/{method} {{
             limit_except POST {{ deny all; }}
+            auth_request {GATE_LOCATION};
+            client_max_body_size {size};
             proxy_pass https://{self.upstream};
             proxy_ssl_trusted_certificate {pki.ca_cert.resolve()};
             proxy_ssl_verify on;
@@ -134,11 +164,6 @@ http {{
             proxy_read_timeout 3600s;
             proxy_send_timeout 3600s;
         }}
-        location / {{
-            return 403 "offsite: only the Flower Fleet API is served here\\n";
-        }}
-    }}
-}}
 """
 
     def start(self, pki: Pki, timeout: float = 30.0) -> subprocess.Popen:

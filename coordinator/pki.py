@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from offsite.errors import OffsiteError
 from offsite.files import write_private
 
-NODE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NODE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # whole name: fullmatch, never match
 
 
 class PkiError(OffsiteError):
@@ -135,7 +135,7 @@ def init_pki(folder: Path, hosts: list[str], days: int = 3650) -> Pki:
 
 def check_csr(csr_pem: bytes, node_name: str) -> x509.CertificateSigningRequest:
     """The node's CSR, checked (name, PEM, self-signature, key type) without signing anything."""
-    if not NODE_NAME.match(node_name):
+    if not NODE_NAME.fullmatch(node_name):
         raise PkiError(f"node name {node_name!r} must match {NODE_NAME.pattern}")
     try:
         csr = x509.load_pem_x509_csr(csr_pem)

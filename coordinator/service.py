@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from coordinator.pki import (
 )
 from coordinator.store import Store
 from coordinator.store.repository import StoreError
-from offsite.certs import fingerprint, parse_flower_public_key
+from offsite.certs import canonical_flower_key, fingerprint
 from offsite.digests import is_sha256
 from offsite.errors import OffsiteError
 from offsite.wire.v1 import (
@@ -103,9 +106,42 @@ class ArtifactServicer(artifacts_pb2_grpc.ArtifactServiceServicer):
                 offset += len(data)
 
 
+class RateLimit:
+    """At most ``count`` calls per ``seconds`` for each key (a sliding window in memory)."""
+
+    def __init__(self, count: int, seconds: float) -> None:
+        self.count, self.seconds = count, seconds
+        self._calls: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            calls = self._calls.setdefault(key, deque())
+            while calls and calls[0] <= now - self.seconds:
+                calls.popleft()
+            if len(calls) >= self.count:
+                return False
+            calls.append(now)
+            if len(self._calls) > 10_000:  # forget idle callers
+                self._calls = {k: v for k, v in self._calls.items() if v}
+            return True
+
+
+def peer_host(context: grpc.ServicerContext) -> str:
+    """The caller's address without its port ("ipv4:10.0.0.5:51234" -> "10.0.0.5")."""
+    peer = context.peer() or "unknown"
+    return peer.split(":", 1)[-1].rsplit(":", 1)[0].strip("[]")
+
+
+ENROLL_ATTEMPTS = (30, 60.0)  # per caller address and minute: enough for any real onboarding
+RENEWALS = (6, 60.0)  # per node and minute: a SuperNode restarts far less often
+
+
 class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
     def __init__(self, store: Store, pki: Pki, audit: Audit | None = None) -> None:
         self.store, self.pki, self.audit = store, pki, audit
+        self.attempts = RateLimit(*ENROLL_ATTEMPTS)
         self.artifact_port = 0
         self.superlink_port = 0
         # called after a node enrolled (registers its Flower key before the node is answered)
@@ -115,27 +151,36 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
         if self.audit is not None:
             self.audit.record(event, **fields)
 
+    def _refused(self, name: str, peer: str, err: Exception) -> None:
+        """Audit a refusal: the name is only what the caller claimed (printable, shortened)."""
+        claimed = "".join(c if c.isprintable() else "?" for c in name[:63])
+        self._record("enrollment-refused", claimed_node=claimed, peer=peer, reason=str(err)[:200])
+
     def Enroll(self, request, context):  # type: ignore[no-untyped-def]
-        name = request.node_name
+        name, peer = request.node_name, peer_host(context)
+        if not self.attempts.allow(peer):
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many enrollment attempts from this address; wait a minute",
+            )
         try:
             # everything the node sent is checked before the token is touched; the certificate
             # is signed only inside the token's transaction, once the token proved good
             check_csr(request.csr_pem, name)
-            parse_flower_public_key(request.flower_public_key)
+            flower_key = canonical_flower_key(request.flower_public_key)
             issued: list[bytes] = []
 
             def issue() -> str:
                 issued.append(issue_certificate(self.pki, request.csr_pem, name))
                 return fingerprint(issued[0])
 
-            node = self.store.enroll(
-                request.token, name, issue, request.flower_public_key.decode("ascii")
-            )
+            node = self.store.enroll(request.token, name, issue, flower_key)
         except (PkiError, ValueError, UnicodeDecodeError) as err:
-            self._record("enrollment-refused", node=name[:63], reason=str(err)[:200])
+            self._refused(name, peer, err)
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except StoreError as err:
-            self._record("enrollment-refused", node=name[:63], reason=str(err)[:200])
+            self._refused(name, peer, err)
             _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(err))
         self._record("enrolled", node=name, fingerprint=node.fingerprint)
         if self.on_enrolled is not None:
@@ -157,6 +202,7 @@ class NodeServicer(enrollment_pb2_grpc.NodeServiceServicer):
 
     def __init__(self, store: Store, audit: Audit | None = None) -> None:
         self.store, self.audit = store, audit
+        self.renewals = RateLimit(*RENEWALS)
         # decides a renewal: (node name, new key) -> renewed?; None: no SuperLink here
         self.renew: Callable[[str, str], bool] | None = None
 
@@ -164,10 +210,18 @@ class NodeServicer(enrollment_pb2_grpc.NodeServiceServicer):
         name = _require_node(self.store, context)
         if self.renew is None:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no SuperLink runs here")
+        if not self.renewals.allow(name):
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many key renewals from this node; wait a minute",
+            )
         try:
-            parse_flower_public_key(request.flower_public_key)
-            renewed = self.renew(name, request.flower_public_key.decode("ascii"))  # type: ignore[misc]
+            key = canonical_flower_key(request.flower_public_key)
+            renewed = self.renew(name, key)  # type: ignore[misc]
         except (ValueError, UnicodeDecodeError) as err:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except StoreError as err:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except OffsiteError as err:
             _abort(context, grpc.StatusCode.UNAVAILABLE, str(err))

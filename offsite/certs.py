@@ -15,6 +15,17 @@ def fingerprint(cert_pem: bytes) -> str:
 FLOWER_KEY_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
 
+def canonical_flower_key(openssh: bytes | str) -> str:
+    """A SuperNode key in one spelling (OpenSSH, no comment), so equal keys compare equal."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = parse_flower_public_key(openssh)
+    key = serialization.load_pem_public_key(pem)
+    return key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
+
+
 def parse_flower_public_key(openssh: bytes | str) -> bytes:
     """A SuperNode authentication key (OpenSSH ECDSA on a NIST curve), as Flower stores it
     (PEM SubjectPublicKeyInfo); ValueError saying what is wrong otherwise."""

@@ -459,6 +459,47 @@ def test_an_outsider_with_only_ca_pem_can_list_register_unregister_and_run_nothi
     _assert_no_data_left_the_nodes(deployment)
 
 
+def _superlink_rss(deployment: Deployment) -> int:
+    import psutil
+
+    assert deployment.server is not None
+    for child in psutil.Process(deployment.server.pid).children(recursive=True):
+        if any("flower-superlink" in part for part in child.cmdline()):
+            return int(child.memory_info().rss)
+    raise AssertionError("no flower-superlink process")
+
+
+def test_unsigned_fleet_calls_never_reach_the_superlink_with_a_body(
+    deployment: Deployment,
+) -> None:
+    """Flower reads a Fleet body before it checks the signature: the proxy's gate must refuse
+    unsigned calls from their headers, and cap bodies per route."""
+    import httpx
+
+    home = _outsider(deployment)
+    url = f"https://127.0.0.1:{deployment.flower}"
+    before = _superlink_rss(deployment)
+    chunk = os.urandom(1 << 20)
+
+    def body(megabytes: int):  # type: ignore[no-untyped-def]
+        for _ in range(megabytes):
+            yield chunk
+
+    with httpx.Client(base_url=url, verify=str(home / "ca.pem"), timeout=60) as web:
+        for _ in range(4):
+            try:
+                answer = web.post("/v1/fleet/push-object", content=body(100))
+                assert answer.status_code == 401, answer.status_code
+            except httpx.TransportError:
+                pass  # nginx answered 401 and closed before the upload ended
+        small_route = web.post("/v1/fleet/get-run", content=b"x" * (2 << 20))
+        assert small_route.status_code == 413
+        assert web.post("/v1/fleet/get-run", content=b"").status_code == 401
+        assert web.post("/v1/fleet/get-run%0a", content=b"").status_code == 403
+    assert _superlink_rss(deployment) - before < 50 * 2**20
+    assert list(_wait_online(deployment, 2).values()).count("online") == 2
+
+
 def test_nodes_run_no_unsigned_or_foreign_signed_app_and_keep_their_data(
     deployment: Deployment,
 ) -> None:
@@ -651,7 +692,8 @@ def test_a_revoked_node_is_unregistered_and_its_node_stops_with_the_reason(
     # its SuperNode was dropped; asking to re-key, the node learns it was revoked and stops
     assert node.wait(timeout=120) == 5
     log = (deployment.processes.logs / "site-c.log").read_text()
-    assert "revoked" in log.strip().splitlines()[-1], log[-500:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "revoked" in errors[0], log[-800:]
     events = [(e["event"], e.get("node")) for e in Audit(deployment.state).entries()]
     assert ("revoked", "site-c") in events
     assert ("superlink-node-unregistered", "site-c") in events

@@ -84,7 +84,16 @@ def issued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.mark.parametrize(
     "problem",
-    ["not-ssh", "rsa-key", "ed25519-key", "garbage-csr", "csr-bad-signature", "rsa-1024-csr"],
+    [
+        "not-ssh",
+        "rsa-key",
+        "ed25519-key",
+        "garbage-csr",
+        "csr-bad-signature",
+        "rsa-1024-csr",
+        "name-with-newline",
+        "name-with-slash",
+    ],
 )
 def test_a_bad_csr_or_flower_key_is_refused_before_the_token_is_used(
     coordinator: Coordinator, issued: list[str], problem: str
@@ -116,8 +125,13 @@ def test_a_bad_csr_or_flower_key_is_refused_before_the_token_is_used(
         csr = bytes(text)
     elif problem == "rsa-1024-csr":
         csr = _csr("clinic-a", rsa.generate_private_key(65537, 1024))
+    name = {"name-with-newline": "clinic-a\n", "name-with-slash": "clinic/a"}.get(problem)
     error = _enroll(
-        coordinator, token=token, node_name="clinic-a", csr_pem=csr, flower_public_key=flower
+        coordinator,
+        token=token,
+        node_name=name or "clinic-a",
+        csr_pem=csr,
+        flower_public_key=flower,
     )
     assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert issued == [] and coordinator.store.nodes() == []
@@ -153,7 +167,11 @@ def test_a_bad_token_or_taken_name_gets_nothing_signed(
     assert error is not None and "already enrolled" in error.details()
     assert issued == ["clinic-a"]  # the second clinic-a got no certificate
     # and its token survived the refusal
-    renamed = {**fields, "node_name": "clinic-b", "csr_pem": _csr("clinic-b")}
+    renamed = {
+        "node_name": "clinic-b",
+        "csr_pem": _csr("clinic-b"),
+        "flower_public_key": _flower_key(),
+    }
     assert _enroll(coordinator, token=spare, **renamed) is None
 
 
@@ -165,8 +183,9 @@ def test_enrollments_and_refusals_are_audited_without_secrets(
     with pytest.raises(JoinError):
         join(coordinator.address, token, coordinator.ca_fingerprint, "clinic-b", tmp_path / "b")
     audit = Audit(coordinator.state)
-    events = [(e["event"], e.get("node")) for e in audit.entries()]
+    events = [(e["event"], e.get("node") or e.get("claimed_node")) for e in audit.entries()]
     assert events == [("enrolled", "clinic-a"), ("enrollment-refused", "clinic-b")]
+    assert audit.entries()[1]["peer"] == "127.0.0.1"
     assert "already used" in audit.entries()[1]["reason"]
     text = audit.path.read_text()
     assert token not in text and "PRIVATE KEY" not in text and "BEGIN" not in text
@@ -278,3 +297,75 @@ def test_audit_lines_from_two_writers_never_interleave(tmp_path: Path) -> None:
         thread.join()
     lines = audit.path.read_text().splitlines()
     assert len(lines) == 900 and all(json.loads(line)["event"] == "revoked" for line in lines)
+
+
+def test_a_flower_key_another_node_holds_is_refused(
+    coordinator: Coordinator, issued: list[str]
+) -> None:
+    shared = _flower_key()
+    first = {"node_name": "site-a", "csr_pem": _csr("site-a"), "flower_public_key": shared}
+    assert _enroll(coordinator, token=coordinator.store.mint_token(), **first) is None
+    token = coordinator.store.mint_token()
+    # the same key, spelled differently (a comment appended): still the same key
+    copy = shared.strip() + b" copied-from-site-a"
+    second = {"node_name": "dup", "csr_pem": _csr("dup"), "flower_public_key": copy}
+    error = _enroll(coordinator, token=token, **second)
+    assert error is not None and "belongs to another node" in error.details()
+    assert issued == ["site-a"] and [n.name for n in coordinator.store.nodes()] == ["site-a"]
+    # a renewal cannot take another node's key either
+    from coordinator.store.repository import StoreError
+
+    coordinator.store.enroll(coordinator.store.mint_token(), "x", "ff" * 32, "")
+    site_a = {k.name: k for k in coordinator.store.flower_keys()}["site-a"].public_key
+    with pytest.raises(StoreError, match="belongs to another node"):
+        coordinator.store.set_flower_key("x", site_a)
+
+
+def test_enrollment_attempts_from_one_address_are_rate_limited(
+    coordinator: Coordinator,
+) -> None:
+    from coordinator.service import ENROLL_ATTEMPTS
+
+    limit = ENROLL_ATTEMPTS[0]
+    codes = [
+        _enroll(coordinator, token=f"guess-{i}", node_name="x", csr_pem=_csr("x")).code()  # type: ignore[union-attr]
+        for i in range(limit + 5)
+    ]
+    assert codes[:limit] == [grpc.StatusCode.INVALID_ARGUMENT] * limit
+    assert codes[limit:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
+    assert len(Audit(coordinator.state).entries()) == limit  # the flood does not fill the log
+
+
+def _signed_headers(key: ec.EllipticCurvePrivateKey, age: float = 0.0) -> dict[str, str]:
+    """Flower's SuperNode authentication headers, made with Flower's own signing function."""
+    import base64
+    import datetime as dt
+
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    when = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=age)).isoformat()
+    return {
+        "flwr-public-key": base64.b64encode(public_key_to_bytes(key.public_key())).decode(),
+        "flwr-signature": base64.b64encode(sign_message(key, when.encode())).decode(),
+        "flwr-timestamp": when,
+    }
+
+
+def test_the_fleet_gate_admits_only_fresh_calls_signed_by_admitted_keys() -> None:
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    from coordinator.fleet_gate import FleetGate
+
+    gate = FleetGate()
+    admitted, stranger = (ec.generate_private_key(ec.SECP384R1()) for _ in range(2))
+    gate.admit([public_key_to_bytes(admitted.public_key())])
+    assert gate.allows(_signed_headers(admitted))
+    assert not gate.allows(_signed_headers(stranger))  # a valid signature, an unknown key
+    assert not gate.allows(_signed_headers(admitted, age=400))  # stale: a replay
+    assert not gate.allows(_signed_headers(admitted, age=-60))  # from the future
+    forged = _signed_headers(admitted)
+    forged["flwr-signature"] = _signed_headers(stranger)["flwr-signature"]
+    assert not gate.allows(forged)
+    assert not gate.allows({}) and not gate.allows({"flwr-public-key": "!!"})
+    gate.admit([])  # the node was revoked
+    assert not gate.allows(_signed_headers(admitted))

@@ -117,6 +117,7 @@ class Store:
                     raise StoreError(self._token_problem(s, token))
                 if s.scalar(select(Node.id).where(Node.name == name)) is not None:
                     raise StoreError(f"a node named {name!r} is already enrolled; pick another")
+                self._refuse_shared_key(s, name, flower_key)
                 node = Node(
                     name=name,
                     certificate_fingerprint=fingerprint() if callable(fingerprint) else fingerprint,
@@ -208,10 +209,22 @@ class Store:
                 for r in rows
             ]
 
+    @staticmethod
+    def _refuse_shared_key(s: Session, name: str, flower_key: str) -> None:
+        """One SuperNode key belongs to one node, ever (revoking one must not drop another)."""
+        if not flower_key:
+            return
+        owner = s.scalar(
+            select(Node.name).where(Node.flower_public_key == flower_key, Node.name != name)
+        )
+        if owner is not None:
+            raise StoreError("this Flower key belongs to another node; make a new one")
+
     def set_flower_key(self, name: str, public_key: str) -> None:
         """Replace a node's SuperNode key ("" = none until the node sends one); the new key is
-        not registered yet."""
+        not registered yet. A key another node holds is refused."""
         with self._tx() as s:
+            self._refuse_shared_key(s, name, public_key)
             s.execute(
                 update(Node)
                 .where(Node.name == name)
