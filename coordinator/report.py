@@ -154,6 +154,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
         f"- full model: {info['full_params'] / 1e6:.1f} M parameters; emulator bundle "
         f"{info['bundle_bytes'] / 1e6:.1f} MB; adapter update "
         f"{info['adapter_bytes'] / 1e3:.1f} kB per client per round",
+        *_bundle_part_lines(info),
         f"- middle blocks shipped: {info['middle_kept']} of {info['middle_total']}; "
         f"full-model middle blocks never sent: {info['middle_dropped']}",
         *([f"- {describe_privacy(info['privacy'])}"] if info.get("privacy") else []),
@@ -189,6 +190,20 @@ def write_failure_report(run_dir: Path, metrics: dict[str, Any], error: str) -> 
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _bundle_part_lines(info: dict[str, Any]) -> list[str]:
+    """Where the bundle's bytes go, so the owner sees what to compress."""
+    parts = info.get("bundle_parts")
+    if not parts:
+        return []
+    embeddings = (info.get("compression") or {}).get("embeddings")
+    stored = f" ({embeddings['scheme']['name']})" if embeddings else " (full precision)"
+    shown = ", ".join(
+        f"{name}{stored if name == 'embeddings' else ''} {size / 1e6:.1f} MB"
+        for name, size in parts.items()
+    )
+    return [f"- bundle by part: {shown}"]
 
 
 def _outcome_lines(outcomes: list[dict[str, Any]]) -> list[str]:

@@ -28,7 +28,7 @@ from coordinator.run_health import RunHealth, adapter_changed
 from coordinator.simulation import run_flower_simulation
 from emulator.adapter import AdapterSpec
 from emulator.build import build_bundle, choose_plan
-from emulator.bundle import verify_bundle
+from emulator.bundle import bundle_parts, verify_bundle
 from emulator.forward import pick_device
 from emulator.layers import plan_layers
 from emulator.scoring import Score
@@ -336,6 +336,7 @@ def _metrics(
             "rounds": config.federation.rounds,
             "full_params": sum(p.numel() for p in full_model.parameters()),
             "bundle_bytes": sum(int(f["size"]) for f in bundle.manifest["files"].values()),
+            "bundle_parts": bundle_parts(bundle.manifest),
             "bundle_digest": bundle.digest,
             "adapter_bytes": sum(t.numel() * t.element_size() for t in final_state.values()),
             "middle_kept": len(plan.middle_kept),

@@ -7,14 +7,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from emulator.adapter import AdapterSpec
-from emulator.arch import ArchSpec, block_list, block_prefix
+from emulator.arch import ArchSpec, anchor_layers, block_list, block_prefix
 from emulator.batches import text_batches
-from emulator.bundle import Bundle, write_bundle
+from emulator.bundle import Bundle, bundle_parts, write_bundle
 from emulator.digest import canonical_json, tensor_sha256
 from emulator.distill import distill
+from emulator.embeddings import expand_embeddings, quantize_embeddings
 from emulator.forward import pick_device, resolve_precision
 from emulator.layers import LayerPlan, plan_layers
 from emulator.privacy import assess, enforce_gate, public_text_perplexity
@@ -52,12 +54,16 @@ def public_texts(name: str, count: int) -> list[str]:
 def choose_plan(
     full_model: nn.Module, tokenizer: Any, arch: ArchSpec, settings: EmulatorConfig
 ) -> LayerPlan:
-    """The layer plan for ``settings.selection`` (uniform, or cosine on public text)."""
-    plan = plan_layers(
-        int(full_model.config.num_hidden_layers), settings.bottom, settings.top, settings.keep
-    )
+    """The layer plan for ``settings.selection`` (uniform, or cosine on public text). Uniform
+    drop keeps a mixed-attention model's global layers first (``anchor_layers``)."""
+    layers = int(full_model.config.num_hidden_layers)
+    anchors = anchor_layers(full_model.config, arch)
+    plan = plan_layers(layers, settings.bottom, settings.top, settings.keep, anchors)
     if settings.selection == "uniform" or settings.keep == -1:
+        if pinned := sorted(set(anchors) & set(plan.middle_kept)):
+            log.info("  uniform drop keeps the global-attention blocks %s first", pinned)
         return plan
+    plan = plan_layers(layers, settings.bottom, settings.top, settings.keep)
     texts = public_texts(settings.public_text, settings.public_examples)
     scores = block_change_scores(full_model, tokenizer, texts)
     chosen = select_by_change(plan, scores, len(plan.middle_kept))
@@ -102,6 +108,17 @@ def build_bundle(
         )
     changed = settings.distill or settings.quantize != "none"
     shipped = unique_state(emulator) if changed else emulator_state(full_model, plan, arch)
+    shipped = dict(shipped)
+    embeddings = quantize_embeddings(
+        emulator, shipped, settings.embeddings, settings.quant_group_size
+    )
+    if embeddings is not None:
+        compression["embeddings"] = embeddings
+        # the perplexity gate judges what ships: the emulator with the embeddings it will load
+        expand_embeddings(expanded := dict(shipped), embeddings, torch.float32)
+        for name in embeddings["tensors"]:
+            with torch.no_grad():
+                emulator.get_parameter(name).copy_(expanded[name])
     report = assess(full_model, emulator, plan, arch, shipped, perplexity_fn)
     enforce_gate(report, settings.min_perplexity_ratio, settings.max_verbatim_fraction)
     bundle = write_bundle(
@@ -251,4 +268,7 @@ def describe_compression(manifest: dict[str, Any]) -> str:
             f"; distilled {distilled['steps']} steps (best at {distilled['best_step']}, "
             f"{distilled.get('seconds', 0):.0f} s)"
         )
-    return text
+    embeddings = compression.get("embeddings")
+    parts = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in bundle_parts(manifest).items())
+    stored = embeddings["scheme"]["name"] if embeddings else "full precision"
+    return text + f"; by part (MB): {parts}; embeddings {stored}"

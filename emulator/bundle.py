@@ -35,6 +35,7 @@ from torch import nn
 from emulator.adapter import AdapterSpec
 from emulator.arch import ArchSpec, arch_spec, block_prefix
 from emulator.digest import canonical_json, file_sha256, tensor_sha256
+from emulator.embeddings import expand_embeddings
 from emulator.layers import LayerPlan, block_index
 from emulator.safetensors_header import read_header
 from emulator.split import emulator_config, emulator_state, unique_state
@@ -283,6 +284,51 @@ def verify_bundle(
     return Bundle(path, manifest, digest)
 
 
+def quantized_embeddings(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The bundle's quantized-embeddings entry (None: embeddings stored in full)."""
+    entry = manifest.get("compression", {}).get("embeddings")
+    return dict(entry) if entry else None
+
+
+def bundle_parts(manifest: Mapping[str, Any]) -> dict[str, int]:
+    """Bytes of the bundle by part: embeddings (and head), adapter blocks, middle blocks, other
+    tensors (norms), and files that are not tensors (tokenizer, config, manifest index)."""
+    embedded = set((quantized_embeddings(manifest) or {}).get("tensors", ()))
+    prefix = str(manifest.get("model", {}).get("block_prefix", ""))
+    parts = {"embeddings": 0, "adapter blocks": 0, "middle blocks": 0, "other tensors": 0}
+    for name, meta in manifest["tensors"].items():
+        size = _DTYPE_BYTES.get(meta["dtype"], 4)
+        for dim in meta["shape"]:
+            size *= int(dim)
+        base = name.rsplit(".", 1)[0] if name.endswith(_QUANT_PARTS) else name
+        if base in embedded or _is_embedding(name):
+            parts["embeddings"] += size
+        elif meta["file"] == ADAPTER_FILE:
+            parts["adapter blocks"] += size
+        elif prefix and block_index(name, prefix) is not None:
+            parts["middle blocks"] += size
+        else:
+            parts["other tensors"] += size
+    tensor_files = sum(
+        int(meta["size"])
+        for name, meta in manifest["files"].items()
+        if name in (ADAPTER_FILE, EMULATOR_FILE)
+    )
+    files = sum(int(meta["size"]) for meta in manifest["files"].values())
+    parts["tokenizer and config"] = files - tensor_files
+    return parts
+
+
+_QUANT_PARTS = (".qweight", ".scales", ".zeros")
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+def _is_embedding(name: str) -> bool:
+    """Full-precision embeddings and head by their usual names (a bundle of before the
+    embeddings entry, or ``emulator.embeddings='full'``)."""
+    return any(part in name for part in ("embed_tokens", "wte", "word_embeddings", "lm_head"))
+
+
 def quantized_modules(manifest: Mapping[str, Any]) -> list[str]:
     """Names of the emulator's quantized linears (empty for a full-precision bundle)."""
     quantization = manifest.get("compression", {}).get("quantization")
@@ -320,7 +366,7 @@ def load_bundle_model(bundle: Bundle, dtype: torch.dtype = torch.float32) -> nn.
 
     auto = getattr(transformers, bundle.manifest["model"]["auto_class"])
     quantized = quantized_modules(bundle.manifest)
-    if not quantized:
+    if not quantized and not quantized_embeddings(bundle.manifest):
         model = auto.from_pretrained(bundle.path, dtype=dtype, use_safetensors=True)
         return model.eval()
     from safetensors.torch import load_file
@@ -350,6 +396,15 @@ def fill_bundle_model(
     state: dict[str, torch.Tensor] = {}
     for file_name in (ADAPTER_FILE, EMULATOR_FILE):
         state.update(read(bundle.path / file_name))
+    embeddings = quantized_embeddings(bundle.manifest)
+    if embeddings:
+        try:
+            dtype = model.get_parameter(embeddings["tensors"][0]).dtype
+            expand_embeddings(state, embeddings, dtype)
+        except (AttributeError, KeyError, ValueError, RuntimeError) as err:
+            raise IntegrityError(
+                f"bundle's quantized embeddings do not fit its model: {err}"
+            ) from err
     result = model.load_state_dict(state, strict=False, assign=assign)
     model.tie_weights()  # type: ignore[operator]
     tied = set(model.state_dict()) - set(unique_state(model))

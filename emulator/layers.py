@@ -81,15 +81,33 @@ class LayerPlan:
         )
 
 
-def plan_layers(num_layers: int, bottom: int, top: int, keep: int) -> LayerPlan:
-    """Plan adapter blocks (``bottom`` + ``top``) and ``keep`` uniformly chosen middle blocks."""
+def plan_layers(
+    num_layers: int, bottom: int, top: int, keep: int, anchors: Sequence[int] = ()
+) -> LayerPlan:
+    """Plan adapter blocks (``bottom`` + ``top``) and ``keep`` uniformly chosen middle blocks.
+
+    ``anchors`` (full-model indices) are middle blocks kept first — the global-attention layers
+    of a model that mixes attention types (``anchor_layers``) — and the rest of ``keep`` is
+    spread uniformly over the other middle blocks; without anchors the choice is exactly the
+    reference layer drop."""
     if bottom + top >= num_layers:
         raise ConfigError(
             f"the model has {num_layers} blocks; emulator.bottom + emulator.top = {bottom + top} "
             "must leave at least one middle block"
         )
     middle = list(range(bottom, num_layers - top))
-    kept = middle if keep == -1 else [middle[o] for o in uniform_drop(len(middle), keep)]
+    if keep != -1:
+        uniform_drop(len(middle), keep)  # the standard error for a keep that cannot fit
+    pinned = [i for i in middle if i in set(anchors)]
+    if keep == -1:
+        kept = middle
+    elif pinned and len(pinned) < keep:
+        others = [i for i in middle if i not in pinned]
+        kept = sorted(pinned + [others[o] for o in uniform_drop(len(others), keep - len(pinned))])
+    elif pinned:  # fewer kept blocks than anchors: spread over the anchors
+        kept = [pinned[o] for o in uniform_drop(len(pinned), keep)]
+    else:
+        kept = [middle[o] for o in uniform_drop(len(middle), keep)]
     return LayerPlan(
         num_layers=num_layers,
         bottom=tuple(range(bottom)),

@@ -97,6 +97,12 @@ class EmulatorConfig(_Section):
         "norms and head stay full precision.",
     )
     quant_group_size: int = _f(64, "int4: input channels sharing one scale and zero point.")
+    embeddings: Literal["full", "int8", "int4"] = _f(
+        "int8",
+        "How the bundle stores the token embeddings and an untied head (no policy trains them): "
+        "'int8' per token row (a quarter of fp32; the plug-in keeps the full model's), 'int4' "
+        "in groups, or 'full'.",
+    )
     awq: bool = _f(
         True,
         "Activation-aware scaling: search per-channel input scales on public text that protect "

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from emulator.adapter import AdapterSpec
 from emulator.arch import arch_spec
@@ -23,7 +24,7 @@ from emulator.bundle import (
 from emulator.layers import plan_layers
 from emulator.safetensors_header import read_header
 from offsite.errors import IntegrityError
-from tests.conftest import tiny_model
+from tests.conftest import VOCAB, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +132,57 @@ def test_malformed_safetensors_headers_raise_integrity_errors(tmp_path: Path, bl
     path.write_bytes(blob)
     with pytest.raises(IntegrityError):
         read_header(path)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_embeddings_ship_once_load_everywhere_and_are_counted_by_part(
+    mode: str, tmp_path: Path, tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    """A tied embedding ships once, quantized per token row; both runtimes load it back to
+    floats within half a quantization step; the report's parts add up to the bundle."""
+    from client.runtime.load import bundle_lean_config, load_lean_model
+    from emulator.build import build_bundle
+    from emulator.bundle import bundle_parts, load_bundle_model
+    from emulator.embeddings import embedding_names
+    from emulator.split import build_emulator
+    from offsite.config import EmulatorConfig
+
+    full = tiny_model("llama")  # tied embeddings
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec.for_plan("lora", plan, arch, 4, 8)
+    settings = EmulatorConfig(bottom=1, top=1, keep=2, public_text="", embeddings=mode)
+    bundle = build_bundle(
+        full, tokenizer, arch, plan, spec, tmp_path / "b", source="tiny", settings=settings
+    )
+    entry = bundle.manifest["compression"]["embeddings"]
+    assert entry["tensors"] == embedding_names(full) == ["model.embed_tokens.weight"]
+    tensors = bundle.manifest["tensors"]
+    assert "model.embed_tokens.weight" not in tensors and "lm_head.weight" not in tensors
+    assert tensors["model.embed_tokens.weight.qweight"]["dtype"] == (
+        "I8" if mode == "int8" else "U8"
+    )
+    assert entry["bytes"] < entry["bytes_before"] / (3.5 if mode == "int8" else 5)
+    parts = bundle_parts(bundle.manifest)
+    files = bundle.manifest["files"]
+    weights = sum(int(f["size"]) for n, f in files.items() if n.endswith(".safetensors"))
+    tensor_parts = parts["embeddings"] + parts["adapter blocks"] + parts["middle blocks"]
+    tensor_parts += parts["other tensors"]
+    assert weights - 64 * 1024 < tensor_parts <= weights  # all but the safetensors headers
+    assert parts["tokenizer and config"] == sum(int(f["size"]) for f in files.values()) - weights
+    assert parts["embeddings"] == entry["bytes"] and parts["middle blocks"] > 0
+    reference = build_emulator(full, plan, arch)
+    table = full.get_input_embeddings().weight
+    step = table.abs().amax(1, keepdim=True) / (127 if mode == "int8" else 7)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    loaded = [load_bundle_model(verify_bundle(bundle.path))]
+    config, why = bundle_lean_config(bundle)
+    assert config is not None, why
+    loaded.append(load_lean_model(verify_bundle(bundle.path), config))
+    for model in loaded:
+        weight = model.get_input_embeddings().weight
+        assert (weight - table).abs().le(step).all()
+        assert model.lm_head.weight.data_ptr() == weight.data_ptr()  # tied: one tensor
+        with torch.no_grad():
+            got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
+        assert torch.allclose(got, want, atol=0.1), (got - want).abs().max()

@@ -65,3 +65,27 @@ def test_renumbering() -> None:
         "model.layers.0.a": 2,
         "model.embed.w": 3,
     }
+
+
+def test_layer_drop_keeps_a_mixed_attention_models_global_layers_first() -> None:
+    from emulator.arch import REGISTRY, anchor_layers
+    from emulator.layers import plan_layers
+
+    class Gemma3Like:  # Gemma3-270m's layout: a global layer after every five sliding ones
+        layer_types = ["sliding_attention"] * 5 + ["full_attention"]
+        layer_types = layer_types * 3
+
+    anchors = anchor_layers(Gemma3Like(), REGISTRY["gemma3_text"])
+    assert anchors == (5, 11, 17)
+    plain = plan_layers(18, 2, 2, 8)
+    assert plain.middle_kept == (2, 4, 6, 8, 9, 11, 13, 15)  # the reference drop loses block 5
+    anchored = plan_layers(18, 2, 2, 8, anchors)
+    assert {5, 11} <= set(anchored.middle_kept) and len(anchored.middle_kept) == 8
+    assert plan_layers(18, 2, 2, 1, anchors).middle_kept in ((5,), (11,))
+    assert plan_layers(18, 2, 2, -1, anchors).middle_kept == tuple(range(2, 16))
+
+    class AllGlobal:
+        layer_types = ["full_attention"] * 18
+
+    assert anchor_layers(AllGlobal(), REGISTRY["qwen2"]) == ()  # nothing to anchor
+    assert plan_layers(18, 2, 2, 8, ()) == plain
