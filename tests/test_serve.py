@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,28 +32,35 @@ def _peft_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     return out
 
 
-@pytest.fixture()
-def server(tiny_llama_dir: Path) -> Iterator[tuple[str, object]]:
+def serving(engine: Any, **options: Any) -> Iterator[str]:
+    """``offsite serve``'s app for ``engine`` on a free loopback port (a generator: one URL)."""
     import uvicorn
 
-    from coordinator.serve import Engine, build_app
+    from coordinator.serve import build_app
 
-    engine = Engine(tiny_llama_dir, "tiny", max_prompt_tokens=64)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(build_app(engine), log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, **options), log_level="critical"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
+    while not server.started and time.time() < deadline:
         time.sleep(0.05)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
+    assert server.started
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+@pytest.fixture()
+def server(tiny_llama_dir: Path) -> Iterator[tuple[str, object]]:
+    from coordinator.serve import Engine
+
+    engine = Engine(tiny_llama_dir, "tiny", max_prompt_tokens=64)
+    for url in serving(engine):
+        yield url, engine
 
 
 def test_completion_chat_stream_and_adapter_hot_swap(

@@ -9,7 +9,6 @@ refuses to bind beyond loopback without an admin token and prints the port it re
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -22,30 +21,9 @@ import httpx
 import pytest
 import torch
 
-from tests.test_serve import _peft_adapter
+from tests.test_serve import _peft_adapter, serving
 
 ADMIN, KEY = "admin-token-0123456789abcdef", "api-key-0123456789abcdef"
-
-
-def _serve(engine: Any, **options: Any) -> Iterator[str]:
-    import uvicorn
-
-    from coordinator.serve import build_app
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, **options), log_level="critical"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
 
 
 @pytest.fixture()
@@ -57,7 +35,7 @@ def engine(tiny_llama_dir: Path) -> Any:
 
 @pytest.fixture()
 def guarded(engine: Any) -> Iterator[tuple[str, Any]]:
-    for url in _serve(engine, admin_token=ADMIN, api_key=KEY, max_body_bytes=4096):
+    for url in serving(engine, admin_token=ADMIN, api_key=KEY, max_body_bytes=4096):
         yield url, engine
 
 
