@@ -86,6 +86,11 @@ def _save(results: dict[str, Any]) -> None:
     (REPORTS / "gradient_score.md").write_text(_markdown(results))
 
 
+def _relative(result: dict[str, Any]) -> float:
+    blocks = result["per_block"].values()
+    return sum(b["relative_error"] for b in blocks) / len(blocks)
+
+
 def _markdown(results: dict[str, Any]) -> str:
     names = sorted(results, key=lambda n: results[n]["gradient_error"])
     lines = [
@@ -93,15 +98,17 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         "`python bench/gradient_score.py`: every undistilled cell of `emulator.md` (SmolLM2-135M, "
         "bbc-news, single seed, 150 held-out) rebuilt and scored on 32 chitchat texts × 128 "
-        "tokens. gradient error = mean over adapter blocks of ‖g_emu − g_full‖ / ‖g_full‖.",
+        "tokens. gradient error = mean over adapter blocks of 1 − cos(g_emu, g_full); rel. "
+        "error = mean ‖g_emu − g_full‖ / ‖g_full‖.",
         "",
-        "| cell | gradient error | loss rise | ppl ratio | plug-in % | emu FT % | score s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| cell | gradient error | rel. error | loss rise | ppl ratio | plug-in % | emu FT % "
+        "| score s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in names:
         r = results[name]
         lines.append(
-            f"| {name} | {r['gradient_error']:.4f} | {r['loss_rise']:.2f} | "
+            f"| {name} | {r['gradient_error']:.3f} | {_relative(r):.2f} | {r['loss_rise']:.2f} | "
             f"{r['perplexity_ratio']:.0f} | {r['plug_in']:.1f} | {r['emulator_fine_tuned']:.1f} "
             f"| {r['seconds']:.0f} |"
         )
@@ -114,7 +121,9 @@ def _markdown(results: dict[str, Any]) -> str:
             f"perplexity ratio vs plug-in "
             f"{_spearman([results[n]['perplexity_ratio'] for n in names], plug):+.2f}; "
             f"loss rise vs plug-in "
-            f"{_spearman([results[n]['loss_rise'] for n in names], plug):+.2f} "
+            f"{_spearman([results[n]['loss_rise'] for n in names], plug):+.2f}; "
+            f"mean relative error vs plug-in "
+            f"{_spearman([_relative(results[n]) for n in names], plug):+.2f} "
             "(negative = a lower value predicts a better plug-in).",
         ]
     return "\n".join(lines) + "\n"

@@ -11,8 +11,12 @@ per adapter block —
 - ``cosine`` between the two flattened gradients,
 
 and the emulator's own loss rise (``loss_emulator − loss_full``, the privacy side: a useful but
-not too useful emulator). ``gradient_error`` is the mean relative error over adapter blocks: the
-number candidates are ranked by (lower is better).
+not too useful emulator). ``gradient_error`` = mean over adapter blocks of 1 − cosine — the
+direction the adapter is pushed, not how hard — is the number candidates are ranked by (lower is
+better). Measured on SmolLM2's eight undistilled emulator cells (bench/reports/gradient_score.md,
+single-seed plug-in): Spearman ρ of the mean cosine with plug-in +0.66, of the relative error
++0.16 (wrong sign: emulators push the adapter 5–13× harder than the full model does, and that
+magnitude swamps the relative error), of the loss rise −0.69.
 
 Gradients are summed over the calibration batches first, as the adapter's training would see
 them over a few steps; the full model's gradients are computed once per (model, texts) and
@@ -36,7 +40,7 @@ from emulator.layers import LayerPlan
 
 @dataclass(frozen=True)
 class GradientScore:
-    gradient_error: float  # mean relative error over adapter blocks (lower is better)
+    gradient_error: float  # mean over adapter blocks of 1 − cosine (lower is better)
     per_block: dict[int, dict[str, float]]  # full-model block index -> relative_error, cosine
     loss_full: float
     loss_emulator: float
@@ -74,7 +78,7 @@ def adapter_gradients(
         for batch in batches:
             loss = answer_loss(model, batch)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         grads = {
             full: torch.cat(
                 [
@@ -115,8 +119,8 @@ def score_emulator(
         error = float((g_emu - g_full).norm()) / norm if norm > 0 else float(g_emu.norm() > 0)
         cosine = float(nn.functional.cosine_similarity(g_emu, g_full, dim=0)) if norm > 0 else 1.0
         per_block[full] = {"relative_error": error, "cosine": cosine}
-    mean_error = sum(b["relative_error"] for b in per_block.values()) / len(per_block)
-    return GradientScore(mean_error, per_block, loss_full, loss_emulator)
+    direction = sum(1.0 - b["cosine"] for b in per_block.values()) / len(per_block)
+    return GradientScore(max(direction, 0.0), per_block, loss_full, loss_emulator)
 
 
 def full_reference_gradients(

@@ -33,7 +33,8 @@ def test_an_identity_compression_scores_zero(setup) -> None:  # type: ignore[no-
     model, arch, batches = setup
     plan = plan_layers(6, 1, 1, -1)
     score = score_emulator(model, build_emulator(model, plan, arch), plan, arch, batches)
-    assert score.gradient_error == 0.0 and score.loss_rise == 0.0
+    assert score.gradient_error < 1e-6 and score.loss_rise == 0.0
+    assert all(b["relative_error"] == 0.0 for b in score.per_block.values())
     assert set(score.per_block) == {0, 5}
     assert all(b["cosine"] == pytest.approx(1.0) for b in score.per_block.values())
 
@@ -66,7 +67,7 @@ def test_lower_svd_ranks_of_the_middle_raise_the_score(setup) -> None:  # type: 
                     full_name = f"model.layers.{index}.{name}"
                     replace_module(emulator, full_name, factorize_linear(module, rank))
         errors[rank] = score_emulator(model, emulator, plan, arch, batches, reference)
-    assert errors[32].gradient_error < 1e-4  # full rank: the dense product to rounding
+    assert errors[32].gradient_error < 1e-6  # full rank: the dense product to rounding
     assert errors[32].gradient_error < errors[8].gradient_error < errors[2].gradient_error
 
 
