@@ -243,6 +243,16 @@ def test_coordinator_and_two_nodes_federate_over_mtls_and_node_auth(
         details = json.loads((node / "node.json").read_text())
         assert details["superlink"] == f"127.0.0.1:{deployment.flower}"
         assert oct((node / "flower.key").stat().st_mode & 0o777) == "0o600"
+    # the coordinator's state (registry, SuperLink database, artifacts, apps) and the run's files
+    # are owner-only: no group or world bit on any of them
+    exposed = [
+        f"{path} {oct(path.stat().st_mode & 0o777)}"
+        for folder in (deployment.state, run)
+        for path in folder.rglob("*")
+        if not path.is_symlink() and path.stat().st_mode & 0o077
+    ]
+    assert not exposed, exposed
+    assert any(p.suffix == ".db" for p in deployment.state.rglob("*")), "no database was checked"
 
 
 def test_each_node_supernode_allocates_with_jemalloc(deployment: Deployment) -> None:
