@@ -13,7 +13,8 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup simulate test test-fast lint clean bench-emulator bench-privacy bench-inversion \
-        bench-transfer bench-client bench-layer-drop
+        bench-transfer bench-client bench-layer-drop bench-eval-speed \
+        bench-emulator-transfer
 
 setup: $(STAMP)
 
@@ -65,6 +66,15 @@ bench-transfer: setup
 # Faithfulness of the split (no-drop identity) and perplexity per cut, per catalog model (~15 min).
 bench-layer-drop: setup
 	$(BIN)/python bench/layer_drop.py
+
+# Emulator transfer protocol (issue 22): five settings x 3 seeds x 500 held-out examples per
+# cell, mean +- 95 % CI; ~10 min per run on 2 cores, finished runs reused (= offsite bench emulator).
+bench-emulator-transfer: setup
+	$(BIN)/offsite bench emulator
+
+# Five-way evaluation speed and decision agreement (issue 22); ~15 min on 2 cores.
+bench-eval-speed: setup
+	$(BIN)/python bench/eval_speed.py
 
 # Client vs full-model fine-tuning: speed and memory of every policy x precision on two models
 # (~40 min), then one default federated run per cell for plug-in accuracy (~5 min each).

@@ -121,12 +121,18 @@ def four_way(
     adapter_state: Mapping[str, torch.Tensor],
     spec: EvalSpec,
     bar: Any,
+    full_zero_shot: Score | None = None,
 ) -> dict[str, Score]:
-    """The four settings every run reports; ``bar`` is a tqdm bar advanced per example."""
+    """The four settings every run reports; ``bar`` is a tqdm bar advanced per example.
+    ``full_zero_shot``, when given (a cached score), is not recomputed."""
     scores: dict[str, Score] = {}
     full_model.to(spec.device)
     bar.set_postfix_str("full zero-shot")
-    scores["full_zero_shot"] = score_model(full_model, tokenizer, spec, bar.update)
+    if full_zero_shot is None:
+        full_zero_shot = score_model(full_model, tokenizer, spec, bar.update)
+    else:
+        bar.update(len(spec.examples))
+    scores["full_zero_shot"] = full_zero_shot
     bar.set_postfix_str("emulator zero-shot")
     scores["emulator_zero_shot"] = evaluate_emulator(bundle, tokenizer, None, spec, bar.update)
     bar.set_postfix_str("emulator fine-tuned")

@@ -161,6 +161,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
         *_distillation_lines(info.get("compression", {})),
         *_outcome_lines(metrics.get("outcomes", [])),
         *[f"- {stage}: {seconds:.1f} s" for stage, seconds in metrics["timings"].items()],
+        *[f"- {name}: {text}" for name, text in metrics.get("notes", {}).items()],
         "",
         f"Reproduce: `{info['command']}`",
         "",

@@ -21,6 +21,13 @@ from tqdm.auto import tqdm
 
 from coordinator.adapters import load_adapter
 from coordinator.baseline import full_fine_tune
+from coordinator.baseline_cache import (
+    baseline_key,
+    cached_baseline,
+    store_baseline,
+    weights_digest,
+    zero_shot_key,
+)
 from coordinator.evaluate import EvalSpec, four_way, score_model
 from coordinator.models import check_model, load_full_model
 from coordinator.report import five_way_table, margin_lines, write_failure_report, write_report
@@ -53,6 +60,10 @@ class SimulationResult:
 class _Timer:
     def __init__(self) -> None:
         self.stages: dict[str, float] = {}
+        self.notes: dict[str, str] = {}  # what a stage's time does not say (e.g. a cache hit)
+
+    def note(self, name: str, text: str) -> None:
+        self.notes[name] = text
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -260,12 +271,30 @@ def _federate_and_report(
         timer.stage("five-way evaluation"),
         tqdm(total=settings * len(held), desc="evaluating", unit="ex", dynamic_ncols=True) as bar,
     ):
-        scores = four_way(full_model, tokenizer, bundle, final_state, spec, bar)
+        weights = weights_digest(full_model)
+        zero_key = zero_shot_key(weights, held, template, config)
+        found = cached_baseline(zero_key) if config.eval.reuse_baseline else None
+        scores = four_way(
+            full_model, tokenizer, bundle, final_state, spec, bar, found[0] if found else None
+        )
+        if found is None:
+            store_baseline(zero_key, scores["full_zero_shot"], 0.0)
+        else:
+            timer.note("full zero-shot", "cached")
         if config.eval.full_finetune:
-            bar.set_postfix_str("full fine-tuning (baseline)")
-            tuned = full_fine_tune(full_model, tokenizer, adapter, train, template, config, device)
-            bar.set_postfix_str("full fine-tuned")
-            scores["full_fine_tuned"] = score_model(tuned, tokenizer, spec, bar.update)
+            scores["full_fine_tuned"] = _full_fine_tuned(
+                full_model,
+                weights,
+                tokenizer,
+                adapter,
+                train,
+                held,
+                template,
+                config,
+                spec,
+                bar,
+                timer,
+            )
 
     metrics = _metrics(
         config, run_dir, task, held, plan, bundle, full_model, final_state, scores, timer
@@ -279,6 +308,39 @@ def _federate_and_report(
     log.info("\n%s\n%s", five_way_table(score_dicts), "\n".join(margins))
     log.info("report: %s", report)
     return SimulationResult(run_dir, scores, report)
+
+
+def _full_fine_tuned(
+    full_model: Any,
+    weights: str,
+    tokenizer: Any,
+    adapter: AdapterSpec,
+    train: Any,
+    held: Any,
+    template: str,
+    config: OffsiteConfig,
+    spec: EvalSpec,
+    bar: Any,
+    timer: _Timer,
+) -> Score:
+    """The fifth row: read from the baseline cache, or trained, scored and cached."""
+    key = baseline_key(weights, adapter, train, held, template, config)
+    found = cached_baseline(key) if config.eval.reuse_baseline else None
+    if found is not None:
+        score, seconds = found
+        bar.update(len(held))
+        timer.note("full fine-tuning baseline", f"cached ({seconds:.0f} s when computed)")
+        log.info("  full fine-tuning: cached score (key %s…, took %.0f s)", key[:12], seconds)
+        return score
+    start = time.perf_counter()
+    bar.set_postfix_str("full fine-tuning (baseline)")
+    tuned = full_fine_tune(full_model, tokenizer, adapter, train, template, config, spec.device)
+    bar.set_postfix_str("full fine-tuned")
+    score = score_model(tuned, tokenizer, spec, bar.update)
+    seconds = time.perf_counter() - start
+    store_baseline(key, score, seconds)
+    timer.note("full fine-tuning baseline", f"computed in {seconds:.0f} s, cached")
+    return score
 
 
 def _training(health: RunHealth, changed: bool) -> dict[str, Any]:
@@ -302,6 +364,12 @@ def _failure_metrics(config: OffsiteConfig, run_dir: Path, health: RunHealth) ->
         "outcomes": json.loads(outcomes_path.read_text()) if outcomes_path.is_file() else [],
         "config": config.to_dict(),
     }
+
+
+def _state_bytes(model: Any) -> int:
+    """Bytes of the model's weights, a tied tensor (embedding = head) counted once."""
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(unique.values())
 
 
 def _metrics(
@@ -335,6 +403,7 @@ def _metrics(
             "num_clients": config.federation.num_clients,
             "rounds": config.federation.rounds,
             "full_params": sum(p.numel() for p in full_model.parameters()),
+            "full_model_bytes": _state_bytes(full_model),
             "bundle_bytes": sum(int(f["size"]) for f in bundle.manifest["files"].values()),
             "bundle_parts": bundle_parts(bundle.manifest),
             "bundle_digest": bundle.digest,
@@ -353,5 +422,6 @@ def _metrics(
         "rounds": rounds,
         "outcomes": outcomes,
         "timings": {k: round(v, 2) for k, v in timer.stages.items()},
+        "notes": dict(timer.notes),
         "config": config.to_dict(),
     }

@@ -41,6 +41,68 @@ def answer_logits(model: nn.Module, batch: Batch, keep: int) -> torch.Tensor:
     return logits[:, -keep:, :]
 
 
+def prompt_forward(model: nn.Module, batch: Batch, keep_cache: bool) -> tuple[torch.Tensor, object]:
+    """Next-token log-probabilities after each (left-padded) prompt, (B, V) fp32, and its KV
+    cache when ``keep_cache`` (None when the model keeps none)."""
+    cls = _forward_class(model)
+    kwargs: dict[str, object] = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+    }
+    if _accepts(cls, "position_ids"):
+        kwargs["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if _accepts(cls, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    if _accepts(cls, "use_cache"):
+        kwargs["use_cache"] = keep_cache
+    out = model(**kwargs)
+    name = _cache_argument(cls)
+    cache = out.get(name) if keep_cache and name is not None else None
+    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1), cache
+
+
+def continuation_logprobs(
+    model: nn.Module, batch: Batch, cache: object, continuation: list[int]
+) -> torch.Tensor:
+    """Log-probability, summed per row, of ``continuation[1:]`` after each prompt and
+    ``continuation[0]``, reusing the prompts' KV cache (which this call extends): (B,)."""
+    rows = batch.input_ids.shape[0]
+    fed = torch.tensor(continuation[:-1], device=batch.input_ids.device).expand(rows, -1)
+    steps = fed.shape[1]
+    mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(rows, steps)], dim=1)
+    start = batch.attention_mask.sum(-1, keepdim=True)  # first new position of each row
+    positions = start + torch.arange(steps, device=fed.device)
+    cls = _forward_class(model)
+    name = _cache_argument(cls)
+    assert name is not None, "continuation_logprobs needs a model that keeps a KV cache"
+    kwargs: dict[str, object] = {
+        "input_ids": fed,
+        "attention_mask": mask,
+        name: cache,
+        "use_cache": True,
+    }
+    if _accepts(cls, "position_ids"):
+        kwargs["position_ids"] = positions
+    logits = model(**kwargs).logits.float()
+    targets = torch.tensor(continuation[1:], device=fed.device).expand(rows, -1)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def _cache_argument(cls: type) -> str | None:
+    """The forward's KV-cache argument: ``cache`` (transformers 5), ``past_key_values`` (4)."""
+    for name in ("cache", "past_key_values"):
+        if _accepts(cls, name):
+            return name
+    return None
+
+
+def keeps_kv_cache(model: nn.Module) -> bool:
+    """Whether the model's forward takes and returns a KV cache (decoder LMs do)."""
+    cls = _forward_class(model)
+    return _cache_argument(cls) is not None and _accepts(cls, "use_cache")
+
+
 def answer_token_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the answer tokens and their mask: (B, span) each."""
     span = batch.answer_span

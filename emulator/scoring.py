@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,9 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from emulator.batches import collate, encode_pair, pad_id
+from emulator.batches import Batch, collate, encode_pair, pad_id
 from emulator.examples import encode_examples
-from emulator.forward import answer_logits, answer_token_logprobs, autocast
+from emulator.forward import (
+    answer_token_logprobs,
+    autocast,
+    continuation_logprobs,
+    keeps_kv_cache,
+    prompt_forward,
+)
 from offsite.data import Example
 from offsite.prompts import classification_parts, verbalize
 
@@ -25,14 +32,105 @@ class Score:
     count: int
 
 
-def _single_token_labels(tokenizer: Any, labels: Sequence[str]) -> list[int] | None:
+def _label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
     ids = [tokenizer(verbalize(label), add_special_tokens=False)["input_ids"] for label in labels]
-    if all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(ids):
-        return [i[0] for i in ids]
-    return None
+    empty = [label for label, i in zip(labels, ids, strict=True) if not i]
+    if empty:
+        raise ValueError(f"labels {empty} tokenize to nothing; give every label some text")
+    return [list(i) for i in ids]
+
+
+def _length_buckets(rows: Sequence[list[int]], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of similar length: left padding then costs almost nothing."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _label_scores(
+    model: nn.Module, batch: Batch, label_ids: Sequence[list[int]], cached: bool
+) -> torch.Tensor:
+    """Summed log-likelihood of each label after each prompt: (B, labels).
+
+    One forward over the prompts gives every label's first token; a label's further tokens
+    run on a copy of the prompts' KV cache (a few positions), so L labels cost about one
+    prompt forward instead of L. Without a KV cache, each label runs prompt + label.
+    """
+    first, cache = prompt_forward(model, batch, keep_cache=cached)
+    columns = []
+    multi = [i for i, ids in enumerate(label_ids) if len(ids) > 1]
+    for index, ids in enumerate(label_ids):
+        score = first[:, ids[0]]
+        if len(ids) > 1:
+            if cache is not None:
+                own = cache if index == multi[-1] else copy.deepcopy(cache)
+                score = score + continuation_logprobs(model, batch, own, ids)
+            else:
+                score = _uncached_label_score(model, batch, ids)
+        columns.append(score)
+    return torch.stack(columns, dim=-1)
+
+
+def _uncached_label_score(model: nn.Module, batch: Batch, ids: list[int]) -> torch.Tensor:
+    """prompt + label in one forward (models without a KV cache)."""
+    width = len(ids)
+    rows = batch.input_ids.shape[0]
+    label = torch.tensor(ids, device=batch.input_ids.device).expand(rows, -1)
+    full = Batch(
+        torch.cat([batch.input_ids, label], dim=1),
+        torch.cat([batch.attention_mask, torch.ones_like(label)], dim=1),
+        torch.cat([torch.full_like(batch.input_ids, -100), label], dim=1),
+        width,
+    )
+    logprobs, _ = answer_token_logprobs(model, full)
+    return logprobs.sum(-1)
 
 
 @torch.no_grad()
+def label_log_likelihoods(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    *,
+    template: str,
+    max_words: int,
+    max_length: int,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Summed log-likelihood of every label after every example's prompt: (examples, labels).
+
+    Prompts are tokenized once, batched by length and run once whatever the number of labels
+    (see ``_label_scores``): the numbers of scoring every prompt + label whole
+    (tests/test_batches_scoring.py), at a fraction of the cost (bench/reports/eval_speed.md).
+    """
+    model.eval()
+    label_ids = _label_token_ids(tokenizer, labels)
+    longest = max(len(ids) for ids in label_ids)
+    reserve = longest if longest > 1 else 0  # room for the label after a cut prompt
+    cached = longest > 1 and keeps_kv_cache(model)
+    pad = pad_id(tokenizer)
+    rows = [
+        encode_pair(
+            tokenizer,
+            *classification_parts(e.text, template, max_words),
+            "",
+            max_length - reserve,
+        )[0]
+        for e in examples
+    ]
+    out = torch.empty(len(examples), len(labels))
+    for bucket in _length_buckets(rows, batch_size):
+        batch = collate([(rows[i], 0) for i in bucket], pad).to(device)
+        with autocast(precision, device):
+            out[bucket] = _label_scores(model, batch, label_ids, cached).float().cpu()
+        if progress is not None:
+            progress(len(bucket))
+    return out
+
+
 def classify(
     model: nn.Module,
     tokenizer: Any,
@@ -48,38 +146,25 @@ def classify(
     progress: Callable[[int], None] | None = None,
 ) -> Score:
     """Accuracy of picking the label with the highest log-likelihood (lm-eval multiple choice)."""
-    model.eval()
+    scores = label_log_likelihoods(
+        model,
+        tokenizer,
+        examples,
+        labels,
+        template=template,
+        max_words=max_words,
+        max_length=max_length,
+        batch_size=batch_size,
+        precision=precision,
+        device=device,
+        progress=progress,
+    )
     label_index = {label: i for i, label in enumerate(labels)}
-    single = _single_token_labels(tokenizer, labels)
-    pad = pad_id(tokenizer)
-    correct, nll_total = 0, 0.0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        parts = [classification_parts(e.text, template, max_words) for e in chunk]
-        if single is not None:
-            rows = [encode_pair(tokenizer, h, t, "", max_length) for h, t in parts]
-            batch = collate(rows, pad).to(device)
-            with autocast(precision, device):
-                logits = answer_logits(model, batch, 1)[:, -1, :].float()
-            scores = torch.log_softmax(logits, dim=-1)[:, single]
-        else:
-            columns = []
-            for label in labels:
-                rows = [
-                    encode_pair(tokenizer, h, t, verbalize(label), max_length) for h, t in parts
-                ]
-                batch = collate(rows, pad).to(device)
-                with autocast(precision, device):
-                    logprobs, _ = answer_token_logprobs(model, batch)
-                columns.append(logprobs.sum(-1))
-            scores = torch.stack(columns, dim=-1)
-        gold = torch.tensor([label_index[e.label] for e in chunk], device=scores.device)  # type: ignore[index]
-        correct += int((scores.argmax(-1) == gold).sum())
-        nll_total += float(-scores.gather(-1, gold[:, None]).sum())
-        if progress is not None:
-            progress(len(chunk))
+    gold = torch.tensor([label_index[e.label] for e in examples])  # type: ignore[index]
+    correct = int((scores.argmax(-1) == gold).sum())
+    nll = float(-scores.gather(-1, gold[:, None]).sum())
     n = len(examples)
-    return Score("accuracy", correct / n, nll_total / n, n)
+    return Score("accuracy", correct / n, nll / n, n)
 
 
 @torch.no_grad()

@@ -511,16 +511,44 @@ def bench_client(
     Writes bench/reports/client.{json,md,png}; finished cells are reused (takes hours in full:
     each accuracy cell is a default federated run).
     """
+    arguments = ["--steps", str(steps), "--warmup", str(warmup), "--part", part]
+    _run_bench_script("client_matrix.py", arguments + (["--fresh"] if fresh else []))
+
+
+@bench_app.command("emulator")
+def bench_emulator(
+    cells: Annotated[
+        str, typer.Option(help="Comma-separated cells (default, cosine-distilled-2-8-2).")
+    ] = "default,cosine-distilled-2-8-2",
+    seeds: Annotated[
+        int, typer.Option(help="Seeds per cell (>= 3 for a confidence interval).")
+    ] = 3,
+    eval_size: Annotated[int, typer.Option(help="Held-out examples per run.")] = 500,
+    fresh: Annotated[bool, typer.Option(help="Re-run runs that already finished.")] = False,
+) -> None:
+    """Does the emulator transfer? The five-way protocol over seeds with 95 % confidence
+    intervals: full zero-shot, emulator zero-shot, emulator fine-tuned, plug-in, full
+    fine-tuning, the paired gaps, bundle bytes, verbatim middle tensors, build time.
+
+    Writes bench/reports/emulator_transfer.{json,md,png}; finished runs are reused, so it can stop
+    and resume (each run is a default federated simulation: ~10 min on 2 cores).
+    """
+    _run_bench_script(
+        "emulator_transfer.py",
+        ["--cells", cells, "--seeds", str(seeds), "--eval-size", str(eval_size)]
+        + (["--fresh"] if fresh else []),
+    )
+
+
+def _run_bench_script(name: str, arguments: list[str]) -> None:
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "client_matrix.py"
+    script = Path(__file__).resolve().parents[1] / "bench" / name
     if not script.is_file():
         raise OffsiteError(
             f"{script} not found: `offsite bench` runs from a source checkout of Offsite"
         )
-    command = [sys.executable, str(script), "--steps", str(steps), "--warmup", str(warmup)]
-    command += ["--part", part, *(["--fresh"] if fresh else [])]
-    raise typer.Exit(subprocess.call(command))
+    raise typer.Exit(subprocess.call([sys.executable, str(script), *arguments]))
 
 
 def main() -> None:

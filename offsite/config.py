@@ -391,8 +391,15 @@ class FaultsConfig(_Section):
 @dataclass(frozen=True)
 class EvalConfig(_Section):
     full_finetune: bool = _f(
-        False,
-        "Also train the same adapter recipe on the full model (the optional fifth baseline).",
+        True,
+        "Also train the same adapter recipe on the full model (the fifth row, the target the "
+        "plug-in is measured against); its score is cached by model, data and recipe.",
+    )
+    reuse_baseline: bool = _f(
+        True,
+        "Read the full-model baselines (full zero-shot, full fine-tuning) from the cache "
+        "($OFFSITE_HOME/baselines) when the same weights, data and recipe produced them before; "
+        "false recomputes them.",
     )
     batch_size: int = _f(16, "Examples per evaluation forward pass.")
     precision: Literal["auto", "fp32", "bf16"] = _f(

@@ -15,6 +15,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Full fine-tuning scores the tests compute are cached for this test session only, never in the
+# user's $OFFSITE_HOME/baselines (coordinator/baseline_cache.py).
+if "OFFSITE_BASELINES" not in os.environ:
+    import tempfile
+
+    os.environ["OFFSITE_BASELINES"] = tempfile.mkdtemp(prefix="offsite-test-baselines-")
 
 LABELS = ("business", "sport", "tech")
 VOCAB = 384

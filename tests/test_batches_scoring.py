@@ -49,29 +49,74 @@ def _examples() -> list[Example]:
     return [Example(t, label=lab) for lab in LABELS for t in tiny_texts(lab, 4, seed=9)]
 
 
-def test_single_and_multi_token_scoring_paths_agree(tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The fast next-token path and the full log-likelihood path pick the same labels."""
-    import emulator.scoring as scoring
+MULTI_LABELS = ("business news", "sport", "tech and science today")  # 1 to several tokens
+DECODERS = ["llama", "mistral", "qwen2", "gemma3_text", "gpt2", "opt", "bloom", "gpt_neox"]
 
-    model = tiny_model("llama")
+
+def _reference_scores(model, tokenizer, examples, labels, max_length):  # type: ignore[no-untyped-def]
+    """Each example alone, each label as prompt + label in one forward: (N, labels)."""
+    from emulator.forward import answer_token_logprobs
+    from offsite.prompts import classification_parts, verbalize
+
+    out = []
+    for example in examples:
+        head, tail = classification_parts(example.text, TEMPLATE, 20)
+        row = []
+        for label in labels:
+            batch = collate([encode_pair(tokenizer, head, tail, verbalize(label), max_length)], 1)
+            with torch.no_grad():
+                logprobs, _ = answer_token_logprobs(model, batch)
+            row.append(float(logprobs.sum()))
+        out.append(row)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_shared_prompt_scoring_makes_the_decisions_of_scoring_each_label_in_full(
+    tokenizer, family: str
+) -> None:  # type: ignore[no-untyped-def]
+    """One prompt forward per length bucket + the labels' tail tokens on its KV cache gives
+    every label's log-likelihood as prompt + label run whole, one example at a time."""
+    model = tiny_model(family)
+    examples = [
+        Example(" ".join(tiny_texts(topic, 1 + i % 3, seed=i)), label=label)
+        for i, (topic, label) in enumerate(list(zip(LABELS, MULTI_LABELS, strict=True)) * 4)
+    ]
+    reference = _reference_scores(model, tokenizer, examples, MULTI_LABELS, 96)
+    gold = torch.tensor([MULTI_LABELS.index(e.label) for e in examples])
     common = dict(
         template=TEMPLATE,
         max_words=20,
-        max_length=64,
-        batch_size=4,
+        max_length=96,
+        batch_size=5,
         precision="fp32",
         device=torch.device("cpu"),
     )
-    fast = classify(model, tokenizer, _examples(), LABELS, **common)  # type: ignore[arg-type]
-    monkeypatch.setattr(scoring, "_single_token_labels", lambda *_: None)
-    slow = classify(model, tokenizer, _examples(), LABELS, **common)  # type: ignore[arg-type]
-    single = all(
-        len(tokenizer(" " + lab, add_special_tokens=False)["input_ids"]) == 1 for lab in LABELS
+    prompt_forwards = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: prompt_forwards.append(kwargs["input_ids"].shape[1]),
+        with_kwargs=True,
     )
-    if single:
-        assert fast.value == slow.value
-        assert fast.nll == pytest.approx(slow.nll, rel=1e-4)
-    assert 0.0 <= slow.value <= 1.0 and slow.count == len(_examples())
+    score = classify(model, tokenizer, examples, MULTI_LABELS, **common)  # type: ignore[arg-type]
+    hook.remove()
+    assert round(score.value * len(examples)) == int((reference.argmax(-1) == gold).sum())
+    assert score.nll == pytest.approx(float(-reference.gather(-1, gold[:, None]).mean()), rel=1e-5)
+    longest_tail = max(len(tokenizer(" " + lab)["input_ids"]) for lab in MULTI_LABELS) - 1
+    prompts = [width for width in prompt_forwards if width > longest_tail]
+    assert len(prompts) == 3, prompt_forwards  # 12 examples in batches of 5: one forward each
+    # every label's column, not only the gold one: relabel all examples with each label in turn
+    for column, label in enumerate(MULTI_LABELS):
+        relabelled = [Example(e.text, label=label) for e in examples]
+        each = classify(model, tokenizer, relabelled, MULTI_LABELS, **common)  # type: ignore[arg-type]
+        assert each.nll == pytest.approx(float(-reference[:, column].mean()), rel=1e-5)
+
+
+def test_batches_are_bucketed_by_length() -> None:
+    from emulator.scoring import _length_buckets
+
+    rows = [[0] * n for n in (9, 2, 7, 3, 8, 1)]
+    buckets = _length_buckets(rows, 2)
+    assert [[len(rows[i]) for i in b] for b in buckets] == [[1, 2], [3, 7], [8, 9]]
 
 
 def test_perplexity_matches_exp_of_mean_nll(tokenizer) -> None:  # type: ignore[no-untyped-def]

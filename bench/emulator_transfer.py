@@ -1,0 +1,328 @@
+"""Does the emulator transfer? The five-way protocol with seeds and confidence intervals.
+
+Run: offsite bench emulator [--cells a,b] [--seeds 3] [--eval-size 500]
+     (= .venv/bin/python bench/emulator_transfer.py …)
+
+Every (cell, seed) is one real `offsite simulate` run on the embedded default task
+(SmolLM2-135M, bbc-news, 4 non-IID clients, 3 rounds) with ``data.eval_size`` held-out examples
+(500 by default: one example is 0.2 points) and ``seed`` changing the held-out split, the
+clients' shares, the adapter's initialisation and sampling. All five settings are scored on the
+same examples; full fine-tuning trains the same adapter recipe on the same training data.
+
+For each cell: mean and 95 % confidence interval over seeds (Student t, n − 1 degrees of
+freedom) of full zero-shot, emulator zero-shot, emulator fine-tuned, plug-in and full
+fine-tuning, and of the paired per-seed differences the issue's targets are stated in
+(plug-in − full FT, margin = plug-in − emulator FT); build seconds, bundle and full-model bytes,
+verbatim middle tensors. The full-model baselines are cached by (weights, data, recipe)
+(coordinator/baseline_cache.py), so a second cell pays only for its emulator's three settings.
+
+Runs land in bench/out/emulator_transfer/<cell>/seed-<s>/ and a finished run is reused (the
+benchmark can stop at any time and resume); the report
+(bench/reports/emulator_transfer.{json,md,png}) is rewritten after every run. The JSON's
+``"default"`` object describes the emulator `offsite simulate` builds today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cells import quiet_setup, simulate_cell
+
+ROOT = Path(__file__).resolve().parent
+REPORTS = ROOT / "reports"
+WORK = ROOT / "out" / "emulator_transfer"
+SETTINGS = (
+    ("full_zs", "full_zero_shot", "full ZS"),
+    ("emu_zs", "emulator_zero_shot", "emulator ZS"),
+    ("emu_ft", "emulator_fine_tuned", "emulator FT"),
+    ("plug_in", "plug_in", "plug-in"),
+    ("full_ft", "full_fine_tuned", "full FT"),
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    overrides: tuple[str, ...]
+    what: str
+
+
+CELLS = {
+    cell.name: cell
+    for cell in (
+        Cell("default", (), "the emulator `offsite simulate` builds (config defaults)"),
+        Cell(
+            "cosine-distilled-2-8-2",
+            (
+                "emulator.keep=8",
+                "emulator.selection='cosine'",
+                "emulator.distill=true",
+                f"emulator.distill_checkpoint='{WORK / 'distill-cosine-keep8'}'",
+            ),
+            "cosine selection, 8 middle blocks, distilled (best of bench/reports/emulator.md)",
+        ),
+    )
+}
+
+
+def t_quantile(n: int) -> float:
+    """The 0.975 quantile of Student's t with n − 1 degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def mean_ci(values: list[float]) -> dict[str, float]:
+    """Mean and half-width of its 95 % confidence interval (percent points)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": math.nan, "n": len(values)}
+    half = t_quantile(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "ci95": half, "n": len(values)}
+
+
+def seed_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What one run contributes: its five scores (percent) and its costs."""
+    run, scores, timings = metrics["run"], metrics["scores"], metrics["timings"]
+    privacy = run.get("privacy", {})
+    row: dict[str, Any] = {
+        short: 100 * scores[key]["value"] for short, key, _ in SETTINGS if key in scores
+    }
+    row.update(
+        plan=run["plan"],
+        eval_size=run["eval_examples"],
+        bundle_bytes=run["bundle_bytes"],
+        full_model_bytes=run.get("full_model_bytes"),
+        build_s=timings.get("load full model and build emulator bundle"),
+        verbatim_middle_tensors=privacy.get("middle_tensors_verbatim"),
+        middle_tensors=privacy.get("middle_tensors"),
+        perplexity_ratio=privacy.get("perplexity_ratio"),
+        wall_s=metrics.get("bench_wall_seconds"),
+    )
+    return row
+
+
+def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell over its seeds: mean ± CI of each setting and of the paired differences."""
+    out: dict[str, Any] = {"cell": name, "what": CELLS[name].what, "seeds": len(rows)}
+    for short, _, _ in SETTINGS:
+        values = [r[short] for r in rows if short in r]
+        if values:
+            out[short] = mean_ci(values)
+    if all("full_ft" in r for r in rows):
+        out["plug_in_minus_full_ft"] = mean_ci([r["plug_in"] - r["full_ft"] for r in rows])
+    out["margin"] = mean_ci([r["plug_in"] - r["emu_ft"] for r in rows])
+    first = rows[0]
+    for key in ("plan", "eval_size", "bundle_bytes", "full_model_bytes", "middle_tensors"):
+        out[key] = first[key]
+    out["verbatim_middle_tensors"] = first["verbatim_middle_tensors"]
+    out["perplexity_ratio"] = first["perplexity_ratio"]
+    out["build_s"] = statistics.fmean(r["build_s"] for r in rows if r["build_s"] is not None)
+    out["per_seed"] = rows
+    return out
+
+
+def run(cells: list[str], seeds: int, eval_size: int, fresh: bool) -> dict[str, Any]:
+    quiet_setup()
+    report: dict[str, Any] = {"protocol": {"seeds": seeds, "eval_size": eval_size}, "cells": {}}
+    for seed in range(seeds):  # seed-major: every cell gets a first number early
+        for name in cells:
+            cell = CELLS[name]
+            overrides = [f"seed={seed}", f"data.eval_size={eval_size}", *cell.overrides]
+            metrics = simulate_cell(WORK / name / f"seed-{seed}", overrides, fresh)
+            rows = report["cells"].setdefault(name, {"rows": {}})["rows"]
+            rows[str(seed)] = {"seed": seed, **seed_row(metrics)}
+            _save(report)
+    return report
+
+
+def _summaries(report: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: summarize(name, list(cell["rows"].values()))
+        for name, cell in report["cells"].items()
+        if cell["rows"]
+    }
+
+
+def _default_object(summary: dict[str, Any], seeds: int) -> dict[str, Any]:
+    keys = ("plug_in", "full_ft", "emu_ft", "full_zs", "emu_zs", "margin", "plug_in_minus_full_ft")
+    out = {
+        k: {"mean": summary[k]["mean"], "ci95": summary[k]["ci95"]} for k in keys if k in summary
+    }
+    out.update(
+        seeds=summary["seeds"],
+        seeds_planned=seeds,
+        eval_size=summary["eval_size"],
+        plan=summary["plan"],
+        verbatim_middle_tensors=summary["verbatim_middle_tensors"],
+        bundle_bytes=summary["bundle_bytes"],
+        full_model_bytes=summary["full_model_bytes"],
+        build_s=summary["build_s"],
+    )
+    return out
+
+
+def _save(report: dict[str, Any]) -> None:
+    REPORTS.mkdir(exist_ok=True)
+    summaries = _summaries(report)
+    document = {
+        "protocol": report["protocol"],
+        "default": (
+            _default_object(summaries["default"], report["protocol"]["seeds"])
+            if "default" in summaries
+            else None
+        ),
+        "generalisation": {},  # not measured yet: see the report's "Not measured" section
+        "cells": summaries,
+    }
+    (REPORTS / "emulator_transfer.json").write_text(json.dumps(document, indent=1))
+    (REPORTS / "emulator_transfer.md").write_text(_markdown(document))
+    _plot(summaries, REPORTS / "emulator_transfer.png")
+
+
+def _pm(stat: dict[str, float] | None) -> str:
+    if not stat:
+        return "–"
+    if math.isnan(stat["ci95"]):
+        return f"{stat['mean']:.1f}"
+    return f"{stat['mean']:.1f} ± {stat['ci95']:.1f}"
+
+
+def _markdown(document: dict[str, Any]) -> str:
+    protocol = document["protocol"]
+    lines = [
+        "# Emulator transfer (SmolLM2-135M, bbc-news): five-way protocol",
+        "",
+        f"Written by `offsite bench emulator` (bench/emulator_transfer.py). {protocol['eval_size']}"
+        f" held-out examples per run, {protocol['seeds']} seeds planned per cell (seed = held-out "
+        "split, client shares, adapter init, sampling); mean ± 95 % CI over the seeds finished "
+        "(Student t). Differences are paired per seed. Percent.",
+        "",
+        "| cell | seeds | full ZS | emulator ZS | emulator FT | plug-in | full FT | "
+        "plug-in − full FT | margin | verbatim middle | bundle / full | build s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in document["cells"].items():
+        share = s["bundle_bytes"] / s["full_model_bytes"] if s.get("full_model_bytes") else None
+        lines.append(
+            f"| {name} ({s['plan']}) | {s['seeds']} | "
+            + " | ".join(_pm(s.get(short)) for short, _, _ in SETTINGS)
+            + f" | {_pm(s.get('plug_in_minus_full_ft'))} | {_pm(s.get('margin'))} | "
+            f"{s['verbatim_middle_tensors']}/{s['middle_tensors']} | "
+            f"{'–' if share is None else f'{100 * share:.0f} %'} | {s['build_s']:.0f} |"
+        )
+    lines += ["", "## Targets for the default (issue 22)", ""]
+    default = document["default"]
+    if default:
+        lines += _target_lines(default)
+    lines += [
+        "",
+        "## Per seed",
+        "",
+        "| cell | seed | full ZS | emulator ZS | emulator FT | plug-in | full FT | run s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in document["cells"].items():
+        for row in s["per_seed"]:
+            seed = row["seed"]
+            values = " | ".join(f"{row[k]:.1f}" if k in row else "–" for k, _, _ in SETTINGS)
+            wall = f"{row['wall_s']:.0f}" if row.get("wall_s") else "–"
+            lines.append(f"| {name} | {seed} | {values} | {wall} |")
+    lines += [
+        "",
+        "## Not measured yet",
+        "",
+        "- `generalisation`: the protocol on other tasks and on gemma3-270m (issue 22 item 7).",
+        "- The gradient score per cell and its rank correlation with plug-in over these cells "
+        "(bench/reports/gradient_score.md has it for the single-seed screen).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _target_lines(default: dict[str, Any]) -> list[str]:
+    gap = default.get("plug_in_minus_full_ft")
+    margin = default.get("margin")
+    share = default["bundle_bytes"] / default["full_model_bytes"]
+    checks = [
+        ("full FT − plug-in ≤ 2 points", gap is not None and -gap["mean"] <= 2, _pm(gap)),
+        (
+            "plug-in − emulator FT ≥ 5 points",
+            margin is not None and margin["mean"] >= 5,
+            _pm(margin),
+        ),
+        (
+            "0 verbatim middle tensors",
+            default["verbatim_middle_tensors"] == 0,
+            str(default["verbatim_middle_tensors"]),
+        ),
+        ("bundle ≤ 40 % of the full model", share <= 0.40, f"{100 * share:.0f} %"),
+        ("build ≤ 5 min", default["build_s"] <= 300, f"{default['build_s']:.0f} s"),
+    ]
+    return [
+        f"- {'met' if ok else '**missed**'}: {text} (measured {value})"
+        for text, ok, value in checks
+    ]
+
+
+def _plot(summaries: dict[str, Any], path: Path) -> None:
+    """Plug-in against margin, marker area by bundle size: the owner's trade-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, s in summaries.items():
+        if "plug_in" not in s:
+            continue
+        x, y = s["margin"], s["plug_in"]
+        axis.errorbar(
+            x["mean"],
+            y["mean"],
+            xerr=0 if math.isnan(x["ci95"]) else x["ci95"],
+            yerr=0 if math.isnan(y["ci95"]) else y["ci95"],
+            fmt="o",
+            ms=4 + 10 * s["bundle_bytes"] / s["full_model_bytes"],
+            capsize=3,
+        )
+        axis.annotate(
+            f"{name} ({s['plan']})",
+            (x["mean"], y["mean"]),
+            xytext=(5, 5),
+            textcoords="offset points",
+            fontsize=8,
+        )
+        if "full_ft" in s:
+            axis.axhline(s["full_ft"]["mean"], color="k", ls="--", lw=0.8)
+    axis.axvline(5, color="tab:red", ls=":", lw=1, label="margin target (+5)")
+    axis.set_xlabel("privacy margin: plug-in − emulator FT (points)")
+    axis.set_ylabel("plug-in accuracy (%)")
+    axis.set_title("Emulator transfer: mean ± 95 % CI over seeds (dashed: full FT)")
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default=",".join(CELLS), help=f"of {', '.join(CELLS)}")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (>= 3 for a CI)")
+    parser.add_argument("--eval-size", type=int, default=500, help="held-out examples per run")
+    parser.add_argument("--fresh", action="store_true", help="re-run finished runs")
+    args = parser.parse_args()
+    unknown = [c for c in args.cells.split(",") if c not in CELLS]
+    if unknown:
+        parser.error(f"unknown cells {unknown}; known: {', '.join(CELLS)}")
+    run(args.cells.split(","), args.seeds, args.eval_size, args.fresh)
+
+
+if __name__ == "__main__":
+    main()

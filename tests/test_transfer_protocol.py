@@ -1,0 +1,85 @@
+"""bench/emulator_transfer.py: the protocol's statistics and its report (no model is run here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import emulator_transfer as protocol
+
+
+def test_the_confidence_interval_is_students_t_over_seeds() -> None:
+    stat = protocol.mean_ci([70.0, 74.0, 78.0])
+    assert stat["mean"] == pytest.approx(74.0)
+    # sd 4, n 3, t(0.975, 2) = 4.3027
+    assert stat["ci95"] == pytest.approx(4.3027 * 4 / math.sqrt(3), rel=1e-4)
+    assert math.isnan(protocol.mean_ci([70.0])["ci95"])
+
+
+def _metrics(plug: float, emu_ft: float, full_ft: float, verbatim: int) -> dict[str, Any]:
+    return {
+        "run": {
+            "plan": "2-8-2",
+            "eval_examples": 500,
+            "bundle_bytes": 200,
+            "full_model_bytes": 1000,
+            "privacy": {
+                "middle_tensors_verbatim": verbatim,
+                "middle_tensors": 234,
+                "perplexity_ratio": 20.0,
+            },
+        },
+        "scores": {
+            "full_zero_shot": {"value": 0.5},
+            "emulator_zero_shot": {"value": 0.3},
+            "emulator_fine_tuned": {"value": emu_ft},
+            "plug_in": {"value": plug},
+            "full_fine_tuned": {"value": full_ft},
+        },
+        "timings": {"load full model and build emulator bundle": 60.0},
+        "bench_wall_seconds": 600.0,
+    }
+
+
+def test_gaps_are_paired_per_seed_and_targets_are_judged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocol, "REPORTS", tmp_path)
+    # plug-in and full FT move together across seeds: the paired gap is exact, its CI 0
+    runs = [_metrics(0.80 + d, 0.70 + d, 0.81 + d, 0) for d in (0.0, 0.05, 0.10)]
+    report: dict[str, Any] = {"protocol": {"seeds": 3, "eval_size": 500}, "cells": {}}
+    report["cells"]["default"] = {
+        "rows": {str(s): {"seed": s, **protocol.seed_row(m)} for s, m in enumerate(runs)}
+    }
+    protocol._save(report)
+    document = json.loads((tmp_path / "emulator_transfer.json").read_text())
+    default = document["default"]
+    assert default["plug_in"]["mean"] == pytest.approx(85.0)
+    assert default["plug_in"]["ci95"] > 5  # seeds move the level a lot …
+    assert default["plug_in_minus_full_ft"]["mean"] == pytest.approx(-1.0)
+    assert default["plug_in_minus_full_ft"]["ci95"] == pytest.approx(0.0, abs=1e-9)  # … not the gap
+    assert default["margin"]["mean"] == pytest.approx(10.0)
+    for key in ("seeds", "eval_size", "verbatim_middle_tensors", "bundle_bytes"):
+        assert key in default
+    assert default["full_model_bytes"] == 1000 and default["build_s"] == 60.0
+    markdown = (tmp_path / "emulator_transfer.md").read_text()
+    assert "met: full FT − plug-in ≤ 2 points" in markdown
+    assert "met: plug-in − emulator FT ≥ 5 points" in markdown
+    assert "met: bundle ≤ 40 % of the full model" in markdown
+    assert (tmp_path / "emulator_transfer.png").stat().st_size > 1000
+    # a missed target is said so, in bold
+    runs = [_metrics(0.74, 0.58, 0.92, 144) for _ in range(3)]
+    report["cells"]["default"]["rows"] = {
+        str(s): {"seed": s, **protocol.seed_row(m)} for s, m in enumerate(runs)
+    }
+    protocol._save(report)
+    markdown = (tmp_path / "emulator_transfer.md").read_text()
+    assert "**missed**: full FT − plug-in ≤ 2 points (measured -18.0 ± 0.0)" in markdown
+    assert "**missed**: 0 verbatim middle tensors (measured 144)" in markdown
