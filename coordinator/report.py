@@ -60,6 +60,46 @@ def margin_lines(
     ]
 
 
+def transfer_warnings(
+    scores: dict[str, dict[str, Any]], training: dict[str, Any] | None = None
+) -> list[str]:
+    """What the five numbers say went wrong with the transfer, each with what to try: a plug-in
+    that does not beat the untouched full model, or one the emulator beats (no privacy margin).
+    Empty when neither happened, or when the adapter never trained (run health says that)."""
+    if not {"plug_in", "emulator_fine_tuned", "full_zero_shot"} <= scores.keys():
+        return []
+    if training is not None and not training.get("adapter_changed", True):
+        return []
+    lower_is_better = scores["plug_in"]["metric"] == "perplexity"
+    plug, emu, zero = (
+        scores[k]["value"] for k in ("plug_in", "emulator_fine_tuned", "full_zero_shot")
+    )
+
+    def worse_or_equal(a: float, b: float) -> bool:
+        return a >= b if lower_is_better else a <= b
+
+    def shown(value: float) -> str:
+        return f"{value:.2f}" if lower_is_better else f"{100 * value:.1f} %"
+
+    out = []
+    if worse_or_equal(plug, zero):
+        out.append(
+            f"the plug-in ({shown(plug)}) does not beat the untouched full model "
+            f"({shown(zero)}): the adapter learned the emulator, not the task. Try an emulator "
+            "closer to the full model (emulator.selection='cosine' with emulator.distill=true, "
+            "or a larger emulator.keep), more federation.rounds or train.local_steps, and a "
+            "data.template that ends where the label starts"
+        )
+    if worse_or_equal(plug, emu) and not (plug == emu == zero):
+        out.append(
+            f"the plug-in ({shown(plug)}) does not beat emulator fine-tuning ({shown(emu)}): "
+            "data owners already get as much from the emulator as from the product, so there "
+            "is no privacy margin. Try a smaller or more compressed emulator (a lower "
+            "emulator.keep, emulator.quantize='int8'); `offsite bench emulator` compares them"
+        )
+    return out
+
+
 def plot_losses(rounds: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -129,10 +169,12 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
     info = metrics["run"]
     training = metrics.get("training") or {}
     warning = training.get("warning", "")
+    transfer = transfer_warnings(scores, training or None)
     lines = [
         f"# Offsite run `{run_dir.name}`",
         "",
         *([f"**Warning: {warning}.**", ""] if warning else []),
+        *[f"**Warning: {text}.**\n" for text in transfer],
         f"Model **{info['model']}** split {info['plan']} (adapter {info['adapter']}), task "
         f"**{info['data']}** ({info['eval_examples']} held-out examples), "
         f"{info['num_clients']} clients × {info['rounds']} rounds of FedAvg.",

@@ -30,7 +30,13 @@ from coordinator.baseline_cache import (
 )
 from coordinator.evaluate import EvalSpec, four_way, score_model
 from coordinator.models import check_model, load_full_model
-from coordinator.report import five_way_table, margin_lines, write_failure_report, write_report
+from coordinator.report import (
+    five_way_table,
+    margin_lines,
+    transfer_warnings,
+    write_failure_report,
+    write_report,
+)
 from coordinator.run_health import RunHealth, adapter_changed
 from coordinator.simulation import run_flower_simulation
 from emulator.adapter import AdapterSpec
@@ -304,6 +310,8 @@ def _federate_and_report(
     score_dicts = metrics["scores"]
     if warning := metrics["training"]["warning"]:
         log.warning("WARNING: %s", warning)
+    for text in transfer_warnings(score_dicts, metrics["training"]):
+        log.warning("WARNING: %s", text)
     margins = margin_lines(score_dicts, metrics["training"])
     log.info("\n%s\n%s", five_way_table(score_dicts), "\n".join(margins))
     log.info("report: %s", report)

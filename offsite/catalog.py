@@ -139,6 +139,14 @@ DATASETS: dict[str, CatalogDataset] = {
             "completion",
         ),
         CatalogDataset(
+            "chatterbot-topics",
+            "chatterbot's exchanges labelled by topic file: 14 topics, short texts — "
+            "classification unrelated to bbc-news",
+            "BSD-3-Clause",
+            "pip install --no-deps chatterbot-corpus==1.3.3",
+            "classification",
+        ),
+        CatalogDataset(
             "chitchat",
             "7,168 dialogues — public text for emulator distillation",
             "MIT",

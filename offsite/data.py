@@ -132,6 +132,31 @@ def _chatterbot(name: str) -> Task:
     return Task(name, "completion", tuple(examples))
 
 
+TOPIC_MIN_EXAMPLES = 20  # chatterbot topic files with fewer conversations are left out
+TOPIC_MAX_EXAMPLES = 120  # larger ones (tech_support has 1,050) are cut to this, in file order
+
+
+def _chatterbot_topics(name: str) -> Task:
+    """Which topic file does a chatterbot exchange come from? Short texts, 14 topics (files
+    with >= 20 conversations, each cut to its first 120): a classification task unrelated to
+    bbc-news, for checking that defaults transfer beyond the task they were chosen on."""
+    import yaml
+
+    folder = _catalog_folder("chatterbot_corpus", name) / "data" / "english"
+    examples = []
+    for file in sorted(folder.glob("*.yml")):
+        doc = yaml.safe_load(file.read_text(encoding="utf-8", errors="ignore")) or {}
+        pairs = [c for c in doc.get("conversations", []) if isinstance(c, list) and len(c) >= 2]
+        if len(pairs) < TOPIC_MIN_EXAMPLES:
+            continue
+        label = file.stem.replace("_", " ")
+        for conv in pairs[:TOPIC_MAX_EXAMPLES]:
+            text = f"Q: {conv[0]}\nA: {conv[1]}"
+            examples.append(Example(text=text, label=label))
+    labels = tuple(sorted({e.label for e in examples if e.label is not None}))
+    return Task(name, "classification", tuple(examples), labels, template="{text}\nTopic:")
+
+
 def _chitchat(name: str) -> Task:
     path = _catalog_folder("chitchat_dataset", name) / "dataset.json"
     dialogues = json.loads(path.read_text(encoding="utf-8"))
@@ -167,6 +192,8 @@ def load_task(
         task = dataclasses.replace(task, template="Article: {text}\nTopic:")
     elif name == "chatterbot":
         task = _chatterbot(name)
+    elif name == "chatterbot-topics":
+        task = _chatterbot_topics(name)
     elif name == "chitchat":
         task = _chitchat(name)
     else:

@@ -108,3 +108,17 @@ def test_write_jsonl_is_valid_json_lines(tmp_path: Path) -> None:
     write_jsonl([Example("a\nb", label="l"), Example("p", completion="c")], path)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows == [{"text": "a\nb", "label": "l"}, {"prompt": "p", "completion": "c"}]
+
+
+def test_chatterbot_topics_is_a_classification_task_over_its_topic_files() -> None:
+    from collections import Counter
+
+    from offsite.data import load_task
+
+    task = load_task("chatterbot-topics")
+    counts = Counter(e.label for e in task.examples)
+    assert task.kind == "classification" and len(task.labels) == 14 == len(counts)
+    assert "tech support" in task.labels and "health" not in task.labels  # 1 conversation
+    assert min(counts.values()) >= 20 and max(counts.values()) == 120
+    assert all(e.text.startswith("Q: ") and "\nA: " in e.text for e in task.examples)
+    assert "{text}" in task.template

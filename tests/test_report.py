@@ -68,3 +68,42 @@ def test_report_files(tmp_path: Path) -> None:
     assert "emulator distilled 200 steps on chitchat" in report and "38369.7 → 110.0" in report
     for name in ("metrics.json", "five_way.png", "loss_per_round.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_a_plug_in_that_does_not_transfer_is_flagged_in_bold_with_what_to_try(
+    tmp_path: Path,
+) -> None:
+    from coordinator.report import transfer_warnings
+
+    metrics = _metrics()
+    assert transfer_warnings(metrics["scores"]) == []  # 75 > 60 (emulator FT) > 50 (zero-shot)
+    assert "**Warning" not in write_report(tmp_path, metrics).read_text()
+    # the second private task of issue 22: plug-in 52.0 below zero-shot 58.0, above emu FT 35.3
+    for key, value in {
+        "full_zero_shot": 0.58,
+        "emulator_fine_tuned": 0.353,
+        "plug_in": 0.52,
+    }.items():
+        metrics["scores"][key]["value"] = value
+    warnings = transfer_warnings(metrics["scores"])
+    assert len(warnings) == 1 and "52.0 %" in warnings[0] and "58.0 %" in warnings[0]
+    assert "emulator.distill=true" in warnings[0]
+    report = write_report(tmp_path, metrics).read_text().splitlines()
+    assert report[2].startswith("**Warning: the plug-in (52.0 %) does not beat the untouched")
+    # the first one: plug-in 34.0 at zero-shot 32.7 and far below emulator FT 87.3
+    for key, value in {
+        "full_zero_shot": 0.327,
+        "emulator_fine_tuned": 0.873,
+        "plug_in": 0.34,
+    }.items():
+        metrics["scores"][key]["value"] = value
+    (only,) = transfer_warnings(metrics["scores"])
+    assert "does not beat emulator fine-tuning (87.3 %)" in only and "privacy margin" in only
+    # perplexity: lower is better
+    ppl = {
+        k: {"metric": "perplexity", "value": v, "nll": 0.0, "count": 5}
+        for k, v in {"full_zero_shot": 20.0, "emulator_fine_tuned": 30.0, "plug_in": 25.0}.items()
+    }
+    assert len(transfer_warnings(ppl)) == 1 and "25.00" in transfer_warnings(ppl)[0]
+    # an adapter that never trained is run health's business, not this
+    assert transfer_warnings(metrics["scores"], {"adapter_changed": False}) == []
