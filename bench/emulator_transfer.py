@@ -71,6 +71,13 @@ CELLS = {
 }
 
 
+# The default emulator and recipe on other tasks and models (issue 22 item 7): never tuned on.
+GENERALISATION = {
+    "chatterbot-topics": ("data.name='chatterbot-topics'", "data.eval_size=300"),
+    "gemma3-270m/bbc-news": ("model.name='gemma3-270m'",),
+}
+
+
 def t_quantile(n: int) -> float:
     """The 0.975 quantile of Student's t with n − 1 degrees of freedom."""
     from scipy.stats import t
@@ -110,7 +117,8 @@ def seed_row(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One cell over its seeds: mean ± CI of each setting and of the paired differences."""
-    out: dict[str, Any] = {"cell": name, "what": CELLS[name].what, "seeds": len(rows)}
+    what = CELLS[name].what if name in CELLS else f"the default emulator and recipe on {name}"
+    out: dict[str, Any] = {"cell": name, "what": what, "seeds": len(rows)}
     for short, _, _ in SETTINGS:
         values = [r[short] for r in rows if short in r]
         if values:
@@ -128,9 +136,15 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run(cells: list[str], seeds: int, eval_size: int, fresh: bool) -> dict[str, Any]:
+def run(
+    cells: list[str], seeds: int, eval_size: int, fresh: bool, tasks: list[str]
+) -> dict[str, Any]:
     quiet_setup()
-    report: dict[str, Any] = {"protocol": {"seeds": seeds, "eval_size": eval_size}, "cells": {}}
+    report: dict[str, Any] = {
+        "protocol": {"seeds": seeds, "eval_size": eval_size},
+        "cells": {},
+        "generalisation": {},
+    }
     for seed in range(seeds):  # seed-major: every cell gets a first number early
         for name in cells:
             cell = CELLS[name]
@@ -139,15 +153,34 @@ def run(cells: list[str], seeds: int, eval_size: int, fresh: bool) -> dict[str, 
             rows = report["cells"].setdefault(name, {"rows": {}})["rows"]
             rows[str(seed)] = {"seed": seed, **seed_row(metrics)}
             _save(report)
+        for task in tasks:
+            overrides = [f"seed={seed}", f"data.eval_size={eval_size}", *GENERALISATION[task]]
+            folder = WORK / "generalisation" / task.replace("/", "--") / f"seed-{seed}"
+            metrics = simulate_cell(folder, overrides, fresh)
+            rows = report["generalisation"].setdefault(task, {"rows": {}})["rows"]
+            rows[str(seed)] = {"seed": seed, **seed_row(metrics)}
+            _save(report)
     return report
 
 
-def _summaries(report: dict[str, Any]) -> dict[str, Any]:
+def _summaries(report: dict[str, Any], part: str = "cells") -> dict[str, Any]:
     return {
         name: summarize(name, list(cell["rows"].values()))
-        for name, cell in report["cells"].items()
+        for name, cell in report.get(part, {}).items()
         if cell["rows"]
     }
+
+
+def task_targets(summary: dict[str, Any]) -> dict[str, bool]:
+    """The issue's targets on a task other than bbc-news: plug-in at least full zero-shot plus
+    half of full fine-tuning's gain, and a margin of at least +5 points."""
+    out = {"margin_at_least_5": summary["margin"]["mean"] >= 5}
+    if "full_ft" in summary:
+        zero, full = summary["full_zs"]["mean"], summary["full_ft"]["mean"]
+        out["plug_in_recovers_half_the_gain"] = (
+            summary["plug_in"]["mean"] >= zero + (full - zero) / 2
+        )
+    return out
 
 
 def _default_object(summary: dict[str, Any], seeds: int) -> dict[str, Any]:
@@ -178,7 +211,13 @@ def _save(report: dict[str, Any]) -> None:
             if "default" in summaries
             else None
         ),
-        "generalisation": {},  # not measured yet: see the report's "Not measured" section
+        "generalisation": {
+            task: {
+                **_default_object(summary, report["protocol"]["seeds"]),
+                "targets": task_targets(summary),
+            }
+            for task, summary in _summaries(report, "generalisation").items()
+        },
         "cells": summaries,
     }
     (REPORTS / "emulator_transfer.json").write_text(json.dumps(document, indent=1))
@@ -221,6 +260,26 @@ def _markdown(document: dict[str, Any]) -> str:
     default = document["default"]
     if default:
         lines += _target_lines(default)
+    lines += ["", "## Generalisation: the default on other tasks and models", ""]
+    if document["generalisation"]:
+        lines += [
+            "| task | seeds | full ZS | emulator ZS | emulator FT | plug-in | full FT | margin | "
+            "plug-in ≥ ZS + half the gain | margin ≥ 5 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for task, g in document["generalisation"].items():
+            verdict = g["targets"]
+            lines.append(
+                f"| {task} ({g['plan']}) | {g['seeds']} | "
+                + " | ".join(_pm(g.get(short)) for short, _, _ in SETTINGS)
+                + f" | {_pm(g.get('margin'))} | "
+                + ("met" if verdict.get("plug_in_recovers_half_the_gain") else "**missed**")
+                + " | "
+                + ("met" if verdict["margin_at_least_5"] else "**missed**")
+                + " |"
+            )
+    else:
+        lines.append("Not measured yet (`offsite bench emulator --generalisation`).")
     lines += [
         "",
         "## Per seed",
@@ -238,7 +297,6 @@ def _markdown(document: dict[str, Any]) -> str:
         "",
         "## Not measured yet",
         "",
-        "- `generalisation`: the protocol on other tasks and on gemma3-270m (issue 22 item 7).",
         "- The gradient score per cell and its rank correlation with plug-in over these cells "
         "(bench/reports/gradient_score.md has it for the single-seed screen).",
         "",
@@ -317,11 +375,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (>= 3 for a CI)")
     parser.add_argument("--eval-size", type=int, default=500, help="held-out examples per run")
     parser.add_argument("--fresh", action="store_true", help="re-run finished runs")
+    parser.add_argument(
+        "--generalisation",
+        action="store_true",
+        help=f"also run the default on {', '.join(GENERALISATION)}",
+    )
     args = parser.parse_args()
     unknown = [c for c in args.cells.split(",") if c not in CELLS]
     if unknown:
         parser.error(f"unknown cells {unknown}; known: {', '.join(CELLS)}")
-    run(args.cells.split(","), args.seeds, args.eval_size, args.fresh)
+    tasks = list(GENERALISATION) if args.generalisation else []
+    run(args.cells.split(","), args.seeds, args.eval_size, args.fresh, tasks)
 
 
 if __name__ == "__main__":

@@ -525,6 +525,10 @@ def bench_emulator(
     ] = 3,
     eval_size: Annotated[int, typer.Option(help="Held-out examples per run.")] = 500,
     fresh: Annotated[bool, typer.Option(help="Re-run runs that already finished.")] = False,
+    generalisation: Annotated[
+        bool,
+        typer.Option(help="Also run the default on chatterbot-topics and on gemma3-270m."),
+    ] = False,
 ) -> None:
     """Does the emulator transfer? The five-way protocol over seeds with 95 % confidence
     intervals: full zero-shot, emulator zero-shot, emulator fine-tuned, plug-in, full
@@ -536,7 +540,8 @@ def bench_emulator(
     _run_bench_script(
         "emulator_transfer.py",
         ["--cells", cells, "--seeds", str(seeds), "--eval-size", str(eval_size)]
-        + (["--fresh"] if fresh else []),
+        + (["--fresh"] if fresh else [])
+        + (["--generalisation"] if generalisation else []),
     )
 
 
