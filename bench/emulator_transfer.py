@@ -67,6 +67,17 @@ CELLS = {
             ),
             "cosine selection, 8 middle blocks, distilled (best of bench/reports/emulator.md)",
         ),
+        Cell(
+            "svd-distilled-2-8-2",
+            (
+                "emulator.keep=8",
+                "emulator.selection='cosine'",
+                "emulator.factorize='svd'",
+                "emulator.distill=true",
+                f"emulator.distill_checkpoint='{WORK / 'distill-svd-cosine-keep8'}'",
+            ),
+            "cosine 8 middle blocks, every middle linear SVD-factorized, then distilled",
+        ),
     )
 }
 

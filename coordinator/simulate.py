@@ -272,7 +272,12 @@ def _federate_and_report(
 
     device = pick_device()
     spec = EvalSpec.from_config(config, task, held, device)
-    settings = 5 if config.eval.full_finetune else 4
+    # Full fine-tuning trains on the clients' data: a simulation holds it, a deployment's
+    # coordinator never does (its own examples are another data set), so it has no fifth row.
+    full_finetune = config.eval.full_finetune and deployment is None
+    if config.eval.full_finetune and deployment is not None:
+        timer.note("full fine-tuning baseline", "skipped: a deployment never holds client data")
+    settings = 5 if full_finetune else 4
     with (
         timer.stage("five-way evaluation"),
         tqdm(total=settings * len(held), desc="evaluating", unit="ex", dynamic_ncols=True) as bar,
@@ -287,7 +292,7 @@ def _federate_and_report(
             store_baseline(zero_key, scores["full_zero_shot"], 0.0)
         else:
             timer.note("full zero-shot", "cached")
-        if config.eval.full_finetune:
+        if full_finetune:
             scores["full_fine_tuned"] = _full_fine_tuned(
                 full_model,
                 weights,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from emulator.bundle import Bundle, bundle_parts, write_bundle
 from emulator.digest import canonical_json, tensor_sha256
 from emulator.distill import distill
 from emulator.embeddings import expand_embeddings, quantize_embeddings
+from emulator.factorize import factorize_linears
 from emulator.forward import pick_device, resolve_precision
 from emulator.layers import LayerPlan, plan_layers
 from emulator.privacy import assess, enforce_gate, public_text_perplexity
@@ -34,6 +36,10 @@ from offsite.data import load_task
 log = logging.getLogger(__name__)
 
 _DISTILL_RECIPE = (
+    "factorize",  # a factorized student is another model: never resumed from a dense one
+    "factorize_energy",
+    "factorize_max_rank_fraction",
+    "factorize_rank_multiple",
     "public_text",
     "public_examples",
     "distill_steps",
@@ -91,6 +97,8 @@ def build_bundle(
         "selection": settings.selection,
         "kept_middle": len(plan.middle_kept),
     }
+    if settings.factorize != "none":
+        compression["factorization"] = factorize_emulator(emulator, plan, arch, settings)
     texts: list[str] = []
     count = settings.public_examples
     if settings.public_text and arch.causal_lm:
@@ -106,7 +114,7 @@ def build_bundle(
         compression["quantization"] = quantize_emulator(
             emulator, plan, arch, tokenizer, calibration, settings
         )
-    changed = settings.distill or settings.quantize != "none"
+    changed = settings.distill or settings.quantize != "none" or settings.factorize != "none"
     shipped = unique_state(emulator) if changed else emulator_state(full_model, plan, arch)
     shipped = dict(shipped)
     embeddings = quantize_embeddings(
@@ -197,6 +205,33 @@ def distill_key(
     return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
+def factorize_emulator(
+    emulator: nn.Module, plan: LayerPlan, arch: ArchSpec, settings: EmulatorConfig
+) -> dict[str, Any]:
+    """Replace the kept middle blocks' linears by truncated SVDs in place; the manifest's
+    factorization entry. Under int4 the ranks are multiples of the quantization group (the
+    ``up`` factor's input is the rank)."""
+    blocks = block_list(emulator, arch)
+    first = len(plan.bottom)
+    middle = {i: blocks[i] for i in range(first, first + len(plan.middle_kept))}
+    linears = quantizable_linears(middle, block_prefix(emulator, arch))
+    multiple = settings.factorize_rank_multiple
+    if settings.quantize == "int4":
+        multiple = math.lcm(multiple, settings.quant_group_size)
+    entry = factorize_linears(
+        emulator, linears, settings.factorize_energy, settings.factorize_max_rank_fraction, multiple
+    )
+    log.info(
+        "  factorized %d middle linears by SVD: %.1f M -> %.1f M parameters, mean relative "
+        "error %.3f",
+        len(linears),
+        entry["dense_params"] / 1e6,
+        entry["factored_params"] / 1e6,
+        entry["mean_relative_error"],
+    )
+    return entry
+
+
 def quantize_emulator(
     emulator: nn.Module,
     plan: LayerPlan,
@@ -251,13 +286,19 @@ def describe_privacy(report: dict[str, Any]) -> str:
 
 
 def describe_compression(manifest: dict[str, Any]) -> str:
-    """One line: bundle size against the full model, quantization and distillation."""
+    """One line: bundle size against the full model, factorization, quantization, distillation."""
     size = sum(int(f["size"]) for f in manifest["files"].values())
     text = f"bundle {size / 1e6:.1f} MB"
     full = manifest.get("privacy", {}).get("full_model_bytes")
     if full:
         text += f" = {100 * size / full:.0f} % of the full model ({full / 1e6:.1f} MB)"
     compression = manifest.get("compression", {})
+    if factors := compression.get("factorization"):
+        text += (
+            f"; middle linears SVD-factorized ({factors['dense_params'] / 1e6:.1f} M -> "
+            f"{factors['factored_params'] / 1e6:.1f} M parameters, mean relative error "
+            f"{factors['mean_relative_error']:.3f})"
+        )
     if quant := compression.get("quantization"):
         error = quant.get("mean_relative_error")
         text += f"; middle linears {quant['scheme']['name']}" + (

@@ -335,6 +335,13 @@ def quantized_modules(manifest: Mapping[str, Any]) -> list[str]:
     return list(quantization["modules"]) if quantization else []
 
 
+def factorized_modules(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The emulator's SVD-factorized linears, name -> {rank, ...} (empty when none)."""
+    factorization = manifest.get("compression", {}).get("factorization")
+    modules = factorization.get("modules") if isinstance(factorization, Mapping) else None
+    return dict(modules) if isinstance(modules, Mapping) else {}
+
+
 def _check_signature(path: Path, manifest: dict[str, Any], public_key: bytes) -> None:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -366,7 +373,10 @@ def load_bundle_model(bundle: Bundle, dtype: torch.dtype = torch.float32) -> nn.
 
     auto = getattr(transformers, bundle.manifest["model"]["auto_class"])
     quantized = quantized_modules(bundle.manifest)
-    if not quantized and not quantized_embeddings(bundle.manifest):
+    # from_pretrained would fill a factorized or quantized layer's missing dense weight with
+    # random values (and only warn): such bundles are built from the config and filled exactly
+    plain = not quantized and not factorized_modules(bundle.manifest)
+    if plain and not quantized_embeddings(bundle.manifest):
         model = auto.from_pretrained(bundle.path, dtype=dtype, use_safetensors=True)
         return model.eval()
     from safetensors.torch import load_file
@@ -387,10 +397,16 @@ def fill_bundle_model(
     of the bundle's files, read with ``read`` (``assign``: take the tensors as they are, for a
     model built on the meta device); a tensor that finds no place, or a place left without a
     tensor, is an ``IntegrityError``."""
+    from emulator.factorize import install_factorized_layers
     from emulator.quant import install_quant_layers
 
+    tensors = bundle.manifest["tensors"]
+    try:  # factors first: quantized factors live inside them (``{name}.down``, ``{name}.up``)
+        install_factorized_layers(model, factorized_modules(bundle.manifest), tensors)
+    except (AttributeError, ValueError, KeyError, TypeError) as err:
+        raise IntegrityError(f"bundle's factorized layers do not fit its model: {err}") from err
     try:
-        install_quant_layers(model, quantized_modules(bundle.manifest), bundle.manifest["tensors"])
+        install_quant_layers(model, quantized_modules(bundle.manifest), tensors)
     except (AttributeError, ValueError, KeyError, TypeError) as err:
         raise IntegrityError(f"bundle's quantized layers do not fit its model: {err}") from err
     state: dict[str, torch.Tensor] = {}

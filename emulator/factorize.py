@@ -13,6 +13,7 @@ the Frobenius figure so callers (and tests) can check the product against it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,3 +77,110 @@ def saves_bytes(linear: nn.Linear, rank: int) -> bool:
 
 def break_even_rank(in_features: int, out_features: int) -> int:
     return math.floor(in_features * out_features / (in_features + out_features))
+
+
+def choose_rank(linear: nn.Linear, energy: float, max_rank_fraction: float, multiple: int) -> int:
+    """The rank a build gives ``linear``: the energy rank rounded up to ``multiple``, capped at
+    ``max_rank_fraction`` of the break-even rank (so the factors are smaller than the matrix and
+    never reproduce it exactly), and kept a multiple of ``multiple`` when the cap allows."""
+    out_features, in_features = linear.weight.shape
+    cap = max(1, math.floor(max_rank_fraction * break_even_rank(in_features, out_features)))
+    wanted = math.ceil(rank_for_energy(linear, energy) / multiple) * multiple
+    aligned_cap = cap // multiple * multiple
+    rank = min(wanted, aligned_cap) if aligned_cap >= multiple else min(wanted, cap)
+    if rank >= min(in_features, out_features):
+        raise ValueError(f"rank {rank} would reproduce a {out_features}x{in_features} matrix")
+    return rank
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` itself, or GPT-2's ``Conv1D`` as an equivalent ``nn.Linear``."""
+    from emulator.quant import linear_weight
+
+    if isinstance(module, nn.Linear):
+        return module
+    found = linear_weight(module)
+    if found is None:
+        raise TypeError(f"{type(module).__name__} is not a linear layer")
+    weight, bias = found
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.to(weight.dtype)
+
+
+def factorize_linears(
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    energy: float,
+    max_rank_fraction: float,
+    multiple: int,
+) -> dict[str, Any]:
+    """Replace each of ``linears`` (qualified names in ``model``) by its truncated SVD, in
+    place; the manifest's factorization entry (rank and relative error per module)."""
+    from emulator.quant import replace_module
+
+    modules: dict[str, dict[str, Any]] = {}
+    dense = factored = 0
+    for name, module in linears.items():
+        linear = _as_linear(module)
+        rank = choose_rank(linear, energy, max_rank_fraction, multiple)
+        low = factorize_linear(linear, rank)
+        replace_module(model, name, low)
+        out_features, in_features = linear.weight.shape
+        norm = float(linear.weight.detach().double().norm())
+        modules[name] = {
+            "rank": rank,
+            "in": in_features,
+            "out": out_features,
+            "relative_error": low.bound / norm if norm else 0.0,
+        }
+        dense += in_features * out_features
+        factored += rank * (in_features + out_features)
+    errors = [m["relative_error"] for m in modules.values()]
+    return {
+        "method": "svd",
+        "rule": {
+            "energy": energy,
+            "max_rank_fraction": max_rank_fraction,
+            "rank_multiple": multiple,
+        },
+        "modules": modules,
+        "dense_params": dense,
+        "factored_params": factored,
+        "mean_relative_error": sum(errors) / len(errors) if errors else 0.0,
+        "min_relative_error": min(errors) if errors else 0.0,
+    }
+
+
+def install_factorized_layers(
+    model: nn.Module, modules: dict[str, Any], tensors: dict[str, dict[str, Any]]
+) -> None:
+    """Put empty ``LowRankLinear`` layers at ``modules`` (name -> manifest entry), each shaped
+    from the manifest's tensor table (float factors ``{name}.down/up.weight`` or quantized ones
+    ``.qweight``), so a bundle's factors find their places; ValueError if they do not fit."""
+    from emulator.quant import linear_weight, replace_module
+
+    for name, entry in modules.items():
+        existing = model.get_submodule(name)
+        found = linear_weight(existing)
+        if found is None:
+            raise ValueError(f"{name} is not a linear layer of this model")
+        weight, _ = found
+        out_features, in_features = weight.shape
+        rank = int(entry["rank"])
+        down = tensors.get(f"{name}.down.weight") or tensors.get(f"{name}.down.qweight")
+        up = tensors.get(f"{name}.up.weight") or tensors.get(f"{name}.up.qweight")
+        if down is None or up is None:
+            raise ValueError(f"factorized layer {name} lacks its down/up factors")
+        if tensors.get(f"{name}.weight") is not None:
+            raise ValueError(f"factorized layer {name} also ships a dense weight")
+        if down["shape"][0] != rank or up["shape"][0] != out_features:
+            raise ValueError(
+                f"factors of {name} do not have rank {rank} and {out_features} outputs"
+            )
+        bias = f"{name}.up.bias" in tensors
+        layer = LowRankLinear(in_features, out_features, rank, bias)
+        replace_module(model, name, layer.to(device=weight.device, dtype=weight.dtype))

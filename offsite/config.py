@@ -90,6 +90,21 @@ class EmulatorConfig(_Section):
         "Folder for the distillation checkpoint (resume, or reuse a finished distillation for "
         "another bundle of the same model and plan); empty = next to the bundle.",
     )
+    factorize: Literal["none", "svd"] = _f(
+        "none",
+        "Replace each kept middle linear by a truncated SVD (two smaller linears, rank chosen "
+        "per matrix by factorize_energy): no original weight matrix ships. Norms and biases "
+        "stay verbatim unless emulator.distill is on (distillation then trains the factors).",
+    )
+    factorize_energy: float = _f(
+        0.9, "SVD: keep the smallest rank holding this share of a matrix's squared singular values."
+    )
+    factorize_max_rank_fraction: float = _f(
+        0.5,
+        "SVD: rank at most this fraction of the break-even rank in·out/(in+out), so every "
+        "factorized matrix is smaller than the dense one and never recovers it exactly.",
+    )
+    factorize_rank_multiple: int = _f(8, "SVD: ranks rounded up to a multiple of this.")
     quantize: Literal["none", "int8", "int4"] = _f(
         "none",
         "Store the emulator's middle linears weight-only quantized: 'int8' (per output "
@@ -130,6 +145,12 @@ class EmulatorConfig(_Section):
             out.append("emulator.selection='cosine' needs emulator.public_text (calibration)")
         if self.distill and not self.public_text:
             out.append("emulator.distill needs emulator.public_text (the distillation corpus)")
+        if not 0.0 < self.factorize_energy <= 1.0:
+            out.append("emulator.factorize_energy must be in (0, 1]")
+        if not 0.0 < self.factorize_max_rank_fraction <= 1.0:
+            out.append("emulator.factorize_max_rank_fraction must be in (0, 1]")
+        if self.factorize_rank_multiple < 1:
+            out.append("emulator.factorize_rank_multiple must be >= 1")
         if self.quant_group_size < 2 or self.quant_group_size % 2:
             out.append("emulator.quant_group_size must be an even number >= 2")
         if self.calibration_examples < 1:
@@ -393,7 +414,8 @@ class EvalConfig(_Section):
     full_finetune: bool = _f(
         True,
         "Also train the same adapter recipe on the full model (the fifth row, the target the "
-        "plug-in is measured against); its score is cached by model, data and recipe.",
+        "plug-in is measured against; simulations only: a deployment holds no client data); "
+        "its score is cached by model, data and recipe.",
     )
     reuse_baseline: bool = _f(
         True,

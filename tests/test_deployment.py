@@ -232,6 +232,9 @@ def test_coordinator_and_two_nodes_federate_over_mtls_and_node_auth(
     assert all(len(nodes) == 2 for nodes in per_round.values()), per_round
     metrics = json.loads((run / "metrics.json").read_text())
     assert "federated training (Flower deployment)" in metrics["timings"]
+    # no fifth row: the coordinator holds no client data to fine-tune the full model on
+    assert "full_fine_tuned" not in metrics["scores"] and len(metrics["scores"]) == 4
+    assert "skipped" in metrics["notes"]["full fine-tuning baseline"]
     outcomes = json.loads((run / "outcomes.json").read_text())
     assert [o["round"] for o in outcomes if o["round"] > 0] == [1, 2]
     assert not (run / "data").exists(), "a deployment run must not hold client data"

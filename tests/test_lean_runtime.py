@@ -202,7 +202,8 @@ def _public(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:  # type: ignore[no-untyped-def]
-    """Tiny llama bundles, 1-2-1 of 6 blocks: full precision, int8 and int4."""
+    """Tiny llama bundles, 1-2-1 of 6 blocks: full precision, int8 and int4, and with the middle
+    linears SVD-factorized (float and int8 factors)."""
     from emulator.arch import arch_spec
 
     out = {}
@@ -211,13 +212,15 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Pa
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 2)
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets, tuple(plan.top))
-    for scheme in ("none", "int8", "int4"):
+    for scheme in ("none", "int8", "int4", "svd", "svd-int8"):
         settings = EmulatorConfig(
             public_text=str(_public(root)),
             public_examples=4,
             calibration_examples=8,
-            quantize=scheme,  # type: ignore[arg-type]
+            quantize=scheme.removeprefix("svd-") if scheme != "svd" else "none",  # type: ignore[arg-type]
             quant_group_size=16,
+            factorize="svd" if scheme.startswith("svd") else "none",
+            factorize_rank_multiple=4,
         )
         bundle = build_bundle(
             full, tokenizer, arch, plan, spec, root / scheme, source="tiny", settings=settings
@@ -237,7 +240,7 @@ def _batch(tokenizer) -> Batch:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("policy", ["lora", "sparse"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4", "svd", "svd-int8"])
 def test_client_trains_the_same_numbers_on_either_runtime(
     bundles: dict[str, Path], scheme: str, precision: str, policy: str
 ) -> None:
@@ -268,7 +271,7 @@ def test_client_trains_the_same_numbers_on_either_runtime(
     assert state_l.keys() == state_t.keys()  # the adapter on the wire has PEFT's names
 
 
-@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4", "svd", "svd-int8"])
 def test_nothing_of_the_bundle_files_stays_mapped_after_loading(
     bundles: dict[str, Path], scheme: str
 ) -> None:
