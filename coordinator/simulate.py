@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -308,7 +307,17 @@ def _federate_and_report(
             )
 
     metrics = _metrics(
-        config, run_dir, task, held, plan, bundle, full_model, final_state, scores, timer
+        config,
+        run_dir,
+        task,
+        held,
+        plan,
+        bundle,
+        full_model,
+        final_state,
+        scores,
+        timer,
+        "run" if deployment else "simulate",
     )
     metrics["training"] = _training(health, adapter_changed(run_dir, final_state))
     report = write_report(run_dir, metrics)
@@ -396,6 +405,7 @@ def _metrics(
     final_state: dict[str, torch.Tensor],
     scores: dict[str, Score],
     timer: _Timer,
+    verb: str = "simulate",
 ) -> dict[str, Any]:
     import json
 
@@ -426,7 +436,7 @@ def _metrics(
             "middle_dropped": middle_total - len(plan.middle_kept),
             "privacy": bundle.manifest.get("privacy", {}),
             "compression": bundle.manifest.get("compression", {}),
-            "command": "offsite " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": " ".join(["offsite", verb, *(shlex.quote(o) for o in config.overrides())]),
         },
         "scores": {
             key: {"metric": s.metric, "value": s.value, "nll": s.nll, "count": s.count}

@@ -461,6 +461,22 @@ class OffsiteConfig:
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
+    def overrides(self) -> list[str]:
+        """``section.key=value`` for every setting that differs from the defaults: what to
+        append to ``offsite simulate`` to run this configuration again."""
+        out: list[str] = []
+
+        def walk(mine: Mapping[str, Any], default: Mapping[str, Any], prefix: str) -> None:
+            for key, value in mine.items():
+                if isinstance(value, Mapping):
+                    walk(value, default[key], f"{prefix}{key}.")
+                elif value != default[key]:
+                    literal = tomli_w.dumps({"v": value}).strip().removeprefix("v = ")
+                    out.append(f"{prefix}{key}={literal}")
+
+        walk(self.to_dict(), OffsiteConfig().to_dict(), "")
+        return out
+
 
 # --------------------------------------------------------------------------- loading
 

@@ -106,3 +106,20 @@ def test_unsafe_federation_settings_are_refused_before_running(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_config(None, overrides)
+
+
+def test_overrides_name_every_changed_setting_and_load_back_to_the_same_config() -> None:
+    from offsite.config import OffsiteConfig, load_config
+
+    assert OffsiteConfig().overrides() == []
+    changed = [
+        "seed=3",
+        "data.eval_size=500",
+        "emulator.selection='cosine'",
+        "emulator.distill=true",
+        "train.lr=0.002",
+        "data.template='Q: {text}\\nA:'",
+    ]
+    config = load_config(None, changed)
+    again = load_config(None, config.overrides())
+    assert again == config and len(config.overrides()) == len(changed)

@@ -84,6 +84,10 @@ def test_two_clients_two_rounds_end_to_end(
     assert metrics["run"]["plan"] == "1-2-1"
     report = (run / "report.md").read_text()
     assert "plug-in" in report and "privacy margin" in report
+    # the command that reruns it is the configuration's, whoever called simulate()
+    command = metrics["run"]["command"]
+    assert command.startswith("offsite simulate ") and "federation.rounds=2" in command
+    assert load_config(None, command.split()[2:]) == config
     # `offsite eval RUN --round 2` re-scores the same adapter to the same numbers
     from coordinator.rerun import evaluate_run
 
