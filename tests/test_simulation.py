@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def test_two_clients_two_rounds_end_to_end(
     # the command that reruns it is the configuration's, whoever called simulate()
     command = metrics["run"]["command"]
     assert command.startswith("offsite simulate ") and "federation.rounds=2" in command
-    assert load_config(None, command.split()[2:]) == config
+    assert load_config(None, shlex.split(command)[2:]) == config
     # `offsite eval RUN --round 2` re-scores the same adapter to the same numbers
     from coordinator.rerun import evaluate_run
 
