@@ -125,3 +125,10 @@ def test_other_tasks_are_judged_by_their_own_targets(
     assert document["default"] is None  # no default cell measured in this report
     markdown = (tmp_path / "emulator_transfer.md").read_text()
     assert "| private (2-8-2) | 3 |" in markdown and "**missed** | **missed** |" in markdown
+
+
+def test_a_target_the_interval_crosses_is_not_called_met() -> None:
+    assert protocol._at_least({"mean": 24.7, "ci95": 55.6}, 5) is None
+    assert protocol._at_least({"mean": 24.7, "ci95": 2.0}, 5) is True
+    assert protocol._at_least({"mean": 4.0, "ci95": 0.5}, 5) is False
+    assert protocol._at_least({"mean": 6.0, "ci95": math.nan}, 5) is True  # one seed: no CI
