@@ -91,8 +91,7 @@ def _timed(fn: Any) -> tuple[float, Any]:
 
 def run(count: int, fresh: bool) -> dict[str, Any]:
     from coordinator.models import load_full_model
-    from emulator.adapter import AdapterSpec
-    from emulator.build import build_bundle, choose_plan
+    from emulator.build import build_configured_bundle
     from emulator.bundle import load_bundle_model
     from offsite.config import load_config
     from offsite.data import Example, load_task, split_holdout
@@ -110,20 +109,7 @@ def run(count: int, fresh: bool) -> dict[str, Any]:
         device=torch.device("cpu"),
     )
     with tempfile.TemporaryDirectory() as folder:
-        plan = choose_plan(full, tokenizer, arch, config.emulator)
-        adapter = AdapterSpec.for_plan(
-            config.train.adapter, plan, arch, config.train.lora_r, config.train.lora_alpha
-        )
-        bundle = build_bundle(
-            full,
-            tokenizer,
-            arch,
-            plan,
-            adapter,
-            Path(folder),
-            source="smollm2-135m",
-            settings=config.emulator,
-        )
+        plan, bundle = build_configured_bundle(full, tokenizer, arch, config, Path(folder))
         models = {"full model": full, f"emulator {plan.label}": load_bundle_model(bundle)}
         for label_kind in ("one-token labels", "multi-token labels"):
             rename = MULTI_TOKEN_NAMES if label_kind == "multi-token labels" else {}

@@ -39,7 +39,7 @@ from coordinator.report import (
 from coordinator.run_health import RunHealth, adapter_changed
 from coordinator.simulation import run_flower_simulation
 from emulator.adapter import AdapterSpec
-from emulator.build import build_bundle, choose_plan
+from emulator.build import build_configured_bundle
 from emulator.bundle import bundle_parts, verify_bundle
 from emulator.forward import pick_device
 from emulator.layers import plan_layers
@@ -150,19 +150,8 @@ def simulate(
 
     with timer.stage("load full model and build emulator bundle"):
         full_model, tokenizer, arch, _ = load_full_model(config.model.name)
-        plan = choose_plan(full_model, tokenizer, arch, config.emulator)
-        adapter = AdapterSpec.for_plan(
-            config.train.adapter, plan, arch, config.train.lora_r, config.train.lora_alpha
-        )
-        bundle = build_bundle(
-            full_model,
-            tokenizer,
-            arch,
-            plan,
-            adapter,
-            run_dir / "bundle",
-            source=config.model.name,
-            settings=config.emulator,
+        plan, bundle = build_configured_bundle(
+            full_model, tokenizer, arch, config, run_dir / "bundle"
         )
         log.info("  emulator %s, bundle %s…", plan.label, bundle.digest[:12])
         artifact = deployment.publish(bundle.path) if deployment else ""
@@ -388,12 +377,6 @@ def _failure_metrics(config: OffsiteConfig, run_dir: Path, health: RunHealth) ->
     }
 
 
-def _state_bytes(model: Any) -> int:
-    """Bytes of the model's weights, a tied tensor (embedding = head) counted once."""
-    unique = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
-    return sum(unique.values())
-
-
 def _metrics(
     config: OffsiteConfig,
     run_dir: Path,
@@ -426,7 +409,7 @@ def _metrics(
             "num_clients": config.federation.num_clients,
             "rounds": config.federation.rounds,
             "full_params": sum(p.numel() for p in full_model.parameters()),
-            "full_model_bytes": _state_bytes(full_model),
+            "full_model_bytes": bundle.manifest.get("privacy", {}).get("full_model_bytes"),
             "bundle_bytes": sum(int(f["size"]) for f in bundle.manifest["files"].values()),
             "bundle_parts": bundle_parts(bundle.manifest),
             "bundle_digest": bundle.digest,

@@ -30,7 +30,7 @@ from emulator.quant import (
 )
 from emulator.selection import block_change_scores, select_by_change
 from emulator.split import build_emulator, emulator_state, unique_state
-from offsite.config import EmulatorConfig
+from offsite.config import EmulatorConfig, OffsiteConfig
 from offsite.data import load_task
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,27 @@ def choose_plan(
     chosen = select_by_change(plan, scores, len(plan.middle_kept))
     log.info("  cosine selection kept middle blocks %s", list(chosen.middle_kept))
     return chosen
+
+
+def build_configured_bundle(
+    full_model: nn.Module, tokenizer: Any, arch: ArchSpec, config: OffsiteConfig, out_dir: Path
+) -> tuple[LayerPlan, Bundle]:
+    """The plan ``config.emulator`` chooses and the bundle built by it, with the adapter
+    ``config.train`` asks for: what a run, ``offsite emulator build`` and the benchmarks ship."""
+    plan = choose_plan(full_model, tokenizer, arch, config.emulator)
+    train = config.train
+    adapter = AdapterSpec.for_plan(train.adapter, plan, arch, train.lora_r, train.lora_alpha)
+    bundle = build_bundle(
+        full_model,
+        tokenizer,
+        arch,
+        plan,
+        adapter,
+        out_dir,
+        source=config.model.name,
+        settings=config.emulator,
+    )
+    return plan, bundle
 
 
 def build_bundle(

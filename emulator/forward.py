@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +24,9 @@ def _forward_class(model: nn.Module) -> type:
     return type(base()) if callable(base) else type(model)
 
 
-def answer_logits(model: nn.Module, batch: Batch, keep: int) -> torch.Tensor:
-    """Logits for the last ``keep`` positions of each (left-padded) row: (B, keep, V)."""
+def _left_padded_forward(model: nn.Module, batch: Batch, keep: int, use_cache: bool) -> Any:
+    """The model's output on a left-padded batch, logits for the last ``keep`` positions only
+    where the model supports it."""
     cls = _forward_class(model)
     kwargs: dict[str, object] = {
         "input_ids": batch.input_ids,
@@ -36,27 +38,21 @@ def answer_logits(model: nn.Module, batch: Batch, keep: int) -> torch.Tensor:
     if _accepts(cls, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep
     if _accepts(cls, "use_cache"):
-        kwargs["use_cache"] = False
-    logits = model(**kwargs).logits
+        kwargs["use_cache"] = use_cache
+    return model(**kwargs)
+
+
+def answer_logits(model: nn.Module, batch: Batch, keep: int) -> torch.Tensor:
+    """Logits for the last ``keep`` positions of each (left-padded) row: (B, keep, V)."""
+    logits = _left_padded_forward(model, batch, keep, use_cache=False).logits
     return logits[:, -keep:, :]
 
 
 def prompt_forward(model: nn.Module, batch: Batch, keep_cache: bool) -> tuple[torch.Tensor, object]:
     """Next-token log-probabilities after each (left-padded) prompt, (B, V) fp32, and its KV
     cache when ``keep_cache`` (None when the model keeps none)."""
-    cls = _forward_class(model)
-    kwargs: dict[str, object] = {
-        "input_ids": batch.input_ids,
-        "attention_mask": batch.attention_mask,
-    }
-    if _accepts(cls, "position_ids"):
-        kwargs["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if _accepts(cls, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
-    if _accepts(cls, "use_cache"):
-        kwargs["use_cache"] = keep_cache
-    out = model(**kwargs)
-    name = _cache_argument(cls)
+    out = _left_padded_forward(model, batch, 1, use_cache=keep_cache)
+    name = _cache_argument(_forward_class(model))
     cache = out.get(name) if keep_cache and name is not None else None
     return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1), cache
 

@@ -218,17 +218,10 @@ def emulator_build(
     cfg = load_config(config, [*(overrides or []), *extra])
     _quiet_libraries()
     from coordinator.models import load_full_model
-    from emulator.adapter import AdapterSpec
-    from emulator.build import build_bundle, choose_plan, describe_compression, describe_privacy
+    from emulator.build import build_configured_bundle, describe_compression, describe_privacy
 
     model, tokenizer, arch, _ = load_full_model(cfg.model.name)
-    plan = choose_plan(model, tokenizer, arch, cfg.emulator)
-    adapter = AdapterSpec.for_plan(
-        cfg.train.adapter, plan, arch, cfg.train.lora_r, cfg.train.lora_alpha
-    )
-    bundle = build_bundle(
-        model, tokenizer, arch, plan, adapter, out, source=cfg.model.name, settings=cfg.emulator
-    )
+    plan, bundle = build_configured_bundle(model, tokenizer, arch, cfg, out)
     typer.echo(f"bundle {bundle.path}  digest {bundle.digest}")
     typer.echo(
         f"emulator {plan.label}: blocks {list(plan.emulator_layers)} of {plan.num_layers}; "

@@ -111,6 +111,33 @@ def test_shared_prompt_scoring_makes_the_decisions_of_scoring_each_label_in_full
         assert each.nll == pytest.approx(float(-reference[:, column].mean()), rel=1e-5)
 
 
+def test_a_model_without_a_kv_cache_scores_each_label_whole_to_the_same_numbers(
+    tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import emulator.scoring as scoring
+
+    model = tiny_model("llama")
+    examples = [
+        Example(" ".join(tiny_texts(topic, 2, seed=i)), label=label)
+        for i, (topic, label) in enumerate(zip(LABELS, MULTI_LABELS, strict=True))
+    ]
+    reference = _reference_scores(model, tokenizer, examples, MULTI_LABELS, 96)
+    monkeypatch.setattr(scoring, "keeps_kv_cache", lambda _model: False)
+    scores = scoring.label_log_likelihoods(
+        model,
+        tokenizer,
+        examples,
+        MULTI_LABELS,
+        template=TEMPLATE,
+        max_words=20,
+        max_length=96,
+        batch_size=2,
+        precision="fp32",
+        device=torch.device("cpu"),
+    )
+    torch.testing.assert_close(scores, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_batches_are_bucketed_by_length() -> None:
     from emulator.scoring import _length_buckets
 
