@@ -58,6 +58,12 @@ CELLS = {
     for cell in (
         Cell("default", (), "the emulator `offsite simulate` builds (config defaults)"),
         Cell(
+            "identity",
+            ("emulator.keep=-1",),
+            "the full model as its own emulator: the federation's ceiling for any emulator "
+            "(its plug-in is federated full-model fine-tuning)",
+        ),
+        Cell(
             "cosine-distilled-2-8-2",
             (
                 "emulator.keep=8",
@@ -66,6 +72,26 @@ CELLS = {
                 f"emulator.distill_checkpoint='{WORK / 'distill-cosine-keep8'}'",
             ),
             "cosine selection, 8 middle blocks, distilled (best of bench/reports/emulator.md)",
+        ),
+        *(
+            Cell(
+                f"{selection}-distilled-int8-2-{keep}-2",
+                (
+                    f"emulator.keep={keep}",
+                    f"emulator.selection='{selection}'",
+                    "emulator.distill=true",
+                    f"emulator.distill_steps={steps}",
+                    "emulator.quantize='int8'",
+                    f"emulator.distill_checkpoint='{WORK / f'distill-{selection}-{keep}-{steps}'}'",
+                ),
+                f"{selection} selection, {keep} middle blocks, {steps} distillation steps, int8 "
+                "middle: a default candidate that fits the 5-minute build",
+            )
+            for selection, keep, steps in (
+                ("uniform", 6, 100),
+                ("uniform", 8, 100),
+                ("cosine", 8, 100),
+            )
         ),
         Cell(
             "svd-distilled-2-8-2",
@@ -130,6 +156,10 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One cell over its seeds: mean ± CI of each setting and of the paired differences."""
     what = CELLS[name].what if name in CELLS else f"the default emulator and recipe on {name}"
     out: dict[str, Any] = {"cell": name, "what": what, "seeds": len(rows)}
+    if name in CELLS:  # how to build it (`offsite emulator build --choose`); no local paths
+        out["overrides"] = [
+            o for o in CELLS[name].overrides if not o.startswith("emulator.distill_checkpoint=")
+        ]
     for short, _, _ in SETTINGS:
         values = [r[short] for r in rows if short in r]
         if values:
@@ -143,19 +173,92 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["verbatim_middle_tensors"] = first["verbatim_middle_tensors"]
     out["perplexity_ratio"] = first["perplexity_ratio"]
     out["build_s"] = statistics.fmean(r["build_s"] for r in rows if r["build_s"] is not None)
+    scored = [r for r in rows if "gradient_error" in r]
+    if scored:  # the emulator is the same for every seed: the first seed's bundle is scored
+        out["gradient_error"] = scored[0]["gradient_error"]
+        out["loss_rise"] = scored[0]["loss_rise"]
     out["per_seed"] = rows
     return out
 
 
+_SCORING: dict[str, Any] = {}  # model name -> (model, tokenizer, arch, batches, references)
+
+
+def _scoring_model(name: str, settings: Any) -> tuple[Any, ...]:
+    from gradient_score import MAX_LENGTH, TEXTS
+
+    from coordinator.models import load_full_model
+    from emulator.batches import text_batches
+    from emulator.build import public_texts
+
+    if name not in _SCORING:
+        model, tokenizer, arch, _ = load_full_model(name)
+        texts = public_texts(settings.public_text, settings.public_examples + TEXTS)
+        batches = text_batches(tokenizer, texts[settings.public_examples :], MAX_LENGTH, 8)
+        _SCORING[name] = (model, tokenizer, arch, batches, {})
+    return _SCORING[name]
+
+
+def score_without_run(name: str) -> dict[str, float]:
+    """Build cell ``name``'s emulator (seed 0) without running the federation and score it:
+    for cells measured before the score existed, or whose run folders are gone."""
+    from emulator.build import build_configured_bundle
+    from offsite.config import load_config
+
+    folder = WORK / name / "score"
+    config = load_config(None, ["seed=0", *CELLS[name].overrides])
+    if not (folder / "bundle" / "manifest.json").exists():
+        model, tokenizer, arch, _, _ = _scoring_model(config.model.name, config.emulator)
+        folder.mkdir(parents=True, exist_ok=True)
+        build_configured_bundle(model, tokenizer, arch, config, folder / "bundle")
+        (folder / "config.toml").write_text(config.to_toml())
+    return gradient_score_of(folder)
+
+
+def gradient_score_of(run_dir: Path) -> dict[str, float]:
+    """The training-free gradient score (emulator/gradient_score.py) of the emulator a run
+    shipped: its verified bundle against the full model, on the calibration texts of
+    bench/gradient_score.py (public chitchat, never the task). The full model and its reference
+    gradients are computed once per model and adapter placement."""
+    from emulator.bundle import load_bundle_model, verify_bundle
+    from emulator.gradient_score import full_reference_gradients, score_emulator
+    from offsite.config import load_config
+
+    config = load_config(run_dir / "config.toml", [])
+    model, _, arch, batches, references = _scoring_model(config.model.name, config.emulator)
+    bundle = verify_bundle(run_dir / "bundle")
+    plan = bundle.plan
+    placement = plan.adapter_layers
+    if placement not in references:
+        references[placement] = full_reference_gradients(model, plan, arch, batches)
+    score = score_emulator(
+        model, load_bundle_model(bundle), plan, arch, batches, references[placement]
+    )
+    return {"gradient_error": score.gradient_error, "loss_rise": score.loss_rise}
+
+
 def run(
-    cells: list[str], seeds: int, eval_size: int, fresh: bool, tasks: list[str]
+    cells: list[str],
+    seeds: int,
+    eval_size: int,
+    fresh: bool,
+    tasks: list[str],
+    score_only: bool = False,
 ) -> dict[str, Any]:
     quiet_setup()
     report: dict[str, Any] = {
         "protocol": {"seeds": seeds, "eval_size": eval_size},
-        "cells": {},
-        "generalisation": {},
+        "cells": _earlier_rows("cells", eval_size),
+        "generalisation": _earlier_rows("generalisation", eval_size),
     }
+    if score_only:
+        for name in cells:
+            rows = report["cells"].get(name, {}).get("rows", {})
+            if rows and not any("gradient_error" in r for r in rows.values()):
+                first = rows[min(rows, key=int)]
+                first.update(score_without_run(name))
+                _save(report)
+        return report
     for seed in range(seeds):  # seed-major: every cell gets a first number early
         for name in cells:
             cell = CELLS[name]
@@ -163,6 +266,8 @@ def run(
             metrics = simulate_cell(WORK / name / f"seed-{seed}", overrides, fresh)
             rows = report["cells"].setdefault(name, {"rows": {}})["rows"]
             rows[str(seed)] = {"seed": seed, **seed_row(metrics)}
+            if "gradient_error" not in rows[str(seed)]:
+                rows[str(seed)].update(gradient_score_of(WORK / name / f"seed-{seed}"))
             _save(report)
         for task in tasks:
             overrides = [f"seed={seed}", f"data.eval_size={eval_size}", *GENERALISATION[task]]
@@ -172,6 +277,26 @@ def run(
             rows[str(seed)] = {"seed": seed, **seed_row(metrics)}
             _save(report)
     return report
+
+
+def _earlier_rows(part: str, eval_size: int) -> dict[str, Any]:
+    """Per-seed rows the committed report already holds for this protocol, so that running a
+    subset of cells (or a checkout without bench/out) keeps every cell measured before; a run
+    folder found again replaces its row."""
+    path = REPORTS / "emulator_transfer.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text()).get(part) or {}
+    out: dict[str, Any] = {}
+    for name, summary in earlier.items():
+        rows = {
+            str(r["seed"]): r
+            for r in summary.get("per_seed", [])
+            if r.get("eval_size") == eval_size and (part != "cells" or name in CELLS)
+        }
+        if rows:
+            out[name] = {"rows": rows}
+    return out
 
 
 def _summaries(report: dict[str, Any], part: str = "cells") -> dict[str, Any]:
@@ -226,14 +351,36 @@ def _save(report: dict[str, Any]) -> None:
             task: {
                 **_default_object(summary, report["protocol"]["seeds"]),
                 "targets": task_targets(summary),
+                "per_seed": summary["per_seed"],
             }
             for task, summary in _summaries(report, "generalisation").items()
         },
         "cells": summaries,
+        "score_vs_plug_in": score_correlation(summaries),
     }
     (REPORTS / "emulator_transfer.json").write_text(json.dumps(document, indent=1))
     (REPORTS / "emulator_transfer.md").write_text(_markdown(document))
     _plot(summaries, REPORTS / "emulator_transfer.png")
+
+
+def score_correlation(summaries: dict[str, Any]) -> dict[str, Any]:
+    """Spearman ρ of the gradient score (lower = better preserved) with the measured plug-in
+    over the scored cells: negative when the score predicts transfer. The identity cell (score
+    0 by construction) is left out: it is the ceiling, not a candidate."""
+    cells = [
+        (s["gradient_error"], s["plug_in"]["mean"], s["loss_rise"], s["margin"]["mean"])
+        for name, s in summaries.items()
+        if "gradient_error" in s and name != "identity"
+    ]
+    out: dict[str, Any] = {"cells": len(cells)}
+    if len(cells) >= 3:
+        from scipy.stats import spearmanr
+
+        errors, plug_ins, rises, margins = (list(column) for column in zip(*cells, strict=True))
+        out["gradient_error_vs_plug_in"] = float(spearmanr(errors, plug_ins).statistic)
+        out["loss_rise_vs_plug_in"] = float(spearmanr(rises, plug_ins).statistic)
+        out["loss_rise_vs_margin"] = float(spearmanr(rises, margins).statistic)
+    return out
 
 
 def _pm(stat: dict[str, float] | None) -> str:
@@ -255,8 +402,9 @@ def _markdown(document: dict[str, Any]) -> str:
         "(Student t). Differences are paired per seed. Percent.",
         "",
         "| cell | seeds | full ZS | emulator ZS | emulator FT | plug-in | full FT | "
-        "plug-in − full FT | margin | verbatim middle | bundle / full | build s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "plug-in − full FT | margin | verbatim middle | bundle / full | build s | "
+        "gradient error | loss rise |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in document["cells"].items():
         share = s["bundle_bytes"] / s["full_model_bytes"] if s.get("full_model_bytes") else None
@@ -265,8 +413,14 @@ def _markdown(document: dict[str, Any]) -> str:
             + " | ".join(_pm(s.get(short)) for short, _, _ in SETTINGS)
             + f" | {_pm(s.get('plug_in_minus_full_ft'))} | {_pm(s.get('margin'))} | "
             f"{s['verbatim_middle_tensors']}/{s['middle_tensors']} | "
-            f"{'–' if share is None else f'{100 * share:.0f} %'} | {s['build_s']:.0f} |"
+            f"{'–' if share is None else f'{100 * share:.0f} %'} | {s['build_s']:.0f} | "
+            + (
+                f"{s['gradient_error']:.3f} | {s['loss_rise']:.2f} |"
+                if "gradient_error" in s
+                else "– | – |"
+            )
         )
+    lines += ["", *_correlation_lines(document["score_vs_plug_in"])]
     lines += ["", "## Targets for the default (issue 22)", ""]
     default = document["default"]
     if default:
@@ -304,15 +458,27 @@ def _markdown(document: dict[str, Any]) -> str:
             values = " | ".join(f"{row[k]:.1f}" if k in row else "–" for k, _, _ in SETTINGS)
             wall = f"{row['wall_s']:.0f}" if row.get("wall_s") else "–"
             lines.append(f"| {name} | {seed} | {values} | {wall} |")
-    lines += [
-        "",
-        "## Not measured yet",
-        "",
-        "- The gradient score per cell and its rank correlation with plug-in over these cells "
-        "(bench/reports/gradient_score.md has it for the single-seed screen).",
-        "",
-    ]
+    lines.append("")
     return "\n".join(lines)
+
+
+def _correlation_lines(correlation: dict[str, Any]) -> list[str]:
+    head = (
+        "Gradient error = mean over adapter blocks of 1 − cos(gradient through the emulator, "
+        "through the full model) on 32 public chitchat texts (emulator/gradient_score.py), of "
+        "the bundle each cell shipped; loss rise = the emulator's LM loss minus the full "
+        "model's on those texts."
+    )
+    if "gradient_error_vs_plug_in" not in correlation:
+        return [head, f"Rank correlation: {correlation['cells']} scored cells, needs ≥ 3."]
+    return [
+        head,
+        f"Spearman ρ over {correlation['cells']} cells (identity left out): gradient error vs "
+        f"plug-in {correlation['gradient_error_vs_plug_in']:+.2f}; loss rise vs plug-in "
+        f"{correlation['loss_rise_vs_plug_in']:+.2f}; loss rise vs margin "
+        f"{correlation['loss_rise_vs_margin']:+.2f} (negative = a lower value goes with a "
+        "higher number).",
+    ]
 
 
 def _target_lines(default: dict[str, Any]) -> list[str]:
@@ -390,6 +556,11 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=500, help="held-out examples per run")
     parser.add_argument("--fresh", action="store_true", help="re-run finished runs")
     parser.add_argument(
+        "--score-only",
+        action="store_true",
+        help="only add the gradient score to measured cells that lack it (builds their emulator)",
+    )
+    parser.add_argument(
         "--generalisation",
         action="store_true",
         help=f"also run the default on {', '.join(GENERALISATION)}",
@@ -399,7 +570,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown cells {unknown}; known: {', '.join(CELLS)}")
     tasks = list(GENERALISATION) if args.generalisation else []
-    run(args.cells.split(","), args.seeds, args.eval_size, args.fresh, tasks)
+    run(args.cells.split(","), args.seeds, args.eval_size, args.fresh, tasks, args.score_only)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -201,6 +201,16 @@ def emulator_build(
             "activation-aware scales (emulator.quantize).",
         ),
     ] = None,
+    choose: Annotated[
+        Path | None,
+        typer.Option(
+            "--choose",
+            help="Pick the emulator from measured cells: a report of `offsite bench emulator` "
+            "(bench/reports/emulator_transfer.json). Prints the Pareto front, refuses cells "
+            "failing emulator.min_margin / max_verbatim_fraction / min_perplexity_ratio, builds "
+            "the passing cell with the best plug-in (your overrides still apply on top).",
+        ),
+    ] = None,
 ) -> None:
     """Split the full model into adapter + emulator and write a verified bundle.
 
@@ -216,6 +226,9 @@ def emulator_build(
     extra = ["emulator.distill=true"] if distill else []
     extra += [f"emulator.quantize={quantize!r}"] if quantize else []
     cfg = load_config(config, [*(overrides or []), *extra])
+    if choose is not None:
+        chosen = _choose_emulator(choose, cfg.emulator)
+        cfg = load_config(config, [*chosen, *(overrides or []), *extra])
     _quiet_libraries()
     from coordinator.models import load_full_model
     from emulator.build import build_configured_bundle, describe_compression, describe_privacy
@@ -228,6 +241,51 @@ def emulator_build(
         + describe_compression(bundle.manifest)
     )
     typer.echo(describe_privacy(bundle.manifest["privacy"]))
+
+
+def _choose_emulator(report_path: Path, settings: Any) -> list[str]:
+    """Print the owner's trade-off from a protocol report and return the chosen cell's config
+    overrides; no passing cell is a GateError (exit code 6) naming every refusal."""
+    import json
+
+    from emulator.choice import Gates, candidates, choose, describe, pareto_front
+    from emulator.privacy import GateError
+    from offsite.errors import ConfigError
+
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"--choose {report_path}: not a readable report ({err}); give the JSON that "
+            "`offsite bench emulator` writes (bench/reports/emulator_transfer.json)"
+        ) from err
+    cells = candidates(report) if isinstance(report, dict) else []
+    if not cells:
+        raise ConfigError(
+            f"--choose {report_path}: no measured cell with its overrides in it; re-run "
+            "`offsite bench emulator` to write them"
+        )
+    gates = Gates(
+        settings.min_margin, settings.max_verbatim_fraction, settings.min_perplexity_ratio
+    )
+    typer.echo("Pareto front (plug-in ↑, margin ↑, bundle share ↓):")
+    for cell in pareto_front(cells):
+        typer.echo(f"  {describe(cell)}")
+    best, reasons = choose(cells, gates)
+    for name, why in reasons.items():
+        if why:
+            typer.echo(f"refused {name}: {'; '.join(why)}")
+    if best is None:
+        raise GateError(
+            f"no measured emulator in {report_path} passes the gates (see the refusals above); "
+            "measure more cells or loosen emulator.min_margin / max_verbatim_fraction"
+        )
+    others = sum(1 for why in reasons.values() if not why) - 1
+    typer.echo(
+        f"chose {describe(best)}: the best plug-in of the {others + 1} passing cell(s)"
+        + (f" ({others} other(s) passed with a lower plug-in)" if others else "")
+    )
+    return list(best.overrides)
 
 
 @emulator_app.command("verify")

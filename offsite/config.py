@@ -75,6 +75,12 @@ class EmulatorConfig(_Section):
     max_verbatim_fraction: float = _f(
         1.0, "Gate: refuse emulators shipping more of the full model's middle tensors verbatim."
     )
+    min_margin: float = _f(
+        0.0,
+        "Gate of `offsite emulator build --choose`: refuse measured emulators whose margin "
+        "(plug-in − emulator fine-tuned, points; low end of its 95 % CI) is smaller, i.e. "
+        "that a data owner would prefer to the product.",
+    )
     distill: bool = _f(
         False,
         "Distill the kept middle blocks against the full middle on the public text "
