@@ -44,6 +44,8 @@ _DISTILL_RECIPE = (
     "public_examples",
     "distill_steps",
     "distill_lr",
+    "distill_jacobian_weight",
+    "distill_perturbation",
     "distill_texts",
     "distill_batch_size",
     "distill_max_length",
@@ -191,6 +193,8 @@ def _distill(
         lr=settings.distill_lr,
         batch_size=settings.distill_batch_size,
         max_length=settings.distill_max_length,
+        jacobian_weight=settings.distill_jacobian_weight,
+        perturbation=settings.distill_perturbation,
         precision=resolve_precision("auto", device),
         device=device,
         checkpoint=Path(settings.distill_checkpoint)

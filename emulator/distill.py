@@ -5,6 +5,14 @@ student's hidden state at the exit of the middle (the input of the top adapter b
 and bottom blocks are identical in both models, so both middles see the same input. Only the
 student's middle blocks train; adapter blocks, embeddings and head stay as shipped.
 
+With ``jacobian_weight`` > 0 a second term aligns what the *bottom adapter* sees, not only the
+middle's output: the bottom adapter's update reaches the middle as a small change of its input,
+and the adapter learns through the middle's response to it (its Jacobian). Both middles get the
+same random perturbation of their input (``perturbation`` × each token's RMS, Gaussian) and the
+student's response (perturbed exit − clean exit) is pulled to the teacher's, by normalised MSE —
+a finite-difference Jacobian match on the data manifold. It costs a second forward of each
+model per step (the language-model head is skipped for it).
+
 Progress bar over steps; the student with the best held-out public-text perplexity is kept; a
 checkpoint (safetensors weights + JSON step) lets an interrupted run resume (optimizer moments
 restart: we never unpickle, even our own files).
@@ -39,6 +47,7 @@ class DistillResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     nmse: list[float] = field(default_factory=list)
+    jacobian: list[float] = field(default_factory=list)  # NMSE of the middle's response
     evaluations: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out ppl)
     best_step: int = 0
     best_perplexity: float = math.inf
@@ -49,6 +58,7 @@ class DistillResult:
             "steps": self.steps,
             "final_loss": self.losses[-1] if self.losses else None,
             "final_nmse": self.nmse[-1] if self.nmse else None,
+            "final_jacobian_nmse": self.jacobian[-1] if self.jacobian else None,
             "evaluations": self.evaluations,
             "best_step": self.best_step,
             "best_perplexity": self.best_perplexity,
@@ -65,6 +75,88 @@ def _hidden(model: nn.Module, batch: Batch, index: int) -> tuple[torch.Tensor, A
         use_cache=False,
     )
     return out.hidden_states[index], out
+
+
+class _InputShift:
+    """Adds ``delta`` to the hidden state entering one block while active (a forward pre-hook):
+    the same perturbation of the middle's input for teacher and student."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.delta: torch.Tensor | None = None
+        self._handle = block.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def _hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.delta is None:
+            return None
+        if args:
+            return (args[0] + self.delta.to(args[0].dtype), *args[1:]), kwargs
+        kwargs["hidden_states"] = kwargs["hidden_states"] + self.delta
+        return args, kwargs
+
+
+def _exit_hidden(model: nn.Module, batch: Batch, index: int) -> torch.Tensor:
+    """The hidden state at ``index`` from the decoder alone (no language-model head)."""
+    out = model.base_model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return out.hidden_states[index]
+
+
+def _masked_nmse(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    diff = ((prediction.float() - target.float()) ** 2 * mask).sum()
+    return diff / ((target.float() ** 2) * mask).sum().clamp(min=1e-12)
+
+
+@torch.no_grad()
+def middle_response_error(
+    full_model: nn.Module,
+    student: nn.Module,
+    plan: LayerPlan,
+    arch: ArchSpec,
+    batches: Sequence[Batch],
+    perturbation: float = 0.1,
+    seed: int = 0,
+) -> float:
+    """How differently the emulator's middle responds to a perturbation of its input than the
+    full middle does: NMSE of (perturbed − clean exit) over ``batches``, 0 for an identical
+    middle. What the Jacobian term of ``distill`` lowers."""
+    bottom = len(plan.bottom)
+    teacher_exit, student_exit = plan.num_layers - len(plan.top), bottom + len(plan.middle_kept)
+    shifts = (
+        _InputShift(block_list(full_model, arch)[bottom]),
+        _InputShift(block_list(student, arch)[bottom]),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    num, den = 0.0, 0.0
+    try:
+        for batch in batches:
+            clean_full = _exit_hidden(full_model, batch, teacher_exit).float()
+            clean = _exit_hidden(student, batch, student_exit).float()
+            entry = _exit_hidden(full_model, batch, bottom).float()
+            rms = entry.pow(2).mean(-1, keepdim=True).sqrt()
+            noise = torch.randn(entry.shape, generator=generator) * perturbation * rms
+            for shift in shifts:
+                shift.delta = noise
+            moved_full = _exit_hidden(full_model, batch, teacher_exit).float() - clean_full
+            moved = _exit_hidden(student, batch, student_exit).float() - clean
+            for shift in shifts:
+                shift.delta = None
+            mask = batch.attention_mask.unsqueeze(-1).float()
+            num += float(((moved - moved_full) ** 2 * mask).sum())
+            den += float((moved_full**2 * mask).sum())
+    finally:
+        for shift in shifts:
+            shift.remove()
+    return num / max(den, 1e-12)
 
 
 def _lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -104,11 +196,15 @@ def distill(
     precision: str = "fp32",
     device: torch.device | None = None,
     eval_every: int = 50,
+    jacobian_weight: float = 0.0,
+    perturbation: float = 0.1,
+    select_best: bool = True,
     checkpoint: Path | None = None,
     checkpoint_key: str = "",
     seed: int = 0,
 ) -> DistillResult:
-    """Train ``student``'s middle blocks in place; leaves the best held-out student in it."""
+    """Train ``student``'s middle blocks in place; leaves the best held-out student in it
+    (``select_best=False``: the last one)."""
     device = device or torch.device("cpu")
     bottom, kept = len(plan.bottom), len(plan.middle_kept)
     teacher_exit = plan.num_layers - len(plan.top)  # hidden state entering the top blocks
@@ -148,40 +244,68 @@ def distill(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     began = time.perf_counter() - result.seconds
-    bar = tqdm(range(start, steps), desc="distilling emulator", unit="step", dynamic_ncols=True)
-    for step in bar:
-        batch = train[int(torch.randint(len(train), (1,), generator=generator))].to(device)
-        with torch.no_grad(), autocast(precision, device):
-            target, _ = _hidden(full_model, batch, teacher_exit)
-        student.train()
-        with autocast(precision, device):
-            hidden, out = _hidden(student, batch, student_exit)
-            mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
-            diff = ((hidden.float() - target.float()) ** 2 * mask).sum()
-            nmse = diff / ((target.float() ** 2) * mask).sum().clamp(min=1e-6)
-            loss = _lm_loss(out.logits, batch) + mse_weight * nmse
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.losses.append(float(loss.detach()))
-        result.nmse.append(float(nmse.detach()))
-        bar.set_postfix(loss=f"{result.losses[-1]:.3f}", nmse=f"{result.nmse[-1]:.4f}")
-        done = step + 1
-        if done % eval_every == 0 or done == steps:
-            perplexity = held_out_perplexity(student, held, device)
-            result.evaluations.append((done, perplexity))
-            if perplexity < result.best_perplexity:
-                result.best_perplexity, result.best_step = perplexity, done
-                best = {
-                    k: v.detach().clone()
-                    for k, v in _middle_state(student, arch, bottom, kept).items()
-                }
-            result.seconds = time.perf_counter() - began
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, checkpoint_key, student, best, done, result)
+    shifts = (
+        (_InputShift(block_list(full_model, arch)[bottom]), _InputShift(middle[0]))
+        if jacobian_weight > 0 and kept
+        else None
+    )
+    try:
+        bar = tqdm(range(start, steps), desc="distilling emulator", unit="step", dynamic_ncols=True)
+        for step in bar:
+            batch = train[int(torch.randint(len(train), (1,), generator=generator))].to(device)
+            with torch.no_grad(), autocast(precision, device):
+                target, teacher_out = _hidden(full_model, batch, teacher_exit)
+            student.train()
+            with autocast(precision, device):
+                hidden, out = _hidden(student, batch, student_exit)
+                mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
+                nmse = _masked_nmse(hidden, target, mask)
+                loss = _lm_loss(out.logits, batch) + mse_weight * nmse
+            if shifts is not None:
+                entry = teacher_out.hidden_states[bottom].detach().float()
+                rms = entry.pow(2).mean(-1, keepdim=True).sqrt()
+                noise = (
+                    torch.randn(entry.shape, generator=generator).to(device) * perturbation * rms
+                )
+                for shift in shifts:
+                    shift.delta = noise
+                try:
+                    with torch.no_grad(), autocast(precision, device):
+                        target_moved = _exit_hidden(full_model, batch, teacher_exit)
+                    with autocast(precision, device):
+                        moved = _exit_hidden(student, batch, student_exit)
+                        response = _masked_nmse(moved - hidden, target_moved - target, mask)
+                finally:
+                    for shift in shifts:
+                        shift.delta = None
+                loss = loss + jacobian_weight * response
+                result.jacobian.append(float(response.detach()))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(float(loss.detach()))
+            result.nmse.append(float(nmse.detach()))
+            bar.set_postfix(loss=f"{result.losses[-1]:.3f}", nmse=f"{result.nmse[-1]:.4f}")
+            done = step + 1
+            if done % eval_every == 0 or done == steps:
+                perplexity = held_out_perplexity(student, held, device)
+                result.evaluations.append((done, perplexity))
+                if perplexity < result.best_perplexity:
+                    result.best_perplexity, result.best_step = perplexity, done
+                    best = {
+                        k: v.detach().clone()
+                        for k, v in _middle_state(student, arch, bottom, kept).items()
+                    }
+                result.seconds = time.perf_counter() - began
+                if checkpoint is not None:
+                    _save_checkpoint(checkpoint, checkpoint_key, student, best, done, result)
+    finally:
+        for shift in shifts or ():
+            shift.remove()
     bar.close()
-    student.load_state_dict(best, strict=False)
+    if select_best:
+        student.load_state_dict(best, strict=False)
     for p in student.parameters():
         p.requires_grad_(False)
     return result

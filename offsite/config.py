@@ -91,6 +91,15 @@ class EmulatorConfig(_Section):
     distill_texts: int = _f(2000, "Public texts used for distillation (after the held-out ones).")
     distill_batch_size: int = _f(8, "Texts per distillation step.")
     distill_max_length: int = _f(128, "Tokens per distillation text.")
+    distill_jacobian_weight: float = _f(
+        0.0,
+        "Weight of distillation's second term: the middle's response to a perturbation of its "
+        "input (what the bottom adapter's update causes) matched to the full middle's "
+        "(finite-difference Jacobian); 0 = off, output matching only. Doubles a step's cost.",
+    )
+    distill_perturbation: float = _f(
+        0.1, "Jacobian term: perturbation size as a fraction of each token's hidden-state RMS."
+    )
     distill_checkpoint: str = _f(
         "",
         "Folder for the distillation checkpoint (resume, or reuse a finished distillation for "
@@ -163,6 +172,10 @@ class EmulatorConfig(_Section):
             out.append("emulator.calibration_examples must be >= 1")
         if self.distill_steps < 1 or self.distill_texts < 1 or self.distill_batch_size < 1:
             out.append("emulator.distill_steps, distill_texts and distill_batch_size must be >= 1")
+        if self.distill_jacobian_weight < 0 or not 0 < self.distill_perturbation <= 1:
+            out.append(
+                "emulator.distill_jacobian_weight must be >= 0 and distill_perturbation in (0, 1]"
+            )
         return out
 
 

@@ -124,3 +124,46 @@ def test_resuming_a_finished_distillation_returns_its_best_student(
     middle = block_list(student, arch)[1].state_dict()
     for name, value in block_list(again, arch)[1].state_dict().items():
         assert torch.equal(value, middle[name]), name
+
+
+def test_the_jacobian_term_aligns_the_middles_response_to_its_input(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Distillation with the Jacobian term leaves the student's middle responding to a
+    perturbation of its input more like the full middle than output matching alone does, and
+    leaves no hook behind on either model."""
+    from emulator.batches import text_batches
+    from emulator.distill import middle_response_error
+
+    full = tiny_model("llama")
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 1)
+    held = text_batches(tokenizer, _texts(3, 7), 32, 8)
+    errors = {}
+    for weight in (0.0, 30.0):
+        student = build_emulator(full, plan, arch)
+        before = middle_response_error(full, student, plan, arch, held)
+        torch.manual_seed(0)
+        result = distill(
+            full,
+            student,
+            plan,
+            arch,
+            tokenizer,
+            _texts(20, 1),
+            _texts(3, 2),
+            steps=80,
+            lr=3e-3,
+            batch_size=8,
+            max_length=32,
+            eval_every=40,
+            jacobian_weight=weight,
+            select_best=False,  # a random tiny model's perplexity never improves: keep the last
+        )
+        errors[weight] = middle_response_error(full, student, plan, arch, held)
+        assert bool(result.jacobian) == (weight > 0)
+    assert before > 0
+    assert errors[30.0] < errors[0.0], errors
+    assert all(
+        not block._forward_pre_hooks
+        for model in (full, student)
+        for block in block_list(model, arch)
+    )
