@@ -94,6 +94,20 @@ CELLS = {
             )
         ),
         Cell(
+            "cosine-jacobian-int8-2-8-2",
+            (
+                "emulator.keep=8",
+                "emulator.selection='cosine'",
+                "emulator.distill=true",
+                "emulator.distill_steps=100",
+                "emulator.distill_jacobian_weight=30",
+                "emulator.quantize='int8'",
+                f"emulator.distill_checkpoint='{WORK / 'distill-cosine-8-100-jacobian'}'",
+            ),
+            "cosine-distilled-int8-2-8-2 plus the Jacobian term (the middle's response to a "
+            "perturbation of its input matched to the full middle's)",
+        ),
+        Cell(
             "svd-distilled-2-8-2",
             (
                 "emulator.keep=8",

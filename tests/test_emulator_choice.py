@@ -46,7 +46,9 @@ REPORT = {
 def test_the_best_plug_in_passing_every_gate_is_chosen() -> None:
     cells = candidates(REPORT)
     assert {c.name for c in cells} == {"faithful", "leaky", "noisy", "good", "small"}
-    best, reasons = choose(cells, Gates(min_margin=0.0, max_verbatim_fraction=0.0, min_perplexity_ratio=0))
+    best, reasons = choose(
+        cells, Gates(min_margin=0.0, max_verbatim_fraction=0.0, min_perplexity_ratio=0)
+    )
     assert best is not None and best.name == "good"
     assert "below emulator.min_margin" in reasons["faithful"][0]
     assert "verbatim" in reasons["leaky"][0]
