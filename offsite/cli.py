@@ -569,7 +569,12 @@ def bench_client(
 @bench_app.command("emulator")
 def bench_emulator(
     cells: Annotated[
-        str, typer.Option(help="Comma-separated cells (default, cosine-distilled-2-8-2).")
+        str,
+        typer.Option(
+            help="Comma-separated cells of bench/emulator_transfer.py (default, identity, "
+            "cosine-distilled-2-8-2, cosine-distilled-int8-2-8-2, cosine-jacobian-int8-2-8-2, "
+            "uniform-distilled-int8-2-6-2, uniform-distilled-int8-2-8-2, svd-distilled-2-8-2)."
+        ),
     ] = "default,cosine-distilled-2-8-2",
     seeds: Annotated[
         int, typer.Option(help="Seeds per cell (>= 3 for a confidence interval).")
@@ -580,10 +585,17 @@ def bench_emulator(
         bool,
         typer.Option(help="Also run the default on chatterbot-topics and on gemma3-270m."),
     ] = False,
+    score_only: Annotated[
+        bool,
+        typer.Option(
+            help="Only add the gradient score to measured cells lacking it (builds their emulator)."
+        ),
+    ] = False,
 ) -> None:
     """Does the emulator transfer? The five-way protocol over seeds with 95 % confidence
     intervals: full zero-shot, emulator zero-shot, emulator fine-tuned, plug-in, full
-    fine-tuning, the paired gaps, bundle bytes, verbatim middle tensors, build time.
+    fine-tuning, the paired gaps, bundle bytes, verbatim middle tensors, build time, and the
+    gradient score of each cell's bundle with its rank correlation to plug-in.
 
     Writes bench/reports/emulator_transfer.{json,md,png}; finished runs are reused, so it can stop
     and resume (each run is a default federated simulation: ~10 min on 2 cores).
@@ -592,7 +604,8 @@ def bench_emulator(
         "emulator_transfer.py",
         ["--cells", cells, "--seeds", str(seeds), "--eval-size", str(eval_size)]
         + (["--fresh"] if fresh else [])
-        + (["--generalisation"] if generalisation else []),
+        + (["--generalisation"] if generalisation else [])
+        + (["--score-only"] if score_only else []),
     )
 
 
