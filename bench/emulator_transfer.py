@@ -94,6 +94,20 @@ CELLS = {
             )
         ),
         Cell(
+            "cosine-distilled-int8-2-8-2-lora-top",
+            (
+                "emulator.keep=8",
+                "emulator.selection='cosine'",
+                "emulator.distill=true",
+                "emulator.distill_steps=100",
+                "emulator.quantize='int8'",
+                f"emulator.distill_checkpoint='{WORK / 'distill-cosine-8-100'}'",
+                "train.adapter='lora-top'",
+            ),
+            "cosine-distilled-int8-2-8-2's emulator, LoRA in the top adapter blocks only (the "
+            "bottom ones stay pretrained; backward never enters the emulator)",
+        ),
+        Cell(
             "cosine-jacobian-int8-2-8-2",
             (
                 "emulator.keep=8",

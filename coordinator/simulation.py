@@ -21,6 +21,28 @@ CLIENT_APP = "client.flower_app:app"
 log = logging.getLogger(__name__)
 
 
+def _serialize_ast_parse() -> None:
+    """Work around CPython gh-106905 on 3.11 before 3.11.8 (fixed by gh-113035): two threads
+    building ASTs at once share one recursion counter when garbage collection releases the GIL
+    mid-construction, and one of them fails with "SystemError: AST constructor recursion depth
+    mismatch". Flower's simulation engine validates the ClientApp with ``ast.parse`` in its own
+    thread while others run; our suite hit it once in ~660 tests. On those versions every
+    ``ast.parse`` in this process takes one lock; later interpreters are left untouched."""
+    import ast
+    import threading
+
+    if sys.version_info >= (3, 11, 8) or getattr(ast.parse, "_offsite_serialized", False):
+        return
+    original, lock = ast.parse, threading.RLock()  # re-entrant: a finalizer may parse too
+
+    def parse(*args: object, **kwargs: object) -> object:
+        with lock:
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    parse._offsite_serialized = True  # type: ignore[attr-defined]
+    ast.parse = parse  # type: ignore[assignment]
+
+
 def run_flower_simulation(
     plan_path: Path,
     num_clients: int,
@@ -64,6 +86,7 @@ def run_flower_simulation(
     )
     try:
         _start_ray(backend_config["init_args"])  # type: ignore[arg-type]
+        _serialize_ast_parse()
         _run_simulation(
             num_supernodes=num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
