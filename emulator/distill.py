@@ -24,7 +24,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,29 @@ class _InputShift:
         return args, kwargs
 
 
-def _exit_hidden(model: nn.Module, batch: Batch, index: int) -> torch.Tensor:
-    """The hidden state at ``index`` from the decoder alone (no language-model head)."""
+@contextmanager
+def _shifted(shifts: Sequence[_InputShift], delta: torch.Tensor) -> Iterator[None]:
+    """Both middles' inputs moved by ``delta`` inside the block, and back afterwards."""
+    for shift in shifts:
+        shift.delta = delta
+    try:
+        yield
+    finally:
+        for shift in shifts:
+            shift.delta = None
+
+
+def _input_noise(
+    entry: torch.Tensor, perturbation: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Gaussian noise of ``perturbation`` × each token's RMS of the middle's input ``entry``."""
+    rms = entry.float().pow(2).mean(-1, keepdim=True).sqrt()
+    return torch.randn(entry.shape, generator=generator).to(entry.device) * perturbation * rms
+
+
+def _decoder_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
+    """Every block's input and the last output, from the decoder alone (no language-model
+    head: the Jacobian term needs hidden states only)."""
     out = model.base_model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -106,14 +128,14 @@ def _exit_hidden(model: nn.Module, batch: Batch, index: int) -> torch.Tensor:
         output_hidden_states=True,
         use_cache=False,
     )
-    return out.hidden_states[index]
+    return tuple(out.hidden_states)
 
 
 def _masked_nmse(
     prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     diff = ((prediction.float() - target.float()) ** 2 * mask).sum()
-    return diff / ((target.float() ** 2) * mask).sum().clamp(min=1e-12)
+    return diff / ((target.float() ** 2) * mask).sum().clamp(min=1e-6)
 
 
 @torch.no_grad()
@@ -139,17 +161,12 @@ def middle_response_error(
     num, den = 0.0, 0.0
     try:
         for batch in batches:
-            clean_full = _exit_hidden(full_model, batch, teacher_exit).float()
-            clean = _exit_hidden(student, batch, student_exit).float()
-            entry = _exit_hidden(full_model, batch, bottom).float()
-            rms = entry.pow(2).mean(-1, keepdim=True).sqrt()
-            noise = torch.randn(entry.shape, generator=generator) * perturbation * rms
-            for shift in shifts:
-                shift.delta = noise
-            moved_full = _exit_hidden(full_model, batch, teacher_exit).float() - clean_full
-            moved = _exit_hidden(student, batch, student_exit).float() - clean
-            for shift in shifts:
-                shift.delta = None
+            states = _decoder_states(full_model, batch)
+            clean_full = states[teacher_exit].float()
+            clean = _decoder_states(student, batch)[student_exit].float()
+            with _shifted(shifts, _input_noise(states[bottom], perturbation, generator)):
+                moved_full = _decoder_states(full_model, batch)[teacher_exit].float() - clean_full
+                moved = _decoder_states(student, batch)[student_exit].float() - clean
             mask = batch.attention_mask.unsqueeze(-1).float()
             num += float(((moved - moved_full) ** 2 * mask).sum())
             den += float((moved_full**2 * mask).sum())
@@ -249,8 +266,8 @@ def distill(
         if jacobian_weight > 0 and kept
         else None
     )
+    bar = tqdm(range(start, steps), desc="distilling emulator", unit="step", dynamic_ncols=True)
     try:
-        bar = tqdm(range(start, steps), desc="distilling emulator", unit="step", dynamic_ncols=True)
         for step in bar:
             batch = train[int(torch.randint(len(train), (1,), generator=generator))].to(device)
             with torch.no_grad(), autocast(precision, device):
@@ -262,22 +279,13 @@ def distill(
                 nmse = _masked_nmse(hidden, target, mask)
                 loss = _lm_loss(out.logits, batch) + mse_weight * nmse
             if shifts is not None:
-                entry = teacher_out.hidden_states[bottom].detach().float()
-                rms = entry.pow(2).mean(-1, keepdim=True).sqrt()
-                noise = (
-                    torch.randn(entry.shape, generator=generator).to(device) * perturbation * rms
-                )
-                for shift in shifts:
-                    shift.delta = noise
-                try:
+                entry = teacher_out.hidden_states[bottom].detach()
+                with _shifted(shifts, _input_noise(entry, perturbation, generator)):
                     with torch.no_grad(), autocast(precision, device):
-                        target_moved = _exit_hidden(full_model, batch, teacher_exit)
+                        target_moved = _decoder_states(full_model, batch)[teacher_exit]
                     with autocast(precision, device):
-                        moved = _exit_hidden(student, batch, student_exit)
+                        moved = _decoder_states(student, batch)[student_exit]
                         response = _masked_nmse(moved - hidden, target_moved - target, mask)
-                finally:
-                    for shift in shifts:
-                        shift.delta = None
                 loss = loss + jacobian_weight * response
                 result.jacobian.append(float(response.detach()))
             loss.backward()

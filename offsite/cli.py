@@ -280,11 +280,8 @@ def _choose_emulator(report_path: Path, settings: Any) -> list[str]:
             f"no measured emulator in {report_path} passes the gates (see the refusals above); "
             "measure more cells or loosen emulator.min_margin / max_verbatim_fraction"
         )
-    others = sum(1 for why in reasons.values() if not why) - 1
-    typer.echo(
-        f"chose {describe(best)}: the best plug-in of the {others + 1} passing cell(s)"
-        + (f" ({others} other(s) passed with a lower plug-in)" if others else "")
-    )
+    passing = sum(1 for why in reasons.values() if not why)
+    typer.echo(f"chose {describe(best)}: the best plug-in of the {passing} passing cell(s)")
     return list(best.overrides)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,7 +12,7 @@ from emulator.adapter import AdapterSpec
 from emulator.arch import arch_spec, block_list
 from emulator.build import build_bundle
 from emulator.bundle import load_bundle_model, verify_bundle
-from emulator.distill import distill
+from emulator.distill import DistillResult, distill
 from emulator.layers import plan_layers
 from emulator.split import build_emulator
 from offsite.config import EmulatorConfig
@@ -23,27 +24,27 @@ def _texts(n: int, seed: int) -> list[str]:
     return [t for lab in LABELS for t in tiny_texts(lab, n, seed=seed)]
 
 
+def _distill_tiny(*models_plan_arch_tokenizer: Any, **options: Any) -> DistillResult:
+    """``distill`` on the tiny texts with the tests' shared recipe, seeded."""
+    torch.manual_seed(0)
+    return distill(
+        *models_plan_arch_tokenizer,
+        _texts(20, 1),
+        _texts(3, 2),
+        lr=3e-3,
+        batch_size=8,
+        max_length=32,
+        **options,
+    )
+
+
 def test_distillation_reduces_student_teacher_mse(tokenizer) -> None:  # type: ignore[no-untyped-def]
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 1)
     student = build_emulator(full, plan, arch)
     frozen = {k: v.clone() for k, v in student.state_dict().items() if ".layers.2." not in k}
-    torch.manual_seed(0)
-    result = distill(
-        full,
-        student,
-        plan,
-        arch,
-        tokenizer,
-        _texts(20, 1),
-        _texts(3, 2),
-        steps=60,
-        lr=3e-3,
-        batch_size=8,
-        max_length=32,
-        eval_every=20,
-    )
+    result = _distill_tiny(full, student, plan, arch, tokenizer, steps=60, eval_every=20)
     first, last = sum(result.nmse[:5]) / 5, sum(result.nmse[-5:]) / 5
     assert last < first, (first, last)
     assert result.best_perplexity <= result.evaluations[0][1]
@@ -141,19 +142,13 @@ def test_the_jacobian_term_aligns_the_middles_response_to_its_input(tokenizer) -
     for weight in (0.0, 30.0):
         student = build_emulator(full, plan, arch)
         before = middle_response_error(full, student, plan, arch, held)
-        torch.manual_seed(0)
-        result = distill(
+        result = _distill_tiny(
             full,
             student,
             plan,
             arch,
             tokenizer,
-            _texts(20, 1),
-            _texts(3, 2),
             steps=80,
-            lr=3e-3,
-            batch_size=8,
-            max_length=32,
             eval_every=40,
             jacobian_weight=weight,
             select_best=False,  # a random tiny model's perplexity never improves: keep the last
