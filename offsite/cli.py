@@ -580,8 +580,15 @@ def bench_emulator(
     fresh: Annotated[bool, typer.Option(help="Re-run runs that already finished.")] = False,
     generalisation: Annotated[
         bool,
-        typer.Option(help="Also run the default on chatterbot-topics and on gemma3-270m."),
+        typer.Option(
+            help="Also run the default on chatterbot-topics and on gemma3-270m (and the leading "
+            "candidate on chatterbot-topics)."
+        ),
     ] = False,
+    tasks: Annotated[
+        str,
+        typer.Option(help="Only these generalisation entries, comma-separated (implies it)."),
+    ] = "",
     score_only: Annotated[
         bool,
         typer.Option(
@@ -602,6 +609,7 @@ def bench_emulator(
         ["--cells", cells, "--seeds", str(seeds), "--eval-size", str(eval_size)]
         + (["--fresh"] if fresh else [])
         + (["--generalisation"] if generalisation else [])
+        + (["--tasks", tasks] if tasks else [])
         + (["--score-only"] if score_only else []),
     )
 
