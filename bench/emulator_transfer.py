@@ -118,6 +118,33 @@ CELLS = {
             "perturbation of its input matched to the full middle's)",
         ),
         Cell(
+            "svd-int8-2-26-2",
+            (
+                "emulator.keep=-1",
+                "emulator.factorize='svd'",
+                "emulator.quantize='int8'",
+            ),
+            "every middle block kept (depth preserved), each linear truncated-SVD factorized "
+            "(at most half the break-even rank) then int8: training-free, no layer dropped",
+        ),
+        *(
+            Cell(
+                f"wsvd{round(100 * energy)}-int8-2-26-2",
+                (
+                    "emulator.keep=-1",
+                    "emulator.factorize='whitened-svd'",
+                    f"emulator.factorize_energy={energy}",
+                    "emulator.fold_norms=true",
+                    "emulator.quantize='int8'",
+                ),
+                "every middle block kept (depth preserved), norms folded into the linears, each "
+                f"linear whitened-SVD factorized on public text (rank for {energy:.0%} of the "
+                "output energy, at most half the break-even rank), then int8: training-free, "
+                "nothing dropped, nothing verbatim",
+            )
+            for energy in (0.9, 0.95)
+        ),
+        Cell(
             "svd-distilled-2-8-2",
             (
                 "emulator.keep=8",

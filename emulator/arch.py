@@ -15,6 +15,8 @@ from offsite.errors import ModelError
 
 _PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
 _DECODER_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ATTENTION_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATED_MLP_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,13 @@ class ArchSpec:
     # types, layer drop keeps these first (Gemma3: dropping one of its two middle global layers
     # took the 2-8-2 emulator's perplexity from ~2.5e3 to ~1.3e9, bench/reports/layer_drop.md)
     global_layer_type: str = "full_attention"
+    # block-relative norms whose elementwise weight can be folded into the linears reading
+    # their output (norm name, its consumers): y = W·(g ⊙ n(x)) = (W·diag g)·n(x), exact. A
+    # compressed emulator folds them, so no norm weight of the owner ships as it is
+    foldable_norms: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # what a norm's stored weight adds to its scale: 0 for y = w ⊙ n(x), 1 for Gemma's
+    # y = (1 + w) ⊙ n(x); a folded norm stores the weight whose scale is 1
+    norm_weight_offset: float = 0.0
 
     @property
     def layers_pattern(self) -> str:
@@ -70,6 +79,10 @@ REGISTRY: dict[str, ArchSpec] = {
             per_layer_config=("layer_types",),
             gated_mlp="mlp",
             linear_input_norms=_PRE_NORMS,
+            foldable_norms=(
+                ("input_layernorm", _ATTENTION_INPUTS),
+                ("post_attention_layernorm", _GATED_MLP_INPUTS),
+            ),
         ),
         ArchSpec(
             "mistral",
@@ -78,6 +91,10 @@ REGISTRY: dict[str, ArchSpec] = {
             per_layer_config=("layer_types",),
             gated_mlp="mlp",
             linear_input_norms=_PRE_NORMS,
+            foldable_norms=(
+                ("input_layernorm", _ATTENTION_INPUTS),
+                ("post_attention_layernorm", _GATED_MLP_INPUTS),
+            ),
         ),
         ArchSpec(
             "qwen2",
@@ -86,6 +103,10 @@ REGISTRY: dict[str, ArchSpec] = {
             per_layer_config=("layer_types",),
             gated_mlp="mlp",
             linear_input_norms=_PRE_NORMS,
+            foldable_norms=(
+                ("input_layernorm", _ATTENTION_INPUTS),
+                ("post_attention_layernorm", _GATED_MLP_INPUTS),
+            ),
         ),
         ArchSpec(
             "gemma3_text",
@@ -94,6 +115,13 @@ REGISTRY: dict[str, ArchSpec] = {
             per_layer_config=("layer_types",),
             gated_mlp="mlp",
             linear_input_norms=("input_layernorm", "pre_feedforward_layernorm"),
+            # q_norm/k_norm and the post-attention/-feedforward norms act on a linear's output
+            # and cannot be folded: they stay as they are
+            foldable_norms=(
+                ("input_layernorm", _ATTENTION_INPUTS),
+                ("pre_feedforward_layernorm", _GATED_MLP_INPUTS),
+            ),
+            norm_weight_offset=1.0,
         ),
         ArchSpec(
             "gpt2",

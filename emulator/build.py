@@ -19,6 +19,7 @@ from emulator.digest import canonical_json, tensor_sha256
 from emulator.distill import distill
 from emulator.embeddings import expand_embeddings, quantize_embeddings
 from emulator.factorize import factorize_linears
+from emulator.fold import fold_norms
 from emulator.forward import pick_device, resolve_precision
 from emulator.layers import LayerPlan, plan_layers
 from emulator.privacy import assess, enforce_gate, public_text_perplexity
@@ -40,6 +41,7 @@ _DISTILL_RECIPE = (
     "factorize_energy",
     "factorize_max_rank_fraction",
     "factorize_rank_multiple",
+    "fold_norms",
     "public_text",
     "public_examples",
     "distill_steps",
@@ -120,24 +122,34 @@ def build_bundle(
         "selection": settings.selection,
         "kept_middle": len(plan.middle_kept),
     }
-    if settings.factorize != "none":
-        compression["factorization"] = factorize_emulator(emulator, plan, arch, settings)
     texts: list[str] = []
     count = settings.public_examples
     if settings.public_text and arch.causal_lm:
         extra = settings.distill_texts + count if settings.distill else 0
         texts = public_texts(settings.public_text, count + extra + settings.calibration_examples)
         perplexity_fn = public_text_perplexity(tokenizer, texts[:count])
-        if settings.distill:
-            compression["distilled"] = _distill(
-                full_model, emulator, plan, arch, tokenizer, texts, settings, out_dir
-            )
+    calibration = texts[count : count + settings.calibration_examples]
+    if settings.fold_norms and arch.foldable_norms:
+        middle = _middle_blocks(emulator, plan, arch).values()
+        compression["folded_norms"] = fold_norms(middle, arch)
+    if settings.factorize != "none":
+        compression["factorization"] = factorize_emulator(
+            emulator, plan, arch, settings, tokenizer, calibration
+        )
+    if texts and settings.distill:
+        compression["distilled"] = _distill(
+            full_model, emulator, plan, arch, tokenizer, texts, settings, out_dir
+        )
     if settings.quantize != "none":
-        calibration = texts[count : count + settings.calibration_examples]
         compression["quantization"] = quantize_emulator(
             emulator, plan, arch, tokenizer, calibration, settings
         )
-    changed = settings.distill or settings.quantize != "none" or settings.factorize != "none"
+    changed = (
+        settings.distill
+        or settings.quantize != "none"
+        or settings.factorize != "none"
+        or "folded_norms" in compression
+    )
     shipped = unique_state(emulator) if changed else emulator_state(full_model, plan, arch)
     shipped = dict(shipped)
     embeddings = quantize_embeddings(
@@ -230,26 +242,59 @@ def distill_key(
     return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
-def factorize_emulator(
-    emulator: nn.Module, plan: LayerPlan, arch: ArchSpec, settings: EmulatorConfig
-) -> dict[str, Any]:
-    """Replace the kept middle blocks' linears by truncated SVDs in place; the manifest's
-    factorization entry. Under int4 the ranks are multiples of the quantization group (the
-    ``up`` factor's input is the rank)."""
+def _middle_blocks(emulator: nn.Module, plan: LayerPlan, arch: ArchSpec) -> dict[int, nn.Module]:
+    """The emulator's kept middle blocks by emulator index."""
     blocks = block_list(emulator, arch)
     first = len(plan.bottom)
-    middle = {i: blocks[i] for i in range(first, first + len(plan.middle_kept))}
-    linears = quantizable_linears(middle, block_prefix(emulator, arch))
+    return {i: blocks[i] for i in range(first, first + len(plan.middle_kept))}
+
+
+def _calibration_batches(tokenizer: Any, texts: list[str], max_length: int) -> list[Any]:
+    return [
+        {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+        for b in text_batches(tokenizer, texts, max_length, 8)
+    ]
+
+
+def factorize_emulator(
+    emulator: nn.Module,
+    plan: LayerPlan,
+    arch: ArchSpec,
+    settings: EmulatorConfig,
+    tokenizer: Any = None,
+    calibration: list[str] | None = None,
+) -> dict[str, Any]:
+    """Replace the kept middle blocks' linears by truncated SVDs in place; the manifest's
+    factorization entry. 'whitened-svd' weighs each linear by the second moment of its inputs
+    on ``calibration`` (the dense emulator's). Under int4 the ranks are multiples of the
+    quantization group (the ``up`` factor's input is the rank)."""
+    linears = quantizable_linears(
+        _middle_blocks(emulator, plan, arch), block_prefix(emulator, arch)
+    )
     multiple = settings.factorize_rank_multiple
     if settings.quantize == "int4":
         multiple = math.lcm(multiple, settings.quant_group_size)
+    moments = None
+    if settings.factorize == "whitened-svd":
+        if not calibration:
+            raise ValueError("whitened-svd needs public calibration text (emulator.public_text)")
+        batches = _calibration_batches(tokenizer, calibration, settings.distill_max_length)
+        stats = collect_activations(emulator, linears, batches, gram=True)
+        moments = {name: entry.second_moment() for name, entry in stats.items()}
     entry = factorize_linears(
-        emulator, linears, settings.factorize_energy, settings.factorize_max_rank_fraction, multiple
+        emulator,
+        linears,
+        settings.factorize_energy,
+        settings.factorize_max_rank_fraction,
+        multiple,
+        moments,
     )
+    entry["calibration_texts"] = len(calibration or []) if moments else 0
     log.info(
-        "  factorized %d middle linears by SVD: %.1f M -> %.1f M parameters, mean relative "
+        "  factorized %d middle linears by %s: %.1f M -> %.1f M parameters, mean relative "
         "error %.3f",
         len(linears),
+        entry["method"],
         entry["dense_params"] / 1e6,
         entry["factored_params"] / 1e6,
         entry["mean_relative_error"],
@@ -271,16 +316,12 @@ def quantize_emulator(
     no public text) weights are rounded to nearest.
     """
     scheme = QuantScheme(settings.quantize, settings.quant_group_size, settings.awq)
-    blocks = block_list(emulator, arch)
-    first = len(plan.bottom)
-    middle = {i: blocks[i] for i in range(first, first + len(plan.middle_kept))}
-    linears = quantizable_linears(middle, block_prefix(emulator, arch))
+    linears = quantizable_linears(
+        _middle_blocks(emulator, plan, arch), block_prefix(emulator, arch)
+    )
     activations = None
     if calibration:
-        batches = [
-            {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
-            for b in text_batches(tokenizer, calibration, settings.distill_max_length, 8)
-        ]
+        batches = _calibration_batches(tokenizer, calibration, settings.distill_max_length)
         activations = collect_activations(emulator, linears, batches)
     summary = quantize_linears(emulator, linears, scheme, activations)
     log.info(

@@ -8,6 +8,13 @@ gradients ``emulator.gradient_score`` can measure, so the rank can be chosen per
 The error is known exactly: the best rank-``r`` approximation (Eckart–Young) leaves
 ‖W − up·down‖₂ = σ_{r+1} and ‖W − up·down‖_F = sqrt(Σ_{i>r} σ_i²); ``LowRankLinear.bound`` keeps
 the Frobenius figure so callers (and tests) can check the product against it.
+
+**Whitened (activation-aware) SVD** (``factorize='whitened-svd'``, the idea of SVD-LLM, Wang et
+al. 2024): the weight error that matters is the error on the inputs the layer really sees,
+‖(W − W')X‖_F. With the inputs' second moment M = E[x xᵀ] = S Sᵀ (Cholesky), that is
+‖(W − W')S‖_F, so the best rank-``r`` W' is the truncated SVD of W·S mapped back by S⁻¹. At the
+same rank it keeps far more of a block's function than plain SVD, whose spectrum of an LLM
+weight is flat; the rank is chosen on the spectrum of W·S (energy of the layer's output).
 """
 
 from __future__ import annotations
@@ -39,31 +46,55 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))  # type: ignore[no-any-return]
 
 
-def singular_values(linear: nn.Linear) -> torch.Tensor:
-    return torch.linalg.svdvals(linear.weight.detach().double()).float()
+def whitening(second_moment: torch.Tensor, damping: float = 1e-4) -> torch.Tensor:
+    """Lower-triangular S with S·Sᵀ = M + damping·mean(diag M)·I: the damping keeps S
+    invertible when calibration never excites some input directions."""
+    moment = second_moment.double()
+    ridge = damping * float(moment.diagonal().mean().clamp_min(1e-12))
+    eye = torch.eye(moment.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(moment + ridge * eye)
 
 
-def factorize_linear(linear: nn.Linear, rank: int) -> LowRankLinear:
+def _weighted(linear: nn.Linear, second_moment: torch.Tensor | None) -> torch.Tensor:
+    """W, or W·S when the inputs' second moment is given (float64)."""
+    weight = linear.weight.detach().double()
+    return weight if second_moment is None else weight @ whitening(second_moment)
+
+
+def factorize_linear(
+    linear: nn.Linear, rank: int, second_moment: torch.Tensor | None = None
+) -> LowRankLinear:
     """The best rank-``rank`` factorization of ``linear`` (the singular values split evenly
-    between the two factors, which keeps both well scaled)."""
+    between the two factors, which keeps both well scaled): best for the weight in Frobenius
+    norm, or, given the inputs' ``second_moment``, best for the layer's output on those inputs.
+    ``bound`` is the Frobenius norm of W − up·down either way."""
     out_features, in_features = linear.weight.shape
     if not 1 <= rank <= min(out_features, in_features):
         raise ValueError(f"rank must be in [1, {min(out_features, in_features)}], got {rank}")
-    u, s, vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(_weighted(linear, second_moment), full_matrices=False)
     root = s[:rank].sqrt()
-    bound = float(s[rank:].pow(2).sum().sqrt())
+    down = root[:, None] * vh[:rank]
+    if second_moment is not None:  # (Σ½Vᵀ)·S⁻¹, by a triangular solve: down·S = Σ½Vᵀ
+        factor = whitening(second_moment)
+        down = torch.linalg.solve_triangular(factor, down, upper=False, left=False)
+    up = u[:, :rank] * root[None, :]
+    weight = linear.weight.detach().double()
+    bound = float((weight - up @ down).norm())
     factored = LowRankLinear(in_features, out_features, rank, linear.bias is not None, bound)
     with torch.no_grad():
-        factored.down.weight.copy_((root[:, None] * vh[:rank]).to(linear.weight.dtype))
-        factored.up.weight.copy_((u[:, :rank] * root[None, :]).to(linear.weight.dtype))
+        factored.down.weight.copy_(down.to(linear.weight.dtype))
+        factored.up.weight.copy_(up.to(linear.weight.dtype))
         if linear.bias is not None:
             factored.up.bias.copy_(linear.bias.detach())
     return factored.requires_grad_(False)
 
 
-def rank_for_energy(linear: nn.Linear, energy: float) -> int:
-    """The smallest rank keeping ``energy`` (0..1) of the squared singular values."""
-    s2 = singular_values(linear).double().pow(2)
+def rank_for_energy(
+    linear: nn.Linear, energy: float, second_moment: torch.Tensor | None = None
+) -> int:
+    """The smallest rank keeping ``energy`` (0..1) of the squared singular values (of W·S
+    when the inputs' second moment is given)."""
+    s2 = torch.linalg.svdvals(_weighted(linear, second_moment)).pow(2)
     cumulative = torch.cumsum(s2, 0) / s2.sum()
     found = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64))) + 1
     return min(found, len(s2))  # rounding can leave the last partial sum a hair below 1
@@ -79,13 +110,20 @@ def break_even_rank(in_features: int, out_features: int) -> int:
     return math.floor(in_features * out_features / (in_features + out_features))
 
 
-def choose_rank(linear: nn.Linear, energy: float, max_rank_fraction: float, multiple: int) -> int:
+def choose_rank(
+    linear: nn.Linear,
+    energy: float,
+    max_rank_fraction: float,
+    multiple: int,
+    second_moment: torch.Tensor | None = None,
+) -> int:
     """The rank a build gives ``linear``: the energy rank rounded up to ``multiple``, capped at
     ``max_rank_fraction`` of the break-even rank (so the factors are smaller than the matrix and
     never reproduce it exactly), and kept a multiple of ``multiple`` when the cap allows."""
     out_features, in_features = linear.weight.shape
     cap = max(1, math.floor(max_rank_fraction * break_even_rank(in_features, out_features)))
-    wanted = math.ceil(rank_for_energy(linear, energy) / multiple) * multiple
+    wanted = rank_for_energy(linear, energy, second_moment)
+    wanted = math.ceil(wanted / multiple) * multiple
     aligned_cap = cap // multiple * multiple
     rank = min(wanted, aligned_cap) if aligned_cap >= multiple else min(wanted, cap)
     if rank >= min(in_features, out_features):
@@ -117,17 +155,21 @@ def factorize_linears(
     energy: float,
     max_rank_fraction: float,
     multiple: int,
+    second_moments: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Replace each of ``linears`` (qualified names in ``model``) by its truncated SVD, in
-    place; the manifest's factorization entry (rank and relative error per module)."""
+    place (whitened by its inputs' second moment where ``second_moments`` has one); the
+    manifest's factorization entry (rank and relative error per module)."""
     from emulator.quant import replace_module
 
     modules: dict[str, dict[str, Any]] = {}
     dense = factored = 0
+    moments = second_moments or {}
     for name, module in linears.items():
         linear = _as_linear(module)
-        rank = choose_rank(linear, energy, max_rank_fraction, multiple)
-        low = factorize_linear(linear, rank)
+        moment = moments.get(name)
+        rank = choose_rank(linear, energy, max_rank_fraction, multiple, moment)
+        low = factorize_linear(linear, rank, moment)
         replace_module(model, name, low)
         out_features, in_features = linear.weight.shape
         norm = float(linear.weight.detach().double().norm())
@@ -141,7 +183,7 @@ def factorize_linears(
         factored += rank * (in_features + out_features)
     errors = [m["relative_error"] for m in modules.values()]
     return {
-        "method": "svd",
+        "method": "whitened-svd" if moments else "svd",
         "rule": {
             "energy": energy,
             "max_rank_fraction": max_rank_fraction,

@@ -254,9 +254,16 @@ class _Activations:
     abs_sum: torch.Tensor
     count: int
     rows: torch.Tensor  # up to _CALIBRATION_ROWS input rows (fp32)
+    gram: torch.Tensor | None = None  # Σ x xᵀ over every real row (float64), when asked for
 
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / max(self.count, 1)
+
+    def second_moment(self) -> torch.Tensor:
+        """E[x xᵀ] over the calibration rows (what an activation-aware factorization weighs)."""
+        if self.gram is None:
+            raise ValueError("activations were collected without gram=True")
+        return self.gram / max(self.count, 1)
 
 
 def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -276,8 +283,10 @@ def collect_activations(
     linears: Mapping[str, nn.Module],
     batches: Sequence[Mapping[str, torch.Tensor]],
     seed: int = 0,
+    gram: bool = False,
 ) -> dict[str, _Activations]:
-    """Run ``model`` on ``batches`` and record what enters each linear (padding excluded)."""
+    """Run ``model`` on ``batches`` and record what enters each linear (padding excluded);
+    with ``gram`` also the full second moment of its inputs (in × in, float64)."""
     stats: dict[str, _Activations] = {}
     generator = torch.Generator().manual_seed(seed)
     mask: list[torch.Tensor] = []
@@ -290,7 +299,11 @@ def collect_activations(
             entry = stats.get(name)
             if entry is None:
                 entry = stats[name] = _Activations(torch.zeros(x.shape[-1]), 0, x[:0])
+                if gram:
+                    entry.gram = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
             entry.abs_sum += x.abs().sum(0)
+            if entry.gram is not None:
+                entry.gram += (x.T @ x).double()
             entry.count += x.shape[0]
             rows = torch.cat((entry.rows, x))
             if rows.shape[0] > _CALIBRATION_ROWS:

@@ -217,7 +217,7 @@ def emulator_build(
     Measures what the emulator gives away (middle tensors shipped verbatim, perplexity ratio
     to the full model on public text) and refuses it if it fails the owner's gate
     (emulator.min_perplexity_ratio, emulator.max_verbatim_fraction; exit code 6).
-    Uses the [model], [emulator] and [train] sections (adapter kind and LoRA shape).
+    Uses the model, emulator and train sections of the config (adapter kind and LoRA shape).
     Example: offsite emulator build -o bundle/ emulator.keep=8
     """
     _setup_logging(False)

@@ -105,11 +105,19 @@ class EmulatorConfig(_Section):
         "Folder for the distillation checkpoint (resume, or reuse a finished distillation for "
         "another bundle of the same model and plan); empty = next to the bundle.",
     )
-    factorize: Literal["none", "svd"] = _f(
+    factorize: Literal["none", "svd", "whitened-svd"] = _f(
         "none",
         "Replace each kept middle linear by a truncated SVD (two smaller linears, rank chosen "
-        "per matrix by factorize_energy): no original weight matrix ships. Norms and biases "
-        "stay verbatim unless emulator.distill is on (distillation then trains the factors).",
+        "per matrix by factorize_energy): no original weight matrix ships. 'svd' is best for "
+        "the weight; 'whitened-svd' is best for the layer's output on public calibration text "
+        "(SVD of W·S, S·Sᵀ the inputs' second moment; needs emulator.public_text). Norms and "
+        "biases stay verbatim unless emulator.fold_norms or emulator.distill changes them.",
+    )
+    fold_norms: bool = _f(
+        False,
+        "Fold the kept middle blocks' pre-norm weights into the linears that read them (exact; "
+        "architectures that declare foldable norms), so the owner's norm weights do not ship "
+        "as they are when the linears are then factorized or quantized.",
     )
     factorize_energy: float = _f(
         0.9, "SVD: keep the smallest rank holding this share of a matrix's squared singular values."
@@ -158,6 +166,8 @@ class EmulatorConfig(_Section):
             out.append("emulator.min_perplexity_ratio must be >= 0")
         if self.selection == "cosine" and not self.public_text:
             out.append("emulator.selection='cosine' needs emulator.public_text (calibration)")
+        if self.factorize == "whitened-svd" and not self.public_text:
+            out.append("emulator.factorize='whitened-svd' needs emulator.public_text (calibration)")
         if self.distill and not self.public_text:
             out.append("emulator.distill needs emulator.public_text (the distillation corpus)")
         if not 0.0 < self.factorize_energy <= 1.0:
