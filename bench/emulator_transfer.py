@@ -19,7 +19,8 @@ verbatim middle tensors. The full-model baselines are cached by (weights, data, 
 Runs land in bench/out/emulator_transfer/<cell>/seed-<s>/ and a finished run is reused (the
 benchmark can stop at any time and resume); the report
 (bench/reports/emulator_transfer.{json,md,png}) is rewritten after every run. The JSON's
-``"default"`` object describes the emulator `offsite simulate` builds today.
+``"default"`` object describes the emulator `offsite simulate` builds today: the cell whose
+overrides amount to the configuration's defaults (``"default_cell"`` names it).
 """
 
 from __future__ import annotations
@@ -53,10 +54,21 @@ class Cell:
     what: str
 
 
+# What the layer-drop cells were measured under: the configuration's defaults until 2026-12-06
+# (no factorization, fp32 middle, norms as they are). Pinned so a cell keeps meaning the same
+# emulator whatever the defaults become.
+_LAYER_DROP = (
+    "emulator.factorize='none'",
+    "emulator.quantize='none'",
+    "emulator.fold_norms=false",
+)
+
+
 def _distilled_int8(selection: str, keep: int, steps: int) -> tuple[str, ...]:
     """A distilled, int8-middle candidate; its distillation checkpoint is shared by its seeds
     (and by cells that only change the recipe), the checkpoint override last."""
     return (
+        *_LAYER_DROP,
         f"emulator.keep={keep}",
         f"emulator.selection='{selection}'",
         "emulator.distill=true",
@@ -71,16 +83,22 @@ _COSINE_INT8_2_8_2 = _distilled_int8("cosine", 8, 100)
 CELLS = {
     cell.name: cell
     for cell in (
-        Cell("default", (), "the emulator `offsite simulate` builds (config defaults)"),
+        Cell(
+            "uniform-2-16-2",
+            (*_LAYER_DROP, "emulator.keep=16", "emulator.selection='uniform'"),
+            "plain uniform layer drop, 16 middle blocks shipped as they are: the default "
+            "until 2026-12-06 (the offsite-tuning reference without distillation)",
+        ),
         Cell(
             "identity",
-            ("emulator.keep=-1",),
+            (*_LAYER_DROP, "emulator.keep=-1"),
             "the full model as its own emulator: the federation's ceiling for any emulator "
             "(its plug-in is federated full-model fine-tuning)",
         ),
         Cell(
             "cosine-distilled-2-8-2",
             (
+                *_LAYER_DROP,
                 "emulator.keep=8",
                 "emulator.selection='cosine'",
                 "emulator.distill=true",
@@ -122,6 +140,8 @@ CELLS = {
             (
                 "emulator.keep=-1",
                 "emulator.factorize='svd'",
+                "emulator.factorize_energy=0.9",
+                "emulator.fold_norms=false",
                 "emulator.quantize='int8'",
             ),
             "every middle block kept (depth preserved), each linear truncated-SVD factorized "
@@ -134,19 +154,21 @@ CELLS = {
                     "emulator.keep=-1",
                     "emulator.factorize='whitened-svd'",
                     f"emulator.factorize_energy={energy}",
+                    f"emulator.factorize_max_rank_fraction={cap}",
                     "emulator.fold_norms=true",
                     "emulator.quantize='int8'",
                 ),
                 "every middle block kept (depth preserved), norms folded into the linears, each "
                 f"linear whitened-SVD factorized on public text (rank for {energy:.0%} of the "
-                "output energy, at most half the break-even rank), then int8: training-free, "
-                "nothing dropped, nothing verbatim",
+                f"output energy, at most {cap:.0%} of the break-even rank), then int8: "
+                "training-free, nothing dropped, nothing verbatim",
             )
-            for energy in (0.9, 0.95)
+            for energy, cap in ((0.9, 0.5), (0.95, 0.5), (0.98, 1.0), (0.99, 1.0))
         ),
         Cell(
             "svd-distilled-2-8-2",
             (
+                *_LAYER_DROP,
                 "emulator.keep=8",
                 "emulator.selection='cosine'",
                 "emulator.factorize='svd'",
@@ -160,11 +182,18 @@ CELLS = {
 
 
 # The default emulator and recipe on other tasks and models (issue 22 item 7): never tuned on.
+_CHATTERBOT = ("data.name='chatterbot-topics'", "data.eval_size=300")
 GENERALISATION = {
-    "chatterbot-topics": ("data.name='chatterbot-topics'", "data.eval_size=300"),
-    # Gemma3-270m has 18 blocks, 14 in the middle: the default's 16 kept middle blocks do not
-    # fit, so it keeps the same share of its middle (16/26 of SmolLM2's ≈ 9/14).
-    "gemma3-270m/bbc-news": ("model.name='gemma3-270m'", "emulator.keep=9"),
+    "chatterbot-topics": _CHATTERBOT,
+    "gemma3-270m/bbc-news": ("model.name='gemma3-270m'",),
+    # the default until 2026-12-06; Gemma3-270m has 18 blocks, 14 in the middle, so it kept
+    # the same share of its middle (16/26 of SmolLM2's ≈ 9/14)
+    "chatterbot-topics/uniform-2-16-2": (*_CHATTERBOT, *CELLS["uniform-2-16-2"].overrides),
+    "gemma3-270m/bbc-news/uniform-2-9-2": (
+        "model.name='gemma3-270m'",
+        *_LAYER_DROP,
+        "emulator.keep=9",
+    ),
 }
 # The leading candidate on the other task too: a method that only transfers on bbc-news fails.
 # Its distillation is on public text, so the one checkpoint serves every task.
@@ -397,14 +426,28 @@ def _default_object(summary: dict[str, Any], seeds: int) -> dict[str, Any]:
     return out
 
 
+def default_cell() -> str | None:
+    """The cell whose configuration is the defaults: the emulator `offsite simulate` builds."""
+    from offsite.config import load_config
+
+    defaults = load_config(None, [])
+    for name, cell in CELLS.items():
+        kept = [o for o in cell.overrides if not o.startswith("emulator.distill_checkpoint=")]
+        if load_config(None, kept) == defaults:
+            return name
+    return None
+
+
 def _save(report: dict[str, Any]) -> None:
     REPORTS.mkdir(exist_ok=True)
     summaries = _summaries(report)
+    default = default_cell()
     document = {
         "protocol": report["protocol"],
+        "default_cell": default,
         "default": (
-            _default_object(summaries["default"], report["protocol"]["seeds"])
-            if "default" in summaries
+            _default_object(summaries[default], report["protocol"]["seeds"])
+            if default in summaries
             else None
         ),
         "generalisation": {
@@ -484,7 +527,14 @@ def _markdown(document: dict[str, Any]) -> str:
     lines += ["", "## Targets for the default (issue 22)", ""]
     default = document["default"]
     if default:
+        lines += [
+            f"The default is cell `{document['default_cell']}` (its overrides are the "
+            "configuration's defaults).",
+            "",
+        ]
         lines += _target_lines(default)
+    else:
+        lines.append(f"The default (`{document['default_cell']}`) has not been measured yet.")
     lines += [
         "",
         "## Generalisation: the default (and the leading candidate) on other tasks and models",

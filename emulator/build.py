@@ -33,6 +33,7 @@ from emulator.selection import block_change_scores, select_by_change
 from emulator.split import build_emulator, emulator_state, unique_state
 from offsite.config import EmulatorConfig, OffsiteConfig
 from offsite.data import load_task
+from offsite.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +125,22 @@ def build_bundle(
     }
     texts: list[str] = []
     count = settings.public_examples
-    if settings.public_text and arch.causal_lm:
-        extra = settings.distill_texts + count if settings.distill else 0
+    if settings.public_text:  # calibration for any model; perplexity and KD for causal LMs
+        extra = settings.distill_texts + count if settings.distill and arch.causal_lm else 0
         texts = public_texts(settings.public_text, count + extra + settings.calibration_examples)
-        perplexity_fn = public_text_perplexity(tokenizer, texts[:count])
+        if arch.causal_lm:
+            perplexity_fn = public_text_perplexity(tokenizer, texts[:count])
     calibration = texts[count : count + settings.calibration_examples]
-    if settings.fold_norms and arch.foldable_norms:
+    rewritten = settings.factorize != "none" or settings.quantize != "none"
+    if settings.fold_norms and arch.foldable_norms and rewritten:
+        # only when the linears are then changed: a fold alone changes bytes, not the function
         middle = _middle_blocks(emulator, plan, arch).values()
         compression["folded_norms"] = fold_norms(middle, arch)
     if settings.factorize != "none":
         compression["factorization"] = factorize_emulator(
             emulator, plan, arch, settings, tokenizer, calibration
         )
-    if texts and settings.distill:
+    if texts and settings.distill and arch.causal_lm:
         compression["distilled"] = _distill(
             full_model, emulator, plan, arch, tokenizer, texts, settings, out_dir
         )
@@ -277,7 +281,10 @@ def factorize_emulator(
     moments = None
     if settings.factorize == "whitened-svd":
         if not calibration:
-            raise ValueError("whitened-svd needs public calibration text (emulator.public_text)")
+            raise ConfigError(
+                "emulator.factorize='whitened-svd' found no calibration text in "
+                "emulator.public_text; point it at a non-empty corpus"
+            )
         batches = _calibration_batches(tokenizer, calibration, settings.distill_max_length)
         stats = collect_activations(emulator, linears, batches, gram=True)
         moments = {name: entry.second_moment() for name, entry in stats.items()}

@@ -34,6 +34,17 @@ _CORPUS = [
 ]
 
 
+# The emulator settings of a plain layer drop (no factorization, no quantization, norms as they
+# are): the defaults until the depth-preserving emulator became the default. Tests about layer
+# drop, verbatim gates and quantization alone pin them.
+LAYER_DROP: dict[str, object] = {"factorize": "none", "quantize": "none", "fold_norms": False}
+LAYER_DROP_OVERRIDES = [
+    "emulator.factorize='none'",
+    "emulator.quantize='none'",
+    "emulator.fold_norms=false",
+]
+
+
 def tiny_texts(label: str, n: int, seed: int = 0) -> list[str]:
     """Short synthetic texts whose words depend on the label (learnable, deterministic)."""
     import random

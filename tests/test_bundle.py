@@ -24,7 +24,7 @@ from emulator.bundle import (
 from emulator.layers import plan_layers
 from emulator.safetensors_header import read_header
 from offsite.errors import IntegrityError
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import LAYER_DROP, VOCAB, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,14 @@ def test_quantized_embeddings_ship_once_load_everywhere_and_are_counted_by_part(
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 2)
     spec = AdapterSpec.for_plan("lora", plan, arch, 4, 8)
-    settings = EmulatorConfig(bottom=1, top=1, keep=2, public_text="", embeddings=mode)
+    settings = EmulatorConfig(
+        bottom=1,
+        top=1,
+        keep=2,
+        public_text="",
+        embeddings=mode,
+        **LAYER_DROP,  # type: ignore[arg-type]
+    )
     bundle = build_bundle(
         full, tokenizer, arch, plan, spec, tmp_path / "b", source="tiny", settings=settings
     )

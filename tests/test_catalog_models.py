@@ -98,7 +98,10 @@ def test_a_federated_round_on_the_real_model_trains_the_adapter(full, tmp_path: 
         [
             f"model.name='{name}'",
             "emulator.keep=2",
-            "emulator.public_text=''",
+            # the default compression (whitened SVD on public text, folded norms, int8) on
+            # every catalog model, with a small calibration
+            "emulator.public_examples=4",
+            "emulator.calibration_examples=8",
             "federation.num_clients=2",
             "federation.rounds=1",
             "train.local_steps=3",

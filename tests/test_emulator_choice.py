@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from emulator.choice import Gates, candidates, choose, pareto_front
+from tests.conftest import LAYER_DROP_OVERRIDES
 from tests.test_cli import offsite
 
 
@@ -95,6 +96,7 @@ def test_the_cli_builds_the_chosen_cell(tmp_path: Path, tiny_llama_dir: Path) ->
         str(report),
         f"model.name={tiny_llama_dir}",
         "emulator.public_text=",
+        *LAYER_DROP_OVERRIDES,
         "emulator.max_verbatim_fraction=1",
     )
     assert result.returncode == 0, result.stderr

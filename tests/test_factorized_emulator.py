@@ -42,7 +42,7 @@ def _settings(tmp_path: Path, causal: bool, **changes: object) -> EmulatorConfig
         quant_group_size=16,
         factorize="svd",
         factorize_rank_multiple=4,
-        **changes,  # type: ignore[arg-type]
+        **{"fold_norms": False, **changes},  # type: ignore[arg-type]
     )
 
 

@@ -17,7 +17,7 @@ from emulator.layers import plan_layers
 from emulator.privacy import GateError, assess, enforce_gate, public_text_perplexity
 from emulator.split import build_emulator, emulator_state
 from offsite.config import EmulatorConfig
-from tests.conftest import LABELS, tiny_model, tiny_texts
+from tests.conftest import LABELS, LAYER_DROP, LAYER_DROP_OVERRIDES, tiny_model, tiny_texts
 
 
 def _texts() -> list[str]:
@@ -80,14 +80,19 @@ def test_bundle_records_privacy_and_refused_builds_write_nothing(
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 2)
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
-    settings = EmulatorConfig(public_text=str(public), public_examples=6)
+    settings = EmulatorConfig(public_text=str(public), public_examples=6, **LAYER_DROP)  # type: ignore[arg-type]
     bundle = build_bundle(
         full, tokenizer, arch, plan, spec, tmp_path / "ok", source="t", settings=settings
     )
     privacy = json.loads((bundle.path / "manifest.json").read_text())["privacy"]
     assert privacy["middle_tensors_verbatim"] < privacy["middle_tensors"]
     assert privacy["perplexity_ratio"] > 0
-    strict = EmulatorConfig(public_text=str(public), public_examples=6, max_verbatim_fraction=0.0)
+    strict = EmulatorConfig(
+        public_text=str(public),
+        public_examples=6,
+        max_verbatim_fraction=0.0,
+        **LAYER_DROP,  # type: ignore[arg-type]
+    )
     with pytest.raises(GateError):
         build_bundle(
             full, tokenizer, arch, plan, spec, tmp_path / "refused", source="t", settings=strict
@@ -110,6 +115,7 @@ def test_cli_refusal_exit_code(tmp_path: Path, tiny_llama_dir: Path) -> None:
             "emulator.top=1",
             "emulator.keep=2",
             "emulator.public_text=''",
+            *LAYER_DROP_OVERRIDES,
             "emulator.max_verbatim_fraction=0.0",
         ],
         capture_output=True,

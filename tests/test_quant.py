@@ -32,7 +32,14 @@ from emulator.split import build_emulator
 from emulator.train import train_adapter
 from offsite.config import EmulatorConfig
 from offsite.data import Example, write_jsonl
-from tests.conftest import LABELS, VOCAB, model_outputs, tiny_model, tiny_texts
+from tests.conftest import (
+    LABELS,
+    LAYER_DROP_OVERRIDES,
+    VOCAB,
+    model_outputs,
+    tiny_model,
+    tiny_texts,
+)
 
 INT8 = QuantScheme("int8")
 INT4 = QuantScheme("int4", group_size=64)
@@ -200,6 +207,7 @@ def test_quantized_bundle_loads_and_matches_in_memory_emulator(
         public_text=str(_public(tmp_path)) if arch.causal_lm else "",
         public_examples=4,
         calibration_examples=8,
+        factorize="none",
         quantize=scheme,  # type: ignore[arg-type]
         quant_group_size=16,
     )
@@ -255,7 +263,7 @@ def test_quantized_bundle_is_much_smaller(tokenizer, tmp_path: Path) -> None:
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
     sizes = {}
     for scheme in ("none", "int8", "int4"):
-        settings = EmulatorConfig(public_text="", quantize=scheme)  # type: ignore[arg-type]
+        settings = EmulatorConfig(public_text="", factorize="none", quantize=scheme)  # type: ignore[arg-type]
         bundle = build_bundle(
             full, tokenizer, arch, plan, spec, tmp_path / scheme, source="t", settings=settings
         )
@@ -271,7 +279,9 @@ def test_adapter_trains_through_a_quantized_emulator(tokenizer, tmp_path: Path) 
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 3)
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
-    settings = EmulatorConfig(public_text="", quantize="int4", quant_group_size=16)
+    settings = EmulatorConfig(
+        public_text="", factorize="none", quantize="int4", quant_group_size=16
+    )
     bundle = build_bundle(
         full, tokenizer, arch, plan, spec, tmp_path / "b", source="t", settings=settings
     )
@@ -330,6 +340,7 @@ def _build_cli(tmp_path: Path, model_dir: Path, *extra: str) -> subprocess.Compl
             "emulator.top=1",
             "emulator.keep=3",
             "emulator.public_text=''",
+            *LAYER_DROP_OVERRIDES,
             "emulator.quant_group_size=16",
             "emulator.max_verbatim_fraction=0.5",
             *extra,

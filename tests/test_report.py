@@ -87,7 +87,7 @@ def test_a_plug_in_that_does_not_transfer_is_flagged_in_bold_with_what_to_try(
         metrics["scores"][key]["value"] = value
     warnings = transfer_warnings(metrics["scores"])
     assert len(warnings) == 1 and "52.0 %" in warnings[0] and "58.0 %" in warnings[0]
-    assert "emulator.distill=true" in warnings[0]
+    assert "emulator.factorize_energy" in warnings[0]
     report = write_report(tmp_path, metrics).read_text().splitlines()
     assert report[2].startswith("**Warning: the plug-in (52.0 %) does not beat the untouched")
     # the first one: plug-in 34.0 at zero-shot 32.7 and far below emulator FT 87.3

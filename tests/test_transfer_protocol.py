@@ -59,7 +59,7 @@ def test_gaps_are_paired_per_seed_and_targets_are_judged(
         "cells": {},
         "generalisation": {},
     }
-    report["cells"]["default"] = {
+    report["cells"][protocol.default_cell()] = {
         "rows": {str(s): {"seed": s, **protocol.seed_row(m)} for s, m in enumerate(runs)}
     }
     protocol._save(report)
@@ -80,7 +80,7 @@ def test_gaps_are_paired_per_seed_and_targets_are_judged(
     assert (tmp_path / "emulator_transfer.png").stat().st_size > 1000
     # a missed target is said so, in bold
     runs = [_metrics(0.74, 0.58, 0.92, 144) for _ in range(3)]
-    report["cells"]["default"]["rows"] = {
+    report["cells"][protocol.default_cell()]["rows"] = {
         str(s): {"seed": s, **protocol.seed_row(m)} for s, m in enumerate(runs)
     }
     protocol._save(report)
