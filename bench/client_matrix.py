@@ -55,7 +55,15 @@ Shape = tuple[int, int, int]  # emulator (bottom adapter blocks, middle blocks k
 SMALL_SHAPES: tuple[Shape, ...] = ((2, 8, 2), (2, 6, 2))
 SMALL_POLICIES = ("lora",)
 SMALL_PRECISIONS = ("bf16", "int8")
-DEFAULT_SHAPE: Shape = (2, 16, 2)  # the default emulator (EmulatorConfig's bottom, keep, top)
+DEFAULT_SHAPE: Shape = (2, 16, 2)  # the default emulator until 2026-12-06 (plain layer drop)
+# The layer-drop shapes are built as they were measured: no factorization, norms as they are
+# (the configuration's defaults until 2026-12-06), the precision the cell names.
+LAYER_DROP = {"factorize": "none", "fold_norms": False}
+LAYER_DROP_OVERRIDES = ["emulator.factorize='none'", "emulator.fold_norms=false"]
+# The default emulator since 2026-12-06 (EmulatorConfig's defaults: every middle block kept,
+# norms folded, whitened-SVD factorized, int8): one LoRA cell, its bundle built by the defaults.
+COMPRESSED_SHAPE: Shape = (2, 26, 2)
+COMPRESSED_CELL = "offsite 2-26-2 whitened-svd lora int8"
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 MODELS = {
     "smollm2-135m (30 blocks)": {"key": "default", "blocks": 30},
@@ -231,8 +239,16 @@ def shape_suffix(shape: Shape) -> str:
     return f"keep{keep}" if (bottom, top) == DEFAULT_SHAPE[::2] else shape_label(shape)
 
 
-def ensure_bundle(model_path: Path, quantize: str, out: Path, shape: Shape = DEFAULT_SHAPE) -> Path:
-    """The model's emulator bundle of ``shape`` (fp32 or owner-quantized), built once."""
+def ensure_bundle(
+    model_path: Path,
+    quantize: str,
+    out: Path,
+    shape: Shape = DEFAULT_SHAPE,
+    compressed: bool = False,
+) -> Path:
+    """The model's emulator bundle of ``shape`` (fp32 or owner-quantized layer drop), or with
+    ``compressed`` the default emulator (config defaults; ``shape`` gives bottom and top), built
+    once."""
     if (out / "manifest.json").is_file():
         return out
     from coordinator.models import load_full_model
@@ -243,9 +259,19 @@ def ensure_bundle(model_path: Path, quantize: str, out: Path, shape: Shape = DEF
 
     full, tokenizer, arch, _ = load_full_model(str(model_path))
     bottom, keep, top = shape
-    settings = EmulatorConfig(bottom=bottom, keep=keep, top=top, quantize=quantize)  # type: ignore[arg-type]
     blocks = int(full.config.num_hidden_layers)
-    plan = plan_layers(blocks, settings.bottom, settings.top, settings.keep)
+    if compressed:  # the configuration's default emulator: all middle blocks, compressed
+        settings = EmulatorConfig(bottom=bottom, top=top)
+        keep = settings.keep
+    else:
+        settings = EmulatorConfig(
+            bottom=bottom,
+            keep=keep,
+            top=top,
+            quantize=quantize,  # type: ignore[arg-type]
+            **LAYER_DROP,  # type: ignore[arg-type]
+        )
+    plan = plan_layers(blocks, settings.bottom, settings.top, keep)
     adapter = AdapterSpec.for_plan("lora", plan, arch)
     build_bundle(
         full, tokenizer, arch, plan, adapter, out, source=str(model_path), settings=settings
@@ -256,7 +282,11 @@ def ensure_bundle(model_path: Path, quantize: str, out: Path, shape: Shape = DEF
 # ---------------------------------------------------------------- the grid
 
 
-def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> list[dict]:
+def throughput_specs(
+    model_path: Path, bundles: dict[str, Path], args: Any, compressed: Path | None = None
+) -> list[dict]:
+    """Every throughput cell of one model; ``compressed`` is the default emulator's bundle
+    folder (the embedded model only)."""
     common = {"model_path": str(model_path), "tokenizer": str(model_path)}
     common |= {"steps": args.steps, "warmup": args.warmup}
     specs = [
@@ -294,6 +324,21 @@ def throughput_specs(model_path: Path, bundles: dict[str, Path], args: Any) -> l
                 "allocator": "auto",  # as a node's SuperNode starts its ClientApps
             }
         )
+    if compressed is not None:
+        specs.append(
+            {
+                **common,
+                "name": COMPRESSED_CELL,
+                "kind": "offsite",
+                "policy": "lora",
+                "precision": "int8",
+                "emulator": shape_label(COMPRESSED_SHAPE),
+                "shape": list(COMPRESSED_SHAPE),
+                "compressed": True,
+                "bundle": str(compressed),
+                "allocator": "auto",
+            }
+        )
     return specs
 
 
@@ -324,12 +369,14 @@ def accuracy_cells() -> list[tuple[str, list[str]]]:
     first += [(s, q, p) for s in SMALL_SHAPES for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
     rest = [(DEFAULT_SHAPE, q, p) for q in ("bf16", "int8", "int4", "fp32") for p in POLICIES]
     order = first + [cell for cell in rest if cell not in first]
-    cells = []
+    cells = [(COMPRESSED_CELL, ["train.adapter=lora", "train.precision=bf16"])]  # the defaults
     for shape, precision, policy in order:
         overrides = [f"train.adapter={policy}"]
         overrides.append(f"train.precision={'fp32' if precision == 'fp32' else 'bf16'}")
-        if precision in ("int8", "int4"):
-            overrides.append(f"emulator.quantize={precision}")
+        overrides += [*LAYER_DROP_OVERRIDES, "emulator.keep=16"]
+        overrides.append(
+            f"emulator.quantize={precision if precision in ('int8', 'int4') else 'none'}"
+        )
         if shape != DEFAULT_SHAPE:
             checkpoint = WORK / f"distill-cosine-{shape_suffix(shape)}"  # shared by precisions
             bottom, keep, top = shape
@@ -635,6 +682,28 @@ def code_version() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def earlier_results(
+    results_path: Path, accuracy_path: Path, fresh: bool
+) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """Cached rows and plug-in scores: bench/out's, or on a checkout without it the committed
+    report's, so that re-measuring a few cells (--only) keeps every other row."""
+    if fresh:
+        return {}, {}
+    report = REPORTS / "client.json"
+    committed = json.loads(report.read_text()) if report.is_file() else {}
+    tables = (
+        json.loads(results_path.read_text())
+        if results_path.is_file()
+        else committed.get("models", {})
+    )
+    accuracy = (
+        json.loads(accuracy_path.read_text())
+        if accuracy_path.is_file()
+        else committed.get("accuracy", {})
+    )
+    return tables, accuracy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="measured steps per cell")
@@ -673,13 +742,8 @@ def main() -> None:
     quiet_setup()
     WORK.mkdir(parents=True, exist_ok=True)
     results_path = WORK / "throughput.json"
-    tables: dict[str, list[dict]] = (
-        json.loads(results_path.read_text()) if results_path.is_file() and not args.fresh else {}
-    )
     accuracy_path = WORK / "accuracy.json"
-    accuracy: dict[str, float] = (
-        json.loads(accuracy_path.read_text()) if accuracy_path.is_file() and not args.fresh else {}
-    )
+    tables, accuracy = earlier_results(results_path, accuracy_path, args.fresh)
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} cores, torch threads default",
@@ -701,7 +765,12 @@ def main() -> None:
             rows = tables.setdefault(model, [])
             specs = [
                 spec
-                for spec in throughput_specs(path, bundles, args)
+                for spec in throughput_specs(
+                    path,
+                    bundles,
+                    args,
+                    WORK / "default-compressed" if info["key"] == "default" else None,
+                )
                 if (spec["name"] in only)
                 or (not only and not any(r["name"] == spec["name"] for r in rows))
             ]
@@ -713,6 +782,7 @@ def main() -> None:
                         "none" if quantize == "fp32" else quantize,
                         Path(spec["bundle"]),
                         tuple(spec["shape"]),  # type: ignore[arg-type]
+                        compressed=spec.get("compressed", False),
                     )
             runs: dict[str, list[dict[str, Any]]] = {}
             for repeat in range(args.repeats):  # rounds over all cells: noise spreads evenly

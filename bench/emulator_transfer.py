@@ -378,14 +378,24 @@ def _earlier_rows(part: str, eval_size: int) -> dict[str, Any]:
     earlier = json.loads(path.read_text()).get(part) or {}
     out: dict[str, Any] = {}
     for name, summary in earlier.items():
+        if part == "cells" and name not in CELLS:
+            continue
+        # a generalisation task may set its own held-out size (chatterbot-topics: 300)
+        wanted = eval_size if part == "cells" else _task_eval_size(name, eval_size)
         rows = {
-            str(r["seed"]): r
-            for r in summary.get("per_seed", [])
-            if r.get("eval_size") == eval_size and (part != "cells" or name in CELLS)
+            str(r["seed"]): r for r in summary.get("per_seed", []) if r.get("eval_size") == wanted
         }
         if rows:
             out[name] = {"rows": rows}
     return out
+
+
+def _task_eval_size(task: str, eval_size: int) -> int:
+    """The held-out size a generalisation task runs with (its own override wins)."""
+    sizes = [
+        o.split("=", 1)[1] for o in GENERALISATION.get(task, ()) if o.startswith("data.eval_size=")
+    ]
+    return int(sizes[-1]) if sizes else eval_size
 
 
 def _summaries(report: dict[str, Any], part: str = "cells") -> dict[str, Any]:
