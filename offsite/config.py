@@ -59,8 +59,8 @@ class EmulatorConfig(_Section):
         -1,
         "Middle blocks kept in the emulator (layer drop, see emulator.selection); -1 keeps all "
         "of them, and the default compresses each instead (emulator.factorize): on SmolLM2 / "
-        "bbc-news that matched the 2-16-2 layer drop's plug-in with a positive margin, nothing "
-        "verbatim and 40 % of the bytes (bench/reports/emulator_transfer.md).",
+        "bbc-news that matched the 2-16-2 layer drop's plug-in (73.5 vs 72.0 %, 3 seeds) with "
+        "nothing verbatim and 40 % of the bytes (bench/reports/emulator_transfer.md).",
     )
     selection: Literal["uniform", "cosine"] = _f(
         "uniform",
@@ -126,9 +126,10 @@ class EmulatorConfig(_Section):
     factorize_energy: float = _f(
         0.95,
         "SVD: keep the smallest rank holding this share of a matrix's squared singular values "
-        "(of W·S under whitened-svd). The owner's dial: measured on SmolLM2 / bbc-news, 0.9 "
-        "gave plug-in 60 (margin +13), 0.95 73 (+11), 0.98 80 (margin -9: the emulator "
-        "fine-tunes better than the product).",
+        "(of W·S under whitened-svd). The owner's dial between transfer and margin: on "
+        "SmolLM2 / bbc-news (seed 0) 0.9 gave plug-in 60 % (margin +13), 0.95 73 % (+11; over "
+        "3 seeds 73.5 ± 6.3, margin 0.2 ± 24.5), 0.99 88 % (margin -2: the emulator fine-tunes "
+        "about as well as the product).",
     )
     factorize_max_rank_fraction: float = _f(
         0.5,
