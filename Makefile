@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup simulate test test-fast lint clean bench-emulator bench-privacy bench-inversion \
+.PHONY: setup simulate test test-fast lint clean system-packages bench-emulator bench-privacy bench-inversion \
         bench-transfer bench-client bench-layer-drop bench-eval-speed \
         bench-emulator-transfer
 
@@ -41,7 +41,11 @@ $(TEST_MODELS_STAMP): $(STAMP)
 	$(BIN)/offsite prepare gemma3-270m
 	touch $(TEST_MODELS_STAMP)
 
-test: lint $(TEST_MODELS_STAMP)
+# PostgreSQL, a C compiler and nginx from Debian when missing (scripts/system-packages.sh)
+system-packages:
+	bash scripts/system-packages.sh
+
+test: lint system-packages $(TEST_MODELS_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: lint

@@ -29,7 +29,7 @@ def _pg_bin() -> Path:
         return Path(initdb).parent
     pytest.fail(
         "PostgreSQL server binaries not found: install them (Debian: apt-get install "
-        "postgresql); .ci/run does this"
+        "postgresql); make test does this (scripts/system-packages.sh)"
     )
 
 
