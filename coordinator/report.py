@@ -86,17 +86,18 @@ def transfer_warnings(
         out.append(
             f"the plug-in ({shown(plug)}) does not beat the untouched full model "
             f"({shown(zero)}): the adapter learned the emulator, not the task. Try an emulator "
-            "closer to the full model (a higher emulator.factorize_energy, or with layer drop "
-            "a larger emulator.keep), more federation.rounds or train.local_steps, and a "
+            "closer to the full model (a larger emulator.keep, emulator.selection='cosine' with "
+            "emulator.distill=true, or with emulator.factorize a higher "
+            "emulator.factorize_energy), more federation.rounds or train.local_steps, and a "
             "data.template that ends where the label starts"
         )
     if worse_or_equal(plug, emu) and not (plug == emu == zero):
         out.append(
             f"the plug-in ({shown(plug)}) does not beat emulator fine-tuning ({shown(emu)}): "
             "data owners already get as much from the emulator as from the product, so there "
-            "is no privacy margin. Try a more compressed emulator (a lower "
-            "emulator.factorize_energy, or with layer drop a lower emulator.keep); "
-            "`offsite bench emulator` compares them"
+            "is no privacy margin. Try a more compressed emulator (a lower emulator.keep, "
+            "emulator.quantize='int8', or with emulator.factorize a lower "
+            "emulator.factorize_energy); `offsite bench emulator` compares them"
         )
     return out
 

@@ -56,11 +56,9 @@ class EmulatorConfig(_Section):
     bottom: int = _f(2, "Adapter blocks taken from the bottom of the model (trainable).")
     top: int = _f(2, "Adapter blocks taken from the top of the model (trainable).")
     keep: int = _f(
-        -1,
+        16,
         "Middle blocks kept in the emulator (layer drop, see emulator.selection); -1 keeps all "
-        "of them, and the default compresses each instead (emulator.factorize): on SmolLM2 / "
-        "bbc-news that matched the 2-16-2 layer drop's plug-in (73.5 vs 72.0 %, 3 seeds) with "
-        "nothing verbatim and 40 % of the bytes (bench/reports/emulator_transfer.md).",
+        "of them (then compress each with emulator.factorize / quantize instead).",
     )
     selection: Literal["uniform", "cosine"] = _f(
         "uniform",
@@ -110,7 +108,7 @@ class EmulatorConfig(_Section):
         "another bundle of the same model and plan); empty = next to the bundle.",
     )
     factorize: Literal["none", "svd", "whitened-svd"] = _f(
-        "whitened-svd",
+        "none",
         "Replace each kept middle linear by a truncated SVD (two smaller linears, rank chosen "
         "per matrix by factorize_energy): no original weight matrix ships. 'svd' is best for "
         "the weight; 'whitened-svd' is best for the layer's output on public calibration text "
@@ -118,7 +116,7 @@ class EmulatorConfig(_Section):
         "biases stay verbatim unless emulator.fold_norms or emulator.distill changes them.",
     )
     fold_norms: bool = _f(
-        True,
+        False,
         "Fold the kept middle blocks' pre-norm weights into the linears that read them (exact; "
         "architectures that declare foldable norms), so the owner's norm weights do not ship "
         "as they are when the linears are then factorized or quantized.",
@@ -126,10 +124,10 @@ class EmulatorConfig(_Section):
     factorize_energy: float = _f(
         0.95,
         "SVD: keep the smallest rank holding this share of a matrix's squared singular values "
-        "(of W·S under whitened-svd). The owner's dial between transfer and margin: on "
-        "SmolLM2 / bbc-news (seed 0) 0.9 gave plug-in 60 % (margin +13), 0.95 73 % (+11; over "
-        "3 seeds 73.5 ± 6.3, margin 0.2 ± 24.5), 0.99 88 % (margin -2: the emulator fine-tunes "
-        "about as well as the product).",
+        "(of W·S under whitened-svd). The owner's dial between transfer and margin: with every "
+        "middle block kept, whitened, folded and int8, on SmolLM2 / bbc-news (seed 0) 0.9 gave "
+        "plug-in 60 % (margin +13), 0.95 73 % (+11; over 3 seeds 73.5 ± 6.3, margin 0.2 ± "
+        "24.5), 0.99 88 % (margin -2); on chatterbot-topics 0.95 gave 17 %, below zero-shot.",
     )
     factorize_max_rank_fraction: float = _f(
         0.5,
@@ -138,7 +136,7 @@ class EmulatorConfig(_Section):
     )
     factorize_rank_multiple: int = _f(8, "SVD: ranks rounded up to a multiple of this.")
     quantize: Literal["none", "int8", "int4"] = _f(
-        "int8",
+        "none",
         "Store the emulator's middle linears weight-only quantized: 'int8' (per output "
         "channel) or 'int4' (group-wise, see quant_group_size). Adapter blocks, embeddings, "
         "norms and head stay full precision.",
