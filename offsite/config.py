@@ -127,7 +127,8 @@ class EmulatorConfig(_Section):
         "(of W·S under whitened-svd). The owner's dial between transfer and margin: with every "
         "middle block kept, whitened, folded and int8, on SmolLM2 / bbc-news (seed 0) 0.9 gave "
         "plug-in 60 % (margin +13), 0.95 73 % (+11; over 3 seeds 73.5 ± 6.3, margin 0.2 ± "
-        "24.5), 0.99 88 % (margin -2); on chatterbot-topics 0.95 gave 17 %, below zero-shot.",
+        "24.5), 0.99 88 % (margin -2); on chatterbot-topics 0.95 gave 39.7 ± 49.1 (once below "
+        "zero-shot).",
     )
     factorize_max_rank_fraction: float = _f(
         0.5,
