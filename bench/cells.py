@@ -10,6 +10,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+# A plain layer drop as every layer-drop cell was measured: no factorization, a float middle,
+# norms as they are (the configuration's defaults). Pinned so a cell keeps meaning the same
+# emulator whatever the defaults become; a later override (e.g. quantize) wins.
+LAYER_DROP_OVERRIDES = (
+    "emulator.factorize='none'",
+    "emulator.quantize='none'",
+    "emulator.fold_norms=false",
+)
+# The depth-preserving compressed emulator measured on 2026-12-06 (bench cell
+# wsvd95-int8-2-26-2): every middle block kept, norms folded, whitened SVD at 95 % energy, int8.
+COMPRESSED_OVERRIDES = (
+    "emulator.keep=-1",
+    "emulator.factorize='whitened-svd'",
+    "emulator.factorize_energy=0.95",
+    "emulator.factorize_max_rank_fraction=0.5",
+    "emulator.fold_norms=true",
+    "emulator.quantize='int8'",
+)
+
 
 def quiet_setup() -> None:
     """Our loggers at INFO, third parties quiet, everything offline."""

@@ -55,13 +55,10 @@ Shape = tuple[int, int, int]  # emulator (bottom adapter blocks, middle blocks k
 SMALL_SHAPES: tuple[Shape, ...] = ((2, 8, 2), (2, 6, 2))
 SMALL_POLICIES = ("lora",)
 SMALL_PRECISIONS = ("bf16", "int8")
-DEFAULT_SHAPE: Shape = (2, 16, 2)  # the default emulator until 2026-12-06 (plain layer drop)
-# The layer-drop shapes are built as they were measured: no factorization, norms as they are
-# (the configuration's defaults until 2026-12-06), the precision the cell names.
-LAYER_DROP = {"factorize": "none", "fold_norms": False}
-LAYER_DROP_OVERRIDES = ["emulator.factorize='none'", "emulator.fold_norms=false"]
-# The default emulator since 2026-12-06 (EmulatorConfig's defaults: every middle block kept,
-# norms folded, whitened-SVD factorized, int8): one LoRA cell, its bundle built by the defaults.
+DEFAULT_SHAPE: Shape = (2, 16, 2)  # the default emulator (EmulatorConfig's bottom, keep, top)
+# The layer-drop shapes are built pinned to a plain layer drop (cells.LAYER_DROP_OVERRIDES) at
+# the precision the cell names; one LoRA cell trains on the depth-preserving compressed
+# emulator (cells.COMPRESSED_OVERRIDES: every middle block kept, whitened SVD, int8).
 COMPRESSED_SHAPE: Shape = (2, 26, 2)
 COMPRESSED_CELL = "offsite 2-26-2 whitened-svd lora int8"
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -247,31 +244,30 @@ def ensure_bundle(
     compressed: bool = False,
 ) -> Path:
     """The model's emulator bundle of ``shape`` (fp32 or owner-quantized layer drop), or with
-    ``compressed`` the default emulator (config defaults; ``shape`` gives bottom and top), built
-    once."""
+    ``compressed`` the depth-preserving compressed emulator (``shape`` gives bottom and top),
+    built once."""
     if (out / "manifest.json").is_file():
         return out
+    from cells import COMPRESSED_OVERRIDES, LAYER_DROP_OVERRIDES
+
     from coordinator.models import load_full_model
     from emulator.adapter import AdapterSpec
     from emulator.build import build_bundle
     from emulator.layers import plan_layers
-    from offsite.config import EmulatorConfig
+    from offsite.config import load_config
 
     full, tokenizer, arch, _ = load_full_model(str(model_path))
     bottom, keep, top = shape
+    emulator = (
+        list(COMPRESSED_OVERRIDES)
+        if compressed
+        else [*LAYER_DROP_OVERRIDES, f"emulator.keep={keep}", f"emulator.quantize='{quantize}'"]
+    )
+    settings = load_config(
+        None, [f"emulator.bottom={bottom}", f"emulator.top={top}", *emulator]
+    ).emulator
     blocks = int(full.config.num_hidden_layers)
-    if compressed:  # the configuration's default emulator: all middle blocks, compressed
-        settings = EmulatorConfig(bottom=bottom, top=top)
-        keep = settings.keep
-    else:
-        settings = EmulatorConfig(
-            bottom=bottom,
-            keep=keep,
-            top=top,
-            quantize=quantize,  # type: ignore[arg-type]
-            **LAYER_DROP,  # type: ignore[arg-type]
-        )
-    plan = plan_layers(blocks, settings.bottom, settings.top, keep)
+    plan = plan_layers(blocks, settings.bottom, settings.top, settings.keep)
     adapter = AdapterSpec.for_plan("lora", plan, arch)
     build_bundle(
         full, tokenizer, arch, plan, adapter, out, source=str(model_path), settings=settings
@@ -285,7 +281,7 @@ def ensure_bundle(
 def throughput_specs(
     model_path: Path, bundles: dict[str, Path], args: Any, compressed: Path | None = None
 ) -> list[dict]:
-    """Every throughput cell of one model; ``compressed`` is the default emulator's bundle
+    """Every throughput cell of one model; ``compressed`` is the compressed emulator's bundle
     folder (the embedded model only)."""
     common = {"model_path": str(model_path), "tokenizer": str(model_path)}
     common |= {"steps": args.steps, "warmup": args.warmup}
@@ -369,14 +365,17 @@ def accuracy_cells() -> list[tuple[str, list[str]]]:
     first += [(s, q, p) for s in SMALL_SHAPES for p in SMALL_POLICIES for q in SMALL_PRECISIONS]
     rest = [(DEFAULT_SHAPE, q, p) for q in ("bf16", "int8", "int4", "fp32") for p in POLICIES]
     order = first + [cell for cell in rest if cell not in first]
-    cells = [(COMPRESSED_CELL, ["train.adapter=lora", "train.precision=bf16"])]  # the defaults
+    from cells import COMPRESSED_OVERRIDES, LAYER_DROP_OVERRIDES
+
+    cells = [
+        (COMPRESSED_CELL, ["train.adapter=lora", "train.precision=bf16", *COMPRESSED_OVERRIDES])
+    ]
     for shape, precision, policy in order:
         overrides = [f"train.adapter={policy}"]
         overrides.append(f"train.precision={'fp32' if precision == 'fp32' else 'bf16'}")
-        overrides += [*LAYER_DROP_OVERRIDES, "emulator.keep=16"]
-        overrides.append(
-            f"emulator.quantize={precision if precision in ('int8', 'int4') else 'none'}"
-        )
+        overrides += [*LAYER_DROP_OVERRIDES, f"emulator.keep={DEFAULT_SHAPE[1]}"]
+        if precision in ("int8", "int4"):
+            overrides.append(f"emulator.quantize={precision}")
         if shape != DEFAULT_SHAPE:
             checkpoint = WORK / f"distill-cosine-{shape_suffix(shape)}"  # shared by precisions
             bottom, keep, top = shape
@@ -496,10 +495,10 @@ def write_report(
         f"Cells named {small_names} use smaller emulators: for accuracy their middle blocks "
         "are chosen by cosine selection and distilled (200 steps on public chitchat text); "
         "their throughput bundles have the same shapes, undistilled. Cells without a shape "
-        "in their name train on the 2-16-2 plain layer drop, the default until 2026-12-06; "
-        f"'{COMPRESSED_CELL}' trains on today's default emulator (every middle block kept, "
-        "norms folded, whitened-SVD factorized at 95 % energy, int8 factors), whose goal is "
-        "≥ 8× tokens/s and ≥ 8× less peak memory than the fastest full fine-tuning.",
+        "in their name train on the default 2-16-2 plain layer drop; "
+        f"'{COMPRESSED_CELL}' trains on the depth-preserving compressed emulator (every "
+        "middle block kept, norms folded, whitened-SVD factorized at 95 % energy, int8 "
+        "factors).",
         "",
     ]
     for summary in summaries:

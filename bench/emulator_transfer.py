@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cells import quiet_setup, simulate_cell
+from cells import LAYER_DROP_OVERRIDES, quiet_setup, simulate_cell
 
 ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
@@ -54,21 +54,11 @@ class Cell:
     what: str
 
 
-# What the layer-drop cells were measured under: the configuration's defaults until 2026-12-06
-# (no factorization, fp32 middle, norms as they are). Pinned so a cell keeps meaning the same
-# emulator whatever the defaults become.
-_LAYER_DROP = (
-    "emulator.factorize='none'",
-    "emulator.quantize='none'",
-    "emulator.fold_norms=false",
-)
-
-
 def _distilled_int8(selection: str, keep: int, steps: int) -> tuple[str, ...]:
     """A distilled, int8-middle candidate; its distillation checkpoint is shared by its seeds
     (and by cells that only change the recipe), the checkpoint override last."""
     return (
-        *_LAYER_DROP,
+        *LAYER_DROP_OVERRIDES,
         f"emulator.keep={keep}",
         f"emulator.selection='{selection}'",
         "emulator.distill=true",
@@ -85,20 +75,20 @@ CELLS = {
     for cell in (
         Cell(
             "uniform-2-16-2",
-            (*_LAYER_DROP, "emulator.keep=16", "emulator.selection='uniform'"),
-            "plain uniform layer drop, 16 middle blocks shipped as they are: the default "
-            "until 2026-12-06 (the offsite-tuning reference without distillation)",
+            (*LAYER_DROP_OVERRIDES, "emulator.keep=16", "emulator.selection='uniform'"),
+            "plain uniform layer drop, 16 middle blocks shipped as they are: the "
+            "configuration's defaults (the offsite-tuning reference without distillation)",
         ),
         Cell(
             "identity",
-            (*_LAYER_DROP, "emulator.keep=-1"),
+            (*LAYER_DROP_OVERRIDES, "emulator.keep=-1"),
             "the full model as its own emulator: the federation's ceiling for any emulator "
             "(its plug-in is federated full-model fine-tuning)",
         ),
         Cell(
             "cosine-distilled-2-8-2",
             (
-                *_LAYER_DROP,
+                *LAYER_DROP_OVERRIDES,
                 "emulator.keep=8",
                 "emulator.selection='cosine'",
                 "emulator.distill=true",
@@ -165,10 +155,11 @@ CELLS = {
             )
             for energy, cap in ((0.9, 0.5), (0.95, 0.5), (0.98, 1.0), (0.99, 1.0))
         ),
+        # (wsvd95-int8-2-26-2 is cells.COMPRESSED_OVERRIDES, which the client bench measures)
         Cell(
             "svd-distilled-2-8-2",
             (
-                *_LAYER_DROP,
+                *LAYER_DROP_OVERRIDES,
                 "emulator.keep=8",
                 "emulator.selection='cosine'",
                 "emulator.factorize='svd'",
@@ -189,7 +180,7 @@ _CHATTERBOT = ("data.name='chatterbot-topics'", "data.eval_size=300")
 _GEMMA = ("model.name='gemma3-270m'",)
 GENERALISATION = {
     "chatterbot-topics/uniform-2-16-2": (*_CHATTERBOT, *CELLS["uniform-2-16-2"].overrides),
-    "gemma3-270m/bbc-news/uniform-2-9-2": (*_GEMMA, *_LAYER_DROP, "emulator.keep=9"),
+    "gemma3-270m/bbc-news/uniform-2-9-2": (*_GEMMA, *LAYER_DROP_OVERRIDES, "emulator.keep=9"),
     # the leading candidates on the other task too: a method that only transfers on bbc-news
     # fails (distillation is on public text, so one checkpoint serves every task)
     "chatterbot-topics/cosine-distilled-int8-2-8-2": (*_CHATTERBOT, *_COSINE_INT8_2_8_2),

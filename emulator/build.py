@@ -148,12 +148,7 @@ def build_bundle(
         compression["quantization"] = quantize_emulator(
             emulator, plan, arch, tokenizer, calibration, settings
         )
-    changed = (
-        settings.distill
-        or settings.quantize != "none"
-        or settings.factorize != "none"
-        or "folded_norms" in compression
-    )
+    changed = settings.distill or rewritten  # folding happens only when rewritten
     shipped = unique_state(emulator) if changed else emulator_state(full_model, plan, arch)
     shipped = dict(shipped)
     embeddings = quantize_embeddings(

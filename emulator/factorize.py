@@ -55,28 +55,28 @@ def whitening(second_moment: torch.Tensor, damping: float = 1e-4) -> torch.Tenso
     return torch.linalg.cholesky(moment + ridge * eye)
 
 
-def _weighted(linear: nn.Linear, second_moment: torch.Tensor | None) -> torch.Tensor:
-    """W, or W·S when the inputs' second moment is given (float64)."""
+def _weighted(linear: nn.Linear, whitener: torch.Tensor | None) -> torch.Tensor:
+    """W, or W·S given the whitening factor S of its inputs (float64)."""
     weight = linear.weight.detach().double()
-    return weight if second_moment is None else weight @ whitening(second_moment)
+    return weight if whitener is None else weight @ whitener
 
 
 def factorize_linear(
-    linear: nn.Linear, rank: int, second_moment: torch.Tensor | None = None
+    linear: nn.Linear, rank: int, whitener: torch.Tensor | None = None
 ) -> LowRankLinear:
     """The best rank-``rank`` factorization of ``linear`` (the singular values split evenly
     between the two factors, which keeps both well scaled): best for the weight in Frobenius
-    norm, or, given the inputs' ``second_moment``, best for the layer's output on those inputs.
-    ``bound`` is the Frobenius norm of W − up·down either way."""
+    norm, or, given the ``whitener`` S of its inputs (``whitening`` of their second moment),
+    best for the layer's output on those inputs. ``bound`` is the Frobenius norm of
+    W − up·down either way."""
     out_features, in_features = linear.weight.shape
     if not 1 <= rank <= min(out_features, in_features):
         raise ValueError(f"rank must be in [1, {min(out_features, in_features)}], got {rank}")
-    u, s, vh = torch.linalg.svd(_weighted(linear, second_moment), full_matrices=False)
+    u, s, vh = torch.linalg.svd(_weighted(linear, whitener), full_matrices=False)
     root = s[:rank].sqrt()
     down = root[:, None] * vh[:rank]
-    if second_moment is not None:  # (Σ½Vᵀ)·S⁻¹, by a triangular solve: down·S = Σ½Vᵀ
-        factor = whitening(second_moment)
-        down = torch.linalg.solve_triangular(factor, down, upper=False, left=False)
+    if whitener is not None:  # (Σ½Vᵀ)·S⁻¹, by a triangular solve: down·S = Σ½Vᵀ
+        down = torch.linalg.solve_triangular(whitener, down, upper=False, left=False)
     up = u[:, :rank] * root[None, :]
     weight = linear.weight.detach().double()
     bound = float((weight - up @ down).norm())
@@ -89,12 +89,10 @@ def factorize_linear(
     return factored.requires_grad_(False)
 
 
-def rank_for_energy(
-    linear: nn.Linear, energy: float, second_moment: torch.Tensor | None = None
-) -> int:
+def rank_for_energy(linear: nn.Linear, energy: float, whitener: torch.Tensor | None = None) -> int:
     """The smallest rank keeping ``energy`` (0..1) of the squared singular values (of W·S
-    when the inputs' second moment is given)."""
-    s2 = torch.linalg.svdvals(_weighted(linear, second_moment)).pow(2)
+    given the inputs' whitening factor S)."""
+    s2 = torch.linalg.svdvals(_weighted(linear, whitener)).pow(2)
     cumulative = torch.cumsum(s2, 0) / s2.sum()
     found = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64))) + 1
     return min(found, len(s2))  # rounding can leave the last partial sum a hair below 1
@@ -115,15 +113,14 @@ def choose_rank(
     energy: float,
     max_rank_fraction: float,
     multiple: int,
-    second_moment: torch.Tensor | None = None,
+    whitener: torch.Tensor | None = None,
 ) -> int:
     """The rank a build gives ``linear``: the energy rank rounded up to ``multiple``, capped at
     ``max_rank_fraction`` of the break-even rank (so the factors are smaller than the matrix and
     never reproduce it exactly), and kept a multiple of ``multiple`` when the cap allows."""
     out_features, in_features = linear.weight.shape
     cap = max(1, math.floor(max_rank_fraction * break_even_rank(in_features, out_features)))
-    wanted = rank_for_energy(linear, energy, second_moment)
-    wanted = math.ceil(wanted / multiple) * multiple
+    wanted = math.ceil(rank_for_energy(linear, energy, whitener) / multiple) * multiple
     aligned_cap = cap // multiple * multiple
     rank = min(wanted, aligned_cap) if aligned_cap >= multiple else min(wanted, cap)
     if rank >= min(in_features, out_features):
@@ -168,8 +165,9 @@ def factorize_linears(
     for name, module in linears.items():
         linear = _as_linear(module)
         moment = moments.get(name)
-        rank = choose_rank(linear, energy, max_rank_fraction, multiple, moment)
-        low = factorize_linear(linear, rank, moment)
+        whitener = None if moment is None else whitening(moment)  # once per matrix
+        rank = choose_rank(linear, energy, max_rank_fraction, multiple, whitener)
+        low = factorize_linear(linear, rank, whitener)
         replace_module(model, name, low)
         out_features, in_features = linear.weight.shape
         norm = float(linear.weight.detach().double().norm())

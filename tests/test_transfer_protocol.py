@@ -132,3 +132,15 @@ def test_a_target_the_interval_crosses_is_not_called_met() -> None:
     assert protocol._at_least({"mean": 24.7, "ci95": 2.0}, 5) is True
     assert protocol._at_least({"mean": 4.0, "ci95": 0.5}, 5) is False
     assert protocol._at_least({"mean": 6.0, "ci95": math.nan}, 5) is True  # one seed: no CI
+
+
+def test_the_compressed_emulator_is_one_setting_in_both_benchmarks() -> None:
+    """The client bench measures cells.COMPRESSED_OVERRIDES; the transfer protocol measured it
+    as cell wsvd95-int8-2-26-2: the two must build the same emulator."""
+    from cells import COMPRESSED_OVERRIDES
+
+    from offsite.config import load_config
+
+    cell = protocol.CELLS["wsvd95-int8-2-26-2"].overrides
+    assert load_config(None, list(cell)) == load_config(None, list(COMPRESSED_OVERRIDES))
+    assert load_config(None, list(COMPRESSED_OVERRIDES)) != load_config(None, [])

@@ -11,7 +11,7 @@ import torch
 from emulator.adapter import AdapterSpec
 from emulator.arch import REGISTRY, arch_spec, block_list
 from emulator.build import build_bundle
-from emulator.factorize import factorize_linear
+from emulator.factorize import factorize_linear, whitening
 from emulator.fold import fold_norms
 from emulator.layers import plan_layers
 from offsite.config import EmulatorConfig
@@ -48,7 +48,7 @@ def test_whitened_svd_is_best_on_the_inputs_it_was_calibrated_on() -> None:
     x = torch.randn(4096, 48) @ mix.T
     moment = x.T @ x / len(x)
     plain = factorize_linear(linear, 8)
-    whitened = factorize_linear(linear, 8, moment)
+    whitened = factorize_linear(linear, 8, whitening(moment))
 
     def output_error(low: torch.nn.Module) -> float:
         with torch.no_grad():
