@@ -8,6 +8,7 @@ bundle on disk.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -36,10 +37,18 @@ def _data_path(config: ConfigRecord, context: Context) -> Path:
 
 
 def _partition(context: Context) -> int:
-    """The simulation's partition id; in deployment a stable number derived from the node id
-    (seeds and reports only need it to differ between nodes)."""
+    """The simulation's partition id; in deployment a number derived from the node's enrolled
+    name, so a node's seeds and reports stay the same when Flower gives it a new node id (a
+    renewed key, a coordinator restart): a resumed run then trains exactly as an uninterrupted
+    one would."""
     if "partition-id" in context.node_config:
         return int(context.node_config["partition-id"])
+    identity_dir = context.node_config.get("identity-dir")
+    if identity_dir is not None:
+        from client.identity import NodeIdentity
+
+        name = str(NodeIdentity(Path(str(identity_dir))).details()["name"])
+        return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % 1_000_003
     return int(context.node_id) % 1_000_003
 
 

@@ -671,12 +671,23 @@ def test_a_killed_coordinator_resumes_the_deployed_run_and_matches_an_uninterrup
     deployment.processes.offsite(
         "run", "--state", str(deployment.state), "--resume", str(killed), timeout=900
     )
+    outcomes = json.loads((killed / "outcomes.json").read_text())
+    assert [o["round"] for o in outcomes if o["round"] > 0] == [1, 2, 3]
+    # the same nodes (by their stable partition) trained each round in both runs
+    assert _replies_per_round(killed) == _replies_per_round(reference)
     final, expected = _adapter(killed, 3), _adapter(reference, 3)
     assert final.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6)
-    outcomes = json.loads((killed / "outcomes.json").read_text())
-    assert [o["round"] for o in outcomes if o["round"] > 0] == [1, 2, 3]
+
+
+def _replies_per_round(run_dir: Path) -> dict[int, list[tuple[int, int]]]:
+    """Round -> sorted (partition, examples) of the replies it aggregated."""
+    per_round: dict[int, list[tuple[int, int]]] = {}
+    for reply in json.loads((run_dir / "rounds.json").read_text()):
+        entry = (int(reply["partition-id"]), int(reply["num-examples"]))
+        per_round.setdefault(int(reply["round"]), []).append(entry)
+    return {number: sorted(entries) for number, entries in sorted(per_round.items())}
 
 
 def test_a_revoked_node_is_unregistered_and_its_node_stops_with_the_reason(
