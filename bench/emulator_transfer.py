@@ -156,6 +156,25 @@ CELLS = {
             for energy, cap in ((0.9, 0.5), (0.95, 0.5), (0.98, 1.0), (0.99, 1.0))
         ),
         # (wsvd95-int8-2-26-2 is cells.COMPRESSED_OVERRIDES, which the client bench measures)
+        *(
+            Cell(
+                f"fisher{round(100 * budget)}-int8-2-26-2",
+                (
+                    "emulator.keep=-1",
+                    "emulator.factorize='fisher-svd'",
+                    f"emulator.factorize_budget={budget}",
+                    "emulator.factorize_max_rank_fraction=1.0",
+                    "emulator.fold_norms=true",
+                    "emulator.quantize='int8'",
+                ),
+                "every middle block kept, norms folded, each linear SVD-factorized in the LM "
+                "loss's K-FAC metric on public text (inputs' and output gradients' second "
+                f"moments), one budget of {budget:.0%} of the middle's dense parameters spread "
+                "where truncation costs the loss most, then int8: training-free, nothing "
+                "verbatim" + (" (the parameters of wsvd95-int8-2-26-2)" if budget == 0.433 else ""),
+            )
+            for budget in (0.433,)
+        ),
         Cell(
             "svd-distilled-2-8-2",
             (
@@ -187,6 +206,10 @@ GENERALISATION = {
     "chatterbot-topics/wsvd95-int8-2-26-2": (
         *_CHATTERBOT,
         *CELLS["wsvd95-int8-2-26-2"].overrides,
+    ),
+    "chatterbot-topics/fisher43-int8-2-26-2": (
+        *_CHATTERBOT,
+        *CELLS["fisher43-int8-2-26-2"].overrides,
     ),
 }
 

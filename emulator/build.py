@@ -19,6 +19,7 @@ from emulator.digest import canonical_json, tensor_sha256
 from emulator.distill import distill
 from emulator.embeddings import expand_embeddings, quantize_embeddings
 from emulator.factorize import factorize_linears
+from emulator.fisher import output_gradient_moments
 from emulator.fold import fold_norms
 from emulator.forward import pick_device, resolve_precision
 from emulator.layers import LayerPlan, plan_layers
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 _DISTILL_RECIPE = (
     "factorize",  # a factorized student is another model: never resumed from a dense one
     "factorize_energy",
+    "factorize_budget",
     "factorize_max_rank_fraction",
     "factorize_rank_multiple",
     "fold_norms",
@@ -265,24 +267,34 @@ def factorize_emulator(
 ) -> dict[str, Any]:
     """Replace the kept middle blocks' linears by truncated SVDs in place; the manifest's
     factorization entry. 'whitened-svd' weighs each linear by the second moment of its inputs
-    on ``calibration`` (the dense emulator's). Under int4 the ranks are multiples of the
-    quantization group (the ``up`` factor's input is the rank)."""
+    on ``calibration`` (the dense emulator's); 'fisher-svd' also by that of the LM loss's
+    gradient at its output (``emulator.fisher``) and spreads ``factorize_budget`` over all
+    of them. Under int4 the ranks are multiples of the quantization group (the ``up``
+    factor's input is the rank)."""
     linears = quantizable_linears(
         _middle_blocks(emulator, plan, arch), block_prefix(emulator, arch)
     )
     multiple = settings.factorize_rank_multiple
     if settings.quantize == "int4":
         multiple = math.lcm(multiple, settings.quant_group_size)
-    moments = None
-    if settings.factorize == "whitened-svd":
+    moments = gradients = None
+    fisher = settings.factorize == "fisher-svd"
+    if fisher and not arch.causal_lm:
+        raise ConfigError(
+            "emulator.factorize='fisher-svd' weighs by a language-modelling loss, which this "
+            "model has no head for; use emulator.factorize='whitened-svd'"
+        )
+    if settings.factorize in ("whitened-svd", "fisher-svd"):
         if not calibration:
             raise ConfigError(
-                "emulator.factorize='whitened-svd' found no calibration text in "
+                f"emulator.factorize='{settings.factorize}' found no calibration text in "
                 "emulator.public_text; point it at a non-empty corpus"
             )
         batches = _calibration_batches(tokenizer, calibration, settings.distill_max_length)
         stats = collect_activations(emulator, linears, batches, gram=True)
         moments = {name: entry.second_moment() for name, entry in stats.items()}
+        if fisher:
+            gradients = output_gradient_moments(emulator, linears, batches)
     entry = factorize_linears(
         emulator,
         linears,
@@ -290,6 +302,8 @@ def factorize_emulator(
         settings.factorize_max_rank_fraction,
         multiple,
         moments,
+        gradients,
+        budget=settings.factorize_budget if fisher else None,
     )
     entry["calibration_texts"] = len(calibration or []) if moments else 0
     log.info(

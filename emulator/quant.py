@@ -266,7 +266,7 @@ class _Activations:
         return self.gram / max(self.count, 1)
 
 
-def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Input rows of a linear without padding positions (some models flatten batch and time)."""
     if mask is not None:
         keep = mask.to(x.device).bool()
@@ -294,7 +294,7 @@ def collect_activations(
     def hook(name: str) -> Any:
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach().float()
-            x = _real_rows(x, mask[0] if mask else None)
+            x = real_rows(x, mask[0] if mask else None)
             x = x.cpu()
             entry = stats.get(name)
             if entry is None:

@@ -107,13 +107,21 @@ class EmulatorConfig(_Section):
         "Folder for the distillation checkpoint (resume, or reuse a finished distillation for "
         "another bundle of the same model and plan); empty = next to the bundle.",
     )
-    factorize: Literal["none", "svd", "whitened-svd"] = _f(
+    factorize: Literal["none", "svd", "whitened-svd", "fisher-svd"] = _f(
         "none",
         "Replace each kept middle linear by a truncated SVD (two smaller linears, rank chosen "
         "per matrix by factorize_energy): no original weight matrix ships. 'svd' is best for "
         "the weight; 'whitened-svd' is best for the layer's output on public calibration text "
-        "(SVD of W·S, S·Sᵀ the inputs' second moment; needs emulator.public_text). Norms and "
-        "biases stay verbatim unless emulator.fold_norms or emulator.distill changes them.",
+        "(SVD of W·S, S·Sᵀ the inputs' second moment; needs emulator.public_text); "
+        "'fisher-svd' (causal LMs) also weighs the output by the LM loss's gradient there "
+        "(K-FAC), so each truncation has an estimated loss cost and one budget of parameters "
+        "(factorize_budget) goes where it costs least. Norms and biases stay verbatim unless "
+        "emulator.fold_norms or emulator.distill changes them.",
+    )
+    factorize_budget: float = _f(
+        0.45,
+        "fisher-svd: the factors of all kept middle linears together hold at most this share "
+        "of their dense parameters (each matrix still within factorize_max_rank_fraction).",
     )
     fold_norms: bool = _f(
         False,
@@ -174,11 +182,13 @@ class EmulatorConfig(_Section):
             out.append("emulator.min_perplexity_ratio must be >= 0")
         if self.selection == "cosine" and not self.public_text:
             out.append("emulator.selection='cosine' needs emulator.public_text (calibration)")
-        if self.factorize == "whitened-svd" and not self.public_text:
+        if self.factorize in ("whitened-svd", "fisher-svd") and not self.public_text:
             out.append(
-                "emulator.factorize='whitened-svd' needs emulator.public_text (its calibration "
-                "text); set one, or emulator.factorize='svd' / 'none'"
+                f"emulator.factorize='{self.factorize}' needs emulator.public_text (its "
+                "calibration text); set one, or emulator.factorize='svd' / 'none'"
             )
+        if not 0.0 < self.factorize_budget <= 1.0:
+            out.append("emulator.factorize_budget must be in (0, 1]")
         if self.distill and not self.public_text:
             out.append("emulator.distill needs emulator.public_text (the distillation corpus)")
         if not 0.0 < self.factorize_energy <= 1.0:
