@@ -1,20 +1,22 @@
 """The data owner's Flower ClientApp: train the adapter on local data, return only the adapter.
 
-Message in: ``arrays`` (global trainable tensors, full-model names) + ``config`` (bundle digest
-and location, training recipe). Message out: the trained tensors + ``num-examples`` and
-training metrics. The emulator never travels in a Flower message; it is read from the verified
-bundle on disk.
+Message in: ``arrays`` (global trainable tensors, full-model names) + ``config`` (a
+``TrainInstruction``: bundle digest and location, training recipe). Message out: the trained
+tensors + ``metrics`` (a ``TrainReply``: example count and training metrics). The emulator
+never travels in a Flower message; it is read from the verified bundle on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.node_config import DATA_PATH, IDENTITY_DIR, MEMORY_BUDGET, PARTITION_ID
 from client.secure_stage import STAGE_KEY, handle_query, masked_update
 from client.session import open_session
 from emulator.dp import add_gaussian_noise, clip_update
@@ -23,17 +25,18 @@ from emulator.forward import resolve_precision
 from emulator.train import train_adapter
 from offsite.data import load_task
 from offsite.sparse_update import encode_update
+from offsite.wire.messages import TrainInstruction, TrainReply
 
 app = ClientApp()
 RESIDUAL_KEY = "upload-residual"  # error-feedback residual of sparse upload, kept on the node
 
 
-def _data_path(config: ConfigRecord, context: Context) -> Path:
+def _data_path(order: TrainInstruction, context: Context) -> Path:
     """Local data: ``data-path`` from the node config (deployment), else the simulation share."""
-    if "data-path" in context.node_config:
-        return Path(str(context.node_config["data-path"]))
-    partition = int(context.node_config["partition-id"])
-    return Path(str(config["data-dir"])) / f"client-{partition}.jsonl"
+    if DATA_PATH in context.node_config:
+        return Path(str(context.node_config[DATA_PATH]))
+    partition = int(context.node_config[PARTITION_ID])
+    return Path(order.data_dir) / f"client-{partition}.jsonl"
 
 
 def _partition(context: Context) -> int:
@@ -41,9 +44,9 @@ def _partition(context: Context) -> int:
     name, so a node's seeds and reports stay the same when Flower gives it a new node id (a
     renewed key, a coordinator restart): a resumed run then trains exactly as an uninterrupted
     one would."""
-    if "partition-id" in context.node_config:
-        return int(context.node_config["partition-id"])
-    identity_dir = context.node_config.get("identity-dir")
+    if PARTITION_ID in context.node_config:
+        return int(context.node_config[PARTITION_ID])
+    identity_dir = context.node_config.get(IDENTITY_DIR)
     if identity_dir is not None:
         from client.identity import NodeIdentity
 
@@ -52,13 +55,13 @@ def _partition(context: Context) -> int:
     return int(context.node_id) % 1_000_003
 
 
-def _bundle_path(config: ConfigRecord, context: Context) -> Path:
+def _bundle_path(order: TrainInstruction, context: Context) -> Path:
     """The run's verified bundle: in deployment fetched from the coordinator's artifact service
     into this node's locked cache (once per bundle), in simulation read where the plan says."""
-    identity_dir = context.node_config.get("identity-dir")
-    artifact = str(config.get("bundle-artifact", ""))
+    identity_dir = context.node_config.get(IDENTITY_DIR)
+    artifact = order.bundle_artifact
     if identity_dir is None or not artifact:
-        return Path(str(config["bundle-path"]))
+        return Path(order.bundle_path)
     from client.artifacts import fetch_bundle
     from client.identity import NodeIdentity
 
@@ -67,27 +70,29 @@ def _bundle_path(config: ConfigRecord, context: Context) -> Path:
         bundle = fetch_bundle(
             channel,
             artifact,
-            str(config["bundle-digest"]),
+            order.bundle_digest,
             identity.folder / "cache",
             identity.signing_key(),
         )
     return bundle.path
 
 
-def _set_threads(config: ConfigRecord) -> None:
+def _set_threads(order: TrainInstruction) -> None:
     """Use the cores the simulation reserved for this client (0 = the torch default)."""
-    threads = int(config.get("threads", 0))  # type: ignore[arg-type]
+    threads = order.threads
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
 
-def _memory_budget(config: ConfigRecord, context: Context) -> str:
+def _memory_budget(order: TrainInstruction, context: Context) -> str:
     """This node's memory budget: node config ``memory-budget`` in deployment, else the run's
     ``train.memory_budget``; empty for none."""
-    return str(context.node_config.get("memory-budget", config.get("memory-budget", "")))
+    return str(context.node_config.get(MEMORY_BUDGET, order.memory_budget))
 
 
-def _checkpointing(budget: str, config: ConfigRecord, context: Context, bundle_path: Path) -> bool:
+def _checkpointing(
+    budget: str, order: TrainInstruction, context: Context, bundle_path: Path
+) -> bool:
     """Activation checkpointing if this node's memory ``budget`` needs it."""
     if not budget:
         return False
@@ -99,19 +104,19 @@ def _checkpointing(budget: str, config: ConfigRecord, context: Context, bundle_p
     manifest = read_manifest(bundle_path)
     workload = Workload(
         str(bundle_path),
-        str(_data_path(config, context)),
-        batch_size=int(config["batch-size"]),
-        max_length=int(config["max-length"]),
-        max_words=int(config["max-words"]),
-        template=str(config["template"]),
+        str(_data_path(order, context)),
+        batch_size=order.batch_size,
+        max_length=order.max_length,
+        max_words=order.max_words,
+        template=order.template,
     )
-    identity_dir = context.node_config.get("identity-dir")
+    identity_dir = context.node_config.get(IDENTITY_DIR)
     fit = fit_budget(
         workload,
         str(manifest["adapter"]["kind"]),
-        resolve_precision(str(config["precision"]), pick_device()),
+        resolve_precision(order.precision, pick_device()),
         budget,
-        str(config["bundle-digest"]),
+        order.bundle_digest,
         Path(str(identity_dir)) / "cache" if identity_dir else None,
     )
     return fit.checkpointing
@@ -119,53 +124,50 @@ def _checkpointing(budget: str, config: ConfigRecord, context: Context, bundle_p
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    _set_threads(config)
-    bundle_path = _bundle_path(config, context)
-    budget = _memory_budget(config, context)
-    checkpointing = _checkpointing(budget, config, context, bundle_path)
-    session = open_session(
-        bundle_path, str(config["bundle-digest"]), str(config["precision"]), checkpointing
-    )
+    order = TrainInstruction.from_record(msg.content["config"])
+    _set_threads(order)
+    bundle_path = _bundle_path(order, context)
+    budget = _memory_budget(order, context)
+    checkpointing = _checkpointing(budget, order, context, bundle_path)
+    session = open_session(bundle_path, order.bundle_digest, order.precision, checkpointing)
     global_state = msg.content["arrays"].to_torch_state_dict()
     session.adapted.load_trainable(global_state)
 
-    task = load_task(str(_data_path(config, context)), min_labels=1)
+    task = load_task(str(_data_path(order, context)), min_labels=1)
     partition = _partition(context)
-    server_round = int(config["server-round"])
-    seed = int(config["seed"]) * 100_003 + partition * 1_009 + server_round
+    seed = order.seed * 100_003 + partition * 1_009 + order.server_round
     batches = training_batches(
         session.tokenizer,
         task.examples,
-        str(config["template"]),
-        max_words=int(config["max-words"]),
-        max_length=int(config["max-length"]),
-        batch_size=int(config["batch-size"]),
+        order.template,
+        max_words=order.max_words,
+        max_length=order.max_length,
+        batch_size=order.batch_size,
         seed=seed,
     )
     torch.manual_seed(seed)
     result = train_adapter(
         session.adapted,
         batches,
-        steps=int(config["local-steps"]),
-        lr=float(config["lr"]),
+        steps=order.local_steps,
+        lr=order.lr,
         precision=session.precision,
         device=session.device,
         **session.memory,
     )
-    trained = misbehave(config, partition, global_state, session.adapted.trainable_state())
-    clip = float(config.get("dp-clip", 0.0))
-    if "secagg-inbox" in config:
+    trained = misbehave(order, partition, global_state, session.adapted.trainable_state())
+    clip = order.dp_clip
+    if order.secagg_inbox:
         # Secure aggregation: only a masked [weight · update, weight] vector leaves the node.
         update = {k: trained[k] - global_state[k].float() for k in trained}
         weight = float(len(task.examples))
         if clip > 0:
             update, _ = clip_update(update, clip)
-            update = add_gaussian_noise(update, float(config.get("dp-noise-std", 0.0)))
+            update = add_gaussian_noise(update, order.dp_noise_std)
             weight = 1.0
-        arrays = masked_update(context.state, str(config["secagg-inbox"]), update, weight)
-        metrics = MetricRecord({"num-examples": 1, "partition-id": partition, "secagg": 1})
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        arrays = masked_update(context.state, order.secagg_inbox, update, weight)
+        reply = TrainReply(num_examples=1, partition_id=partition, secagg=True)
+        return Message(RecordDict({"arrays": arrays, "metrics": reply.to_record()}), reply_to=msg)
     if clip > 0:
         # Differential privacy: only the clipped update leaves; metrics that depend on the
         # data (loss, example and token counts, timing) are withheld, since the noise covers
@@ -173,28 +175,24 @@ def train(msg: Message, context: Context) -> Message:
         update = {k: trained[k] - global_state[k].float() for k in trained}
         clipped, _ = clip_update(update, clip)
         trained = {k: global_state[k].float() + v for k, v in clipped.items()}
-        metrics = MetricRecord({"num-examples": 1, "partition-id": partition, "dp": 1})
+        reply = TrainReply(num_examples=1, partition_id=partition, dp=True)
     else:
-        metrics = MetricRecord(
-            {
-                "num-examples": len(task.examples),
-                "train-loss": result.mean_loss,
-                "train-loss-last": result.losses[-1],
-                "train-seconds": result.seconds,
-                "train-tokens": result.tokens,
-                "partition-id": partition,
-                "threads": torch.get_num_threads(),
-            }
+        reply = TrainReply(
+            num_examples=len(task.examples),
+            partition_id=partition,
+            train_loss=result.mean_loss,
+            train_loss_last=result.losses[-1],
+            train_seconds=result.seconds,
+            train_tokens=result.tokens,
+            threads=torch.get_num_threads(),
         )
-    if str(config.get("upload", "dense")) == "sparse" and clip == 0:
-        arrays, sent_bytes = sparse_upload(
-            context, trained, global_state, float(config["upload-fraction"])
-        )
-        metrics["sparse-upload"] = 1
-        metrics["upload-bytes"] = sent_bytes
+    if order.upload == "sparse" and clip == 0:
+        arrays, sent_bytes = sparse_upload(context, trained, global_state, order.upload_fraction)
+        reply = replace(reply, sparse_upload=True, upload_bytes=sent_bytes)
     else:
         arrays = trained
-    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": reply.to_record()})
+    return Message(content, reply_to=msg)
 
 
 def sparse_upload(
@@ -213,21 +211,21 @@ def sparse_upload(
 
 
 def misbehave(
-    config: ConfigRecord,
+    order: TrainInstruction,
     partition: int,
     global_state: dict[str, torch.Tensor],
     trained: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Injected faults (``[faults]``, for robustness tests): honest clients pass through."""
-    if partition >= int(config.get("fault-attackers", 0)):
+    if partition >= order.fault_attackers:
         return trained
-    attack = str(config["fault-attack"])
+    attack = order.fault_attack
     if attack == "crash":
         raise RuntimeError(f"injected crash of client {partition}")
     if attack == "nan":
         first = next(iter(trained))
         return {**trained, first: torch.full_like(trained[first], float("nan"))}
-    factor = float(config["fault-scale"]) * (-1.0 if attack == "sign-flip" else 1.0)
+    factor = order.fault_scale * (-1.0 if attack == "sign-flip" else 1.0)
     return {
         k: global_state[k].float() + factor * (v - global_state[k].float())
         for k, v in trained.items()

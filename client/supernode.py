@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client.identity import JoinError, NodeIdentity, RevokedError, renew_flower_key
+from client.node_config import DATA_PATH, IDENTITY_DIR, MEMORY_BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,11 @@ BACKOFF = (2.0, 5.0, 10.0, 30.0, 60.0)
 def node_config(identity: NodeIdentity, data: Path, memory_budget: str | None = None) -> str:
     """Flower's ``--node-config`` string for this node."""
     values: dict[str, object] = {
-        "data-path": Path(data).resolve(),
-        "identity-dir": identity.folder.resolve(),
+        DATA_PATH: Path(data).resolve(),
+        IDENTITY_DIR: identity.folder.resolve(),
     }
     if memory_budget:
-        values["memory-budget"] = memory_budget
+        values[MEMORY_BUDGET] = memory_budget
     for key, value in values.items():
         if '"' in str(value):
             raise JoinError(f"{key} {value} contains a double quote; use another folder")

@@ -28,51 +28,52 @@ from offsite.catalog import resolve_model
 from offsite.config import config_from_dict, learning_rate
 from offsite.dp import dp_schedule
 from offsite.runplan import RunPlan
+from offsite.wire.messages import TrainInstruction
 
 log = logging.getLogger(__name__)
 app = ServerApp()
 
 
 def train_config(plan: RunPlan) -> ConfigRecord:
+    """The instruction every sampled node gets with the global adapter."""
     train = plan.config["train"]
     data = plan.config["data"]
     privacy = plan.config.get("privacy", {"epsilon": 0.0, "clip_norm": 0.0})
-    return ConfigRecord(
-        {
-            "bundle-path": plan.bundle_path,
-            "bundle-digest": plan.bundle_digest,
-            "bundle-artifact": plan.bundle_artifact,
-            "data-dir": plan.data_dir,
-            "template": plan.template,
-            "max-words": data["max_words"],
-            "max-length": data["max_length"],
-            "batch-size": train["batch_size"],
-            "local-steps": train["local_steps"],
-            "lr": learning_rate(train),
-            "precision": train["precision"],
-            "upload": str(train.get("upload", "dense")),
-            "upload-fraction": float(train.get("upload_fraction", 1.0)),
-            "memory-budget": str(train.get("memory_budget", "")),
-            "seed": plan.config["seed"],
-            # simulation: one torch thread per reserved core, so parallel clients don't thrash
-            "threads": max(1, int(plan.config["federation"]["client_cpus"])),
-            # differential privacy: clients clip their update to this norm (0 = off)
-            "dp-clip": float(privacy["clip_norm"]) if float(privacy["epsilon"]) > 0 else 0.0,
-            "dp-noise-std": distributed_noise_std(plan),
-            **fault_injection(plan),
-        }
-    )
+    return TrainInstruction(
+        bundle_path=plan.bundle_path,
+        bundle_digest=plan.bundle_digest,
+        bundle_artifact=plan.bundle_artifact,
+        data_dir=plan.data_dir,
+        template=plan.template,
+        max_words=int(data["max_words"]),
+        max_length=int(data["max_length"]),
+        batch_size=int(train["batch_size"]),
+        local_steps=int(train["local_steps"]),
+        lr=learning_rate(train),
+        precision=str(train["precision"]),
+        upload=str(train.get("upload", "dense")),
+        upload_fraction=float(train.get("upload_fraction", 1.0)),
+        memory_budget=str(train.get("memory_budget", "")),
+        seed=int(plan.config["seed"]),
+        # simulation: one torch thread per reserved core, so parallel clients don't thrash
+        threads=max(1, int(plan.config["federation"]["client_cpus"])),
+        # differential privacy: clients clip their update to this norm (0 = off)
+        dp_clip=float(privacy["clip_norm"]) if float(privacy["epsilon"]) > 0 else 0.0,
+        dp_noise_std=distributed_noise_std(plan),
+        **fault_injection(plan),
+    ).to_record()
 
 
 def fault_injection(plan: RunPlan) -> dict[str, Any]:
-    """Misbehaviour the run was told to inject (robustness tests and benchmarks)."""
+    """Misbehaviour the run was told to inject (robustness tests and benchmarks), as
+    ``TrainInstruction`` fields."""
     faults = plan.config.get("faults", {})
     if not int(faults.get("attackers", 0)):
         return {}
     return {
-        "fault-attackers": int(faults["attackers"]),
-        "fault-attack": str(faults["attack"]),
-        "fault-scale": float(faults["attack_scale"]),
+        "fault_attackers": int(faults["attackers"]),
+        "fault_attack": str(faults["attack"]),
+        "fault_scale": float(faults["attack_scale"]),
     }
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from offsite.wire.messages import TrainReply
+
 
 class RoundProgress:
     """One bar over rounds; the postfix shows how many clients replied and their mean loss."""
@@ -18,8 +20,8 @@ class RoundProgress:
     def client_done(self, report: dict[str, Any]) -> None:
         if "error" in report or "quarantined" in report:
             self._failed += 1
-        elif "train-loss" in report:
-            self._losses.append(float(report["train-loss"]))
+        elif (reply := TrainReply.from_report(report)) and reply.train_loss is not None:
+            self._losses.append(reply.train_loss)
         loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
         self._bar.set_postfix(clients=len(self._losses), failed=self._failed, loss=f"{loss:.3f}")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from coordinator.evaluate import SETTINGS
 from emulator.build import describe_privacy
+from offsite.wire.messages import TrainReply
 
 
 def five_way_rows(scores: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -110,10 +111,9 @@ def plot_losses(rounds: list[dict[str, Any]], path: Path) -> None:
 
     curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for entry in rounds:
-        if "train-loss" in entry:
-            curves[int(entry.get("partition-id", entry["node-id"]))].append(
-                (int(entry["round"]), float(entry["train-loss"]))
-            )
+        reply = TrainReply.from_report(entry)
+        if reply is not None and reply.train_loss is not None:
+            curves[reply.partition_id].append((int(entry["round"]), reply.train_loss))
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for client, points in sorted(curves.items()):
         points.sort()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from offsite.errors import OffsiteError
+from offsite.wire.messages import TrainReply
 
 # "SomeError: message" / "pkg.SomeException: message" on a line of its own
 _EXCEPTION_LINE = re.compile(r"^\s*((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
@@ -70,7 +71,7 @@ class RunHealth:
         failures = tuple(
             ClientFailure(
                 int(r.get("round", 0)),
-                str(r.get("partition-id", r.get("node-id", "?"))),
+                _client_name(r),
                 short_error(str(r.get("error") or r.get("quarantined"))),
             )
             for r in reports
@@ -143,3 +144,9 @@ def adapter_changed(run_dir: Path, state: dict[str, Any]) -> bool:
     if start.keys() != state.keys():
         return True
     return any(not torch.equal(start[k], state[k]) for k in start)
+
+
+def _client_name(report: dict[str, Any]) -> str:
+    """A failed client as the user knows it: its partition, else the node id."""
+    reply = TrainReply.from_report(report)
+    return str(reply.partition_id) if reply else str(report.get("node-id", "?"))

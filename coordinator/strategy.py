@@ -27,6 +27,7 @@ from offsite.dp import BudgetExceeded, DpSchedule
 from offsite.robust import AggregationRule
 from offsite.secagg import SecAggError
 from offsite.sparse_update import decode_update
+from offsite.wire.messages import NUM_EXAMPLES, TrainReply, stamp_round, with_secagg_inbox
 
 ClientReport = dict[str, Any]
 
@@ -47,7 +48,7 @@ class AdapterFedAvg(FedAvg):
         round_offset: int = 0,
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
+        super().__init__(weighted_by_key=NUM_EXAMPLES, **kwargs)
         self._on_client_report = on_client_report
         # DP-FedAvg: every clipped update counts the same (the noise is calibrated to one)
         self._rule = replace(rule or AggregationRule(), max_examples=1) if dp else rule
@@ -72,7 +73,7 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._global = arrays  # what this round's updates are measured against
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        config["server-round"] = server_round + self._offset  # shared by the messages' records
+        stamp_round(config, server_round + self._offset)  # shared by the messages' records
         self._sent = messages  # the grid stamps their ids when it pushes them
         if not self._secure_enabled:
             return messages
@@ -89,7 +90,7 @@ class AdapterFedAvg(FedAvg):
             return []
         out = []
         for node, inbox in self._secure.inbox.items():
-            node_config = ConfigRecord({**dict(config), "secagg-inbox": inbox})
+            node_config = with_secagg_inbox(config, inbox)
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
             out.append(Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN))
         self._sent = out
@@ -130,9 +131,7 @@ class AdapterFedAvg(FedAvg):
                 else:
                     masked[int(reply.metadata.src_node_id)] = update
                 continue
-            update = _client_update(
-                node, reply, self.arrayrecord_key, self.weighted_by_key, self._global
-            )
+            update = _client_update(node, reply, self.arrayrecord_key, self._global)
             if isinstance(update, str):
                 report["quarantined"] = update
                 continue
@@ -236,7 +235,6 @@ def _client_update(
     node: str,
     reply: Message,
     arrays_key: str,
-    examples_key: str,
     global_arrays: ArrayRecord | None,
 ) -> ClientUpdate | str:
     """The reply as an update (a sparse upload rebuilt against the global adapter), or why it
@@ -245,9 +243,9 @@ def _client_update(
         arrays = reply.content.array_records[arrays_key]
         state = arrays.to_torch_state_dict()
         metrics = next(iter(reply.content.metric_records.values()))
-        examples = int(metrics[examples_key])
-        if int(metrics.get("sparse-upload", 0)) and global_arrays is not None:
+        sent = TrainReply.from_record(metrics)
+        if sent.sparse_upload and global_arrays is not None:
             state = decode_update(state, global_arrays.to_torch_state_dict())
     except (KeyError, StopIteration, TypeError, ValueError, RuntimeError) as err:
         return f"malformed reply: {err!r}"
-    return ClientUpdate(node, state, examples)
+    return ClientUpdate(node, state, sent.num_examples)

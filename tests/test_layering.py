@@ -23,6 +23,8 @@ ALLOWED = {
     # the generated gRPC stubs are the wire contract both sides share
     "offsite/wire/v1/artifacts_pb2_grpc.py": {"grpc"},
     "offsite/wire/v1/enrollment_pb2_grpc.py": {"grpc"},
+    # and the Flower-plane messages (Flower records) both roles share
+    "offsite/wire/messages.py": {"flwr"},
 }
 
 

@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, Metadata, RecordDict
 
 from coordinator.strategy import AdapterFedAvg
 from offsite.dp import DpSchedule, epsilon
 from offsite.robust import AggregationRule
+from offsite.wire.messages import TrainReply
 
 NAMES = {"l.lora_A.weight": (32, 64), "l.lora_B.weight": (64, 32)}
 
@@ -38,7 +39,9 @@ def _reply(
     content = RecordDict(
         {
             "arrays": ArrayRecord(state),
-            "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0}),
+            "metrics": TrainReply(
+                num_examples=examples, partition_id=node, train_loss=1.0
+            ).to_record(),
         }
     )
     return Message(content=content, metadata=_metadata(node, reply_to))
