@@ -21,14 +21,14 @@ from emulator.bundle import Bundle, verify_bundle
 from emulator.digest import file_sha256
 from offsite.archive import unpack_bundle
 from offsite.digests import require_sha256
-from offsite.errors import IntegrityError, OffsiteError
+from offsite.errors import ExitCode, IntegrityError, OffsiteError
 from offsite.wire.v1 import artifacts_pb2, artifacts_pb2_grpc
 
 
 class TransferError(OffsiteError):
     """The coordinator refused or could not deliver an artifact (the partial file is kept)."""
 
-    exit_code = 5
+    exit_code = ExitCode.TRANSFER
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from offsite.certs import fingerprint
-from offsite.errors import OffsiteError
+from offsite.errors import ExitCode, OffsiteError
 from offsite.files import write_private
 from offsite.wire.v1 import enrollment_pb2, enrollment_pb2_grpc
 
@@ -34,7 +34,7 @@ IDENTITY_FILES = ("node.key", "node.pem", "ca.pem", "node.json", "flower.key", "
 
 
 class JoinError(OffsiteError):
-    exit_code = 5
+    exit_code = ExitCode.ENROLLMENT
 
 
 def key_fingerprint(openssh: str) -> str:

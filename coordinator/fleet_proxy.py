@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.pki import Pki
-from offsite.errors import OffsiteError
+from offsite.errors import ExitCode, OffsiteError
 from offsite.processes import start_child, stop_tree, wait_for_port
 
 # The Fleet API routes a SuperNode with a coordinator-registered key calls in flwr 1.41
@@ -64,7 +64,7 @@ GATE_LOCATION = "/_offsite/fleet-auth"
 
 
 class ProxyError(OffsiteError):
-    exit_code = 6
+    exit_code = ExitCode.FEDERATION_LINK
 
 
 def nginx_binary() -> str:

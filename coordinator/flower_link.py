@@ -32,7 +32,7 @@ from coordinator.audit import Audit
 from coordinator.pki import Pki
 from coordinator.store import Store
 from offsite.certs import parse_flower_public_key
-from offsite.errors import OffsiteError
+from offsite.errors import ExitCode, OffsiteError
 from offsite.processes import flower_env, start_child, stop_tree, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ UNREGISTERED = "unregistered"
 
 
 class FlowerLinkError(OffsiteError):
-    exit_code = 6
+    exit_code = ExitCode.FEDERATION_LINK
 
 
 @dataclass(frozen=True)

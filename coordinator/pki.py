@@ -23,14 +23,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from offsite.errors import OffsiteError
+from offsite.errors import ExitCode, OffsiteError
 from offsite.files import write_private
 
 NODE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # whole name: fullmatch, never match
 
 
 class PkiError(OffsiteError):
-    exit_code = 5
+    exit_code = ExitCode.ENROLLMENT
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from offsite.errors import OffsiteError
+from offsite.errors import ExitCode, OffsiteError
 from offsite.wire.messages import TrainReply
 
 # "SomeError: message" / "pkg.SomeException: message" on a line of its own
@@ -28,7 +28,7 @@ SHORT = 200
 class TrainingFailed(OffsiteError):
     """No round of the federation aggregated an update."""
 
-    exit_code = 1
+    exit_code = ExitCode.TRAINING_FAILED
 
 
 def short_error(reason: str, limit: int = SHORT) -> str:

@@ -38,7 +38,7 @@ from coordinator.store import Store
 from coordinator.store.repository import StoreError
 from offsite.certs import canonical_flower_key, fingerprint
 from offsite.digests import is_sha256
-from offsite.errors import OffsiteError
+from offsite.errors import ExitCode, OffsiteError
 from offsite.wire.v1 import (
     artifacts_pb2,
     artifacts_pb2_grpc,
@@ -231,7 +231,7 @@ class NodeServicer(enrollment_pb2_grpc.NodeServiceServicer):
 class AddressInUse(OffsiteError):
     """A port the coordinator needs is taken."""
 
-    exit_code = 1
+    exit_code = ExitCode.ADDRESS_IN_USE
 
 
 def is_loopback(address: str) -> bool:

@@ -20,13 +20,13 @@ from emulator.arch import ArchSpec, block_list
 from emulator.digest import tensor_sha256
 from emulator.layers import LayerPlan
 from emulator.split import unique_state
-from offsite.errors import OffsiteError
+from offsite.errors import ExitCode, OffsiteError
 
 
 class GateError(OffsiteError):
     """The emulator fails the owner's privacy gate; it must not be shipped."""
 
-    exit_code = 6
+    exit_code = ExitCode.PRIVACY_GATE
 
 
 def verbatim_middle(

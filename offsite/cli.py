@@ -1,9 +1,8 @@
 """The one ``offsite`` command line.
 
 Subcommands import their heavy dependencies (torch, transformers, flwr) inside the command, so
-``offsite --help`` is instant. Exit codes: 0 success, 1 runtime error, 2 configuration error,
-3 data error, 4 model error, 5 integrity error, 6 emulator refused by the privacy gate,
-130 interrupted.
+``offsite --help`` is instant. Exit codes: one table, ``offsite.errors.ExitCode``, listed in
+``offsite --help``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from offsite.cli_deploy import client_app, coordinator_app
-from offsite.errors import ConfigError, OffsiteError
+from offsite.errors import ConfigError, ExitCode, OffsiteError, exit_code_table
 
 app = typer.Typer(
     name="offsite",
@@ -27,6 +26,7 @@ app = typer.Typer(
         "adapter; the owner aggregates the adapters and plugs them into the full model.\n\n"
         "Start with `offsite simulate` (a multi-client federated run on the embedded default)."
     ),
+    epilog=f"Exit codes: {exit_code_table()}.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -634,7 +634,7 @@ def main() -> None:
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,44 @@ def test_help_lists_the_commands() -> None:
         assert command in result.stdout
 
 
+def test_help_lists_every_exit_code() -> None:
+    from offsite.errors import exit_code_table
+
+    result = offsite("--help")
+    shown = " ".join(result.stdout.split())
+    assert " ".join(exit_code_table().split()) in shown
+    assert "130 interrupted" in shown and "6 emulator refused" in shown
+
+
+def test_every_error_takes_its_exit_code_from_the_one_table() -> None:
+    """``exit_code = ExitCode.X`` everywhere: no bare number that could mean two things."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    loose = []
+    for package in ("offsite", "emulator", "client", "coordinator"):
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                targets = (
+                    node.targets
+                    if isinstance(node, ast.Assign)
+                    else [node.target]
+                    if isinstance(node, ast.AnnAssign)
+                    else []
+                )
+                value = getattr(node, "value", None)
+                if not any(isinstance(t, ast.Name) and t.id == "exit_code" for t in targets):
+                    continue
+                named = (
+                    isinstance(value, ast.Attribute)
+                    and isinstance(value.value, ast.Name)
+                    and value.value.id == "ExitCode"
+                )
+                if not named:
+                    loose.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not loose, f"exit codes not taken from offsite.errors.ExitCode: {loose}"
+
+
 def test_simulate_help_explains_defaults() -> None:
     result = offsite("simulate", "--help")
     assert result.returncode == 0 and "five-way" in result.stdout and "--serve-url" in result.stdout

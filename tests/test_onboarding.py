@@ -17,6 +17,7 @@ from emulator.adapter import AdapterSpec
 from emulator.arch import arch_spec
 from emulator.bundle import write_bundle
 from emulator.layers import plan_layers
+from offsite.errors import ExitCode
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.integration
@@ -120,7 +121,7 @@ def test_init_token_join_publish_fetch_revoke(tmp_path: Path, tokenizer) -> None
             str(tmp_path / "b"),
             env=env,
         )
-        assert again.returncode == 5 and "already used" in again.stderr
+        assert again.returncode == ExitCode.ENROLLMENT and "already used" in again.stderr
         fetched = _offsite("client", "fetch", artifact, bundle, "--state", str(node), env=env)
         assert fetched.returncode == 0, fetched.stderr
         assert (node / "cache" / "bundles" / bundle / "manifest.sig").is_file()
@@ -132,7 +133,7 @@ def test_init_token_join_publish_fetch_revoke(tmp_path: Path, tokenizer) -> None
         assert revoked.returncode == 0, revoked.stderr
         shutil.rmtree(node / "cache")  # force a new download
         refused = _offsite("client", "fetch", artifact, bundle, "--state", str(node), env=env)
-        assert refused.returncode == 5 and "PERMISSION_DENIED" in refused.stderr
+        assert refused.returncode == ExitCode.TRANSFER and "PERMISSION_DENIED" in refused.stderr
         assert "Traceback" not in refused.stderr
     finally:
         server.terminate()

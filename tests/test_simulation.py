@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from offsite.config import load_config
 from offsite.data import Example, write_jsonl
-from offsite.errors import OffsiteError
+from offsite.errors import ExitCode, OffsiteError
 from tests.conftest import LABELS, tiny_texts
 
 pytestmark = pytest.mark.integration
@@ -535,7 +535,7 @@ def test_a_run_in_which_every_client_fails_exits_nonzero_with_the_first_failure(
         "faults.attackers=2",
         "faults.attack='crash'",
     )
-    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    assert result.returncode == ExitCode.TRAINING_FAILED, result.stdout + result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-2000:]
     assert "no round aggregated an update" in errors[0] and "round 1, client" in errors[0]

@@ -27,13 +27,13 @@ from coordinator.store.schema import (
 from coordinator.store.schema import (
     Update as UpdateRow,
 )
-from offsite.errors import OffsiteError
+from offsite.errors import ExitCode, OffsiteError
 
 
 class StoreError(OffsiteError):
     """A registry operation was refused (unknown, used or expired token; conflicting data)."""
 
-    exit_code = 5
+    exit_code = ExitCode.REGISTRY
 
 
 def _now() -> datetime:
