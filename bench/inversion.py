@@ -44,7 +44,6 @@ def main() -> None:
     from coordinator.secure_rounds import default_threshold
     from emulator.adapter import AdapterSpec, attach_adapter
     from emulator.batches import encode_pair
-    from emulator.dp import add_gaussian_noise, clip_update
     from emulator.examples import training_batches
     from emulator.forward import pick_device, resolve_precision
     from emulator.layers import plan_layers
@@ -60,6 +59,7 @@ def main() -> None:
     from offsite.config import OffsiteConfig
     from offsite.data import load_task, partition, split_holdout
     from offsite.dp import noise_for_epsilon
+    from offsite.dp.mechanism import add_gaussian_noise, clip_update
     from offsite.prompts import classification_parts, verbalize
 
     start = time.perf_counter()

@@ -19,11 +19,11 @@ from flwr.clientapp import ClientApp
 from client.node_config import DATA_PATH, IDENTITY_DIR, MEMORY_BUDGET, PARTITION_ID
 from client.secure_stage import STAGE_KEY, handle_query, masked_update
 from client.session import open_session
-from emulator.dp import add_gaussian_noise, clip_update
 from emulator.examples import training_batches
 from emulator.forward import resolve_precision
 from emulator.train import train_adapter
 from offsite.data import load_task
+from offsite.dp.mechanism import add_gaussian_noise, clip_update
 from offsite.sparse_update import encode_update
 from offsite.wire.messages import TrainInstruction, TrainReply
 

@@ -22,8 +22,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from coordinator.aggregation import ClientUpdate, aggregate
 from coordinator.secure_rounds import SecureRound, default_threshold, finish_round, setup_round
-from emulator.dp import add_gaussian_noise
 from offsite.dp import BudgetExceeded, DpSchedule
+from offsite.dp.mechanism import add_gaussian_noise
 from offsite.robust import AggregationRule
 from offsite.secagg import SecAggError
 from offsite.sparse_update import decode_update

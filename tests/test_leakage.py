@@ -6,13 +6,13 @@ import torch
 
 from emulator.adapter import AdapterSpec, attach_adapter
 from emulator.arch import arch_spec
-from emulator.dp import add_gaussian_noise, clip_update
 from emulator.examples import training_batches
 from emulator.layers import plan_layers
 from emulator.leakage import effective_updates, recovery, token_inputs, token_scores
 from emulator.split import build_emulator
 from emulator.train import train_adapter
 from offsite.data import Example
+from offsite.dp.mechanism import add_gaussian_noise, clip_update
 from tests.conftest import LABELS, tiny_model, tiny_texts
 
 
