@@ -15,6 +15,7 @@ from emulator.adapter import AdapterSpec
 from emulator.arch import ArchSpec, anchor_layers, block_list, block_prefix
 from emulator.batches import text_batches
 from emulator.bundle import Bundle, bundle_parts, write_bundle
+from emulator.calibration import collect_activations
 from emulator.digest import canonical_json, tensor_sha256
 from emulator.distill import distill
 from emulator.embeddings import expand_embeddings, quantize_embeddings
@@ -24,14 +25,10 @@ from emulator.fold import fold_norms
 from emulator.forward import pick_device, resolve_precision
 from emulator.layers import LayerPlan, plan_layers
 from emulator.privacy import assess, enforce_gate, public_text_perplexity
-from emulator.quant import (
-    QuantScheme,
-    collect_activations,
-    quantizable_linears,
-    quantize_linears,
-)
+from emulator.quant import QuantScheme, quantize_linears
 from emulator.selection import block_change_scores, select_by_change
 from emulator.split import build_emulator, emulator_state, unique_state
+from emulator.surgery import quantizable_linears
 from offsite.config import EmulatorConfig, OffsiteConfig
 from offsite.data import load_task
 from offsite.errors import ConfigError

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from emulator.surgery import linear_weight, replace_module
+
 
 class LowRankLinear(nn.Module):
     """``y = up(down(x)) + bias`` with ``down: in → r`` and ``up: r → out`` (both frozen)."""
@@ -218,8 +220,6 @@ def allocate_ranks(
 
 def _as_linear(module: nn.Module) -> nn.Linear:
     """``module`` itself, or GPT-2's ``Conv1D`` as an equivalent ``nn.Linear``."""
-    from emulator.quant import linear_weight
-
     if isinstance(module, nn.Linear):
         return module
     found = linear_weight(module)
@@ -251,8 +251,6 @@ def factorize_linears(
     gradients' where ``gradient_moments`` has one. Ranks come from ``energy`` per matrix, or,
     given ``budget`` (a share of the matrices' dense parameters), from one allocation across
     all of them (``allocate_ranks``), which is what the loss-comparable metric is for."""
-    from emulator.quant import replace_module
-
     moments, gradients = second_moments or {}, gradient_moments or {}
     dense_linears = {name: _as_linear(module) for name, module in linears.items()}
     found: dict[str, Decomposition] = {}
@@ -313,8 +311,6 @@ def install_factorized_layers(
     """Put empty ``LowRankLinear`` layers at ``modules`` (name -> manifest entry), each shaped
     from the manifest's tensor table (float factors ``{name}.down/up.weight`` or quantized ones
     ``.qweight``), so a bundle's factors find their places; ValueError if they do not fit."""
-    from emulator.quant import linear_weight, replace_module
-
     for name, entry in modules.items():
         existing = model.get_submodule(name)
         found = linear_weight(existing)

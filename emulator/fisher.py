@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emulator.quant import real_rows
+from emulator.calibration import real_rows
 
 
 def output_gradient_moments(

@@ -21,18 +21,20 @@ dequantized between the two. Fast kernels (client issue) plug in behind the same
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from emulator.calibration import Activations
+from emulator.surgery import linear_weight, replace_module
+
 log = logging.getLogger(__name__)
 
 SCHEMES = ("int8", "int4")
 _ALPHAS = tuple(i / 10 for i in range(11))
-_CALIBRATION_ROWS = 512  # input rows kept per linear for the AWQ search
 _MIN_SCALE = 2.0**-14  # smallest normal float16: scales are stored as float16
 
 
@@ -228,105 +230,8 @@ class QuantLinear(nn.Module):
         )
 
 
-def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(W [out, in], bias)`` of ``nn.Linear`` or GPT-2's ``Conv1D``; None for other layers."""
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # weight is [in, out]
-        return module.weight.t(), module.bias
-    return None
-
-
-def quantizable_linears(blocks: Mapping[int, nn.Module], prefix: str) -> dict[str, nn.Module]:
-    """Linear-like sub-modules of ``blocks`` (by block index), named ``{prefix}.{index}.{name}``."""
-    found: dict[str, nn.Module] = {}
-    for index, block in blocks.items():
-        for name, module in block.named_modules():
-            if name and linear_weight(module) is not None:
-                found[f"{prefix}.{index}.{name}"] = module
-    return found
-
-
-@dataclass
-class _Activations:
-    """Per-linear input statistics gathered on calibration text."""
-
-    abs_sum: torch.Tensor
-    count: int
-    rows: torch.Tensor  # up to _CALIBRATION_ROWS input rows (fp32)
-    gram: torch.Tensor | None = None  # Σ x xᵀ over every real row (float64), when asked for
-
-    def mean_abs(self) -> torch.Tensor:
-        return self.abs_sum / max(self.count, 1)
-
-    def second_moment(self) -> torch.Tensor:
-        """E[x xᵀ] over the calibration rows (what an activation-aware factorization weighs)."""
-        if self.gram is None:
-            raise ValueError("activations were collected without gram=True")
-        return self.gram / max(self.count, 1)
-
-
-def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Input rows of a linear without padding positions (some models flatten batch and time)."""
-    if mask is not None:
-        keep = mask.to(x.device).bool()
-        if tuple(x.shape[:-1]) == tuple(keep.shape):
-            return x[keep]
-        if x.dim() == 2 and x.shape[0] == keep.numel():
-            return x[keep.reshape(-1)]
-    return x.reshape(-1, x.shape[-1])
-
-
-@torch.no_grad()
-def collect_activations(
-    model: nn.Module,
-    linears: Mapping[str, nn.Module],
-    batches: Sequence[Mapping[str, torch.Tensor]],
-    seed: int = 0,
-    gram: bool = False,
-) -> dict[str, _Activations]:
-    """Run ``model`` on ``batches`` and record what enters each linear (padding excluded);
-    with ``gram`` also the full second moment of its inputs (in × in, float64)."""
-    stats: dict[str, _Activations] = {}
-    generator = torch.Generator().manual_seed(seed)
-    mask: list[torch.Tensor] = []
-
-    def hook(name: str) -> Any:
-        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().float()
-            x = real_rows(x, mask[0] if mask else None)
-            x = x.cpu()
-            entry = stats.get(name)
-            if entry is None:
-                entry = stats[name] = _Activations(torch.zeros(x.shape[-1]), 0, x[:0])
-                if gram:
-                    entry.gram = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
-            entry.abs_sum += x.abs().sum(0)
-            if entry.gram is not None:
-                entry.gram += (x.T @ x).double()
-            entry.count += x.shape[0]
-            rows = torch.cat((entry.rows, x))
-            if rows.shape[0] > _CALIBRATION_ROWS:
-                pick = torch.randperm(rows.shape[0], generator=generator)[:_CALIBRATION_ROWS]
-                rows = rows[pick]
-            entry.rows = rows
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
-        device = next(model.parameters()).device
-        for batch in batches:
-            mask[:] = [batch["attention_mask"]] if "attention_mask" in batch else []
-            model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
-
-
 def search_input_scale(
-    weight: torch.Tensor, activations: _Activations, scheme: QuantScheme
+    weight: torch.Tensor, activations: Activations, scheme: QuantScheme
 ) -> tuple[torch.Tensor, float, float]:
     """The AWQ search: (input scale, chosen alpha, relative output error) for one linear."""
     w = weight.detach().float()
@@ -347,17 +252,11 @@ def search_input_scale(
     return best
 
 
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
-
-
 def quantize_linears(
     model: nn.Module,
     linears: Mapping[str, nn.Module],
     scheme: QuantScheme,
-    activations: Mapping[str, _Activations] | None = None,
+    activations: Mapping[str, Activations] | None = None,
 ) -> dict[str, Any]:
     """Replace each of ``linears`` (qualified names in ``model``) by a ``QuantLinear``.
 
@@ -411,11 +310,9 @@ __all__ = [
     "QuantLinear",
     "QuantScheme",
     "QuantizedWeight",
-    "collect_activations",
     "dequantize",
     "error_bound",
     "install_quant_layers",
-    "quantizable_linears",
     "quantize_linears",
     "quantize_weight",
     "search_input_scale",

@@ -20,8 +20,9 @@ from emulator.factorize import (
     install_factorized_layers,
 )
 from emulator.layers import plan_layers
-from emulator.quant import QuantLinear, linear_weight, quantizable_linears
+from emulator.quant import QuantLinear
 from emulator.split import build_emulator
+from emulator.surgery import linear_weight, quantizable_linears
 from offsite.config import EmulatorConfig
 from offsite.data import Example, write_jsonl
 from tests.conftest import LABELS, VOCAB, model_outputs, tiny_model, tiny_texts

@@ -21,7 +21,7 @@ from emulator.factorize import (
 )
 from emulator.fisher import output_gradient_moments
 from emulator.layers import plan_layers
-from emulator.quant import quantizable_linears
+from emulator.surgery import quantizable_linears
 from offsite.config import EmulatorConfig
 from offsite.data import Example, write_jsonl
 from offsite.errors import ConfigError

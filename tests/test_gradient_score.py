@@ -16,8 +16,8 @@ from emulator.batches import text_batches
 from emulator.factorize import factorize_linear, rank_for_energy
 from emulator.gradient_score import full_reference_gradients, score_emulator
 from emulator.layers import plan_layers
-from emulator.quant import replace_module
 from emulator.split import build_emulator
+from emulator.surgery import replace_module
 from tests.conftest import LABELS, tiny_model, tiny_texts
 
 

@@ -15,12 +15,12 @@ from emulator.adapter import AdapterSpec, attach_adapter
 from emulator.arch import REGISTRY, arch_spec, block_list
 from emulator.build import build_bundle
 from emulator.bundle import bundle_arch, load_bundle_model, verify_bundle
+from emulator.calibration import collect_activations
 from emulator.examples import training_batches
 from emulator.layers import plan_layers
 from emulator.quant import (
     QuantLinear,
     QuantScheme,
-    collect_activations,
     dequantize,
     error_bound,
     quantize_linears,

@@ -28,7 +28,7 @@ from torch import nn
 from client.kernels import int8_mlp
 from emulator.arch import ArchSpec
 from emulator.layers import block_part
-from emulator.quant import replace_module
+from emulator.surgery import replace_module
 
 Derivative = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (grad, x) -> grad of act(x)
 

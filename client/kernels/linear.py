@@ -17,7 +17,8 @@ from torch import nn
 from client.kernels.backends import KernelBackend, backend_for
 from client.kernels.packed import PackedWeight, pack_layer
 from emulator.layers import block_part
-from emulator.quant import QuantLinear, QuantScheme, quantize_weight, replace_module
+from emulator.quant import QuantLinear, QuantScheme, quantize_weight
+from emulator.surgery import replace_module
 
 
 class _PackedLinearFunction(torch.autograd.Function):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from client.kernels import native
-from emulator.quant import replace_module
+from emulator.surgery import replace_module
 
 # Norms that compute exactly ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)``, by
 # (module, class) so no family's modeling code is imported to recognise its norm. Gemma's

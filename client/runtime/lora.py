@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from emulator.layers import block_index
-from emulator.quant import replace_module
+from emulator.surgery import replace_module
 
 ADAPTER_NAME = "default"
 
