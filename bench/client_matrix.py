@@ -93,8 +93,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     from emulator.bundle import verify_bundle
     from emulator.examples import training_batches
     from offsite.allocator import active_allocator
-    from offsite.config import POLICY_LR, OffsiteConfig
+    from offsite.config import OffsiteConfig
     from offsite.data import load_task, split_holdout
+    from offsite.policies import POLICIES as POLICY_TABLE
 
     rss_imports = rss_bytes()
     torch.manual_seed(0)
@@ -155,7 +156,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         batches,
         steps=spec["steps"],
         warmup=spec["warmup"],
-        lr=POLICY_LR[spec.get("policy", "full" if spec["kind"] == "full-ft" else "lora")],
+        lr=POLICY_TABLE[spec.get("policy", "full" if spec["kind"] == "full-ft" else "lora")].lr,
         precision=precision,
         device=device,
         **memory,

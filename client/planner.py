@@ -38,11 +38,11 @@ import torch
 
 from client.profile import measure_training, peak_rss_bytes, reset_peak_rss, rss_bytes
 from client.session import load_for_training, release_freed_memory, training_memory
-from emulator.adapter import POLICIES, AdaptedModel
+from emulator.adapter import AdaptedModel
 from emulator.batches import Batch
 from emulator.bundle import Bundle
 from emulator.train import train_adapter
-from offsite.config import POLICY_LR
+from offsite.policies import POLICIES
 
 POLICY_PREFERENCE = ("lora", "full", "sparse", "top", "bias")
 PROBE_SIZES = (2, 4)
@@ -175,7 +175,7 @@ def probe(
         adapted,
         batches,
         steps=PROBE_STEPS,
-        lr=POLICY_LR[candidate.policy],
+        lr=POLICIES[candidate.policy].lr,
         precision=candidate.precision,
         device=device,
         **training_memory(adapted, candidate.checkpointing, device),  # as the node trains
@@ -224,7 +224,7 @@ def measure(
         batches,
         steps=steps,
         warmup=MEASURE_WARMUP,
-        lr=POLICY_LR[candidate.policy],
+        lr=POLICIES[candidate.policy].lr,
         precision=candidate.precision,
         device=device,
         **training_memory(adapted, candidate.checkpointing, device),

@@ -20,50 +20,7 @@ from torch import nn
 from emulator.arch import ArchSpec, block_list, block_prefix
 from emulator.layers import LayerPlan, renumber_state
 from offsite.errors import IntegrityError
-
-
-@dataclass(frozen=True)
-class UpdatePolicy:
-    """Which tensors of the adapter blocks train (the client's sparse-update policy)."""
-
-    name: str
-    help: str
-    lora: bool = False  # LoRA factors (PEFT) instead of the blocks' own tensors
-    top_only: bool = False  # only the top adapter blocks train
-    bottom: str = "all"  # in bottom blocks: "all" | "small" (biases, norms) | "outputs" | "none"
-    top: str = "all"  # in top blocks, same vocabulary
-
-
-POLICIES: dict[str, UpdatePolicy] = {
-    p.name: p
-    for p in (
-        UpdatePolicy("lora", "LoRA on the registry's target linears of every adapter block", True),
-        UpdatePolicy(
-            "lora-top",
-            "LoRA on the registry's target linears of the top adapter blocks only; backward "
-            "never enters the emulator",
-            lora=True,
-            top_only=True,
-            bottom="none",
-        ),
-        UpdatePolicy("full", "every tensor of every adapter block"),
-        UpdatePolicy(
-            "bias", "biases and norm weights of the adapter blocks", bottom="small", top="small"
-        ),
-        UpdatePolicy(
-            "top",
-            "every tensor of the top adapter blocks; backward never enters the emulator",
-            top_only=True,
-            bottom="none",
-        ),
-        UpdatePolicy(
-            "sparse",
-            "top blocks fully; in bottom blocks the attention-output and MLP-down projections, "
-            "biases and norms",
-            bottom="outputs",
-        ),
-    )
-}
+from offsite.policies import POLICIES, UpdatePolicy
 
 
 def _trains(part: str, name: str, arch: ArchSpec) -> bool:

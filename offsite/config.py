@@ -22,6 +22,7 @@ import tomli_w
 import tomllib
 
 from offsite.errors import ConfigError
+from offsite.policies import POLICIES, PolicyName
 from offsite.robust import AggregationRule, rule_problems
 from offsite.sizes import parse_size
 
@@ -248,26 +249,16 @@ class DataConfig(_Section):
         return out
 
 
-POLICY_LR = {
-    "lora": 2e-3,
-    "lora-top": 2e-3,
-    "bias": 1e-3,
-    "full": 1e-4,
-    "top": 1e-4,
-    "sparse": 1e-4,
-}
-
-
 def learning_rate(train: Mapping[str, Any] | TrainConfig) -> float:
     """``train.lr``, or the update policy's default learning rate when it is 0."""
     values = dataclasses.asdict(train) if dataclasses.is_dataclass(train) else train
     lr = float(values["lr"])  # type: ignore[index]
-    return lr if lr > 0 else POLICY_LR[str(values["adapter"])]  # type: ignore[index]
+    return lr if lr > 0 else POLICIES[str(values["adapter"])].lr  # type: ignore[index]
 
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    adapter: Literal["lora", "lora-top", "full", "bias", "top", "sparse"] = _f(
+    adapter: PolicyName = _f(  # noqa: RUF009 -- _f is a field(); ruff cannot see through the alias
         "lora",
         "Update policy: 'lora' (PEFT LoRA in the adapter blocks), 'full' (all their tensors), "
         "'bias' (biases and norms), 'top' (top adapter blocks only: backward never enters the "

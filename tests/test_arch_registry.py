@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from emulator.adapter import POLICIES, AdapterSpec, attach_adapter
+from emulator.adapter import AdapterSpec, attach_adapter
 from emulator.arch import REGISTRY, arch_spec, block_list
 from emulator.bundle import bundle_arch, load_bundle_model, verify_bundle, write_bundle
 from emulator.layers import plan_layers
 from emulator.plug import plug_adapter
 from emulator.split import build_emulator
 from offsite.errors import ModelError
+from offsite.policies import POLICIES
 from tests.conftest import VOCAB, model_outputs, tiny_model
 
 ARCHS = sorted(REGISTRY)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emulator.adapter import POLICIES, AdapterSpec, attach_adapter
+from emulator.adapter import AdapterSpec, attach_adapter
 from emulator.arch import REGISTRY, arch_spec, block_list
 from emulator.layers import plan_layers
 from emulator.split import build_emulator
+from offsite.policies import POLICIES
 from tests.conftest import VOCAB, tiny_model
 
 
