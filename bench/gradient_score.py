@@ -130,4 +130,7 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help
     _save(run())

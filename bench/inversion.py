@@ -280,4 +280,7 @@ def write_reports(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help
     main()

@@ -568,11 +568,10 @@ def bench_emulator(
     cells: Annotated[
         str,
         typer.Option(
-            help="Comma-separated cells of bench/emulator_transfer.py (default, identity, "
-            "cosine-distilled-2-8-2, cosine-distilled-int8-2-8-2, cosine-jacobian-int8-2-8-2, "
-            "uniform-distilled-int8-2-6-2, uniform-distilled-int8-2-8-2, svd-distilled-2-8-2)."
+            help="Comma-separated cells of bench/emulator_transfer.py (`offsite bench emulator "
+            "--cells x` lists them); empty = every cell."
         ),
-    ] = "default,cosine-distilled-2-8-2",
+    ] = "",
     seeds: Annotated[
         int, typer.Option(help="Seeds per cell (>= 3 for a confidence interval).")
     ] = 3,
@@ -606,12 +605,73 @@ def bench_emulator(
     """
     _run_bench_script(
         "emulator_transfer.py",
-        ["--cells", cells, "--seeds", str(seeds), "--eval-size", str(eval_size)]
+        (["--cells", cells] if cells else [])
+        + ["--seeds", str(seeds), "--eval-size", str(eval_size)]
         + (["--fresh"] if fresh else [])
         + (["--generalisation"] if generalisation else [])
         + (["--tasks", tasks] if tasks else [])
         + (["--score-only"] if score_only else []),
     )
+
+
+# offsite bench NAME [ARGS...] -> bench/SCRIPT, arguments passed through (its --help lists them);
+# `client` and `emulator` above have typed options of their own.
+BENCHMARKS = {
+    "privacy": (
+        "privacy_matrix.py",
+        "The federation's privacy options (secure aggregation, DP at several ε) on the default "
+        "run: plug-in accuracy and what each costs.",
+    ),
+    "inversion": (
+        "inversion.py",
+        "How much of a client's training data an honest-but-curious coordinator recovers from "
+        "its update, with and without DP.",
+    ),
+    "transfer": (
+        "transfer.py",
+        "Artifact download vs one Flower message: the same bytes over loopback, time and memory.",
+    ),
+    "layer-drop": (
+        "layer_drop.py",
+        "How faithful the split is and what each cut costs, per catalog model.",
+    ),
+    "eval-speed": (
+        "eval_speed.py",
+        "How fast the five-way evaluation is, and whether each speed-up keeps fp32's decisions.",
+    ),
+    "gradient-score": (
+        "gradient_score.py",
+        "Does the training-free gradient score predict plug-in accuracy? A cheap emulator screen.",
+    ),
+    "serve": (
+        "serve.py",
+        "`offsite serve` latency and throughput with and without an adapter; hot-swap time.",
+    ),
+    "adapter-parts": (
+        "adapter_parts.py",
+        "Which part of a finished run's adapter transfers: bottom blocks only, top only, both.",
+    ),
+    "emulator-matrix": (
+        "emulator_matrix.py",
+        "Emulator construction: layer choice x distillation x weight precision, and size.",
+    ),
+}
+
+
+def _add_benchmark(name: str, script: str, summary: str) -> None:
+    def command(context: typer.Context) -> None:
+        _run_bench_script(script, list(context.args))
+
+    bench_app.command(
+        name,
+        help=f"{summary} Runs bench/{script}; `offsite bench {name} --help` shows its options.",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        add_help_option=False,
+    )(command)
+
+
+for _name, (_script, _summary) in BENCHMARKS.items():
+    _add_benchmark(_name, _script, _summary)
 
 
 def _run_bench_script(name: str, arguments: list[str]) -> None:

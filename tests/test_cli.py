@@ -68,6 +68,19 @@ def test_every_error_takes_its_exit_code_from_the_one_table() -> None:
     assert not loose, f"exit codes not taken from offsite.errors.ExitCode: {loose}"
 
 
+def test_every_benchmark_is_reachable_from_the_cli() -> None:
+    from offsite.cli import BENCHMARKS
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    scripts = {path.name for path in bench.glob("*.py")} - {"cells.py"}  # cells: shared settings
+    typed = {"client_matrix.py", "emulator_transfer.py"}  # `offsite bench client` / `emulator`
+    assert scripts == {script for script, _ in BENCHMARKS.values()} | typed
+    listed = offsite("bench", "--help").stdout
+    assert all(name in listed for name in BENCHMARKS)
+    passed = offsite("bench", "transfer", "--help")  # the script's own options, passed through
+    assert passed.returncode == 0 and "--size-mb" in passed.stdout
+
+
 def test_simulate_help_explains_defaults() -> None:
     result = offsite("simulate", "--help")
     assert result.returncode == 0 and "five-way" in result.stdout and "--serve-url" in result.stdout
