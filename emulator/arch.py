@@ -19,6 +19,29 @@ _ATTENTION_INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATED_MLP_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
 
 
+GATED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Config keys whose non-default values change a decoder's function in ways the client's lean
+# decoder (client.runtime.decoder) does not compute: key -> the values it accepts.
+LEAN_DECODER_REQUIRES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("pretraining_tp", (None, 1)),
+    ("attn_logit_softcapping", (None,)),
+    ("final_logit_softcapping", (None,)),
+)
+
+
+@dataclass(frozen=True)
+class LeanDecoder:
+    """How a family's config maps onto the client's lean decoder (``client.runtime.decoder``):
+    which projections carry biases (a constant, or the config key that says) and which layers
+    attend through a sliding window."""
+
+    qkv_bias: bool | str
+    o_bias: bool | str
+    mlp_bias: bool | str
+    window: str  # "none" | "all" (``sliding_window`` on every layer) | "layer_types"
+    requires: tuple[tuple[str, tuple[Any, ...]], ...] = LEAN_DECODER_REQUIRES
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """How to find and slice the transformer blocks of one model family."""
@@ -35,6 +58,14 @@ class ArchSpec:
     # block-relative path of a gated MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, which
     # ``client.kernels.lean`` computes keeping one activation fewer (frozen or not); "" if none
     gated_mlp: str = ""
+    # its (gate, up, down) projection names
+    gated_mlp_projections: tuple[str, str, str] = GATED_MLP_PROJECTIONS
+    # the family's Llama-style RMS norm class, y = w ⊙ x / rms(x) ("module.Class", matched by
+    # name so no modeling code is imported to recognise it), which ``client.kernels.rms_norm``
+    # computes keeping half the bytes; "" if none (Gemma's ``1 + w`` scale is another function)
+    rms_norm: str = ""
+    # the client's lean decoder runs this family (None: the client loads it through transformers)
+    lean_decoder: LeanDecoder | None = None
     # block-relative names of the norms whose output only feeds linear layers (pre-norm blocks);
     # under autocast ``client.kernels.casts`` casts their output once instead of once per linear
     linear_input_norms: tuple[str, ...] = ()
@@ -78,6 +109,8 @@ REGISTRY: dict[str, ArchSpec] = {
             _DECODER_LORA,
             per_layer_config=("layer_types",),
             gated_mlp="mlp",
+            rms_norm="transformers.models.llama.modeling_llama.LlamaRMSNorm",
+            lean_decoder=LeanDecoder("attention_bias", "attention_bias", "mlp_bias", window="none"),
             linear_input_norms=_PRE_NORMS,
             foldable_norms=(
                 ("input_layernorm", _ATTENTION_INPUTS),
@@ -90,6 +123,8 @@ REGISTRY: dict[str, ArchSpec] = {
             _DECODER_LORA,
             per_layer_config=("layer_types",),
             gated_mlp="mlp",
+            rms_norm="transformers.models.mistral.modeling_mistral.MistralRMSNorm",
+            lean_decoder=LeanDecoder(False, False, False, window="all"),
             linear_input_norms=_PRE_NORMS,
             foldable_norms=(
                 ("input_layernorm", _ATTENTION_INPUTS),
@@ -102,6 +137,8 @@ REGISTRY: dict[str, ArchSpec] = {
             _DECODER_LORA,
             per_layer_config=("layer_types",),
             gated_mlp="mlp",
+            rms_norm="transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm",
+            lean_decoder=LeanDecoder(True, False, False, window="layer_types"),
             linear_input_norms=_PRE_NORMS,
             foldable_norms=(
                 ("input_layernorm", _ATTENTION_INPUTS),

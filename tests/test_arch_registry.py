@@ -109,3 +109,45 @@ def test_unknown_architecture_names_the_config_field() -> None:
 
     with pytest.raises(ModelError, match="model_type"):
         arch_spec(Config())
+
+
+def test_architecture_facts_the_client_uses_come_from_the_registry() -> None:
+    """The lean decoder's families and the RMS norm classes the client swaps are registry data;
+    every named class exists, and every gated-MLP family names the projections it has."""
+    import importlib
+
+    from client.kernels.rms_norm import LLAMA_STYLE_NORMS
+    from client.runtime.decoder import lean_config
+
+    for name, spec in REGISTRY.items():
+        model = tiny_model(name)
+        if spec.rms_norm:
+            module, _, cls = spec.rms_norm.rpartition(".")
+            assert getattr(importlib.import_module(module), cls)
+            assert (module, cls) in LLAMA_STYLE_NORMS
+            assert any(type(m).__name__ == cls for m in model.modules())
+        if spec.gated_mlp:
+            mlp = block_list(model, spec)[0].get_submodule(spec.gated_mlp)
+            assert all(hasattr(mlp, p) for p in spec.gated_mlp_projections)
+        config, why = lean_config(model.config.to_dict())
+        assert (config is not None) == (spec.lean_decoder is not None), why
+
+
+def test_a_gated_mlp_with_other_projection_names_runs_lean_and_keeps_its_keys() -> None:
+    from client.kernels.lean import LeanGatedMLP
+
+    class Mlp(torch.nn.Module):  # w1 = gate, w3 = up, w2 = down, as some families name them
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w3 = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+            self.w2 = torch.nn.Linear(16, 8)
+            self.act_fn = torch.nn.SiLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.w2(self.act_fn(self.w1(x)) * self.w3(x))  # type: ignore[no-any-return]
+
+    mlp = Mlp()
+    lean = LeanGatedMLP(mlp, ("w1", "w3", "w2"))
+    x = torch.randn(3, 8, requires_grad=True)
+    torch.testing.assert_close(lean(x), mlp(x))
+    assert set(lean.state_dict()) == set(mlp.state_dict())

@@ -59,7 +59,7 @@ def takes(mlp: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``int8_gated_mlp`` computes this MLP on this input: SiLU gating over three
     bias-free per-channel int8 ``PackedLinear`` layers on the integer matmuls, a CPU input of
     more rows than the fused int8 kernel's, and the native loops built."""
-    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    layers = (mlp.gate, mlp.up, mlp.down)
     if type(mlp.act_fn).__name__ not in SILU_TYPES:
         return False
     if not all(type(m) is PackedLinear for m in layers):
@@ -167,5 +167,5 @@ class _Int8GatedMLP(torch.autograd.Function):
 def int8_gated_mlp(x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
     """``down(silu(gate(x)) · up(x))`` for an MLP ``takes`` accepts, with the input gradient
     only (its layers are frozen)."""
-    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    layers = (mlp.gate, mlp.up, mlp.down)
     return _Int8GatedMLP.apply(x, *(m.packed for m in layers))  # type: ignore[no-any-return]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.kernels import int8_mlp
-from emulator.arch import ArchSpec
+from emulator.arch import GATED_MLP_PROJECTIONS, ArchSpec
 from emulator.layers import block_part
 from emulator.surgery import replace_module
 
@@ -95,20 +95,35 @@ class GatedProduct(torch.autograd.Function):
 
 
 class LeanGatedMLP(nn.Module):
-    """A gated MLP (same sub-modules and state-dict keys) computed with ``GatedProduct``."""
+    """A gated MLP (same sub-modules and state-dict keys) computed with ``GatedProduct``;
+    ``projections`` are its (gate, up, down) names (``ArchSpec.gated_mlp_projections``)."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(
+        self, mlp: nn.Module, projections: tuple[str, str, str] = GATED_MLP_PROJECTIONS
+    ) -> None:
         super().__init__()
-        self.gate_proj = mlp.gate_proj
-        self.up_proj = mlp.up_proj
-        self.down_proj = mlp.down_proj
+        self.projections = projections
+        for name in projections:
+            self.add_module(name, getattr(mlp, name))
         self.act_fn = mlp.act_fn
+
+    @property
+    def gate(self) -> nn.Module:
+        return self.get_submodule(self.projections[0])
+
+    @property
+    def up(self) -> nn.Module:
+        return self.get_submodule(self.projections[1])
+
+    @property
+    def down(self) -> nn.Module:
+        return self.get_submodule(self.projections[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if int8_mlp.takes(self, x):
             return int8_mlp.int8_gated_mlp(x, self)
-        product = GatedProduct.apply(self.gate_proj(x), self.up_proj(x), self.act_fn)
-        return self.down_proj(product)  # type: ignore[no-any-return]
+        product = GatedProduct.apply(self.gate(x), self.up(x), self.act_fn)
+        return self.down(product)  # type: ignore[no-any-return]
 
 
 def lean_gated_mlps(model: nn.Module, arch: ArchSpec, prefix: str) -> int:
@@ -124,5 +139,6 @@ def lean_gated_mlps(model: nn.Module, arch: ArchSpec, prefix: str) -> int:
         if block_part(name, prefix) == arch.gated_mlp and not isinstance(module, LeanGatedMLP)
     ]
     for name in found:
-        replace_module(model, name, LeanGatedMLP(model.get_submodule(name)))
+        mlp = LeanGatedMLP(model.get_submodule(name), arch.gated_mlp_projections)
+        replace_module(model, name, mlp)
     return len(found)

@@ -30,17 +30,21 @@ import torch
 from torch import nn
 
 from client.kernels import native
+from emulator.arch import REGISTRY
 from emulator.surgery import replace_module
 
 # Norms that compute exactly ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)``, by
-# (module, class) so no family's modeling code is imported to recognise its norm. Gemma's
-# ``1 + weight`` norm is not one of them.
+# (module, class) so no family's modeling code is imported to recognise its norm: each family's
+# ``ArchSpec.rms_norm`` and the lean decoder's own. Gemma's ``1 + weight`` norm is not one.
 LLAMA_STYLE_NORMS = frozenset(
     {
         ("client.runtime.decoder", "RMSNorm"),
-        ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
-        ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
-        ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
+        *(
+            (module, name)
+            for module, _, name in (
+                spec.rms_norm.rpartition(".") for spec in REGISTRY.values() if spec.rms_norm
+            )
+        ),
     }
 )
 

@@ -6,14 +6,15 @@ LoRA layers and hooks find the modules they look for. What it computes, per bloc
 ``LlamaDecoderLayer`` computes: RMS norm in fp32 then back to the input dtype, rotary embeddings
 from fp32 cos/sin cast to the residual's dtype, grouped-query attention under a boolean
 causal ∧ padding (∧ sliding-window) mask, and a gated MLP; tests compare logits and gradients
-with transformers on tiny configs of every family in ``FAMILIES``.
+with transformers on tiny configs of every family the registry gives a ``lean_decoder``.
 
 Attention runs on ``client.kernels.short_attention`` where it is the faster exact path (CPU,
 short sequences) and on torch's ``scaled_dot_product_attention`` with unexpanded key/value heads
 otherwise, the same choice ``client.kernels.attention`` makes for transformers models.
 
-Families differ as data (``Family``): which projections carry biases and which layers attend
-through a sliding window. ``lean_config`` reads a bundle's ``config.json`` and returns None with
+Families differ as data (``emulator.arch.LeanDecoder``, one field of each family's
+``ArchSpec``): which projections carry biases and which layers attend through a sliding window.
+``lean_config`` reads a bundle's ``config.json`` and returns None with
 the reason when the config uses something this module does not compute (rotary scaling, other
 activations, attention soft-capping...), and the client then loads the model through transformers.
 """
@@ -29,36 +30,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from client.kernels import rotary, short_attention
+from emulator.arch import REGISTRY, LeanDecoder
 
 ACTIVATIONS: dict[str, Any] = {
     "silu": nn.SiLU,
     "swish": nn.SiLU,
     "gelu": nn.GELU,
     "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
-}
-
-
-@dataclass(frozen=True)
-class Family:
-    """How one model family's config maps onto the shared decoder."""
-
-    qkv_bias: bool | str  # a constant, or the config key that says
-    o_bias: bool | str
-    mlp_bias: bool | str
-    window: str  # "none" | "all" (``sliding_window`` on every layer) | "layer_types"
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family("attention_bias", "attention_bias", "mlp_bias", window="none"),
-    "mistral": Family(False, False, False, window="all"),
-    "qwen2": Family(True, False, False, window="layer_types"),
-}
-
-# Config keys whose non-default values change the function in ways this module does not cover.
-_MUST_BE = {
-    "pretraining_tp": (None, 1),
-    "attn_logit_softcapping": (None,),
-    "final_logit_softcapping": (None,),
 }
 
 
@@ -97,7 +75,9 @@ def _rope_theta(config: dict[str, Any]) -> tuple[float | None, str]:
     return float(config.get("rope_theta", 10000.0)), ""
 
 
-def _windows(config: dict[str, Any], family: Family, layers: int) -> tuple[int | None, ...] | str:
+def _windows(
+    config: dict[str, Any], family: LeanDecoder, layers: int
+) -> tuple[int | None, ...] | str:
     window = config.get("sliding_window")
     types = config.get("layer_types") or ["full_attention"] * layers
     if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
@@ -116,10 +96,11 @@ def _windows(config: dict[str, Any], family: Family, layers: int) -> tuple[int |
 def lean_config(config: dict[str, Any]) -> tuple[LeanConfig | None, str]:
     """The decoder config for a Hugging Face ``config.json`` dict, or (None, why not)."""
     model_type = str(config.get("model_type"))
-    family = FAMILIES.get(model_type)
+    spec = REGISTRY.get(model_type)
+    family = spec.lean_decoder if spec is not None else None
     if family is None:
         return None, f"model_type {model_type!r} is not a lean-runtime family"
-    for key, allowed in _MUST_BE.items():
+    for key, allowed in family.requires:
         if config.get(key) not in allowed:
             return None, f"{key}={config.get(key)!r}"
     theta, why = _rope_theta(config)
