@@ -5,7 +5,7 @@ Run: make bench-inversion   (= .venv/bin/python bench/inversion.py)
 Each data owner of the default run (SmolLM2-135M 2-16-2, bbc-news, 4 non-IID clients) trains
 from the same global adapter (the default LoRA recipe after one round on the last client's
 data) for one step on one batch (the FedSGD-like worst case, `train.local_steps = 1`) and for
-one default round. Two attacks (emulator/leakage.py) read the update:
+one default round. Two attacks (bench/leakage.py) read the update:
 
 - label inference: which topic rises most on public prompts → the client's majority label
   (hit rate over clients and noise draws; chance = 1 / number of labels);
@@ -40,6 +40,14 @@ K = 50
 
 def main() -> None:
     quiet_setup()
+    from leakage import (
+        answer_shift,
+        effective_updates,
+        recovery,
+        token_inputs,
+        token_scores,
+    )
+
     from coordinator.models import load_full_model
     from coordinator.secure_rounds import default_threshold
     from emulator.adapter import AdapterSpec, attach_adapter
@@ -47,13 +55,6 @@ def main() -> None:
     from emulator.examples import training_batches
     from emulator.forward import pick_device, resolve_precision
     from emulator.layers import plan_layers
-    from emulator.leakage import (
-        answer_shift,
-        effective_updates,
-        recovery,
-        token_inputs,
-        token_scores,
-    )
     from emulator.split import build_emulator
     from emulator.train import train_adapter
     from offsite.config import OffsiteConfig
