@@ -13,11 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.node_config import DATA_PATH, IDENTITY_DIR, MEMORY_BUDGET, PARTITION_ID
-from client.secure_stage import STAGE_KEY, handle_query, masked_update
+from client.secure_stage import handle_query, masked_update
 from client.session import open_session
 from emulator.examples import training_batches
 from emulator.forward import resolve_precision
@@ -25,7 +25,7 @@ from emulator.train import train_adapter
 from offsite.data import load_task
 from offsite.dp.mechanism import add_gaussian_noise, clip_update
 from offsite.sparse_update import encode_update
-from offsite.wire.messages import TrainInstruction, TrainReply
+from offsite.wire.messages import SECAGG_RECORD, SecAggQuery, TrainInstruction, TrainReply
 
 app = ClientApp()
 RESIDUAL_KEY = "upload-residual"  # error-feedback residual of sparse upload, kept on the node
@@ -235,6 +235,6 @@ def misbehave(
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Secure aggregation stages (advertise keys, share keys, unmask)."""
-    record = msg.content.config_records[STAGE_KEY]
-    answer = handle_query(record, context.state)
-    return Message(RecordDict({STAGE_KEY: ConfigRecord(answer)}), reply_to=msg)  # type: ignore[arg-type]
+    query = SecAggQuery.from_record(msg.content.config_records[SECAGG_RECORD])
+    answer = handle_query(query, context.state)
+    return Message(RecordDict({SECAGG_RECORD: answer.to_record()}), reply_to=msg)

@@ -14,8 +14,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from offsite.secagg import Advertise, SecAggClient
+from offsite.wire.messages import SecAggAnswer, SecAggQuery
 
-STAGE_KEY = "secagg"
 STATE_KEY = "secagg-state"
 
 
@@ -29,33 +29,32 @@ def _save(state: RecordDict, client: SecAggClient) -> None:
     state.config_records[STATE_KEY] = ConfigRecord({"json": client.export()})
 
 
-def handle_query(record: ConfigRecord, state: RecordDict) -> dict[str, object]:
+def handle_query(query: SecAggQuery, state: RecordDict) -> SecAggAnswer:
     """Answer one protocol stage (advertise, share, unmask)."""
-    stage = str(record["stage"])
-    if stage == "advertise":
-        client = SecAggClient(
-            int(record["id"]), int(record["threshold"]), str(record["label"]).encode()
-        )
+    if query.stage == "advertise":
+        client = SecAggClient(query.id, query.threshold, query.label.encode())
         advertised = client.advertise()
         _save(state, client)
-        return {"cipher": advertised.cipher_public, "mask": advertised.mask_public}
+        return SecAggAnswer(cipher=advertised.cipher_public, mask=advertised.mask_public)
     client = _load(state)
-    if stage == "share":
+    if query.stage == "share":
         peers = [
             Advertise(int(i), bytes.fromhex(c), bytes.fromhex(m))
-            for i, c, m in json.loads(str(record["peers"]))
+            for i, c, m in json.loads(query.peers)
         ]
         shares = client.share(peers)
         _save(state, client)
-        return {"shares": json.dumps({str(k): v.hex() for k, v in shares.ciphertexts.items()})}
-    if stage == "unmask":
-        answer = client.unmask([int(i) for i in record["survivors"]])  # type: ignore[union-attr]
+        return SecAggAnswer(
+            shares=json.dumps({str(k): v.hex() for k, v in shares.ciphertexts.items()})
+        )
+    if query.stage == "unmask":
+        answer = client.unmask(list(query.survivors or []))
         _save(state, client)
-        return {
-            "self": json.dumps({str(k): str(v) for k, v in answer.self_mask.items()}),
-            "keys": json.dumps({str(k): str(v) for k, v in answer.mask_key.items()}),
-        }
-    raise ValueError(f"unknown secure aggregation stage {stage!r}")
+        return SecAggAnswer(
+            self_masks=json.dumps({str(k): str(v) for k, v in answer.self_mask.items()}),
+            mask_keys=json.dumps({str(k): str(v) for k, v in answer.mask_key.items()}),
+        )
+    raise ValueError(f"unknown secure aggregation stage {query.stage!r}")
 
 
 def masked_update(

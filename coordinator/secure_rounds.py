@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from offsite.secagg import (
@@ -28,8 +28,7 @@ from offsite.secagg import (
     UnmaskShares,
     decode,
 )
-
-STAGE_KEY = "secagg"
+from offsite.wire.messages import SECAGG_RECORD, MessageError, SecAggAnswer, SecAggQuery
 
 
 def default_threshold(clients: int) -> int:
@@ -50,13 +49,24 @@ class SecureRound:
         return {i: node for node, i in self.ids.items()}
 
 
-def _query(node: int, payload: dict[str, object]) -> Message:
-    record = RecordDict({STAGE_KEY: ConfigRecord(payload)})  # type: ignore[arg-type]
+def _query(node: int, query: SecAggQuery) -> Message:
+    record = RecordDict({SECAGG_RECORD: query.to_record()})
     return Message(content=record, dst_node_id=node, message_type=MessageType.QUERY)
 
 
-def _ok(replies: Iterable[Message]) -> list[Message]:
-    return [r for r in replies if not r.has_error() and STAGE_KEY in r.content.config_records]
+def _answers(replies: Iterable[Message]) -> list[tuple[int, SecAggAnswer]]:
+    """(node, answer) of every reply that holds one; an error or a malformed record is a node
+    that dropped out of the round (the protocol tolerates that down to its threshold)."""
+    out = []
+    for reply in replies:
+        if reply.has_error() or SECAGG_RECORD not in reply.content.config_records:
+            continue
+        try:
+            answer = SecAggAnswer.from_record(reply.content.config_records[SECAGG_RECORD])
+        except MessageError:
+            continue
+        out.append((reply.metadata.src_node_id, answer))
+    return out
 
 
 def setup_round(
@@ -69,30 +79,34 @@ def setup_round(
     """Advertise and share keys among ``nodes``; raises ``SecAggError`` when too few take part."""
     server = SecAggServer(len(nodes), threshold, label.encode())
     ids = {node: index for index, node in enumerate(sorted(nodes), start=1)}
-    payload = {"stage": "advertise", "threshold": threshold, "label": label}
     replies = grid.send_and_receive(
-        [_query(node, {**payload, "id": ids[node]}) for node in ids], timeout=timeout
+        [
+            _query(node, SecAggQuery("advertise", id=ids[node], threshold=threshold, label=label))
+            for node in ids
+        ],
+        timeout=timeout,
     )
-    advertised = []
-    for reply in _ok(replies):
-        record = reply.content.config_records[STAGE_KEY]
-        node = reply.metadata.src_node_id
-        if node in ids:
-            advertised.append(Advertise(ids[node], bytes(record["cipher"]), bytes(record["mask"])))
+    advertised = [
+        Advertise(ids[node], answer.cipher, answer.mask)
+        for node, answer in _answers(replies)
+        if node in ids and answer.cipher is not None and answer.mask is not None
+    ]
     peers = server.collect_keys(advertised)
     listing = json.dumps([[a.client, a.cipher_public.hex(), a.mask_public.hex()] for a in peers])
     by_id = {a.client for a in peers}
     replies = grid.send_and_receive(
-        [_query(node, {"stage": "share", "peers": listing}) for node in ids if ids[node] in by_id],
+        [_query(node, SecAggQuery("share", peers=listing)) for node in ids if ids[node] in by_id],
         timeout=timeout,
     )
     shares = []
-    for reply in _ok(replies):
-        node = reply.metadata.src_node_id
-        blobs = json.loads(str(reply.content.config_records[STAGE_KEY]["shares"]))
-        shares.append(
-            EncryptedShares(ids[node], {int(k): bytes.fromhex(v) for k, v in blobs.items()})
-        )
+    for node, answer in _answers(replies):
+        if node not in ids or answer.shares is None:
+            continue
+        try:
+            boxes = {int(k): bytes.fromhex(v) for k, v in json.loads(answer.shares).items()}
+        except (ValueError, TypeError, AttributeError):
+            continue  # malformed: this node dropped out
+        shares.append(EncryptedShares(ids[node], boxes))
     inbox = server.route_shares(shares)
     nodes_by_id = {i: node for node, i in ids.items()}
     return SecureRound(
@@ -117,19 +131,19 @@ def finish_round(
     survivors = secure.server.collect_masked(inputs)
     nodes = secure.nodes
     replies = secure.grid.send_and_receive(
-        [_query(nodes[i], {"stage": "unmask", "survivors": survivors}) for i in survivors],
+        [_query(nodes[i], SecAggQuery("unmask", survivors=list(survivors))) for i in survivors],
         timeout=secure.timeout,
     )
     answers = []
-    for reply in _ok(replies):
-        record = reply.content.config_records[STAGE_KEY]
-        answers.append(
-            UnmaskShares(
-                secure.ids[reply.metadata.src_node_id],
-                {int(k): int(v) for k, v in json.loads(str(record["self"])).items()},
-                {int(k): int(v) for k, v in json.loads(str(record["keys"])).items()},
-            )
-        )
+    for node, answer in _answers(replies):
+        if node not in secure.ids or answer.self_masks is None or answer.mask_keys is None:
+            continue
+        try:
+            own = {int(k): int(v) for k, v in json.loads(answer.self_masks).items()}
+            keys = {int(k): int(v) for k, v in json.loads(answer.mask_keys).items()}
+        except (ValueError, TypeError, AttributeError):
+            continue  # malformed: this node dropped out
+        answers.append(UnmaskShares(secure.ids[node], own, keys))
     total = decode(secure.server.unmask(answers))
     weight = float(total[-1])
     if weight <= 0:

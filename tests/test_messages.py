@@ -12,6 +12,8 @@ from flwr.app import ConfigRecord, MetricRecord
 
 from offsite.wire.messages import (
     MessageError,
+    SecAggAnswer,
+    SecAggQuery,
     TrainInstruction,
     TrainReply,
     stamp_round,
@@ -112,10 +114,27 @@ def test_the_strategy_stamps_the_round_and_addresses_secure_aggregation_inboxes(
     assert TrainInstruction.from_record(record).secagg_inbox == ""  # the shared one is unchanged
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        SecAggQuery("advertise", id=3, threshold=2, label="round-1-ab"),
+        SecAggQuery("share", peers='[[1, "aa", "bb"]]'),
+        SecAggQuery("unmask", survivors=[1, 3, 4]),
+        SecAggAnswer(cipher=b"\x01" * 32, mask=b"\x02" * 32),
+        SecAggAnswer(shares='{"2": "ff"}'),
+        SecAggAnswer(self_masks='{"1": "7"}', mask_keys="{}"),
+    ],
+)
+def test_every_secure_aggregation_message_round_trips(message: SecAggQuery | SecAggAnswer) -> None:
+    record = message.to_record()
+    assert isinstance(record, ConfigRecord)
+    assert type(message).from_record(record) == message
+
+
 def test_no_role_spells_a_message_key_outside_the_messages_module() -> None:
     keys = {
         f.name.replace("_", "-")
-        for message in (TrainInstruction, TrainReply)
+        for message in (TrainInstruction, TrainReply, SecAggQuery, SecAggAnswer)
         for f in dataclasses.fields(message)
         if "_" in f.name  # one-word keys ("lr", "seed", "dp") are too common to police
     }

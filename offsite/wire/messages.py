@@ -35,12 +35,16 @@ _Message = TypeVar("_Message", bound="_Record")
 
 
 def _convert(value: Any, kind: Any, key: str) -> Any:
-    """``value`` as ``kind`` (int, float, str, bool or ``X | None``), or MessageError."""
+    """``value`` as ``kind`` (int, float, str, bool, bytes, ``list[int]`` or ``X | None``), or
+    MessageError."""
     if typing.get_origin(kind) in (Union, types.UnionType):
         if value is None:
             return None
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
     try:
+        if typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            return [item(v) for v in value]
         if kind is bool:
             return bool(int(value))
         return kind(value)
@@ -153,3 +157,44 @@ class TrainReply(_Record):
             return cls._parse(report)
         except MessageError:
             return None
+
+
+SECAGG_RECORD = "secagg"  # the name of the secure-aggregation record in a query message
+
+
+@dataclass(frozen=True)
+class SecAggQuery(_Record):
+    """One secure-aggregation stage the coordinator asks a node for (a Flower query message,
+    ``offsite.secagg`` the protocol): ``advertise`` keys, ``share`` keys, ``unmask``."""
+
+    stage: str
+    id: int = 0  # advertise: the node's protocol id (1..n)
+    threshold: int = 0  # advertise: how many survivors the unmasking needs
+    label: str = ""  # advertise: the round's label, which the keys are bound to
+    peers: str = ""  # share: JSON [[id, cipher key hex, mask key hex], …]
+    survivors: list[int] | None = None  # unmask: the protocol ids whose masked input arrived
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(self._items())
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SecAggQuery:
+        return cls._parse(record)
+
+
+@dataclass(frozen=True)
+class SecAggAnswer(_Record):
+    """A node's answer to one ``SecAggQuery`` (the fields of its stage)."""
+
+    cipher: bytes | None = None  # advertise: public key for the share ciphertexts
+    mask: bytes | None = None  # advertise: public key for the pairwise masks
+    shares: str | None = None  # share: JSON {peer id: ciphertext hex}
+    self_masks: str | None = None  # unmask: JSON {id: share of a survivor's self mask}
+    mask_keys: str | None = None  # unmask: JSON {id: share of a dropped node's mask key}
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(self._items())
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SecAggAnswer:
+        return cls._parse(record)
