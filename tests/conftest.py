@@ -160,6 +160,54 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     return auto.from_config(config).eval()
 
 
+def tiny_model_with_norms(model_type: str = "llama", scale: float = 0.01) -> torch.nn.Module:
+    """``tiny_model`` whose norm weights differ from block to block (a random init's are all
+    ones, so every block's would be the same tensor and verbatim checks could not see them)."""
+    model = tiny_model(model_type)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def write_public_text(folder: Path) -> Path:
+    """A small public-text corpus (JSONL of completions) for calibration and distillation."""
+    from offsite.data import Example, write_jsonl
+
+    path = folder / "public.jsonl"
+    texts = [t for lab in LABELS for t in tiny_texts(lab, 12, seed=5)]
+    write_jsonl([Example("", completion=t) for t in texts], path)
+    return path
+
+
+def build_tiny_bundle(
+    model: torch.nn.Module, tokenizer: object, folder: Path, keep: int, **settings: object
+):  # type: ignore[no-untyped-def]
+    """A 1-``keep``-1 LoRA bundle of a tiny 6-block ``model`` built in ``folder``, calibrated on
+    ``write_public_text``; ``settings`` are ``EmulatorConfig`` fields. Returns (bundle, plan)."""
+    from emulator.adapter import AdapterSpec
+    from emulator.arch import arch_spec
+    from emulator.build import build_bundle
+    from emulator.layers import plan_layers
+    from offsite.config import EmulatorConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = arch_spec(model.config)  # type: ignore[arg-type]
+    plan = plan_layers(6, 1, 1, keep)
+    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
+    config = EmulatorConfig(
+        public_text=str(write_public_text(folder)),
+        public_examples=4,
+        calibration_examples=8,
+        **settings,  # type: ignore[arg-type]
+    )
+    bundle = build_bundle(
+        model, tokenizer, arch, plan, spec, folder / "bundle", source="tiny", settings=config
+    )
+    return bundle, plan
+
+
 def model_outputs(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits for LMs, last hidden states for encoders."""
     with torch.no_grad():

@@ -24,20 +24,18 @@ from emulator.quant import QuantLinear
 from emulator.split import build_emulator
 from emulator.surgery import linear_weight, quantizable_linears
 from offsite.config import EmulatorConfig
-from offsite.data import Example, write_jsonl
-from tests.conftest import LABELS, VOCAB, model_outputs, tiny_model, tiny_texts
-
-
-def _public(tmp_path: Path) -> Path:
-    path = tmp_path / "public.jsonl"
-    texts = [t for lab in LABELS for t in tiny_texts(lab, 12, seed=5)]
-    write_jsonl([Example("", completion=t) for t in texts], path)
-    return path
+from tests.conftest import (
+    VOCAB,
+    model_outputs,
+    tiny_model,
+    tiny_model_with_norms,
+    write_public_text,
+)
 
 
 def _settings(tmp_path: Path, causal: bool, **changes: object) -> EmulatorConfig:
     return EmulatorConfig(
-        public_text=str(_public(tmp_path)) if causal else "",
+        public_text=str(write_public_text(tmp_path)) if causal else "",
         public_examples=4,
         calibration_examples=8,
         quant_group_size=16,
@@ -133,11 +131,7 @@ def test_distilling_a_factorized_emulator_ships_no_middle_tensor_at_all(
 ) -> None:  # type: ignore[no-untyped-def]
     """Factors alone leave norms (and biases) verbatim; distillation trains them all, so a
     verbatim gate of 0 passes."""
-    full = tiny_model("llama")
-    with torch.no_grad():  # norms of a random init are all ones in every block: make them differ
-        for name, p in full.named_parameters():
-            if "norm" in name:
-                p.add_(0.01 * torch.randn_like(p))
+    full = tiny_model_with_norms()
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 3)
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)

@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emulator.adapter import AdapterSpec
 from emulator.arch import REGISTRY, arch_spec, block_list, block_prefix
-from emulator.build import build_bundle
 from emulator.factorize import (
     allocate_ranks,
     break_even_rank,
@@ -20,12 +18,14 @@ from emulator.factorize import (
     whitening,
 )
 from emulator.fisher import output_gradient_moments
-from emulator.layers import plan_layers
 from emulator.surgery import quantizable_linears
-from offsite.config import EmulatorConfig
-from offsite.data import Example, write_jsonl
 from offsite.errors import ConfigError
-from tests.conftest import LABELS, VOCAB, tiny_model, tiny_texts
+from tests.conftest import (
+    VOCAB,
+    build_tiny_bundle,
+    tiny_model,
+    tiny_model_with_norms,
+)
 
 
 def test_output_gradient_moments_are_the_mean_outer_product_of_the_loss_gradient() -> None:
@@ -110,28 +110,14 @@ def test_one_budget_goes_where_the_spectrum_is_largest_and_stays_within_each_cap
     assert everything == {"steep": cap, "flat": cap} and cap <= break_even_rank(48, 40) // 2
 
 
-def _public(tmp_path: Path) -> Path:
-    public = tmp_path / "public.jsonl"
-    texts = [t for lab in LABELS for t in tiny_texts(lab, 12, seed=5)]
-    write_jsonl([Example("", completion=t) for t in texts], public)
-    return public
-
-
 def test_a_fisher_svd_bundle_keeps_its_budget_and_ships_no_middle_tensor_verbatim(
     tokenizer, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    full = tiny_model("llama")
-    with torch.no_grad():
-        for name, p in full.named_parameters():
-            if "norm" in name:
-                p.add_(0.01 * torch.randn_like(p))
-    arch = arch_spec(full.config)
-    plan = plan_layers(6, 1, 1, -1)
-    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
-    settings = EmulatorConfig(
-        public_text=str(_public(tmp_path)),
-        public_examples=4,
-        calibration_examples=8,
+    bundle, _ = build_tiny_bundle(
+        tiny_model_with_norms(),
+        tokenizer,
+        tmp_path,
+        -1,
         factorize="fisher-svd",
         factorize_budget=0.3,
         factorize_max_rank_fraction=1.0,
@@ -139,9 +125,6 @@ def test_a_fisher_svd_bundle_keeps_its_budget_and_ships_no_middle_tensor_verbati
         fold_norms=True,
         quantize="int8",
         max_verbatim_fraction=0.0,
-    )
-    bundle = build_bundle(
-        full, tokenizer, arch, plan, spec, tmp_path / "b", source="tiny", settings=settings
     )
     factorization = bundle.manifest["compression"]["factorization"]
     assert factorization["method"] == "fisher-svd"
@@ -159,17 +142,5 @@ def test_a_fisher_svd_bundle_keeps_its_budget_and_ships_no_middle_tensor_verbati
 def test_fisher_svd_on_a_model_without_a_language_modelling_head_says_what_to_use(
     model_type: str, tokenizer, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    full = tiny_model(model_type)
-    arch = arch_spec(full.config)
-    plan = plan_layers(6, 1, 1, 3)
-    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
-    settings = EmulatorConfig(
-        public_text=str(_public(tmp_path)),
-        public_examples=4,
-        calibration_examples=8,
-        factorize="fisher-svd",
-    )
     with pytest.raises(ConfigError, match="whitened-svd"):
-        build_bundle(
-            full, tokenizer, arch, plan, spec, tmp_path / "b", source="tiny", settings=settings
-        )
+        build_tiny_bundle(tiny_model(model_type), tokenizer, tmp_path, 3, factorize="fisher-svd")

@@ -24,9 +24,9 @@ from emulator.forward import answer_loss, autocast
 from emulator.layers import plan_layers
 from emulator.optim import AdamW
 from offsite.config import EmulatorConfig
-from offsite.data import Example, write_jsonl
+from offsite.data import Example
 from offsite.errors import IntegrityError, ModelError
-from tests.conftest import LABELS, TINY_CONFIGS, VOCAB, tiny_model, tiny_texts
+from tests.conftest import LABELS, TINY_CONFIGS, VOCAB, tiny_model, tiny_texts, write_public_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,13 +195,6 @@ def test_configs_the_lean_decoder_does_not_compute_say_why() -> None:
         assert lean is None and reason in why
 
 
-def _public(tmp_path: Path) -> Path:
-    path = tmp_path / "public.jsonl"
-    texts = [t for lab in LABELS for t in tiny_texts(lab, 12, seed=5)]
-    write_jsonl([Example("", completion=t) for t in texts], path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:  # type: ignore[no-untyped-def]
     """Tiny llama bundles, 1-2-1 of 6 blocks: full precision, int8 and int4, and with the middle
@@ -216,7 +209,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Pa
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets, tuple(plan.top))
     for scheme in ("none", "int8", "int4", "svd", "svd-int8"):
         settings = EmulatorConfig(
-            public_text=str(_public(root)),
+            public_text=str(write_public_text(root)),
             public_examples=4,
             calibration_examples=8,
             quantize=scheme.removeprefix("svd-") if scheme != "svd" else "none",  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ from emulator.quant import (
 from emulator.split import build_emulator
 from emulator.train import train_adapter
 from offsite.config import EmulatorConfig
-from offsite.data import Example, write_jsonl
+from offsite.data import Example
 from tests.conftest import (
     LABELS,
     LAYER_DROP_OVERRIDES,
@@ -39,6 +39,7 @@ from tests.conftest import (
     model_outputs,
     tiny_model,
     tiny_texts,
+    write_public_text,
 )
 
 INT8 = QuantScheme("int8")
@@ -187,13 +188,6 @@ def test_collect_activations_skips_padding() -> None:
     torch.testing.assert_close(stats["x"].mean_abs(), torch.ones(8))
 
 
-def _public(tmp_path: Path) -> Path:
-    path = tmp_path / "public.jsonl"
-    texts = [t for lab in LABELS for t in tiny_texts(lab, 12, seed=5)]
-    write_jsonl([Example("", completion=t) for t in texts], path)
-    return path
-
-
 @pytest.mark.parametrize("model_type", sorted(REGISTRY))
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_bundle_loads_and_matches_in_memory_emulator(
@@ -204,7 +198,7 @@ def test_quantized_bundle_loads_and_matches_in_memory_emulator(
     plan = plan_layers(6, 1, 1, 3)
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
     settings = EmulatorConfig(
-        public_text=str(_public(tmp_path)) if arch.causal_lm else "",
+        public_text=str(write_public_text(tmp_path)) if arch.causal_lm else "",
         public_examples=4,
         calibration_examples=8,
         factorize="none",

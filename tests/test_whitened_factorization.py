@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from emulator.adapter import AdapterSpec
 from emulator.arch import REGISTRY, arch_spec, block_list
-from emulator.build import build_bundle
 from emulator.factorize import factorize_linear, whitening
 from emulator.fold import fold_norms
-from emulator.layers import plan_layers
-from offsite.config import EmulatorConfig
-from offsite.data import Example, write_jsonl
-from tests.conftest import LABELS, VOCAB, model_outputs, tiny_model, tiny_texts
+from tests.conftest import (
+    VOCAB,
+    build_tiny_bundle,
+    model_outputs,
+    tiny_model,
+    tiny_model_with_norms,
+)
 
 FOLDABLE = sorted(name for name, spec in REGISTRY.items() if spec.foldable_norms)
 
@@ -66,30 +67,15 @@ def test_whitened_svd_is_best_on_the_inputs_it_was_calibrated_on() -> None:
 def test_a_folded_whitened_int8_emulator_ships_no_middle_tensor_verbatim(
     tokenizer, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    full = tiny_model("llama")
-    with torch.no_grad():
-        for name, p in full.named_parameters():
-            if "norm" in name:
-                p.add_(0.01 * torch.randn_like(p))
-    arch = arch_spec(full.config)
-    plan = plan_layers(6, 1, 1, -1)
-    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
-    public = tmp_path / "public.jsonl"
-    texts = [t for lab in LABELS for t in tiny_texts(lab, 12, seed=5)]
-    write_jsonl([Example("", completion=t) for t in texts], public)
-    settings = EmulatorConfig(
-        public_text=str(public),
-        public_examples=4,
-        calibration_examples=8,
-        factorize="whitened-svd",
-        factorize_rank_multiple=4,
-        fold_norms=True,
-        quantize="int8",
-        max_verbatim_fraction=0.0,
-    )
-    bundle = build_bundle(
-        full, tokenizer, arch, plan, spec, tmp_path / "b", source="tiny", settings=settings
-    )
+    full = tiny_model_with_norms()
+    settings = {
+        "factorize": "whitened-svd",
+        "factorize_rank_multiple": 4,
+        "fold_norms": True,
+        "quantize": "int8",
+        "max_verbatim_fraction": 0.0,
+    }
+    bundle, plan = build_tiny_bundle(full, tokenizer, tmp_path / "b", -1, **settings)
     compression = bundle.manifest["compression"]
     assert compression["factorization"]["method"] == "whitened-svd"
     assert compression["factorization"]["calibration_texts"] == 8
@@ -99,13 +85,4 @@ def test_a_folded_whitened_int8_emulator_ships_no_middle_tensor_verbatim(
     from emulator.privacy import GateError
 
     with pytest.raises(GateError, match="ship verbatim"):
-        build_bundle(
-            full,
-            tokenizer,
-            arch,
-            plan,
-            spec,
-            tmp_path / "c",
-            source="tiny",
-            settings=EmulatorConfig(**{**settings.__dict__, "fold_norms": False}),
-        )
+        build_tiny_bundle(full, tokenizer, tmp_path / "c", -1, **{**settings, "fold_norms": False})
