@@ -57,10 +57,10 @@ SMALL_POLICIES = ("lora",)
 SMALL_PRECISIONS = ("bf16", "int8")
 DEFAULT_SHAPE: Shape = (2, 16, 2)  # the default emulator (EmulatorConfig's bottom, keep, top)
 # The layer-drop shapes are built pinned to a plain layer drop (cells.LAYER_DROP_OVERRIDES) at
-# the precision the cell names; one LoRA cell trains on the depth-preserving compressed
-# emulator (cells.COMPRESSED_OVERRIDES: every middle block kept, whitened SVD, int8).
+# the precision the cell names; one LoRA cell trains on the default, depth-preserving compressed
+# emulator (cells.COMPRESSED_OVERRIDES: every middle block kept, fisher-svd, int8).
 COMPRESSED_SHAPE: Shape = (2, 26, 2)
-COMPRESSED_CELL = "offsite 2-26-2 whitened-svd lora int8"
+COMPRESSED_CELL = "offsite 2-26-2 fisher-svd lora int8"
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 MODELS = {
     "smollm2-135m (30 blocks)": {"key": "default", "blocks": 30},

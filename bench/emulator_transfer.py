@@ -131,6 +131,7 @@ CELLS = {
                 "emulator.keep=-1",
                 "emulator.factorize='svd'",
                 "emulator.factorize_energy=0.9",
+                "emulator.factorize_max_rank_fraction=0.5",
                 "emulator.fold_norms=false",
                 "emulator.quantize='int8'",
             ),
@@ -155,7 +156,8 @@ CELLS = {
             )
             for energy, cap in ((0.9, 0.5), (0.95, 0.5), (0.98, 1.0), (0.99, 1.0))
         ),
-        # (wsvd95-int8-2-26-2 is cells.COMPRESSED_OVERRIDES, which the client bench measures)
+        # (fisher43-int8-2-26-2 is the default and cells.COMPRESSED_OVERRIDES, which the client
+        # bench measures)
         *(
             Cell(
                 f"fisher{round(100 * budget)}-int8-2-26-2",

@@ -89,8 +89,8 @@ def transfer_warnings(
             f"({shown(zero)}): the adapter learned the emulator, not the task. Try an emulator "
             "closer to the full model (a larger emulator.keep, emulator.selection='cosine' with "
             "emulator.distill=true, or with emulator.factorize a higher "
-            "emulator.factorize_energy), more federation.rounds or train.local_steps, and a "
-            "data.template that ends where the label starts"
+            "emulator.factorize_energy / factorize_budget), more federation.rounds or "
+            "train.local_steps, and a data.template that ends where the label starts"
         )
     if worse_or_equal(plug, emu) and not (plug == emu == zero):
         out.append(
@@ -98,7 +98,7 @@ def transfer_warnings(
             "data owners already get as much from the emulator as from the product, so there "
             "is no privacy margin. Try a more compressed emulator (a lower emulator.keep, "
             "emulator.quantize='int8', or with emulator.factorize a lower "
-            "emulator.factorize_energy); `offsite bench emulator` compares them"
+            "emulator.factorize_energy / factorize_budget); `offsite bench emulator` compares them"
         )
     return out
 

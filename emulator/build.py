@@ -276,10 +276,11 @@ def factorize_emulator(
         multiple = math.lcm(multiple, settings.quant_group_size)
     moments = gradients = None
     fisher = settings.factorize == "fisher-svd"
-    if fisher and not arch.causal_lm:
-        raise ConfigError(
-            "emulator.factorize='fisher-svd' weighs by a language-modelling loss, which this "
-            "model has no head for; use emulator.factorize='whitened-svd'"
+    if fisher and not arch.causal_lm:  # no LM loss to weigh by: spread the budget by energy
+        log.info(
+            "  fisher-svd: %s has no language-modelling head; ranks follow the whitened "
+            "output energy under the same budget",
+            arch.model_type,
         )
     if settings.factorize in ("whitened-svd", "fisher-svd"):
         if not calibration:
@@ -290,7 +291,7 @@ def factorize_emulator(
         batches = _calibration_batches(tokenizer, calibration, settings.distill_max_length)
         stats = collect_activations(emulator, linears, batches, gram=True)
         moments = {name: entry.second_moment() for name, entry in stats.items()}
-        if fisher:
+        if fisher and arch.causal_lm:
             gradients = output_gradient_moments(emulator, linears, batches)
     entry = factorize_linears(
         emulator,

@@ -6,7 +6,7 @@ tensors do not fit the holes, the heap grows, and the process keeps a high-water
 above what it uses. Trimming after every optimizer step returns the free pages, so each step
 starts from what is live, at the price of faulting them in again. Measured A/B (LoRA, bf16,
 8 × 128 tokens, two fresh processes each): on a 2-8-2 emulator of a 48-block SmolLM2-shaped
-model peak RSS 1138 → 1039 MB for 1108 → 1052 tokens/s; on the default 2-16-2 emulator of
+model peak RSS 1138 → 1039 MB for 1108 → 1052 tokens/s; on the 2-16-2 emulator (then the default) of
 SmolLM2-135M 1439 → 1294 MB for 716 → 620 tokens/s. Hence opt-in (``train_adapter``'s
 ``trim_memory``). Clients no longer use it: ``client.kernels.arena`` keeps their activations
 out of the heap at a lower cost.

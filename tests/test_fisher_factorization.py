@@ -19,7 +19,6 @@ from emulator.factorize import (
 )
 from emulator.fisher import output_gradient_moments
 from emulator.surgery import quantizable_linears
-from offsite.errors import ConfigError
 from tests.conftest import (
     VOCAB,
     build_tiny_bundle,
@@ -139,8 +138,19 @@ def test_a_fisher_svd_bundle_keeps_its_budget_and_ships_no_middle_tensor_verbati
 
 
 @pytest.mark.parametrize("model_type", sorted(n for n, s in REGISTRY.items() if not s.causal_lm))
-def test_fisher_svd_on_a_model_without_a_language_modelling_head_says_what_to_use(
+def test_fisher_svd_without_a_language_modelling_head_spreads_the_budget_by_energy(
     model_type: str, tokenizer, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ConfigError, match="whitened-svd"):
-        build_tiny_bundle(tiny_model(model_type), tokenizer, tmp_path, 3, factorize="fisher-svd")
+    bundle, _ = build_tiny_bundle(
+        tiny_model(model_type),
+        tokenizer,
+        tmp_path,
+        3,
+        factorize="fisher-svd",
+        factorize_budget=0.3,
+        factorize_rank_multiple=4,
+    )
+    factorization = bundle.manifest["compression"]["factorization"]
+    assert factorization["method"] == "whitened-svd" and factorization["rule"]["budget"] == 0.3
+    assert factorization["factored_params"] <= 0.3 * factorization["dense_params"]
+    assert "estimated_loss_rise" not in factorization
