@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from offsite.data import Example, write_jsonl
+from offsite.errors import ExitCode
 from offsite.processes import flower_env, wait_for_port
 from tests.conftest import LABELS, tiny_texts
 
@@ -714,7 +715,7 @@ def test_a_revoked_node_is_unregistered_and_its_node_stops_with_the_reason(
     assert keys["site-c"].flower_node_id is None
     assert list(_online(deployment).values()).count("online") == 2, _online(deployment)
     # its SuperNode was dropped; asking to re-key, the node learns it was revoked and stops
-    assert node.wait(timeout=120) == 5
+    assert node.wait(timeout=120) == ExitCode.ENROLLMENT  # revoked
     log = (deployment.processes.logs / "site-c.log").read_text()
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "revoked" in errors[0], log[-800:]

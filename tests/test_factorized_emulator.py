@@ -41,6 +41,7 @@ def _settings(tmp_path: Path, causal: bool, **changes: object) -> EmulatorConfig
         quant_group_size=16,
         factorize="svd",
         factorize_rank_multiple=4,
+        factorize_max_rank_fraction=0.5,
         **{"fold_norms": False, **changes},  # type: ignore[arg-type]
     )
 
