@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cells import LAYER_DROP_OVERRIDES, quiet_setup, simulate_cell
+from cells import COMPRESSED_OVERRIDES, LAYER_DROP_OVERRIDES, quiet_setup, simulate_cell
 
 ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
@@ -158,24 +158,14 @@ CELLS = {
         ),
         # (fisher43-int8-2-26-2 is the default and cells.COMPRESSED_OVERRIDES, which the client
         # bench measures)
-        *(
-            Cell(
-                f"fisher{round(100 * budget)}-int8-2-26-2",
-                (
-                    "emulator.keep=-1",
-                    "emulator.factorize='fisher-svd'",
-                    f"emulator.factorize_budget={budget}",
-                    "emulator.factorize_max_rank_fraction=1.0",
-                    "emulator.fold_norms=true",
-                    "emulator.quantize='int8'",
-                ),
-                "every middle block kept, norms folded, each linear SVD-factorized in the LM "
-                "loss's K-FAC metric on public text (inputs' and output gradients' second "
-                f"moments), one budget of {budget:.0%} of the middle's dense parameters spread "
-                "where truncation costs the loss most, then int8: training-free, nothing "
-                "verbatim" + (" (the parameters of wsvd95-int8-2-26-2)" if budget == 0.433 else ""),
-            )
-            for budget in (0.433,)
+        Cell(
+            "fisher43-int8-2-26-2",
+            COMPRESSED_OVERRIDES,
+            "every middle block kept, norms folded, each linear SVD-factorized in the LM loss's "
+            "K-FAC metric on public text (inputs' and output gradients' second moments), one "
+            "budget of 43.3 % of the middle's dense parameters (those of wsvd95-int8-2-26-2) "
+            "spread where truncation costs the loss most, then int8: training-free, nothing "
+            "verbatim",
         ),
         Cell(
             "svd-distilled-2-8-2",

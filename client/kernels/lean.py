@@ -109,15 +109,15 @@ class LeanGatedMLP(nn.Module):
 
     @property
     def gate(self) -> nn.Module:
-        return self.get_submodule(self.projections[0])
+        return self._modules[self.projections[0]]  # type: ignore[return-value]
 
     @property
     def up(self) -> nn.Module:
-        return self.get_submodule(self.projections[1])
+        return self._modules[self.projections[1]]  # type: ignore[return-value]
 
     @property
     def down(self) -> nn.Module:
-        return self.get_submodule(self.projections[2])
+        return self._modules[self.projections[2]]  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if int8_mlp.takes(self, x):
