@@ -32,21 +32,22 @@ def measure(run_dir: Path) -> dict[str, Any]:
     from coordinator.adapters import load_adapter
     from coordinator.evaluate import EvalSpec, evaluate_emulator, evaluate_plug_in
     from coordinator.models import load_full_model
+    from coordinator.run_folder import RunFolder
     from emulator.bundle import verify_bundle
     from emulator.forward import pick_device
-    from offsite.config import load_config
     from offsite.data import load_task, split_holdout
 
-    config = load_config(run_dir / "config.toml", [])
+    folder = RunFolder.existing(run_dir)
+    config = folder.config()
     task = load_task(config.data.name, config.data.text_field, config.data.label_field)
     _, held = split_holdout(task.examples, config.data.eval_size, config.seed)
     full_model, tokenizer, _, _ = load_full_model(config.model.name)
-    bundle = verify_bundle(run_dir / "bundle")
-    state = load_adapter(run_dir / "adapters" / f"round-{config.federation.rounds}.safetensors")
+    bundle = verify_bundle(folder.bundle_dir)
+    state = load_adapter(folder.adapter_path(config.federation.rounds))
     spec = EvalSpec.from_config(config, task, held, pick_device())
     plan = bundle.plan
     bottom, top = set(plan.bottom), set(plan.top)
-    pretrained = load_adapter(run_dir / "adapters" / "round-0.safetensors")
+    pretrained = load_adapter(folder.adapter_path(0))
     parts = {
         "whole": state,
         "bottom only": {k: state[k] if _block_of(k) in bottom else pretrained[k] for k in state},

@@ -42,10 +42,11 @@ def quiet_setup() -> None:
 
 def simulate_cell(run_dir: Path, overrides: list[str], fresh: bool) -> dict[str, Any]:
     """The metrics of one simulation with ``overrides``; a finished run folder is reused."""
+    from coordinator.run_folder import RunFolder
     from coordinator.simulate import simulate
     from offsite.config import load_config
 
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = RunFolder(run_dir).metrics_path
     if fresh or not metrics_path.is_file():
         shutil.rmtree(run_dir, ignore_errors=True)
         config = load_config(None, overrides)

@@ -293,17 +293,17 @@ def _scoring_model(name: str, settings: Any) -> tuple[Any, ...]:
 def score_without_run(name: str) -> dict[str, float]:
     """Build cell ``name``'s emulator (seed 0) without running the federation and score it:
     for cells measured before the score existed, or whose run folders are gone."""
+    from coordinator.run_folder import RunFolder
     from emulator.build import build_configured_bundle
     from offsite.config import load_config
 
-    folder = WORK / name / "score"
+    folder = RunFolder.at(WORK / name / "score")
     config = load_config(None, ["seed=0", *CELLS[name].overrides])
-    if not (folder / "bundle" / "manifest.json").exists():
+    if not (folder.bundle_dir / "manifest.json").exists():
         model, tokenizer, arch, _, _ = _scoring_model(config.model.name, config.emulator)
-        folder.mkdir(parents=True, exist_ok=True)
-        build_configured_bundle(model, tokenizer, arch, config, folder / "bundle")
-        (folder / "config.toml").write_text(config.to_toml())
-    return gradient_score_of(folder)
+        build_configured_bundle(model, tokenizer, arch, config, folder.bundle_dir)
+        folder.write_config(config)
+    return gradient_score_of(folder.path)
 
 
 def gradient_score_of(run_dir: Path) -> dict[str, float]:
@@ -311,13 +311,14 @@ def gradient_score_of(run_dir: Path) -> dict[str, float]:
     shipped: its verified bundle against the full model, on the calibration texts of
     bench/gradient_score.py (public chitchat, never the task). The full model and its reference
     gradients are computed once per model and adapter placement."""
+    from coordinator.run_folder import RunFolder
     from emulator.bundle import load_bundle_model, verify_bundle
     from emulator.gradient_score import full_reference_gradients, score_emulator
-    from offsite.config import load_config
 
-    config = load_config(run_dir / "config.toml", [])
+    folder = RunFolder.existing(run_dir)
+    config = folder.config()
     model, _, arch, batches, references = _scoring_model(config.model.name, config.emulator)
-    bundle = verify_bundle(run_dir / "bundle")
+    bundle = verify_bundle(folder.bundle_dir)
     plan = bundle.plan
     placement = plan.adapter_layers
     if placement not in references:

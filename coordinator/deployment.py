@@ -10,12 +10,13 @@ bundle, run plan), then instead of the simulation engine it
    coordinator's app registry, then starts it on the SuperLink with ``flwr run @offsite/…``
    (only ``plan`` travels as run config) and streams its log: nodes run it because its
    signature verifies against the key they pinned at enrollment;
-3. evaluates and reports from the run folder the ServerApp wrote, as a simulation does.
+3. follows the rounds the ServerApp closes in the coordinator's registry (the run's rounds are
+   recorded there, not in a second registry in the run folder), then evaluates and reports
+   from the run folder the ServerApp wrote, as a simulation does.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -23,7 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.flower_link import CONNECTION, FlowerLink, FlowerLinkError
+from coordinator.run_folder import RunFolder
 from offsite.processes import flower_env
+
+
+@dataclass(frozen=True)
+class Published:
+    """A bundle offered on the artifact service."""
+
+    artifact: str  # digest of the archive nodes download
+    bundle_digest: str  # the bundle's own digest (its manifest)
+    size: int  # bytes
 
 
 @dataclass(frozen=True)
@@ -33,20 +44,20 @@ class Deployment:
     state: Path
     database: str | None = None
 
-    def publish(self, bundle_dir: Path) -> str:
-        """Sign ``bundle_dir`` and offer it on the artifact service; its artifact digest."""
+    def publish(self, bundle_dir: Path) -> Published:
+        """Sign ``bundle_dir`` and offer it on the artifact service."""
         from coordinator.pki import signing_key
         from coordinator.service import state_paths
         from coordinator.store import open_store
         from emulator.bundle import sign_bundle, verify_bundle
 
         pki, files = state_paths(self.state)
-        verify_bundle(bundle_dir)
+        verified = verify_bundle(bundle_dir)
         sign_bundle(bundle_dir, signing_key(pki))
         artifact, size = files.add_bundle(bundle_dir)
-        store = open_store(self.database or self.state)
+        store = open_store(self.registry)
         store.put_artifact(artifact, "bundle", size, files.path(artifact))
-        return artifact
+        return Published(artifact, verified.digest, size)
 
     def signed_app(self) -> str:
         """Build, sign and file the run's Flower app; the app spec ``flwr run`` takes."""
@@ -56,17 +67,22 @@ class Deployment:
         pki, _ = state_paths(self.state)
         return build_and_file_app(self.state, pki).spec
 
-    def federate(self, plan_path: Path, verbose: bool = False) -> None:
-        """Run the plan on the SuperLink; a progress bar follows the rounds the ServerApp
-        records in the run folder, Flower's own log goes to ``<run>/flower.log`` (and to the
-        terminal with ``verbose``)."""
+    @property
+    def registry(self) -> str:
+        """The coordinator's registry (database URL or state folder): deployed runs record
+        their rounds there, beside its nodes and artifacts."""
+        return self.database or str(self.state)
+
+    def federate(self, folder: RunFolder, verbose: bool = False) -> None:
+        """Run the folder's plan on the SuperLink; a progress bar follows the rounds the
+        ServerApp closes in the coordinator's registry, Flower's own log goes to the folder's
+        ``flower.log`` (and to the terminal with ``verbose``)."""
         from tqdm.auto import tqdm
 
-        from offsite.runplan import RunPlan
+        from coordinator.ledger import run_registry
 
-        plan = RunPlan.load(plan_path)
-        run_dir = Path(plan.run_dir)
-        total = int(plan.config["federation"]["rounds"])
+        total = folder.config().federation.rounds
+        store, name = run_registry(folder, folder.plan())
         link = FlowerLink.of_state(self.state)
         command = [
             str(Path(sys.executable).parent / "flwr"),
@@ -74,17 +90,14 @@ class Deployment:
             self.signed_app(),
             CONNECTION,
             "--run-config",
-            f'plan="{Path(plan_path).resolve()}"',
+            f'plan="{folder.plan_path}"',
             "--stream",
         ]
-        log_path = run_dir / "flower.log"
-        outcomes = run_dir / "outcomes.json"
+        log_path = folder.flower_log
 
-        def finished_rounds() -> list[dict]:
-            try:
-                return [o for o in json.loads(outcomes.read_text()) if int(o["round"]) > 0]
-            except (OSError, ValueError):
-                return []
+        def finished_rounds() -> int:
+            run_id = store.run_id(name)
+            return store.last_closed_round(run_id) if run_id is not None else 0
 
         with (
             log_path.open("a") as log,
@@ -98,11 +111,8 @@ class Deployment:
             )
             while process.poll() is None:
                 time.sleep(1.0)
-                done = finished_rounds()
-                bar.update(len(done) - bar.n)
-                if done:
-                    bar.set_postfix_str(str(done[-1].get("outcome", "")))
-            bar.update(len(finished_rounds()) - bar.n)
+                bar.update(finished_rounds() - bar.n)
+            bar.update(finished_rounds() - bar.n)
         output = log_path.read_text(errors="replace")
         if process.returncode != 0 or "ServerApp raised an exception" in output:
             raise FlowerLinkError(

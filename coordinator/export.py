@@ -13,17 +13,14 @@ Writes into ``<run>/export/round-<r>/`` (or ``--out``):
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import tomllib
 
 from coordinator.adapters import load_adapter
 from coordinator.models import load_full_model
 from coordinator.report import five_way_table, margin_lines
+from coordinator.run_folder import RunFolder
 from emulator.adapter import merged_model
 from emulator.bundle import bundle_arch, verify_bundle
 from emulator.peft_format import write_peft_adapter
@@ -41,12 +38,10 @@ class ExportResult:
     card: Path
 
 
-def _final_round(run_dir: Path) -> int:
-    rounds = sorted(
-        int(p.stem.split("-")[1]) for p in (run_dir / "adapters").glob("round-*.safetensors")
-    )
+def _final_round(folder: RunFolder) -> int:
+    rounds = folder.adapter_rounds()
     if not rounds or rounds[-1] == 0:
-        raise DataError(f"{run_dir} has no trained adapter yet (adapters/round-N.safetensors)")
+        raise DataError(f"{folder.path} has no trained adapter yet (no round 1 or later)")
     return rounds[-1]
 
 
@@ -54,22 +49,19 @@ def export_run(
     run_dir: Path, round_: int | None = None, out_dir: Path | None = None
 ) -> ExportResult:
     """Export the round-``round_`` (default: last) adapter of ``run_dir``."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.toml"
-    if not config_path.is_file():
-        raise DataError(f"{run_dir} is not a run folder (no config.toml)")
-    config = tomllib.loads(config_path.read_text())
-    round_ = _final_round(run_dir) if round_ is None else round_
-    adapter_path = run_dir / "adapters" / f"round-{round_}.safetensors"
+    folder = RunFolder.existing(run_dir, hint="pass the folder `offsite simulate` printed")
+    config = folder.config()
+    round_ = _final_round(folder) if round_ is None else round_
+    adapter_path = folder.adapter_path(round_)
     if not adapter_path.is_file():
         raise DataError(f"{adapter_path} does not exist; pass --round with an existing round")
-    bundle = verify_bundle(run_dir / "bundle")
+    bundle = verify_bundle(folder.bundle_dir)
     spec = bundle.adapter
     state = load_adapter(adapter_path)
-    out_dir = Path(out_dir) if out_dir else run_dir / "export" / f"round-{round_}"
+    out_dir = Path(out_dir) if out_dir else folder.export_dir(round_)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    source = str(config["model"]["name"])
+    source = config.model.name
     full_model, tokenizer, _, resolved = load_full_model(source)
     peft_dir: Path | None = None
     if spec.policy.lora:
@@ -83,14 +75,13 @@ def export_run(
     merged.save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)
     card = out_dir / "README.md"
-    card.write_text(model_card(run_dir, round_, source, spec.kind, peft_dir is not None))
-    log.info("exported round %d of %s to %s", round_, run_dir.name, out_dir)
+    card.write_text(model_card(folder, round_, source, spec.kind, peft_dir is not None))
+    log.info("exported round %d of %s to %s", round_, folder.name, out_dir)
     return ExportResult(out_dir, merged_dir, peft_dir, card)
 
 
-def model_card(run_dir: Path, round_: int, source: str, kind: str, has_peft: bool) -> str:
-    metrics_path = run_dir / "metrics.json"
-    metrics: dict[str, Any] = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+def model_card(folder: RunFolder, round_: int, source: str, kind: str, has_peft: bool) -> str:
+    metrics = folder.metrics()
     lines = [
         "---",
         "library_name: transformers",
@@ -99,7 +90,7 @@ def model_card(run_dir: Path, round_: int, source: str, kind: str, has_peft: boo
         else "tags: [offsite-tuning]",
         "---",
         "",
-        f"# {Path(source).name} + federated adapter (Offsite run `{run_dir.name}`, round {round_})",
+        f"# {Path(source).name} + federated adapter (Offsite run `{folder.name}`, round {round_})",
         "",
         f"The base model **{source}** with a {kind} adapter trained by offsite-tuning: data owners "
         "fine-tuned the adapter against a compressed emulator on data that never left them; the "

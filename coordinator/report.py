@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.evaluate import SETTINGS
+from coordinator.run_folder import RunFolder
 from emulator.build import describe_privacy
 from offsite.wire.messages import TrainReply
 
@@ -162,18 +163,18 @@ def plot_five_way(scores: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
+def write_report(folder: RunFolder, metrics: dict[str, Any]) -> Path:
     """Write metrics.json, the plots and report.md; return the report path."""
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
+    folder.metrics_path.write_text(json.dumps(metrics, indent=1, default=_json_default))
     scores = metrics["scores"]
-    plot_five_way(scores, run_dir / "five_way.png")
-    plot_losses(metrics.get("rounds", []), run_dir / "loss_per_round.png")
+    plot_five_way(scores, folder.plot_path("five_way"))
+    plot_losses(metrics.get("rounds", []), folder.plot_path("loss_per_round"))
     info = metrics["run"]
     training = metrics.get("training") or {}
     warning = training.get("warning", "")
     transfer = transfer_warnings(scores, training or None)
     lines = [
-        f"# Offsite run `{run_dir.name}`",
+        f"# Offsite run `{folder.name}`",
         "",
         *([f"**Warning: {warning}.**", ""] if warning else []),
         *[f"**Warning: {text}.**\n" for text in transfer],
@@ -187,11 +188,11 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
         "",
         *[f"- {line}" for line in margin_lines(scores, training or None)],
         "",
-        "![five-way](five_way.png)",
+        f"![five-way]({folder.plot_path('five_way').name})",
         "",
         "## Training",
         "",
-        "![loss](loss_per_round.png)",
+        f"![loss]({folder.plot_path('loss_per_round').name})",
         "",
         "## Sizes and time",
         "",
@@ -210,16 +211,15 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
         f"Reproduce: `{info['command']}`",
         "",
     ]
-    report = run_dir / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    folder.report_path.write_text("\n".join(lines))
+    return folder.report_path
 
 
-def write_failure_report(run_dir: Path, metrics: dict[str, Any], error: str) -> Path:
+def write_failure_report(folder: RunFolder, metrics: dict[str, Any], error: str) -> Path:
     """``metrics.json`` and a ``report.md`` for a run that trained nothing: no five-way table."""
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
+    folder.metrics_path.write_text(json.dumps(metrics, indent=1, default=_json_default))
     lines = [
-        f"# Offsite run `{run_dir.name}`: failed",
+        f"# Offsite run `{folder.name}`: failed",
         "",
         f"**{error}**",
         "",
@@ -232,9 +232,8 @@ def write_failure_report(run_dir: Path, metrics: dict[str, Any], error: str) -> 
         ],
         "",
     ]
-    report = run_dir / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    folder.report_path.write_text("\n".join(lines))
+    return folder.report_path
 
 
 def _bundle_part_lines(info: dict[str, Any]) -> list[str]:

@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 from tqdm.auto import tqdm
 
@@ -16,10 +15,11 @@ from coordinator.export import export_run
 from coordinator.lmeval import lm_eval_accuracy, write_multiple_choice_task
 from coordinator.models import load_full_model
 from coordinator.report import five_way_table, margin_lines
+from coordinator.run_folder import RunFolder
 from coordinator.run_health import adapter_changed
 from emulator.bundle import verify_bundle
 from emulator.forward import pick_device
-from offsite.config import OffsiteConfig, config_from_dict
+from offsite.config import OffsiteConfig
 from offsite.data import Example, Task, load_task, split_holdout
 from offsite.errors import DataError
 
@@ -35,20 +35,14 @@ def evaluate_run(
     lm-evaluation-harness on the same held-out multiple-choice data, side by side with Offsite's
     own scorer (fp32, no truncation), under ``table["lm_eval"]``.
     """
-    config_path = run_dir / "config.toml"
-    if not config_path.is_file():
-        raise DataError(
-            f"{run_dir} is not a run folder (no config.toml); pass a folder under runs/"
-        )
-    config = config_from_dict(tomllib.loads(config_path.read_text()))
+    folder = RunFolder.existing(run_dir)
+    config = folder.config()
     rounds = config.federation.rounds if round_ is None else round_
-    adapter_path = run_dir / "adapters" / f"round-{rounds}.safetensors"
+    adapter_path = folder.adapter_path(rounds)
     if not adapter_path.is_file():
-        available = sorted(p.stem for p in (run_dir / "adapters").glob("round-*.safetensors"))
-        raise DataError(
-            f"{adapter_path} does not exist; available: {', '.join(available) or 'none'}"
-        )
-    bundle = verify_bundle(run_dir / "bundle")
+        available = ", ".join(f"round-{r}" for r in folder.adapter_rounds())
+        raise DataError(f"{adapter_path} does not exist; available: {available or 'none'}")
+    bundle = verify_bundle(folder.bundle_dir)
     state = load_adapter(adapter_path)
     task = load_task(config.data.name, config.data.text_field, config.data.label_field)
     _, held = split_holdout(task.examples, config.data.eval_size, config.seed)
@@ -60,19 +54,19 @@ def evaluate_run(
     log.info(
         "round %d of %s\n%s\n%s",
         rounds,
-        run_dir.name,
+        folder.name,
         five_way_table(table),
-        "\n".join(margin_lines(table, {"adapter_changed": adapter_changed(run_dir, state)})),
+        "\n".join(margin_lines(table, {"adapter_changed": adapter_changed(folder, state)})),
     )
     if lm_eval:
         table["lm_eval"] = cross_check(
-            run_dir, rounds, config, task, held, full_model, tokenizer, resolved
+            folder, rounds, config, task, held, full_model, tokenizer, resolved
         )
     return table
 
 
 def cross_check(
-    run_dir: Path,
+    folder: RunFolder,
     round_: int,
     config: OffsiteConfig,
     task: Task,
@@ -88,10 +82,10 @@ def cross_check(
 
     if task.kind != "classification":
         raise DataError("the lm-eval cross-check needs a classification (multiple-choice) task")
-    merged = run_dir / "export" / f"round-{round_}" / "merged"
+    merged = folder.export_dir(round_) / "merged"
     if not (merged / "config.json").is_file():
-        merged = export_run(run_dir, round_).merged
-    task_dir = run_dir / "lm-eval"
+        merged = export_run(folder.path, round_).merged
+    task_dir = folder.lm_eval_dir
     template = config.data.template or task.template
     name = write_multiple_choice_task(held, task.labels, template, config.data.max_words, task_dir)
     # lm-eval scores in fp32 without truncation: do the same here, whatever the run used

@@ -2,20 +2,18 @@
 
 A run whose every round failed (every client crashed, or none replied in time) kept its initial
 adapter: evaluating it would print a five-way table whose plug-in equals zero-shot and a
-"privacy margin" for an adapter that never trained. ``RunHealth`` reads the run's
-``outcomes.json`` (one verdict per round) and ``rounds.json`` (one report per client reply) so the
-run can stop with the first client failure instead, and a run that partly failed can say so
-before any number is read.
+"privacy margin" for an adapter that never trained. ``RunHealth`` reads the run folder's round
+verdicts and client reports (``coordinator.run_folder``) so the run can stop with the first
+client failure instead, and a run that partly failed can say so before any number is read.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from coordinator.run_folder import RunFolder
 from offsite.errors import ExitCode, OffsiteError
 from offsite.wire.messages import TrainReply
 
@@ -63,9 +61,9 @@ class RunHealth:
     replies: int  # client reports seen
 
     @classmethod
-    def read(cls, run_dir: Path, rounds: int) -> RunHealth:
-        outcomes = _load(Path(run_dir) / "outcomes.json")
-        reports = _load(Path(run_dir) / "rounds.json")
+    def read(cls, folder: RunFolder, rounds: int) -> RunHealth:
+        outcomes = folder.outcomes()
+        reports = folder.client_reports()
         verdicts = [(int(o["round"]), str(o.get("outcome", ""))) for o in outcomes]
         verdicts = [(r, v) for r, v in verdicts if r > 0]
         failures = tuple(
@@ -109,7 +107,7 @@ class RunHealth:
             )
         return "; ".join(parts)
 
-    def failure(self, run_dir: Path) -> TrainingFailed:
+    def failure(self, folder: RunFolder) -> TrainingFailed:
         """The error of a run in which no round aggregated anything."""
         if self.client_failures:
             why = f"every client failed; first: {self.client_failures[0].describe()}"
@@ -117,27 +115,19 @@ class RunHealth:
             why = self.failed_rounds[0][1] if self.failed_rounds else "no round ran"
         return TrainingFailed(
             f"no round aggregated an update, the adapter never trained ({why}); see "
-            f"{Path(run_dir) / 'rounds.json'}, re-run with --verbose for the clients' logs, or "
+            f"{folder.client_reports_path}, re-run with --verbose for the clients' logs, or "
             "try federation.num_clients=1 federation.rounds=1 to debug one client"
         )
 
 
-def _load(path: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
-
-
-def adapter_changed(run_dir: Path, state: dict[str, Any]) -> bool:
-    """Whether ``state`` differs from the run's starting adapter (``adapters/round-0``); True
-    when there is no starting adapter to compare with."""
+def adapter_changed(folder: RunFolder, state: dict[str, Any]) -> bool:
+    """Whether ``state`` differs from the run's starting adapter (round 0); True when there is
+    no starting adapter to compare with."""
     import torch
 
     from coordinator.adapters import load_adapter
 
-    start_path = Path(run_dir) / "adapters" / "round-0.safetensors"
+    start_path = folder.adapter_path(0)
     if not start_path.is_file():
         return True
     start = load_adapter(start_path)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from coordinator.adapters import load_adapter
@@ -36,16 +37,16 @@ from coordinator.report import (
     write_failure_report,
     write_report,
 )
+from coordinator.run_folder import RunFolder
 from coordinator.run_health import RunHealth, adapter_changed
 from coordinator.simulation import run_flower_simulation
-from emulator.adapter import AdapterSpec
 from emulator.build import build_configured_bundle
-from emulator.bundle import bundle_parts, verify_bundle
+from emulator.bundle import Bundle, bundle_parts, verify_bundle
 from emulator.forward import pick_device
-from emulator.layers import plan_layers
+from emulator.layers import LayerPlan, plan_layers
 from emulator.scoring import Score
 from offsite.config import OffsiteConfig
-from offsite.data import load_task, partition, split_holdout, write_jsonl
+from offsite.data import Example, Task, load_task, partition, split_holdout, write_jsonl
 from offsite.errors import ConfigError
 from offsite.runplan import RunPlan
 
@@ -80,17 +81,22 @@ class _Timer:
             self.stages[name] = time.perf_counter() - start
 
 
-def new_run_dir(config: OffsiteConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    model = Path(config.model.name).name.replace("/", "-")
-    data = Path(config.data.name).stem
-    base = Path(config.output_dir) / f"{stamp}-{model}-{data}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True)
-    return run_dir.resolve()
+@dataclass
+class _Run:
+    """One run between setup and report: what federating, evaluating and reporting need."""
+
+    config: OffsiteConfig
+    folder: RunFolder
+    task: Task
+    held: list[Example]
+    train: list[Example]
+    plan: LayerPlan
+    bundle: Bundle
+    full_model: nn.Module
+    tokenizer: Any  # a transformers tokenizer
+    timer: _Timer
+    verbose: bool
+    deployment: Deployment | None
 
 
 def simulate(
@@ -125,16 +131,15 @@ def simulate(
         # emulator.* must fit this model; the plan itself is chosen once the model is loaded
         plan_layers(num_layers, config.emulator.bottom, config.emulator.top, config.emulator.keep)
     if resume:
-        if run_dir is None or not (run_dir / "plan.json").is_file():
+        if run_dir is None or not RunFolder(run_dir.resolve()).can_resume:
             raise ConfigError(f"{run_dir} is not a run folder that can resume (no plan.json)")
-        return _resume(config, run_dir.resolve(), task, held, verbose, timer, deployment)
-    run_dir = run_dir.resolve() if run_dir else new_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config.to_toml())
-    log.info("run folder: %s", run_dir)
+        return _resume(config, RunFolder(run_dir.resolve()), task, held, verbose, timer, deployment)
+    folder = RunFolder.at(run_dir) if run_dir else RunFolder.new(config)
+    folder.write_config(config)
+    log.info("run folder: %s", folder.path)
     if deployment is None:
         for index, share in enumerate(shares):
-            write_jsonl(share, run_dir / "data" / f"client-{index}.jsonl")
+            write_jsonl(share, folder.client_data(index))
         log.info(
             "  %s: %d examples (%s), %d held out, clients get %s",
             task.name,
@@ -151,28 +156,29 @@ def simulate(
     with timer.stage("load full model and build emulator bundle"):
         full_model, tokenizer, arch, _ = load_full_model(config.model.name)
         plan, bundle = build_configured_bundle(
-            full_model, tokenizer, arch, config, run_dir / "bundle"
+            full_model, tokenizer, arch, config, folder.bundle_dir
         )
         log.info("  emulator %s, bundle %s…", plan.label, bundle.digest[:12])
-        artifact = deployment.publish(bundle.path) if deployment else ""
+        artifact = deployment.publish(bundle.path).artifact if deployment else ""
         if artifact:
             log.info("  bundle signed and published as artifact %s…", artifact[:12])
 
-    plan_path = run_dir / "plan.json"
-    RunPlan(
-        run_dir=str(run_dir),
-        bundle_path=str(bundle.path),
-        bundle_digest=bundle.digest,
-        data_dir="" if deployment else str(run_dir / "data"),
-        task_kind=task.kind,
-        labels=task.labels,
-        template=template,
-        config=config.to_dict(),
-        bundle_artifact=artifact,
-    ).save(plan_path)
-    return _federate_and_report(
+    folder.save_plan(
+        RunPlan(
+            run_dir=str(folder.path),
+            bundle_path=str(bundle.path),
+            bundle_digest=bundle.digest,
+            data_dir="" if deployment else str(folder.data_dir),
+            task_kind=task.kind,
+            labels=task.labels,
+            template=template,
+            bundle_artifact=artifact,
+            registry=deployment.registry if deployment else "",
+        )
+    )
+    run = _Run(
         config,
-        run_dir,
+        folder,
         task,
         held,
         train,
@@ -184,26 +190,27 @@ def simulate(
         verbose,
         deployment,
     )
+    return _federate_and_report(run)
 
 
 def _resume(
     config: OffsiteConfig,
-    run_dir: Path,
-    task: Any,
-    held: Any,
+    folder: RunFolder,
+    task: Task,
+    held: list[Example],
     verbose: bool,
     timer: _Timer,
     deployment: Deployment | None,
 ) -> SimulationResult:
-    log.info("resuming run folder: %s", run_dir)
-    saved = RunPlan.load(str(run_dir / "plan.json"))
+    log.info("resuming run folder: %s", folder.path)
+    saved = folder.plan()
     with timer.stage("load full model and verify the run's bundle"):
         full_model, tokenizer, _, _ = load_full_model(config.model.name)
         bundle = verify_bundle(saved.bundle_path, expected_digest=saved.bundle_digest)
     train, _ = split_holdout(task.examples, config.data.eval_size, config.seed)
-    return _federate_and_report(
+    run = _Run(
         config,
-        run_dir,
+        folder,
         task,
         held,
         train,
@@ -215,51 +222,40 @@ def _resume(
         verbose,
         deployment,
     )
+    return _federate_and_report(run)
 
 
-def _federate_and_report(
-    config: OffsiteConfig,
-    run_dir: Path,
-    task: Any,
-    held: Any,
-    train: Any,
-    plan: Any,
-    bundle: Any,
-    full_model: Any,
-    tokenizer: Any,
-    timer: _Timer,
-    verbose: bool,
-    deployment: Deployment | None = None,
-) -> SimulationResult:
+def _federate_and_report(run: _Run) -> SimulationResult:
     """Federate (resuming after the last recorded round, if any), evaluate, report."""
-    template = config.data.template or task.template
-    adapter = bundle.adapter
+    config, folder, timer, deployment = run.config, run.folder, run.timer, run.deployment
+    template = config.data.template or run.task.template
     engine = "deployment" if deployment else "simulation"
     with timer.stage(f"federated training (Flower {engine})"):
         if deployment is not None:
-            deployment.federate(run_dir / "plan.json", verbose=verbose)
+            deployment.federate(folder, verbose=run.verbose)
         else:
             run_flower_simulation(
-                run_dir / "plan.json",
+                folder.plan_path,
                 config.federation.num_clients,
                 config.federation.client_cpus,
-                verbose=verbose,
+                verbose=run.verbose,
             )
-        health = RunHealth.read(run_dir, config.federation.rounds)
+        health = RunHealth.read(folder, config.federation.rounds)
         if not health.trained:
-            error = health.failure(run_dir)
-            write_failure_report(run_dir, _failure_metrics(config, run_dir, health), str(error))
+            error = health.failure(folder)
+            write_failure_report(folder, _failure_metrics(config, folder, health), str(error))
             raise error
-        final_path = run_dir / "adapters" / f"round-{config.federation.rounds}.safetensors"
+        final_path = folder.adapter_path(config.federation.rounds)
         if not final_path.is_file():
             raise RuntimeError(
                 f"the federation finished without a round-{config.federation.rounds} adapter; "
-                f"no client replied in time (see {run_dir / 'rounds.json'})"
+                f"no client replied in time (see {folder.client_reports_path})"
             )
         final_state = load_adapter(final_path)
 
     device = pick_device()
-    spec = EvalSpec.from_config(config, task, held, device)
+    held = run.held
+    spec = EvalSpec.from_config(config, run.task, held, device)
     # Full fine-tuning trains on the clients' data: a simulation holds it, a deployment's
     # coordinator never does (its own examples are another data set), so it has no fifth row.
     full_finetune = config.eval.full_finetune and deployment is None
@@ -270,46 +266,28 @@ def _federate_and_report(
         timer.stage("five-way evaluation"),
         tqdm(total=settings * len(held), desc="evaluating", unit="ex", dynamic_ncols=True) as bar,
     ):
-        weights = weights_digest(full_model)
+        weights = weights_digest(run.full_model)
         zero_key = zero_shot_key(weights, held, template, config)
         found = cached_baseline(zero_key) if config.eval.reuse_baseline else None
         scores = four_way(
-            full_model, tokenizer, bundle, final_state, spec, bar, found[0] if found else None
+            run.full_model,
+            run.tokenizer,
+            run.bundle,
+            final_state,
+            spec,
+            bar,
+            found[0] if found else None,
         )
         if found is None:
             store_baseline(zero_key, scores["full_zero_shot"], 0.0)
         else:
             timer.note("full zero-shot", "cached")
         if full_finetune:
-            scores["full_fine_tuned"] = _full_fine_tuned(
-                full_model,
-                weights,
-                tokenizer,
-                adapter,
-                train,
-                held,
-                template,
-                config,
-                spec,
-                bar,
-                timer,
-            )
+            scores["full_fine_tuned"] = _full_fine_tuned(run, weights, template, spec, bar)
 
-    metrics = _metrics(
-        config,
-        run_dir,
-        task,
-        held,
-        plan,
-        bundle,
-        full_model,
-        final_state,
-        scores,
-        timer,
-        "run" if deployment else "simulate",
-    )
-    metrics["training"] = _training(health, adapter_changed(run_dir, final_state))
-    report = write_report(run_dir, metrics)
+    metrics = _metrics(run, final_state, scores, "run" if deployment else "simulate")
+    metrics["training"] = _training(health, adapter_changed(folder, final_state))
+    report = write_report(folder, metrics)
     score_dicts = metrics["scores"]
     if warning := metrics["training"]["warning"]:
         log.warning("WARNING: %s", warning)
@@ -318,39 +296,32 @@ def _federate_and_report(
     margins = margin_lines(score_dicts, metrics["training"])
     log.info("\n%s\n%s", five_way_table(score_dicts), "\n".join(margins))
     log.info("report: %s", report)
-    return SimulationResult(run_dir, scores, report)
+    return SimulationResult(folder.path, scores, report)
 
 
 def _full_fine_tuned(
-    full_model: Any,
-    weights: str,
-    tokenizer: Any,
-    adapter: AdapterSpec,
-    train: Any,
-    held: Any,
-    template: str,
-    config: OffsiteConfig,
-    spec: EvalSpec,
-    bar: Any,
-    timer: _Timer,
+    run: _Run, weights: str, template: str, spec: EvalSpec, bar: tqdm[Any]
 ) -> Score:
     """The fifth row: read from the baseline cache, or trained, scored and cached."""
-    key = baseline_key(weights, adapter, train, held, template, config)
+    config, held, adapter = run.config, run.held, run.bundle.adapter
+    key = baseline_key(weights, adapter, run.train, held, template, config)
     found = cached_baseline(key) if config.eval.reuse_baseline else None
     if found is not None:
         score, seconds = found
         bar.update(len(held))
-        timer.note("full fine-tuning baseline", f"cached ({seconds:.0f} s when computed)")
+        run.timer.note("full fine-tuning baseline", f"cached ({seconds:.0f} s when computed)")
         log.info("  full fine-tuning: cached score (key %s…, took %.0f s)", key[:12], seconds)
         return score
     start = time.perf_counter()
     bar.set_postfix_str("full fine-tuning (baseline)")
-    tuned = full_fine_tune(full_model, tokenizer, adapter, train, template, config, spec.device)
+    tuned = full_fine_tune(
+        run.full_model, run.tokenizer, adapter, run.train, template, config, spec.device
+    )
     bar.set_postfix_str("full fine-tuned")
-    score = score_model(tuned, tokenizer, spec, bar.update)
+    score = score_model(tuned, run.tokenizer, spec, bar.update)
     seconds = time.perf_counter() - start
     store_baseline(key, score, seconds)
-    timer.note("full fine-tuning baseline", f"computed in {seconds:.0f} s, cached")
+    run.timer.note("full fine-tuning baseline", f"computed in {seconds:.0f} s, cached")
     return score
 
 
@@ -365,37 +336,25 @@ def _training(health: RunHealth, changed: bool) -> dict[str, Any]:
     }
 
 
-def _failure_metrics(config: OffsiteConfig, run_dir: Path, health: RunHealth) -> dict[str, Any]:
-    import json
-
-    outcomes_path = run_dir / "outcomes.json"
+def _failure_metrics(config: OffsiteConfig, folder: RunFolder, health: RunHealth) -> dict[str, Any]:
     return {
         "run": {"model": config.model.name, "data": config.data.name, "failed": True},
         "training": _training(health, changed=False),
-        "outcomes": json.loads(outcomes_path.read_text()) if outcomes_path.is_file() else [],
+        "outcomes": folder.outcomes(),
         "config": config.to_dict(),
     }
 
 
 def _metrics(
-    config: OffsiteConfig,
-    run_dir: Path,
-    task: Any,
-    held: Any,
-    plan: Any,
-    bundle: Any,
-    full_model: Any,
+    run: _Run,
     final_state: dict[str, torch.Tensor],
     scores: dict[str, Score],
-    timer: _Timer,
     verb: str = "simulate",
 ) -> dict[str, Any]:
-    import json
-
-    rounds_path = run_dir / "rounds.json"
-    rounds = json.loads(rounds_path.read_text()) if rounds_path.is_file() else []
-    outcomes_path = run_dir / "outcomes.json"
-    outcomes = json.loads(outcomes_path.read_text()) if outcomes_path.is_file() else []
+    config, task, held, plan, bundle = run.config, run.task, run.held, run.plan, run.bundle
+    full_model, timer = run.full_model, run.timer
+    rounds = run.folder.client_reports()
+    outcomes = run.folder.outcomes()
     middle_total = plan.num_layers - len(plan.adapter_layers)
     return {
         "run": {

@@ -119,9 +119,11 @@ def simulate(
     if resume is not None:
         if overrides or config or run_dir:
             raise typer.BadParameter("--resume takes the run's own config; drop other settings")
-        cfg = load_config(resume / "config.toml")
         _quiet_libraries()
+        from coordinator.run_folder import RunFolder
         from coordinator.simulate import simulate as run
+
+        cfg = RunFolder.existing(resume, hint="pass the run folder to resume").config()
 
         run(cfg, resume, verbose=verbose, resume=True)
         return
@@ -181,7 +183,10 @@ def run_deployed(
     if resume is not None:
         if overrides or config or run_dir:
             raise typer.BadParameter("--resume takes the run's own config; drop other settings")
-        run(load_config(resume / "config.toml"), resume, verbose, True, deployment)
+        from coordinator.run_folder import RunFolder
+
+        folder = RunFolder.existing(resume, hint="pass the run folder to resume")
+        run(folder.config(), resume, verbose, True, deployment)
         return
     run(load_config(config, overrides or []), run_dir, verbose, deployment=deployment)
 

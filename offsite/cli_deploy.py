@@ -160,17 +160,10 @@ def coordinator_publish(
     database: DatabaseOption = None,
 ) -> None:
     """Sign a bundle and make it downloadable; prints the artifact and bundle digests."""
-    from coordinator.pki import signing_key
-    from coordinator.service import state_paths
-    from emulator.bundle import sign_bundle, verify_bundle
+    from coordinator.deployment import Deployment
 
-    folder = _state(state)
-    pki, files = state_paths(folder)
-    verified = verify_bundle(bundle)
-    sign_bundle(bundle, signing_key(pki))
-    artifact, size = files.add_bundle(bundle)
-    _store(folder, database).put_artifact(artifact, "bundle", size, files.path(artifact))
-    typer.echo(f"artifact {artifact}  bundle {verified.digest}  ({size / 1e6:.1f} MB)")
+    done = Deployment(_state(state), database).publish(bundle)
+    typer.echo(f"artifact {done.artifact}  bundle {done.bundle_digest}  ({done.size / 1e6:.1f} MB)")
 
 
 @coordinator_app.command("serve")

@@ -258,11 +258,9 @@ class DataConfig(_Section):
         return out
 
 
-def learning_rate(train: Mapping[str, Any] | TrainConfig) -> float:
+def learning_rate(train: TrainConfig) -> float:
     """``train.lr``, or the update policy's default learning rate when it is 0."""
-    values = dataclasses.asdict(train) if dataclasses.is_dataclass(train) else train
-    lr = float(values["lr"])  # type: ignore[index]
-    return lr if lr > 0 else POLICIES[str(values["adapter"])].lr  # type: ignore[index]
+    return train.lr if train.lr > 0 else POLICIES[train.adapter].lr
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,15 @@
-"""The run plan: everything a ServerApp needs to drive one federated run, as a JSON file.
+"""The run plan: what a ServerApp needs to drive one federated run, besides its configuration.
 
-``offsite simulate`` writes it into the run folder and passes only its path to Flower
-(``run_config["plan"]``), so Flower messages and contexts stay small (FLOWER.md pitfall 11).
+``offsite simulate`` and ``offsite run`` write it into the run folder next to the run's
+``config.toml`` and pass only its path to Flower (``run_config["plan"]``), so Flower messages and
+contexts stay small: Flower copies its run config into every message context.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,11 @@ class RunPlan:
     task_kind: str
     labels: tuple[str, ...]
     template: str
-    config: dict[str, Any]  # the full OffsiteConfig as a dict
     # deployment: the bundle's artifact digest on the coordinator's artifact service ("" = none)
     bundle_artifact: str = ""
+    # the registry that records the run's rounds: "" = the run folder's own (simulation), else
+    # the coordinator's (its state folder or database URL), so a coordinator has one registry
+    registry: str = ""
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -32,4 +34,6 @@ class RunPlan:
     def load(cls, path: Path | str) -> RunPlan:
         data = json.loads(Path(path).read_text())
         data["labels"] = tuple(data["labels"])
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        # plans written before the configuration was stored once also held it ("config")
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -82,6 +82,7 @@ def test_no_drop_split_and_untrained_plug_in_give_the_full_models_logits(
 
 def test_a_federated_round_on_the_real_model_trains_the_adapter(full, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from coordinator.adapters import load_adapter
+    from coordinator.run_folder import RunFolder
     from coordinator.simulation import run_flower_simulation
     from emulator.adapter import AdapterSpec
     from emulator.arch import anchor_layers
@@ -126,6 +127,7 @@ def test_a_federated_round_on_the_real_model_trains_the_adapter(full, tmp_path: 
     sample = random.Random(0).sample(list(task.examples), 40)  # every topic, few examples
     for index, share in enumerate(partition(sample, 2, "iid", 1.0, 0)):
         write_jsonl(share, tmp_path / "data" / f"client-{index}.jsonl")
+    RunFolder(tmp_path).write_config(config)
     RunPlan(
         run_dir=str(tmp_path),
         bundle_path=str(bundle.path),
@@ -134,7 +136,6 @@ def test_a_federated_round_on_the_real_model_trains_the_adapter(full, tmp_path: 
         task_kind=task.kind,
         labels=task.labels,
         template=task.template,
-        config=config.to_dict(),
     ).save(tmp_path / "plan.json")
     run_flower_simulation(tmp_path / "plan.json", num_clients=2, client_cpus=1.0)
 

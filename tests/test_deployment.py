@@ -33,6 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from coordinator.store import open_store
 from offsite.data import Example, write_jsonl
 from offsite.errors import ExitCode
 from offsite.processes import flower_env, wait_for_port
@@ -239,6 +240,11 @@ def test_coordinator_and_two_nodes_federate_over_mtls_and_node_auth(
     outcomes = json.loads((run / "outcomes.json").read_text())
     assert [o["round"] for o in outcomes if o["round"] > 0] == [1, 2]
     assert not (run / "data").exists(), "a deployment run must not hold client data"
+    # one registry per coordinator: the run's rounds are in the coordinator's, none in the run
+    assert not (run / "registry").exists()
+    store = open_store(deployment.state)
+    run_id = store.run_id(str(run.resolve()))
+    assert run_id is not None and store.last_closed_round(run_id) == 2
     # each node fetched and verified the signed bundle into its own cache
     digest = metrics["run"]["bundle_digest"]
     for name in ("site-a", "site-b"):

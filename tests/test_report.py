@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.report import five_way_table, margin_lines, write_report
+from coordinator.run_folder import RunFolder
 
 
 def _metrics() -> dict:  # type: ignore[type-arg]
@@ -63,7 +64,7 @@ def test_table_and_margins() -> None:
 
 
 def test_report_files(tmp_path: Path) -> None:
-    report = write_report(tmp_path, _metrics()).read_text()
+    report = write_report(RunFolder(tmp_path), _metrics()).read_text()
     assert "0 of 234" in report
     assert "emulator distilled 200 steps on chitchat" in report and "38369.7 → 110.0" in report
     for name in ("metrics.json", "five_way.png", "loss_per_round.png"):
@@ -77,7 +78,7 @@ def test_a_plug_in_that_does_not_transfer_is_flagged_in_bold_with_what_to_try(
 
     metrics = _metrics()
     assert transfer_warnings(metrics["scores"]) == []  # 75 > 60 (emulator FT) > 50 (zero-shot)
-    assert "**Warning" not in write_report(tmp_path, metrics).read_text()
+    assert "**Warning" not in write_report(RunFolder(tmp_path), metrics).read_text()
     # the second private task of issue 22: plug-in 52.0 below zero-shot 58.0, above emu FT 35.3
     for key, value in {
         "full_zero_shot": 0.58,
@@ -88,7 +89,7 @@ def test_a_plug_in_that_does_not_transfer_is_flagged_in_bold_with_what_to_try(
     warnings = transfer_warnings(metrics["scores"])
     assert len(warnings) == 1 and "52.0 %" in warnings[0] and "58.0 %" in warnings[0]
     assert "emulator.factorize_energy" in warnings[0]
-    report = write_report(tmp_path, metrics).read_text().splitlines()
+    report = write_report(RunFolder(tmp_path), metrics).read_text().splitlines()
     assert report[2].startswith("**Warning: the plug-in (52.0 %) does not beat the untouched")
     # the first one: plug-in 34.0 at zero-shot 32.7 and far below emulator FT 87.3
     for key, value in {

@@ -148,6 +148,7 @@ def test_a_failing_client_does_not_end_the_run(
 ) -> None:
     """Client 1's data is corrupt: its replies are errors, FedAvg goes on with the others."""
     from coordinator.models import load_full_model
+    from coordinator.run_folder import RunFolder
     from coordinator.simulation import run_flower_simulation
     from emulator.adapter import AdapterSpec
     from emulator.bundle import write_bundle
@@ -176,6 +177,7 @@ def test_a_failing_client_does_not_end_the_run(
     (data / "client-1.jsonl").write_text("this is not json\n")
     (data / "client-2.jsonl").write_text("\n".join(lines[30:60]) + "\n")
     plan_path = tmp_path / "plan.json"
+    RunFolder(tmp_path).write_config(config)
     RunPlan(
         run_dir=str(tmp_path),
         bundle_path=str(bundle.path),
@@ -184,7 +186,6 @@ def test_a_failing_client_does_not_end_the_run(
         task_kind="classification",
         labels=LABELS,
         template="Text: {text}\nTopic:",
-        config=config.to_dict(),
     ).save(plan_path)
 
     run_flower_simulation(plan_path, num_clients=3, client_cpus=1.0)
@@ -253,6 +254,7 @@ def _federate_once(
 ) -> dict[str, torch.Tensor]:
     """One round straight through Flower (no evaluation); the new global adapter."""
     from coordinator.models import load_full_model
+    from coordinator.run_folder import RunFolder
     from coordinator.simulation import run_flower_simulation
     from emulator.adapter import AdapterSpec
     from emulator.bundle import write_bundle
@@ -281,6 +283,7 @@ def _federate_once(
     for index in range(clients):
         (data / f"client-{index}.jsonl").write_text("\n".join(lines[index::clients]) + "\n")
     plan_path = folder / "plan.json"
+    RunFolder(folder).write_config(config)
     RunPlan(
         run_dir=str(folder),
         bundle_path=str(bundle.path),
@@ -289,7 +292,6 @@ def _federate_once(
         task_kind="classification",
         labels=LABELS,
         template="Text: {text}\nTopic:",
-        config=config.to_dict(),
     ).save(plan_path)
     run_flower_simulation(plan_path, num_clients=clients, client_cpus=1.0)
     outcomes = json.loads((folder / "outcomes.json").read_text())
