@@ -183,7 +183,8 @@ CELLS = {
 }
 
 
-# Emulators and the default recipe on other tasks and models (issue 22 item 7): never tuned on.
+# Emulators and the default recipe on other tasks and models, never tuned on: does the default
+# generalise beyond the task it was chosen on?
 # Named task/cell: the default's rows are those of the default cell (``default_cell()``);
 # Gemma3-270m has 18 blocks, 14 in the middle, so the 2-16-2 default keeps the same share of its
 # middle there (16/26 of SmolLM2's ≈ 9/14).
@@ -538,7 +539,7 @@ def _markdown(document: dict[str, Any]) -> str:
             )
         )
     lines += ["", *_correlation_lines(document["score_vs_plug_in"])]
-    lines += ["", "## Targets for the default (issue 22)", ""]
+    lines += ["", "## Targets for the default", ""]
     default = document["default"]
     if default:
         lines += [

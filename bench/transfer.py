@@ -2,9 +2,9 @@
 
 Run: make bench-transfer   (= .venv/bin/python bench/transfer.py [--size-mb 200])
 
-Why it matters: an emulator bundle is hundreds of MB; Flower carries it only inside one
-protobuf message (FLOWER.md measured ~11× the payload in RAM). Offsite ships bundles through its
-own artifact service (streamed ≤ 4 MiB chunks, resumable, mutual TLS) and Flower carries
+Why it matters: an emulator bundle is hundreds of MB; Flower carries it only inside one protobuf
+message, which costs several times the payload in RAM (measured below). Offsite ships bundles
+through its own artifact service (streamed ≤ 4 MiB chunks, resumable, mutual TLS) and Flower carries
 only `{digest, size}`. Both paths are measured here in one run, side by side, on real processes:
 
 - artifact plane: `offsite coordinator serve` (mutual TLS) and a node process that downloads

@@ -1,8 +1,8 @@
 """Run the ServerApp and ClientApp on Flower's simulation engine (Ray backend), in-process.
 
-Why the private ``_run_simulation``: the public ``run_simulation`` is deprecated and passes an
-empty ``run_config`` (FLOWER.md pitfall 7), while ``flwr run`` leaves a detached SuperLink behind
-(pitfall 5). ``_run_simulation`` is what both use underneath; it takes a real ``Context`` so our
+Why the private ``_run_simulation``: in Flower 1.41 the public ``run_simulation`` is deprecated and
+passes an empty ``run_config`` to the apps, while ``flwr run`` leaves a detached SuperLink running
+after the run. ``_run_simulation`` is what both use underneath; it takes a real ``Context`` so our
 apps read ``run_config["plan"]`` exactly as they do under ``flwr run`` in deployment. Flower is
 pinned (==1.41.0) and ``tests/test_simulation.py`` runs this path for real.
 """

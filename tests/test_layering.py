@@ -55,7 +55,8 @@ def test_package_boundaries(package: str) -> None:
 
 
 def test_no_unsafe_deserialization_anywhere() -> None:
-    """No torch.load, pickle, unsafe yaml or allow_pickle on any code path (CHECKLIST B7)."""
+    """No torch.load, pickle, unsafe yaml or allow_pickle on any code path: untrusted bytes
+    never reach an unpickler."""
     offenders = []
     for package in PACKAGES:
         for path in _sources(package):

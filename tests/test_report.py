@@ -79,7 +79,7 @@ def test_a_plug_in_that_does_not_transfer_is_flagged_in_bold_with_what_to_try(
     metrics = _metrics()
     assert transfer_warnings(metrics["scores"]) == []  # 75 > 60 (emulator FT) > 50 (zero-shot)
     assert "**Warning" not in write_report(RunFolder(tmp_path), metrics).read_text()
-    # the second private task of issue 22: plug-in 52.0 below zero-shot 58.0, above emu FT 35.3
+    # a measured private task: plug-in 52.0 below zero-shot 58.0, above emulator FT 35.3
     for key, value in {
         "full_zero_shot": 0.58,
         "emulator_fine_tuned": 0.353,
