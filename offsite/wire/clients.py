@@ -8,7 +8,7 @@ decide what a status means to them. Only this package builds stubs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -26,13 +26,18 @@ from offsite.wire.domain import (
 )
 from offsite.wire.v1 import artifacts_pb2_grpc, enrollment_pb2_grpc
 
+# the generated stubs are untyped: these names type them (a channel in, a stub out); every
+# method below types what crosses a stub
+_ArtifactStub: Callable[[grpc.Channel], Any] = artifacts_pb2_grpc.ArtifactServiceStub
+_EnrollmentStub: Callable[[grpc.Channel], Any] = enrollment_pb2_grpc.EnrollmentServiceStub
+_NodeStub: Callable[[grpc.Channel], Any] = enrollment_pb2_grpc.NodeServiceStub
+
 
 class ArtifactClient:
     """ArtifactService (mutual TLS): stat an artifact, download it from an offset."""
 
     def __init__(self, channel: grpc.Channel) -> None:
-        # the generated stubs are untyped; every method below types what crosses them
-        self._stub = artifacts_pb2_grpc.ArtifactServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._stub = _ArtifactStub(channel)
 
     def stat(self, request: StatRequest, *, timeout: float | None = None) -> ArtifactStat:
         reply = self._stub.Stat(serde.to_proto(request), timeout=timeout)
@@ -58,7 +63,7 @@ class EnrollmentClient:
     """EnrollmentService (TLS, the CA pinned by the caller): a one-time token for a certificate."""
 
     def __init__(self, channel: grpc.Channel) -> None:
-        self._stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._stub = _EnrollmentStub(channel)
 
     def enroll(self, request: EnrollRequest, *, timeout: float | None = None) -> EnrollGrant:
         reply = self._stub.Enroll(serde.to_proto(request), timeout=timeout)
@@ -69,7 +74,7 @@ class NodeClient:
     """NodeService (mutual TLS): an enrolled node's calls about its own registration."""
 
     def __init__(self, channel: grpc.Channel) -> None:
-        self._stub = enrollment_pb2_grpc.NodeServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._stub = _NodeStub(channel)
 
     def renew_flower_key(
         self, request: RenewFlowerKeyRequest, *, timeout: float | None = None

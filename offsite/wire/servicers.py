@@ -32,6 +32,12 @@ from offsite.wire.domain import (
 )
 from offsite.wire.v1 import artifacts_pb2_grpc, enrollment_pb2_grpc
 
+# the generated registration functions are untyped: these names type them
+_Register = Callable[[Any, grpc.Server], None]
+_add_artifacts: _Register = artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server
+_add_enrollment: _Register = enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server
+_add_nodes: _Register = enrollment_pb2_grpc.add_NodeServiceServicer_to_server
+
 
 class ArtifactHandler(Protocol):
     def stat(self, peer: Peer, request: StatRequest) -> ArtifactStat: ...
@@ -117,16 +123,9 @@ def add_services(
     nodes: NodeHandler | None = None,
 ) -> None:
     """Serve each given handler's service on ``server`` (before it starts)."""
-    # the generated registration functions are untyped; the servicers above are typed
     if artifacts is not None:
-        artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            ArtifactServicer(artifacts), server
-        )
+        _add_artifacts(ArtifactServicer(artifacts), server)
     if enrollment is not None:
-        enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            EnrollmentServicer(enrollment), server
-        )
+        _add_enrollment(EnrollmentServicer(enrollment), server)
     if nodes is not None:
-        enrollment_pb2_grpc.add_NodeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            NodeServicer(nodes), server
-        )
+        _add_nodes(NodeServicer(nodes), server)
