@@ -159,13 +159,13 @@ def measure_artifact_plane(work: Path, size: int, env: dict[str, str]) -> dict[s
                 "import json, sys, time\n"
                 "from client.artifacts import download\n"
                 "from client.identity import NodeIdentity\n"
-                "from offsite.wire.v1 import artifacts_pb2_grpc\n"
+                "from offsite.wire.clients import ArtifactClient\n"
                 "sys.stdin.readline()\n"
                 f"identity = NodeIdentity(__import__('pathlib').Path({str(node)!r}))\n"
                 "with identity.channel() as channel:\n"
                 "    start = time.perf_counter()\n"
-                "    stub = artifacts_pb2_grpc.ArtifactServiceStub(channel)\n"
-                f"    path = download(stub, {digest!r}, identity.folder / 'downloads')\n"
+                "    client = ArtifactClient(channel)\n"
+                f"    path = download(client, {digest!r}, identity.folder / 'downloads')\n"
                 "    print(json.dumps({'seconds': time.perf_counter() - start,"
                 " 'received': path.stat().st_size}))\n",
             ],

@@ -22,7 +22,8 @@ from emulator.digest import file_sha256
 from offsite.archive import unpack_bundle
 from offsite.digests import require_sha256
 from offsite.errors import ExitCode, IntegrityError, OffsiteError
-from offsite.wire.v1 import artifacts_pb2, artifacts_pb2_grpc
+from offsite.wire.clients import ArtifactClient
+from offsite.wire.domain import DownloadRequest, StatRequest
 
 
 class TransferError(OffsiteError):
@@ -43,7 +44,7 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def download(
-    stub: artifacts_pb2_grpc.ArtifactServiceStub,
+    client: ArtifactClient,
     digest: str,
     folder: Path,
     progress: Callable[[int, int], None] | None = None,
@@ -55,16 +56,13 @@ def download(
         return final
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f"{digest}.partial"
-    size = stub.Stat(artifacts_pb2.StatRequest(digest=digest), timeout=timeout).size
+    size = client.stat(StatRequest(digest), timeout=timeout).size
     offset = partial.stat().st_size if partial.is_file() else 0
     if offset > size:
         partial.unlink()
         offset = 0
     with partial.open("ab") as handle:
-        stream = stub.Download(
-            artifacts_pb2.DownloadRequest(digest=digest, offset=offset), timeout=timeout
-        )
-        for chunk in stream:
+        for chunk in client.download(DownloadRequest(digest, offset), timeout=timeout):
             if chunk.offset != offset:
                 raise IntegrityError(
                     f"artifact {digest[:12]}: chunk at {chunk.offset}, expected {offset}"
@@ -99,9 +97,8 @@ def fetch_bundle(
     with locked(cache / ".lock"):
         if target.is_dir():
             return verify_bundle(target, bundle_digest, signing_key)
-        stub = artifacts_pb2_grpc.ArtifactServiceStub(channel)
         try:
-            archive = download(stub, artifact, cache / "artifacts", progress)
+            archive = download(ArtifactClient(channel), artifact, cache / "artifacts", progress)
         except grpc.RpcError as err:
             raise TransferError(
                 f"the coordinator did not deliver artifact {artifact[:12]}: "

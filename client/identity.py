@@ -28,7 +28,8 @@ from cryptography.x509.oid import NameOID
 from offsite.certs import fingerprint
 from offsite.errors import ExitCode, OffsiteError
 from offsite.files import write_private
-from offsite.wire.v1 import enrollment_pb2, enrollment_pb2_grpc
+from offsite.wire.clients import EnrollmentClient, NodeClient
+from offsite.wire.domain import EnrollRequest, RenewFlowerKeyRequest
 
 IDENTITY_FILES = ("node.key", "node.pem", "ca.pem", "node.json", "flower.key", "flower.pub")
 
@@ -216,10 +217,9 @@ def join(
     options = [("grpc.ssl_target_name_override", host)] if host else []
     credentials = grpc.ssl_channel_credentials(root_certificates=ca)
     with grpc.secure_channel(address, credentials, options=options) as channel:
-        stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
         try:
-            reply = stub.Enroll(
-                enrollment_pb2.EnrollRequest(
+            reply = EnrollmentClient(channel).enroll(
+                EnrollRequest(
                     token=token,
                     node_name=name,
                     csr_pem=csr.public_bytes(serialization.Encoding.PEM),
@@ -290,10 +290,9 @@ def renew_flower_key(identity: NodeIdentity, timeout: float = 30.0) -> bool:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     with identity.channel() as channel:
-        stub = enrollment_pb2_grpc.NodeServiceStub(channel)
         try:
-            reply = stub.RenewFlowerKey(
-                enrollment_pb2.RenewFlowerKeyRequest(flower_public_key=public), timeout=timeout
+            reply = NodeClient(channel).renew_flower_key(
+                RenewFlowerKeyRequest(flower_public_key=public), timeout=timeout
             )
         except grpc.RpcError as err:
             code = err.code()  # type: ignore[attr-defined]

@@ -110,9 +110,7 @@ class CoordinatorDaemon:
         """Start everything; raises (and leaves nothing running) when any part cannot start."""
         # Flower's modules are imported before any helper thread runs: two threads importing
         # flwr at once can deadlock on its circular imports (seen as _DeadlockError).
-        import flwr.proto.control_pb2
-        import flwr.supercore.control
-        import flwr.supercore.interceptors.http.runtime_version  # noqa: F401
+        import offsite.wire.flower_control  # noqa: F401  (imports the Flower modules it needs)
 
         pki, files = state_paths(self.state)
         audit = Audit(self.state)

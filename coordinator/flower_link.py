@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.audit import Audit
 from coordinator.pki import Pki
@@ -34,6 +34,9 @@ from coordinator.store import Store
 from offsite.certs import parse_flower_public_key
 from offsite.errors import ExitCode, OffsiteError
 from offsite.processes import flower_env, start_child, stop_tree, wait_for_port
+
+if TYPE_CHECKING:  # imported where used: it imports Flower
+    from offsite.wire.flower_control import FlowerControl
 
 log = logging.getLogger(__name__)
 
@@ -144,22 +147,14 @@ class FlowerLink:
     # ------------------------------------------------------------------ Control API (loopback)
 
     @contextmanager
-    def _control(self) -> Iterator[Any]:
+    def _control(self) -> Iterator[FlowerControl]:
         """Flower's own Control API client (what ``flwr`` uses), in process: a call costs
         milliseconds where the ``flwr`` CLI costs a second of CPU (reconcile runs every few
         seconds)."""
-        from flwr.supercore.control import ControlHttpClient
-        from flwr.supercore.interceptors.http.runtime_version import (
-            RuntimeVersionHttpInterceptor,
-        )
+        from offsite.wire.flower_control import FlowerControl
 
         ca = (self.home.parent / "pki" / "ca.pem").read_bytes()
-        client = ControlHttpClient.from_server_address(
-            server_address=self.control,
-            insecure=False,
-            root_certificates=ca,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
-        )
+        client = FlowerControl(self.control, ca)
         try:
             yield client
         except Exception as err:  # httpx, FlowerError, protobuf: all one "the call failed"
@@ -169,31 +164,22 @@ class FlowerLink:
 
     def nodes(self) -> list[SuperLinkNode]:
         """Every node the SuperLink holds, unregistered ones included."""
-        from flwr.proto.control_pb2 import ListNodesRequest
-
         with self._control() as control:
-            answer = control.ListNodes(ListNodesRequest())
-        return [
-            SuperLinkNode(str(n.node_id), n.status, bytes(n.public_key), n.name)
-            for n in answer.nodes_info
-        ]
+            held = control.list_nodes()
+        return [SuperLinkNode(str(n.node_id), n.status, n.public_key, n.name) for n in held]
 
     def register(self, public_key: str, name: str) -> str:
         """Admit a SuperNode's authentication key; returns the node id Flower assigned."""
-        from flwr.proto.control_pb2 import RegisterNodeRequest
-
         pem = parse_flower_public_key(public_key)
         with self._control() as control:
-            answer = control.RegisterNode(RegisterNodeRequest(public_key=pem, name=name))
-        if not answer.node_id:
+            node_id = control.register_node(pem, name)
+        if not node_id:
             raise FlowerLinkError(f"the SuperLink did not register node {name}")
-        return str(answer.node_id)
+        return str(node_id)
 
     def unregister(self, node_id: str) -> None:
-        from flwr.proto.control_pb2 import UnregisterNodeRequest
-
         with self._control() as control:
-            control.UnregisterNode(UnregisterNodeRequest(node_id=int(node_id)))
+            control.unregister_node(int(node_id))
 
     # ------------------------------------------------------------------ the registry leads
 

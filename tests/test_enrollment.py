@@ -22,13 +22,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-import coordinator.service as service
+import coordinator.handlers as handlers
 from client.artifacts import fetch_bundle
 from client.identity import JoinError, join
 from coordinator.audit import Audit
 from coordinator.pki import init_pki
 from offsite.errors import IntegrityError
-from offsite.wire.v1 import enrollment_pb2, enrollment_pb2_grpc
+from offsite.wire.clients import EnrollmentClient
+from offsite.wire.domain import EnrollGrant, EnrollRequest, Peer, Refused, Status
+from offsite.wire.servicers import add_services
 from tests.test_service import Coordinator, _start
 
 
@@ -60,9 +62,8 @@ def _enroll(coordinator: Coordinator, **fields: object) -> grpc.RpcError | None:
     credentials = grpc.ssl_channel_credentials(coordinator.pki.ca_cert.read_bytes())
     options = [("grpc.ssl_target_name_override", "localhost")]
     with grpc.secure_channel(coordinator.address, credentials, options=options) as channel:
-        stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
         try:
-            stub.Enroll(enrollment_pb2.EnrollRequest(**fields), timeout=10)  # type: ignore[arg-type]
+            EnrollmentClient(channel).enroll(EnrollRequest(**fields), timeout=10)  # type: ignore[arg-type]
         except grpc.RpcError as err:
             return err
     return None
@@ -72,13 +73,13 @@ def _enroll(coordinator: Coordinator, **fields: object) -> grpc.RpcError | None:
 def issued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names the CA signed a certificate for (a spy on the one signing function)."""
     names: list[str] = []
-    real = service.issue_certificate
+    real = handlers.issue_certificate
 
     def spy(pki, csr_pem, node_name, days=365):  # type: ignore[no-untyped-def]
         names.append(node_name)
         return real(pki, csr_pem, node_name, days)
 
-    monkeypatch.setattr(service, "issue_certificate", spy)
+    monkeypatch.setattr(handlers, "issue_certificate", spy)
     return names
 
 
@@ -196,13 +197,13 @@ def _fake_coordinator(tmp_path: Path, chain: bytes, key: bytes) -> tuple[grpc.Se
     """An enrollment server presenting ``chain``; records every Enroll it receives."""
     calls: list[str] = []
 
-    class Recording(enrollment_pb2_grpc.EnrollmentServiceServicer):
-        def Enroll(self, request, context):  # type: ignore[no-untyped-def]
+    class Recording:
+        def enroll(self, peer: Peer, request: EnrollRequest) -> EnrollGrant:
             calls.append(request.token)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+            raise Refused(Status.PERMISSION_DENIED, "no")
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(Recording(), server)
+    add_services(server, enrollment=Recording())
     port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, chain)]))
     server.start()
     return server, f"127.0.0.1:{port}", calls
@@ -324,11 +325,12 @@ def test_a_flower_key_another_node_holds_is_refused(
 def test_enrollment_attempts_from_one_address_are_rate_limited(
     coordinator: Coordinator,
 ) -> None:
-    from coordinator.service import ENROLL_ATTEMPTS
+    from coordinator.handlers import ENROLL_ATTEMPTS
 
     limit = ENROLL_ATTEMPTS[0]
+    guess = {"node_name": "x", "csr_pem": _csr("x"), "flower_public_key": b""}
     codes = [
-        _enroll(coordinator, token=f"guess-{i}", node_name="x", csr_pem=_csr("x")).code()  # type: ignore[union-attr]
+        _enroll(coordinator, token=f"guess-{i}", **guess).code()  # type: ignore[union-attr]
         for i in range(limit + 5)
     ]
     assert codes[:limit] == [grpc.StatusCode.INVALID_ARGUMENT] * limit

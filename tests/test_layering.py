@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,22 @@ FORBIDDEN = {
 ALLOWED = {
     "offsite/cli.py": {"client", "coordinator", "emulator"},
     "offsite/cli_deploy.py": {"client", "coordinator", "emulator"},
-    # the generated gRPC stubs are the wire contract both sides share
+    # the generated gRPC stubs are the wire contract both sides share, and the typed clients
+    # and thin servicers over them
     "offsite/wire/v1/artifacts_pb2_grpc.py": {"grpc"},
     "offsite/wire/v1/enrollment_pb2_grpc.py": {"grpc"},
-    # and the Flower-plane messages (Flower records) both roles share
+    "offsite/wire/clients.py": {"grpc"},
+    "offsite/wire/servicers.py": {"grpc"},
+    # and the Flower-plane messages (Flower records) both roles share, and Flower's Control API
     "offsite/wire/messages.py": {"flwr"},
+    "offsite/wire/flower_control.py": {"flwr"},
 }
+# gRPC handlers decide; the servicers in offsite/wire/servicers.py speak gRPC for them
+NO_TRANSPORT = ("coordinator/handlers.py",)
+# protobuf modules (ours and Flower's) are imported by the wire package alone, even in the
+# scripts a benchmark generates: everything else goes through offsite.wire.serde and its clients
+PB2_IMPORT = re.compile(r"\b(?:from|import)\b[^\n#]*?_pb2")
+PB2_SCANNED = (*PACKAGES, "bench")
 
 
 def _sources(package: str) -> list[Path]:
@@ -52,6 +63,34 @@ def test_package_boundaries(package: str) -> None:
         if bad:
             violations.append(f"{relative} imports {sorted(bad)}")
     assert not violations, violations
+
+
+def test_handlers_import_no_transport() -> None:
+    for relative in NO_TRANSPORT:
+        bad = _imports(ROOT / relative) & {"grpc", "google", "flwr"}
+        assert not bad, f"{relative} imports {sorted(bad)}: handlers take and return domain values"
+
+
+def test_only_the_wire_package_imports_protobuf_modules() -> None:
+    offenders = []
+    for folder in PB2_SCANNED:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            relative = path.relative_to(ROOT).as_posix()
+            if relative.startswith("offsite/wire/"):
+                continue
+            text = path.read_text()
+            for node in ast.walk(ast.parse(text)):  # imports, however they are wrapped
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    names = [getattr(node, "module", None) or "", *(a.name for a in node.names)]
+                    if any("_pb2" in name for name in names):
+                        offenders.append(f"{relative}:{node.lineno}: {ast.unparse(node)}")
+            for number, line in enumerate(text.splitlines(), 1):  # and code in strings
+                if PB2_IMPORT.search(line) and not line.lstrip().startswith(("from", "import")):
+                    offenders.append(f"{relative}:{number}: {line.strip()}")
+    assert not offenders, (
+        "use offsite.wire.serde / offsite.wire.clients / offsite.wire.flower_control instead of "
+        "a *_pb2 module:\n" + "\n".join(offenders)
+    )
 
 
 def test_no_unsafe_deserialization_anywhere() -> None:

@@ -30,7 +30,8 @@ from emulator.digest import file_sha256
 from emulator.layers import plan_layers
 from offsite.certs import fingerprint
 from offsite.errors import IntegrityError
-from offsite.wire.v1 import artifacts_pb2, artifacts_pb2_grpc
+from offsite.wire.clients import ArtifactClient
+from offsite.wire.domain import DownloadRequest, StatRequest
 from tests.conftest import tiny_model
 
 
@@ -79,10 +80,8 @@ def _join(coordinator: Coordinator, folder: Path, name: str = "clinic-a") -> Nod
     return join(coordinator.address, token, coordinator.ca_fingerprint, name, folder)
 
 
-def _stub(
-    coordinator: Coordinator, identity: NodeIdentity
-) -> artifacts_pb2_grpc.ArtifactServiceStub:
-    return artifacts_pb2_grpc.ArtifactServiceStub(identity.channel())
+def _stub(coordinator: Coordinator, identity: NodeIdentity) -> ArtifactClient:
+    return ArtifactClient(identity.channel())
 
 
 def _add_blob(coordinator: Coordinator, size: int) -> str:
@@ -156,16 +155,16 @@ def test_plaintext_anonymous_and_foreign_ca_clients_are_refused(
     coordinator: Coordinator, tmp_path: Path
 ) -> None:
     digest = _add_blob(coordinator, 1000)
-    request = artifacts_pb2.StatRequest(digest=digest)
-    plain = artifacts_pb2_grpc.ArtifactServiceStub(grpc.insecure_channel(coordinator.artifacts))
+    request = StatRequest(digest)
+    plain = ArtifactClient(grpc.insecure_channel(coordinator.artifacts))
     with pytest.raises(grpc.RpcError) as err:
-        plain.Stat(request, timeout=5)
+        plain.stat(request, timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     anonymous = grpc.ssl_channel_credentials(root_certificates=coordinator.pki.ca_cert.read_bytes())
     for address in (coordinator.address, coordinator.artifacts):
-        stub = artifacts_pb2_grpc.ArtifactServiceStub(grpc.secure_channel(address, anonymous))
+        stub = ArtifactClient(grpc.secure_channel(address, anonymous))
         with pytest.raises(grpc.RpcError) as err:
-            stub.Stat(request, timeout=5)
+            stub.stat(request, timeout=5)
         # the enrollment port answers "who are you"; the mutual-TLS port refuses the handshake
         assert err.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE)
     # a certificate from another CA fails the handshake
@@ -181,11 +180,9 @@ def test_plaintext_anonymous_and_foreign_ca_clients_are_refused(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     credentials = grpc.ssl_channel_credentials(coordinator.pki.ca_cert.read_bytes(), pem, cert)
-    stub = artifacts_pb2_grpc.ArtifactServiceStub(
-        grpc.secure_channel(coordinator.artifacts, credentials)
-    )
+    stub = ArtifactClient(grpc.secure_channel(coordinator.artifacts, credentials))
     with pytest.raises(grpc.RpcError) as err:
-        stub.Stat(request, timeout=5)
+        stub.stat(request, timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -195,10 +192,10 @@ def test_revocation_is_immediate_and_survives_a_restart(
     identity = _join(coordinator, tmp_path / "node")
     digest = _add_blob(coordinator, 1000)
     stub = _stub(coordinator, identity)
-    assert stub.Stat(artifacts_pb2.StatRequest(digest=digest), timeout=5).size == 1000
+    assert stub.stat(StatRequest(digest), timeout=5).size == 1000
     assert coordinator.store.revoke("clinic-a")
     with pytest.raises(grpc.RpcError) as err:
-        stub.Stat(artifacts_pb2.StatRequest(digest=digest), timeout=5)
+        stub.stat(StatRequest(digest), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     coordinator.server.stop(None)
     coordinator.store.engine.dispose()
@@ -206,7 +203,7 @@ def test_revocation_is_immediate_and_survives_a_restart(
     restarted = _start(coordinator.state, *ports)
     try:
         with pytest.raises(grpc.RpcError) as err:
-            _stub(restarted, identity).Stat(artifacts_pb2.StatRequest(digest=digest), timeout=5)
+            _stub(restarted, identity).stat(StatRequest(digest), timeout=5)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         restarted.server.stop(None)
@@ -221,18 +218,18 @@ def test_a_download_cut_halfway_resumes_without_resending(
     stub = _stub(coordinator, identity)
     folder = tmp_path / "cache"
     folder.mkdir()
-    stream = stub.Download(artifacts_pb2.DownloadRequest(digest=digest, offset=0), timeout=30)
+    stream = stub.download(DownloadRequest(digest, offset=0), timeout=30)
     first = next(stream)
-    stream.cancel()  # the connection dies after one chunk (~half the file)
+    stream.close()  # the connection dies after one chunk (~half the file): the call is cancelled
     (folder / f"{digest}.partial").write_bytes(first.data)
     offsets: list[int] = []
 
-    class Recording:  # the real stub, remembering where the resumed download starts
-        Stat = stub.Stat
+    class Recording:  # the real client, remembering where the resumed download starts
+        stat = stub.stat
 
-        def Download(self, request, **kwargs):  # type: ignore[no-untyped-def]
+        def download(self, request, **kwargs):  # type: ignore[no-untyped-def]
             offsets.append(request.offset)
-            return stub.Download(request, **kwargs)
+            return stub.download(request, **kwargs)
 
     path = download(Recording(), digest, folder)  # type: ignore[arg-type]
     assert file_sha256(path) == digest
@@ -294,8 +291,7 @@ def test_fuzzed_requests_do_not_crash_the_server(coordinator: Coordinator, tmp_p
             except grpc.RpcError as err:
                 codes.add(err.code())
     assert grpc.StatusCode.UNAVAILABLE not in codes  # the server never went away
-    stub = artifacts_pb2_grpc.ArtifactServiceStub(channel)
-    assert stub.Stat(artifacts_pb2.StatRequest(digest=digest), timeout=5).size == 100
+    assert ArtifactClient(channel).stat(StatRequest(digest), timeout=5).size == 100
 
 
 def test_plaintext_is_refused_off_loopback(tmp_path: Path) -> None:

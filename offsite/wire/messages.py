@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, MetricRecord
 
 from offsite.errors import OffsiteError
 
+
 class MessageError(OffsiteError, ValueError):
     """A Flower record that does not hold the message it should."""
 

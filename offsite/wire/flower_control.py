@@ -1,0 +1,72 @@
+"""Flower's Control API (what the ``flwr`` CLI uses), typed: the node calls the coordinator makes.
+
+The SuperLink's Control API speaks Flower's own protobuf (``flwr.proto.control_pb2``); this
+module is the only place outside the generated code that builds or reads those messages. It runs
+the calls in process over Flower's HTTP client: one costs milliseconds where the ``flwr`` CLI
+costs a second of CPU. Importing it imports the Flower modules it needs: do that before helper
+threads start (two threads importing ``flwr`` at once can deadlock on its circular imports).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+
+from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest, UnregisterNodeRequest
+from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+
+@dataclass(frozen=True)
+class ControlNode:
+    """One row of the SuperLink's node table."""
+
+    node_id: int
+    status: str  # registered | online | offline | unregistered
+    public_key: bytes  # PEM, as Flower stores it
+    name: str
+
+
+class FlowerControl:
+    """A client of one SuperLink's Control API; use it in a ``with`` block (it holds a
+    connection). Failures raise what Flower raises (httpx errors, Flower's own): callers that
+    need one error type wrap the block."""
+
+    def __init__(self, address: str, root_certificates: bytes) -> None:
+        self._client = ControlHttpClient.from_server_address(
+            server_address=address,
+            insecure=False,
+            root_certificates=root_certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+        )
+
+    def __enter__(self) -> FlowerControl:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def list_nodes(self) -> list[ControlNode]:
+        """Every node the SuperLink holds, unregistered ones included."""
+        answer = self._client.ListNodes(ListNodesRequest())
+        return [
+            ControlNode(int(n.node_id), str(n.status), bytes(n.public_key), str(n.name))
+            for n in answer.nodes_info
+        ]
+
+    def register_node(self, public_key: bytes, name: str) -> int:
+        """Admit a SuperNode's authentication key (PEM); the node id Flower assigned, 0 if it
+        assigned none."""
+        answer = self._client.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name))
+        return int(answer.node_id)
+
+    def unregister_node(self, node_id: int) -> None:
+        self._client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
