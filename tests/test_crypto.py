@@ -126,7 +126,7 @@ def test_private_keys_are_written_0600_even_over_a_readable_file(tmp_path: Path)
 
 
 @pytest.mark.parametrize("curve", ["secp256r1", "secp384r1", "secp521r1"])
-def test_generate_ec_key_on_each_curve(curve: crypto.keys.Curve) -> None:
+def test_generate_ec_key_on_each_curve(curve: crypto.Curve) -> None:
     assert crypto.generate_ec_key(curve).curve.name == curve
 
 

@@ -31,6 +31,7 @@ from offsite.crypto.certificates import (
 from offsite.crypto.errors import CryptoError, SignatureError
 from offsite.crypto.keys import (
     FLOWER_KEY_CURVES,
+    Curve,
     EcPrivateKey,
     PrivateKey,
     SigningKey,
@@ -57,6 +58,7 @@ __all__ = [
     "AgreementKey",
     "CertificateRequest",
     "CryptoError",
+    "Curve",
     "EcPrivateKey",
     "PrivateKey",
     "SignatureError",
