@@ -111,7 +111,7 @@ def measure_artifact_plane(work: Path, size: int, env: dict[str, str]) -> dict[s
     from coordinator.pki import init_pki
     from coordinator.service import state_paths
     from coordinator.store import open_store
-    from offsite.certs import fingerprint
+    from offsite.crypto import fingerprint
 
     state = work / "coordinator"
     pki, files = state_paths(state)

@@ -10,7 +10,6 @@ key (the only Flower app its SuperNode executes). From then on every call is mut
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import socket
@@ -19,13 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from offsite.certs import fingerprint
+from offsite.crypto import (
+    CryptoError,
+    EcPrivateKey,
+    certificate_request,
+    fingerprint,
+    generate_ec_key,
+    is_ca,
+    openssh_private_key,
+    openssh_public_key,
+    ssh_fingerprint,
+    verify_issued_by,
+    write_private_key,
+)
 from offsite.errors import ExitCode, OffsiteError
 from offsite.files import write_private
 from offsite.wire.clients import EnrollmentClient, NodeClient
@@ -36,12 +42,6 @@ IDENTITY_FILES = ("node.key", "node.pem", "ca.pem", "node.json", "flower.key", "
 
 class JoinError(OffsiteError):
     exit_code = ExitCode.ENROLLMENT
-
-
-def key_fingerprint(openssh: str) -> str:
-    """``SHA256:…`` of an OpenSSH public key, as ``ssh-keygen -l`` prints it."""
-    blob = base64.b64decode(openssh.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,8 @@ class NodeIdentity:
             "CA fingerprint": str(details["ca_fingerprint"]),
             "certificate fingerprint": fingerprint(self.cert.read_bytes()),
             "bundle-signing key": "sha256:" + hashlib.sha256(bundle_key).hexdigest(),
-            "app-signing key": f"{key_fingerprint(app_key)} ({key_id})",
-            "Flower key": key_fingerprint(self.flower_public_key.read_text()),
+            "app-signing key": f"{ssh_fingerprint(app_key)} ({key_id})",
+            "Flower key": ssh_fingerprint(self.flower_public_key.read_text()),
         }
 
 
@@ -148,22 +148,16 @@ def server_chain(address: str, timeout: float = 10.0) -> list[bytes]:
 def check_pinned_ca(ca_pem: bytes, leaf_pem: bytes) -> None:
     """The pinned certificate must be a CA and must have signed the server's leaf certificate;
     JoinError otherwise (checked before the token is sent)."""
-    ca = x509.load_pem_x509_certificate(ca_pem)
-    leaf = x509.load_pem_x509_certificate(leaf_pem)
-    try:
-        constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
-    if constraints is None or not constraints.ca:
+    if not is_ca(ca_pem):
         raise JoinError(
             "the certificate with the pinned fingerprint is not a CA (no BasicConstraints CA); "
             "check the fingerprint with the coordinator's operator"
         )
-    if leaf.fingerprint(hashes.SHA256()) == ca.fingerprint(hashes.SHA256()):
+    if fingerprint(leaf_pem) == fingerprint(ca_pem):
         raise JoinError("the coordinator presents its CA as its server certificate; refusing")
     try:
-        leaf.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as err:
+        verify_issued_by(leaf_pem, ca_pem)
+    except CryptoError as err:
         raise JoinError(
             "the server's certificate was not issued by the pinned CA; this is not the "
             "coordinator you were given the fingerprint of"
@@ -203,16 +197,10 @@ def join(
             "check the fingerprint (`offsite coordinator init` prints it) and the address"
         )
     check_pinned_ca(ca, chain[0])
-    key = ec.generate_private_key(ec.SECP256R1())
-    flower_key = ec.generate_private_key(ec.SECP384R1())
-    flower_public_key = flower_key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .sign(key, hashes.SHA256())
-    )
+    key = generate_ec_key("secp256r1")
+    flower_key = generate_ec_key("secp384r1")
+    flower_public_key = openssh_public_key(flower_key)
+    csr_pem = certificate_request(key, name)
     host = address.rpartition(":")[0].strip("[]")
     options = [("grpc.ssl_target_name_override", host)] if host else []
     credentials = grpc.ssl_channel_credentials(root_certificates=ca)
@@ -222,7 +210,7 @@ def join(
                 EnrollRequest(
                     token=token,
                     node_name=name,
-                    csr_pem=csr.public_bytes(serialization.Encoding.PEM),
+                    csr_pem=csr_pem,
                     flower_public_key=flower_public_key,
                 ),
                 timeout=timeout,
@@ -238,10 +226,7 @@ def join(
         )
     identity.folder.mkdir(parents=True, exist_ok=True)
     identity.folder.chmod(0o700)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    write_private(identity.key, key_pem)
+    write_private_key(identity.key, key)
     write_flower_key(identity, flower_key)
     identity.cert.write_bytes(reply.certificate_pem)
     identity.ca.write_bytes(reply.ca_certificate_pem)
@@ -265,30 +250,18 @@ def join(
     return identity
 
 
-def write_flower_key(identity: NodeIdentity, key: ec.EllipticCurvePrivateKey) -> None:
+def write_flower_key(identity: NodeIdentity, key: EcPrivateKey) -> None:
     """Store the SuperNode key pair (private 0600, atomically)."""
-    write_private(
-        identity.flower_key,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        ),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    identity.flower_public_key.write_bytes(public + b"\n")
+    write_private(identity.flower_key, openssh_private_key(key))
+    identity.flower_public_key.write_bytes(openssh_public_key(key) + b"\n")
 
 
 def renew_flower_key(identity: NodeIdentity, timeout: float = 30.0) -> bool:
     """Ask the coordinator (mutual TLS) to admit a fresh SuperNode key; True when it did and the
     node now uses it, False when the current key is still registered. A revoked node gets a
     JoinError that says so."""
-    fresh = ec.generate_private_key(ec.SECP384R1())
-    public = fresh.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
+    fresh = generate_ec_key("secp384r1")
+    public = openssh_public_key(fresh)
     with identity.channel() as channel:
         try:
             reply = NodeClient(channel).renew_flower_key(

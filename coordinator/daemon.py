@@ -42,7 +42,7 @@ from coordinator.service import (
     state_paths,
 )
 from coordinator.store import Store
-from offsite.certs import parse_flower_public_key
+from offsite.crypto import parse_flower_public_key
 from offsite.errors import OffsiteError
 from offsite.processes import stop_tree
 

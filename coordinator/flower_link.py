@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.audit import Audit
 from coordinator.pki import Pki
 from coordinator.store import Store
-from offsite.certs import parse_flower_public_key
+from offsite.crypto import parse_flower_public_key
 from offsite.errors import ExitCode, OffsiteError
 from offsite.processes import flower_env, start_child, stop_tree, wait_for_port
 

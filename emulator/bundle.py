@@ -39,6 +39,7 @@ from emulator.embeddings import expand_embeddings
 from emulator.layers import LayerPlan, block_index
 from emulator.safetensors_header import read_header
 from emulator.split import emulator_config, emulator_state, unique_state
+from offsite.crypto import SIGNATURE_BYTES, SignatureError, SigningKey, sign, verify
 from offsite.errors import IntegrityError
 
 FORMAT = "offsite-bundle/1"
@@ -223,10 +224,10 @@ def _check_entries(manifest_path: Path, manifest: dict[str, Any]) -> None:
             ) from err
 
 
-def sign_bundle(path: Path | str, private_key: Any) -> None:
+def sign_bundle(path: Path | str, private_key: SigningKey) -> None:
     """Sign a written bundle's canonical manifest with the owner's Ed25519 key."""
     manifest = read_manifest(Path(path))
-    (Path(path) / SIGNATURE).write_bytes(private_key.sign(canonical_json(manifest)))
+    (Path(path) / SIGNATURE).write_bytes(sign(private_key, canonical_json(manifest)))
 
 
 def verify_bundle(
@@ -343,19 +344,14 @@ def factorized_modules(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_signature(path: Path, manifest: dict[str, Any], public_key: bytes) -> None:
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     signature_path = path / SIGNATURE
     if signature_path.is_symlink():
         raise IntegrityError(f"{signature_path} is a symbolic link; a bundle holds regular files")
-    if not signature_path.is_file() or signature_path.stat().st_size != 64:
+    if not signature_path.is_file() or signature_path.stat().st_size != SIGNATURE_BYTES:
         raise IntegrityError(f"bundle {path} is not signed ({SIGNATURE} missing or malformed)")
     try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(
-            signature_path.read_bytes(), canonical_json(manifest)
-        )
-    except (InvalidSignature, ValueError) as err:
+        verify(public_key, signature_path.read_bytes(), canonical_json(manifest))
+    except SignatureError as err:
         raise IntegrityError(
             f"bundle {path}: the manifest signature does not verify with the coordinator's "
             "signing key; the bundle was altered or signed by someone else"

@@ -329,17 +329,16 @@ def emulator_verify(
 
 def _bundle_key(value: str) -> bytes:
     """Raw Ed25519 public key from hex, a hex file or a PEM public key file."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from offsite.crypto import CryptoError, ed25519_public_key_from_pem
 
     text = value
     if Path(value).is_file():
         data = Path(value).read_bytes()
         if b"BEGIN PUBLIC KEY" in data:
-            loaded = serialization.load_pem_public_key(data)
-            if not isinstance(loaded, Ed25519PublicKey):
-                raise ConfigError(f"--key {value} is not an Ed25519 public key")
-            return loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            try:
+                return ed25519_public_key_from_pem(data)
+            except CryptoError:
+                raise ConfigError(f"--key {value} is not an Ed25519 public key") from None
         text = data.decode("ascii", "replace").strip()
     try:
         raw = bytes.fromhex(text)

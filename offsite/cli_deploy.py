@@ -90,7 +90,7 @@ def coordinator_init(
     """
     from coordinator.pki import init_pki
     from coordinator.service import state_paths
-    from offsite.certs import fingerprint
+    from offsite.crypto import fingerprint
 
     folder = _state(state)
     pki, _ = state_paths(folder)

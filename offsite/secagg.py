@@ -32,11 +32,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from offsite.crypto import (
+    AgreementKey,
+    aead_decrypt,
+    aead_encrypt,
+    aes_ctr_keystream,
+    agree,
+    agreement_key_from_bytes,
+    agreement_private_bytes,
+    agreement_public_bytes,
+    generate_agreement_key,
+    hkdf_sha256,
+)
 
 FRACTION_BITS = 24
 PRIME = 2**521 - 1  # Mersenne prime: holds a 32-byte secret
@@ -62,15 +70,10 @@ def check_setup(clients: int, threshold: int) -> None:
 # ---------------------------------------------------------------- primitives
 
 
-def _hkdf(secret: bytes, info: bytes, length: int = 32) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
-
-
 def prg(seed: bytes, length: int, label: bytes) -> np.ndarray:
     """``length`` pseudo-random uint64 values from a 32-byte seed (AES-256-CTR)."""
-    key = _hkdf(seed, b"offsite-secagg-prg|" + label)
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
-    stream = encryptor.update(b"\0" * (8 * length)) + encryptor.finalize()
+    key = hkdf_sha256(seed, b"offsite-secagg-prg|" + label)
+    stream = aes_ctr_keystream(key, 8 * length)
     return np.frombuffer(stream, dtype="<u8").copy()
 
 
@@ -118,20 +121,8 @@ def decode(values: np.ndarray) -> np.ndarray:
     return values.view(np.int64).astype(np.float64) / (1 << FRACTION_BITS)
 
 
-def _public_bytes(key: X25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _private_bytes(key: X25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.Raw,
-        serialization.PrivateFormat.Raw,
-        serialization.NoEncryption(),
-    )
-
-
-def _pair_seed(private: X25519PrivateKey, public: bytes) -> bytes:
-    return _hkdf(private.exchange(X25519PublicKey.from_public_bytes(public)), b"pair-mask")
+def _pair_seed(private: AgreementKey, public: bytes) -> bytes:
+    return hkdf_sha256(agree(private, public), b"pair-mask")
 
 
 # ---------------------------------------------------------------- messages
@@ -173,8 +164,8 @@ class SecAggClient:
     client: int
     threshold: int
     round_label: bytes
-    _cipher_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
-    _mask_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    _cipher_key: AgreementKey = field(default_factory=generate_agreement_key)
+    _mask_key: AgreementKey = field(default_factory=generate_agreement_key)
     _self_seed: bytes = field(default_factory=lambda: os.urandom(32))
     _peers: dict[int, Advertise] = field(default_factory=dict)
     _held: dict[int, tuple[int, int]] = field(default_factory=dict)  # sender -> (b, key) shares
@@ -188,8 +179,8 @@ class SecAggClient:
                 "client": self.client,
                 "threshold": self.threshold,
                 "round_label": self.round_label.hex(),
-                "cipher_key": _private_bytes(self._cipher_key).hex(),
-                "mask_key": _private_bytes(self._mask_key).hex(),
+                "cipher_key": agreement_private_bytes(self._cipher_key).hex(),
+                "mask_key": agreement_private_bytes(self._mask_key).hex(),
                 "self_seed": self._self_seed.hex(),
                 "peers": [
                     [a.client, a.cipher_public.hex(), a.mask_public.hex()]
@@ -208,8 +199,8 @@ class SecAggClient:
             int(data["client"]),
             int(data["threshold"]),
             bytes.fromhex(data["round_label"]),
-            X25519PrivateKey.from_private_bytes(bytes.fromhex(data["cipher_key"])),
-            X25519PrivateKey.from_private_bytes(bytes.fromhex(data["mask_key"])),
+            agreement_key_from_bytes(bytes.fromhex(data["cipher_key"])),
+            agreement_key_from_bytes(bytes.fromhex(data["mask_key"])),
             bytes.fromhex(data["self_seed"]),
         )
         client._peers = {
@@ -224,15 +215,14 @@ class SecAggClient:
     def advertise(self) -> Advertise:
         return Advertise(
             self.client,
-            _public_bytes(self._cipher_key.public_key()),
-            _public_bytes(self._mask_key.public_key()),
+            agreement_public_bytes(self._cipher_key),
+            agreement_public_bytes(self._mask_key),
         )
 
-    def _channel(self, peer: int) -> AESGCM:
-        shared = self._cipher_key.exchange(
-            X25519PublicKey.from_public_bytes(self._peers[peer].cipher_public)
-        )
-        return AESGCM(_hkdf(shared, b"share-channel|" + self.round_label))
+    def _channel(self, peer: int) -> bytes:
+        """The AES-GCM key of the share channel with ``peer``."""
+        shared = agree(self._cipher_key, self._peers[peer].cipher_public)
+        return hkdf_sha256(shared, b"share-channel|" + self.round_label)
 
     def share(self, advertised: Sequence[Advertise]) -> EncryptedShares:
         peers = {a.client: a for a in advertised}
@@ -243,13 +233,13 @@ class SecAggClient:
         self._peers = peers
         holders = sorted(peers)
         b_shares = share_secret(self._self_seed, holders, self.threshold)
-        key_shares = share_secret(_private_bytes(self._mask_key), holders, self.threshold)
+        key_shares = share_secret(agreement_private_bytes(self._mask_key), holders, self.threshold)
         out = {}
         for peer in holders:
             plain = b_shares[peer].to_bytes(66, "big") + key_shares[peer].to_bytes(66, "big")
             nonce = os.urandom(12)
             aad = f"{self.client}->{peer}".encode()
-            out[peer] = nonce + self._channel(peer).encrypt(nonce, plain, aad)
+            out[peer] = nonce + aead_encrypt(self._channel(peer), nonce, plain, aad)
         return EncryptedShares(self.client, out)
 
     def mask(self, received: Mapping[int, bytes], values: np.ndarray) -> MaskedInput:
@@ -261,7 +251,7 @@ class SecAggClient:
         for sender, blob in received.items():
             aad = f"{sender}->{self.client}".encode()
             try:
-                plain = self._channel(sender).decrypt(blob[:12], blob[12:], aad)
+                plain = aead_decrypt(self._channel(sender), blob[:12], blob[12:], aad)
             except Exception as err:  # InvalidTag and malformed input alike
                 raise SecAggError(f"share from client {sender} does not decrypt") from err
             self._held[sender] = (
@@ -369,7 +359,7 @@ class SecAggServer:
             total -= prg(seed, size, self.round_label)
         for client in dropped:
             shares = {m.client: m.mask_key[client] for m in answers if client in m.mask_key}
-            key = X25519PrivateKey.from_private_bytes(recover_secret(shares, self.threshold))
+            key = agreement_key_from_bytes(recover_secret(shares, self.threshold))
             for peer in survivors:
                 pair = prg(
                     _pair_seed(key, self.advertised[peer].mask_public), size, self.round_label

@@ -210,7 +210,7 @@ def _fake_coordinator(tmp_path: Path, chain: bytes, key: bytes) -> tuple[grpc.Se
 
 
 def test_join_checks_the_pinned_ca_before_the_token_leaves_the_node(tmp_path: Path) -> None:
-    from offsite.certs import fingerprint
+    from offsite.crypto import fingerprint
 
     real = init_pki(tmp_path / "real", ["localhost"])
     impostor = init_pki(tmp_path / "impostor", ["localhost"])

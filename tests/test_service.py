@@ -28,7 +28,7 @@ from emulator.arch import arch_spec
 from emulator.bundle import sign_bundle, write_bundle
 from emulator.digest import file_sha256
 from emulator.layers import plan_layers
-from offsite.certs import fingerprint
+from offsite.crypto import fingerprint
 from offsite.errors import IntegrityError
 from offsite.wire.clients import ArtifactClient
 from offsite.wire.domain import DownloadRequest, StatRequest

@@ -1,0 +1,98 @@
+"""Every use of the ``cryptography`` library: keys, certificates, signatures, key agreement.
+
+Callers hold policy (which curve, which names, where files live, what an error means to the
+user); this package holds the mechanics and is the only code that imports ``cryptography``
+(``tests/test_crypto.py`` enforces it). Its errors are ``CryptoError`` (a ``ValueError``).
+"""
+
+from offsite.crypto.agreement import (
+    AgreementKey,
+    aead_decrypt,
+    aead_encrypt,
+    aes_ctr_keystream,
+    agree,
+    agreement_key_from_bytes,
+    agreement_private_bytes,
+    agreement_public_bytes,
+    generate_agreement_key,
+    hkdf_sha256,
+)
+from offsite.crypto.certificates import (
+    CertificateRequest,
+    certificate_request,
+    fingerprint,
+    is_ca,
+    issue_client_certificate,
+    issue_server_certificate,
+    load_certificate_request,
+    self_signed_ca,
+    verify_issued_by,
+)
+from offsite.crypto.errors import CryptoError, SignatureError
+from offsite.crypto.keys import (
+    FLOWER_KEY_CURVES,
+    Curve,
+    EcPrivateKey,
+    PrivateKey,
+    SigningKey,
+    canonical_flower_key,
+    ed25519_public_key_from_pem,
+    generate_ec_key,
+    generate_signing_key,
+    load_private_key,
+    load_signing_key,
+    openssh_private_key,
+    openssh_public_key,
+    parse_flower_public_key,
+    private_key_pem,
+    raw_public_key,
+    ssh_fingerprint,
+    write_private_key,
+)
+from offsite.crypto.signing import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, sign, verify
+
+__all__ = [
+    "FLOWER_KEY_CURVES",
+    "PUBLIC_KEY_BYTES",
+    "SIGNATURE_BYTES",
+    "AgreementKey",
+    "CertificateRequest",
+    "CryptoError",
+    "Curve",
+    "EcPrivateKey",
+    "PrivateKey",
+    "SignatureError",
+    "SigningKey",
+    "aead_decrypt",
+    "aead_encrypt",
+    "aes_ctr_keystream",
+    "agree",
+    "agreement_key_from_bytes",
+    "agreement_private_bytes",
+    "agreement_public_bytes",
+    "canonical_flower_key",
+    "certificate_request",
+    "ed25519_public_key_from_pem",
+    "fingerprint",
+    "generate_agreement_key",
+    "generate_ec_key",
+    "generate_signing_key",
+    "hkdf_sha256",
+    "is_ca",
+    "issue_client_certificate",
+    "issue_server_certificate",
+    "load_certificate_request",
+    "load_private_key",
+    "load_signing_key",
+    "openssh_private_key",
+    "openssh_public_key",
+    "parse_flower_public_key",
+    "private_key_pem",
+    "raw_public_key",
+    "self_signed_ca",
+    "sign",
+    "ssh_fingerprint",
+    "verify",
+    "verify_issued_by",
+    "write_private_key",
+]
