@@ -35,7 +35,7 @@ from coordinator.pki import (
 )
 from coordinator.store import Store
 from coordinator.store.repository import StoreError
-from offsite.certs import canonical_flower_key, fingerprint
+from offsite.crypto import canonical_flower_key, fingerprint
 from offsite.digests import is_sha256
 from offsite.errors import OffsiteError
 from offsite.wire.domain import (

@@ -28,7 +28,7 @@ from coordinator.handlers import (
 )
 from coordinator.pki import Pki, init_pki
 from coordinator.store import Store, open_store
-from offsite.certs import canonical_flower_key, fingerprint
+from offsite.crypto import canonical_flower_key, fingerprint
 from offsite.errors import OffsiteError
 from offsite.wire.domain import (
     DownloadRequest,

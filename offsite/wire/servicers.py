@@ -16,7 +16,7 @@ from typing import Any, NoReturn, Protocol
 
 import grpc
 
-from offsite.certs import fingerprint
+from offsite.crypto import fingerprint
 from offsite.wire import serde
 from offsite.wire.domain import (
     ArtifactStat,
