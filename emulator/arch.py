@@ -224,8 +224,9 @@ def model_config(model: nn.Module) -> PreTrainedConfig:
 
 
 def hf_model(model: nn.Module) -> PreTrainedModel:
-    """``model`` seen as the Hugging Face model it is (or a PEFT wrapper that forwards to one),
-    for the methods ``nn.Module`` does not declare (``get_input_embeddings``, ``base_model``...)."""
+    """``model`` seen as the Hugging Face model it is, for the methods ``nn.Module`` does not
+    declare (``get_input_embeddings``, ``base_model``...); also a PEFT wrapper, or the client's
+    lean decoder, which provide the methods used on them."""
     return cast("PreTrainedModel", model)
 
 

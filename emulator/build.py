@@ -247,7 +247,9 @@ def _middle_blocks(emulator: nn.Module, plan: LayerPlan, arch: ArchSpec) -> dict
     return {i: blocks[i] for i in range(first, first + len(plan.middle_kept))}
 
 
-def _calibration_batches(tokenizer: Any, texts: list[str], max_length: int) -> list[Any]:
+def _calibration_batches(
+    tokenizer: Any, texts: list[str], max_length: int
+) -> list[dict[str, torch.Tensor]]:
     return [
         {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
         for b in text_batches(tokenizer, texts, max_length, 8)

@@ -77,9 +77,7 @@ def build_emulator(full_model: nn.Module, plan: LayerPlan, arch: ArchSpec) -> nn
     for index, block in enumerate(new_blocks):
         for module in block.modules():
             if hasattr(module, "layer_idx"):
-                # a plain int attribute of HF attention modules; nn.Module's typing knows only
-                # tensors and sub-modules
-                module.layer_idx = index  # type: ignore[assignment]
+                module.layer_idx = index  # type: ignore[assignment]  # an int, not a tensor or module
     # Sub-modules share the (copied) config object: update it in place so they all see it.
     sliced = emulator_config(model_config(full_model), plan, arch)
     for name in (*arch.per_layer_config, "num_hidden_layers"):
