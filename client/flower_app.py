@@ -124,13 +124,13 @@ def _checkpointing(
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    order = TrainInstruction.from_record(msg.content["config"])
+    order = TrainInstruction.from_record(msg.content.config_records["config"])
     _set_threads(order)
     bundle_path = _bundle_path(order, context)
     budget = _memory_budget(order, context)
     checkpointing = _checkpointing(budget, order, context, bundle_path)
     session = open_session(bundle_path, order.bundle_digest, order.precision, checkpointing)
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
     session.adapted.load_trainable(global_state)
 
     task = load_task(str(_data_path(order, context)), min_labels=1)
@@ -187,11 +187,11 @@ def train(msg: Message, context: Context) -> Message:
             threads=torch.get_num_threads(),
         )
     if order.upload == "sparse" and clip == 0:
-        arrays, sent_bytes = sparse_upload(context, trained, global_state, order.upload_fraction)
+        upload, sent_bytes = sparse_upload(context, trained, global_state, order.upload_fraction)
         reply = replace(reply, sparse_upload=True, upload_bytes=sent_bytes)
     else:
-        arrays = trained
-    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": reply.to_record()})
+        upload = trained
+    content = RecordDict({"arrays": ArrayRecord(upload), "metrics": reply.to_record()})
     return Message(content, reply_to=msg)
 
 

@@ -30,9 +30,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -43,6 +43,9 @@ from emulator.batches import Batch
 from emulator.bundle import Bundle
 from emulator.train import train_adapter
 from offsite.policies import POLICIES
+
+if TYPE_CHECKING:
+    from offsite.allocator import Allocator
 
 POLICY_PREFERENCE = ("lora", "full", "sparse", "top", "bias")
 PROBE_SIZES = (2, 4)
@@ -251,9 +254,9 @@ class Workload:
     template: str = ""  # empty: the data set's own, else "{text}" style default of the config
     # C allocator of the probe processes (``offsite.allocator``): "inherit" takes this
     # process's own (a node's ClientApp runs on what its SuperNode was started with)
-    allocator: str = "inherit"
+    allocator: Allocator | Literal["inherit"] = "inherit"
 
-    def make_batches(self, tokenizer: Any) -> Any:
+    def make_batches(self, tokenizer: Any) -> Callable[[int], Iterator[Batch]]:
         from emulator.examples import training_batches
         from offsite.config import DataConfig
         from offsite.data import load_task
@@ -302,7 +305,7 @@ def _in_subprocess(
 
     env = dict(os.environ)
     if workload.allocator != "inherit":
-        env = allocator_env(env, workload.allocator)  # type: ignore[arg-type]
+        env = allocator_env(env, workload.allocator)
     done = subprocess.run(
         [sys.executable, "-m", "client.planner", action, payload],
         capture_output=True,
@@ -312,7 +315,8 @@ def _in_subprocess(
     )
     if done.returncode != 0:
         raise RuntimeError(f"{action} of {candidate.label} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])  # the child's JSON
+    return result
 
 
 def estimate(workload: Workload, candidate: Candidate) -> Estimate:
@@ -339,7 +343,7 @@ def plan(
     measure_pick: bool = True,
     measure_all: bool = False,
     stop_at_first_fit: bool = False,
-    progress: Any = None,
+    progress: Callable[[], object] | None = None,
 ) -> tuple[list[Estimate], Estimate | None]:
     """Probe the options in order, pick the first that fits ``budget``, measure as asked.
 

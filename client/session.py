@@ -30,6 +30,7 @@ from client.kernels.lean import lean_gated_mlps
 from client.kernels.linear import pack_frozen_block_linears
 from client.kernels.rms_norm import lean_rms_norms
 from emulator.adapter import AdaptedModel, AdapterSpec, LoraWrap, attach_adapter
+from emulator.arch import hf_model
 from emulator.bundle import (
     Bundle,
     bundle_arch,
@@ -115,10 +116,11 @@ def training_memory(
     adapted: AdaptedModel, checkpointing: bool, device: torch.device | None = None
 ) -> dict[str, Any]:
     """``train_adapter`` keywords for how a client's steps hold memory on CPU: saved
-    activations in an ``ActivationArena`` instead of trimming the heap after every step (~15 %
-    faster at the same peak). With activation checkpointing the blocks' inputs go there and
-    each block's recomputation keeps its own saved-tensor hooks (innermost hooks win), so
-    ``checkpointing`` changes nothing here. CUDA's caching allocator needs neither."""
+    activations in an ``ActivationArena`` instead of trimming the heap after every step (the
+    same peak without re-faulting the trimmed pages: ``client.kernels.arena``). With activation
+    checkpointing the blocks' inputs go there and each block's recomputation keeps its own
+    saved-tensor hooks (innermost hooks win), so ``checkpointing`` changes nothing here. CUDA's
+    caching allocator needs neither."""
     if device is not None and device.type != "cpu":
         return {}
     arena = ActivationArena([*adapted.model.parameters(), *adapted.model.buffers()])
@@ -127,8 +129,11 @@ def training_memory(
 
 def enable_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward instead of keeping them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    unwrap = getattr(model, "get_base_model", None)  # a PEFT wrapper's
+    base = unwrap() if callable(unwrap) else model
+    hf_model(base).gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
 
 
 def release_freed_memory() -> None:

@@ -80,9 +80,9 @@ def supernode_command(
 
 def supervise(
     identity: NodeIdentity,
-    launch: Callable[[], subprocess.Popen],
+    launch: Callable[[], subprocess.Popen[bytes]],
     stopping: Callable[[], bool],
-    on_start: Callable[[subprocess.Popen], None] = lambda _: None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] = lambda _: None,
 ) -> int:
     """Run the SuperNode ``launch`` starts until ``stopping()``; restart it when it exits on
     its own, re-keying first when the coordinator says its key is no longer admitted.

@@ -193,5 +193,10 @@ def attach_adapter(
 def merged_model(adapted: AdaptedModel) -> nn.Module:
     """The plain model with the adapter folded in (LoRA merged; full blocks already in place)."""
     if adapted.spec.policy.lora:
-        return adapted.model.merge_and_unload()  # type: ignore[operator]
+        from peft import PeftModel
+
+        assert isinstance(adapted.model, PeftModel)  # attach_adapter wrapped it
+        # PeftModel forwards merge_and_unload to its LoRA tuner through an untyped __getattr__
+        merged: nn.Module = adapted.model.merge_and_unload()
+        return merged
     return adapted.model

@@ -8,10 +8,15 @@ Adding a family = one entry here + it is picked up by the parametrized tiny-conf
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from offsite.errors import ModelError
+
+if TYPE_CHECKING:  # no transformers or torch import for the registry itself
+    from torch import nn
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 _PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
 _DECODER_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -22,7 +27,7 @@ _GATED_MLP_INPUTS = ("mlp.gate_proj", "mlp.up_proj")
 GATED_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Config keys whose non-default values change a decoder's function in ways the client's lean
 # decoder (client.runtime.decoder) does not compute: key -> the values it accepts.
-LEAN_DECODER_REQUIRES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+LEAN_DECODER_REQUIRES: tuple[tuple[str, tuple[object, ...]], ...] = (
     ("pretraining_tp", (None, 1)),
     ("attn_logit_softcapping", (None,)),
     ("final_logit_softcapping", (None,)),
@@ -39,7 +44,7 @@ class LeanDecoder:
     o_bias: bool | str
     mlp_bias: bool | str
     window: str  # "none" | "all" (``sliding_window`` on every layer) | "layer_types"
-    requires: tuple[tuple[str, tuple[Any, ...]], ...] = LEAN_DECODER_REQUIRES
+    requires: tuple[tuple[str, tuple[object, ...]], ...] = LEAN_DECODER_REQUIRES
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class ArchSpec:
         return self.auto_class == "AutoModelForCausalLM"
 
 
-def anchor_layers(config: Any, arch: ArchSpec) -> tuple[int, ...]:
+def anchor_layers(config: PreTrainedConfig, arch: ArchSpec) -> tuple[int, ...]:
     """Indices of the global-attention layers of a model mixing attention types (kept first by
     layer drop); () for a model whose layers all attend alike."""
     types = getattr(config, "layer_types", None)
@@ -199,7 +204,7 @@ REGISTRY: dict[str, ArchSpec] = {
 }
 
 
-def arch_spec(config: Any) -> ArchSpec:
+def arch_spec(config: PreTrainedConfig) -> ArchSpec:
     """The registry entry for a Hugging Face config, or an error that says how to add one."""
     model_type = getattr(config, "model_type", None)
     if model_type in REGISTRY:
@@ -212,17 +217,31 @@ def arch_spec(config: Any) -> ArchSpec:
     )
 
 
-def _resolve(root: Any, dotted: str) -> Any:
+def model_config(model: nn.Module) -> PreTrainedConfig:
+    """The Hugging Face config of ``model`` (``nn.Module`` attribute lookup alone types
+    ``model.config`` as a tensor or sub-module)."""
+    return cast("PreTrainedConfig", model.config)
+
+
+def hf_model(model: nn.Module) -> PreTrainedModel:
+    """``model`` seen as the Hugging Face model it is, for the methods ``nn.Module`` does not
+    declare (``get_input_embeddings``, ``base_model``...); also a PEFT wrapper, or the client's
+    lean decoder, which provide the methods used on them."""
+    return cast("PreTrainedModel", model)
+
+
+def _resolve(root: object, dotted: str) -> Any:
     node = root
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
 
 
-def block_list(model: Any, spec: ArchSpec) -> Any:
+def block_list(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     """The ``nn.ModuleList`` of transformer blocks of ``model``."""
     try:
-        return _resolve(model.base_model, spec.blocks)
+        blocks: nn.ModuleList = _resolve(model.base_model, spec.blocks)
+        return blocks
     except AttributeError as err:
         raise ModelError(
             f"{type(model).__name__} has no block list at base_model.{spec.blocks}; "
@@ -230,13 +249,14 @@ def block_list(model: Any, spec: ArchSpec) -> Any:
         ) from err
 
 
-def block_prefix(model: Any, spec: ArchSpec, blocks: Any = None) -> str:
+def block_prefix(model: nn.Module, spec: ArchSpec, blocks: nn.Module | None = None) -> str:
     """State-dict prefix of the block list, e.g. ``model.layers`` (no trailing dot).
 
     Pass ``blocks`` (found before wrapping) to locate them inside a wrapper such as PEFT's.
     """
     blocks = block_list(model, spec) if blocks is None else blocks
-    for name, module in model.named_modules():
+    named: Iterator[tuple[str, nn.Module]] = model.named_modules()  # torch leaves it unannotated
+    for name, module in named:
         if module is blocks:
             return name
     raise ModelError(f"block list of {type(model).__name__} is not a registered sub-module")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from emulator.adapter import AdapterSpec
-from emulator.arch import ArchSpec, anchor_layers, block_list, block_prefix
+from emulator.arch import ArchSpec, anchor_layers, block_list, block_prefix, model_config
 from emulator.batches import text_batches
 from emulator.bundle import Bundle, bundle_parts, write_bundle
 from emulator.calibration import collect_activations
@@ -66,8 +66,8 @@ def choose_plan(
 ) -> LayerPlan:
     """The layer plan for ``settings.selection`` (uniform, or cosine on public text). Uniform
     drop keeps a mixed-attention model's global layers first (``anchor_layers``)."""
-    layers = int(full_model.config.num_hidden_layers)
-    anchors = anchor_layers(full_model.config, arch)
+    layers = int(model_config(full_model).num_hidden_layers)
+    anchors = anchor_layers(model_config(full_model), arch)
     plan = plan_layers(layers, settings.bottom, settings.top, settings.keep, anchors)
     if settings.selection == "uniform" or settings.keep == -1:
         if pinned := sorted(set(anchors) & set(plan.middle_kept)):
@@ -232,7 +232,7 @@ def distill_key(
     }
     recipe = {k: getattr(settings, k) for k in _DISTILL_RECIPE}
     payload = {
-        "config": full_model.config.to_dict(),
+        "config": model_config(full_model).to_dict(),
         "teacher_block0": teacher,
         "plan": plan.to_dict(),
         "recipe": recipe,
@@ -247,7 +247,9 @@ def _middle_blocks(emulator: nn.Module, plan: LayerPlan, arch: ArchSpec) -> dict
     return {i: blocks[i] for i in range(first, first + len(plan.middle_kept))}
 
 
-def _calibration_batches(tokenizer: Any, texts: list[str], max_length: int) -> list[Any]:
+def _calibration_batches(
+    tokenizer: Any, texts: list[str], max_length: int
+) -> list[dict[str, torch.Tensor]]:
     return [
         {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
         for b in text_batches(tokenizer, texts, max_length, 8)

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from emulator.adapter import AdapterSpec
-from emulator.arch import ArchSpec, arch_spec, block_prefix
+from emulator.arch import ArchSpec, arch_spec, block_prefix, hf_model, model_config
 from emulator.digest import canonical_json, file_sha256, tensor_sha256
 from emulator.embeddings import expand_embeddings
 from emulator.layers import LayerPlan, block_index
@@ -106,7 +106,7 @@ def write_bundle(
     ``state`` (emulator numbering, e.g. a distilled emulator's ``unique_state``) replaces the
     plain layer-dropped weights; by default they are taken from ``full_model``.
     """
-    arch = arch_spec(full_model.config)
+    arch = arch_spec(model_config(full_model))
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -135,7 +135,7 @@ def write_bundle(
     (staging / INDEX_FILE).write_text(
         json.dumps({"metadata": {"format": "offsite-bundle"}, "weight_map": weight_map}, indent=1)
     )
-    config = emulator_config(full_model.config, plan, arch)
+    config = emulator_config(model_config(full_model), plan, arch)
     config.architectures = [type(full_model).__name__]
     config.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
@@ -153,7 +153,7 @@ def write_bundle(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {
             "source": source,
-            "model_type": full_model.config.model_type,
+            "model_type": model_config(full_model).model_type,
             "architecture": type(full_model).__name__,
             "auto_class": arch.auto_class,
             "num_layers": plan.num_layers,
@@ -373,7 +373,7 @@ def load_bundle_model(bundle: Bundle, dtype: torch.dtype = torch.float32) -> nn.
     # random values (and only warn): such bundles are built from the config and filled exactly
     plain = not quantized and not factorized_modules(bundle.manifest)
     if plain and not quantized_embeddings(bundle.manifest):
-        model = auto.from_pretrained(bundle.path, dtype=dtype, use_safetensors=True)
+        model: nn.Module = auto.from_pretrained(bundle.path, dtype=dtype, use_safetensors=True)
         return model.eval()
     from safetensors.torch import load_file
 
@@ -418,7 +418,7 @@ def fill_bundle_model(
                 f"bundle's quantized embeddings do not fit its model: {err}"
             ) from err
     result = model.load_state_dict(state, strict=False, assign=assign)
-    model.tie_weights()  # type: ignore[operator]
+    hf_model(model).tie_weights()
     tied = set(model.state_dict()) - set(unique_state(model))
     missing = sorted(set(result.missing_keys) - tied)
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

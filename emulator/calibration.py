@@ -4,9 +4,8 @@ quantization (AWQ scales), whitened SVD (input second moments) and the Fisher we
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +57,7 @@ def collect_activations(
     generator = torch.Generator().manual_seed(seed)
     mask: list[torch.Tensor] = []
 
-    def hook(name: str) -> Any:
+    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach().float()
             x = real_rows(x, mask[0] if mask else None)

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from emulator.arch import ArchSpec, block_list
+from emulator.arch import ArchSpec, block_list, hf_model
 from emulator.batches import Batch, text_batches
 from emulator.forward import autocast
 from emulator.layers import LayerPlan
@@ -121,7 +121,7 @@ def _input_noise(
 def _decoder_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
     """Every block's input and the last output, from the decoder alone (no language-model
     head: the Jacobian term needs hidden states only)."""
-    out = model.base_model(
+    out = hf_model(model).base_model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from emulator.arch import hf_model
 from emulator.quant import QuantScheme, dequantize, quantize_weight
 
 MODES = ("full", "int8", "int4")
@@ -26,7 +27,10 @@ _ROWS = 16384  # rows expanded at a time when a bundle loads
 def embedding_names(model: nn.Module) -> list[str]:
     """State-dict names of the input embedding and of an untied output head."""
     found = []
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):  # type: ignore[operator]
+    hf = hf_model(model)
+    embeddings = hf.get_input_embeddings()
+    head = hf.get_output_embeddings()  # type: ignore[no-untyped-call]  # transformers: unannotated
+    for module in (embeddings, head):
         weight = getattr(module, "weight", None)
         if weight is None:
             continue

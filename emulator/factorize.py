@@ -47,7 +47,8 @@ class LowRankLinear(nn.Module):
         return self.up.weight @ self.down.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))  # type: ignore[no-any-return]
+        out: torch.Tensor = self.up(self.down(x))
+        return out
 
 
 def whitening(second_moment: torch.Tensor, damping: float = 1e-4) -> torch.Tensor:
@@ -56,7 +57,8 @@ def whitening(second_moment: torch.Tensor, damping: float = 1e-4) -> torch.Tenso
     moment = second_moment.double()
     ridge = damping * float(moment.diagonal().mean().clamp_min(1e-12))
     eye = torch.eye(moment.shape[0], dtype=torch.float64)
-    return torch.linalg.cholesky(moment + ridge * eye)
+    factor: torch.Tensor = torch.linalg.cholesky(moment + ridge * eye)  # torch.linalg is untyped
+    return factor
 
 
 @dataclass

@@ -11,13 +11,14 @@ parameters be spread where it matters (the "gradient-preserving" idea of GradOT,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from emulator.arch import hf_model
 from emulator.calibration import real_rows
 
 
@@ -33,7 +34,7 @@ def output_gradient_moments(
     tokens = 0
     mask: list[torch.Tensor] = []
 
-    def watch(name: str) -> Any:
+    def watch(name: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
         def record(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
             if not output.requires_grad:
                 return
@@ -51,7 +52,7 @@ def output_gradient_moments(
         return output.detach().requires_grad_(True)  # a graph without parameter gradients
 
     flags = {p: p.requires_grad for p in model.parameters()}
-    embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    embeddings = hf_model(model).get_input_embeddings()
     handles = [m.register_forward_hook(watch(n)) for n, m in linears.items()]
     handles.append(embeddings.register_forward_hook(needs_grad))
     try:

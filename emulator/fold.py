@@ -24,13 +24,15 @@ def fold_norms(blocks: Iterable[nn.Module], arch: ArchSpec) -> int:
     folded = 0
     for block in blocks:
         for norm_name, consumers in arch.foldable_norms:
-            norm = block.get_submodule(norm_name)
-            scale = norm.weight.detach().double() + arch.norm_weight_offset
+            weight = block.get_submodule(norm_name).weight
+            if not isinstance(weight, torch.Tensor):
+                raise TypeError(f"{norm_name} has no weight tensor to fold")
+            scale = weight.detach().double() + arch.norm_weight_offset
             for name in consumers:
                 linear = block.get_submodule(name)
                 if not isinstance(linear, nn.Linear):
                     raise TypeError(f"{name} is {type(linear).__name__}, not a linear layer")
                 linear.weight.copy_((linear.weight.double() * scale[None, :]).to(linear.weight))
-            norm.weight.fill_(1.0 - arch.norm_weight_offset)
+            weight.fill_(1.0 - arch.norm_weight_offset)
             folded += 1
     return folded

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -15,8 +15,8 @@ from offsite.cpu import cpu_flags
 
 
 @lru_cache(maxsize=64)
-def _accepts(cls: type, name: str) -> bool:
-    return name in inspect.signature(cls.forward).parameters
+def _accepts(cls: type, name: str) -> bool:  # `type`: lru_cache's typing takes no type[Module]
+    return name in inspect.signature(cast("type[nn.Module]", cls).forward).parameters
 
 
 def _forward_class(model: nn.Module) -> type:
@@ -44,7 +44,7 @@ def _left_padded_forward(model: nn.Module, batch: Batch, keep: int, use_cache: b
 
 def answer_logits(model: nn.Module, batch: Batch, keep: int) -> torch.Tensor:
     """Logits for the last ``keep`` positions of each (left-padded) row: (B, keep, V)."""
-    logits = _left_padded_forward(model, batch, keep, use_cache=False).logits
+    logits: torch.Tensor = _left_padded_forward(model, batch, keep, use_cache=False).logits
     return logits[:, -keep:, :]
 
 

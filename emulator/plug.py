@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from emulator.adapter import AdaptedModel, AdapterSpec, attach_adapter
-from emulator.arch import arch_spec
+from emulator.arch import arch_spec, model_config
 
 
 def plug_adapter(
@@ -18,8 +18,8 @@ def plug_adapter(
 
     Trainable tensors carry full-model block numbering, so the map is the identity.
     """
-    arch = arch_spec(full_model.config)
-    identity = {i: i for i in range(int(full_model.config.num_hidden_layers))}
+    arch = arch_spec(model_config(full_model))
+    identity = {i: i for i in range(int(model_config(full_model).num_hidden_layers))}
     adapted = attach_adapter(full_model, arch, spec, identity)
     adapted.load_trainable(state)
     return adapted

@@ -10,7 +10,7 @@ Two numbers a model owner can set a policy on:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +51,7 @@ def assess(
     plan: LayerPlan,
     arch: ArchSpec,
     shipped: Mapping[str, torch.Tensor],
-    perplexity_fn: Any = None,
+    perplexity_fn: Callable[[nn.Module], float] | None = None,
 ) -> dict[str, Any]:
     """The privacy section of a bundle manifest.
 
@@ -111,7 +111,7 @@ def enforce_gate(
 
 def public_text_perplexity(
     tokenizer: Any, texts: Sequence[str], max_length: int = 128, batch_size: int = 8
-) -> Any:
+) -> Callable[[nn.Module], float]:
     """A ``perplexity_fn`` over plain texts (fp32, CPU/GPU as available)."""
     from emulator.forward import pick_device
     from emulator.scoring import perplexity

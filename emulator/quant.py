@@ -151,7 +151,7 @@ class _QuantLinearFunction(torch.autograd.Function):
     """y = (x / s) · deq(W)ᵀ + b; backward gives dL/dx only and re-dequantizes W."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         qweight: torch.Tensor,
@@ -170,7 +170,7 @@ class _QuantLinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         qweight, scales, zeros, input_scale = ctx.saved_tensors
         dtype = ctx.compute_dtype
         weight = dequantize(qweight, scales, zeros, dtype)
@@ -181,6 +181,13 @@ class _QuantLinearFunction(torch.autograd.Function):
 
 class QuantLinear(nn.Module):
     """A frozen linear layer on int8/int4 weights (drop-in for ``nn.Linear`` in the emulator)."""
+
+    # buffers (registered in __init__)
+    qweight: torch.Tensor
+    zeros: torch.Tensor | None  # int4 only
+    scales: torch.Tensor
+    input_scale: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self, in_features: int, out_features: int, bits: int, groups: int, bias: bool
@@ -207,10 +214,12 @@ class QuantLinear(nn.Module):
         layer.qweight.copy_(q.qweight)
         layer.scales.copy_(q.scales)
         if q.zeros is not None:
-            layer.zeros.copy_(q.zeros)  # type: ignore[union-attr]
+            assert layer.zeros is not None  # an int4 layer, built with its zero points
+            layer.zeros.copy_(q.zeros)
         layer.input_scale.copy_(input_scale.float())
         if bias is not None:
-            layer.bias.copy_(bias.detach().float())  # type: ignore[union-attr]
+            assert layer.bias is not None  # built with bias=True
+            layer.bias.copy_(bias.detach().float())
         return layer
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -218,9 +227,10 @@ class QuantLinear(nn.Module):
         return dequantize(self.qweight, self.scales, self.zeros, dtype) / self.input_scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantLinearFunction.apply(  # type: ignore[no-any-return]
+        out: torch.Tensor = _QuantLinearFunction.apply(  # type: ignore[no-untyped-call]  # torch: apply is unannotated
             x, self.qweight, self.scales, self.zeros, self.input_scale, self.bias
         )
+        return out
 
     def extra_repr(self) -> str:
         bits = 8 if self.qweight.dtype == torch.int8 else 4

@@ -160,7 +160,7 @@ def classify(
         progress=progress,
     )
     label_index = {label: i for i, label in enumerate(labels)}
-    gold = torch.tensor([label_index[e.label] for e in examples])  # type: ignore[index]
+    gold = torch.tensor([label_index[e.label] for e in examples])  # type: ignore[index]  # a classification task labels every example (offsite.data)
     correct = int((scores.argmax(-1) == gold).sum())
     nll = float(-scores.gather(-1, gold[:, None]).sum())
     n = len(examples)

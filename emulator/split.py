@@ -9,16 +9,21 @@ blocks are never copied.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from emulator.arch import ArchSpec, block_list, block_prefix
+from emulator.arch import ArchSpec, block_list, block_prefix, model_config
 from emulator.layers import LayerPlan, renumber_state
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
-def emulator_config(full_config: Any, plan: LayerPlan, arch: ArchSpec) -> Any:
+
+def emulator_config(
+    full_config: PreTrainedConfig, plan: LayerPlan, arch: ArchSpec
+) -> PreTrainedConfig:
     """The config of the emulator model: same family, only the planned blocks."""
     config = copy.deepcopy(full_config)
     layers = plan.emulator_layers
@@ -72,10 +77,10 @@ def build_emulator(full_model: nn.Module, plan: LayerPlan, arch: ArchSpec) -> nn
     for index, block in enumerate(new_blocks):
         for module in block.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = index
+                module.layer_idx = index  # type: ignore[assignment]  # an int, not a tensor or module
     # Sub-modules share the (copied) config object: update it in place so they all see it.
-    sliced = emulator_config(full_model.config, plan, arch)
+    sliced = emulator_config(model_config(full_model), plan, arch)
     for name in (*arch.per_layer_config, "num_hidden_layers"):
         if hasattr(sliced, name):
-            setattr(emulator.config, name, getattr(sliced, name))
+            setattr(model_config(emulator), name, getattr(sliced, name))
     return emulator.eval()

@@ -7,9 +7,13 @@ with LoRA); it knows nothing of any one rewrite.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers.pytorch_utils import Conv1D
 
 
 def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -17,7 +21,8 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     if isinstance(module, nn.Linear):
         return module.weight, module.bias
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # weight is [in, out]
-        return module.weight.t(), module.bias
+        conv = cast("Conv1D", module)  # matched by name: no transformers import to recognise it
+        return conv.weight.t(), conv.bias
     return None
 
 

@@ -6,7 +6,7 @@ forward, ~1.1 GB in backward). In glibc's heap the long-lived tensors sit betwee
 temporaries' holes, the holes rarely fit what comes next, and the process's resident memory
 climbs far above what is live: measured ~360 MB above the step's start against ~175 MB of
 activations. Trimming the heap after every step (``offsite.memory``) hands the pages back but
-costs ~15 % of throughput in re-faulted pages.
+costs throughput: the next step faults them in again.
 
 ``ActivationArena.step()`` installs autograd's saved-tensor hooks for one forward and backward:
 every saved tensor of at least ``MIN_BYTES`` that is not a parameter or buffer is copied into a

@@ -10,7 +10,7 @@ heads; this module registers it with transformers as the ``offsite_sdpa`` implem
 ``sdpa`` mask, the same arguments) so a client turns it on with one call.
 
 On CPU, sequences of up to ``short_attention.SHORT_KEYS`` keys take the batched-matmul path
-of ``client.kernels.short_attention`` instead (2.4× faster there, same numbers up to rounding).
+of ``client.kernels.short_attention`` instead (faster there, same numbers up to rounding).
 
 Every case this path does not cover (no grouping, no mask, one query token, position bias,
 soft-capping) goes to transformers' own ``sdpa`` function unchanged.
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from client.kernels import short_attention
+from emulator.arch import hf_model
 
 IMPLEMENTATION = "offsite_sdpa"
 
@@ -53,7 +54,7 @@ def gqa_sdpa_attention(
         or kwargs.get("softcap") is not None
     )
     if plain:
-        return sdpa_attention_forward(  # type: ignore[no-any-return]
+        return sdpa_attention_forward(
             module,
             query,
             key,
@@ -64,7 +65,7 @@ def gqa_sdpa_attention(
             is_causal=is_causal,
             **kwargs,
         )
-    if short_attention.takes(query, key, attention_mask, dropout):
+    if attention_mask is not None and short_attention.takes(query, key, attention_mask, dropout):
         output = short_attention.short_attention(query, key, value, attention_mask, scaling)
     else:
         output = F.scaled_dot_product_attention(
@@ -99,6 +100,7 @@ def use_gqa_attention(model: nn.Module) -> bool:
     if not heads or not kv_heads or kv_heads == heads:
         return False
     register()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(IMPLEMENTATION)
+    unwrap = getattr(model, "get_base_model", None)  # a PEFT wrapper's
+    base = unwrap() if callable(unwrap) else model
+    hf_model(base).set_attn_implementation(IMPLEMENTATION)
     return True

@@ -7,10 +7,11 @@ materialising more than one block of dequantized rows at a time.
 - ``cpu``: where torch's fused int8 kernel is fast (few rows, e.g. generation) it is used for the
   forward. Per-channel int8 weights in bf16 compute on a CPU with int8 dot products multiply
   int8 × int8 (``client.kernels.int8_matmul``: activations and gradients quantized per row,
-  ~1.9× the bf16 matmul at 1024 rows). Otherwise rows of W are dequantized block by block into
-  the compute dtype and fed to the dense matmul, which on a bf16-capable CPU is the fastest
-  floating-point kernel torch has (measured on this machine: ``_weight_int8pack_mm`` is 2-3×
-  slower than dequantize + bf16 matmul at 1024 rows, 7-15× faster at 1-8 rows).
+  faster than the bf16 matmul at training's row counts). Otherwise rows of W are dequantized
+  block by block into the compute dtype and fed to the dense matmul, which on a bf16-capable
+  CPU is the fastest floating-point kernel torch has (``_weight_int8pack_mm`` is slower than
+  dequantize + bf16 matmul at training's row counts, much faster at a few rows). The client's
+  throughput on these backends: bench/reports/client.md.
 - ``cuda``: the same blocked dequantize-matmul with larger blocks (GPU memory is the budget,
   cuBLAS the kernel). It runs on any device, which is how the CPU tests keep it equivalent.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -124,7 +126,9 @@ def cpu_forward(x: torch.Tensor, weight: PackedWeight, block_elements: int) -> t
         return out if weight.bias is None else out.add_(weight.bias)
     if weight.bits == 8 and weight.groups == 1 and x.shape[0] <= FUSED_INT8_MAX_ROWS:
         x = _over_input_scale(x, weight)
-        out = torch.ops.aten._weight_int8pack_mm(x, weight.codes, weight.scales[:, 0])
+        out = cast(  # torch.ops is untyped
+            torch.Tensor, torch.ops.aten._weight_int8pack_mm(x, weight.codes, weight.scales[:, 0])
+        )
         return out if weight.bias is None else out + weight.bias
     return scaled_forward(x, weight, block_elements)
 

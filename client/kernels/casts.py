@@ -57,6 +57,6 @@ def cast_norm_outputs(model: nn.Module, arch: ArchSpec, prefix: str) -> int:
         if getattr(module, "_offsite_casts_output", False):
             continue
         module.register_forward_hook(_output_in_autocast_dtype)
-        module._offsite_casts_output = True  # type: ignore[assignment]
+        module._offsite_casts_output = True
         hooked += 1
     return hooked

@@ -3,8 +3,8 @@
 An int8 bundle's linears carry per-output-channel int8 codes (``W = codes · s_w``). Used as
 weights only, they are dequantized into the bf16 matmul, which makes them no faster than bf16
 weights. CPUs with int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX) multiply int8
-about twice as fast as bf16: ``torch._int_mm`` at SmolLM2's 1024 × 576 · 576 × 1536 takes
-2.2 ms against 4.4 ms in bf16 on this machine's 2 cores. So the *other* operand is quantized on
+faster than bf16 (``torch._int_mm`` against the bf16 matmul at SmolLM2's shapes; the
+client's throughput with it: bench/reports/client.md). So the *other* operand is quantized on
 the fly, one scale per row (per token in forward, per token of the upstream gradient in
 backward, symmetric absmax):
 
@@ -13,8 +13,8 @@ backward, symmetric absmax):
 
 and nothing is kept for backward but the codes the layer holds anyway. Quantizing and
 dequantizing run in ``client.kernels.native``'s C loops, one pass each (as torch ops they
-took 4-5 passes and cost more than the integer matmul saved: a 2-6-2 int8 cell ran at
-1310-1397 against 1404-1538 tokens/s), or in the same arithmetic in torch ops where no C
+take 4-5 passes, which cost more than the integer matmul saves), or in the same arithmetic in
+torch ops where no C
 compiler is available. The rounding is that of dynamic per-token int8 quantization: relative
 error 0.8-0.9 % against the dequantized fp32 product at SmolLM2's shapes (bf16: 0.2 %),
 bounded in tests.

@@ -7,9 +7,8 @@ product each make a pass, and the product is quantized again for ``down``; comin
 product's gradient is dequantized, goes through four passes (the activation recomputed, two
 products, its derivative), is quantized twice for gate and up, and their two input gradients
 are dequantized and summed: fifteen elementwise passes over [tokens, intermediate] or
-[tokens, hidden] tensors per MLP and step, each cheap next to the matmuls but together about a
-third of the MLP's time on two cores (SmolLM2's shapes at 1024 tokens: 21.6-22.7 ms forward
-and backward, ~15 ms of it the six integer matmuls).
+[tokens, hidden] tensors per MLP and step, each cheap next to the matmuls but together a large
+share of the MLP's time on a CPU of few cores (the client's throughput: bench/reports/client.md).
 
 Here the MLP is one autograd function with the same three integer matmuls each way and three
 fused passes in ``client.kernels.native`` instead:
@@ -29,16 +28,18 @@ tests. Memory is that of ``GatedProduct``: gate and up in bf16, nothing else.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 
 from client.kernels import native
 from client.kernels.backends import FUSED_INT8_MAX_ROWS, int8_factors, integer_matmuls
 from client.kernels.int8_matmul import dequantize_rows, forward_sums, input_grad_sums
 from client.kernels.linear import PackedLinear
 from client.kernels.packed import PackedWeight
+
+if TYPE_CHECKING:  # lean imports this module
+    from client.kernels.lean import LeanGatedMLP
 
 # activations that compute ``F.silu``: torch's module and transformers' (lean runtime and PEFT)
 SILU_TYPES = frozenset({"SiLU", "SiLUActivation"})
@@ -55,14 +56,14 @@ def _factors(weight: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     return scales, _ones(weight.in_features) if inverse is None else inverse
 
 
-def takes(mlp: nn.Module, x: torch.Tensor) -> bool:
+def takes(mlp: LeanGatedMLP, x: torch.Tensor) -> bool:
     """Whether ``int8_gated_mlp`` computes this MLP on this input: SiLU gating over three
     bias-free per-channel int8 ``PackedLinear`` layers on the integer matmuls, a CPU input of
     more rows than the fused int8 kernel's, and the native loops built."""
-    layers = (mlp.gate, mlp.up, mlp.down)
     if type(mlp.act_fn).__name__ not in SILU_TYPES:
         return False
-    if not all(type(m) is PackedLinear for m in layers):
+    layers = [m for m in (mlp.gate, mlp.up, mlp.down) if type(m) is PackedLinear]
+    if len(layers) != 3:
         return False
     if x.device.type != "cpu" or x.numel() // x.shape[-1] <= FUSED_INT8_MAX_ROWS:
         return False
@@ -74,10 +75,10 @@ def takes(mlp: nn.Module, x: torch.Tensor) -> bool:
 
 class _Int8GatedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, gate: PackedWeight, up: PackedWeight, down: PackedWeight
     ) -> torch.Tensor:
-        lib, threads = native.library(), torch.get_num_threads()
+        lib, threads = native.loaded(), torch.get_num_threads()
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
         count, inner = rows.shape[0], gate.out_features
         (gate_scales, gate_inverse), (up_scales, up_inverse) = _factors(gate), _factors(up)
@@ -114,8 +115,8 @@ class _Int8GatedMLP(torch.autograd.Function):
         return out.reshape(*x.shape[:-1], down.out_features).to(out_dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
-        lib, threads = native.library(), torch.get_num_threads()
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        lib, threads = native.loaded(), torch.get_num_threads()
         gated, upped = ctx.saved_tensors
         gate, up, down = ctx.weights
         (gate_scales, gate_inverse), (up_scales, up_inverse) = _factors(gate), _factors(up)
@@ -164,8 +165,9 @@ class _Int8GatedMLP(torch.autograd.Function):
         return dx.reshape(ctx.input_shape).to(ctx.input_dtype), None, None, None
 
 
-def int8_gated_mlp(x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+def int8_gated_mlp(x: torch.Tensor, mlp: LeanGatedMLP) -> torch.Tensor:
     """``down(silu(gate(x)) · up(x))`` for an MLP ``takes`` accepts, with the input gradient
     only (its layers are frozen)."""
-    layers = (mlp.gate, mlp.up, mlp.down)
-    return _Int8GatedMLP.apply(x, *(m.packed for m in layers))  # type: ignore[no-any-return]
+    layers = [cast(PackedLinear, m) for m in (mlp.gate, mlp.up, mlp.down)]  # as takes() checked
+    out: torch.Tensor = _Int8GatedMLP.apply(x, *(m.packed for m in layers))  # type: ignore[no-untyped-call]  # torch: apply is unannotated
+    return out

@@ -33,7 +33,7 @@ from emulator.surgery import replace_module
 Derivative = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (grad, x) -> grad of act(x)
 
 
-def derivative(act: Any) -> Derivative | None:
+def derivative(act: object) -> Derivative | None:
     """The backward kernel of an activation module that computes a known torch function, called
     directly (``torch.autograd.grad`` would give the same numbers but imports torch's
     symbolic-shape machinery, sympy ~30 MB, on first use); None for anything else.
@@ -66,7 +66,7 @@ class GatedProduct(torch.autograd.Function):
     """``act(gate) * up`` keeping ``gate`` and ``up`` for backward, not ``act(gate)``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, gate: torch.Tensor, up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         ctx.act = act
@@ -74,7 +74,7 @@ class GatedProduct(torch.autograd.Function):
         return act(gate) * up
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         gate, up = ctx.saved_tensors
         kernel = derivative(ctx.act)
         if kernel is not None:  # the kernel autograd itself would run
@@ -107,23 +107,29 @@ class LeanGatedMLP(nn.Module):
             self.add_module(name, getattr(mlp, name))
         self.act_fn = mlp.act_fn
 
+    def _projection(self, index: int) -> nn.Module:
+        module = self._modules[self.projections[index]]
+        assert module is not None  # __init__ added all three
+        return module
+
     @property
     def gate(self) -> nn.Module:
-        return self._modules[self.projections[0]]  # type: ignore[return-value]
+        return self._projection(0)
 
     @property
     def up(self) -> nn.Module:
-        return self._modules[self.projections[1]]  # type: ignore[return-value]
+        return self._projection(1)
 
     @property
     def down(self) -> nn.Module:
-        return self._modules[self.projections[2]]  # type: ignore[return-value]
+        return self._projection(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if int8_mlp.takes(self, x):
             return int8_mlp.int8_gated_mlp(x, self)
-        product = GatedProduct.apply(self.gate(x), self.up(x), self.act_fn)
-        return self.down(product)  # type: ignore[no-any-return]
+        product = GatedProduct.apply(self.gate(x), self.up(x), self.act_fn)  # type: ignore[no-untyped-call]  # torch: apply is unannotated
+        out: torch.Tensor = self.down(product)
+        return out
 
 
 def lean_gated_mlps(model: nn.Module, arch: ArchSpec, prefix: str) -> int:

@@ -23,7 +23,7 @@ from emulator.surgery import replace_module
 
 class _PackedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
         weight = layer.packed
         backend = backend_for(weight.codes.device)
         rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
@@ -34,7 +34,7 @@ class _PackedLinearFunction(torch.autograd.Function):
         return out.reshape(*x.shape[:-1], weight.out_features).to(out_dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         weight: PackedWeight = ctx.layer.packed
         backend: KernelBackend = ctx.backend
         dy = grad_out.reshape(-1, weight.out_features).to(weight.dtype)
@@ -44,6 +44,15 @@ class _PackedLinearFunction(torch.autograd.Function):
 
 class PackedLinear(nn.Module):
     """Drop-in for a frozen ``QuantLinear`` with the fast kernels of ``client.kernels``."""
+
+    # buffers (registered in __init__), the fields of ``PackedWeight``
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    input_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+    fp32_scales: torch.Tensor | None
+    fp32_inverse_input: torch.Tensor | None
 
     def __init__(self, packed: PackedWeight) -> None:
         super().__init__()
@@ -77,7 +86,8 @@ class PackedLinear(nn.Module):
         return cls(pack_layer(layer, dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _PackedLinearFunction.apply(x, self)  # type: ignore[no-any-return]
+        out: torch.Tensor = _PackedLinearFunction.apply(x, self)  # type: ignore[no-untyped-call]  # torch: apply is unannotated
+        return out
 
     def extra_repr(self) -> str:
         bits = 8 if self.codes.dtype == torch.int8 else 4

@@ -15,8 +15,8 @@ linear's input gradient already has (tested against eager fp32 autograd).
 
 Under bf16 autocast on CPU (an fp32 residual stream, the client's case), forward and the input
 gradient are one C pass per row each (``client.kernels.native``) instead of torch's six to
-eight elementwise ops: 0.25-0.41 against 2.4-3.2 ms forward and backward at SmolLM2's
-8 × 128 × 576, 3 % of a 2-6-2 int8 training step (in-process A/B, 30 steps each). Their row
+eight elementwise ops, each a pass over the 8 × 128 × 576 activations (the client's
+throughput with them: bench/reports/client.md). Their row
 sums run in another order than torch's, so rstd, and the output, may differ from eager's in
 the last bits (within 4 ulps, tested); the weight's gradient, where one is needed, stays in
 torch ops. Without a C compiler, torch ops: eager's forward bits.
@@ -51,7 +51,7 @@ LLAMA_STYLE_NORMS = frozenset(
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, keep: torch.dtype
     ) -> torch.Tensor:
         dtype = x.dtype
@@ -67,7 +67,7 @@ class _RMSNorm(torch.autograd.Function):
         return weight * normed.to(dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         normed, rstd, weight = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[1]:
@@ -108,7 +108,7 @@ def _native_forward(
     out = torch.empty_like(x)
     normed = torch.empty(x.shape, dtype=torch.bfloat16)
     rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
-    native.library().offsite_rms_norm(
+    native.loaded().offsite_rms_norm(
         x.data_ptr(),
         weight.data_ptr(),
         rows,
@@ -129,7 +129,7 @@ def _native_backward(
     grad = grad.to(torch.float32).contiguous()
     cols = grad.shape[-1]
     dx = torch.empty_like(grad)
-    native.library().offsite_rms_norm_backward(
+    native.loaded().offsite_rms_norm_backward(
         grad.data_ptr(),
         normed.data_ptr(),
         rstd.data_ptr(),
@@ -146,7 +146,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight · (x / rms(x))`` computed in fp32, returned in ``x``'s dtype (Llama's RMSNorm)."""
     device = x.device.type
     keep = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return _RMSNorm.apply(x, weight, eps, keep)  # type: ignore[no-any-return]
+    out: torch.Tensor = _RMSNorm.apply(x, weight, eps, keep)  # type: ignore[no-untyped-call]  # torch: apply is unannotated
+    return out
 
 
 class LeanRMSNorm(nn.Module):
@@ -170,6 +171,6 @@ def lean_rms_norms(model: nn.Module) -> int:
         if (type(module).__module__, type(module).__name__) in LLAMA_STYLE_NORMS
     ]
     for name, module in found:  # each of them keeps its epsilon as ``variance_epsilon``
-        eps = float(module.variance_epsilon)  # type: ignore[arg-type]
-        replace_module(model, name, LeanRMSNorm(module.weight, eps))  # type: ignore[arg-type]
+        eps = float(module.variance_epsilon)
+        replace_module(model, name, LeanRMSNorm(module.weight, eps))
     return len(found)

@@ -58,13 +58,13 @@ def _geometry(
 
 class _RotaryHeads(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, projected: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
     ) -> torch.Tensor:
         geometry = _geometry(projected.shape, heads, cos)
         batch, length, heads, dim = geometry[:4]
         out = torch.empty(batch, heads, length, dim, dtype=torch.bfloat16)
-        native.library().offsite_rotary_heads(
+        native.loaded().offsite_rotary_heads(
             projected.data_ptr(),
             cos.data_ptr(),
             sin.data_ptr(),
@@ -77,11 +77,11 @@ class _RotaryHeads(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         cos, sin = ctx.saved_tensors
         grad = grad.to(torch.bfloat16).contiguous()
         dx = torch.empty(ctx.shape, dtype=torch.bfloat16)
-        native.library().offsite_rotary_heads_backward(
+        native.loaded().offsite_rotary_heads_backward(
             grad.data_ptr(),
             cos.data_ptr(),
             sin.data_ptr(),
@@ -97,4 +97,5 @@ def rotary_heads(
 ) -> torch.Tensor:
     """[B, T, heads · D] projection → [B, heads, T, D] bf16, rotated by the positions' tables
     ([1 or B, ≥ T, D] fp32; the last T rows are used), for inputs ``takes`` accepts."""
-    return _RotaryHeads.apply(projected, cos.contiguous(), sin.contiguous(), heads)  # type: ignore[no-any-return]
+    out: torch.Tensor = _RotaryHeads.apply(projected, cos.contiguous(), sin.contiguous(), heads)  # type: ignore[no-untyped-call]  # torch: apply is unannotated
+    return out

@@ -1,15 +1,13 @@
 """Attention over short sequences as three batched matmuls, grouped heads folded, on CPU.
 
 On CPU, torch's fused (flash) attention spends most of a short sequence's time in backward:
-for SmolLM2's 9 query and 3 key/value heads at 8 × 128 tokens in bf16, forward and backward
-take 17 ms per block, against 6-7 ms for scores, softmax and weighted sum written as batched
-matmuls (``bench``-style A/B in one process, 30 repeats). Backward recomputes the
-probabilities from the query, key and mask it keeps (one batched matmul and a softmax per
-block) rather than keeping them: 2.25 MB per block of 8 × 9 heads × 128 × 128 in bf16, 22 MB
-of a 2-6-2 SmolLM2 emulator's saved activations (bench cell: peak 606 → 585 MB; tokens/s
-within this machine's noise over three alternating runs each). Past ``SHORT_KEYS`` keys the
-fused kernel wins
-(measured: a tie at 192, fused 30 % faster at 256) and is used.
+for short sequences (SmolLM2's 9 query and 3 key/value heads at 8 × 128 tokens in bf16) scores,
+softmax and weighted sum written as batched matmuls take a fraction of its time forward and
+backward together (the client's throughput with them: bench/reports/client.md). Backward
+recomputes the probabilities from the query, key and mask it keeps (one batched matmul and a
+softmax per block) rather than keeping them: 2.25 MB per block of 8 × 9 heads × 128 × 128 in
+bf16, 22 MB of a 2-6-2 SmolLM2 emulator's saved activations, for no loss of throughput. Past
+``SHORT_KEYS`` keys the fused kernel is the faster one, and is used.
 
 Grouped query heads are folded into the sequence axis: the ``G`` query heads that share a
 key/value head become one ``(G · T)``-row matrix against that head's keys, so no key or value
@@ -30,7 +28,7 @@ from typing import Any
 
 import torch
 
-SHORT_KEYS = 160  # longest key length the matmul path takes; measured crossover 160-192
+SHORT_KEYS = 160  # longest key length the matmul path takes; the fused kernel catches up above
 
 
 def takes(
@@ -58,9 +56,9 @@ def _probabilities(
     folded: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: float, groups: int
 ) -> torch.Tensor:
     """Masked softmax of the folded scores, (B, H_kv, G · T, S), in the inputs' dtype. The mask
-    goes in as an added bias: a broadcast ``masked_fill_`` over the scores cost 2× as much
-    (measured 1.9 against 1.2 ms for scores and softmax at SmolLM2's 8 × 9 heads × 128², 20
-    calls a step), and the softmax makes masked probabilities 0 by itself. A row with every
+    goes in as an added bias: a broadcast ``masked_fill_`` over the scores is an extra pass
+    that costs more than the addition it replaces (20 calls a step at SmolLM2's shape), and the
+    softmax makes masked probabilities 0 by itself. A row with every
     key masked comes out uniform here; ``_ShortAttention`` zeroes its output."""
     batch, kv_heads, rows, _ = folded.shape
     keys = key.shape[2]
@@ -81,7 +79,7 @@ def _seeing_rows(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
 
 class _ShortAttention(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -97,7 +95,7 @@ class _ShortAttention(torch.autograd.Function):
             probs = _probabilities(folded, key, mask, scale, groups)
             out = torch.matmul(probs, value).view(batch, heads, length, dim)
         # rows that see no key: zero out, as torch's fused kernel gives, and no gradient back;
-        # a factor, not a masked_fill (a broadcast masked_fill cost 0.2 ms a call) nor indexing
+        # a factor, not a masked_fill (a slower broadcast pass of its own) nor indexing
         # (index kernels first used here raised the client's peak RSS by 4-8 MB)
         seeing = _seeing_rows(mask, out.dtype)
         if seeing is not None:
@@ -107,7 +105,7 @@ class _ShortAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         folded, key, value, mask = ctx.saved_tensors
         with torch.autocast(grad_out.device.type, enabled=False):
             probs = _probabilities(folded, key, mask, ctx.scale, ctx.groups)
@@ -146,5 +144,5 @@ def short_attention(
     if torch.is_autocast_enabled(device):  # as autocast treats torch's attention: one dtype
         dtype = torch.get_autocast_dtype(device)
         query, key, value = (t.to(dtype) for t in (query, key, value))
-    out: torch.Tensor = _ShortAttention.apply(query, key, value, mask, float(scale))
+    out: torch.Tensor = _ShortAttention.apply(query, key, value, mask, float(scale))  # type: ignore[no-untyped-call]  # torch: apply is unannotated
     return out

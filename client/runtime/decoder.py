@@ -21,8 +21,9 @@ activations, attention soft-capping...), and the client then loads the model thr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from client.kernels import rotary, short_attention
 from emulator.arch import REGISTRY, LeanDecoder
 
-ACTIVATIONS: dict[str, Any] = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "silu": nn.SiLU,
     "swish": nn.SiLU,
     "gelu": nn.GELU,
@@ -152,6 +153,8 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """cos/sin of the default rotary embedding for given positions, in fp32 then the input dtype."""
 
+    inv_freq: torch.Tensor  # a buffer (registered in __init__)
+
     def __init__(self, config: LeanConfig) -> None:
         super().__init__()
         dim = config.head_dim
@@ -225,7 +228,8 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=k.shape[1] != q.shape[1]
             )
         out = out.transpose(1, 2).reshape(*x.shape[:-1], -1).contiguous()
-        return self.o_proj(out)  # type: ignore[no-any-return]
+        projected: torch.Tensor = self.o_proj(out)
+        return projected
 
 
 class GatedMLP(nn.Module):
@@ -238,7 +242,8 @@ class GatedMLP(nn.Module):
         self.act_fn = ACTIVATIONS[config.hidden_act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))  # type: ignore[no-any-return]
+        out: torch.Tensor = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
 
 class Block(nn.Module):
@@ -261,7 +266,8 @@ class Block(nn.Module):
         """The block's output at every position, or at the last ``queries`` positions only."""
         attended = self.self_attn(self.input_layernorm(x), mask, cos, sin, queries)
         x = (x[:, -queries:] if queries else x) + attended
-        return x + self.mlp(self.post_attention_layernorm(x))  # type: ignore[no-any-return]
+        mixed: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
+        return x + mixed
 
 
 def attention_masks(
@@ -308,19 +314,21 @@ class Decoder(nn.Module):
         length = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(length, device=x.device)[None]
-        windows = {layer.window for layer in self.layers}
+        blocks = cast("Sequence[Block]", self.layers)  # nn.ModuleList is not generic
+        windows = {layer.window for layer in blocks}
         masks = attention_masks(attention_mask, length, windows, x.device)
         cos, sin = self.rotary_emb(x, position_ids)
         queries = keep if 0 < keep < length else 0
-        last = len(self.layers) - 1
-        for index, layer in enumerate(self.layers):
+        last = len(blocks) - 1
+        for index, layer in enumerate(blocks):
             mask = masks[layer.window]
             args = (x, mask, cos, sin, queries if index == last else 0)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x = layer(*args)
-        return self.norm(x)  # type: ignore[no-any-return]
+        normed: torch.Tensor = self.norm(x)
+        return normed
 
 
 @dataclass

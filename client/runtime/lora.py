@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from emulator.layers import block_index
 from emulator.surgery import replace_module
+
+if TYPE_CHECKING:
+    from client.runtime.decoder import LeanCausalLM
 
 ADAPTER_NAME = "default"
 
@@ -30,18 +33,16 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: int) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.lora_A = nn.ModuleDict(
-            {ADAPTER_NAME: nn.Linear(base_layer.in_features, r, bias=False)}
-        )
-        self.lora_B = nn.ModuleDict(
-            {ADAPTER_NAME: nn.Linear(r, base_layer.out_features, bias=False)}
-        )
+        lora_a = nn.Linear(base_layer.in_features, r, bias=False)
+        self.lora_A = nn.ModuleDict({ADAPTER_NAME: lora_a})
+        lora_b = nn.Linear(r, base_layer.out_features, bias=False)
+        self.lora_B = nn.ModuleDict({ADAPTER_NAME: lora_b})
         self.scaling = alpha / r
         # PEFT's switch (``client.kernels.casts`` turns it off under autocast): cast the input
         # to the LoRA weights' dtype first
         self.cast_input_dtype_enabled = True
-        nn.init.kaiming_uniform_(self.lora_A[ADAPTER_NAME].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[ADAPTER_NAME].weight)
+        nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_b.weight)
 
     @property
     def in_features(self) -> int:
@@ -54,13 +55,16 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x)
         dtype = result.dtype
-        lora_a, lora_b = self.lora_A[ADAPTER_NAME], self.lora_B[ADAPTER_NAME]
+        # the adapter's two nn.Linear layers (ModuleDict values are typed as any module)
+        lora_a = cast(nn.Linear, self.lora_A[ADAPTER_NAME])
+        lora_b = cast(nn.Linear, self.lora_B[ADAPTER_NAME])
         if self.cast_input_dtype_enabled:
             x = x.to(lora_a.weight.dtype)
-        hidden = lora_a(x)
+        hidden: torch.Tensor = lora_a(x)
         weight = lora_b.weight
         if hidden.dtype != result.dtype and not torch.is_autocast_enabled(x.device.type):
-            return (result + lora_b(hidden) * self.scaling).to(dtype)
+            update: torch.Tensor = lora_b(hidden)
+            return (result + update * self.scaling).to(dtype)
         # result + scaling · hidden Bᵀ as one matmul that accumulates into the base output: the
         # scale and the add ride in the GEMM instead of two passes over the output (and two
         # more in backward), one rounding instead of three
@@ -92,7 +96,8 @@ class LoraWrapper(nn.Module):
         return self.base_model.model
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.base_model.model.get_input_embeddings()  # type: ignore[no-any-return]
+        model = cast("LeanCausalLM", self.base_model.model)  # what wrap_lora wraps
+        return model.get_input_embeddings()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model.model(*args, **kwargs)
@@ -123,6 +128,7 @@ def wrap_lora(
         torch.manual_seed(seed)
         for name in found:
             base = model.get_submodule(name)
+            assert isinstance(base, nn.Linear)  # as found above
             lora = LoraLinear(base, r, alpha).to(base.weight.device)
             replace_module(model, name, lora)
     return LoraWrapper(model)

@@ -4,8 +4,8 @@
 (``client.kernels.int8_matmul``): quantize each row of a bf16 matrix to int8 with its own scale,
 and turn int32 sums back into bf16 with a scale per row and per column. Written as torch ops
 they take four or five passes each, which cost more than the integer matmul saves; in C they
-take one (measured at SmolLM2's 1024 × 576 and 1024 × 1536 on 2 cores: quantize 0.05 and
-0.12 ms, dequantize 0.13 ms, against 2.2 ms for the integer matmul and 4.4 ms for bf16). It also
+take one, a small fraction of the integer matmul's time (the client's throughput with them:
+bench/reports/client.md). It also
 holds the three passes of a frozen int8 gated MLP (``client.kernels.int8_mlp``), where SiLU and
 its derivative are computed on the way from int32 sums to int8 codes, and an RMS norm's
 forward and input gradient for bf16 compute on an fp32 residual stream
@@ -103,4 +103,12 @@ def library() -> ctypes.CDLL | None:
     for name, argtypes in SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, None
+    return lib
+
+
+def loaded() -> ctypes.CDLL:
+    """``library()`` for a caller whose inputs were accepted only because it is available."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native loops are unavailable; check native.library() first")
     return lib
