@@ -42,8 +42,8 @@ def quiet_setup() -> None:
 
 def simulate_cell(run_dir: Path, overrides: list[str], fresh: bool) -> dict[str, Any]:
     """The metrics of one simulation with ``overrides``; a finished run folder is reused."""
-    from coordinator.run_folder import RunFolder
-    from coordinator.simulate import simulate
+    from coordinator.state.folder import RunFolder
+    from coordinator.workflow.simulate import simulate
     from offsite.config import load_config
 
     metrics_path = RunFolder(run_dir).metrics_path

@@ -16,14 +16,14 @@ AdamW, answer-only loss):
   ``emulator.distill=true``); their throughput bundles are the same shapes undistilled (speed
   and memory depend on shapes only).
 
-Each cell runs in a fresh process (nothing shared, no allocator reuse between cells): load,
-then ``--warmup`` discarded steps and ``--steps`` measured ones. Throughput is answer-loss
-training tokens per second; memory is the process's peak RSS over the training steps (kernel
-high-water mark, reset after loading). Full fine-tuning runs in fp32 and bf16, trimming the C
-heap after every step, in bf16 without trimming (faster, higher peak) and in bf16 on jemalloc
-(``offsite.allocator``); speed-ups are against the fastest of them and memory ratios against the
-lowest peak. Offsite cells train as a client does: lean runtime, saved activations in
-``client.kernels.arena``, no trimming, jemalloc where installed.
+Each cell runs in a fresh process (nothing shared, no allocator reuse between cells): load, then
+``--warmup`` discarded steps and ``--steps`` measured ones. Throughput is answer-loss training
+tokens per second; memory is the process's peak RSS over the training steps (kernel high-water mark,
+reset after loading). Full fine-tuning runs in fp32 and bf16, trimming the C heap after every step,
+in bf16 without trimming (faster, higher peak) and in bf16 on jemalloc (``offsite.host.allocator``);
+speed-ups are against the fastest of them and memory ratios against the lowest peak. Offsite cells
+train as a client does: lean runtime, saved activations in ``client.kernels.arena``, no trimming,
+jemalloc where installed.
 
 Plug-in accuracy (default model only: the synthetic model's weights are random) comes from a
 real ``offsite simulate`` run of the default federation per policy × precision; cells finished in
@@ -92,9 +92,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     from emulator.arch import arch_spec, block_list, block_prefix
     from emulator.bundle import verify_bundle
     from emulator.examples import training_batches
-    from offsite.allocator import active_allocator
     from offsite.config import OffsiteConfig
     from offsite.data import load_task, split_holdout
+    from offsite.host.allocator import active_allocator
     from offsite.policies import POLICIES as POLICY_TABLE
 
     rss_imports = rss_bytes()
@@ -193,7 +193,7 @@ def median_row(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def cell_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    from offsite.allocator import allocator_env
+    from offsite.host.allocator import allocator_env
 
     command = [sys.executable, str(Path(__file__).resolve()), "cell", json.dumps(spec)]
     env = allocator_env(os.environ, spec.get("allocator", "system"))
@@ -489,10 +489,10 @@ def write_report(
         "or torch compiler in the process) with saved activations in a reused buffer "
         "(``client.kernels.arena``) instead of trimming the C heap after each step, and with "
         "jemalloc as the C allocator where one is installed, as a node's SuperNode starts them "
-        "(``offsite.allocator``; column 'allocator'). Full fine-tuning is measured three ways: "
-        "on glibc's allocator trimming the heap after each step, on glibc without trimming, and "
-        "on jemalloc: speed-ups are against the fastest baseline row, memory ratios against "
-        "the one with the lowest peak. "
+        "(``offsite.host.allocator``; column 'allocator'). Full fine-tuning is measured three "
+        "ways: on glibc's allocator trimming the heap after each step, on glibc without "
+        "trimming, and on jemalloc: speed-ups are against the fastest baseline row, memory "
+        "ratios against the one with the lowest peak. "
         f"Cells named {small_names} use smaller emulators: for accuracy their middle blocks "
         "are chosen by cosine selection and distilled (200 steps on public chitchat text); "
         "their throughput bundles have the same shapes, undistilled. Cells without a shape "

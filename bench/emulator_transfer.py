@@ -9,12 +9,12 @@ Every (cell, seed) is one real `offsite simulate` run on the embedded default ta
 clients' shares, the adapter's initialisation and sampling. All five settings are scored on the
 same examples; full fine-tuning trains the same adapter recipe on the same training data.
 
-For each cell: mean and 95 % confidence interval over seeds (Student t, n − 1 degrees of
-freedom) of full zero-shot, emulator zero-shot, emulator fine-tuned, plug-in and full
-fine-tuning, and of the paired per-seed differences the issue's targets are stated in
-(plug-in − full FT, margin = plug-in − emulator FT); build seconds, bundle and full-model bytes,
-verbatim middle tensors. The full-model baselines are cached by (weights, data, recipe)
-(coordinator/baseline_cache.py), so a second cell pays only for its emulator's three settings.
+For each cell: mean and 95 % confidence interval over seeds (Student t, n − 1 degrees of freedom) of
+full zero-shot, emulator zero-shot, emulator fine-tuned, plug-in and full fine-tuning, and of the
+paired per-seed differences the issue's targets are stated in (plug-in − full FT, margin = plug-in −
+emulator FT); build seconds, bundle and full-model bytes, verbatim middle tensors. The full-model
+baselines are cached by (weights, data, recipe) (coordinator/evaluation/baseline_cache.py), so a
+second cell pays only for its emulator's three settings.
 
 Runs land in bench/out/emulator_transfer/<cell>/seed-<s>/ and a finished run is reused (the
 benchmark can stop at any time and resume); the report
@@ -294,7 +294,7 @@ def _scoring_model(name: str, settings: Any) -> tuple[Any, ...]:
 def score_without_run(name: str) -> dict[str, float]:
     """Build cell ``name``'s emulator (seed 0) without running the federation and score it:
     for cells measured before the score existed, or whose run folders are gone."""
-    from coordinator.run_folder import RunFolder
+    from coordinator.state.folder import RunFolder
     from emulator.build import build_configured_bundle
     from offsite.config import load_config
 
@@ -312,7 +312,7 @@ def gradient_score_of(run_dir: Path) -> dict[str, float]:
     shipped: its verified bundle against the full model, on the calibration texts of
     bench/gradient_score.py (public chitchat, never the task). The full model and its reference
     gradients are computed once per model and adapter placement."""
-    from coordinator.run_folder import RunFolder
+    from coordinator.state.folder import RunFolder
     from emulator.bundle import load_bundle_model, verify_bundle
     from emulator.gradient_score import full_reference_gradients, score_emulator
 

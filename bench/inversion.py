@@ -48,8 +48,8 @@ def main() -> None:
         token_scores,
     )
 
+    from coordinator.federation.secure_rounds import default_threshold
     from coordinator.models import load_full_model
-    from coordinator.secure_rounds import default_threshold
     from emulator.adapter import AdapterSpec, attach_adapter
     from emulator.batches import encode_pair
     from emulator.examples import training_batches
@@ -59,8 +59,8 @@ def main() -> None:
     from emulator.train import train_adapter
     from offsite.config import OffsiteConfig
     from offsite.data import load_task, partition, split_holdout
-    from offsite.dp import noise_for_epsilon
-    from offsite.dp.mechanism import add_gaussian_noise, clip_update
+    from offsite.federation.dp import noise_for_epsilon
+    from offsite.federation.dp.mechanism import add_gaussian_noise, clip_update
     from offsite.prompts import classification_parts, verbalize
 
     start = time.perf_counter()

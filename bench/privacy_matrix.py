@@ -60,7 +60,7 @@ def noise_scale(metrics: dict[str, Any]) -> dict[str, Any]:
     privacy, federation = metrics["config"]["privacy"], metrics["config"]["federation"]
     if float(privacy["epsilon"]) <= 0:
         return {}
-    from offsite.dp import noise_for_epsilon
+    from offsite.federation.dp import noise_for_epsilon
 
     sampled = max(1, round(int(federation["num_clients"]) * float(federation["fraction_train"])))
     sigma = noise_for_epsilon(

@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from offsite.processes import wait_for_port
+from offsite.host.processes import wait_for_port
 
 ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
@@ -108,8 +108,8 @@ def write_blob(path: Path, size: int) -> str:
 
 def measure_artifact_plane(work: Path, size: int, env: dict[str, str]) -> dict[str, Any]:
     from client.identity import join
-    from coordinator.pki import init_pki
-    from coordinator.service import state_paths
+    from coordinator.service.grpc_server import state_paths
+    from coordinator.service.pki import init_pki
     from coordinator.store import open_store
     from offsite.crypto import fingerprint
 
@@ -126,7 +126,7 @@ def measure_artifact_plane(work: Path, size: int, env: dict[str, str]) -> dict[s
         [
             sys.executable,
             "-m",
-            "offsite.cli",
+            "offsite.cli.main",
             "coordinator",
             "serve",
             "--state",
@@ -190,8 +190,8 @@ def measure_artifact_plane(work: Path, size: int, env: dict[str, str]) -> dict[s
 
 
 def measure_flower_message(work: Path, size: int, env: dict[str, str]) -> dict[str, Any]:
-    from coordinator.pki import init_pki
-    from offsite.processes import flower_env, start_child, stop_tree
+    from coordinator.service.pki import init_pki
+    from offsite.host.processes import flower_env, start_child, stop_tree
 
     pki_dir = work / "flower-pki"
     pki = init_pki(pki_dir, ["127.0.0.1"])

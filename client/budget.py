@@ -15,7 +15,7 @@ from pathlib import Path
 
 from client import planner
 from client.planner import Candidate, Workload
-from offsite.sizes import parse_size
+from offsite.host.sizes import parse_size
 
 
 class BudgetError(RuntimeError):

@@ -23,8 +23,8 @@ from emulator.examples import training_batches
 from emulator.forward import resolve_precision
 from emulator.train import train_adapter
 from offsite.data import load_task
-from offsite.dp.mechanism import add_gaussian_noise, clip_update
-from offsite.sparse_update import encode_update
+from offsite.federation.dp.mechanism import add_gaussian_noise, clip_update
+from offsite.federation.sparse_update import encode_update
 from offsite.wire.messages import SECAGG_RECORD, SecAggQuery, TrainInstruction, TrainReply
 
 app = ClientApp()

@@ -33,7 +33,7 @@ from offsite.crypto import (
     write_private_key,
 )
 from offsite.errors import ExitCode, OffsiteError
-from offsite.files import write_private
+from offsite.host.files import write_private
 from offsite.wire.clients import EnrollmentClient, NodeClient
 from offsite.wire.domain import EnrollRequest, RenewFlowerKeyRequest
 

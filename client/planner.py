@@ -45,7 +45,7 @@ from emulator.train import train_adapter
 from offsite.policies import POLICIES
 
 if TYPE_CHECKING:
-    from offsite.allocator import Allocator
+    from offsite.host.allocator import Allocator
 
 POLICY_PREFERENCE = ("lora", "full", "sparse", "top", "bias")
 PROBE_SIZES = (2, 4)
@@ -252,7 +252,7 @@ class Workload:
     max_length: int = 128
     max_words: int = 90
     template: str = ""  # empty: the data set's own, else "{text}" style default of the config
-    # C allocator of the probe processes (``offsite.allocator``): "inherit" takes this
+    # C allocator of the probe processes (``offsite.host.allocator``): "inherit" takes this
     # process's own (a node's ClientApp runs on what its SuperNode was started with)
     allocator: Allocator | Literal["inherit"] = "inherit"
 
@@ -301,7 +301,7 @@ def _in_subprocess(
     payload = json.dumps(
         {"workload": asdict(workload), "candidate": asdict(candidate), "size": size}
     )
-    from offsite.allocator import allocator_env
+    from offsite.host.allocator import allocator_env
 
     env = dict(os.environ)
     if workload.allocator != "inherit":

@@ -1,4 +1,4 @@
-"""A client's side of secure aggregation over Flower messages (see ``offsite.secagg``).
+"""A client's side of secure aggregation over Flower messages (see ``offsite.federation.secagg``).
 
 The protocol state (private keys, received shares) lives in the node's ``context.state`` between
 the query messages and the train message of one round, never in a message to the coordinator.
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from offsite.secagg import Advertise, SecAggClient
+from offsite.federation.secagg import Advertise, SecAggClient
 from offsite.wire.messages import SecAggAnswer, SecAggQuery
 
 STATE_KEY = "secagg-state"

@@ -40,7 +40,7 @@ from emulator.bundle import (
 )
 from emulator.forward import pick_device, resolve_precision
 from offsite.errors import ModelError
-from offsite.memory import trim_allocator
+from offsite.host.memory import trim_allocator
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from emulator.batches import Batch
-from offsite.cpu import cpu_flags
+from offsite.host.cpu import cpu_flags
 
 
 @lru_cache(maxsize=64)

@@ -17,7 +17,7 @@ from emulator.adapter import AdaptedModel
 from emulator.batches import Batch
 from emulator.forward import answer_loss, autocast
 from emulator.optim import AdamW
-from offsite.memory import trim_allocator
+from offsite.host.memory import trim_allocator
 
 
 @dataclass
@@ -47,7 +47,7 @@ def train_adapter(
     """Run ``steps`` optimizer steps on the adapter's trainable tensors.
 
     ``trim_memory`` hands the C heap's free pages back to the OS after every step on CPU
-    (``offsite.memory``): a lower peak RSS for some throughput (the benchmark's full
+    (``offsite.host.memory``): a lower peak RSS for some throughput (the benchmark's full
     fine-tuning baselines measure it). ``saved_tensors`` wraps each step's forward and
     backward (the client's ``client.kernels.arena.ActivationArena.step``: activations in one
     reused buffer).

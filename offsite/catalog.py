@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offsite.errors import ModelError
-from offsite.paths import offsite_home, package_folder
+from offsite.host.paths import offsite_home, package_folder
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import tomli_w
 import tomllib
 
 from offsite.errors import ConfigError
+from offsite.federation.robust import AggregationRule, rule_problems
+from offsite.host.sizes import parse_size
 from offsite.policies import POLICIES, PolicyName
-from offsite.robust import AggregationRule, rule_problems
-from offsite.sizes import parse_size
 
 
 def _f(default: Any, help: str) -> Any:
@@ -680,7 +680,7 @@ def _cross_section_problems(config: OffsiteConfig) -> list[str]:
                 f"{sampled} clients per round"
             )
     if privacy.enabled:
-        from offsite.dp import dp_schedule
+        from offsite.federation.dp import dp_schedule
 
         if federation.aggregation != "fedavg":
             out.append(

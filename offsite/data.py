@@ -21,7 +21,7 @@ from pathlib import Path
 
 from offsite.catalog import DATASETS
 from offsite.errors import DataError
-from offsite.paths import package_folder
+from offsite.host.paths import package_folder
 from offsite.prompts import DEFAULT_TEMPLATE
 
 

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Full fine-tuning scores the tests compute are cached for this test session only, never in the
-# user's $OFFSITE_HOME/baselines (coordinator/baseline_cache.py).
+# user's $OFFSITE_HOME/baselines (coordinator/evaluation/baseline_cache.py).
 if "OFFSITE_BASELINES" not in os.environ:
     import tempfile
 

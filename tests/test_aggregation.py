@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.aggregation import ClientUpdate, aggregate
-from offsite.robust import AggregationRule, rule_problems
+from coordinator.federation.aggregation import ClientUpdate, aggregate
+from offsite.federation.robust import AggregationRule, rule_problems
 
 SHAPES = {"a.lora_A.weight": (4, 16), "a.lora_B.weight": (16, 4), "b.bias": (7,)}
 

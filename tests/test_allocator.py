@@ -1,4 +1,4 @@
-"""The C allocator of training processes (offsite.allocator): preloaded for real children."""
+"""The C allocator of training processes (offsite.host.allocator): preloaded for real children."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from offsite.allocator import active_allocator, allocator_env, jemalloc_library
 from offsite.errors import OffsiteError
+from offsite.host.allocator import active_allocator, allocator_env, jemalloc_library
 
 CHILD = (
-    "import torch; from offsite.allocator import active_allocator; "
+    "import torch; from offsite.host.allocator import active_allocator; "
     "x = torch.randn(256, 256); print(active_allocator(), float((x @ x).sum()) == "
     "float((x @ x).sum()))"
 )

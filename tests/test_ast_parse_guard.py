@@ -1,5 +1,5 @@
-"""The CPython 3.11 AST race workaround (coordinator/simulation.py): parses the same, installs
-once, and only where the interpreter has the bug."""
+"""The CPython 3.11 AST race workaround (coordinator/federation/simulation.py): parses the same,
+installs once, and only where the interpreter has the bug."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ast
 import sys
 import threading
 
-from coordinator.simulation import _serialize_ast_parse
+from coordinator.federation.simulation import _serialize_ast_parse
 
 
 def test_guarded_parse_is_installed_once_and_parses_the_same_in_threads() -> None:

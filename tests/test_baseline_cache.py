@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.baseline_cache import (
+from coordinator.evaluation.baseline_cache import (
     baseline_key,
     cached_baseline,
     store_baseline,
@@ -38,7 +38,7 @@ def _key(overrides: list[str], **changes: object) -> str:
 
 
 def test_the_zero_shot_key_follows_weights_held_out_data_and_scoring_only() -> None:
-    from coordinator.baseline_cache import zero_shot_key
+    from coordinator.evaluation.baseline_cache import zero_shot_key
 
     weights = weights_digest(tiny_model("llama"))
     template = "Text: {text}\nTopic:"
@@ -88,7 +88,7 @@ def test_an_entry_round_trips_and_a_damaged_one_is_recomputed(tmp_path: Path) ->
 def test_a_second_run_with_another_emulator_reads_the_baseline_instead_of_training(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import coordinator.simulate as simulate_module
+    import coordinator.workflow.simulate as simulate_module
 
     monkeypatch.setenv("OFFSITE_BASELINES", str(tmp_path / "baselines"))
     data = tmp_path / "task.jsonl"

@@ -81,9 +81,10 @@ def test_no_drop_split_and_untrained_plug_in_give_the_full_models_logits(
 
 
 def test_a_federated_round_on_the_real_model_trains_the_adapter(full, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from coordinator.adapters import load_adapter
-    from coordinator.run_folder import RunFolder
-    from coordinator.simulation import run_flower_simulation
+    from coordinator.federation.adapters import load_adapter
+    from coordinator.federation.simulation import run_flower_simulation
+    from coordinator.state.folder import RunFolder
+    from coordinator.state.plan import RunPlan
     from emulator.adapter import AdapterSpec
     from emulator.arch import anchor_layers
     from emulator.build import build_bundle
@@ -91,7 +92,6 @@ def test_a_federated_round_on_the_real_model_trains_the_adapter(full, tmp_path: 
     from emulator.plug import plug_adapter
     from offsite.config import load_config
     from offsite.data import load_task, partition, write_jsonl
-    from offsite.runplan import RunPlan
 
     name, model, tokenizer, arch = full
     config = load_config(

@@ -14,7 +14,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
 
 def offsite(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "offsite.cli", *args],
+        [sys.executable, "-m", "offsite.cli.main", *args],
         capture_output=True,
         text=True,
         env=ENV,
@@ -69,7 +69,7 @@ def test_every_error_takes_its_exit_code_from_the_one_table() -> None:
 
 
 def test_every_benchmark_is_reachable_from_the_cli() -> None:
-    from offsite.cli import BENCHMARKS
+    from offsite.cli.main import BENCHMARKS
 
     bench = Path(__file__).resolve().parents[1] / "bench"
     scripts = {  # runnable ones; the others (cells.py, leakage.py) are their shared parts

@@ -13,7 +13,7 @@ import pytest
 import typer
 import yaml
 
-from offsite.cli import app
+from offsite.cli.main import app
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CLI = typer.main.get_command(app)
@@ -168,7 +168,7 @@ def _coordinator_serve_args() -> list[list[str]]:
 
 
 def test_the_control_api_is_on_loopback_and_never_published() -> None:
-    from coordinator.service import is_loopback
+    from coordinator.service.grpc_server import is_loopback
 
     served = _coordinator_serve_args()
     assert len(served) == 2

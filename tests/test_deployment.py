@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from coordinator.store import open_store
 from offsite.data import Example, write_jsonl
 from offsite.errors import ExitCode
-from offsite.processes import flower_env, wait_for_port
+from offsite.host.processes import flower_env, wait_for_port
 from tests.conftest import LABELS, tiny_texts
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ class Processes:
 
     def offsite(self, *args: str, timeout: float = 120.0) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "offsite.cli", *args],
+            [sys.executable, "-m", "offsite.cli.main", *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -67,7 +67,7 @@ class Processes:
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
         process = subprocess.Popen(
-            [sys.executable, "-m", "offsite.cli", *args],
+            [sys.executable, "-m", "offsite.cli.main", *args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -269,7 +269,7 @@ def test_each_node_supernode_allocates_with_jemalloc(deployment: Deployment) -> 
     """`offsite client start` preloads jemalloc (the ClientApps inherit the SuperNode's env)."""
     import psutil
 
-    from offsite.allocator import active_allocator
+    from offsite.host.allocator import active_allocator
 
     def command(child: psutil.Process) -> list[str]:
         try:
@@ -393,7 +393,7 @@ def _outsider(deployment: Deployment) -> Path:
 
 
 def _online(deployment: Deployment) -> dict[str, str]:
-    from coordinator.flower_link import FlowerLink
+    from coordinator.service.flower_link import FlowerLink
 
     link = FlowerLink.of_state(deployment.state)
     return {n.node_id: n.status for n in link.nodes() if n.status != "unregistered"}
@@ -530,8 +530,8 @@ def test_nodes_run_no_unsigned_or_foreign_signed_app_and_keep_their_data(
 
     from flwr.cli.build import build_fab_from_disk
 
-    from coordinator.app_registry import apps_folder, file_app
-    from coordinator.pki import Pki, app_signer, init_pki
+    from coordinator.service.app_registry import apps_folder, file_app
+    from coordinator.service.pki import Pki, app_signer, init_pki
 
     assert list(_wait_online(deployment, 2).values()).count("online") == 2
     home = deployment.state / "flower"  # the coordinator's own flwr connection (loopback)
@@ -578,8 +578,8 @@ def test_the_registry_leads_the_superlink_and_a_dropped_node_rekeys(
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from coordinator.audit import Audit
-    from coordinator.flower_link import FlowerLink
+    from coordinator.service.audit import Audit
+    from coordinator.service.flower_link import FlowerLink
     from coordinator.store import open_store
 
     before = _wait_online(deployment, 2)
@@ -631,7 +631,7 @@ def test_a_second_coordinator_on_the_same_ports_fails_and_the_first_keeps_servin
         [
             sys.executable,
             "-m",
-            "offsite.cli",
+            "offsite.cli.main",
             "coordinator",
             "serve",
             "--state",
@@ -700,7 +700,7 @@ def _replies_per_round(run_dir: Path) -> dict[int, list[tuple[int, int]]]:
 def test_a_revoked_node_is_unregistered_and_its_node_stops_with_the_reason(
     deployment: Deployment,
 ) -> None:
-    from coordinator.audit import Audit
+    from coordinator.service.audit import Audit
     from coordinator.store import open_store
 
     deployment.join_and_start("site-c", seed=5)

@@ -8,8 +8,13 @@ import math
 import pytest
 import torch
 
-from offsite.dp import BudgetExceeded, PrivacyAccountant, epsilon, noise_for_epsilon
-from offsite.dp.mechanism import add_gaussian_noise, clip_update, os_generator, update_norm
+from offsite.federation.dp import BudgetExceeded, PrivacyAccountant, epsilon, noise_for_epsilon
+from offsite.federation.dp.mechanism import (
+    add_gaussian_noise,
+    clip_update,
+    os_generator,
+    update_norm,
+)
 
 
 def _reference_epsilon(sigma: float, q: float, rounds: int, delta: float) -> float:

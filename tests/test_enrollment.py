@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-import coordinator.handlers as handlers
+import coordinator.service.handlers as handlers
 from client.artifacts import fetch_bundle
 from client.identity import JoinError, join
-from coordinator.audit import Audit
-from coordinator.pki import init_pki
+from coordinator.service.audit import Audit
+from coordinator.service.pki import init_pki
 from offsite.errors import IntegrityError
 from offsite.wire.clients import EnrollmentClient
 from offsite.wire.domain import EnrollGrant, EnrollRequest, Peer, Refused, Status
@@ -325,7 +325,7 @@ def test_a_flower_key_another_node_holds_is_refused(
 def test_enrollment_attempts_from_one_address_are_rate_limited(
     coordinator: Coordinator,
 ) -> None:
-    from coordinator.handlers import ENROLL_ATTEMPTS
+    from coordinator.service.handlers import ENROLL_ATTEMPTS
 
     limit = ENROLL_ATTEMPTS[0]
     guess = {"node_name": "x", "csr_pem": _csr("x"), "flower_public_key": b""}
@@ -356,7 +356,7 @@ def _signed_headers(key: ec.EllipticCurvePrivateKey, age: float = 0.0) -> dict[s
 def test_the_fleet_gate_admits_only_fresh_calls_signed_by_admitted_keys() -> None:
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-    from coordinator.fleet_gate import FleetGate
+    from coordinator.service.fleet_gate import FleetGate
 
     gate = FleetGate()
     admitted, stranger = (ec.generate_private_key(ec.SECP384R1()) for _ in range(2))

@@ -15,12 +15,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator.app_registry import AppRegistry
-from coordinator.audit import Audit
-from coordinator.flower_link import FlowerLink
-from coordinator.pki import Pki, init_pki
+from coordinator.service.app_registry import AppRegistry
+from coordinator.service.audit import Audit
+from coordinator.service.flower_link import FlowerLink
+from coordinator.service.pki import Pki, init_pki
 from coordinator.store import Store, open_store
-from offsite.processes import stop_tree
+from offsite.host.processes import stop_tree
 
 pytestmark = pytest.mark.integration
 

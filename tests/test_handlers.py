@@ -17,16 +17,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from coordinator.artifact_files import CHUNK, ArtifactFiles
-from coordinator.audit import Audit
-from coordinator.handlers import (
+from coordinator.service.artifact_files import CHUNK, ArtifactFiles
+from coordinator.service.audit import Audit
+from coordinator.service.handlers import (
     ENROLL_ATTEMPTS,
     RENEWALS,
     ArtifactHandler,
     EnrollmentHandler,
     NodeHandler,
 )
-from coordinator.pki import Pki, init_pki
+from coordinator.service.pki import Pki, init_pki
 from coordinator.store import Store, open_store
 from offsite.crypto import canonical_flower_key, fingerprint
 from offsite.errors import OffsiteError

@@ -19,8 +19,8 @@ FORBIDDEN = {
 }
 # The CLI is the one place that wires packages together (imports happen inside commands).
 ALLOWED = {
-    "offsite/cli.py": {"client", "coordinator", "emulator"},
-    "offsite/cli_deploy.py": {"client", "coordinator", "emulator"},
+    "offsite/cli/main.py": {"client", "coordinator", "emulator"},
+    "offsite/cli/deploy.py": {"client", "coordinator", "emulator"},
     # the generated gRPC stubs are the wire contract both sides share, and the typed clients
     # and thin servicers over them
     "offsite/wire/v1/artifacts_pb2_grpc.py": {"grpc"},
@@ -32,7 +32,7 @@ ALLOWED = {
     "offsite/wire/flower_control.py": {"flwr"},
 }
 # gRPC handlers decide; the servicers in offsite/wire/servicers.py speak gRPC for them
-NO_TRANSPORT = ("coordinator/handlers.py",)
+NO_TRANSPORT = ("coordinator/service/handlers.py",)
 # protobuf modules (ours and Flower's) are imported by the wire package alone, even in the
 # scripts a benchmark generates: everything else goes through offsite.wire.serde and its clients
 PB2_IMPORT = re.compile(r"\b(?:from|import)\b[^\n#]*?_pb2")

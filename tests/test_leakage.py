@@ -14,7 +14,7 @@ from emulator.layers import plan_layers
 from emulator.split import build_emulator
 from emulator.train import train_adapter
 from offsite.data import Example
-from offsite.dp.mechanism import add_gaussian_noise, clip_update
+from offsite.federation.dp.mechanism import add_gaussian_noise, clip_update
 from tests.conftest import LABELS, tiny_model, tiny_texts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # a benchmark's attack

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_offsite_and_lm_eval_agree(tmp_path: Path, tiny_llama_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    from coordinator.rerun import evaluate_run
+    from coordinator.workflow.rerun import evaluate_run
 
     data = tmp_path / "task.jsonl"
     write_jsonl([Example(t, label=lab) for lab in LABELS for t in tiny_texts(lab, 12)], data)

@@ -1,4 +1,4 @@
-"""offsite.memory: trimming hands a fragmented heap's free pages back to the OS."""
+"""offsite.host.memory: trimming hands a fragmented heap's free pages back to the OS."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from offsite.memory import _glibc
+from offsite.host.memory import _glibc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     """
     import torch
     from client.profile import rss_bytes
-    from offsite.memory import trim_allocator
+    from offsite.host.memory import trim_allocator
 
     large = torch.ones(4 << 20, dtype=torch.uint8)
     del large

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 def _offsite(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "offsite.cli", *args],
+        [sys.executable, "-m", "offsite.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -70,7 +70,7 @@ def test_init_token_join_publish_fetch_revoke(tmp_path: Path, tokenizer) -> None
         [
             sys.executable,
             "-m",
-            "offsite.cli",
+            "offsite.cli.main",
             "coordinator",
             "serve",
             "--state",

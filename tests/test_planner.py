@@ -11,7 +11,7 @@ from client import planner
 from client.planner import Candidate, Estimate, Workload
 from offsite.catalog import model_cache_dir
 from offsite.data import Example, write_jsonl
-from offsite.sizes import parse_size
+from offsite.host.sizes import parse_size
 from tests.conftest import LABELS, tiny_texts
 
 

@@ -105,7 +105,7 @@ def test_cli_refusal_exit_code(tmp_path: Path, tiny_llama_dir: Path) -> None:
         [
             sys.executable,
             "-m",
-            "offsite.cli",
+            "offsite.cli.main",
             "emulator",
             "build",
             "-o",

@@ -324,7 +324,7 @@ def _build_cli(tmp_path: Path, model_dir: Path, *extra: str) -> subprocess.Compl
         [
             sys.executable,
             "-m",
-            "offsite.cli",
+            "offsite.cli.main",
             "emulator",
             "build",
             "-o",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.report import five_way_table, margin_lines, write_report
-from coordinator.run_folder import RunFolder
+from coordinator.evaluation.report import five_way_table, margin_lines, write_report
+from coordinator.state.folder import RunFolder
 
 
 def _metrics() -> dict:  # type: ignore[type-arg]
@@ -74,7 +74,7 @@ def test_report_files(tmp_path: Path) -> None:
 def test_a_plug_in_that_does_not_transfer_is_flagged_in_bold_with_what_to_try(
     tmp_path: Path,
 ) -> None:
-    from coordinator.report import transfer_warnings
+    from coordinator.evaluation.report import transfer_warnings
 
     metrics = _metrics()
     assert transfer_warnings(metrics["scores"]) == []  # 75 > 60 (emulator FT) > 50 (zero-shot)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from coordinator import run_folder
-from coordinator.run_folder import RunFolder
+from coordinator.state.folder import RunFolder
+from coordinator.state.plan import RunPlan
 from offsite.config import load_config
 from offsite.errors import DataError
-from offsite.runplan import RunPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT_FILES = {
@@ -30,9 +30,9 @@ LAYOUT_FOLDERS = {"adapters", "export", "peft", run_folder.REGISTRY, "bundle", "
 # Flower's own home folder (not a run folder) also holds a config.toml: FlowerLink owns that one
 # (bench/transfer.py sets one up for its SuperLink); an export folder's layout is export.py's;
 OTHER_OWNERS = {
-    "coordinator/flower_link.py": {run_folder.CONFIG},
+    "coordinator/service/flower_link.py": {run_folder.CONFIG},
     "bench/transfer.py": {run_folder.CONFIG},
-    "coordinator/export.py": {"peft"},
+    "coordinator/serve/export.py": {"peft"},
     "offsite/data.py": {"data"},  # the installed catalog packages' own data folders
 }
 
@@ -72,13 +72,13 @@ def _layout_literals(path: Path) -> set[str]:
 
 
 def test_only_the_run_folder_module_knows_the_layout() -> None:
-    """No run-folder file or folder name outside ``coordinator/run_folder.py`` (help texts and
+    """No run-folder file or folder name outside ``coordinator/state/folder.py`` (help texts and
     docstrings may still name files for the user)."""
     offenders = []
     for package in ("offsite", "coordinator", "client", "emulator", "bench"):
         for path in sorted((ROOT / package).rglob("*.py")):
             relative = path.relative_to(ROOT).as_posix()
-            if relative == "coordinator/run_folder.py" or "/wire/v1/" in relative:
+            if relative == "coordinator/state/folder.py" or "/wire/v1/" in relative:
                 continue
             found = _layout_literals(path) - OTHER_OWNERS.get(relative, set())
             if found:

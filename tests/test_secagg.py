@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offsite.secagg import (
+from offsite.federation.secagg import (
     FRACTION_BITS,
     SecAggClient,
     SecAggError,
@@ -155,7 +155,11 @@ def test_prg_avalanche_and_no_weak_randomness_in_crypto_code() -> None:
     differing = np.unpackbits((a ^ b).view(np.uint8)).mean()
     assert 0.49 < differing < 0.51
     root = Path(__file__).resolve().parents[1]
-    for module in ("offsite/secagg.py", "offsite/dp/mechanism.py", "client/secure_stage.py"):
+    for module in (
+        "offsite/federation/secagg.py",
+        "offsite/federation/dp/mechanism.py",
+        "client/secure_stage.py",
+    ):
         tree = ast.parse((root / module).read_text())
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

@@ -216,7 +216,7 @@ def test_federation_pushes_every_round_to_a_running_server(
 ) -> None:  # type: ignore[no-untyped-def]
     import openai
 
-    from coordinator.simulate import simulate
+    from coordinator.workflow.simulate import simulate
     from offsite.config import load_config
     from offsite.data import Example, write_jsonl
     from tests.conftest import LABELS, tiny_texts

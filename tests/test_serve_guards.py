@@ -222,7 +222,7 @@ def test_every_error_is_openai_shaped(
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "offsite.cli", "serve", *args],
+        [sys.executable, "-m", "offsite.cli.main", "serve", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -243,7 +243,16 @@ def test_the_cli_refuses_to_expose_adapter_routes_without_an_admin_token(
 
 def test_port_zero_prints_the_port_it_bound(tiny_llama_dir: Path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "offsite.cli", "serve", "-m", str(tiny_llama_dir), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "offsite.cli.main",
+            "serve",
+            "-m",
+            str(tiny_llama_dir),
+            "--port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -19,9 +19,9 @@ from cryptography.x509.oid import NameOID
 
 from client.artifacts import download, fetch_bundle
 from client.identity import JoinError, NodeIdentity, join
-from coordinator.artifact_files import CHUNK
-from coordinator.pki import Pki, PkiError, init_pki, issue_certificate, signing_key
-from coordinator.service import build_server, state_paths
+from coordinator.service.artifact_files import CHUNK
+from coordinator.service.grpc_server import build_server, state_paths
+from coordinator.service.pki import Pki, PkiError, init_pki, issue_certificate, signing_key
 from coordinator.store import Store, open_store
 from emulator.adapter import AdapterSpec
 from emulator.arch import arch_spec
@@ -255,7 +255,7 @@ def test_the_artifact_plane_is_download_only(coordinator: Coordinator, tmp_path:
 def test_a_second_server_on_a_bound_port_fails_with_address_in_use(
     coordinator: Coordinator,
 ) -> None:
-    from coordinator.service import AddressInUse
+    from coordinator.service.grpc_server import AddressInUse
 
     pki, files = state_paths(coordinator.state)
     with pytest.raises(AddressInUse, match="address in use"):

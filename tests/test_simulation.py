@@ -30,7 +30,7 @@ def tiny_task(tmp_path: Path) -> Path:
 def test_two_clients_two_rounds_end_to_end(
     tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
 ) -> None:
-    from coordinator.simulate import simulate
+    from coordinator.workflow.simulate import simulate
 
     config = load_config(
         None,
@@ -90,7 +90,7 @@ def test_two_clients_two_rounds_end_to_end(
     assert command.startswith("offsite simulate ") and "federation.rounds=2" in command
     assert load_config(None, shlex.split(command)[2:]) == config
     # `offsite eval RUN --round 2` re-scores the same adapter to the same numbers
-    from coordinator.rerun import evaluate_run
+    from coordinator.workflow.rerun import evaluate_run
 
     again = evaluate_run(run, 2)
     for key in ("full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in"):
@@ -108,7 +108,7 @@ def test_prompt_completion_task_on_a_quantized_emulator(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     """Perplexity tasks score as such; clients load an int8 bundle and train through it."""
-    from coordinator.simulate import simulate
+    from coordinator.workflow.simulate import simulate
 
     data = tmp_path / "qa.jsonl"
     rows = [
@@ -147,13 +147,13 @@ def test_a_failing_client_does_not_end_the_run(
     tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
 ) -> None:
     """Client 1's data is corrupt: its replies are errors, FedAvg goes on with the others."""
+    from coordinator.federation.simulation import run_flower_simulation
     from coordinator.models import load_full_model
-    from coordinator.run_folder import RunFolder
-    from coordinator.simulation import run_flower_simulation
+    from coordinator.state.folder import RunFolder
+    from coordinator.state.plan import RunPlan
     from emulator.adapter import AdapterSpec
     from emulator.bundle import write_bundle
     from emulator.layers import plan_layers
-    from offsite.runplan import RunPlan
 
     config = load_config(
         None,
@@ -209,7 +209,7 @@ def test_differentially_private_run_reports_epsilon_per_round(
     tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
 ) -> None:
     """Clients clip and withhold data-dependent metrics; ε grows per round within the budget."""
-    from coordinator.simulate import simulate
+    from coordinator.workflow.simulate import simulate
 
     config = load_config(
         None,
@@ -253,13 +253,13 @@ def _federate_once(
     expect: str = "aggregated 3 updates",
 ) -> dict[str, torch.Tensor]:
     """One round straight through Flower (no evaluation); the new global adapter."""
+    from coordinator.federation.simulation import run_flower_simulation
     from coordinator.models import load_full_model
-    from coordinator.run_folder import RunFolder
-    from coordinator.simulation import run_flower_simulation
+    from coordinator.state.folder import RunFolder
+    from coordinator.state.plan import RunPlan
     from emulator.adapter import AdapterSpec
     from emulator.bundle import write_bundle
     from emulator.layers import plan_layers
-    from offsite.runplan import RunPlan
 
     config = load_config(
         None,
@@ -409,7 +409,7 @@ def test_a_killed_coordinator_resumes_and_matches_an_uninterrupted_run(
     import sys
     import time
 
-    from coordinator.simulate import simulate
+    from coordinator.workflow.simulate import simulate
 
     overrides = [
         f"model.name='{tiny_llama_dir}'",
@@ -429,7 +429,15 @@ def test_a_killed_coordinator_resumes_and_matches_an_uninterrupted_run(
 
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, "-m", "offsite.cli", "simulate", "--run-dir", str(run_dir), *overrides],
+        [
+            sys.executable,
+            "-m",
+            "offsite.cli.main",
+            "simulate",
+            "--run-dir",
+            str(run_dir),
+            *overrides,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -502,7 +510,7 @@ def _cli_run(tiny_llama_dir: Path, tiny_task: Path, run: Path, *extra: str):  # 
         [
             sys.executable,
             "-m",
-            "offsite.cli",
+            "offsite.cli.main",
             "simulate",
             "--run-dir",
             str(run),

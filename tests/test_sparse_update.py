@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from coordinator.aggregation import ClientUpdate, aggregate
-from offsite.robust import AggregationRule
-from offsite.sparse_update import decode_update, encode_update, is_sparse
+from coordinator.federation.aggregation import ClientUpdate, aggregate
+from offsite.federation.robust import AggregationRule
+from offsite.federation.sparse_update import decode_update, encode_update, is_sparse
 
 
 def _states(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

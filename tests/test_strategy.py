@@ -9,9 +9,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message, Metadata, RecordDict
 
-from coordinator.strategy import AdapterFedAvg
-from offsite.dp import DpSchedule, epsilon
-from offsite.robust import AggregationRule
+from coordinator.federation.strategy import AdapterFedAvg
+from offsite.federation.dp import DpSchedule, epsilon
+from offsite.federation.robust import AggregationRule
 from offsite.wire.messages import TrainReply
 
 NAMES = {"l.lora_A.weight": (32, 64), "l.lora_B.weight": (64, 32)}

@@ -5,7 +5,7 @@ at 8 × 128 tokens) while it allocates and frees several times that in temporari
 forward, ~1.1 GB in backward). In glibc's heap the long-lived tensors sit between the
 temporaries' holes, the holes rarely fit what comes next, and the process's resident memory
 climbs far above what is live: measured ~360 MB above the step's start against ~175 MB of
-activations. Trimming the heap after every step (``offsite.memory``) hands the pages back but
+activations. Trimming the heap after every step (``offsite.host.memory``) hands the pages back but
 costs throughput: the next step faults them in again.
 
 ``ActivationArena.step()`` installs autograd's saved-tensor hooks for one forward and backward:
@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
-from offsite.memory import trim_allocator
+from offsite.host.memory import trim_allocator
 
 MIN_BYTES = 64 * 1024  # smaller tensors stay where they are: the heap reuses small holes well
 ALIGN = 64  # bytes; keeps every slice aligned for any dtype and for vector loads

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from client.kernels import native
-from offsite.cpu import cpu_flags
+from offsite.host.cpu import cpu_flags
 
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 TINY = torch.finfo(torch.float32).tiny  # an all-zero row keeps a finite scale

@@ -2,7 +2,7 @@
 
 X25519 agrees a pairwise secret, HKDF-SHA256 turns secrets into keys, AES-256-GCM encrypts the
 key shares clients route through the server, and AES-256-CTR over zeros is the mask PRG's
-keystream. The protocol (who agrees with whom, which labels) is ``offsite.secagg``'s.
+keystream. The protocol (who agrees with whom, which labels) is ``offsite.federation.secagg``'s.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Decisions:
 - Private keys are stored unencrypted PKCS#8 PEM (OpenSSH format for the Flower SuperNode key,
-  which Flower reads with ssh tooling), written 0600 and atomically (``offsite.files``); the
+  which Flower reads with ssh tooling), written 0600 and atomically (``offsite.host.files``); the
   folder's owner is the only protection, as for ``ssh``'s own keys.
 - Curves are the caller's policy (``generate_ec_key`` takes the name); only NIST curves Flower
   accepts for SuperNode keys are known here.
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from offsite.crypto.errors import CryptoError
-from offsite.files import write_private
+from offsite.host.files import write_private
 
 EcPrivateKey: TypeAlias = ec.EllipticCurvePrivateKey
 """An ECDSA private key (TLS keys P-256, Flower SuperNode keys P-384)."""

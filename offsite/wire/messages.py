@@ -166,7 +166,7 @@ SECAGG_RECORD = "secagg"  # the name of the secure-aggregation record in a query
 @dataclass(frozen=True)
 class SecAggQuery(_Record):
     """One secure-aggregation stage the coordinator asks a node for (a Flower query message,
-    ``offsite.secagg`` the protocol): ``advertise`` keys, ``share`` keys, ``unmask``."""
+    ``offsite.federation.secagg`` the protocol): ``advertise`` keys, ``share`` keys, ``unmask``."""
 
     stage: str
     id: int = 0  # advertise: the node's protocol id (1..n)

@@ -1,7 +1,7 @@
 """Thin gRPC servicers: protobuf in, a plain handler call, protobuf out, refusals as statuses.
 
 The coordinator's logic lives in handlers that never see gRPC or protobuf (they implement the
-Protocols below; ``coordinator/handlers.py``). A servicer here only
+Protocols below; ``coordinator/service/handlers.py``). A servicer here only
 1. reads who is calling from the gRPC context into a ``Peer`` (address, client-certificate
    fingerprint) — handlers decide what that means;
 2. converts the request with ``offsite.wire.serde`` and calls the handler;

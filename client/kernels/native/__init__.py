@@ -33,8 +33,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from offsite.cpu import cpu_flags
-from offsite.paths import offsite_home
+from offsite.host.cpu import cpu_flags
+from offsite.host.paths import offsite_home
 
 log = logging.getLogger(__name__)
 

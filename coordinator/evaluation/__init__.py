@@ -1,0 +1,1 @@
+"""The five-way evaluation, its full-model baselines, cross-checks and run report."""

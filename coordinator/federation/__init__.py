@@ -1,0 +1,1 @@
+"""Flower's server side: the ServerApp, its strategy, aggregation and simulation."""

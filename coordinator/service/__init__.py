@@ -1,0 +1,1 @@
+"""The long-running coordinator: enrollment, artifacts, SuperLink, node trust."""

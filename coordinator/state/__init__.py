@@ -1,0 +1,1 @@
+"""A run's state: its folder (layout owner), plan, round ledger and health."""

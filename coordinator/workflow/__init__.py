@@ -1,0 +1,1 @@
+"""What the CLI starts: a simulated or deployed run end to end, re-evaluation."""

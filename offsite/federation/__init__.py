@@ -1,0 +1,1 @@
+"""Federation protocol math both roles share: SecAgg, DP, robust rules, sparse upload."""
