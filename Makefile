@@ -34,6 +34,7 @@ simulate: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy offsite coordinator emulator client
 
 # Gemma3-270m (~250 MB download, converted once, ~1 min): `make test` trains it for real
 $(TEST_MODELS_STAMP): $(STAMP)

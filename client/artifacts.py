@@ -102,7 +102,7 @@ def fetch_bundle(
         except grpc.RpcError as err:
             raise TransferError(
                 f"the coordinator did not deliver artifact {artifact[:12]}: "
-                f"{err.code().name}: {err.details()}"  # type: ignore[attr-defined]
+                f"{err.code().name}: {err.details()}"
             ) from err
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,6 +16,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -48,21 +49,44 @@ class JoinError(OffsiteError):
 class NodeIdentity:
     folder: Path
 
-    key = property(lambda self: self.folder / "node.key")
-    cert = property(lambda self: self.folder / "node.pem")
-    ca = property(lambda self: self.folder / "ca.pem")
-    info = property(lambda self: self.folder / "node.json")
-    flower_key = property(lambda self: self.folder / "flower.key")  # SuperNode auth (OpenSSH)
-    flower_public_key = property(lambda self: self.folder / "flower.pub")
-    trusted_entities = property(lambda self: self.folder / "trusted-entities.yaml")
+    @property
+    def key(self) -> Path:
+        return self.folder / "node.key"
+
+    @property
+    def cert(self) -> Path:
+        return self.folder / "node.pem"
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.pem"
+
+    @property
+    def info(self) -> Path:
+        return self.folder / "node.json"
+
+    @property
+    def flower_key(self) -> Path:
+        """SuperNode auth (OpenSSH)."""
+        return self.folder / "flower.key"
+
+    @property
+    def flower_public_key(self) -> Path:
+        return self.folder / "flower.pub"
+
+    @property
+    def trusted_entities(self) -> Path:
+        return self.folder / "trusted-entities.yaml"
 
     def exists(self) -> bool:
         return self.key.is_file() and self.cert.is_file() and self.ca.is_file()
 
-    def details(self) -> dict:
+    def details(self) -> dict[str, Any]:
+        """What the node recorded when it joined (``node.json``: addresses, pinned keys)."""
         if not self.info.is_file():
             raise JoinError(f"{self.folder} holds no node identity; run `offsite client join`")
-        return json.loads(self.info.read_text())
+        details: dict[str, Any] = json.loads(self.info.read_text())
+        return details
 
     @property
     def artifact_address(self) -> str:
@@ -140,7 +164,7 @@ def server_chain(address: str, timeout: float = 10.0) -> list[bytes]:
         context.wrap_socket(raw, server_hostname=host.strip("[]")) as tls,
     ):
         getter = getattr(tls, "get_unverified_chain", None)  # public from Python 3.13
-        chain = getter() if getter else tls._sslobj.get_unverified_chain()  # type: ignore[union-attr]
+        chain = getter() if getter else tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]  # private before 3.13
         pems = [c.public_bytes(ssl._ssl.ENCODING_PEM) for c in chain or []]  # type: ignore[attr-defined]
         return [p.encode() if isinstance(p, str) else p for p in pems]
 
@@ -216,7 +240,7 @@ def join(
                 timeout=timeout,
             )
         except grpc.RpcError as err:
-            raise JoinError(f"enrollment refused: {err.details()}") from err  # type: ignore[attr-defined]
+            raise JoinError(f"enrollment refused: {err.details()}") from err
     if fingerprint(reply.ca_certificate_pem) != wanted:
         raise JoinError("the coordinator answered with a CA other than the pinned one")
     if not reply.app_signing_public_key or not reply.app_signing_key_id:
@@ -268,12 +292,12 @@ def renew_flower_key(identity: NodeIdentity, timeout: float = 30.0) -> bool:
                 RenewFlowerKeyRequest(flower_public_key=public), timeout=timeout
             )
         except grpc.RpcError as err:
-            code = err.code()  # type: ignore[attr-defined]
+            code = err.code()
             if code == grpc.StatusCode.PERMISSION_DENIED:
                 raise RevokedError(
                     "the coordinator refused this node (revoked or not enrolled); ask its operator"
                 ) from err
-            raise JoinError(f"cannot renew the Flower key: {code.name}: {err.details()}") from err  # type: ignore[attr-defined]
+            raise JoinError(f"cannot renew the Flower key: {code.name}: {err.details()}") from err
     if reply.renewed:
         write_flower_key(identity, fresh)
     return bool(reply.renewed)

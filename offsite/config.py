@@ -11,15 +11,20 @@ Decisions:
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import tomli_w
-import tomllib
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a dependency there only)
+    import tomli as tomllib
 
 from offsite.errors import ConfigError
 from offsite.federation.robust import AggregationRule, rule_problems
@@ -570,7 +575,13 @@ def _check_value(name: str, value: Any, annotation: Any) -> tuple[Any, str | Non
     return value, None
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
+
+
+def _build(cls: type[T], data: Mapping[str, Any], prefix: str, problems: list[str]) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -583,7 +594,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str])
             continue
         value = data[name]
         annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             if not isinstance(value, Mapping):
                 problems.append(f"{prefix}{name} must be a table")
                 continue

@@ -103,7 +103,7 @@ class CoordinatorDaemon:
     control: str = DEFAULT_CONTROL
     insecure: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
-    _children: list[subprocess.Popen] = field(default_factory=list)
+    _children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> CoordinatorServer:

@@ -166,7 +166,7 @@ http {{
         }}
 """
 
-    def start(self, pki: Pki, timeout: float = 30.0) -> subprocess.Popen:
+    def start(self, pki: Pki, timeout: float = 30.0) -> subprocess.Popen[bytes]:
         """Validate the configuration with ``nginx -t``, start nginx, wait until it listens."""
         binary = nginx_binary()
         (self.folder / "tmp").mkdir(parents=True, exist_ok=True)

@@ -122,7 +122,7 @@ class FlowerLink:
             json.dumps({"address": self.address, "control": self.control})
         )
 
-    def start(self, pki: Pki, registry_url: str, timeout: float = 60.0) -> subprocess.Popen:
+    def start(self, pki: Pki, registry_url: str, timeout: float = 60.0) -> subprocess.Popen[bytes]:
         """Start the SuperLink (its app hub: ``registry_url``); returns once it accepts
         connections."""
         self.write_cli_config(pki)

@@ -9,6 +9,7 @@ checkpoint is intact: ``offsite simulate --resume RUN``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,10 @@ def run_registry(folder: RunFolder, plan: RunPlan) -> tuple[Store, str]:
     the run's own registry, the folder's full path in a coordinator's (runs from different
     output folders may share a name)."""
     if plan.registry:
-        return open_store(plan.registry), str(folder.path)
+        name = str(folder.path)
+        if len(name) > 200:  # the registry's run names hold 200 characters
+            name = f"{folder.name[:100]}-{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+        return open_store(plan.registry), name
     return open_store(folder.registry), folder.name
 
 

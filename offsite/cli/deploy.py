@@ -10,12 +10,12 @@ import os
 import signal
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 
 from offsite.errors import ConfigError
-from offsite.host.allocator import ALLOCATORS
+from offsite.host.allocator import ALLOCATORS, Allocator
 from offsite.host.paths import offsite_home
 
 coordinator_app = typer.Typer(
@@ -52,10 +52,11 @@ NodeStateOption = Annotated[
 ]
 
 
-def _check_allocator(value: str) -> None:
-    """Refuse an unknown ``--allocator`` before the command starts anything."""
+def _check_allocator(value: str) -> Allocator:
+    """The ``--allocator`` value; an unknown one is refused before the command starts anything."""
     if value not in ALLOCATORS:
         raise typer.BadParameter(f"--allocator must be one of {', '.join(ALLOCATORS)}")
+    return cast(Allocator, value)  # one of ALLOCATORS, the Literal's values
 
 
 def _state(path: Path | None) -> Path:
@@ -350,13 +351,13 @@ def client_start(
     home.mkdir(exist_ok=True)
     supernode_command(identity, data, port, superlink, memory_budget)  # checks before starting
     stopping = threading.Event()
-    running: list[subprocess.Popen] = []
+    running: list[subprocess.Popen[bytes]] = []
 
-    def launch() -> subprocess.Popen:
+    def launch() -> subprocess.Popen[bytes]:
         command = supernode_command(identity, data, port, superlink, memory_budget)
         return start_child(command, allocator_env(flower_env(home), allocator))  # type: ignore[arg-type]
 
-    def started(process: subprocess.Popen) -> None:
+    def started(process: subprocess.Popen[bytes]) -> None:
         running[:] = [process]
         if stopping.is_set():  # a signal arrived while it was starting
             stop_tree(process)
@@ -454,9 +455,11 @@ def client_plan(
     from client import planner
     from offsite.host.sizes import parse_size
 
-    _check_allocator(allocator)
+    allocator_choice = _check_allocator(allocator)
     budget = parse_size(memory_budget)
-    workload = planner.Workload(str(bundle), data, batch_size, max_length, allocator=allocator)
+    workload = planner.Workload(
+        str(bundle), data, batch_size, max_length, allocator=allocator_choice
+    )
     options = planner.candidates(
         [p.strip() for p in policies.split(",") if p.strip()],
         [q.strip() for q in precisions.split(",") if q.strip()],

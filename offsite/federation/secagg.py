@@ -74,7 +74,8 @@ def prg(seed: bytes, length: int, label: bytes) -> np.ndarray:
     """``length`` pseudo-random uint64 values from a 32-byte seed (AES-256-CTR)."""
     key = hkdf_sha256(seed, b"offsite-secagg-prg|" + label)
     stream = aes_ctr_keystream(key, 8 * length)
-    return np.frombuffer(stream, dtype="<u8").copy()
+    values: np.ndarray = np.frombuffer(stream, dtype="<u8").copy()
+    return values
 
 
 def share_secret(secret: bytes, holders: Sequence[int], threshold: int) -> dict[int, int]:

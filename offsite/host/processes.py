@@ -25,7 +25,9 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
-def wait_for_port(address: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+def wait_for_port(
+    address: str, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
     """Block until something accepts TCP connections on ``address`` (``host:port``).
 
     Raises ChildProcessError if ``process`` exits first, TimeoutError after ``timeout`` seconds.
@@ -54,7 +56,9 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def start_child(command: list[str], env: dict[str, str], **kwargs: object) -> subprocess.Popen:
+def start_child(
+    command: list[str], env: dict[str, str], **kwargs: object
+) -> subprocess.Popen[bytes]:
     """Start a Flower daemon in our process group (a signal to the group reaches it) that also
     stops when we die.
 
@@ -62,10 +66,12 @@ def start_child(command: list[str], env: dict[str, str], **kwargs: object) -> su
     would run after fork in a process that may hold gRPC threads, which aborts).
     """
     launcher = [sys.executable, "-m", "offsite.host.processes", *command]
-    return subprocess.Popen(launcher, env=env, **kwargs)  # type: ignore[call-overload]
+    # Popen's overloads need literal keyword types; callers pass stdout/stderr/cwd through
+    process: subprocess.Popen[bytes] = subprocess.Popen(launcher, env=env, **kwargs)  # type: ignore[call-overload]
+    return process
 
 
-def stop_tree(process: subprocess.Popen, grace: float = 15.0) -> None:
+def stop_tree(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
     """SIGTERM ``process`` and everything it started; SIGKILL what is left after ``grace``."""
     import psutil
 

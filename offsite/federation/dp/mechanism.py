@@ -17,7 +17,10 @@ import torch
 
 def update_norm(update: Mapping[str, torch.Tensor]) -> float:
     """Global L2 norm over all tensors of an update."""
-    return float(torch.sqrt(sum(t.double().pow(2).sum() for t in update.values())))
+    squares = torch.zeros((), dtype=torch.float64)
+    for tensor in update.values():
+        squares = squares + tensor.double().pow(2).sum()
+    return float(torch.sqrt(squares))
 
 
 def clip_update(
