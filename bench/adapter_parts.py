@@ -30,8 +30,8 @@ def _block_of(name: str) -> int | None:
 
 def measure(run_dir: Path) -> dict[str, Any]:
     from coordinator.evaluation.five_way import EvalSpec, evaluate_emulator, evaluate_plug_in
-    from coordinator.federation.adapters import load_adapter
     from coordinator.models import load_full_model
+    from coordinator.state.adapters import load_adapter
     from coordinator.state.folder import RunFolder
     from emulator.bundle import verify_bundle
     from emulator.forward import pick_device

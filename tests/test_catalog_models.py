@@ -81,8 +81,8 @@ def test_no_drop_split_and_untrained_plug_in_give_the_full_models_logits(
 
 
 def test_a_federated_round_on_the_real_model_trains_the_adapter(full, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from coordinator.federation.adapters import load_adapter
     from coordinator.federation.simulation import run_flower_simulation
+    from coordinator.state.adapters import load_adapter
     from coordinator.state.folder import RunFolder
     from coordinator.state.plan import RunPlan
     from emulator.adapter import AdapterSpec

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.federation.adapters import save_adapter
 from coordinator.serve.export import export_run
+from coordinator.state.adapters import save_adapter
 from emulator.adapter import AdapterSpec, attach_adapter
 from emulator.arch import arch_spec
 from emulator.bundle import load_bundle_model, write_bundle

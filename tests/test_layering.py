@@ -120,3 +120,72 @@ def test_every_package_has_a_docstring() -> None:
     for package in PACKAGES:
         init = ROOT / package / "__init__.py"
         assert ast.get_docstring(ast.parse(init.read_text())), f"{package}/__init__.py"
+
+
+# Which rooms of a package may import which of its other rooms (sub-packages, or top-level
+# modules for ``offsite``): run state below the Flower server side and evaluation, the service
+# beside them on the store only, the workflows on top.
+ROOMS = {
+    "coordinator": {
+        "store": set(),
+        "state": {"store"},
+        "federation": {"state", "store"},
+        "evaluation": {"state", "models"},
+        "service": {"store"},
+        "serve": {"evaluation", "federation", "models", "state"},
+        "workflow": {
+            "evaluation",
+            "federation",
+            "models",
+            "serve",
+            "service",
+            "state",
+            "store",
+        },
+    },
+    "offsite": {
+        "host": {"errors"},
+        "crypto": {"host", "errors"},
+        "federation": {"crypto", "errors"},
+        "wire": {"crypto", "errors"},
+    },
+}
+
+
+def _room_imports(package: str, path: Path) -> set[str]:
+    """The rooms of ``package`` (its sub-packages and top-level modules) ``path`` imports."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == package and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(ROOMS))
+def test_rooms_import_only_the_rooms_below_them(package: str) -> None:
+    violations = []
+    for room, allowed in ROOMS[package].items():
+        folder = ROOT / package / room
+        for path in sorted(folder.rglob("*.py")):
+            if "migrations" in path.parts:
+                continue
+            bad = _room_imports(package, path) - allowed - {room}
+            if bad:
+                violations.append(f"{path.relative_to(ROOT).as_posix()} imports {sorted(bad)}")
+    assert not violations, violations
+
+
+def test_every_room_has_a_rule() -> None:
+    """A new sub-package must say which rooms it may import."""
+    for package, rooms in ROOMS.items():
+        found = {p.name for p in (ROOT / package).iterdir() if (p / "__init__.py").is_file()}
+        exempt = {"cli"} if package == "offsite" else set()  # the CLI wires everything
+        assert found - exempt == set(rooms), (package, sorted(found - exempt - set(rooms)))

@@ -15,11 +15,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.federation.adapters import initial_adapter_state, save_adapter
 from coordinator.federation.progress import RoundProgress
 from coordinator.federation.push import push_adapter
 from coordinator.federation.secure_rounds import default_threshold
 from coordinator.federation.strategy import AdapterFedAvg
+from coordinator.state.adapters import initial_adapter_state, save_adapter
 from coordinator.state.folder import RunFolder
 from coordinator.state.ledger import RoundLedger
 from coordinator.state.plan import RunPlan

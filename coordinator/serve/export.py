@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.evaluation.report import five_way_table, margin_lines
-from coordinator.federation.adapters import load_adapter
 from coordinator.models import load_full_model
+from coordinator.state.adapters import load_adapter
 from coordinator.state.folder import RunFolder
 from emulator.adapter import merged_model
 from emulator.bundle import bundle_arch, verify_bundle

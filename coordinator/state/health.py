@@ -125,7 +125,7 @@ def adapter_changed(folder: RunFolder, state: dict[str, Any]) -> bool:
     no starting adapter to compare with."""
     import torch
 
-    from coordinator.federation.adapters import load_adapter
+    from coordinator.state.adapters import load_adapter
 
     start_path = folder.adapter_path(0)
     if not start_path.is_file():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from coordinator.federation.adapters import load_adapter
+from coordinator.state.adapters import load_adapter
 from coordinator.state.folder import RunFolder
 from coordinator.state.plan import RunPlan
 from coordinator.store import Store, open_store

@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 from coordinator.evaluation.five_way import EvalSpec, four_way, score_model
 from coordinator.evaluation.lmeval import lm_eval_accuracy, write_multiple_choice_task
 from coordinator.evaluation.report import five_way_table, margin_lines
-from coordinator.federation.adapters import load_adapter
 from coordinator.models import load_full_model
 from coordinator.serve.export import export_run
+from coordinator.state.adapters import load_adapter
 from coordinator.state.folder import RunFolder
 from coordinator.state.health import adapter_changed
 from emulator.bundle import verify_bundle

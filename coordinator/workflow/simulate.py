@@ -35,9 +35,9 @@ from coordinator.evaluation.report import (
     write_failure_report,
     write_report,
 )
-from coordinator.federation.adapters import load_adapter
 from coordinator.federation.simulation import run_flower_simulation
 from coordinator.models import check_model, load_full_model
+from coordinator.state.adapters import load_adapter
 from coordinator.state.folder import RunFolder
 from coordinator.state.health import RunHealth, adapter_changed
 from coordinator.state.plan import RunPlan
