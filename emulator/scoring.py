@@ -104,7 +104,8 @@ def label_log_likelihoods(
 
     Prompts are tokenized once, batched by length and run once whatever the number of labels
     (see ``_label_scores``): the numbers of scoring every prompt + label whole
-    (tests/test_batches_scoring.py), at a fraction of the cost (bench/reports/eval_speed.md).
+    (tests/emulator/test_batches_scoring.py), at a fraction of the cost
+    (bench/reports/eval_speed.md).
     """
     model.eval()
     label_ids = _label_token_ids(tokenizer, labels)

@@ -4,7 +4,7 @@ Why the private ``_run_simulation``: in Flower 1.41 the public ``run_simulation`
 passes an empty ``run_config`` to the apps, while ``flwr run`` leaves a detached SuperLink running
 after the run. ``_run_simulation`` is what both use underneath; it takes a real ``Context`` so our
 apps read ``run_config["plan"]`` exactly as they do under ``flwr run`` in deployment. Flower is
-pinned (==1.41.0) and ``tests/test_simulation.py`` runs this path for real.
+pinned (==1.41.0) and ``tests/coordinator/test_simulation.py`` runs this path for real.
 """
 
 from __future__ import annotations

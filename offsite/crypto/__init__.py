@@ -2,7 +2,7 @@
 
 Callers hold policy (which curve, which names, where files live, what an error means to the
 user); this package holds the mechanics and is the only code that imports ``cryptography``
-(``tests/test_crypto.py`` enforces it). Its errors are ``CryptoError`` (a ``ValueError``).
+(``tests/offsite/test_crypto.py`` enforces it). Its errors are ``CryptoError`` (a ``ValueError``).
 """
 
 from offsite.crypto.agreement import (

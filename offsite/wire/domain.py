@@ -2,9 +2,9 @@
 
 One frozen dataclass per protobuf message of ``proto/offsite/v1`` (``offsite.wire.serde``
 converts between them), with the same field names, so a field added to a ``.proto`` without its
-twin here fails ``tests/test_wire_serde.py``. ``Refused`` is how a handler says no: it carries
-the status the caller receives (``Status`` names the gRPC codes the services use) and a message
-that says why; the servicers in ``offsite.wire.servicers`` turn it into the call's status.
+twin here fails ``tests/offsite/test_wire_serde.py``. ``Refused`` is how a handler says no: it
+carries the status the caller receives (``Status`` names the gRPC codes the services use) and a
+message that says why; the servicers in ``offsite.wire.servicers`` turn it into the call's status.
 ``Peer`` is who is calling, as the transport established it (address, client certificate).
 """
 

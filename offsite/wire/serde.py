@@ -3,7 +3,7 @@
 Each message has a pair of small functions (typed through the generated ``.pyi`` stubs) and one
 row in ``CODECS``; ``to_proto`` and ``from_proto`` look the row up. Every field is copied by
 name, nothing is defaulted here: proto3 already reads an absent field as empty, and the handlers
-validate what they receive. ``tests/test_wire_serde.py`` round-trips every message of the
+validate what they receive. ``tests/offsite/test_wire_serde.py`` round-trips every message of the
 generated modules through this table, so a new message without a codec fails there.
 """
 

@@ -7,7 +7,7 @@ and a federated round really trains.
   aggregates and the plug-in's logits move away from the full model's.
 
 The MiniLM encoder is not in this list on purpose: federated runs score answers with a causal LM,
-and `offsite simulate` refuses encoders with a one-line ModelError (tests/test_cli.py).
+and `offsite simulate` refuses encoders with a one-line ModelError (tests/offsite/test_cli.py).
 Gemma3-270m is used under the Gemma Terms of Use shipped with its package.
 """
 

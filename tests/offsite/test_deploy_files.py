@@ -15,7 +15,7 @@ import yaml
 
 from offsite.cli.main import app
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CLI = typer.main.get_command(app)
 
 

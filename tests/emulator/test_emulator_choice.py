@@ -14,7 +14,7 @@ from typing import Any
 
 from emulator.choice import Gates, candidates, choose, pareto_front
 from tests.conftest import LAYER_DROP_OVERRIDES
-from tests.test_cli import offsite
+from tests.offsite.test_cli import offsite
 
 
 def _cell(plug_in: float, margin: float, ci: float, verbatim: int, share: float) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 
 from offsite.host.memory import _glibc
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # In a fresh interpreter (its heap state is known): raise glibc's dynamic mmap threshold by
 # freeing one large block, fill the heap with 1 MiB tensors, free all but the last (which pins

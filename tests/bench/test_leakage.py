@@ -17,7 +17,7 @@ from offsite.data import Example
 from offsite.federation.dp.mechanism import add_gaussian_noise, clip_update
 from tests.conftest import LABELS, tiny_model, tiny_texts
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # a benchmark's attack
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # a benchmark's attack
 
 from leakage import effective_updates, recovery, token_inputs, token_scores
 

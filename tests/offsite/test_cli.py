@@ -43,7 +43,7 @@ def test_every_error_takes_its_exit_code_from_the_one_table() -> None:
     """``exit_code = ExitCode.X`` everywhere: no bare number that could mean two things."""
     import ast
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     loose = []
     for package in ("offsite", "emulator", "client", "coordinator"):
         for path in (root / package).rglob("*.py"):
@@ -71,7 +71,7 @@ def test_every_error_takes_its_exit_code_from_the_one_table() -> None:
 def test_every_benchmark_is_reachable_from_the_cli() -> None:
     from offsite.cli.main import BENCHMARKS
 
-    bench = Path(__file__).resolve().parents[1] / "bench"
+    bench = Path(__file__).resolve().parents[2] / "bench"
     scripts = {  # runnable ones; the others (cells.py, leakage.py) are their shared parts
         path.name for path in bench.glob("*.py") if '__name__ == "__main__"' in path.read_text()
     }

@@ -465,7 +465,7 @@ def test_a_killed_coordinator_resumes_and_matches_an_uninterrupted_run(
 def test_a_ray_start_that_times_out_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from coordinator import simulation
+    from coordinator.federation import simulation
 
     real_init, calls = ray.init, []
 
@@ -489,7 +489,7 @@ def test_a_ray_start_that_times_out_is_retried(monkeypatch: pytest.MonkeyPatch) 
 def test_a_ray_start_that_keeps_failing_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from coordinator import simulation
+    from coordinator.federation import simulation
 
     def failing_init(**_kwargs: object) -> None:
         raise Exception("The current node timed out during startup.")

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import run_folder
+from coordinator.state import folder as run_folder
 from coordinator.state.folder import RunFolder
 from coordinator.state.plan import RunPlan
 from offsite.config import load_config
 from offsite.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAYOUT_FILES = {
     run_folder.CONFIG,
     run_folder.PLAN,

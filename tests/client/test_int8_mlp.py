@@ -10,7 +10,7 @@ from torch import nn
 
 from client.kernels import PackedLinear, backends, int8_mlp, native
 from client.kernels.lean import GatedProduct, LeanGatedMLP
-from tests.test_kernels import BOUNDS, _layer, _relative
+from tests.client.test_kernels import BOUNDS, _layer, _relative
 
 HIDDEN, INNER = 96, 256
 

@@ -31,7 +31,7 @@ from offsite.errors import IntegrityError
 from offsite.wire.clients import EnrollmentClient
 from offsite.wire.domain import EnrollGrant, EnrollRequest, Peer, Refused, Status
 from offsite.wire.servicers import add_services
-from tests.test_service import Coordinator, _start
+from tests.coordinator.test_service import Coordinator, _start
 
 
 @pytest.fixture()

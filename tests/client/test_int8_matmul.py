@@ -12,7 +12,7 @@ from client.kernels import PackedLinear, backends, native
 from client.kernels.backends import integer_matmuls, scaled_forward
 from client.kernels.int8_matmul import dequantize_rows, quantize_rows
 from client.kernels.packed import pack_layer
-from tests.test_kernels import BOUNDS, SHAPES, _layer, _reference, _relative
+from tests.client.test_kernels import BOUNDS, SHAPES, _layer, _reference, _relative
 
 INTEGER_SHAPES = [*SHAPES, (1536, 576), (576, 1536)]  # + SmolLM2's MLP projections
 

@@ -8,7 +8,7 @@ import pytest
 
 from offsite.data import Example, write_jsonl
 from tests.conftest import LABELS, tiny_texts
-from tests.test_export import _fake_run
+from tests.coordinator.test_export import _fake_run
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from offsite import crypto
 from offsite.crypto import CryptoError, SignatureError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("offsite", "coordinator", "client", "emulator", "bench")
 OWNER = ROOT / "offsite" / "crypto"
 

@@ -24,7 +24,7 @@ from emulator.layers import plan_layers
 from offsite.data import load_task
 from offsite.errors import DataError
 from tests.conftest import tiny_model
-from tests.test_cli import offsite
+from tests.offsite.test_cli import offsite
 
 
 def _one_line(result, code: int, fragment: str) -> None:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ from offsite.wire.messages import (
     with_secagg_inbox,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # the Flower messages, and the SuperNode's node config (``data-path``, ``memory-budget``…)
 CONTRACTS = {ROOT / "offsite" / "wire" / "messages.py", ROOT / "client" / "node_config.py"}
 

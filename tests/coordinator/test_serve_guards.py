@@ -21,7 +21,7 @@ import httpx
 import pytest
 import torch
 
-from tests.test_serve import _peft_adapter, serving
+from tests.coordinator.test_serve import _peft_adapter, serving
 
 ADMIN, KEY = "admin-token-0123456789abcdef", "api-key-0123456789abcdef"
 

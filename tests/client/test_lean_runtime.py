@@ -28,7 +28,7 @@ from offsite.data import Example
 from offsite.errors import IntegrityError, ModelError
 from tests.conftest import LABELS, TINY_CONFIGS, VOCAB, tiny_model, tiny_texts, write_public_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _windowed(model_type: str) -> object:

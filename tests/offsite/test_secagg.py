@@ -154,7 +154,7 @@ def test_prg_avalanche_and_no_weak_randomness_in_crypto_code() -> None:
     a, b = prg(seed, 1 << 14, b"r"), prg(flipped, 1 << 14, b"r")  # 2^20 bits
     differing = np.unpackbits((a ^ b).view(np.uint8)).mean()
     assert 0.49 < differing < 0.51
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     for module in (
         "offsite/federation/secagg.py",
         "offsite/federation/dp/mechanism.py",
