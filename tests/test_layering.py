@@ -189,3 +189,26 @@ def test_every_room_has_a_rule() -> None:
         found = {p.name for p in (ROOT / package).iterdir() if (p / "__init__.py").is_file()}
         exempt = {"cli"} if package == "offsite" else set()  # the CLI wires everything
         assert found - exempt == set(rooms), (package, sorted(found - exempt - set(rooms)))
+
+
+def test_the_readme_map_matches_the_tree() -> None:
+    """README's "Where things live" names every package and sub-package, and nothing else."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    listed = {
+        cell.strip("`").rstrip("/")
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for cell in [line.split("|")[1].strip()]
+    }
+    packages = {
+        path.parent.relative_to(ROOT).as_posix()
+        for package in PACKAGES
+        for path in (ROOT / package).glob("*/__init__.py")
+        # client's and offsite's inner folders are named in their package's line
+        if path.parent.relative_to(ROOT).as_posix() not in {"client/runtime", "client/kernels"}
+    } | set(PACKAGES)
+    missing = {p for p in packages if not any(e == p or e.startswith(p + "/") for e in listed)}
+    assert not missing, f"packages missing from the README map: {sorted(missing)}"
+    stale = {p for p in listed if not (ROOT / p).exists()}
+    assert not stale, f"README map lists paths that do not exist: {sorted(stale)}"
