@@ -30,7 +30,7 @@ def _trains(part: str, name: str, arch: ArchSpec) -> bool:
     if part == "none":
         return False
     module, _, leaf = name.rpartition(".")
-    small = leaf == "bias" or "norm" in module.lower() or "ln" in module.split(".")[-1].lower()
+    small = leaf == "bias" or module in arch.block_norms
     if part == "small":
         return small
     if part == "outputs":

@@ -85,6 +85,9 @@ class ArchSpec:
     # what a norm's stored weight adds to its scale: 0 for y = w ⊙ n(x), 1 for Gemma's
     # y = (1 + w) ⊙ n(x); a folded norm stores the weight whose scale is 1
     norm_weight_offset: float = 0.0
+    # block-relative names of every normalization layer in a block: with the biases, the
+    # "small" tensors the `bias` and `sparse` update policies train
+    block_norms: tuple[str, ...] = _PRE_NORMS
 
     @property
     def layers_pattern(self) -> str:
@@ -164,6 +167,13 @@ REGISTRY: dict[str, ArchSpec] = {
                 ("pre_feedforward_layernorm", _GATED_MLP_INPUTS),
             ),
             norm_weight_offset=1.0,
+            block_norms=(
+                *_PRE_NORMS,
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+                "self_attn.q_norm",
+                "self_attn.k_norm",
+            ),
         ),
         ArchSpec(
             "gpt2",
@@ -172,12 +182,14 @@ REGISTRY: dict[str, ArchSpec] = {
             lora_fan_in_fan_out=True,
             output_projections=("attn.c_proj", "mlp.c_proj"),
             linear_input_norms=("ln_1", "ln_2"),
+            block_norms=("ln_1", "ln_2"),
         ),
         ArchSpec(
             "opt",
             "decoder.layers",
             ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
             output_projections=("out_proj", "fc2"),
+            block_norms=("self_attn_layer_norm", "final_layer_norm"),
         ),
         ArchSpec(
             "bloom",
@@ -199,6 +211,7 @@ REGISTRY: dict[str, ArchSpec] = {
             ("query", "key", "value", "dense"),
             auto_class="AutoModel",
             output_projections=("output.dense",),
+            block_norms=("attention.output.LayerNorm", "output.LayerNorm"),
         ),
     )
 }

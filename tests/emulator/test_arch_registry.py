@@ -131,6 +131,13 @@ def test_architecture_facts_the_client_uses_come_from_the_registry() -> None:
             assert all(hasattr(mlp, p) for p in spec.gated_mlp_projections)
         config, why = lean_config(model.config.to_dict())
         assert (config is not None) == (spec.lean_decoder is not None), why
+        # every normalization layer of a block, and nothing else, is named in block_norms
+        norms = {
+            path
+            for path, module in block_list(model, spec)[0].named_modules()
+            if path and type(module).__name__.endswith(("Norm", "LayerNorm"))
+        }
+        assert norms == set(spec.block_norms), (name, sorted(norms))
 
 
 def test_a_gated_mlp_with_other_projection_names_runs_lean_and_keeps_its_keys() -> None:
