@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from emulator.forward import resolve_precision
 from emulator.train import train_adapter
 from offsite.config import OffsiteConfig, learning_rate
 from offsite.data import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 
 def full_fine_tune(
@@ -37,8 +40,11 @@ def full_fine_tune(
     sampled = max(1, round(federation.num_clients * federation.fraction_train))
     steps = federation.rounds * sampled * config.train.local_steps
     model = copy.deepcopy(full_model).to(device)
-    identity = {i: i for i in range(int(model.config.num_hidden_layers))}
-    adapted = attach_adapter(model, arch_spec(model.config), adapter, identity, seed=config.seed)
+    # full_model is a transformers PreTrainedModel; nn.Module types its attributes as
+    # Tensor | Module
+    model_config = cast("PreTrainedConfig", model.config)
+    identity = {i: i for i in range(int(model_config.num_hidden_layers))}
+    adapted = attach_adapter(model, arch_spec(model_config), adapter, identity, seed=config.seed)
     batches = training_batches(
         tokenizer,
         examples,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -65,11 +65,22 @@ class EvalSpec:
         )
 
 
+class _ScoringArgs(TypedDict):
+    """The keyword arguments ``classify`` and ``perplexity`` share."""
+
+    max_words: int
+    max_length: int
+    batch_size: int
+    precision: str
+    device: torch.device
+    progress: Callable[[int], None] | None
+
+
 def score_model(
     model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: Callable[[int], None] | None = None
 ) -> Score:
     precision = resolve_precision(spec.precision, spec.device)
-    common = dict(
+    common = _ScoringArgs(
         max_words=spec.max_words,
         max_length=spec.max_length,
         batch_size=spec.batch_size,
@@ -80,8 +91,8 @@ def score_model(
     if spec.task.kind == "classification":
         return classify(
             model, tokenizer, spec.examples, spec.task.labels, template=spec.template, **common
-        )  # type: ignore[arg-type]
-    return perplexity(model, tokenizer, spec.examples, **common)  # type: ignore[arg-type]
+        )
+    return perplexity(model, tokenizer, spec.examples, **common)
 
 
 def evaluate_emulator(

@@ -83,7 +83,8 @@ def distributed_noise_std(config: OffsiteConfig) -> float:
         return 0.0
     dp = dp_schedule(config.privacy, federation)
     threshold = federation.secagg_threshold or default_threshold(federation.sampled_clients)
-    return dp.noise_multiplier * dp.clip_norm / threshold**0.5
+    root: float = threshold**0.5  # typeshed types int ** float as Any
+    return dp.noise_multiplier * dp.clip_norm / root
 
 
 def _up_to(records: list[dict[str, Any]], done: int) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from offsite.errors import OffsiteError
 
@@ -37,10 +38,11 @@ def _serialize_ast_parse() -> None:
 
     def parse(*args: object, **kwargs: object) -> object:
         with lock:
-            return original(*args, **kwargs)  # type: ignore[arg-type]
+            # ast.parse's overloads do not cover a passthrough of *args
+            return original(*args, **kwargs)  # type: ignore[call-overload]  # *args passthrough
 
-    parse._offsite_serialized = True  # type: ignore[attr-defined]
-    ast.parse = parse  # type: ignore[assignment]
+    parse._offsite_serialized = True  # type: ignore[attr-defined]  # a marker on a function object
+    ast.parse = parse  # type: ignore[assignment]  # the same call, serialized; not overloaded
 
 
 def run_flower_simulation(
@@ -66,16 +68,17 @@ def run_flower_simulation(
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cpus = total_cpus or os.cpu_count() or 1
+    # no dashboard: it is five extra processes whose startup on a busy 2-core machine
+    # made Ray's node start time out now and then
+    init_args: _RayInitArgs = {
+        "num_cpus": cpus,
+        "logging_level": "ERROR",
+        "log_to_driver": True,
+        "include_dashboard": False,
+    }
     backend_config = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-        # no dashboard: it is five extra processes whose startup on a busy 2-core machine
-        # made Ray's node start time out now and then
-        "init_args": {
-            "num_cpus": cpus,
-            "logging_level": "ERROR",
-            "log_to_driver": True,
-            "include_dashboard": False,
-        },
+        "init_args": init_args,
     }
     context = Context(
         run_id=0,
@@ -85,7 +88,7 @@ def run_flower_simulation(
         run_config={"plan": str(plan_path)},
     )
     try:
-        _start_ray(backend_config["init_args"])  # type: ignore[arg-type]
+        _start_ray(init_args)
         _serialize_ast_parse()
         _run_simulation(
             num_supernodes=num_clients,
@@ -95,7 +98,8 @@ def run_flower_simulation(
             client_app_attr=CLIENT_APP,
             server_app=server_app,
             backend_name="ray",
-            backend_config=backend_config,  # type: ignore[arg-type]
+            # BackendConfig is a dict of dicts; init_args, a TypedDict, is no dict to mypy
+            backend_config=backend_config,  # type: ignore[arg-type]  # a TypedDict is not a dict
             server_app_context=context,
         )
     except OffsiteError:
@@ -118,7 +122,16 @@ def run_flower_simulation(
 RAY_START_ATTEMPTS = 3
 
 
-def _start_ray(init_args: dict[str, object]) -> None:
+class _RayInitArgs(TypedDict):
+    """The ``ray.init`` arguments Flower's Ray backend is configured with."""
+
+    num_cpus: int
+    logging_level: str
+    log_to_driver: bool
+    include_dashboard: bool
+
+
+def _start_ray(init_args: _RayInitArgs) -> None:
     """Start the local Ray node Flower's backend will use, retrying a start that times out.
 
     On a busy 2-core machine (or beside a killed run's stray Ray daemons) Ray's node start
@@ -135,7 +148,10 @@ def _start_ray(init_args: dict[str, object]) -> None:
     os.environ["PYTHONPATH"] = pythonpath
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            ray.init(
+                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                **init_args,  # type: ignore[arg-type]  # ray's own default logging_level is a str
+            )
             return
         except Exception as err:  # Ray raises a bare Exception on a start timeout
             ray.shutdown()

@@ -12,11 +12,12 @@ outcome.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -57,8 +58,9 @@ class AdapterFedAvg(FedAvg):
         super().__init__(weighted_by_key=NUM_EXAMPLES, **kwargs)
         self._on_client_report = on_client_report
         # DP-FedAvg: every clipped update counts the same (the noise is calibrated to one)
-        self._rule = replace(rule or AggregationRule(), max_examples=1) if dp else rule
-        self._rule = self._rule or AggregationRule()
+        self._rule: AggregationRule = (
+            replace(rule or AggregationRule(), max_examples=1) if dp else rule or AggregationRule()
+        )
         self._min_replies = min_replies
         self._dp = dp
         self._accountant = dp.accountant() if dp else None
@@ -131,11 +133,11 @@ class AdapterFedAvg(FedAvg):
             for record in reply.content.metric_records.values():
                 report.update(dict(record))
             if self._secure_enabled:
-                update = _masked_vector(reply, self.arrayrecord_key)
-                if isinstance(update, str):
-                    report["quarantined"] = update
+                vector = _masked_vector(reply, self.arrayrecord_key)
+                if isinstance(vector, str):
+                    report["quarantined"] = vector
                 else:
-                    masked[int(reply.metadata.src_node_id)] = update
+                    masked[int(reply.metadata.src_node_id)] = vector
                 continue
             update = _client_update(node, reply, self.arrayrecord_key, self._global)
             if isinstance(update, str):
@@ -247,7 +249,7 @@ def _client_update(
     cannot be one."""
     try:
         arrays = reply.content.array_records[arrays_key]
-        state = arrays.to_torch_state_dict()
+        state: Mapping[str, torch.Tensor] = arrays.to_torch_state_dict()
         metrics = next(iter(reply.content.metric_records.values()))
         sent = TrainReply.from_record(metrics)
         if sent.sparse_upload and global_arrays is not None:

@@ -280,8 +280,8 @@ def build_app(
                 _sse(_stream_chunks(pieces, request_id, created, body.model, chat)),
                 media_type="text/event-stream",
             )
-        pieces = engine.generate(body.model, ids, body.sampling())
-        collected = await run_in_threadpool(list, pieces)
+        generated = engine.generate(body.model, ids, body.sampling())
+        collected: list[Piece] = await run_in_threadpool(list, generated)
         text = "".join(p.text for p in collected)
         last = collected[-1]
         usage = {

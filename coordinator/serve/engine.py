@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -58,7 +58,10 @@ class Engine:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        self.base.to(self.device).eval()
+        # as a plain Module: typeshed's functools.wraps, which transformers puts on
+        # PreTrainedModel.to, does not bind self (the call still runs PreTrainedModel.to)
+        base: torch.nn.Module = self.base
+        base.to(self.device).eval()
         self.model: Any = self.base
         self.served_name = served_name
         self.max_prompt_tokens = max_prompt_tokens
@@ -189,6 +192,10 @@ class Engine:
         with self.lock:
             yield from self._generate_locked(name, prompt_ids, sampling, cancel)
 
+    def _decode(self, ids: list[int]) -> str:
+        # one flat sequence of ids decodes to one str; transformers' list[str] is for batches
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
+
     def _generate_locked(
         self,
         name: str,
@@ -231,7 +238,7 @@ class Engine:
                     break
                 produced.append(token)
                 ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)
-                text = self.tokenizer.decode(produced, skip_special_tokens=True)
+                text = self._decode(produced)
                 stop_at = _find_stop(text, sampling.stop)
                 if stop_at is not None:
                     finish, stopped_by_string = "stop", True
@@ -245,7 +252,7 @@ class Engine:
                     yield Piece(text[emitted:upto])
                     emitted = upto
             if not stopped_by_string:
-                text = self.tokenizer.decode(produced, skip_special_tokens=True)
+                text = self._decode(produced)
                 if len(text) > emitted:
                     yield Piece(text[emitted:])
             yield Piece("", finish, len(prompt_ids), len(produced))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from coordinator.evaluation.report import five_way_table, margin_lines
 from coordinator.models import load_full_model
@@ -26,6 +27,9 @@ from emulator.bundle import bundle_arch, verify_bundle
 from emulator.peft_format import write_peft_adapter
 from emulator.plug import plug_adapter
 from offsite.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,8 @@ def export_run(
         )
         tokenizer.save_pretrained(peft_dir)
     plugged = plug_adapter(full_model, spec, state)  # the model is not used again here
-    merged = merged_model(plugged)
+    # load_full_model loads a transformers PreTrainedModel and merging keeps its class
+    merged = cast("PreTrainedModel", merged_model(plugged))
     merged_dir = out_dir / "merged"
     merged.save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)

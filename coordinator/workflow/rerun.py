@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_run(
     run_dir: Path, round_: int | None = None, lm_eval: bool = False
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, str | float]]:
     """Score full zero-shot, emulator zero-shot, emulator fine-tuned and plug-in for a run.
 
     With ``lm_eval``, also score the full model and the exported plug-in model with
@@ -50,7 +50,9 @@ def evaluate_run(
     spec = EvalSpec.from_config(config, task, held, pick_device())
     with tqdm(total=4 * len(held), desc="evaluating", unit="ex", dynamic_ncols=True) as bar:
         scores = four_way(full_model, tokenizer, bundle, state, spec, bar)
-    table = {k: {"metric": s.metric, "value": s.value} for k, s in scores.items()}
+    table: dict[str, dict[str, str | float]] = {
+        k: {"metric": s.metric, "value": s.value} for k, s in scores.items()
+    }
     log.info(
         "round %d of %s\n%s\n%s",
         rounds,
@@ -59,8 +61,8 @@ def evaluate_run(
         "\n".join(margin_lines(table, {"adapter_changed": adapter_changed(folder, state)})),
     )
     if lm_eval:
-        table["lm_eval"] = cross_check(
-            folder, rounds, config, task, held, full_model, tokenizer, resolved
+        table["lm_eval"] = dict(
+            cross_check(folder, rounds, config, task, held, full_model, tokenizer, resolved)
         )
     return table
 
@@ -94,7 +96,9 @@ def cross_check(
         precision="fp32",
         max_length=1_000_000,
     )
-    plugged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    # as a plain Module: transformers' PreTrainedModel.eval is unannotated (the call runs it)
+    plugged: torch.nn.Module = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    plugged.eval()
     result = {
         "full_zero_shot_offsite": score_model(full_model, tokenizer, spec).value,
         "full_zero_shot_lm_eval": lm_eval_accuracy(base_path, task_dir, name),
