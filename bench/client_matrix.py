@@ -578,7 +578,7 @@ def write_report(
     plot(tables, REPORTS / "client.png")
 
 
-def _draw_goal(ax, baselines: list[dict]) -> None:  # type: ignore[no-untyped-def]
+def _draw_goal(ax, baselines: list[dict]) -> None:
     """Dashed lines where a cell meets the goals against these full fine-tuning rows: above
     ``GOALS['speedup']`` × the fastest, left of the lowest peak ÷ ``GOALS['memory']``."""
     if not baselines:
@@ -794,7 +794,7 @@ def main() -> None:
                         path,
                         "none" if quantize == "fp32" else quantize,
                         Path(spec["bundle"]),
-                        tuple(spec["shape"]),  # type: ignore[arg-type]
+                        tuple(spec["shape"]),
                         compressed=spec.get("compressed", False),
                     )
             runs: dict[str, list[dict[str, Any]]] = {}

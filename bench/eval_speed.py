@@ -114,7 +114,7 @@ def run(count: int, fresh: bool) -> dict[str, Any]:
         for label_kind in ("one-token labels", "multi-token labels"):
             rename = MULTI_TOKEN_NAMES if label_kind == "multi-token labels" else {}
             labels = [rename.get(label, label) for label in task.labels]
-            examples = [Example(e.text, label=rename.get(e.label, e.label)) for e in held]  # type: ignore[arg-type]
+            examples = [Example(e.text, label=rename.get(e.label, e.label)) for e in held]
             for model_name, model in models.items():
                 key = f"{model_name} | {label_kind}"
                 if key not in results:

@@ -100,7 +100,7 @@ def main() -> None:
         seen: set[int] = set()
         answers: Counter = Counter()
 
-        def recording():  # type: ignore[no-untyped-def]
+        def recording():
             for batch in stream:
                 seen.update(batch.input_ids[batch.attention_mask.bool()].tolist())
                 for row in batch.labels:

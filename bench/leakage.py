@@ -73,7 +73,7 @@ def token_inputs(
     }
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
 
-    def recorder(name: str):  # type: ignore[no-untyped-def]
+    def recorder(name: str):
         def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             captured[name].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
 

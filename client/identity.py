@@ -165,7 +165,7 @@ def server_chain(address: str, timeout: float = 10.0) -> list[bytes]:
     ):
         getter = getattr(tls, "get_unverified_chain", None)  # public from Python 3.13
         chain = getter() if getter else tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]  # private before 3.13
-        pems = [c.public_bytes(ssl._ssl.ENCODING_PEM) for c in chain or []]  # type: ignore[attr-defined]
+        pems = [c.public_bytes(ssl._ssl.ENCODING_PEM) for c in chain or []]  # type: ignore[attr-defined]  # typeshed lacks ssl._ssl
         return [p.encode() if isinstance(p, str) else p for p in pems]
 
 

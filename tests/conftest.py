@@ -83,7 +83,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+def tokenizer(tokenizer_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -183,7 +183,7 @@ def write_public_text(folder: Path) -> Path:
 
 def build_tiny_bundle(
     model: torch.nn.Module, tokenizer: object, folder: Path, keep: int, **settings: object
-):  # type: ignore[no-untyped-def]
+):
     """A 1-``keep``-1 LoRA bundle of a tiny 6-block ``model`` built in ``folder``, calibrated on
     ``write_public_text``; ``settings`` are ``EmulatorConfig`` fields. Returns (bundle, plan)."""
     from emulator.adapter import AdapterSpec
@@ -193,14 +193,14 @@ def build_tiny_bundle(
     from offsite.config import EmulatorConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    arch = arch_spec(model.config)  # type: ignore[arg-type]
+    arch = arch_spec(model.config)
     plan = plan_layers(6, 1, 1, keep)
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
     config = EmulatorConfig(
         public_text=str(write_public_text(folder)),
         public_examples=4,
         calibration_examples=8,
-        **settings,  # type: ignore[arg-type]
+        **settings,
     )
     bundle = build_bundle(
         model, tokenizer, arch, plan, spec, folder / "bundle", source="tiny", settings=config
@@ -216,7 +216,7 @@ def model_outputs(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tens
 
 
 @pytest.fixture()
-def tiny_llama_dir(tmp_path: Path, tokenizer) -> Path:  # type: ignore[no-untyped-def]
+def tiny_llama_dir(tmp_path: Path, tokenizer) -> Path:
     """A tiny llama saved in the Hugging Face layout, with the tiny tokenizer."""
     model = tiny_model("llama")
     path = tmp_path / "tiny-llama"

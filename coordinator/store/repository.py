@@ -113,7 +113,7 @@ class Store:
                     )
                     .values(used_at=now)
                 )
-                if used.rowcount != 1:  # type: ignore[attr-defined]
+                if used.rowcount != 1:  # type: ignore[attr-defined]  # an UPDATE's CursorResult
                     raise StoreError(self._token_problem(s, token))
                 if s.scalar(select(Node.id).where(Node.name == name)) is not None:
                     raise StoreError(f"a node named {name!r} is already enrolled; pick another")
@@ -156,7 +156,7 @@ class Store:
                 .where(Node.name == name, Node.status == "active")
                 .values(status="revoked", revoked_at=_now())
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(result.rowcount)  # type: ignore[attr-defined]  # an UPDATE's CursorResult
 
     def node(self, *, name: str | None = None, fingerprint: str | None = None) -> NodeInfo | None:
         with self._tx() as s:

@@ -10,13 +10,16 @@ import os
 import signal
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
 from offsite.errors import ConfigError
 from offsite.host.allocator import ALLOCATORS, Allocator
 from offsite.host.paths import offsite_home
+
+if TYPE_CHECKING:
+    from coordinator.store import Store
 
 coordinator_app = typer.Typer(
     help="Run the coordinator's service: keys, enrollment tokens, nodes, artifacts.",
@@ -67,7 +70,7 @@ def _node_state(path: Path | None) -> Path:
     return path or offsite_home() / "node"
 
 
-def _store(state: Path | None, database: str | None):  # type: ignore[no-untyped-def]
+def _store(state: Path | None, database: str | None) -> Store:
     from coordinator.store import open_store
 
     return open_store(database or _state(state))
@@ -336,7 +339,7 @@ def client_start(
     from offsite.host.allocator import allocator_env
     from offsite.host.processes import flower_env, start_child, stop_tree
 
-    _check_allocator(allocator)
+    allocator_choice = _check_allocator(allocator)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     identity = NodeIdentity(_node_state(state))
     identity.app_signer()  # refuse to start a node that pins no app signer
@@ -355,7 +358,7 @@ def client_start(
 
     def launch() -> subprocess.Popen[bytes]:
         command = supernode_command(identity, data, port, superlink, memory_budget)
-        return start_child(command, allocator_env(flower_env(home), allocator))  # type: ignore[arg-type]
+        return start_child(command, allocator_env(flower_env(home), allocator_choice))
 
     def started(process: subprocess.Popen[bytes]) -> None:
         running[:] = [process]

@@ -66,8 +66,8 @@ def start_child(
     would run after fork in a process that may hold gRPC threads, which aborts).
     """
     launcher = [sys.executable, "-m", "offsite.host.processes", *command]
-    # Popen's overloads need literal keyword types; callers pass stdout/stderr/cwd through
-    process: subprocess.Popen[bytes] = subprocess.Popen(launcher, env=env, **kwargs)  # type: ignore[call-overload]
+    # callers pass stdout/stderr/cwd through **kwargs, which Popen's overloads cannot match
+    process: subprocess.Popen[bytes] = subprocess.Popen(launcher, env=env, **kwargs)  # type: ignore[call-overload]  # see above
     return process
 
 

@@ -68,7 +68,7 @@ class _Record:
     def _parse(cls: type[_Message], record: typing.Mapping[str, Any]) -> _Message:
         hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
-        for field in fields(cls):  # type: ignore[arg-type]
+        for field in fields(cls):  # type: ignore[arg-type]  # _Message is bound to the dataclasses below
             key = _key(field.name)
             if key in record:
                 values[field.name] = _convert(record[key], hints[field.name], key)

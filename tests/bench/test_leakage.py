@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # a benc
 from leakage import effective_updates, recovery, token_inputs, token_scores
 
 
-def _client_update(tokenizer, kind: str):  # type: ignore[no-untyped-def]
+def _client_update(tokenizer, kind: str):
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 2)
@@ -41,7 +41,7 @@ def _client_update(tokenizer, kind: str):  # type: ignore[no-untyped-def]
     )
     used: set[int] = set()
 
-    def recording():  # type: ignore[no-untyped-def]
+    def recording():
         for batch in stream:
             used.update(batch.input_ids[batch.attention_mask.bool()].tolist())
             yield batch
@@ -53,7 +53,7 @@ def _client_update(tokenizer, kind: str):  # type: ignore[no-untyped-def]
     return before, adapted.trainable_state(), spec, used, token_inputs(adapted, 0)
 
 
-def test_plain_update_reveals_training_tokens_and_noise_hides_them(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_plain_update_reveals_training_tokens_and_noise_hides_them(tokenizer) -> None:
     for kind in ("lora", "full"):
         before, after, spec, used, inputs = _client_update(tokenizer, kind)
         k = 20
@@ -100,7 +100,7 @@ def test_token_inputs_are_what_the_block_linears_read() -> None:
     assert set(updates) <= set(inputs)
 
 
-def test_label_inference_names_the_label_a_client_trained_on(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_label_inference_names_the_label_a_client_trained_on(tokenizer) -> None:
     from leakage import answer_shift
 
     from emulator.batches import encode_pair
@@ -121,7 +121,7 @@ def test_label_inference_names_the_label_a_client_trained_on(tokenizer) -> None:
         for t in tiny_texts(LABELS[2], 4, seed=11)  # public prompts need not match the label
     ]
 
-    def logits(state):  # type: ignore[no-untyped-def]
+    def logits(state):
         adapted.load_trainable(state)
         with torch.no_grad():
             return torch.stack(

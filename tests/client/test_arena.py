@@ -14,7 +14,7 @@ from emulator.layers import plan_layers
 from tests.conftest import VOCAB, saved_bytes, tiny_model
 
 
-def _adapted(policy: str):  # type: ignore[no-untyped-def]
+def _adapted(policy: str):
     model = tiny_model("llama")
     arch = arch_spec(model.config)
     plan = plan_layers(6, 1, 1, 4)

@@ -41,7 +41,7 @@ def _lora_emulator(model_type: str) -> AdaptedModel:
     return adapted
 
 
-def _loss(model: nn.Module, precision: str = "fp32"):  # type: ignore[no-untyped-def]
+def _loss(model: nn.Module, precision: str = "fp32"):
     ids, mask = _padded_batch()
 
     def run() -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_short_sequences_take_the_matmul_path_with_the_same_result(
 
     def counted(*args: object) -> torch.Tensor:
         calls.append(1)
-        return hook(*args)  # type: ignore[arg-type]
+        return hook(*args)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(short_attention._ShortAttention, "forward", staticmethod(counted))

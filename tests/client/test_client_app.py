@@ -10,7 +10,7 @@ from flwr.app import Context, RecordDict
 from client.flower_app import _partition
 
 
-def _context(node_id: int, node_config: dict) -> Context:  # type: ignore[type-arg]
+def _context(node_id: int, node_config: dict) -> Context:
     return Context(
         run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={}
     )

@@ -196,7 +196,7 @@ def test_configs_the_lean_decoder_does_not_compute_say_why() -> None:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+def bundles(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
     """Tiny llama bundles, 1-2-1 of 6 blocks: full precision, int8 and int4, and with the middle
     linears SVD-factorized (float and int8 factors)."""
     from emulator.arch import arch_spec
@@ -212,7 +212,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Pa
             public_text=str(write_public_text(root)),
             public_examples=4,
             calibration_examples=8,
-            quantize=scheme.removeprefix("svd-") if scheme != "svd" else "none",  # type: ignore[arg-type]
+            quantize=scheme.removeprefix("svd-") if scheme != "svd" else "none",
             quant_group_size=16,
             factorize="svd" if scheme.startswith("svd") else "none",
             factorize_rank_multiple=4,
@@ -224,7 +224,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Pa
     return out
 
 
-def _batch(tokenizer) -> Batch:  # type: ignore[no-untyped-def]
+def _batch(tokenizer) -> Batch:
     examples = [Example(t, label=lab) for lab in LABELS for t in tiny_texts(lab, 4)]
     return next(
         training_batches(

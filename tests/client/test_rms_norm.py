@@ -19,7 +19,7 @@ def _eager(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
-def _run(fn, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, autocast: bool):  # type: ignore[no-untyped-def]
+def _run(fn, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, autocast: bool):
     x = x.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     saved: list[int] = []

@@ -29,15 +29,15 @@ def _inputs(
     return query, key, value, grad, mask
 
 
-def _run(attention, inputs, dtype):  # type: ignore[no-untyped-def]
+def _run(attention, inputs, dtype):
     query, key, value, grad, mask = inputs
     leaves = [t.to(dtype).detach().requires_grad_() for t in (query, key, value)]
     out = attention(*leaves, mask)
     out.backward(grad.to(dtype))
-    return [out.detach().float()] + [t.grad.float() for t in leaves]  # type: ignore[union-attr]
+    return [out.detach().float()] + [t.grad.float() for t in leaves]
 
 
-def _fused(query, key, value, mask):  # type: ignore[no-untyped-def]
+def _fused(query, key, value, mask):
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
 
 

@@ -34,7 +34,7 @@ def _key(overrides: list[str], **changes: object) -> str:
         "config": load_config(None, overrides),
     }
     parts.update(changes)
-    return baseline_key(**parts)  # type: ignore[arg-type]
+    return baseline_key(**parts)
 
 
 def test_the_zero_shot_key_follows_weights_held_out_data_and_scoring_only() -> None:
@@ -99,7 +99,7 @@ def test_a_second_run_with_another_emulator_reads_the_baseline_instead_of_traini
         simulate_module, "full_fine_tune", lambda *a, **k: trained.append(1) or real(*a, **k)
     )
 
-    def run(keep: int, *extra: str) -> dict:  # type: ignore[type-arg]
+    def run(keep: int, *extra: str) -> dict:
         config = load_config(
             None,
             [
@@ -122,7 +122,7 @@ def test_a_second_run_with_another_emulator_reads_the_baseline_instead_of_traini
         result = simulate_module.simulate(config)
         metrics = json.loads((result.run_dir / "metrics.json").read_text())
         metrics["report"] = (result.run_dir / "report.md").read_text()
-        return metrics  # type: ignore[no-any-return]
+        return metrics
 
     first = run(2)
     assert len(trained) == 1 and "computed in" in first["notes"]["full fine-tuning baseline"]

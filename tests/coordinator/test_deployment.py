@@ -51,7 +51,7 @@ def _free_port() -> int:
 
 class Processes:
     def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs, self.running = env, logs, []  # type: ignore[var-annotated]
+        self.env, self.logs, self.running = env, logs, []
 
     def offsite(self, *args: str, timeout: float = 120.0) -> str:
         result = subprocess.run(
@@ -178,7 +178,7 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[Deployment]:  # type: ignore[no-untyped-def]
+def deployment(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[Deployment]:
     """init → serve → two one-time tokens → two joins → two SuperNodes on their own data."""
     from tests.conftest import tiny_model
 
@@ -501,7 +501,7 @@ def test_unsigned_fleet_calls_never_reach_the_superlink_with_a_body(
     before = _superlink_rss(deployment)
     chunk = os.urandom(1 << 20)
 
-    def body(megabytes: int):  # type: ignore[no-untyped-def]
+    def body(megabytes: int):
         for _ in range(megabytes):
             yield chunk
 

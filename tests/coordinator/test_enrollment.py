@@ -46,7 +46,7 @@ def _csr(name: str, key: object | None = None) -> bytes:
     request = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+        .sign(key, hashes.SHA256())
     )
     return request.public_bytes(serialization.Encoding.PEM)
 
@@ -63,7 +63,7 @@ def _enroll(coordinator: Coordinator, **fields: object) -> grpc.RpcError | None:
     options = [("grpc.ssl_target_name_override", "localhost")]
     with grpc.secure_channel(coordinator.address, credentials, options=options) as channel:
         try:
-            EnrollmentClient(channel).enroll(EnrollRequest(**fields), timeout=10)  # type: ignore[arg-type]
+            EnrollmentClient(channel).enroll(EnrollRequest(**fields), timeout=10)
         except grpc.RpcError as err:
             return err
     return None
@@ -75,7 +75,7 @@ def issued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     names: list[str] = []
     real = handlers.issue_certificate
 
-    def spy(pki, csr_pem, node_name, days=365):  # type: ignore[no-untyped-def]
+    def spy(pki, csr_pem, node_name, days=365):
         names.append(node_name)
         return real(pki, csr_pem, node_name, days)
 
@@ -257,7 +257,7 @@ def test_digests_are_checked_before_they_become_cache_paths(tmp_path: Path, bad:
     good = "ab" * 32
     for artifact, bundle in ((bad, good), (good, bad)):
         with pytest.raises(IntegrityError, match="not a sha256 digest"):
-            fetch_bundle(None, artifact, bundle, tmp_path / "cache", b"\0" * 32)  # type: ignore[arg-type]
+            fetch_bundle(None, artifact, bundle, tmp_path / "cache", b"\0" * 32)
     assert sorted(p.name for p in tmp_path.rglob("*")) in ([], ["cache"])
 
 
@@ -329,10 +329,7 @@ def test_enrollment_attempts_from_one_address_are_rate_limited(
 
     limit = ENROLL_ATTEMPTS[0]
     guess = {"node_name": "x", "csr_pem": _csr("x"), "flower_public_key": b""}
-    codes = [
-        _enroll(coordinator, token=f"guess-{i}", **guess).code()  # type: ignore[union-attr]
-        for i in range(limit + 5)
-    ]
+    codes = [_enroll(coordinator, token=f"guess-{i}", **guess).code() for i in range(limit + 5)]
     assert codes[:limit] == [grpc.StatusCode.INVALID_ARGUMENT] * limit
     assert codes[limit:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
     assert len(Audit(coordinator.state).entries()) == limit  # the flood does not fill the log

@@ -20,7 +20,7 @@ from offsite.errors import DataError
 from tests.conftest import VOCAB, tiny_model
 
 
-def _fake_run(  # type: ignore[no-untyped-def]
+def _fake_run(
     tmp_path: Path, model_dir: Path, tokenizer, kind: str, overrides: list[str] | None = None
 ) -> Path:
     """A run folder as `offsite simulate` leaves it, with a trained-looking adapter."""
@@ -62,7 +62,7 @@ def _fake_run(  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(("kind", "layers"), [("lora", [0, 5]), ("lora-top", [5])])
-def test_lora_export_peft_and_merged_agree(  # type: ignore[no-untyped-def]
+def test_lora_export_peft_and_merged_agree(
     tmp_path: Path, tiny_llama_dir: Path, tokenizer, kind: str, layers: list[int]
 ) -> None:
     from peft import PeftModel
@@ -90,13 +90,13 @@ def test_lora_export_peft_and_merged_agree(  # type: ignore[no-untyped-def]
     assert "plug-in" in card and "PeftModel.from_pretrained" in card
 
 
-def test_full_adapter_export_has_no_peft(tmp_path: Path, tiny_llama_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_full_adapter_export_has_no_peft(tmp_path: Path, tiny_llama_dir: Path, tokenizer) -> None:
     run = _fake_run(tmp_path, tiny_llama_dir, tokenizer, "full")
     result = export_run(run, 2, tmp_path / "out")
     assert result.peft is None and (result.merged / "model.safetensors").is_file()
 
 
-def test_export_errors_are_actionable(tmp_path: Path, tiny_llama_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_export_errors_are_actionable(tmp_path: Path, tiny_llama_dir: Path, tokenizer) -> None:
     with pytest.raises(DataError, match="not a run folder"):
         export_run(tmp_path)
     run = _fake_run(tmp_path, tiny_llama_dir, tokenizer, "lora")

@@ -66,7 +66,7 @@ def test_reconcile_makes_the_superlink_admit_exactly_the_enrolled_nodes(link: Fl
     for index, name in enumerate(("site-a", "site-b")):
         store.enroll(store.mint_token(), name, f"{index:064x}", _key())
     assert link.reconcile(store, audit) == 2
-    ids = {name: key.flower_node_id for name, key in _keys(store).items()}  # type: ignore[attr-defined]
+    ids = {name: key.flower_node_id for name, key in _keys(store).items()}
     assert set(_live(link)) == set(ids.values()) and None not in ids.values()
     assert link.reconcile(store, audit) == 0  # in sync: nothing to do
 
@@ -78,15 +78,15 @@ def test_reconcile_makes_the_superlink_admit_exactly_the_enrolled_nodes(link: Fl
     link.unregister(str(ids["site-b"]))  # an enrolled node dropped behind the registry's back
     link.reconcile(store, audit)
     lost = _keys(store)["site-b"]
-    assert lost.public_key == "" and lost.flower_node_id is None  # type: ignore[attr-defined]
+    assert lost.public_key == "" and lost.flower_node_id is None
     store.set_flower_key("site-b", _key())  # what the node's renewal delivers
     link.reconcile(store, audit)
-    back = _keys(store)["site-b"].flower_node_id  # type: ignore[attr-defined]
+    back = _keys(store)["site-b"].flower_node_id
     assert back not in (None, ids["site-b"]) and back in _live(link)
 
     store.revoke("site-a")
     link.reconcile(store, audit)
-    assert ids["site-a"] not in _live(link) and _keys(store)["site-a"].flower_node_id is None  # type: ignore[attr-defined]
+    assert ids["site-a"] not in _live(link) and _keys(store)["site-a"].flower_node_id is None
     assert set(_live(link)) == {back}
 
     events = [e["event"] for e in audit.entries()]

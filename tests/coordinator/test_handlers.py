@@ -147,7 +147,7 @@ def _request(token: str, name: str = "clinic-a", **changes: object) -> EnrollReq
         "csr_pem": _csr(name),
         "flower_public_key": _flower_key(),
     }
-    return EnrollRequest(**{**fields, **changes})  # type: ignore[arg-type]
+    return EnrollRequest(**{**fields, **changes})
 
 
 def test_a_good_token_and_csr_get_a_certificate_and_the_coordinators_keys(

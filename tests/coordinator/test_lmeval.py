@@ -13,7 +13,7 @@ from tests.coordinator.test_export import _fake_run
 pytestmark = pytest.mark.integration
 
 
-def test_offsite_and_lm_eval_agree(tmp_path: Path, tiny_llama_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_offsite_and_lm_eval_agree(tmp_path: Path, tiny_llama_dir: Path, tokenizer) -> None:
     from coordinator.workflow.rerun import evaluate_run
 
     data = tmp_path / "task.jsonl"

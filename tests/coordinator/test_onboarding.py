@@ -49,12 +49,12 @@ def _wait_for(port: int, seconds: float = 30) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def test_init_token_join_publish_fetch_revoke(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_init_token_join_publish_fetch_revoke(tmp_path: Path, tokenizer) -> None:
     env = {**os.environ, "OFFSITE_HOME": str(tmp_path / "home")}
     coordinator, node = tmp_path / "coordinator", tmp_path / "node"
     init = _offsite("coordinator", "init", "--state", str(coordinator), env=env)
     assert init.returncode == 0, init.stderr
-    fingerprint = re.search(r"CA fingerprint: ([0-9a-f]{64})", init.stdout).group(1)  # type: ignore[union-attr]
+    fingerprint = re.search(r"CA fingerprint: ([0-9a-f]{64})", init.stdout).group(1)
     full = tiny_model("llama")
     plan = plan_layers(6, 1, 1, 2)
     spec = AdapterSpec.for_plan("lora", plan, arch_spec(full.config), 4, 8)
@@ -63,7 +63,7 @@ def test_init_token_join_publish_fetch_revoke(tmp_path: Path, tokenizer) -> None
         "coordinator", "publish", str(tmp_path / "bundle"), "--state", str(coordinator), env=env
     )
     assert published.returncode == 0, published.stderr
-    artifact, bundle = re.search(r"artifact (\w+)\s+bundle (\w+)", published.stdout).groups()  # type: ignore[union-attr]
+    artifact, bundle = re.search(r"artifact (\w+)\s+bundle (\w+)", published.stdout).groups()
 
     enroll_port, artifact_port = _free_port(), _free_port()
     server = subprocess.Popen(

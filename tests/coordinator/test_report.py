@@ -8,7 +8,7 @@ from coordinator.evaluation.report import five_way_table, margin_lines, write_re
 from coordinator.state.folder import RunFolder
 
 
-def _metrics() -> dict:  # type: ignore[type-arg]
+def _metrics() -> dict:
     scores = {
         k: {"metric": "accuracy", "value": v, "nll": 0.0, "count": 10}
         for k, v in {

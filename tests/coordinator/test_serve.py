@@ -65,7 +65,7 @@ def server(tiny_llama_dir: Path) -> Iterator[tuple[str, object]]:
 
 def test_completion_chat_stream_and_adapter_hot_swap(
     server, tiny_llama_dir: Path, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     import openai
 
     base_url, _ = server
@@ -131,7 +131,7 @@ def test_completion_chat_stream_and_adapter_hot_swap(
         client.completions.create(model="bbc", prompt="x", max_tokens=2)
 
 
-def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, tmp_path: Path) -> None:
     import openai
 
     base_url, _ = server
@@ -159,7 +159,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, tmp_path: Pat
     assert ok.choices[0].finish_reason in {"length", "stop"}
 
 
-def test_stop_strings_are_never_emitted(server) -> None:  # type: ignore[no-untyped-def]
+def test_stop_strings_are_never_emitted(server) -> None:
     import openai
 
     base_url, _ = server
@@ -183,7 +183,7 @@ def test_stop_strings_are_never_emitted(server) -> None:  # type: ignore[no-unty
 
 def test_inplace_replace_and_base_after_last_unload(
     server, tiny_llama_dir: Path, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     import openai
 
     base_url, _ = server
@@ -213,7 +213,7 @@ def test_inplace_replace_and_base_after_last_unload(
 @pytest.mark.integration
 def test_federation_pushes_every_round_to_a_running_server(
     server, tiny_llama_dir: Path, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     import openai
 
     from coordinator.workflow.simulate import simulate
@@ -250,7 +250,7 @@ def test_federation_pushes_every_round_to_a_running_server(
     assert served.choices[0].finish_reason in {"length", "stop"}
 
 
-def test_client_disconnect_mid_stream_releases_the_model(server) -> None:  # type: ignore[no-untyped-def]
+def test_client_disconnect_mid_stream_releases_the_model(server) -> None:
     base_url, _ = server
     body = {"model": "tiny", "prompt": "team", "max_tokens": 64, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=30) as response:

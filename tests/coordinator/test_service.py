@@ -97,7 +97,7 @@ def _add_blob(coordinator: Coordinator, size: int) -> str:
 
 def test_join_then_fetch_a_signed_bundle(
     coordinator: Coordinator, tmp_path: Path, tokenizer
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     identity = _join(coordinator, tmp_path / "node")
     assert identity.exists() and oct(identity.key.stat().st_mode & 0o777) == "0o600"
     assert oct(coordinator.pki.ca_key.stat().st_mode & 0o777) == "0o600"
@@ -227,11 +227,11 @@ def test_a_download_cut_halfway_resumes_without_resending(
     class Recording:  # the real client, remembering where the resumed download starts
         stat = stub.stat
 
-        def download(self, request, **kwargs):  # type: ignore[no-untyped-def]
+        def download(self, request, **kwargs):
             offsets.append(request.offset)
             return stub.download(request, **kwargs)
 
-    path = download(Recording(), digest, folder)  # type: ignore[arg-type]
+    path = download(Recording(), digest, folder)
     assert file_sha256(path) == digest
     resent = len(first.data) - offsets[0]  # bytes the server had to send twice
     assert offsets == [len(first.data)] and 0 <= resent <= CHUNK

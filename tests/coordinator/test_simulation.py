@@ -502,7 +502,7 @@ def test_a_ray_start_that_keeps_failing_says_what_to_do(monkeypatch: pytest.Monk
     assert not ray.is_initialized()
 
 
-def _cli_run(tiny_llama_dir: Path, tiny_task: Path, run: Path, *extra: str):  # type: ignore[no-untyped-def]
+def _cli_run(tiny_llama_dir: Path, tiny_task: Path, run: Path, *extra: str):
     import subprocess
     import sys
 

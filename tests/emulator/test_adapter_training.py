@@ -16,7 +16,7 @@ from offsite.errors import IntegrityError
 from tests.conftest import LABELS, tiny_model, tiny_texts
 
 
-def _emulator_with_adapter(kind: str):  # type: ignore[no-untyped-def]
+def _emulator_with_adapter(kind: str):
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 2)
@@ -26,7 +26,7 @@ def _emulator_with_adapter(kind: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
-def test_training_lowers_loss_and_touches_only_the_adapter(kind: str, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_training_lowers_loss_and_touches_only_the_adapter(kind: str, tokenizer) -> None:
     adapted, _ = _emulator_with_adapter(kind)
     frozen_before = {
         n: p.detach().clone() for n, p in adapted.model.named_parameters() if not p.requires_grad

@@ -16,7 +16,7 @@ from tests.conftest import LABELS, tiny_model, tiny_texts
 TEMPLATE = "Text: {text}\nTopic:"
 
 
-def test_tail_and_answer_survive_truncation(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_tail_and_answer_survive_truncation(tokenizer) -> None:
     head = "Text: " + " ".join(["market"] * 200)
     ids, answer_len = encode_pair(tokenizer, head, "\nTopic:", " sport", max_length=24)
     assert len(ids) == 24
@@ -34,7 +34,7 @@ def test_collate_left_pads_and_masks_only_answers() -> None:
     assert batch.answer_span == 2
 
 
-def test_answer_loss_equals_reference_cross_entropy(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_answer_loss_equals_reference_cross_entropy(tokenizer) -> None:
     model = tiny_model("llama")
     rows = [encode_pair(tokenizer, "Text: shares", "\nTopic:", " business", 64)]
     batch = collate(rows, pad_id=1)
@@ -53,7 +53,7 @@ MULTI_LABELS = ("business news", "sport", "tech and science today")  # 1 to seve
 DECODERS = ["llama", "mistral", "qwen2", "gemma3_text", "gpt2", "opt", "bloom", "gpt_neox"]
 
 
-def _reference_scores(model, tokenizer, examples, labels, max_length):  # type: ignore[no-untyped-def]
+def _reference_scores(model, tokenizer, examples, labels, max_length):
     """Each example alone, each label as prompt + label in one forward: (N, labels)."""
     from emulator.forward import answer_token_logprobs
     from offsite.prompts import classification_parts, verbalize
@@ -74,7 +74,7 @@ def _reference_scores(model, tokenizer, examples, labels, max_length):  # type: 
 @pytest.mark.parametrize("family", DECODERS)
 def test_shared_prompt_scoring_makes_the_decisions_of_scoring_each_label_in_full(
     tokenizer, family: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """One prompt forward per length bucket + the labels' tail tokens on its KV cache gives
     every label's log-likelihood as prompt + label run whole, one example at a time."""
     model = tiny_model(family)
@@ -97,7 +97,7 @@ def test_shared_prompt_scoring_makes_the_decisions_of_scoring_each_label_in_full
         lambda _m, args, kwargs: prompt_forwards.append(kwargs["input_ids"].shape[1]),
         with_kwargs=True,
     )
-    score = classify(model, tokenizer, examples, MULTI_LABELS, **common)  # type: ignore[arg-type]
+    score = classify(model, tokenizer, examples, MULTI_LABELS, **common)
     hook.remove()
     assert round(score.value * len(examples)) == int((reference.argmax(-1) == gold).sum())
     assert score.nll == pytest.approx(float(-reference.gather(-1, gold[:, None]).mean()), rel=1e-5)
@@ -107,13 +107,13 @@ def test_shared_prompt_scoring_makes_the_decisions_of_scoring_each_label_in_full
     # every label's column, not only the gold one: relabel all examples with each label in turn
     for column, label in enumerate(MULTI_LABELS):
         relabelled = [Example(e.text, label=label) for e in examples]
-        each = classify(model, tokenizer, relabelled, MULTI_LABELS, **common)  # type: ignore[arg-type]
+        each = classify(model, tokenizer, relabelled, MULTI_LABELS, **common)
         assert each.nll == pytest.approx(float(-reference[:, column].mean()), rel=1e-5)
 
 
 def test_a_model_without_a_kv_cache_scores_each_label_whole_to_the_same_numbers(
     tokenizer, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     import emulator.scoring as scoring
 
     model = tiny_model("llama")
@@ -146,7 +146,7 @@ def test_batches_are_bucketed_by_length() -> None:
     assert [[len(rows[i]) for i in b] for b in buckets] == [[1, 2], [3, 7], [8, 9]]
 
 
-def test_perplexity_matches_exp_of_mean_nll(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_perplexity_matches_exp_of_mean_nll(tokenizer) -> None:
     model = tiny_model("llama")
     examples = [Example("", completion=t) for t in tiny_texts("tech", 3)]
     score = perplexity(

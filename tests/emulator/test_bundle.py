@@ -28,7 +28,7 @@ from tests.conftest import LAYER_DROP, VOCAB, tiny_model
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Bundle:  # type: ignore[no-untyped-def]
+def pristine(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Bundle:
     model = tiny_model("llama")
     plan = plan_layers(6, 1, 1, 2)
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch_spec(model.config).lora_targets)
@@ -137,7 +137,7 @@ def test_malformed_safetensors_headers_raise_integrity_errors(tmp_path: Path, bl
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_embeddings_ship_once_load_everywhere_and_are_counted_by_part(
     mode: str, tmp_path: Path, tokenizer
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """A tied embedding ships once, quantized per token row; both runtimes load it back to
     floats within half a quantization step; the report's parts add up to the bundle."""
     from client.runtime.load import bundle_lean_config, load_lean_model
@@ -157,7 +157,7 @@ def test_quantized_embeddings_ship_once_load_everywhere_and_are_counted_by_part(
         keep=2,
         public_text="",
         embeddings=mode,
-        **LAYER_DROP,  # type: ignore[arg-type]
+        **LAYER_DROP,
     )
     bundle = build_bundle(
         full, tokenizer, arch, plan, spec, tmp_path / "b", source="tiny", settings=settings

@@ -38,7 +38,7 @@ def _distill_tiny(*models_plan_arch_tokenizer: Any, **options: Any) -> DistillRe
     )
 
 
-def test_distillation_reduces_student_teacher_mse(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_distillation_reduces_student_teacher_mse(tokenizer) -> None:
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 1)
@@ -56,7 +56,7 @@ def test_distillation_reduces_student_teacher_mse(tokenizer) -> None:  # type: i
     assert not trained - {f"model.layers.1.{n}" for n in middle.state_dict()}
 
 
-def test_distilled_bundle_ships_no_verbatim_middle(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_distilled_bundle_ships_no_verbatim_middle(tmp_path: Path, tokenizer) -> None:
     public = tmp_path / "public.jsonl"
     write_jsonl([Example("", completion=t) for t in _texts(20, 4)], public)
     full = tiny_model("llama")
@@ -87,7 +87,7 @@ def test_distilled_bundle_ships_no_verbatim_middle(tmp_path: Path, tokenizer) ->
         assert emulator(x).logits.isfinite().all()
 
 
-def test_distillation_resumes_from_its_checkpoint(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_distillation_resumes_from_its_checkpoint(tmp_path: Path, tokenizer) -> None:
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 1)
@@ -95,19 +95,19 @@ def test_distillation_resumes_from_its_checkpoint(tmp_path: Path, tokenizer) -> 
     common = dict(lr=3e-3, batch_size=8, max_length=32, eval_every=5, checkpoint=tmp_path / "ck")
     first = distill(
         full, student, plan, arch, tokenizer, _texts(10, 1), _texts(2, 2), steps=10, **common
-    )  # type: ignore[arg-type]
+    )
     assert json.loads((tmp_path / "ck" / "state.json").read_text())["step"] == 10
     again = build_emulator(full, plan, arch)
     resumed = distill(
         full, again, plan, arch, tokenizer, _texts(10, 1), _texts(2, 2), steps=15, **common
-    )  # type: ignore[arg-type]
+    )
     assert len(resumed.losses) == 5  # only the 5 missing steps ran
     assert resumed.best_perplexity <= first.best_perplexity
 
 
 def test_resuming_a_finished_distillation_returns_its_best_student(
     tmp_path: Path, tokenizer
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 1)
@@ -115,11 +115,11 @@ def test_resuming_a_finished_distillation_returns_its_best_student(
     student = build_emulator(full, plan, arch)
     first = distill(
         full, student, plan, arch, tokenizer, _texts(10, 1), _texts(2, 2), steps=9, **common
-    )  # type: ignore[arg-type]
+    )
     again = build_emulator(full, plan, arch)
     resumed = distill(
         full, again, plan, arch, tokenizer, _texts(10, 1), _texts(2, 2), steps=9, **common
-    )  # type: ignore[arg-type]
+    )
     assert not resumed.losses  # nothing left to run
     assert resumed.best_step == first.best_step
     middle = block_list(student, arch)[1].state_dict()
@@ -127,7 +127,7 @@ def test_resuming_a_finished_distillation_returns_its_best_student(
         assert torch.equal(value, middle[name]), name
 
 
-def test_the_jacobian_term_aligns_the_middles_response_to_its_input(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_the_jacobian_term_aligns_the_middles_response_to_its_input(tokenizer) -> None:
     """Distillation with the Jacobian term leaves the student's middle responding to a
     perturbation of its input more like the full middle than output matching alone does, and
     leaves no hook behind on either model."""

@@ -42,7 +42,7 @@ def _settings(tmp_path: Path, causal: bool, **changes: object) -> EmulatorConfig
         factorize="svd",
         factorize_rank_multiple=4,
         factorize_max_rank_fraction=0.5,
-        **{"fold_norms": False, **changes},  # type: ignore[arg-type]
+        **{"fold_norms": False, **changes},
     )
 
 
@@ -50,7 +50,7 @@ def _settings(tmp_path: Path, causal: bool, **changes: object) -> EmulatorConfig
 @pytest.mark.parametrize("scheme", ["none", "int8"])
 def test_a_factorized_bundle_ships_no_middle_matrix_and_loads_what_was_built(
     model_type: str, scheme: str, tokenizer, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     full = tiny_model(model_type)
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 3)
@@ -108,17 +108,17 @@ def test_a_factorized_bundle_ships_no_middle_matrix_and_loads_what_was_built(
     assert float((expected_out - dense).norm()) > 0  # it really is a compression
 
 
-def _middle(model, arch, plan):  # type: ignore[no-untyped-def]
+def _middle(model, arch, plan):
     blocks = block_list(model, arch)
     first = len(plan.bottom)
     return {i: blocks[i] for i in range(first, first + len(plan.middle_kept))}
 
 
-def _p(model, arch):  # type: ignore[no-untyped-def]
+def _p(model, arch):
     return block_prefix(model, arch)
 
 
-def _shipped(bundle) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+def _shipped(bundle) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
@@ -129,7 +129,7 @@ def _shipped(bundle) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
 
 def test_distilling_a_factorized_emulator_ships_no_middle_tensor_at_all(
     tokenizer, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Factors alone leave norms (and biases) verbatim; distillation trains them all, so a
     verbatim gate of 0 passes."""
     full = tiny_model_with_norms()

@@ -111,7 +111,7 @@ def test_one_budget_goes_where_the_spectrum_is_largest_and_stays_within_each_cap
 
 def test_a_fisher_svd_bundle_keeps_its_budget_and_ships_no_middle_tensor_verbatim(
     tokenizer, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     bundle, _ = build_tiny_bundle(
         tiny_model_with_norms(),
         tokenizer,
@@ -140,7 +140,7 @@ def test_a_fisher_svd_bundle_keeps_its_budget_and_ships_no_middle_tensor_verbati
 @pytest.mark.parametrize("model_type", sorted(n for n, s in REGISTRY.items() if not s.causal_lm))
 def test_fisher_svd_without_a_language_modelling_head_spreads_the_budget_by_energy(
     model_type: str, tokenizer, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     bundle, _ = build_tiny_bundle(
         tiny_model(model_type),
         tokenizer,

@@ -22,14 +22,14 @@ from tests.conftest import LABELS, tiny_model, tiny_texts
 
 
 @pytest.fixture(scope="module")
-def setup(tokenizer):  # type: ignore[no-untyped-def]
+def setup(tokenizer):
     model = tiny_model("llama")
     arch = arch_spec(model.config)
     texts = [t for label in LABELS for t in tiny_texts(label, 4, seed=3)]
     return model, arch, text_batches(tokenizer, texts, 32, 4)
 
 
-def test_an_identity_compression_scores_zero(setup) -> None:  # type: ignore[no-untyped-def]
+def test_an_identity_compression_scores_zero(setup) -> None:
     model, arch, batches = setup
     plan = plan_layers(6, 1, 1, -1)
     score = score_emulator(model, build_emulator(model, plan, arch), plan, arch, batches)
@@ -39,7 +39,7 @@ def test_an_identity_compression_scores_zero(setup) -> None:  # type: ignore[no-
     assert all(b["cosine"] == pytest.approx(1.0) for b in score.per_block.values())
 
 
-def test_the_score_grows_as_fewer_blocks_are_kept(setup) -> None:  # type: ignore[no-untyped-def]
+def test_the_score_grows_as_fewer_blocks_are_kept(setup) -> None:
     model, arch, batches = setup
     errors = []
     for keep in (3, 2, 1):
@@ -53,7 +53,7 @@ def test_the_score_grows_as_fewer_blocks_are_kept(setup) -> None:  # type: ignor
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
-def test_lower_svd_ranks_of_the_middle_raise_the_score(setup) -> None:  # type: ignore[no-untyped-def]
+def test_lower_svd_ranks_of_the_middle_raise_the_score(setup) -> None:
     model, arch, batches = setup
     plan = plan_layers(6, 1, 1, -1)
     reference = full_reference_gradients(model, plan, arch, batches)

@@ -68,7 +68,7 @@ def test_lean_frozen_blocks_save_less_and_give_the_same_gradient(model_type: str
     assert set(lean_model.state_dict()) == set(eager_model.state_dict())
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(1))
 
-    def loss(model: nn.Module):  # type: ignore[no-untyped-def]
+    def loss(model: nn.Module):
         return lambda: model(input_ids=ids).logits.float().square().mean()
 
     eager_bytes, eager_loss = saved_bytes(loss(eager_model))
@@ -110,7 +110,7 @@ def test_mlps_with_trainable_tensors_go_lean_with_the_same_gradients(policy: str
     assert set(lean.model.state_dict()) == set(eager.model.state_dict())
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(2))
 
-    def loss(adapted: AdaptedModel):  # type: ignore[no-untyped-def]
+    def loss(adapted: AdaptedModel):
         return lambda: adapted.model(input_ids=ids).logits.float().square().mean()
 
     eager_bytes, eager_loss = saved_bytes(loss(eager))

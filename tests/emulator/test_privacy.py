@@ -24,7 +24,7 @@ def _texts() -> list[str]:
     return [t for lab in LABELS for t in tiny_texts(lab, 4, seed=3)]
 
 
-def test_verbatim_counts_follow_the_layer_plan(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_verbatim_counts_follow_the_layer_plan(tokenizer) -> None:
     full = tiny_model("llama")
     # random init leaves every norm weight at 1.0 (identical across blocks, so they would
     # "ship verbatim" from dropped blocks too); trained models have distinct tensors
@@ -43,7 +43,7 @@ def test_verbatim_counts_follow_the_layer_plan(tokenizer) -> None:  # type: igno
         assert report["middle_blocks_dropped"] == 4 - kept_blocks
 
 
-def test_perplexity_ratio_and_gate(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_perplexity_ratio_and_gate(tokenizer) -> None:
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 1)
@@ -70,7 +70,7 @@ def test_perplexity_ratio_and_gate(tokenizer) -> None:  # type: ignore[no-untype
 
 def test_bundle_records_privacy_and_refused_builds_write_nothing(
     tmp_path: Path,
-    tokenizer,  # type: ignore[no-untyped-def]
+    tokenizer,
 ) -> None:
     from offsite.data import Example, write_jsonl
 
@@ -80,7 +80,7 @@ def test_bundle_records_privacy_and_refused_builds_write_nothing(
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 2)
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
-    settings = EmulatorConfig(public_text=str(public), public_examples=6, **LAYER_DROP)  # type: ignore[arg-type]
+    settings = EmulatorConfig(public_text=str(public), public_examples=6, **LAYER_DROP)
     bundle = build_bundle(
         full, tokenizer, arch, plan, spec, tmp_path / "ok", source="t", settings=settings
     )
@@ -91,7 +91,7 @@ def test_bundle_records_privacy_and_refused_builds_write_nothing(
         public_text=str(public),
         public_examples=6,
         max_verbatim_fraction=0.0,
-        **LAYER_DROP,  # type: ignore[arg-type]
+        **LAYER_DROP,
     )
     with pytest.raises(GateError):
         build_bundle(

@@ -202,7 +202,7 @@ def test_quantized_bundle_loads_and_matches_in_memory_emulator(
         public_examples=4,
         calibration_examples=8,
         factorize="none",
-        quantize=scheme,  # type: ignore[arg-type]
+        quantize=scheme,
         quant_group_size=16,
     )
     bundle = build_bundle(
@@ -257,7 +257,7 @@ def test_quantized_bundle_is_much_smaller(tokenizer, tmp_path: Path) -> None:
     spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
     sizes = {}
     for scheme in ("none", "int8", "int4"):
-        settings = EmulatorConfig(public_text="", factorize="none", quantize=scheme)  # type: ignore[arg-type]
+        settings = EmulatorConfig(public_text="", factorize="none", quantize=scheme)
         bundle = build_bundle(
             full, tokenizer, arch, plan, spec, tmp_path / scheme, source="t", settings=settings
         )
@@ -268,7 +268,7 @@ def test_quantized_bundle_is_much_smaller(tokenizer, tmp_path: Path) -> None:
     assert middle["int4"] < middle["none"] / 6
 
 
-def test_adapter_trains_through_a_quantized_emulator(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_adapter_trains_through_a_quantized_emulator(tokenizer, tmp_path: Path) -> None:
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 3)

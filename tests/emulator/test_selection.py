@@ -22,7 +22,7 @@ def _identity_blocks(model: torch.nn.Module, indices: list[int]) -> None:
             blocks[i].mlp.down_proj.weight.zero_()
 
 
-def test_identity_blocks_score_zero_and_are_dropped(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_identity_blocks_score_zero_and_are_dropped(tokenizer) -> None:
     model = tiny_model("llama")
     _identity_blocks(model, [2, 3])
     texts = [t for lab in LABELS for t in tiny_texts(lab, 3)]
@@ -34,7 +34,7 @@ def test_identity_blocks_score_zero_and_are_dropped(tokenizer) -> None:  # type:
     assert plan.middle_kept == (1, 4)
 
 
-def test_choose_plan_uses_the_configured_selection(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_choose_plan_uses_the_configured_selection(tmp_path, tokenizer) -> None:
     public = tmp_path / "public.jsonl"
     write_jsonl([Example("", completion=t) for t in tiny_texts("tech", 6)], public)
     model = tiny_model("llama")

@@ -66,7 +66,7 @@ def test_whitened_svd_is_best_on_the_inputs_it_was_calibrated_on() -> None:
 
 def test_a_folded_whitened_int8_emulator_ships_no_middle_tensor_verbatim(
     tokenizer, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     full = tiny_model_with_norms()
     settings = {
         "factorize": "whitened-svd",

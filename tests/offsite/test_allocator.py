@@ -55,7 +55,7 @@ def test_a_bad_library_path_or_allocator_name_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with pytest.raises(OffsiteError, match="unknown allocator 'tcmalloc'"):
-        allocator_env({}, "tcmalloc")  # type: ignore[arg-type]
+        allocator_env({}, "tcmalloc")
     monkeypatch.setenv("OFFSITE_JEMALLOC", "/nonexistent/libjemalloc.so")
     with pytest.raises(OffsiteError, match="OFFSITE_JEMALLOC=/nonexistent"):
         allocator_env({}, "auto")

@@ -34,7 +34,7 @@ def _installed(name: str) -> None:
 
 
 @pytest.fixture(scope="module", params=MODELS)
-def full(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def full(request: pytest.FixtureRequest):
     from coordinator.models import load_full_model
 
     _installed(request.param)
@@ -47,7 +47,7 @@ TEXTS = ["Article: Shares in the bank rose sharply.\nTopic:", "The match ended i
 
 def test_no_drop_split_and_untrained_plug_in_give_the_full_models_logits(
     full, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     from emulator.adapter import AdapterSpec, attach_adapter
     from emulator.bundle import bundle_arch, load_bundle_model, verify_bundle, write_bundle
     from emulator.layers import plan_layers
@@ -80,7 +80,7 @@ def test_no_drop_split_and_untrained_plug_in_give_the_full_models_logits(
     assert (plugged - reference)[mask].abs().max() <= NO_DROP_BOUND
 
 
-def test_a_federated_round_on_the_real_model_trains_the_adapter(full, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_federated_round_on_the_real_model_trains_the_adapter(full, tmp_path: Path) -> None:
     from coordinator.federation.simulation import run_flower_simulation
     from coordinator.state.adapters import load_adapter
     from coordinator.state.folder import RunFolder

@@ -76,14 +76,14 @@ def test_compose_services_run_real_commands_and_references_resolve() -> None:
 
 
 def _serve_defaults() -> dict[str, str]:
-    serve = CLI.get_command(click.Context(CLI), "coordinator").get_command(  # type: ignore[union-attr]
+    serve = CLI.get_command(click.Context(CLI), "coordinator").get_command(
         click.Context(CLI), "serve"
     )
     return {
         p.name: str(p.default).rsplit(":", 1)[1]
         for p in serve.params
         if p.name in {"enroll", "artifacts", "flower"}
-    }  # type: ignore[union-attr]
+    }
 
 
 def test_compose_variables_are_documented() -> None:
@@ -135,7 +135,7 @@ def test_dockerfile_pins_cpu_torch_first_and_exposes_the_service_ports() -> None
     text = (DEPLOY / "Dockerfile").read_text()
     torch_at = text.index("torch==2.13.0")
     assert torch_at < text.index("pip install .")
-    exposed = set(re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split())  # type: ignore[union-attr]
+    exposed = set(re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split())
     assert exposed == set(_serve_defaults().values())
     assert re.search(r'^ENTRYPOINT \["offsite"\]', text, re.M)
     for copied in re.findall(r"^COPY (\S+)", text, re.M):
@@ -181,7 +181,7 @@ def test_the_control_api_is_on_loopback_and_never_published() -> None:
         services = [d for d in _k8s() if d["kind"] == "Service"]
         assert all(str(p["port"]) != port for s in services for p in s["spec"]["ports"])
         dockerfile = (DEPLOY / "Dockerfile").read_text()
-        assert port not in re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split()  # type: ignore[union-attr]
+        assert port not in re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split()
 
 
 def test_enrollment_tokens_never_sit_in_a_command_line_and_joins_are_idempotent() -> None:

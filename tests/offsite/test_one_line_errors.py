@@ -27,7 +27,7 @@ from tests.conftest import tiny_model
 from tests.offsite.test_cli import offsite
 
 
-def _one_line(result, code: int, fragment: str) -> None:  # type: ignore[no-untyped-def]
+def _one_line(result, code: int, fragment: str) -> None:
     assert result.returncode == code, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and fragment in errors[0], result.stderr
@@ -35,7 +35,7 @@ def _one_line(result, code: int, fragment: str) -> None:  # type: ignore[no-unty
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # type: ignore[no-untyped-def]
+def bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     root = tmp_path_factory.mktemp("bundle")
     full = tiny_model("llama")
     plan = plan_layers(6, 1, 1, 2)

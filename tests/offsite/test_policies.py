@@ -13,7 +13,7 @@ from offsite.policies import POLICIES
 from tests.conftest import VOCAB, tiny_model
 
 
-def _adapted(model_type: str, kind: str):  # type: ignore[no-untyped-def]
+def _adapted(model_type: str, kind: str):
     full = tiny_model(model_type)
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 2)
@@ -22,7 +22,7 @@ def _adapted(model_type: str, kind: str):  # type: ignore[no-untyped-def]
     return attach_adapter(emulator, arch, spec, plan.emulator_to_full()), plan
 
 
-def _trainable_blocks(adapted, prefix: str) -> dict[int, set[str]]:  # type: ignore[no-untyped-def]
+def _trainable_blocks(adapted, prefix: str) -> dict[int, set[str]]:
     found: dict[int, set[str]] = {}
     for name, p in adapted.model.named_parameters():
         if p.requires_grad and f"{prefix}." in name:
