@@ -41,6 +41,7 @@ from client.session import load_for_training, release_freed_memory, training_mem
 from emulator.adapter import AdaptedModel
 from emulator.batches import Batch
 from emulator.bundle import Bundle
+from emulator.tokenizers import Tokenizer
 from emulator.train import train_adapter
 from offsite.policies import POLICIES
 
@@ -256,7 +257,7 @@ class Workload:
     # process's own (a node's ClientApp runs on what its SuperNode was started with)
     allocator: Allocator | Literal["inherit"] = "inherit"
 
-    def make_batches(self, tokenizer: Any) -> Callable[[int], Iterator[Batch]]:
+    def make_batches(self, tokenizer: Tokenizer) -> Callable[[int], Iterator[Batch]]:
         from emulator.examples import training_batches
         from offsite.config import DataConfig
         from offsite.data import load_task

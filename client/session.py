@@ -39,6 +39,7 @@ from emulator.bundle import (
     verify_bundle,
 )
 from emulator.forward import pick_device, resolve_precision
+from emulator.tokenizers import Tokenizer
 from offsite.errors import ModelError
 from offsite.host.memory import trim_allocator
 
@@ -51,7 +52,7 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class Session:
     bundle: Bundle
     adapted: AdaptedModel
-    tokenizer: Any
+    tokenizer: Tokenizer
     device: torch.device
     precision: str  # resolved: "fp32" | "bf16"
     memory: dict[str, Any]  # ``train_adapter`` keywords: how steps hold memory (training_memory)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+
+from emulator.tokenizers import Tokenizer
 
 
 @dataclass
@@ -33,18 +34,18 @@ class Batch:
         )
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _prefix_ids(tokenizer: Any) -> list[int]:
+def _prefix_ids(tokenizer: Tokenizer) -> list[int]:
     """The BOS the tokenizer adds by itself (Llama-2 style), or nothing (SmolLM2, GPT-2)."""
     ids = list(tokenizer("")["input_ids"])
     return ids if len(ids) == 1 else []
 
 
 def encode_pair(
-    tokenizer: Any, head: str, tail: str, answer: str, max_length: int
+    tokenizer: Tokenizer, head: str, tail: str, answer: str, max_length: int
 ) -> tuple[list[int], int]:
     """Token ids of head+tail+answer within ``max_length``; returns (ids, answer_length)."""
     answer_ids = _ids(tokenizer, answer) if answer else []
@@ -74,7 +75,7 @@ def collate(rows: Sequence[tuple[list[int], int]], pad_id: int) -> Batch:
     return Batch(input_ids, attention, labels, span)
 
 
-def pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:
             return int(candidate)
@@ -82,7 +83,7 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def text_batches(
-    tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int
+    tokenizer: Tokenizer, texts: Sequence[str], max_length: int, batch_size: int
 ) -> list[Batch]:
     """Plain texts as language-modelling batches (every token is a target)."""
     rows = [encode_pair(tokenizer, "", "", t, max_length) for t in texts if t.strip()]

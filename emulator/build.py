@@ -29,6 +29,7 @@ from emulator.quant import QuantScheme, quantize_linears
 from emulator.selection import block_change_scores, select_by_change
 from emulator.split import build_emulator, emulator_state, unique_state
 from emulator.surgery import quantizable_linears
+from emulator.tokenizers import Tokenizer
 from offsite.config import EmulatorConfig, OffsiteConfig
 from offsite.data import load_task
 from offsite.errors import ConfigError
@@ -62,7 +63,7 @@ def public_texts(name: str, count: int) -> list[str]:
 
 
 def choose_plan(
-    full_model: nn.Module, tokenizer: Any, arch: ArchSpec, settings: EmulatorConfig
+    full_model: nn.Module, tokenizer: Tokenizer, arch: ArchSpec, settings: EmulatorConfig
 ) -> LayerPlan:
     """The layer plan for ``settings.selection`` (uniform, or cosine on public text). Uniform
     drop keeps a mixed-attention model's global layers first (``anchor_layers``)."""
@@ -82,7 +83,11 @@ def choose_plan(
 
 
 def build_configured_bundle(
-    full_model: nn.Module, tokenizer: Any, arch: ArchSpec, config: OffsiteConfig, out_dir: Path
+    full_model: nn.Module,
+    tokenizer: Tokenizer,
+    arch: ArchSpec,
+    config: OffsiteConfig,
+    out_dir: Path,
 ) -> tuple[LayerPlan, Bundle]:
     """The plan ``config.emulator`` chooses and the bundle built by it, with the adapter
     ``config.train`` asks for: what a run, ``offsite emulator build`` and the benchmarks ship."""
@@ -104,7 +109,7 @@ def build_configured_bundle(
 
 def build_bundle(
     full_model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     arch: ArchSpec,
     plan: LayerPlan,
     adapter: AdapterSpec,
@@ -182,7 +187,7 @@ def _distill(
     emulator: nn.Module,
     plan: LayerPlan,
     arch: ArchSpec,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     texts: list[str],
     settings: EmulatorConfig,
     out_dir: Path,
@@ -248,7 +253,7 @@ def _middle_blocks(emulator: nn.Module, plan: LayerPlan, arch: ArchSpec) -> dict
 
 
 def _calibration_batches(
-    tokenizer: Any, texts: list[str], max_length: int
+    tokenizer: Tokenizer, texts: list[str], max_length: int
 ) -> list[dict[str, torch.Tensor]]:
     return [
         {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
@@ -261,7 +266,7 @@ def factorize_emulator(
     plan: LayerPlan,
     arch: ArchSpec,
     settings: EmulatorConfig,
-    tokenizer: Any = None,
+    tokenizer: Tokenizer = None,
     calibration: list[str] | None = None,
 ) -> dict[str, Any]:
     """Replace the kept middle blocks' linears by truncated SVDs in place; the manifest's
@@ -322,7 +327,7 @@ def quantize_emulator(
     emulator: nn.Module,
     plan: LayerPlan,
     arch: ArchSpec,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     calibration: list[str],
     settings: EmulatorConfig,
 ) -> dict[str, Any]:

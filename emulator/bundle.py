@@ -39,6 +39,7 @@ from emulator.embeddings import expand_embeddings
 from emulator.layers import LayerPlan, block_index
 from emulator.safetensors_header import read_header
 from emulator.split import emulator_config, emulator_state, unique_state
+from emulator.tokenizers import Tokenizer
 from offsite.crypto import SIGNATURE_BYTES, SignatureError, SigningKey, sign, verify
 from offsite.errors import IntegrityError
 
@@ -91,7 +92,7 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 def write_bundle(
     full_model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     plan: LayerPlan,
     adapter: AdapterSpec,
     out_dir: Path,

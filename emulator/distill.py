@@ -39,6 +39,7 @@ from emulator.arch import ArchSpec, block_list, hf_model
 from emulator.batches import Batch, text_batches
 from emulator.forward import autocast
 from emulator.layers import LayerPlan
+from emulator.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def distill(
     student: nn.Module,
     plan: LayerPlan,
     arch: ArchSpec,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     train_texts: Sequence[str],
     held_out_texts: Sequence[str],
     *,

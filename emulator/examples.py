@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from emulator.batches import Batch, collate, encode_pair, pad_id
+from emulator.tokenizers import Tokenizer
 from offsite.data import Example
 from offsite.prompts import classification_parts, cut_words, verbalize
 
@@ -20,7 +20,7 @@ def example_parts(example: Example, template: str, max_words: int) -> tuple[str,
 
 
 def encode_examples(
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     examples: Sequence[Example],
     template: str,
     max_words: int,
@@ -51,7 +51,7 @@ def batch_stream(
 
 
 def training_batches(
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     examples: Sequence[Example],
     template: str,
     *,

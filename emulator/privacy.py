@@ -20,6 +20,7 @@ from emulator.arch import ArchSpec, block_list
 from emulator.digest import tensor_sha256
 from emulator.layers import LayerPlan
 from emulator.split import unique_state
+from emulator.tokenizers import Tokenizer
 from offsite.errors import ExitCode, OffsiteError
 
 
@@ -110,7 +111,7 @@ def enforce_gate(
 
 
 def public_text_perplexity(
-    tokenizer: Any, texts: Sequence[str], max_length: int = 128, batch_size: int = 8
+    tokenizer: Tokenizer, texts: Sequence[str], max_length: int = 128, batch_size: int = 8
 ) -> Callable[[nn.Module], float]:
     """A ``perplexity_fn`` over plain texts (fp32, CPU/GPU as available)."""
     from emulator.forward import pick_device

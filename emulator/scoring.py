@@ -6,7 +6,6 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from emulator.forward import (
     keeps_kv_cache,
     prompt_forward,
 )
+from emulator.tokenizers import Tokenizer
 from offsite.data import Example
 from offsite.prompts import classification_parts, verbalize
 
@@ -32,7 +32,7 @@ class Score:
     count: int
 
 
-def _label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
+def _label_token_ids(tokenizer: Tokenizer, labels: Sequence[str]) -> list[list[int]]:
     ids = [tokenizer(verbalize(label), add_special_tokens=False)["input_ids"] for label in labels]
     empty = [label for label, i in zip(labels, ids, strict=True) if not i]
     if empty:
@@ -88,7 +88,7 @@ def _uncached_label_score(model: nn.Module, batch: Batch, ids: list[int]) -> tor
 @torch.no_grad()
 def label_log_likelihoods(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     examples: Sequence[Example],
     labels: Sequence[str],
     *,
@@ -134,7 +134,7 @@ def label_log_likelihoods(
 
 def classify(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     examples: Sequence[Example],
     labels: Sequence[str],
     *,
@@ -171,7 +171,7 @@ def classify(
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     examples: Sequence[Example],
     *,
     max_words: int,

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
 from emulator.batches import collate, encode_pair, pad_id
 from emulator.layers import LayerPlan
+from emulator.tokenizers import Tokenizer
 
 
 @torch.no_grad()
 def block_change_scores(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     texts: Sequence[str],
     max_length: int = 128,
     batch_size: int = 8,

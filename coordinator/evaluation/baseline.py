@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from emulator.adapter import AdapterSpec, attach_adapter
 from emulator.arch import arch_spec
 from emulator.examples import training_batches
 from emulator.forward import resolve_precision
+from emulator.tokenizers import Tokenizer
 from emulator.train import train_adapter
 from offsite.config import OffsiteConfig, learning_rate
 from offsite.data import Example
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 def full_fine_tune(
     full_model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     adapter: AdapterSpec,
     examples: Sequence[Example],
     template: str,

@@ -26,6 +26,7 @@ from emulator.bundle import Bundle, bundle_arch, load_bundle_model
 from emulator.forward import resolve_precision
 from emulator.plug import plug_adapter
 from emulator.scoring import Score, classify, perplexity
+from emulator.tokenizers import Tokenizer
 from offsite.config import OffsiteConfig
 from offsite.data import Example, Task
 
@@ -77,7 +78,10 @@ class _ScoringArgs(TypedDict):
 
 
 def score_model(
-    model: nn.Module, tokenizer: Any, spec: EvalSpec, progress: Callable[[int], None] | None = None
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    spec: EvalSpec,
+    progress: Callable[[int], None] | None = None,
 ) -> Score:
     precision = resolve_precision(spec.precision, spec.device)
     common = _ScoringArgs(
@@ -97,7 +101,7 @@ def score_model(
 
 def evaluate_emulator(
     bundle: Bundle,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     adapter_state: Mapping[str, torch.Tensor] | None,
     spec: EvalSpec,
     progress: Callable[[int], None] | None = None,
@@ -115,7 +119,7 @@ def evaluate_emulator(
 
 def evaluate_plug_in(
     full_model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     adapter: AdapterSpec,
     adapter_state: Mapping[str, torch.Tensor],
     spec: EvalSpec,
@@ -127,7 +131,7 @@ def evaluate_plug_in(
 
 def four_way(
     full_model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     bundle: Bundle,
     adapter_state: Mapping[str, torch.Tensor],
     spec: EvalSpec,

@@ -19,6 +19,7 @@ from coordinator.state.folder import RunFolder
 from coordinator.state.health import adapter_changed
 from emulator.bundle import verify_bundle
 from emulator.forward import pick_device
+from emulator.tokenizers import Tokenizer
 from offsite.config import OffsiteConfig
 from offsite.data import Example, Task, load_task, split_holdout
 from offsite.errors import DataError
@@ -74,7 +75,7 @@ def cross_check(
     task: Task,
     held: list[Example],
     full_model: Any,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     base_path: Path | str,
 ) -> dict[str, float]:
     """Offsite vs lm-eval accuracy for full zero-shot and plug-in on the held-out data."""

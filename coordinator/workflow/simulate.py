@@ -46,6 +46,7 @@ from emulator.bundle import Bundle, bundle_parts, verify_bundle
 from emulator.forward import pick_device
 from emulator.layers import LayerPlan, plan_layers
 from emulator.scoring import Score
+from emulator.tokenizers import Tokenizer
 from offsite.config import OffsiteConfig
 from offsite.data import Example, Task, load_task, partition, split_holdout, write_jsonl
 from offsite.errors import ConfigError
@@ -93,7 +94,7 @@ class _Run:
     plan: LayerPlan
     bundle: Bundle
     full_model: nn.Module
-    tokenizer: Any  # a transformers tokenizer
+    tokenizer: Tokenizer  # a transformers tokenizer
     timer: _Timer
     verbose: bool
     deployment: Deployment | None
