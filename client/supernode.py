@@ -17,14 +17,18 @@ growing pause; a revoked node stops with a one-line reason.
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from client.identity import JoinError, NodeIdentity, RevokedError, renew_flower_key
 from client.node_config import DATA_PATH, IDENTITY_DIR, MEMORY_BUDGET
+from offsite.host.allocator import Allocator, allocator_env
+from offsite.host.processes import flower_env, start_child, stop_tree
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +123,39 @@ def supervise(
             if stopping():
                 return 0
             time.sleep(0.2)
+
+
+def run_supernode(
+    identity: NodeIdentity,
+    data: Path,
+    port: int,
+    superlink: str | None,
+    memory_budget: str | None,
+    allocator: Allocator,
+) -> int:
+    """Run this node's SuperNode until SIGINT/SIGTERM (``offsite client start``): started in
+    our process group with ``allocator``, supervised and restarted by ``supervise``, and its
+    whole process tree stopped on a signal, even one that arrives while it is starting."""
+    home = identity.folder / "flower"
+    home.mkdir(exist_ok=True)
+    supernode_command(identity, data, port, superlink, memory_budget)  # checks before starting
+    stopping = threading.Event()
+    running: list[subprocess.Popen[bytes]] = []
+
+    def launch() -> subprocess.Popen[bytes]:
+        command = supernode_command(identity, data, port, superlink, memory_budget)
+        return start_child(command, allocator_env(flower_env(home), allocator))
+
+    def started(process: subprocess.Popen[bytes]) -> None:
+        running[:] = [process]
+        if stopping.is_set():  # a signal arrived while it was starting
+            stop_tree(process)
+
+    def stop(*_: object) -> None:
+        stopping.set()
+        for process in running:
+            stop_tree(process)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    return supervise(identity, launch, stopping.is_set, on_start=started)

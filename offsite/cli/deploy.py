@@ -329,15 +329,10 @@ def client_start(
     The data never leaves this machine; the run's bundle is fetched from the coordinator's
     artifact service (mutual TLS, signature and digests verified) into the node's cache.
     """
-
     import logging
-    import subprocess
-    import threading
 
     from client.identity import NodeIdentity
-    from client.supernode import supernode_command, supervise
-    from offsite.host.allocator import allocator_env
-    from offsite.host.processes import flower_env, start_child, stop_tree
+    from client.supernode import run_supernode
 
     allocator_choice = _check_allocator(allocator)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -350,29 +345,7 @@ def client_start(
             parse_size(memory_budget)
         except ValueError as err:
             raise typer.BadParameter(str(err)) from err
-    home = identity.folder / "flower"
-    home.mkdir(exist_ok=True)
-    supernode_command(identity, data, port, superlink, memory_budget)  # checks before starting
-    stopping = threading.Event()
-    running: list[subprocess.Popen[bytes]] = []
-
-    def launch() -> subprocess.Popen[bytes]:
-        command = supernode_command(identity, data, port, superlink, memory_budget)
-        return start_child(command, allocator_env(flower_env(home), allocator_choice))
-
-    def started(process: subprocess.Popen[bytes]) -> None:
-        running[:] = [process]
-        if stopping.is_set():  # a signal arrived while it was starting
-            stop_tree(process)
-
-    def stop(*_: object) -> None:
-        stopping.set()
-        for process in running:
-            stop_tree(process)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
-    supervise(identity, launch, stopping.is_set, on_start=started)
+    run_supernode(identity, data, port, superlink, memory_budget, allocator_choice)
 
 
 @client_app.command("fetch")
