@@ -682,7 +682,7 @@ for _name, (_script, _summary) in BENCHMARKS.items():
 def _run_bench_script(name: str, arguments: list[str]) -> None:
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "bench" / name
+    script = Path(__file__).resolve().parents[2] / "bench" / name
     if not script.is_file():
         raise OffsiteError(
             f"{script} not found: `offsite bench` runs from a source checkout of Offsite"
