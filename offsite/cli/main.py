@@ -606,7 +606,7 @@ def bench_emulator(
     gradient score of each cell's bundle with its rank correlation to plug-in.
 
     Writes bench/reports/emulator_transfer.{json,md,png}; finished runs are reused, so it can stop
-    and resume (each run is a default federated simulation: ~10 min on 2 cores).
+    and resume (each run is a whole default federated simulation: budget minutes per cell).
     """
     _run_bench_script(
         "emulator_transfer.py",

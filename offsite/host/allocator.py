@@ -3,11 +3,10 @@
 A training step allocates and frees hundreds of 1–6 MB temporaries in a different order each
 time. glibc's malloc serves them from its heap once its dynamic mmap threshold has risen, and the
 holes they leave keep the process's high-water mark far above what is live; jemalloc's size
-classes and page purging do not. Measured side by side on this 2-core machine (fresh process per
-run, bench cells): SmolLM2-135M 2-6-2 LoRA client, peak RSS 790 → 632 MB (int8) and
-800 → 657 MB (bf16) at the same tokens/s; full fine-tuning (bf16) 4029 → 3428 MB, also no slower.
-Its tuning knobs were tried and left at their defaults (``dirty_decay_ms:0``: 614 MB at a third
-of the speed).
+classes and page purging do not. The client benchmark measures both allocators side by side
+(column 'allocator' of bench/reports/client.md): a lower peak at the same speed, for the client
+and for full fine-tuning alike. Its tuning knobs were tried and left at their defaults (a zero
+dirty-page decay saves a little more memory at a large cost in speed).
 
 An allocator is fixed when a process starts (``LD_PRELOAD``), so this applies to processes we
 launch: a data owner's SuperNode (and the ClientApps it starts) and the benchmark's cells. The

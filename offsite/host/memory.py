@@ -4,12 +4,10 @@ glibc keeps freed heap memory for reuse, and a training step's activations (many
 1–5 MB, freed in a different order than allocated) leave it fragmented: the next step's
 tensors do not fit the holes, the heap grows, and the process keeps a high-water mark well
 above what it uses. Trimming after every optimizer step returns the free pages, so each step
-starts from what is live, at the price of faulting them in again. Measured A/B (LoRA, bf16,
-8 × 128 tokens, two fresh processes each): on a 2-8-2 emulator of a 48-block SmolLM2-shaped
-model peak RSS 1138 → 1039 MB for 1108 → 1052 tokens/s; on the 2-16-2 emulator (then the default) of
-SmolLM2-135M 1439 → 1294 MB for 716 → 620 tokens/s. Hence opt-in (``train_adapter``'s
-``trim_memory``). Clients no longer use it: ``client.kernels.arena`` keeps their activations
-out of the heap at a lower cost.
+starts from what is live, at the price of faulting them in again: a lower peak for fewer
+tokens/s (the trimmed full fine-tuning rows of bf16 in bench/reports/client.md). Hence opt-in
+(``train_adapter``'s ``trim_memory``). Clients no longer use it: ``client.kernels.arena`` keeps
+their activations out of the heap at a lower cost.
 """
 
 from __future__ import annotations
