@@ -23,7 +23,7 @@ from coordinator.state.adapters import initial_adapter_state, save_adapter
 from coordinator.state.folder import RunFolder
 from coordinator.state.ledger import RoundLedger
 from coordinator.state.plan import RunPlan
-from emulator.bundle import bundle_arch, verify_bundle
+from emulator.bundle import bundle_arch
 from emulator.peft_format import write_peft_adapter
 from offsite.catalog import resolve_model
 from offsite.config import OffsiteConfig, learning_rate
@@ -98,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
     folder = RunFolder(Path(plan.run_dir))
     config = folder.config()
     federation = config.federation
-    bundle = verify_bundle(plan.bundle_path, expected_digest=plan.bundle_digest)
+    bundle = folder.bundle()
     total = federation.rounds
     ledger = RoundLedger.open(folder, plan, config)
     done = ledger.completed

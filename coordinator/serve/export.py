@@ -23,7 +23,7 @@ from coordinator.models import load_full_model
 from coordinator.state.adapters import load_adapter
 from coordinator.state.folder import RunFolder
 from emulator.adapter import merged_model
-from emulator.bundle import bundle_arch, verify_bundle
+from emulator.bundle import bundle_arch
 from emulator.peft_format import write_peft_adapter
 from emulator.plug import plug_adapter
 from offsite.errors import DataError
@@ -59,7 +59,7 @@ def export_run(
     adapter_path = folder.adapter_path(round_)
     if not adapter_path.is_file():
         raise DataError(f"{adapter_path} does not exist; pass --round with an existing round")
-    bundle = verify_bundle(folder.bundle_dir)
+    bundle = folder.bundle()
     spec = bundle.adapter
     state = load_adapter(adapter_path)
     out_dir = Path(out_dir) if out_dir else folder.export_dir(round_)

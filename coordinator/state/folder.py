@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.state.plan import RunPlan
+from emulator.bundle import Bundle, verify_bundle
 from offsite.config import OffsiteConfig, load_config
 from offsite.errors import DataError
 from offsite.host.files import write_atomic
@@ -105,6 +106,14 @@ class RunFolder:
     @property
     def bundle_dir(self) -> Path:
         return self.path / "bundle"
+
+    def bundle(self) -> Bundle:
+        """The run's emulator bundle, verified (files, digests) and, once the run has a plan,
+        checked to be the very bundle the plan recorded."""
+        plan = self.plan() if self.plan_path.is_file() else None
+        if plan is None:
+            return verify_bundle(self.bundle_dir)
+        return verify_bundle(plan.bundle_path, expected_digest=plan.bundle_digest)
 
     @property
     def data_dir(self) -> Path:

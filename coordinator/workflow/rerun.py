@@ -17,7 +17,6 @@ from coordinator.serve.export import export_run
 from coordinator.state.adapters import load_adapter
 from coordinator.state.folder import RunFolder
 from coordinator.state.health import adapter_changed
-from emulator.bundle import verify_bundle
 from emulator.forward import pick_device
 from emulator.tokenizers import Tokenizer
 from offsite.config import OffsiteConfig
@@ -43,7 +42,7 @@ def evaluate_run(
     if not adapter_path.is_file():
         available = ", ".join(f"round-{r}" for r in folder.adapter_rounds())
         raise DataError(f"{adapter_path} does not exist; available: {available or 'none'}")
-    bundle = verify_bundle(folder.bundle_dir)
+    bundle = folder.bundle()
     state = load_adapter(adapter_path)
     task = load_task(config.data.name, config.data.text_field, config.data.label_field)
     _, held = split_holdout(task.examples, config.data.eval_size, config.seed)

@@ -42,7 +42,7 @@ from coordinator.state.folder import RunFolder
 from coordinator.state.health import RunHealth, adapter_changed
 from coordinator.state.plan import RunPlan
 from emulator.build import build_configured_bundle
-from emulator.bundle import Bundle, bundle_parts, verify_bundle
+from emulator.bundle import Bundle, bundle_parts
 from emulator.forward import pick_device
 from emulator.layers import LayerPlan, plan_layers
 from emulator.scoring import Score
@@ -204,10 +204,9 @@ def _resume(
     deployment: Deployment | None,
 ) -> SimulationResult:
     log.info("resuming run folder: %s", folder.path)
-    saved = folder.plan()
     with timer.stage("load full model and verify the run's bundle"):
         full_model, tokenizer, _, _ = load_full_model(config.model.name)
-        bundle = verify_bundle(saved.bundle_path, expected_digest=saved.bundle_digest)
+        bundle = folder.bundle()
     train, _ = split_holdout(task.examples, config.data.eval_size, config.seed)
     run = _Run(
         config,
