@@ -85,6 +85,7 @@ def _tiny_bundle(tiny_llama_dir: Path, folder: Path) -> Path:
     return write_bundle(model, tokenizer, plan, spec, folder, source="tiny").path
 
 
+@pytest.mark.integration  # a real `offsite` process end to end
 def test_a_probe_in_its_own_process_reports_every_component(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:

@@ -229,6 +229,7 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration  # a real `offsite` process end to end
 def test_the_cli_refuses_to_expose_adapter_routes_without_an_admin_token(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
@@ -241,6 +242,7 @@ def test_the_cli_refuses_to_expose_adapter_routes_without_an_admin_token(
     assert weak.returncode == 2 and "16 characters" in weak.stderr
 
 
+@pytest.mark.integration  # a real `offsite` process end to end
 def test_port_zero_prints_the_port_it_bound(tiny_llama_dir: Path) -> None:
     process = subprocess.Popen(
         [

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from emulator.choice import Gates, candidates, choose, pareto_front
 from tests.conftest import LAYER_DROP_OVERRIDES
 from tests.offsite.test_cli import offsite
@@ -83,6 +85,7 @@ def test_the_cli_refuses_when_nothing_passes_and_names_why(tmp_path: Path) -> No
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.integration  # a real `offsite` process end to end
 def test_the_cli_builds_the_chosen_cell(tmp_path: Path, tiny_llama_dir: Path) -> None:
     report = tmp_path / "report.json"
     report.write_text(json.dumps(REPORT))

@@ -100,6 +100,7 @@ def test_bundle_records_privacy_and_refused_builds_write_nothing(
     assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.integration  # a real `offsite` process end to end
 def test_cli_refusal_exit_code(tmp_path: Path, tiny_llama_dir: Path) -> None:
     result = subprocess.run(
         [

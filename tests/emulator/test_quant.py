@@ -345,6 +345,7 @@ def _build_cli(tmp_path: Path, model_dir: Path, *extra: str) -> subprocess.Compl
     )
 
 
+@pytest.mark.integration  # a real `offsite` process end to end
 def test_cli_quantized_build_passes_a_verbatim_gate_plain_drop_fails(
     tmp_path: Path, tiny_llama_dir: Path
 ) -> None:

@@ -124,6 +124,7 @@ def test_verify_key_checks_the_signature_and_says_what_was_not_checked(
     _one_line(offsite("emulator", "verify", str(copy), "--digest", "../x"), 5, "not a sha256")
 
 
+@pytest.mark.integration  # a real `offsite` process end to end
 def test_a_model_folder_with_only_pickle_weights(tmp_path: Path) -> None:
     folder = tmp_path / "pickled"
     model = tiny_model("llama")
@@ -134,13 +135,13 @@ def test_a_model_folder_with_only_pickle_weights(tmp_path: Path) -> None:
     assert "pickle" in result.stderr and "safetensors" in result.stderr
 
 
-@pytest.mark.parametrize("hours", ["nan", "inf", "1e12", "-1", "0"])
-def test_token_lifetimes_that_mean_nothing_are_refused(hours: str, tmp_path: Path) -> None:
+def test_token_lifetimes_that_mean_nothing_are_refused(tmp_path: Path) -> None:
     state = tmp_path / "coordinator"
     assert offsite("coordinator", "init", "--state", str(state)).returncode == 0
-    _one_line(
-        offsite("coordinator", "token", "--state", str(state), "--hours", hours), 2, "--hours"
-    )
+    for hours in ("nan", "inf", "1e12", "-1", "0"):
+        _one_line(
+            offsite("coordinator", "token", "--state", str(state), "--hours", hours), 2, "--hours"
+        )
     assert offsite("coordinator", "token", "--state", str(state), "--hours", "0.5").returncode == 0
 
 
