@@ -204,6 +204,12 @@ GENERALISATION = {
         *_CHATTERBOT,
         *CELLS["fisher43-int8-2-26-2"].overrides,
     ),
+    # the default (fisher-svd 43 %, int8, every middle block kept: 2-14-2 on Gemma3's 18 blocks)
+    # on the second catalog architecture
+    "gemma3-270m/bbc-news/fisher43-int8-2-14-2": (
+        *_GEMMA,
+        *CELLS["fisher43-int8-2-26-2"].overrides,
+    ),
 }
 
 
