@@ -260,6 +260,12 @@ def _outcome_lines(outcomes: list[dict[str, Any]]) -> list[str]:
     spent = [f"{o['epsilon']:.2f}" for o in outcomes if "epsilon" in o]
     if spent:
         lines.append(f"- differential privacy: ε after each round {', '.join(spent)}")
+    errors = [f"{o['lora_product_error']:.3f}" for o in outcomes if "lora_product_error" in o]
+    if errors:
+        lines.append(
+            "- naive LoRA averaging error ‖mean(B)·mean(A) − mean(B·A)‖ / ‖mean(B·A)‖ per round: "
+            + ", ".join(errors)
+        )
     return lines
 
 

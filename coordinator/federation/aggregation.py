@@ -36,6 +36,8 @@ class AggregationResult:
     quarantined: dict[str, str] = field(default_factory=dict)  # node -> reason
     clipped: list[str] = field(default_factory=list)
     selected: list[str] = field(default_factory=list)  # Krum's choice
+    # FedAvg over LoRA factors: how far it is from averaging the products (lora_product_error)
+    lora_product_error: float | None = None
 
 
 def _flatten(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
@@ -131,4 +133,45 @@ def aggregate(
     else:
         raise ValueError(f"unknown aggregation rule {rule.name!r}")
     state = _unflatten(base + combined, global_state, names)
-    return AggregationResult(state, [u.node for u in kept], quarantined, clipped, selected)
+    error = None
+    if rule.name == "fedavg":
+        clients = [_unflatten(base + delta, global_state, names) for delta in deltas]
+        error = lora_product_error(clients, examples.tolist())
+    return AggregationResult(
+        state, [u.node for u in kept], quarantined, clipped, selected, lora_product_error=error
+    )
+
+
+def lora_product_error(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> float | None:
+    """‖mean(B)·mean(A) − mean(B·A)‖ / ‖mean(B·A)‖ over every LoRA module of the adapter.
+
+    FedAvg averages a LoRA module's factors A (r × in) and B (out × r) separately, but what the
+    clients learned is the product ΔW = B·A, and the mean of products is not the product of means:
+    this is the relative error of the update the global adapter applies, in the Frobenius norm
+    summed over modules, with FedAvg's weights. 0 when one client took part or every client kept
+    the same A; None when the adapter has no LoRA factors.
+    """
+    total = sum(weights)
+    share = [w / total for w in weights]
+    difference = exact = 0.0
+    found = False
+    for name in states[0]:
+        if ".lora_A." not in name:
+            continue
+        partner = name.replace(".lora_A.", ".lora_B.")
+        if partner not in states[0]:
+            continue
+        found = True
+        a = torch.stack([s[name].double() for s in states])  # clients × r × in
+        b = torch.stack([s[partner].double() for s in states])  # clients × out × r
+        w = torch.tensor(share, dtype=torch.float64)
+        mean_of_products = torch.einsum("c,cor,cri->oi", w, b, a)
+        mean_a = torch.einsum("c,cri->ri", w, a)
+        mean_b = torch.einsum("c,cor->or", w, b)
+        difference += float((mean_b @ mean_a - mean_of_products).pow(2).sum())
+        exact += float(mean_of_products.pow(2).sum())
+    if not found:
+        return None
+    return math.sqrt(difference / exact) if exact > 0 else 0.0

@@ -75,6 +75,7 @@ class AdapterFedAvg(FedAvg):
         self._secure_failure = ""
         self._sent: list[Message] = []
         self.round_log: list[dict[str, Any]] = []  # one entry per round: outcome, ε
+        self._lora_product_error: float | None = None  # of the last round FedAvg aggregated
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -152,11 +153,14 @@ class AdapterFedAvg(FedAvg):
                     "node-id": message.metadata.dst_node_id,
                     "error": "no reply before the round deadline (federation.round_timeout)",
                 }
+        self._lora_product_error = None  # only a plain FedAvg round measures it
         if self._secure_enabled:
             arrays, metrics, outcome = self._combine_secure(masked)
         else:
             arrays, metrics, outcome = self._combine(updates, valid, reports)
         entry: dict[str, Any] = {"round": server_round + self._offset, "outcome": outcome}
+        if self._lora_product_error is not None:
+            entry["lora_product_error"] = self._lora_product_error
         if self._accountant is not None:
             entry["epsilon"] = self._accountant.spent
         self.round_log.append(entry)
@@ -205,6 +209,7 @@ class AdapterFedAvg(FedAvg):
             result = aggregate(global_state, updates, self._rule)
         except ValueError as err:
             return None, None, f"failed: {err}"
+        self._lora_product_error = result.lora_product_error
         for node, reason in result.quarantined.items():
             reports[node]["quarantined"] = reason
         for node in result.clipped:

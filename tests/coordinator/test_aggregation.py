@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.federation.aggregation import ClientUpdate, aggregate
+from coordinator.federation.aggregation import ClientUpdate, aggregate, lora_product_error
 from offsite.federation.robust import AggregationRule, rule_problems
 
 SHAPES = {"a.lora_A.weight": (4, 16), "a.lora_B.weight": (16, 4), "b.bias": (7,)}
@@ -124,3 +124,37 @@ def test_norm_bound_and_example_cap_limit_one_client() -> None:
     assert _distance(result.state, target) < 0.5 * _distance(unguarded.state, target)
     # the aggregate moved at most the bound (a convex combination of bounded updates)
     assert _distance(result.state, base) <= 10.0 + 1e-6
+
+
+def test_the_lora_product_error_is_measured_against_a_central_mean_of_products() -> None:
+    """FedAvg of the factors vs the mean of B·A, computed here by hand for two modules."""
+    gen = torch.Generator().manual_seed(3)
+    names = ("x.lora_A.default.weight", "x.lora_B.default.weight")
+    others = ("y.lora_A.default.weight", "y.lora_B.default.weight")
+    shapes = {names[0]: (2, 5), names[1]: (6, 2), others[0]: (2, 3), others[1]: (4, 2)}
+    states = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(3)]
+    weights = [1.0, 2.0, 5.0]
+    share = [w / sum(weights) for w in weights]
+    difference = exact = 0.0
+    for a_name, b_name in (names, others):
+        products = sum(w * (s[b_name] @ s[a_name]) for w, s in zip(share, states, strict=True))
+        mean_a = sum(w * s[a_name] for w, s in zip(share, states, strict=True))
+        mean_b = sum(w * s[b_name] for w, s in zip(share, states, strict=True))
+        difference += float((mean_b @ mean_a - products).pow(2).sum())
+        exact += float(products.pow(2).sum())
+    expected = (difference / exact) ** 0.5
+    assert lora_product_error(states, weights) == pytest.approx(expected, rel=1e-6)
+    assert expected > 0.1  # independent factors: naive averaging is far off
+    # one client, or a shared A (FFA-LoRA), makes naive averaging exact
+    assert lora_product_error(states[:1], [1.0]) == pytest.approx(0.0, abs=1e-12)
+    shared = [{**s, names[0]: states[0][names[0]], others[0]: states[0][others[0]]} for s in states]
+    assert lora_product_error(shared, weights) == pytest.approx(0.0, abs=1e-12)
+    assert lora_product_error([{"b.bias": torch.ones(3)}], [1.0]) is None
+
+
+def test_fedavg_reports_its_lora_product_error_and_robust_rules_do_not() -> None:
+    clients = _clients(4, {k: torch.zeros(s) for k, s in SHAPES.items()}, noise=0.3)
+    fedavg = aggregate(_global(), clients, AggregationRule())
+    assert fedavg.lora_product_error is not None and fedavg.lora_product_error > 0
+    trimmed = aggregate(_global(), clients, AggregationRule("trimmed-mean", trim_fraction=0.25))
+    assert trimmed.lora_product_error is None

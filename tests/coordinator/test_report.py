@@ -108,3 +108,13 @@ def test_a_plug_in_that_does_not_transfer_is_flagged_in_bold_with_what_to_try(
     assert len(transfer_warnings(ppl)) == 1 and "25.00" in transfer_warnings(ppl)[0]
     # an adapter that never trained is run health's business, not this
     assert transfer_warnings(metrics["scores"], {"adapter_changed": False}) == []
+
+
+def test_the_report_shows_the_naive_lora_averaging_error_per_round(tmp_path: Path) -> None:
+    metrics = _metrics()
+    metrics["outcomes"] = [
+        {"round": 1, "outcome": "aggregated 4 updates", "lora_product_error": 0.2514},
+        {"round": 2, "outcome": "aggregated 4 updates", "lora_product_error": 0.1},
+    ]
+    report = write_report(RunFolder(tmp_path), metrics).read_text()
+    assert "naive LoRA averaging error" in report and "0.251, 0.100" in report
