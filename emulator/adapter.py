@@ -95,23 +95,31 @@ class AdaptedModel:
     arch: ArchSpec
     prefix: str  # state-dict prefix of the block list inside ``model``
     to_full: dict[int, int]  # this model's block index -> full-model block index
+    # adapter tensors that do not train (LoRA's A under ``lora-fa``), by parameter name
+    frozen: frozenset[str] = frozenset()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def _adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {
+            n: p for n, p in self.model.named_parameters() if p.requires_grad or n in self.frozen
+        }
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Trainable tensors (fp32, CPU, contiguous) under full-model names."""
-        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        state = renumber_state(named, self.prefix, self.to_full)
+        """The adapter's tensors (fp32, CPU, contiguous) under full-model names: those that
+        train, and the frozen ones the adapter also consists of (LoRA's A under ``lora-fa``)."""
+        state = renumber_state(self._adapter_parameters(), self.prefix, self.to_full)
         return {
             k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()
         }
 
     def load_trainable(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy full-model-named trainable tensors in; names and shapes must match exactly."""
+        """Copy the full-model-named adapter tensors in (``trainable_state``'s names); names and
+        shapes must match exactly."""
         from_full = {full: own for own, full in self.to_full.items()}
         own = renumber_state(state, self.prefix, from_full)
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = self._adapter_parameters()
         missing = sorted(set(params) - set(own))
         extra = sorted(set(own) - set(params))
         if missing or extra or len(own) != len(state):
@@ -187,7 +195,14 @@ def attach_adapter(
                 f"the {spec.kind!r} policy selects no tensor of {arch.model_type} adapter blocks "
                 f"{list(spec.layers)}; choose another train.adapter"
             )
-    return AdaptedModel(model, spec, arch, block_prefix(model, arch, blocks), dict(to_full))
+    frozen: frozenset[str] = frozenset()
+    if policy.lora and policy.frozen_lora_a:
+        frozen = frozenset(n for n, _ in model.named_parameters() if ".lora_A." in n)
+        for name, parameter in model.named_parameters():
+            if name in frozen:
+                parameter.requires_grad_(False)
+    prefix = block_prefix(model, arch, blocks)
+    return AdaptedModel(model, spec, arch, prefix, dict(to_full), frozen)
 
 
 def merged_model(adapted: AdaptedModel) -> nn.Module:

@@ -272,7 +272,9 @@ def learning_rate(train: TrainConfig) -> float:
 class TrainConfig(_Section):
     adapter: PolicyName = _f(  # noqa: RUF009 -- _f is a field(); ruff cannot see through the alias
         "lora",
-        "Update policy: 'lora' (PEFT LoRA in the adapter blocks), 'full' (all their tensors), "
+        "Update policy: 'lora' (PEFT LoRA in the adapter blocks), 'lora-fa' (LoRA with A frozen "
+        "at its seeded start, only B trained: exact federated averaging; FFA-LoRA), 'full' (all "
+        "their tensors), "
         "'bias' (biases and norms), 'top' (top adapter blocks only: backward never enters the "
         "emulator), 'lora-top' (LoRA in the top adapter blocks only), 'sparse' (top blocks "
         "fully, bottom blocks' output projections and norms).",
@@ -281,7 +283,7 @@ class TrainConfig(_Section):
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r).")
     lr: float = _f(
         0.0,
-        "AdamW learning rate; 0 = the policy's default (lora and lora-top 2e-3, measured best "
+        "AdamW learning rate; 0 = the policy's default (lora, lora-fa and lora-top 2e-3, best "
         "for r=8 on the default; bias 1e-3; full, top and sparse 1e-4, since they move "
         "pretrained weights).",
     )

@@ -1,7 +1,8 @@
 """The client's update policies, in one table: which tensors of the adapter blocks train, and
 the default learning rate of each (``train.lr = 0``).
 
-Learning rates: lora and lora-top 2e-3 (measured best for r=8 on the default), bias 1e-3;
+Learning rates: lora, lora-fa and lora-top 2e-3 (measured best for r=8 on the default, lora-fa
+not tuned separately), bias 1e-3;
 full, top and sparse 1e-4, since they move pretrained weights. ``emulator.adapter`` applies a
 policy to a model; ``offsite.config`` validates ``train.adapter`` against ``PolicyName``.
 """
@@ -12,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
-PolicyName: TypeAlias = Literal["lora", "lora-top", "full", "bias", "top", "sparse"]
+PolicyName: TypeAlias = Literal["lora", "lora-fa", "lora-top", "full", "bias", "top", "sparse"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class UpdatePolicy:
     name: str
     help: str
     lora: bool = False  # LoRA factors (PEFT) instead of the blocks' own tensors
+    # LoRA's A stays as the seeded initial adapter set it and only B trains (FFA-LoRA): every
+    # client shares A, so FedAvg of B is the exact mean of the updates B·A
+    frozen_lora_a: bool = False
     top_only: bool = False  # only the top adapter blocks train
     bottom: str = "all"  # in bottom blocks: "all" | "small" (biases, norms) | "outputs" | "none"
     top: str = "all"  # in top blocks, same vocabulary
@@ -33,6 +37,14 @@ POLICIES: dict[str, UpdatePolicy] = {  # the one table: names, what trains, defa
     for p in (
         UpdatePolicy(
             "lora", "LoRA on the registry's target linears of every adapter block", True, lr=2e-3
+        ),
+        UpdatePolicy(
+            "lora-fa",
+            "LoRA with A frozen at its seeded start and only B trained (FFA-LoRA): federated "
+            "averaging of B is exact, and a sparse upload sends half of LoRA's tensors",
+            lora=True,
+            frozen_lora_a=True,
+            lr=2e-3,
         ),
         UpdatePolicy(
             "lora-top",

@@ -256,6 +256,7 @@ def _federate_once(
     overrides: list[str],
     clients: int = 3,
     expect: str = "aggregated 3 updates",
+    kind: str = "lora",
 ) -> dict[str, torch.Tensor]:
     """One round straight through Flower (no evaluation); the new global adapter."""
     from coordinator.federation.simulation import run_flower_simulation
@@ -280,7 +281,7 @@ def _federate_once(
     )
     model, tokenizer, arch, _ = load_full_model(str(tiny_llama_dir))
     plan = plan_layers(6, 1, 1, 2)
-    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
+    spec = AdapterSpec(kind, plan.adapter_layers, 4, 8, arch.lora_targets)
     bundle = write_bundle(model, tokenizer, plan, spec, folder / "bundle", source="tiny")
     data = folder / "data"
     data.mkdir(parents=True)
@@ -317,6 +318,27 @@ def test_secure_aggregation_run_equals_plain_fedavg(
         torch.testing.assert_close(secure[name], plain[name], rtol=0, atol=1e-6)
     rounds = json.loads((tmp_path / "secure" / "rounds.json").read_text())
     assert len(rounds) == 3 and all(r.get("secagg") == 1 for r in rounds)
+
+
+@pytest.mark.integration
+def test_frozen_a_lora_federates_exactly_and_uploads_only_b(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    """``lora-fa`` through Flower: A leaves the round as it came, FedAvg of B has no product
+    error, and a sparse upload carries B alone (A did not change, so it is not sent)."""
+    folder = tmp_path / "fa"
+    state = _federate_once(
+        tiny_llama_dir, tiny_task, folder, ["train.upload='sparse'"], kind="lora-fa"
+    )
+    start = load_file(str(folder / "adapters" / "round-0.safetensors"))
+    a_names = [n for n in start if ".lora_A." in n]
+    assert a_names and all(torch.equal(state[n], start[n]) for n in a_names)
+    assert any(not torch.equal(state[n], start[n]) for n in start if ".lora_B." in n)
+    outcome = json.loads((folder / "outcomes.json").read_text())[-1]
+    assert outcome["lora_product_error"] < 1e-12, outcome
+    b_values = sum(start[n].numel() for n in start if ".lora_B." in n)
+    for reply in json.loads((folder / "rounds.json").read_text()):
+        assert reply["sparse-upload"] == 1 and reply["upload-bytes"] <= 4 * b_values + 4096
 
 
 def test_sparse_upload_aggregates_exactly_like_dense_upload(

@@ -87,6 +87,6 @@ def test_backward_stops_at_the_lowest_trainable_tensor(model_type: str) -> None:
 
 
 def test_policy_registry_is_complete_and_unknown_kinds_fail() -> None:
-    assert set(POLICIES) == {"lora", "lora-top", "full", "bias", "top", "sparse"}
+    assert set(POLICIES) == {"lora", "lora-fa", "lora-top", "full", "bias", "top", "sparse"}
     with pytest.raises(ValueError, match="unknown adapter kind"):
         _adapted("llama", "everything")
