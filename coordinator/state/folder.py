@@ -171,10 +171,7 @@ class RunFolder:
 
     def metrics(self) -> dict[str, Any]:
         """The finished run's ``metrics.json``; empty when the run has not reported."""
-        try:
-            data = json.loads(self.metrics_path.read_text())
-        except (OSError, ValueError):
-            return {}
+        data = _read_json(self.metrics_path)
         return data if isinstance(data, dict) else {}
 
     @property
@@ -203,8 +200,14 @@ class RunFolder:
 def _records(path: Path) -> list[dict[str, Any]]:
     """The JSON list of records at ``path``; empty when missing or unreadable (records are
     written atomically, so a killed run leaves the previous round's file, never half of one)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
+    data = _read_json(path)
     return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON value in ``path`` (any shape: callers check it), or None when missing or not
+    JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -132,9 +132,10 @@ def simulate(
         # emulator.* must fit this model; the plan itself is chosen once the model is loaded
         plan_layers(num_layers, config.emulator.bottom, config.emulator.top, config.emulator.keep)
     if resume:
-        if run_dir is None or not RunFolder(run_dir.resolve()).can_resume:
+        folder = RunFolder(run_dir.resolve()) if run_dir is not None else None
+        if folder is None or not folder.can_resume:
             raise ConfigError(f"{run_dir} is not a run folder that can resume (no plan.json)")
-        return _resume(config, RunFolder(run_dir.resolve()), task, held, verbose, timer, deployment)
+        return _resume(config, folder, task, held, train, verbose, timer, deployment)
     folder = RunFolder.at(run_dir) if run_dir else RunFolder.new(config)
     folder.write_config(config)
     log.info("run folder: %s", folder.path)
@@ -199,6 +200,7 @@ def _resume(
     folder: RunFolder,
     task: Task,
     held: list[Example],
+    train: list[Example],
     verbose: bool,
     timer: _Timer,
     deployment: Deployment | None,
@@ -207,7 +209,6 @@ def _resume(
     with timer.stage("load full model and verify the run's bundle"):
         full_model, tokenizer, _, _ = load_full_model(config.model.name)
         bundle = folder.bundle()
-    train, _ = split_holdout(task.examples, config.data.eval_size, config.seed)
     run = _Run(
         config,
         folder,
