@@ -35,7 +35,7 @@ from coordinator.evaluation.report import (
     write_failure_report,
     write_report,
 )
-from coordinator.federation.simulation import run_flower_simulation
+from coordinator.federation.simulation import RayEngine, run_flower_simulation
 from coordinator.models import check_model, load_full_model
 from coordinator.state.adapters import load_adapter
 from coordinator.state.folder import RunFolder
@@ -238,8 +238,8 @@ def _federate_and_report(run: _Run) -> SimulationResult:
             run_flower_simulation(
                 folder.plan_path,
                 config.federation.num_clients,
-                config.federation.client_cpus,
                 verbose=run.verbose,
+                engine=RayEngine.from_config(config.federation),
             )
         health = RunHealth.read(folder, config.federation.rounds)
         if not health.trained:
