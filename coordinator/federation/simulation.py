@@ -182,7 +182,7 @@ def _join_cluster(engine: RayEngine, plan_path: Path) -> None:
 
     address = engine.address
     if address != "auto":
-        _check_reachable(address)
+        check_reachable(address)
     try:
         ray.init(
             runtime_env={"env_vars": {"PYTHONPATH": _worker_pythonpath()}}, **engine.init_args()
@@ -201,9 +201,9 @@ def _join_cluster(engine: RayEngine, plan_path: Path) -> None:
     _check_shared_folder(plan_path, [str(n["NodeID"]) for n in nodes])
 
 
-def _check_reachable(address: str) -> None:
-    """A one-line error within seconds when nothing listens at ``address`` (Ray itself
-    retries a missing head for minutes)."""
+def check_reachable(address: str) -> None:
+    """Raise ``RayClusterError`` within seconds when nothing listens at ``address`` (Ray
+    itself retries a missing head for minutes)."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT):
