@@ -248,6 +248,12 @@ class DataConfig(_Section):
         "dirichlet", "How training data is split across clients (non-IID by default)."
     )
     alpha: float = _f(1.0, "Dirichlet concentration over labels; smaller is more skewed.")
+    quantity_alpha: float = _f(
+        0.0,
+        "Quantity skew: clients' shares of the training data are drawn from a seeded "
+        "Dirichlet with this concentration (smaller = more unequal; 1 is strongly skewed), "
+        "on top of the label skew; 0 = off (shares of about equal size).",
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -259,6 +265,8 @@ class DataConfig(_Section):
             out.append("data.max_words must be >= 1")
         if self.alpha <= 0:
             out.append("data.alpha must be > 0")
+        if self.quantity_alpha < 0:
+            out.append("data.quantity_alpha must be >= 0 (0 = no quantity skew)")
         if self.template and self.template.count("{text}") != 1:
             out.append("data.template must contain {text} exactly once")
         return out

@@ -127,6 +127,7 @@ def simulate(
             config.data.partition,
             config.data.alpha,
             config.seed,
+            config.data.quantity_alpha,
         )
         _, num_layers = check_model(config.model.name)
         # emulator.* must fit this model; the plan itself is chosen once the model is loaded

@@ -16,8 +16,8 @@ from coordinator.federation.simulation import (
 )
 from offsite.config import load_config
 from offsite.errors import ConfigError, ExitCode
-from tests.offsite.test_one_line_errors import _one_line
 from tests.offsite.test_cli import offsite
+from tests.offsite.test_one_line_errors import _one_line
 
 GB = 10**9
 
