@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.node_config import DATA_PATH, IDENTITY_DIR, MEMORY_BUDGET, PARTITION_ID
-from client.profile import peak_rss_bytes
+from client.profile import anonymous_rss_bytes, peak_rss_bytes
 from client.secure_stage import handle_query, masked_update
 from client.session import open_session
 from emulator.examples import training_batches
@@ -202,12 +202,14 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def worker_facts() -> dict[str, Any]:
-    """Where this client ran, for its report: the worker process, its peak resident memory
-    (the bundle is loaded once per worker, so clients sharing one share that memory) and, in a
-    Ray simulation, its Ray node (the first 48 bits of the node id)."""
+    """Where this client ran, for its report: the worker process, its peak resident memory and
+    its own (anonymous) resident memory now (the bundle is loaded once per worker, so clients
+    served by one worker share that memory) and, in a Ray simulation, its Ray node (the first
+    48 bits of the node id)."""
     facts: dict[str, Any] = {"worker_pid": os.getpid()}
     with contextlib.suppress(OSError, RuntimeError):  # no /proc (not Linux)
         facts["worker_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+        facts["worker_anon_rss_mb"] = round(anonymous_rss_bytes() / 2**20, 1)
     ray = sys.modules.get("ray")  # never imported here: only a Ray worker has it loaded
     if ray is not None and ray.is_initialized():
         facts["ray_node"] = int(ray.get_runtime_context().get_node_id()[:12], 16)
