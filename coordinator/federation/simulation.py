@@ -143,6 +143,7 @@ def run_flower_simulation(
             _join_cluster(engine, plan_path)
         else:
             _start_ray(init_args)
+            _check_capacity(engine, [n["Resources"] for n in _alive_nodes()])
         _serialize_ast_parse()
         _run_simulation(
             num_supernodes=num_clients,
@@ -195,10 +196,17 @@ def _join_cluster(engine: RayEngine, plan_path: Path) -> None:
             "runs (`ray status --address ...`) and that this machine runs the same Ray and "
             "Python versions"
         ) from err
-    listed: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]  # ray's own
-    nodes = [n for n in listed if n.get("Alive") and n.get("Resources")]
+    nodes = _alive_nodes()
     _check_capacity(engine, [n["Resources"] for n in nodes])
     _check_shared_folder(plan_path, [str(n["NodeID"]) for n in nodes])
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    """The Ray nodes of the connected cluster that are up and offer resources."""
+    import ray
+
+    listed: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]  # ray's own
+    return [n for n in listed if n.get("Alive") and n.get("Resources")]
 
 
 def check_reachable(address: str) -> None:

@@ -66,6 +66,20 @@ def test_slots_count_cpus_gpus_and_memory() -> None:
     assert slots(RayEngine(client_cpus=2.0, client_memory=3 * GB), node) == (2, 2)
 
 
+def test_capacity_is_checked_before_any_round() -> None:
+    """Flower sizes its actor pool by CPUs and GPUs alone: a memory reservation that would leave
+    actors unscheduled (their messages would wait for the round timeout) is refused, as is a
+    cluster that cannot host one client."""
+    from coordinator.federation.simulation import _check_capacity
+
+    nodes = [{"CPU": 4.0, "memory": 8.0 * GB}, {"CPU": 1.0, "memory": 2.0 * GB}]
+    _check_capacity(RayEngine(client_cpus=2.0, client_memory=3 * GB), nodes)
+    with pytest.raises(RayClusterError, match="fits 4 clients by CPU but only 2 by"):
+        _check_capacity(RayEngine(client_cpus=1.0, client_memory=3 * GB), nodes)
+    with pytest.raises(RayClusterError, match="no node of the Ray cluster .* can host a client"):
+        _check_capacity(RayEngine(client_cpus=1.0, client_gpus=1.0), nodes)
+
+
 def test_unreachable_cluster_fails_within_seconds() -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
