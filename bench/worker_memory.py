@@ -100,32 +100,49 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the report's rows of other models"
+    )
     args = parser.parse_args()
     rows = [
         measure(run.resolve(), args.clients, workers, args.steps)
         for run in args.run
         for workers in args.workers
     ]
+    path = REPORTS / "worker_memory.json"
+    if args.keep and path.is_file():
+        models = {r["model"] for r in rows}
+        kept = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in models]
+        rows = kept + rows
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / "worker_memory.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    text = render(rows)
+    (REPORTS / "worker_memory.md").write_text(text)
+    print(text)
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """The Markdown report of ``rows``."""
     lines = [
         "# Memory per simulated client (peak RSS per Ray worker)",
         "",
-        f"`python bench/worker_memory.py` — {args.clients} clients, one round, "
-        f"{args.steps} local step(s), one CPU per worker.",
+        "`python bench/worker_memory.py` — one round, one local step per client, one CPU "
+        "per worker, on a local Ray node; peak RSS is the worker's high-water mark (loading "
+        "and training included), anonymous RSS what it holds of its own after its last "
+        "client (without the shared page cache of mapped files).",
         "",
         "| model | bundle MB | workers | clients per worker | worker peak RSS MB (max / mean) "
         "| anonymous RSS MB | growth over its clients MB | round s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        anonymous = r.get("worker_anon_rss_mb") or "—"
         lines.append(
             f"| {r['model']} | {r['bundle_mb']} | {r['processes']} | {r['clients_per_process']} "
             f"| {r['worker_peak_rss_mb']} / {r['worker_peak_rss_mb_mean']} "
-            f"| {r['worker_anon_rss_mb']} | {r['peak_growth_mb']} | {r['round_s']} |"
+            f"| {anonymous} | {r['peak_growth_mb']} | {r['round_s']} |"
         )
-    (REPORTS / "worker_memory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
