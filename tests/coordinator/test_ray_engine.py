@@ -76,7 +76,7 @@ def test_capacity_is_checked_before_any_round() -> None:
     _check_capacity(RayEngine(client_cpus=2.0, client_memory=3 * GB), nodes)
     with pytest.raises(RayClusterError, match="fits 4 clients by CPU but only 2 by"):
         _check_capacity(RayEngine(client_cpus=1.0, client_memory=3 * GB), nodes)
-    with pytest.raises(RayClusterError, match="no node of the Ray cluster .* can host a client"):
+    with pytest.raises(RayClusterError, match=r"no node of the Ray cluster .* can host a client"):
         _check_capacity(RayEngine(client_cpus=1.0, client_gpus=1.0), nodes)
 
 
