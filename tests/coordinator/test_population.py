@@ -17,9 +17,7 @@ from tests.conftest import LABELS, tiny_texts
 pytestmark = pytest.mark.integration
 
 
-def test_two_hundred_registered_ten_sampled_per_round(
-    tiny_llama_dir: Path, tmp_path: Path
-) -> None:
+def test_two_hundred_registered_ten_sampled_per_round(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from coordinator.federation.simulation import RayEngine, run_flower_simulation
     from coordinator.models import load_full_model
     from coordinator.state.folder import RunFolder
