@@ -244,3 +244,13 @@ def test_kuberay_example_parses_and_its_driver_joins_its_cluster() -> None:
         volume = volumes[mounts[config.output_dir]]
         assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
         assert all(c["image"] == "offsite:latest" for c in pod["containers"])
+    # the driver's per-client resources fit the worker pods without idle actors (Ray offers a
+    # pod's CPU limit and ~70 % of its memory limit; the rest is the object store)
+    from coordinator.federation.simulation import RayEngine, slots
+
+    engine = RayEngine.from_config(config.federation)
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        memory = int(limits["memory"].removesuffix("Gi")) * 2**30 * 0.7
+        pooled, scheduled = slots(engine, {"CPU": float(limits["cpu"]), "memory": memory})
+        assert pooled == scheduled >= 1, (pooled, scheduled)
