@@ -180,3 +180,15 @@ def test_simulation_runs_clients_on_both_nodes_of_a_ray_cluster(
     outcomes = json.loads((tmp_path / "outcomes.json").read_text())
     assert outcomes[-1]["outcome"].startswith(f"aggregated {clients} updates"), outcomes
     assert (tmp_path / "adapters" / "round-1.safetensors").is_file()
+
+    # a run folder the nodes cannot see is refused before any round, in one line
+    import ray
+
+    from coordinator.federation.simulation import RayClusterError, _check_shared_folder
+
+    ray.init(address=ray_cluster.address, logging_level="ERROR")
+    try:
+        with pytest.raises(RayClusterError, match="2 of 2 Ray nodes cannot read the run folder"):
+            _check_shared_folder(tmp_path / "elsewhere" / "plan.json", ray_cluster.node_ids)
+    finally:
+        ray.shutdown()
