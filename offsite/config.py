@@ -368,7 +368,9 @@ class FederationConfig(_Section):
     client_memory: str = _f(
         "",
         "Memory reserved per simulated client, e.g. '2GB' (Ray's memory resource: a node "
-        "hosts no more clients than fit); empty = no reservation.",
+        "hosts no more clients than fit; it must not fit fewer than its CPUs do, since Flower "
+        "starts a client slot per client_cpus — checked before the first round); empty = no "
+        "reservation.",
     )
     ray_address: str = _f(
         "",
