@@ -11,7 +11,8 @@ TEST_MODELS_STAMP := $(VENV)/.offsite-test-models-done
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
-export NO_MKDOCS_2_WARNING := 1  # Material prints a notice about its successor on every build
+# Material prints a notice about its successor on every build
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: setup simulate test test-fast lint docs docs-screenshots clean system-packages bench-emulator bench-privacy bench-inversion \
         bench-transfer bench-client bench-layer-drop bench-eval-speed \
