@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:  # mkdocs loads this hook by path, from any workin
     sys.path.insert(0, str(ROOT))
 
 GENERATED_NOTE = (
-    "!!! note \"Generated\"\n    This page is generated from {source} on every `make docs`; "
+    '!!! note "Generated"\n    This page is generated from {source} on every `make docs`; '
     "edit the source, not this page.\n"
 )
 
@@ -298,8 +298,7 @@ def exit_codes_markdown() -> str:
             for code in ExitCode
         ),
         "",
-        "The error classes that carry these codes are in the "
-        "[Python API](api.md#offsite.errors).",
+        "The error classes that carry these codes are in the [Python API](api.md#offsite.errors).",
         "",
     ]
     return "\n".join(lines)
