@@ -39,8 +39,9 @@ lint: setup
 	$(BIN)/mypy offsite coordinator emulator client
 
 # The documentation site, offline, warnings as errors (broken links, missing pages); into site/.
+# (not --quiet: it hides the warnings from --strict too, and the build would pass)
 docs: setup
-	$(BIN)/mkdocs build --strict --quiet
+	$(BIN)/mkdocs build --strict
 
 # Screenshots of the built site for the README (headless Chromium): docs/images/*.png
 docs-screenshots: docs
