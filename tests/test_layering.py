@@ -191,10 +191,11 @@ def test_every_room_has_a_rule() -> None:
         assert found - exempt == set(rooms), (package, sorted(found - exempt - set(rooms)))
 
 
-def test_the_readme_map_matches_the_tree() -> None:
-    """README's "Where things live" names every package and sub-package, and nothing else."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Where things live", 1)[1].split("\n## ", 1)[0]
+def test_the_docs_map_matches_the_tree() -> None:
+    """The docs' "Where things live" (docs/internals.md) names every package and sub-package,
+    and nothing else."""
+    page = (ROOT / "docs" / "internals.md").read_text()
+    section = page.split("## Where things live", 1)[1].split("\n## ", 1)[0]
     listed = {
         cell.strip("`").rstrip("/")
         for line in section.splitlines()
@@ -209,6 +210,6 @@ def test_the_readme_map_matches_the_tree() -> None:
         if path.parent.relative_to(ROOT).as_posix() not in {"client/runtime", "client/kernels"}
     } | set(PACKAGES)
     missing = {p for p in packages if not any(e == p or e.startswith(p + "/") for e in listed)}
-    assert not missing, f"packages missing from the README map: {sorted(missing)}"
+    assert not missing, f"packages missing from the docs/internals.md map: {sorted(missing)}"
     stale = {p for p in listed if not (ROOT / p).exists()}
-    assert not stale, f"README map lists paths that do not exist: {sorted(stale)}"
+    assert not stale, f"docs/internals.md map lists paths that do not exist: {sorted(stale)}"
