@@ -38,12 +38,12 @@ import torch
 from flwr.app import (
     Array,
     ArrayRecord,
-    Message,
     MessageType,
     Metadata,
     MetricRecord,
     RecordDict,
 )
+from flwr.app.message.message import make_message
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
@@ -191,14 +191,14 @@ class BufferedRule(_Guarded):
             raise self._nothing_usable()
         strategy = flower_rule(self.rule, len(self._held))
         replies = [
-            Message(
+            make_message(
+                _reply_metadata(index),
                 RecordDict(
                     {
                         "arrays": ArrayRecord({"update": Array(delta)}),
                         "metrics": MetricRecord({_WEIGHT: weight}),
                     }
                 ),
-                metadata=_reply_metadata(index),
             )
             for index, (delta, weight) in enumerate(self._held, start=1)
         ]

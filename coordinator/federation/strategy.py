@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -132,74 +132,41 @@ class AdapterRounds(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Fold each reply as it arrives (it is dropped afterwards), then combine."""
-        reports: dict[str, ClientReport] = {}
-        metrics: dict[str, RecordDict] = {}  # the metric records of usable replies
-        sent_ids = {m.metadata.message_id for m in self._sent if m.metadata.message_id}
-        stale_nodes: set[str] = set()
+        """Fold each reply as it arrives and release its tensors, then combine."""
         global_state = self._global.to_torch_state_dict() if self._global is not None else None
         into = (
             collector(global_state, self._rule)
             if global_state is not None and not self._secure_enabled
             else None
         )
-        folded_secure = 0
+        round_ = _Round(
+            server_round,
+            {m.metadata.message_id for m in self._sent if m.metadata.message_id},
+            global_state,
+            into,
+        )
         for reply in replies:
-            node = str(reply.metadata.src_node_id)
-            if sent_ids and reply.metadata.reply_to_message_id not in sent_ids:
-                stale = {"node-id": reply.metadata.src_node_id, "quarantined": "stale reply"}
-                self._on_client_report(server_round, stale)  # not this round's instruction
-                stale_nodes.add(node)
-                continue
-            if node in reports:
-                # Flower's SuperLink stores one reply per instruction, so only a faulty grid
-                # gets here; the first reply may already be in the running sum: it stays.
-                extra = {
-                    "node-id": reply.metadata.src_node_id,
-                    "quarantined": "sent more than one reply this round (the first counted)",
-                }
-                self._on_client_report(server_round, extra)
-                continue
-            report: ClientReport = {"node-id": reply.metadata.src_node_id}
-            reports[node] = report
-            if reply.has_error():
-                report["error"] = reply.error.reason
-                continue
-            for record in reply.content.metric_records.values():
-                report.update(dict(record))
-            if self._secure_enabled:
-                reason = self._fold_secure(reply)
-                if reason:
-                    report["quarantined"] = reason
-                else:
-                    folded_secure += 1
-                continue
-            update = _client_update(node, reply, self.arrayrecord_key, global_state)
-            if isinstance(update, str):
-                report["quarantined"] = update
-                continue
-            if into is not None:
-                into.add(update)
-                if node in into.quarantined:
-                    report["quarantined"] = into.quarantined[node]
-                    continue
-            metrics[node] = RecordDict(dict(reply.content.metric_records))
+            try:
+                self._take(round_, reply)
+            finally:
+                _release(reply)
+        reports = round_.reports
         for message in self._sent:
             silent = str(message.metadata.dst_node_id)
-            if silent not in reports and silent not in stale_nodes:
+            if silent not in reports and silent not in round_.stale_nodes:
                 reports[silent] = {
                     "node-id": message.metadata.dst_node_id,
                     "error": "no reply before the round deadline (federation.round_timeout)",
                 }
         product_error: float | None = None
         if self._secure_enabled:
-            arrays, aggregated, outcome = self._combine_secure(folded_secure)
+            arrays, aggregated, outcome = self._combine_secure(round_.folded_secure)
         else:
             result, outcome = self._combine(into, reports)
             arrays, aggregated = None, None
             if result is not None:
                 arrays = ArrayRecord(self._privatize(result))
-                accepted = [metrics[n] for n in result.accepted if n in metrics]
+                accepted = [round_.metrics[n] for n in result.accepted if n in round_.metrics]
                 aggregated = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
                 product_error = result.lora_product_error
             if self._accountant is not None and arrays is not None:
@@ -216,6 +183,48 @@ class AdapterRounds(FedAvg):
         for report in reports.values():
             self._on_client_report(server_round, report)
         return arrays, aggregated
+
+    def _take(self, round_: _Round, reply: Message) -> None:
+        """Check one reply, record its report, and fold its update into the round."""
+        node = str(reply.metadata.src_node_id)
+        if round_.sent_ids and reply.metadata.reply_to_message_id not in round_.sent_ids:
+            stale = {"node-id": reply.metadata.src_node_id, "quarantined": "stale reply"}
+            self._on_client_report(round_.number, stale)  # not this round's instruction
+            round_.stale_nodes.add(node)
+            return
+        if node in round_.reports:
+            # Flower's SuperLink stores one reply per instruction, so only a faulty grid
+            # gets here; the first reply may already be in the running sum: it stays.
+            extra = {
+                "node-id": reply.metadata.src_node_id,
+                "quarantined": "sent more than one reply this round (the first counted)",
+            }
+            self._on_client_report(round_.number, extra)
+            return
+        report: ClientReport = {"node-id": reply.metadata.src_node_id}
+        round_.reports[node] = report
+        if reply.has_error():
+            report["error"] = reply.error.reason
+            return
+        for record in reply.content.metric_records.values():
+            report.update(dict(record))
+        if self._secure_enabled:
+            reason = self._fold_secure(reply)
+            if reason:
+                report["quarantined"] = reason
+            else:
+                round_.folded_secure += 1
+            return
+        update = _client_update(node, reply, self.arrayrecord_key, round_.global_state)
+        if isinstance(update, str):
+            report["quarantined"] = update
+            return
+        if round_.into is not None:
+            round_.into.add(update)
+            if node in round_.into.quarantined:
+                report["quarantined"] = round_.into.quarantined[node]
+                return
+        round_.metrics[node] = RecordDict(dict(reply.content.metric_records))
 
     def _fold_secure(self, reply: Message) -> str | None:
         """Fold a masked reply into the secure round's sum; why it cannot count, or None."""
@@ -394,6 +403,31 @@ def make_strategy(
         round_offset=round_offset,
     )
     return strategy
+
+
+@dataclass
+class _Round:
+    """What ``aggregate_train`` keeps while one round's replies stream in (no tensors but the
+    running aggregate inside ``into``)."""
+
+    number: int
+    sent_ids: set[str]
+    global_state: dict[str, torch.Tensor] | None
+    into: RunningMean | BufferedRule | None
+    reports: dict[str, ClientReport] = field(default_factory=dict)
+    metrics: dict[str, RecordDict] = field(default_factory=dict)  # of the usable replies
+    stale_nodes: set[str] = field(default_factory=set)
+    folded_secure: int = 0
+
+
+def _release(reply: Message) -> None:
+    """Drop a folded reply's tensors now. Flower's ``RecordDict`` is a reference cycle (its
+    child records hold a bound method of it), so without this every reply's arrays would live
+    until the garbage collector's next pass: measured, ~10 replies' worth held at a time.
+    (Flower's own FedTrimmedAvg and FedMedian pop arrays out of the replies they aggregate.)"""
+    if not reply.has_error():
+        for record in reply.content.array_records.values():
+            record.clear()
 
 
 def _masked_vector(reply: Message, arrays_key: str) -> np.ndarray | str:
