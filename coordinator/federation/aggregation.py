@@ -14,12 +14,17 @@ Decisions:
   running weighted sum the moment it arrives, and then dropped, so the coordinator's memory does
   not grow with the clients per round. This is ours and not Flower's ``FedAvg``: Flower's
   ``aggregate_arrayrecords`` also sums in place, but over the list of every reply of the round,
-  which ``Grid.send_and_receive`` holds all at once (measured in
-  ``tests/coordinator/test_streaming.py``: peak memory flat from 10 to 100 replies here, growing
-  with them there). Flower's FedAvg also cannot quarantine, clip or rebuild sparse uploads.
+  which ``Grid.send_and_receive`` holds all at once. Measured with tracemalloc
+  (``tests/coordinator/test_streaming.py``, 262 kB replies): one round's peak is 1.10 MB at 10
+  replies and 1.36 MB at 100 (per-client reports and metrics only), where the list of 100
+  replies alone is 26.5 MB. Flower's FedAvg also cannot quarantine, clip or rebuild sparse
+  uploads. The two agree to 2.3e-10 on the same 32 updates of 200k parameters.
 - Robust rules (``BufferedRule``) are Flower's: ``FedTrimmedAvg``, ``FedMedian``, ``Krum``,
   ``MultiKrum`` and ``Bulyan`` run their own ``aggregate_train`` over the round's guarded updates
   as in-memory replies (one flat float64 update each, weighted by the capped example count).
+  On the same 32 updates of 200k parameters, our former trimmed mean and Krum (removed) gave
+  bit-identical results; our multi-Krum averaged the kept updates unweighted, Flower's weights
+  them by examples (max difference 0.03 there); timings were within this shared machine's noise.
   They need every update at once, so their memory grows as clients x adapter size (about 3x that
   at the peak: the buffer, Flower's copies, the stacked matrix); ``AggregationRule.max_buffered``
   bounds the clients per round at configuration time.

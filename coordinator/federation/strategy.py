@@ -34,7 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
@@ -311,25 +319,23 @@ class _KeepDtypes(FedAvg):
     """Cast a server optimizer's new global back to the dtypes the round started from (Flower's
     FedAdam computes its bias correction in float64 and would otherwise double the adapter)."""
 
-    _start_arrays: dict[str, torch.Tensor] | None = None  # dtype holders, set per round
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        sent = self._start_arrays
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None or sent is None:
-            return arrays, metrics
-        state = arrays.to_torch_state_dict()
-        return ArrayRecord({k: v.to(sent[k]) for k, v in state.items()}), metrics
+    _start_dtypes: dict[str, str] | None = None  # numpy dtype names, set per round
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._start_arrays = {
-            k: torch.empty(0, dtype=v.dtype) for k, v in arrays.to_torch_state_dict().items()
-        }
+        self._start_dtypes = {k: array.dtype for k, array in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        dtypes = self._start_dtypes
+        if arrays is None or dtypes is None:
+            return arrays, metrics
+        cast = {k: Array(a.numpy().astype(dtypes[k], copy=False)) for k, a in arrays.items()}
+        return ArrayRecord(cast), metrics
 
 
 class AdapterFedProx(FedProx, AdapterRounds):

@@ -89,7 +89,9 @@ def test_peak_memory_does_not_grow_with_the_clients_per_round() -> None:
     one = sum(4 * torch.Size(s).numel() for s in SHAPES.values())
     streamed = {n: _peak(_reply(i) for i in range(n)) for n in (10, 100)}
     assert one < streamed[10] < 8 * one, streamed  # it traces the replies, not everything
-    assert streamed[100] < 1.25 * streamed[10], streamed
+    # 90 more replies add less than two replies' worth (measured 1.10 -> 1.36 MB: the small
+    # per-client reports and metrics), where holding them would add 90
+    assert streamed[100] - streamed[10] < 2 * one, streamed
 
 
 class _TrickleGrid(Grid):
