@@ -24,7 +24,9 @@ Decisions:
   as in-memory replies (one flat float64 update each, weighted by the capped example count).
   On the same 32 updates of 200k parameters, our former trimmed mean and Krum (removed) gave
   bit-identical results; our multi-Krum averaged the kept updates unweighted, Flower's weights
-  them by examples (max difference 0.03 there); timings were within this shared machine's noise.
+  them by examples (max difference 0.03 there). Time, one thread, best of 3: trimmed mean 0.34 s
+  ours vs 0.56 s Flower's (it serializes each update into an ``Array``), Krum 0.52 s vs 0.27 s;
+  streamed FedAvg 0.07 s vs 0.18 s for our former batch FedAvg.
   They need every update at once, so their memory grows as clients x adapter size (about 3x that
   at the peak: the buffer, Flower's copies, the stacked matrix); ``AggregationRule.max_buffered``
   bounds the clients per round at configuration time.
