@@ -5,6 +5,12 @@ two query exchanges before training (advertise keys, share keys; the encrypted s
 client travel inside its train message) and one after (unmask). Clients reply to the train
 message with a masked vector ``[Σ w·Δ, w]`` (update times weight, then the weight), so the
 coordinator learns only the weighted sum of the updates and the sum of the weights.
+
+Each masked vector is folded into the running sum as its reply arrives (``fold_masked``), so the
+coordinator holds one vector whatever the number of clients; 100 clients with 15 dropouts at the
+default threshold take seconds at protocol level (``tests/offsite/test_secagg.py``). Ours, not
+Flower's ``SecAggPlusWorkflow``: that one runs only in Flower's legacy ``NumPyClient`` stack
+(measured here: 37 s a round there vs 20 s plain, in deployment), not the Message API.
 """
 
 from __future__ import annotations

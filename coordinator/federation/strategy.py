@@ -21,6 +21,8 @@ Decisions:
   ``aggregate − global``), exactly as Flower's ``FedAdam`` does over its own FedAvg. That step
   post-processes what the coordinator sees anyway, so it composes with secure aggregation, DP
   (post-processing keeps the guarantee), sparse uploads and robust rules.
+- The server optimizers' state (Adam's moments, FedAvgM's momentum) lives in the strategy
+  object: a resumed run starts it afresh from the resumed adapter.
 - FedProx's proximal term is the clients' (``emulator.train.train_adapter``); its ``mu``
   travels as ``TrainInstruction.proximal_mu``, the same record key Flower's ``FedProx`` writes.
 """
