@@ -246,3 +246,31 @@ def test_server_optimizers_compose_with_secure_aggregation_dp_and_robust_rules()
     )
     config = load_config(None, ["federation.strategy='fedavgm'", "federation.server_momentum=0.9"])
     assert config.federation.server_strategy.learning_rate == 1.0  # Flower's default
+
+
+def test_a_server_optimizer_runs_over_a_robust_rule_and_over_dp_rounds() -> None:
+    from offsite.federation.dp import DpSchedule, epsilon
+    from offsite.federation.robust import AggregationRule
+
+    # Yogi over Flower's FedMedian: the step is bounded by the server rate per coordinate
+    strategy = make_strategy(
+        ServerStrategy("fedyogi", server_lr=0.01),
+        lambda _r, _report: None,
+        AggregationRule("median"),
+        min_train_nodes=3,
+        min_available_nodes=3,
+    )
+    state, _ = _round(strategy, 1, _start(), seed=1)
+    steps = torch.cat([(state[k] - _start()[k]).reshape(-1) for k in SHAPES])
+    assert 0 < float(steps.abs().max()) <= 0.01 * (1 + 1e-5)
+    # Adam over DP-FedAvg: noise first, then the optimizer (post-processing); ε is accounted
+    dp = DpSchedule(1.0, 1.0, 3, 1e-5, epsilon(1.0, 1.0, 3, 1e-5), 0.5)
+    private = make_strategy(
+        ServerStrategy("fedadam", server_lr=0.01),
+        lambda _r, _report: None,
+        dp=dp,
+        min_train_nodes=3,
+        min_available_nodes=3,
+    )
+    _round(private, 1, _start(), seed=1)
+    assert private.round_log[-1]["epsilon"] == pytest.approx(epsilon(1.0, 1.0, 1, 1e-5))
