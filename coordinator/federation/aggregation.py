@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -255,6 +256,18 @@ def flower_rule(rule: AggregationRule, clients: int) -> FedAvg:
     if rule.name == "bulyan":
         return Bulyan(num_malicious_nodes=f, weighted_by_key=key)
     raise ValueError(f"{rule.name!r} is not a robust aggregation rule")
+
+
+class Collector(Protocol):
+    """Where one round's updates go as they arrive (``RunningMean``, ``BufferedRule``, or an
+    extension such as another aggregation mode that buffers its own way)."""
+
+    accepted: list[str]
+    quarantined: dict[str, str]
+
+    def add(self, update: ClientUpdate) -> None: ...
+
+    def result(self) -> AggregationResult: ...
 
 
 def collector(

@@ -50,9 +50,8 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedPro
 
 from coordinator.federation.aggregation import (
     AggregationResult,
-    BufferedRule,
     ClientUpdate,
-    RunningMean,
+    Collector,
     collector,
 )
 from coordinator.federation.secure_rounds import (
@@ -145,7 +144,7 @@ class AdapterRounds(FedAvg):
         """Fold each reply as it arrives and release its tensors, then combine."""
         global_state = self._global.to_torch_state_dict() if self._global is not None else None
         into = (
-            collector(global_state, self._rule)
+            self._collector(global_state)
             if global_state is not None and not self._secure_enabled
             else None
         )
@@ -193,6 +192,11 @@ class AdapterRounds(FedAvg):
         for report in reports.values():
             self._on_client_report(server_round, report)
         return arrays, aggregated
+
+    def _collector(self, global_state: dict[str, torch.Tensor]) -> Collector:
+        """Where this round's updates go: the rule's running mean or buffer (the hook for other
+        aggregation modes)."""
+        return collector(global_state, self._rule)
 
     def _take(self, round_: _Round, reply: Message) -> None:
         """Check one reply, record its report, and fold its update into the round."""
@@ -264,7 +268,7 @@ class AdapterRounds(FedAvg):
         return ArrayRecord(state), None, f"aggregated {count} updates (secure)"
 
     def _combine(
-        self, into: RunningMean | BufferedRule | None, reports: dict[str, ClientReport]
+        self, into: Collector | None, reports: dict[str, ClientReport]
     ) -> tuple[AggregationResult | None, str]:
         """The round's aggregate, or None (the global stays as it is) with the reason."""
         if into is None:
@@ -421,7 +425,7 @@ class _Round:
     number: int
     sent_ids: set[str]
     global_state: dict[str, torch.Tensor] | None
-    into: RunningMean | BufferedRule | None
+    into: Collector | None
     reports: dict[str, ClientReport] = field(default_factory=dict)
     metrics: dict[str, RecordDict] = field(default_factory=dict)  # of the usable replies
     stale_nodes: set[str] = field(default_factory=set)
