@@ -158,6 +158,7 @@ def train(msg: Message, context: Context) -> Message:
         lr=order.lr,
         precision=session.precision,
         device=session.device,
+        proximal_mu=order.proximal_mu,
         **session.memory,
     )
     trained = misbehave(order, partition, global_state, session.adapted.trainable_state())

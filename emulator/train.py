@@ -43,6 +43,7 @@ def train_adapter(
     on_step: Callable[[int, float], None] | None = None,
     trim_memory: bool = False,
     saved_tensors: Callable[[], AbstractContextManager[None]] | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on the adapter's trainable tensors.
 
@@ -51,11 +52,17 @@ def train_adapter(
     fine-tuning baselines measure it). ``saved_tensors`` wraps each step's forward and
     backward (the client's ``client.kernels.arena.ActivationArena.step``: activations in one
     reused buffer).
+
+    ``proximal_mu`` > 0 is FedProx (Li et al. 2020): the loss gains ``mu/2 ||w − w_0||²`` over
+    the trainable tensors, ``w_0`` their values before the first step (the round's global
+    adapter). Its gradient ``mu (w − w_0)`` is added to the task gradient directly (no graph, one
+    copy of the trainable tensors); the losses reported stay the task loss.
     """
     params = adapted.trainable_parameters()
     if not params:
         raise ValueError("the adapter has no trainable tensors")
     optimizer = AdamW(params, lr=lr, weight_decay=0.0)
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     model = adapted.model
     model.train()
     result = TrainResult()
@@ -70,6 +77,9 @@ def train_adapter(
                     f"training loss became {loss.item()} at step {step}; lower train.lr"
                 )
             loss.backward()
+        for param, anchor in zip(params, anchors, strict=False):  # FedProx (none without)
+            if param.grad is not None:
+                param.grad.add_(param.detach() - anchor, alpha=proximal_mu)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

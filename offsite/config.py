@@ -28,7 +28,12 @@ else:  # Python 3.10: the same parser, from PyPI (a dependency there only)
     import tomli as tomllib
 
 from offsite.errors import ConfigError
-from offsite.federation.robust import AggregationRule, rule_problems
+from offsite.federation.robust import (
+    AggregationRule,
+    ServerStrategy,
+    rule_problems,
+    strategy_problems,
+)
 from offsite.host.sizes import parse_size
 from offsite.policies import POLICIES, PolicyName
 
@@ -402,15 +407,49 @@ class FederationConfig(_Section):
         "(e.g. http://127.0.0.1:8000); clients then query it as model `serve_name`.",
     )
     serve_name: str = _f("federated", "Model name the pushed adapter is served under.")
-    aggregation: Literal["fedavg", "trimmed-mean", "krum", "multi-krum"] = _f(
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"] = _f(
         "fedavg",
-        "How client updates combine: 'fedavg' (example-weighted mean), 'trimmed-mean' "
-        "(coordinate-wise, trim_fraction cut from each end), 'krum' / 'multi-krum' (tolerate "
-        "`byzantine` malicious clients; need clients >= 2*byzantine + 3).",
+        "Flower strategy: 'fedavg' (the aggregate is the next global adapter), 'fedprox' "
+        "(clients add proximal_mu/2 * ||w - w_global||^2 to their loss), or a server optimizer "
+        "stepping on the pseudo-gradient aggregate - global: 'fedadam', 'fedyogi', "
+        "'fedadagrad' (Reddi et al. 2021; server_lr, server_beta1/2, server_tau), 'fedavgm' "
+        "(server_lr, server_momentum). All compose with the aggregation rule, sparse upload, "
+        "secure aggregation and DP (the server step only post-processes the aggregate).",
+    )
+    proximal_mu: float = _f(
+        0.0, "fedprox: weight mu of the clients' proximal term (must be > 0 with fedprox)."
+    )
+    server_lr: float = _f(
+        0.0,
+        "fedadam / fedyogi / fedadagrad / fedavgm: server learning rate; 0 = Flower's default "
+        "(0.1, 0.01, 0.1, 1.0). Adaptive optimizers move every coordinate by up to about "
+        "server_lr per round: tune it (Reddi et al. search 1e-3..1).",
+    )
+    server_beta1: float = _f(0.9, "fedadam / fedyogi: first-moment decay.")
+    server_beta2: float = _f(0.99, "fedadam / fedyogi: second-moment decay.")
+    server_tau: float = _f(1e-3, "fedadam / fedyogi / fedadagrad: adaptivity (epsilon) term.")
+    server_momentum: float = _f(0.0, "fedavgm: server momentum (must be > 0 with fedavgm).")
+    aggregation: Literal["fedavg", "trimmed-mean", "median", "krum", "multi-krum", "bulyan"] = _f(
+        "fedavg",
+        "How one round's client updates combine: 'fedavg' (example-weighted mean, folded as "
+        "replies arrive: coordinator memory independent of the clients per round) or a "
+        "robust rule, run by Flower's strategy of that name: 'trimmed-mean' "
+        "(FedTrimmedAvg, coordinate-wise, trim_fraction cut from each end), 'median' "
+        "(FedMedian), 'krum' / 'multi-krum' (tolerate `byzantine` malicious clients; need "
+        "clients >= 2*byzantine + 3), 'bulyan' (needs clients >= 4*byzantine + 3). Robust "
+        "rules hold every update of a round in memory (see max_buffered).",
     )
     trim_fraction: float = _f(0.1, "trimmed-mean: share of clients cut from each end.")
-    byzantine: int = _f(1, "krum / multi-krum: malicious clients to tolerate (f).")
-    krum_select: int = _f(0, "multi-krum: updates averaged (0 = clients - byzantine).")
+    byzantine: int = _f(1, "krum / multi-krum / bulyan: malicious clients to tolerate (f).")
+    krum_select: int = _f(
+        0, "multi-krum: updates averaged, weighted by examples (0 = clients - byzantine)."
+    )
+    max_buffered: int = _f(
+        256,
+        "Robust rules: most clients per round, since they hold every update at once (memory "
+        "about 3 x clients x adapter parameters x 8 bytes at the peak); fedavg streams and "
+        "ignores it.",
+    )
     max_update_norm: float = _f(
         0.0, "Clip each client's update (L2 over all adapter tensors) to this norm; 0 = off."
     )
@@ -447,12 +486,28 @@ class FederationConfig(_Section):
             self.krum_select,
             self.max_update_norm,
             self.max_examples,
+            self.max_buffered,
+        )
+
+    @property
+    def server_strategy(self) -> ServerStrategy:
+        return ServerStrategy(
+            self.strategy,
+            self.proximal_mu,
+            self.server_lr,
+            self.server_beta1,
+            self.server_beta2,
+            self.server_tau,
+            self.server_momentum,
         )
 
     def problems(self) -> list[str]:
         out = [
             f"federation: {p}" for p in rule_problems(self.aggregation_rule, self.sampled_clients)
         ]
+        out += [f"federation: {p}" for p in strategy_problems(self.server_strategy)]
+        if self.max_buffered < 1:
+            out.append("federation.max_buffered must be >= 1")
         if self.num_clients < 1:
             out.append("federation.num_clients must be >= 1")
         if self.rounds < 1:

@@ -1,4 +1,4 @@
-"""Aggregation rules for adapter updates: FedAvg, trimmed mean, (multi-)Krum, with guards.
+"""Aggregation rules for adapter updates: streamed FedAvg, Flower's robust rules, with guards.
 
 Every rule works on *updates* (client tensors minus the round's global tensors), so what is
 bounded and compared is what a client changed. Guards applied before any rule:
@@ -8,6 +8,29 @@ bounded and compared is what a client changed. Guards applied before any rule:
 - ``max_update_norm`` clips each update's global L2 norm (norm bounding);
 - ``max_examples`` caps the example count a client claims (FedAvg weights by it).
 
+Decisions:
+
+- FedAvg streams (``RunningMean``): each update is guarded, clipped and folded into a float64
+  running weighted sum the moment it arrives, and then dropped, so the coordinator's memory does
+  not grow with the clients per round. This is ours and not Flower's ``FedAvg``: Flower's
+  ``aggregate_arrayrecords`` also sums in place, but over the list of every reply of the round,
+  which ``Grid.send_and_receive`` holds all at once. Measured with tracemalloc
+  (``tests/coordinator/test_streaming.py``, 262 kB replies): one round's peak is 1.10 MB at 10
+  replies and 1.36 MB at 100 (per-client reports and metrics only), where the list of 100
+  replies alone is 26.5 MB. Flower's FedAvg also cannot quarantine, clip or rebuild sparse
+  uploads. The two agree to 2.3e-10 on the same 32 updates of 200k parameters.
+- Robust rules (``BufferedRule``) are Flower's: ``FedTrimmedAvg``, ``FedMedian``, ``Krum``,
+  ``MultiKrum`` and ``Bulyan`` run their own ``aggregate_train`` over the round's guarded updates
+  as in-memory replies (one flat float64 update each, weighted by the capped example count).
+  On the same 32 updates of 200k parameters, our former trimmed mean and Krum (removed) gave
+  bit-identical results; our multi-Krum averaged the kept updates unweighted, Flower's weights
+  them by examples (max difference 0.03 there). Time, one thread, best of 3: trimmed mean 0.34 s
+  ours vs 0.56 s Flower's (it serializes each update into an ``Array``), Krum 0.52 s vs 0.27 s;
+  streamed FedAvg 0.07 s vs 0.18 s for our former batch FedAvg.
+  They need every update at once, so their memory grows as clients x adapter size (about 3x that
+  at the peak: the buffer, Flower's copies, the stacked matrix); ``AggregationRule.max_buffered``
+  bounds the clients per round at configuration time.
+
 Preconditions are checked at configuration time (``offsite.federation.robust.rule_problems``).
 """
 
@@ -16,8 +39,21 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
+import numpy as np
 import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.app.message.message import make_message
+from flwr.serverapp.exception import AggregationError
+from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 from offsite.federation.robust import AggregationRule
 
@@ -35,7 +71,6 @@ class AggregationResult:
     accepted: list[str]
     quarantined: dict[str, str] = field(default_factory=dict)  # node -> reason
     clipped: list[str] = field(default_factory=list)
-    selected: list[str] = field(default_factory=list)  # Krum's choice
     # FedAvg over LoRA factors: how far it is from averaging the products (lora_product_error)
     lora_product_error: float | None = None
 
@@ -56,7 +91,8 @@ def _unflatten(
     return out
 
 
-def _problem(update: ClientUpdate, global_state: Mapping[str, torch.Tensor]) -> str | None:
+def update_problem(update: ClientUpdate, global_state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``update`` cannot be aggregated against ``global_state`` (None when it can)."""
     if set(update.state) != set(global_state):
         missing = sorted(set(global_state) - set(update.state))[:2]
         extra = sorted(set(update.state) - set(global_state))[:2]
@@ -72,13 +108,176 @@ def _problem(update: ClientUpdate, global_state: Mapping[str, torch.Tensor]) -> 
     return None
 
 
-def krum_scores(vectors: torch.Tensor, byzantine: int) -> torch.Tensor:
-    """Krum score per row: sum of squared distances to its n - f - 2 nearest other rows."""
-    distances = torch.cdist(vectors, vectors).pow(2)
-    n = vectors.shape[0]
-    nearest = max(1, n - byzantine - 2)
-    distances.fill_diagonal_(float("inf"))
-    return distances.sort(dim=1).values[:, :nearest].sum(dim=1)
+class _Guarded:
+    """The guards every rule shares: quarantine, norm clipping, example caps."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], rule: AggregationRule):
+        self.rule = rule
+        self.global_state = global_state
+        self.names = sorted(global_state)
+        self.base = _flatten(global_state, self.names)
+        self.accepted: list[str] = []
+        self.quarantined: dict[str, str] = {}
+        self.clipped: list[str] = []
+
+    def _guard(self, update: ClientUpdate) -> tuple[torch.Tensor, float] | None:
+        """The update's (clipped) delta and its weight, or None when it was quarantined."""
+        reason = update_problem(update, self.global_state)
+        if reason:
+            self.quarantined[update.node] = reason
+            return None
+        delta = _flatten(update.state, self.names) - self.base
+        bound = self.rule.max_update_norm
+        if bound > 0:
+            norm = float(delta.norm())
+            if norm > bound:
+                delta *= bound / norm
+                self.clipped.append(update.node)
+        cap = self.rule.max_examples
+        weight = float(min(update.num_examples, cap) if cap else update.num_examples)
+        self.accepted.append(update.node)
+        return delta, weight
+
+    def _result(self, combined: torch.Tensor, error: float | None = None) -> AggregationResult:
+        state = _unflatten(self.base + combined, self.global_state, self.names)
+        return AggregationResult(
+            state, self.accepted, self.quarantined, self.clipped, lora_product_error=error
+        )
+
+    def _nothing_usable(self) -> ValueError:
+        return ValueError(f"no usable client update this round: {self.quarantined}")
+
+
+class RunningMean(_Guarded):
+    """FedAvg as a fold: ``add`` each update as it arrives, ``result`` once at the end.
+
+    Memory: the float64 running sum (one adapter) plus, for LoRA adapters, the running sums that
+    measure ``lora_product_error`` (one dense ``out x in`` matrix per LoRA module) — constant in
+    the number of clients.
+    """
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], rule: AggregationRule):
+        super().__init__(global_state, rule)
+        self._sum = torch.zeros_like(self.base)
+        self._weight = 0.0
+        self._products = LoraProducts()
+
+    def add(self, update: ClientUpdate) -> None:
+        guarded = self._guard(update)
+        if guarded is None:
+            return
+        delta, weight = guarded
+        self._sum.add_(delta, alpha=weight)
+        self._weight += weight
+        self._products.add(_unflatten(self.base + delta, self.global_state, self.names), weight)
+
+    def result(self) -> AggregationResult:
+        if not self.accepted:
+            raise self._nothing_usable()
+        return self._result(self._sum / self._weight, self._products.error())
+
+
+class BufferedRule(_Guarded):
+    """A robust rule: guarded updates are held until ``result`` runs Flower's strategy on them."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], rule: AggregationRule):
+        super().__init__(global_state, rule)
+        self._held: list[tuple[np.ndarray, float]] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        if len(self._held) >= self.rule.max_buffered:
+            self.quarantined[update.node] = (
+                f"more than max_buffered={self.rule.max_buffered} updates this round"
+            )
+            return
+        guarded = self._guard(update)
+        if guarded is not None:
+            self._held.append((guarded[0].numpy(), guarded[1]))
+
+    def result(self) -> AggregationResult:
+        if not self._held:
+            raise self._nothing_usable()
+        strategy = flower_rule(self.rule, len(self._held))
+        replies = [
+            make_message(
+                _reply_metadata(index),
+                RecordDict(
+                    {
+                        "arrays": ArrayRecord({"update": Array(delta)}),
+                        "metrics": MetricRecord({_WEIGHT: weight}),
+                    }
+                ),
+            )
+            for index, (delta, weight) in enumerate(self._held, start=1)
+        ]
+        self._held = []
+        try:
+            arrays, _ = strategy.aggregate_train(1, replies)
+        except AggregationError as err:
+            raise ValueError(f"{self.rule.name}: {err}") from err
+        if arrays is None:
+            raise ValueError(
+                f"{self.rule.name} could not aggregate {len(replies)} updates (Bulyan needs "
+                f"4f + 3 = {4 * self.rule.byzantine + 3})"
+            )
+        return self._result(torch.from_numpy(arrays["update"].numpy()))
+
+
+_WEIGHT = "weight"
+
+
+def _reply_metadata(node: int) -> Metadata:
+    """Metadata of an in-memory reply (a round's update handed to a Flower strategy)."""
+    return Metadata(
+        run_id=0,
+        message_id=f"update-{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="",
+        created_at=0.0,
+        ttl=0.0,
+        message_type=MessageType.TRAIN,
+    )
+
+
+def flower_rule(rule: AggregationRule, clients: int) -> FedAvg:
+    """Flower's strategy for a robust ``rule`` with ``clients`` updates in the round."""
+    f, key = rule.byzantine, _WEIGHT
+    if rule.name == "trimmed-mean":
+        return FedTrimmedAvg(beta=rule.trim_fraction, weighted_by_key=key)
+    if rule.name == "median":
+        return FedMedian(weighted_by_key=key)
+    if rule.name == "krum":
+        return Krum(num_malicious_nodes=f, weighted_by_key=key)
+    if rule.name == "multi-krum":
+        select = rule.krum_select or clients - f
+        return MultiKrum(num_malicious_nodes=f, num_nodes_to_select=select, weighted_by_key=key)
+    if rule.name == "bulyan":
+        return Bulyan(num_malicious_nodes=f, weighted_by_key=key)
+    raise ValueError(f"{rule.name!r} is not a robust aggregation rule")
+
+
+class Collector(Protocol):
+    """Where one round's updates go as they arrive (``RunningMean``, ``BufferedRule``, or an
+    extension such as another aggregation mode that buffers its own way)."""
+
+    accepted: list[str]
+    quarantined: dict[str, str]
+
+    def add(self, update: ClientUpdate) -> None: ...
+
+    def result(self) -> AggregationResult: ...
+
+
+def collector(
+    global_state: Mapping[str, torch.Tensor], rule: AggregationRule
+) -> RunningMean | BufferedRule:
+    """Where one round's updates go: a running mean (fedavg) or a buffer (robust rules)."""
+    if rule.streams:
+        return RunningMean(global_state, rule)
+    flower_rule(rule, 1)  # an unknown rule fails before any update arrives
+    return BufferedRule(global_state, rule)
 
 
 def aggregate(
@@ -90,56 +289,48 @@ def aggregate(
 
     Raises ``ValueError`` when no update survives the guards (the caller keeps the old global).
     """
-    names = sorted(global_state)
-    quarantined: dict[str, str] = {}
-    kept: list[ClientUpdate] = []
+    into = collector(global_state, rule)
     for update in updates:
-        reason = _problem(update, global_state)
-        if reason:
-            quarantined[update.node] = reason
-        else:
-            kept.append(update)
-    if not kept:
-        raise ValueError(f"no usable client update this round: {quarantined}")
-    base = _flatten(global_state, names)
-    deltas = torch.stack([_flatten(u.state, names) - base for u in kept])
-    clipped = []
-    if rule.max_update_norm > 0:
-        norms = deltas.norm(dim=1)
-        for i, norm in enumerate(norms.tolist()):
-            if norm > rule.max_update_norm:
-                deltas[i] *= rule.max_update_norm / norm
-                clipped.append(kept[i].node)
-    examples = torch.tensor(
-        [
-            min(u.num_examples, rule.max_examples) if rule.max_examples else u.num_examples
-            for u in kept
-        ],
-        dtype=torch.float64,
-    )
-    selected: list[str] = []
-    if rule.name == "fedavg":
-        combined = (deltas * (examples / examples.sum()).unsqueeze(1)).sum(0)
-    elif rule.name == "trimmed-mean":
-        cut = math.floor(rule.trim_fraction * len(kept))
-        ordered = deltas.sort(dim=0).values
-        combined = ordered[cut : len(kept) - cut].mean(0)
-    elif rule.name in ("krum", "multi-krum"):
-        scores = krum_scores(deltas, rule.byzantine)
-        count = 1 if rule.name == "krum" else (rule.krum_select or len(kept) - rule.byzantine)
-        chosen = scores.argsort()[:count]
-        selected = [kept[int(i)].node for i in chosen]
-        combined = deltas[chosen].mean(0)
-    else:
-        raise ValueError(f"unknown aggregation rule {rule.name!r}")
-    state = _unflatten(base + combined, global_state, names)
-    error = None
-    if rule.name == "fedavg":
-        clients = [_unflatten(base + delta, global_state, names) for delta in deltas]
-        error = lora_product_error(clients, examples.tolist())
-    return AggregationResult(
-        state, [u.node for u in kept], quarantined, clipped, selected, lora_product_error=error
-    )
+        into.add(update)
+    return into.result()
+
+
+class LoraProducts:
+    """Running weighted sums of every LoRA module's A, B and B·A over the clients of a round."""
+
+    def __init__(self) -> None:
+        self._a: dict[str, torch.Tensor] = {}
+        self._b: dict[str, torch.Tensor] = {}
+        self._ba: dict[str, torch.Tensor] = {}
+        self._weight = 0.0
+
+    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        for name in state:
+            partner = name.replace(".lora_A.", ".lora_B.")
+            if ".lora_A." not in name or partner not in state:
+                continue
+            a, b = state[name].double(), state[partner].double()
+            if name not in self._a:
+                self._a[name] = torch.zeros_like(a)
+                self._b[name] = torch.zeros_like(b)
+                self._ba[name] = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
+            self._a[name].add_(a, alpha=weight)
+            self._b[name].add_(b, alpha=weight)
+            self._ba[name].addmm_(b, a, alpha=weight)
+        self._weight += weight
+
+    def error(self) -> float | None:
+        """‖mean(B)·mean(A) − mean(B·A)‖ / ‖mean(B·A)‖ summed over modules; None without LoRA."""
+        if not self._a:
+            return None
+        difference = exact = 0.0
+        w = self._weight
+        for name in self._a:
+            mean_of_products = self._ba[name] / w
+            product_of_means = (self._b[name] / w) @ (self._a[name] / w)
+            difference += float((product_of_means - mean_of_products).pow(2).sum())
+            exact += float(mean_of_products.pow(2).sum())
+        return math.sqrt(difference / exact) if exact > 0 else 0.0
 
 
 def lora_product_error(
@@ -153,25 +344,7 @@ def lora_product_error(
     summed over modules, with FedAvg's weights. 0 when one client took part or every client kept
     the same A; None when the adapter has no LoRA factors.
     """
-    total = sum(weights)
-    share = [w / total for w in weights]
-    difference = exact = 0.0
-    found = False
-    for name in states[0]:
-        if ".lora_A." not in name:
-            continue
-        partner = name.replace(".lora_A.", ".lora_B.")
-        if partner not in states[0]:
-            continue
-        found = True
-        a = torch.stack([s[name].double() for s in states])  # clients × r × in
-        b = torch.stack([s[partner].double() for s in states])  # clients × out × r
-        w = torch.tensor(share, dtype=torch.float64)
-        mean_of_products = torch.einsum("c,cor,cri->oi", w, b, a)
-        mean_a = torch.einsum("c,cri->ri", w, a)
-        mean_b = torch.einsum("c,cor->or", w, b)
-        difference += float((mean_b @ mean_a - mean_of_products).pow(2).sum())
-        exact += float(mean_of_products.pow(2).sum())
-    if not found:
-        return None
-    return math.sqrt(difference / exact) if exact > 0 else 0.0
+    products = LoraProducts()
+    for state, weight in zip(states, weights, strict=True):
+        products.add(state, weight)
+    return products.error()

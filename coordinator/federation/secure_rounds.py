@@ -5,6 +5,12 @@ two query exchanges before training (advertise keys, share keys; the encrypted s
 client travel inside its train message) and one after (unmask). Clients reply to the train
 message with a masked vector ``[Σ w·Δ, w]`` (update times weight, then the weight), so the
 coordinator learns only the weighted sum of the updates and the sum of the weights.
+
+Each masked vector is folded into the running sum as its reply arrives (``fold_masked``), so the
+coordinator holds one vector whatever the number of clients; 100 clients with 15 dropouts at the
+default threshold take seconds at protocol level (``tests/offsite/test_secagg.py``). Ours, not
+Flower's ``SecAggPlusWorkflow``: that one runs only in Flower's legacy ``NumPyClient`` stack
+(measured here: 37 s a round there vs 20 s plain, in deployment), not the Message API.
 """
 
 from __future__ import annotations
@@ -121,14 +127,24 @@ def setup_round(
     )
 
 
+def fold_masked(secure: SecureRound, node: int, vector: np.ndarray) -> str | None:
+    """Fold ``node``'s masked vector into the round's sum as it arrives (the coordinator holds
+    one vector, whatever the number of clients); why it cannot count, or None."""
+    if node not in secure.ids:
+        return "not a node of this secure round"
+    try:
+        secure.server.add_masked(MaskedInput(secure.ids[node], vector))
+    except SecAggError as err:
+        return str(err)
+    return None
+
+
 def finish_round(
-    secure: SecureRound,
-    masked: Mapping[int, np.ndarray],
-    global_state: Mapping[str, torch.Tensor],
+    secure: SecureRound, global_state: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Unmask the weighted update sum; the new global state and how many clients it covers."""
-    inputs = [MaskedInput(secure.ids[node], vector) for node, vector in masked.items()]
-    survivors = secure.server.collect_masked(inputs)
+    """Unmask the weighted update sum of the folded vectors; the new global state and how many
+    clients it covers."""
+    survivors = secure.server.close_masking()
     nodes = secure.nodes
     replies = secure.grid.send_and_receive(
         [_query(nodes[i], SecAggQuery("unmask", survivors=list(survivors))) for i in survivors],

@@ -1,4 +1,4 @@
-"""The model owner's Flower ServerApp: run R rounds of FedAvg over the adapter.
+"""The model owner's Flower ServerApp: run R rounds of the configured strategy over the adapter.
 
 It reads the run plan named in ``run_config["plan"]`` and the run's configuration beside it,
 verifies the bundle, initialises the adapter (seeded), sends clients only the trainable tensors
@@ -18,7 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 from coordinator.federation.progress import RoundProgress
 from coordinator.federation.push import push_adapter
 from coordinator.federation.secure_rounds import default_threshold
-from coordinator.federation.strategy import AdapterFedAvg
+from coordinator.federation.strategy import make_strategy
+from coordinator.federation.streaming import StreamingGrid
 from coordinator.state.adapters import initial_adapter_state, save_adapter
 from coordinator.state.folder import RunFolder
 from coordinator.state.ledger import RoundLedger
@@ -58,6 +59,8 @@ def train_config(plan: RunPlan, config: OffsiteConfig) -> ConfigRecord:
         # differential privacy: clients clip their update to this norm (0 = off)
         dp_clip=privacy.clip_norm if privacy.epsilon > 0 else 0.0,
         dp_noise_std=distributed_noise_std(config),
+        # FedProx: the clients' proximal term (0 unless federation.strategy is 'fedprox')
+        proximal_mu=config.federation.proximal_mu,
         **fault_injection(config),
     ).to_record()
 
@@ -156,7 +159,8 @@ def main(grid: Grid, context: Context) -> None:
             dp.delta,
             dp.rounds,
         )
-    strategy = AdapterFedAvg(
+    strategy = make_strategy(
+        federation.server_strategy,
         on_client_report,
         federation.aggregation_rule,
         min_replies=federation.min_replies,
@@ -172,7 +176,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     try:
         strategy.start(
-            grid=grid,
+            grid=StreamingGrid(grid),  # replies are folded as they arrive
             initial_arrays=ArrayRecord(initial),
             num_rounds=total - done,
             timeout=federation.round_timeout,

@@ -303,7 +303,8 @@ class SecAggServer:
     round_label: bytes
     advertised: dict[int, Advertise] = field(default_factory=dict)
     sharers: list[int] = field(default_factory=list)
-    masked: dict[int, np.ndarray] = field(default_factory=dict)
+    survivors: list[int] = field(default_factory=list)  # whose masked vector was folded
+    _total: np.ndarray | None = None  # their running sum, mod 2^64
 
     def __post_init__(self) -> None:
         check_setup(self.clients, self.threshold)
@@ -328,32 +329,52 @@ class SecAggServer:
                     inbox[recipient][message.sender] = blob
         return inbox
 
-    def collect_masked(self, messages: Sequence[MaskedInput]) -> list[int]:
-        """Record masked vectors; returns the survivors the unmasking request names."""
-        sizes = {m.vector.size for m in messages}
-        if len(sizes) > 1:
+    def add_masked(self, message: MaskedInput) -> None:
+        """Fold one masked vector into the running sum (mod 2^64) the moment it arrives, so the
+        server holds one vector whatever the number of clients; ``SecAggError`` when it cannot
+        count (a client that did not share keys, a second vector, another length)."""
+        if message.client not in self.sharers:
+            raise SecAggError(f"client {message.client} did not share keys this round")
+        if message.client in self.survivors:
+            raise SecAggError(f"client {message.client} already sent a masked vector")
+        if self._total is None:
+            self._total = message.vector.astype(np.uint64, copy=True)
+        elif message.vector.size != self._total.size:
             raise SecAggError("masked vectors differ in length")
-        self.masked = {m.client: m.vector for m in messages if m.client in self.sharers}
-        if len(self.masked) < self.threshold:
+        else:
+            self._total += message.vector
+        self.survivors.append(message.client)
+
+    def close_masking(self) -> list[int]:
+        """The survivors the unmasking request names; aborts below the threshold."""
+        if len(self.survivors) < self.threshold:
             raise SecAggError(
-                f"{len(self.masked)} masked vectors arrived; need {self.threshold}: aborting"
+                f"{len(self.survivors)} masked vectors arrived; need {self.threshold}: aborting"
             )
-        return sorted(self.masked)
+        return sorted(self.survivors)
+
+    def collect_masked(self, messages: Sequence[MaskedInput]) -> list[int]:
+        """Fold a batch of masked vectors (those of clients that shared keys); the survivors."""
+        if len({m.vector.size for m in messages}) > 1:
+            raise SecAggError("masked vectors differ in length")
+        for message in messages:
+            if message.client in self.sharers:
+                self.add_masked(message)
+        return self.close_masking()
 
     def unmask(self, messages: Sequence[UnmaskShares]) -> np.ndarray:
         """The exact sum (uint64) of the survivors' vectors, or ``SecAggError``."""
-        answers = [m for m in messages if m.client in self.masked]
-        if len(answers) < self.threshold:
+        folded = set(self.survivors)
+        answers = [m for m in messages if m.client in folded]
+        if self._total is None or len(answers) < self.threshold:
             raise SecAggError(
                 f"{len(answers)} clients answered the unmasking; need {self.threshold}: aborting "
                 "without a result"
             )
-        survivors = sorted(self.masked)
-        dropped = sorted(set(self.sharers) - set(survivors))
-        size = next(iter(self.masked.values())).size
-        total = np.zeros(size, dtype=np.uint64)
-        for vector in self.masked.values():
-            total += vector
+        survivors = sorted(folded)
+        dropped = sorted(set(self.sharers) - folded)
+        size = self._total.size
+        total: np.ndarray = self._total.copy()
         for client in survivors:
             shares = {m.client: m.self_mask[client] for m in answers if client in m.self_mask}
             seed = recover_secret(shares, self.threshold)

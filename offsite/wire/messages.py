@@ -102,6 +102,7 @@ class TrainInstruction(_Record):
     threads: int = 0  # simulation: torch threads per client (0 = torch's default)
     dp_clip: float = 0.0  # differential privacy: clip each update to this norm (0 = off)
     dp_noise_std: float = 0.0  # under secure aggregation, each node's share of the noise
+    proximal_mu: float = 0.0  # FedProx: weight of the proximal term (Flower's "proximal-mu")
     fault_attackers: int = 0  # robustness tests: partitions below this misbehave
     fault_attack: str = ""
     fault_scale: float = 0.0

@@ -82,7 +82,12 @@ def test_krum_selects_honest_clients() -> None:
     for attacker in updates[:2]:
         attacker.state = {k: base[k] - 20 * (v - base[k]) for k, v in attacker.state.items()}
     result = aggregate(base, updates, AggregationRule("multi-krum", byzantine=2))
-    assert result.selected and not {"node-0", "node-1"} & set(result.selected)
+    # Flower's MultiKrum keeps n - f = 5 updates, the honest ones, and weights them by examples
+    honest = updates[2:]
+    total = sum(u.num_examples for u in honest)
+    for name in SHAPES:
+        expected = sum(u.state[name] * u.num_examples for u in honest) / total
+        torch.testing.assert_close(result.state[name], expected, rtol=0, atol=1e-6)
 
 
 def test_preconditions_are_checked_at_configuration_time() -> None:
@@ -90,7 +95,13 @@ def test_preconditions_are_checked_at_configuration_time() -> None:
     assert not rule_problems(AggregationRule("krum", byzantine=1), 5)
     assert rule_problems(AggregationRule("trimmed-mean", trim_fraction=0.5), 10)
     assert rule_problems(AggregationRule("trimmed-mean", trim_fraction=0.4), 2) == []
-    assert rule_problems(AggregationRule("median"), 10)
+    assert rule_problems(AggregationRule("geometric-median"), 10)  # unknown
+    assert not rule_problems(AggregationRule("median"), 10)
+    assert rule_problems(AggregationRule("bulyan", byzantine=1), 6)  # needs n >= 4f + 3
+    assert not rule_problems(AggregationRule("bulyan", byzantine=1), 7)
+    # robust rules hold every update: bounded; fedavg streams and is not
+    assert "max_buffered" in rule_problems(AggregationRule("median", max_buffered=50), 51)[0]
+    assert not rule_problems(AggregationRule(max_buffered=50), 1000)
     assert rule_problems(AggregationRule("multi-krum", byzantine=1, krum_select=9), 9)
 
 

@@ -99,6 +99,8 @@ def test_below_quorum_the_round_fails_and_the_global_stays() -> None:
 
 
 def test_duplicate_and_malformed_replies_are_quarantined() -> None:
+    """A second reply of one node is refused (the first, already folded into the running sum,
+    counts: Flower's SuperLink itself stores one reply per instruction)."""
     states = _states(3)
     bad_shape = {"l.lora_A.weight": torch.zeros(2, 2), "l.lora_B.weight": torch.zeros(64, 32)}
     replies = [
@@ -110,12 +112,13 @@ def test_duplicate_and_malformed_replies_are_quarantined() -> None:
     strategy, reports = _strategy()
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
-    by_node = {r["node-id"]: r for r in reports}
-    assert "more than one reply" in by_node[1]["quarantined"]
-    assert "shape" in by_node[3]["quarantined"]
-    torch.testing.assert_close(
-        arrays.to_torch_state_dict()["l.lora_A.weight"], states[2]["l.lora_A.weight"]
-    )
+    quarantined = [r for r in reports if "quarantined" in r]
+    assert {r["node-id"] for r in quarantined} == {1, 3}
+    assert any("more than one reply" in r["quarantined"] for r in quarantined)
+    assert any("shape" in r["quarantined"] for r in quarantined)
+    expected = (states[0]["l.lora_A.weight"] + states[2]["l.lora_A.weight"]) / 2
+    torch.testing.assert_close(arrays.to_torch_state_dict()["l.lora_A.weight"], expected)
+    assert strategy.round_log[-1]["outcome"] == "aggregated 2 updates"
 
 
 def test_dp_rounds_add_calibrated_noise_and_stop_at_the_budget() -> None:

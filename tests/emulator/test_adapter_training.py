@@ -70,3 +70,39 @@ def test_trainable_state_round_trips_and_mismatches_are_refused() -> None:
     wrong = dict(state, **{key: torch.zeros(3, 3)})
     with pytest.raises(IntegrityError, match="shape"):
         other.load_trainable(wrong)
+
+
+def test_fedprox_proximal_term_pulls_the_update_towards_the_global_adapter(tokenizer) -> None:
+    adapted, _ = _emulator_with_adapter("lora")
+    start = {k: v.clone() for k, v in adapted.trainable_state().items()}  # the global adapter
+    examples = [Example(t, label=lab) for lab in LABELS for t in tiny_texts(lab, 8)]
+
+    def update(**kwargs: float) -> torch.Tensor:
+        adapted.load_trainable(start)
+        batches = training_batches(
+            tokenizer,
+            examples,
+            "Text: {text}\nTopic:",
+            max_words=10,
+            max_length=48,
+            batch_size=4,
+            seed=0,
+        )
+        torch.manual_seed(0)
+        train_adapter(
+            adapted,
+            batches,
+            steps=5,
+            lr=5e-3,
+            precision="fp32",
+            device=torch.device("cpu"),
+            **kwargs,
+        )
+        after = adapted.trainable_state()
+        return torch.cat([(after[k] - start[k]).reshape(-1) for k in sorted(start)])
+
+    plain = update()
+    assert torch.equal(update(proximal_mu=0.0), plain)  # mu = 0 is FedAvg, bit for bit
+    prox = update(proximal_mu=50.0)
+    assert not torch.allclose(prox, plain)
+    assert float(prox.norm()) < 0.9 * float(plain.norm())

@@ -184,3 +184,31 @@ def test_every_single_bit_flip_of_a_share_ciphertext_is_caught() -> None:
     # a share addressed to someone else (wrong associated data) is refused too
     with pytest.raises(SecAggError, match="does not decrypt"):
         SecAggClient.restore(clients[1].export()).mask({**inbox[1], 2: inbox[3][2]}, inputs[1])
+
+
+def test_one_hundred_clients_with_dropouts_at_the_default_threshold() -> None:
+    """Population scale, protocol only: 100 clients, threshold 67 (max(majority, 2/3), the
+    coordinator's default), 10 drop before masking and 5 more before unmasking. The server folds
+    each masked vector as it arrives and holds one running sum."""
+    inputs = _float_inputs(100, size=32)
+    dropped, silent = set(range(1, 101, 10)), {2, 13, 24, 35, 46}
+    total = decode(_run(inputs, threshold=67, drop_before_mask=dropped, drop_before_unmask=silent))
+    expected = sum(v for i, v in inputs.items() if i not in dropped)
+    assert np.abs(total - expected).max() <= 100 * 2.0 ** -(FRACTION_BITS + 1)
+
+
+def test_the_server_folds_masked_vectors_and_refuses_a_second_one() -> None:
+    inputs = _float_inputs(4, size=8)
+    label = b"round-1"
+    clients = {i: SecAggClient(i, 3, label) for i in inputs}
+    server = SecAggServer(4, 3, label)
+    advertised = server.collect_keys([c.advertise() for c in clients.values()])
+    inbox = server.route_shares([c.share(advertised) for c in clients.values()])
+    first = clients[1].mask(inbox[1], inputs[1])
+    server.add_masked(first)
+    with pytest.raises(SecAggError, match="already sent"):
+        server.add_masked(first)
+    with pytest.raises(SecAggError, match="differ in length"):
+        server.add_masked(clients[2].mask(inbox[2], inputs[2][:4]))
+    with pytest.raises(SecAggError, match="aborting"):
+        server.close_masking()  # one of three needed
