@@ -26,6 +26,7 @@ class ExitCode(IntEnum):
     TRANSFER = 10
     FEDERATION_LINK = 11
     ADDRESS_IN_USE = 12
+    DASHBOARD_AUTH = 13
     INTERRUPTED = 130
 
 
@@ -42,6 +43,7 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.TRANSFER: "an artifact could not be delivered",
     ExitCode.FEDERATION_LINK: "the SuperLink or its fleet proxy failed",
     ExitCode.ADDRESS_IN_USE: "a port the coordinator needs is taken",
+    ExitCode.DASHBOARD_AUTH: "a dashboard beyond loopback without an admin token",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

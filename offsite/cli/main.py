@@ -489,6 +489,41 @@ def serve(
     server.run(sockets=[listener])
 
 
+@app.command("dashboard")
+def dashboard(
+    runs_dir: Annotated[
+        Path, typer.Argument(help="Folder of simulation run folders (e.g. runs/).")
+    ] = Path("runs"),
+    bind: Annotated[
+        str, typer.Option(help="HOST:PORT to serve on (loopback by default; port 0 picks one).")
+    ] = "127.0.0.1:8480",
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding the admin token (or $OFFSITE_DASHBOARD_TOKEN); required beyond "
+            "loopback, where it refuses to start without one (exit 13)."
+        ),
+    ] = None,
+) -> None:
+    """Browse simulation runs in a browser: rounds, losses, replies, five-way table, privacy.
+
+    A coordinator serves the same pages over its registry with
+    `offsite coordinator serve --dashboard 127.0.0.1:8480` (nodes, enrollment tokens, revocation).
+    """
+    from coordinator.dashboard import DashboardServer, RunsDirSource, admin_token
+    from coordinator.dashboard.server import check_binding
+
+    token = admin_token(token_file)
+    check_binding(bind, token)
+    if not runs_dir.is_dir():
+        raise ConfigError(f"{runs_dir} is not a folder; pass the folder your runs are in")
+    _quiet_libraries()
+    server = DashboardServer(RunsDirSource(runs_dir.resolve()), bind, token)
+    typer.echo(f"dashboard of {runs_dir} on http://{bind}", color=False)
+    sys.stdout.flush()
+    server.run()
+
+
 def _secret(path: Path | None, option: str) -> str | None:
     """A token read from a file (never from argv, which every local user can list)."""
     if path is None:
