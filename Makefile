@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: setup simulate test test-fast lint clean system-packages bench-emulator bench-privacy bench-inversion \
         bench-transfer bench-client bench-layer-drop bench-eval-speed \
-        bench-emulator-transfer
+        bench-emulator-transfer bench-dashboard
 
 setup: $(STAMP)
 
@@ -85,6 +85,11 @@ bench-eval-speed: setup
 # (~40 min), then one default federated run per cell for plug-in accuracy (~5 min each).
 bench-client: setup
 	$(BIN)/python bench/client_matrix.py
+
+# Dashboard page loads with 1,000 nodes and 100 runs in the registry: server and browser
+# (headless Chromium), median and p95 per page (~1-2 min).
+bench-dashboard: setup system-packages
+	$(BIN)/python bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -51,6 +52,7 @@ from offsite.wire.messages import TrainReply
 
 T = TypeVar("T")
 STATES = ("running", "finished", "failed", "resumable")
+LINK_SECONDS = 2.0  # the SuperLink's node table is asked at most this often
 MIN_TIMEOUT = 60.0  # seconds of silence before a run without a round timeout counts as stopped
 
 
@@ -303,6 +305,22 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def round_seconds(records: list[RoundRecord]) -> dict[int, float]:
+    """Each round's wall time: from the previous round's close to its own (a round's own
+    start is recorded when its checkpoint is, so a simulation's rounds look instant), or from
+    its start for the first round."""
+    out: dict[int, float] = {}
+    previous: RoundRecord | None = None
+    for record in sorted(records, key=lambda r: r.number):
+        if record.finished_at is not None:
+            if previous is not None and previous.finished_at is not None:
+                out[record.number] = (record.finished_at - previous.finished_at).total_seconds()
+            elif record.seconds is not None:
+                out[record.number] = record.seconds
+        previous = record
+    return out
+
+
 def round_views(
     records: list[RoundRecord], folder_replies: list[Reply], outcomes: list[dict[str, Any]]
 ) -> list[RoundView]:
@@ -315,6 +333,7 @@ def round_views(
         {r.number for r in records if r.number > 0} | {n for n in by_round if n > 0} | set(verdicts)
     )
     registry = {r.number: r for r in records}
+    timing = round_seconds(records)
     views = []
     for number in numbers:
         record = registry.get(number)
@@ -330,7 +349,7 @@ def round_views(
                 status=record.status if record else ("closed" if verdict else "open"),
                 outcome=(record.outcome if record and record.outcome else "")
                 or str(verdict.get("outcome", "")),
-                seconds=record.seconds if record else None,
+                seconds=timing.get(number),
                 epsilon=float(epsilon) if epsilon is not None else None,
                 accepted=sum(r.verdict == "accepted" for r in got),
                 dropped=sum(r.verdict == "dropped" for r in got),
@@ -409,7 +428,7 @@ def run_view(
     record: RunRecord | None,
     files: _RunFiles,
     names: dict[str, str],
-    last_round: RoundRecord | None,
+    rounds_done: list[RoundRecord],
 ) -> RunView:
     metrics = files.metrics(folder)
     config = record.config if record and record.config else files.config(folder)
@@ -437,7 +456,7 @@ def run_view(
         dropped=sum(r.verdict == "dropped" for r in got),
         quarantined=sum(r.verdict == "quarantined" for r in got),
         last_loss=_mean(losses),
-        last_round_seconds=last_round.seconds if last_round else None,
+        last_round_seconds=timing[max(timing)] if (timing := round_seconds(rounds_done)) else None,
         created_at=record.created_at if record else None,
     )
 
@@ -550,14 +569,25 @@ class CoordinatorSource:
     title: str = "coordinator"
     manageable: bool = True
     _files: _RunFiles = field(default_factory=lambda: _RunFiles(FileCache()))
+    _link_cache: tuple[float, list[SuperLinkNode] | None] | None = None
 
     def _held(self) -> list[SuperLinkNode] | None:
+        """The SuperLink's node table (None: not serving), asked at most every few seconds."""
         if self.superlink is None:
             return None
+        now = time.monotonic()
+        if self._link_cache is not None and now - self._link_cache[0] < LINK_SECONDS:
+            return self._link_cache[1]
         try:
-            return self.superlink()
+            held: list[SuperLinkNode] | None = self.superlink()
         except (OffsiteError, OSError):
-            return None
+            held = None
+        self._link_cache = (now, held)
+        return held
+
+    def forget_superlink(self) -> None:
+        """Ask the SuperLink again on the next read (after a revocation)."""
+        self._link_cache = None
 
     def _names(self, nodes: list[NodeRecord], held: list[SuperLinkNode] | None) -> dict[str, str]:
         names = {n.node_id: n.name for n in held or [] if n.name}
@@ -620,8 +650,7 @@ class CoordinatorSource:
         out = []
         for run in runs:
             rounds = round_records(self.store, run.id) if run.closed or run.opened else []
-            last = rounds[-1] if rounds else None
-            out.append(run_view(str(run.id), self._folder(run), run, self._files, names, last))
+            out.append(run_view(str(run.id), self._folder(run), run, self._files, names, rounds))
         return out
 
     def run(self, key: str) -> RunDetail | None:
@@ -630,7 +659,7 @@ class CoordinatorSource:
         names = self._names(node_records(self.store), self._held())
         folder = self._folder(record)
         rounds = round_records(self.store, record.id)
-        view = run_view(key, folder, record, self._files, names, rounds[-1] if rounds else None)
+        view = run_view(key, folder, record, self._files, names, rounds)
         return run_detail(
             view, folder, rounds, self._files, names, record.bundle_digest, self.bundle_key
         )
@@ -680,6 +709,7 @@ class CoordinatorSource:
         if not self.store.revoke(name):
             raise DashboardError(f"no active node named {name!r}")
         Audit(self.state).record("revoked", node=name, by="dashboard")
+        self.forget_superlink()
 
 
 @dataclass
@@ -725,8 +755,7 @@ class RunsDirSource:
         out = []
         for folder in self._folders():
             record, rounds = self._record(folder)
-            last = rounds[-1] if rounds else None
-            out.append(run_view(folder.name, folder, record, self._files, {}, last))
+            out.append(run_view(folder.name, folder, record, self._files, {}, rounds))
         return out
 
     def run_folder(self, key: str) -> RunFolder | None:
@@ -742,7 +771,7 @@ class RunsDirSource:
         if folder is None:
             return None
         record, rounds = self._record(folder)
-        view = run_view(key, folder, record, self._files, {}, rounds[-1] if rounds else None)
+        view = run_view(key, folder, record, self._files, {}, rounds)
         digest = record.bundle_digest if record else ""
         return run_detail(view, folder, rounds, self._files, {}, digest, None)
 

@@ -671,6 +671,11 @@ BENCHMARKS = {
         "transfer.py",
         "Artifact download vs one Flower message: the same bytes over loopback, time and memory.",
     ),
+    "dashboard": (
+        "dashboard.py",
+        "Dashboard page loads (server and headless Chromium) with 1,000 nodes and 100 runs in "
+        "the registry.",
+    ),
     "layer-drop": (
         "layer_drop.py",
         "How faithful the split is and what each cut costs, per catalog model.",
