@@ -2,11 +2,28 @@
 
 Served by ``offsite coordinator serve --dashboard HOST:PORT`` over the coordinator's registry and
 by ``offsite dashboard RUNS_DIR`` over simulations; reads go through the store and ``RunFolder``.
+Names are imported on first use: ``serve`` checks the binding before loading the pages' modules.
 """
 
-from coordinator.dashboard.app import build_app
-from coordinator.dashboard.reads import CoordinatorSource, RunsDirSource, Source
-from coordinator.dashboard.server import DashboardAuthError, DashboardServer, admin_token
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coordinator.dashboard.app import build_app
+    from coordinator.dashboard.reads import CoordinatorSource, RunsDirSource, Source
+    from coordinator.dashboard.server import DashboardAuthError, DashboardServer, admin_token
+
+_WHERE = {
+    "build_app": "app",
+    "CoordinatorSource": "reads",
+    "RunsDirSource": "reads",
+    "Source": "reads",
+    "DashboardAuthError": "server",
+    "DashboardServer": "server",
+    "admin_token": "server",
+}
 
 __all__ = [
     "CoordinatorSource",
@@ -17,3 +34,9 @@ __all__ = [
     "admin_token",
     "build_app",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"coordinator.dashboard.{_WHERE[name]}"), name)

@@ -305,24 +305,24 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def round_seconds(records: list[RoundRecord]) -> dict[int, float]:
-    """Each round's wall time: from the previous round's close to its own (a round's own
-    start is recorded when its checkpoint is, so a simulation's rounds look instant), or from
-    its start for the first round."""
+def round_seconds(records: list[RoundRecord], started: datetime | None) -> dict[int, float]:
+    """Each round's wall time, from the previous round's close (the first round: from
+    ``started``, when the ServerApp recorded the run) to its own. A round's own start is
+    recorded with its checkpoint, at its close, so it says nothing about its length."""
     out: dict[int, float] = {}
-    previous: RoundRecord | None = None
+    previous = started
     for record in sorted(records, key=lambda r: r.number):
-        if record.finished_at is not None:
-            if previous is not None and previous.finished_at is not None:
-                out[record.number] = (record.finished_at - previous.finished_at).total_seconds()
-            elif record.seconds is not None:
-                out[record.number] = record.seconds
-        previous = record
+        if record.finished_at is not None and previous is not None:
+            out[record.number] = max(0.0, (record.finished_at - previous).total_seconds())
+        previous = record.finished_at
     return out
 
 
 def round_views(
-    records: list[RoundRecord], folder_replies: list[Reply], outcomes: list[dict[str, Any]]
+    records: list[RoundRecord],
+    folder_replies: list[Reply],
+    outcomes: list[dict[str, Any]],
+    started: datetime | None = None,
 ) -> list[RoundView]:
     """Per round: the registry's verdict and timing with the folder's replies and losses."""
     by_round: dict[int, list[Reply]] = {}
@@ -333,7 +333,7 @@ def round_views(
         {r.number for r in records if r.number > 0} | {n for n in by_round if n > 0} | set(verdicts)
     )
     registry = {r.number: r for r in records}
-    timing = round_seconds(records)
+    timing = round_seconds(records, started)
     views = []
     for number in numbers:
         record = registry.get(number)
@@ -449,14 +449,16 @@ def run_view(
         rounds=rounds,
         closed=closed,
         failed_rounds=record.failed if record else 0,
-        model=str((config.get("model") or {}).get("name", "?")),
-        data=str((config.get("data") or {}).get("name", "?")),
+        model=Path(str((config.get("model") or {}).get("name", "?"))).name,
+        data=Path(str((config.get("data") or {}).get("name", "?"))).name,
         aggregation=_aggregation(config),
         accepted=sum(r.verdict == "accepted" for r in got),
         dropped=sum(r.verdict == "dropped" for r in got),
         quarantined=sum(r.verdict == "quarantined" for r in got),
         last_loss=_mean(losses),
-        last_round_seconds=timing[max(timing)] if (timing := round_seconds(rounds_done)) else None,
+        last_round_seconds=timing[max(timing)]
+        if (timing := round_seconds(rounds_done, record.created_at if record else None))
+        else None,
         created_at=record.created_at if record else None,
     )
 
@@ -514,7 +516,12 @@ def run_detail(
 
     metrics = files.metrics(folder)
     config = files.config(folder) or metrics.get("config") or {}
-    rounds = round_views(records, replies(files.reports(folder), names), files.outcomes(folder))
+    rounds = round_views(
+        records,
+        replies(files.reports(folder), names),
+        files.outcomes(folder),
+        view.created_at,
+    )
     clients = sorted({c for r in rounds for c in r.losses})
     scores = metrics.get("scores") or {}
     info = metrics.get("run") or {}

@@ -14,10 +14,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from coordinator.dashboard.app import build_app
-from coordinator.dashboard.reads import Source
 from offsite.errors import ExitCode, OffsiteError
+
+if TYPE_CHECKING:
+    from coordinator.dashboard.reads import Source
 
 TOKEN_ENV = "OFFSITE_DASHBOARD_TOKEN"
 MIN_TOKEN = 16
@@ -86,6 +88,8 @@ class DashboardServer:
 
     def __post_init__(self) -> None:
         import uvicorn
+
+        from coordinator.dashboard.app import build_app
 
         host, port = check_binding(self.address, self.token)
         secure = self.tls is not None

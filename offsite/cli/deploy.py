@@ -223,6 +223,12 @@ def coordinator_serve(
     leads: enrolled nodes' keys are registered, revoked and unknown ones removed within
     seconds (and on every start); every change goes to <state>/audit.log.
     """
+    token = None
+    if dashboard is not None:  # refused before anything is imported or listens
+        from coordinator.dashboard.server import admin_token, check_binding
+
+        token = admin_token(dashboard_token_file)
+        check_binding(dashboard, token)
     from coordinator.service.daemon import CoordinatorDaemon, secure_state
     from coordinator.service.grpc_server import state_paths
     from offsite.errors import OffsiteError
@@ -231,13 +237,6 @@ def coordinator_serve(
     pki, _ = state_paths(folder)
     if not pki.exists():
         raise OffsiteError(f"{folder} has no coordinator keys; run `offsite coordinator init`")
-    token = None
-    if dashboard is not None:  # refused before anything listens
-        from coordinator.dashboard import admin_token
-        from coordinator.dashboard.server import check_binding
-
-        token = admin_token(dashboard_token_file)
-        check_binding(dashboard, token)
     secure_state(folder)
     link = None if insecure or flower == "off" else flower
     store = _store(folder, database)

@@ -510,14 +510,15 @@ def dashboard(
     A coordinator serves the same pages over its registry with
     `offsite coordinator serve --dashboard 127.0.0.1:8480` (nodes, enrollment tokens, revocation).
     """
-    from coordinator.dashboard import DashboardServer, RunsDirSource, admin_token
-    from coordinator.dashboard.server import check_binding
+    from coordinator.dashboard.server import DashboardServer, admin_token, check_binding
 
     token = admin_token(token_file)
-    check_binding(bind, token)
+    check_binding(bind, token)  # before anything heavy is imported or listens
     if not runs_dir.is_dir():
         raise ConfigError(f"{runs_dir} is not a folder; pass the folder your runs are in")
     _quiet_libraries()
+    from coordinator.dashboard.reads import RunsDirSource
+
     server = DashboardServer(RunsDirSource(runs_dir.resolve()), bind, token)
     typer.echo(f"dashboard of {runs_dir} on http://{bind}", color=False)
     sys.stdout.flush()

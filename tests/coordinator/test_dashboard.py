@@ -29,6 +29,7 @@ import pytest
 
 from offsite.errors import ExitCode
 from offsite.host.processes import wait_for_port
+from tests.conftest import LAYER_DROP_OVERRIDES
 from tests.coordinator.test_deployment import Deployment, _free_port, running_deployment
 
 pytestmark = pytest.mark.integration
@@ -56,7 +57,8 @@ def board(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[Board
     with running_deployment(root, tokenizer, ("--dashboard", f"127.0.0.1:{port}")) as found:
         wait_for_port(f"127.0.0.1:{port}", 60.0, found.server)
         run = found.root / "runs" / "first"
-        found.processes.offsite(*found.run_args(1, run), timeout=600)
+        # a plain layer drop: the emulator's cost is not what this test is about
+        found.processes.offsite(*found.run_args(1, run), *LAYER_DROP_OVERRIDES, timeout=600)
         run_id = open_store(found.state).run_id(str(run.resolve()))
         assert run_id is not None
         yield Board(found, f"http://127.0.0.1:{port}", run, str(run_id))
