@@ -7,7 +7,8 @@ loads every page and reads the browser's console: no errors, and the pages show 
 online with the examples they reported, the run's round and the five-way numbers of its
 ``metrics.json``. A revoke from the page (confirmation, CSRF token) takes effect on the
 SuperLink; a POST without the CSRF token is refused. Beyond loopback a dashboard without an
-admin token refuses to start (exit 13), and one with a token refuses unauthenticated requests.
+admin token refuses to start (exit 13); with one, the coordinator serves it over TLS and
+unauthenticated requests get 401 (`offsite dashboard` over a runs folder likewise).
 
 Screenshots of each page go to ``docs/images/dashboard/`` when ``OFFSITE_DASHBOARD_SHOTS=1``.
 """
@@ -242,16 +243,17 @@ def _reachable_address() -> str:
             return "127.0.0.1"
 
 
-def test_beyond_loopback_a_dashboard_needs_an_admin_token(board: Board) -> None:
+def test_offsite_dashboard_shows_a_runs_folder_and_needs_a_token_beyond_loopback(
+    board: Board,
+) -> None:
     env = {
         k: v for k, v in board.deployment.processes.env.items() if k != "OFFSITE_DASHBOARD_TOKEN"
     }
-    command = [sys.executable, "-m", "offsite.cli.main"]
+    command = [sys.executable, "-m", "offsite.cli.main", "dashboard", str(board.run.parent)]
     port = _free_port()
     refused = subprocess.run(
-        [*command, "coordinator", "serve", "--state", str(board.deployment.state),
-         "--dashboard", f"0.0.0.0:{port}"],
-        env=env, capture_output=True, text=True, timeout=120,
+        [*command, "--bind", f"0.0.0.0:{port}"], env=env, capture_output=True, text=True,
+        timeout=120,
     )  # fmt: skip
     assert refused.returncode == ExitCode.DASHBOARD_AUTH, refused.stderr
     lines = refused.stderr.strip().splitlines()
@@ -260,7 +262,7 @@ def test_beyond_loopback_a_dashboard_needs_an_admin_token(board: Board) -> None:
     token = "a-long-enough-admin-token-for-tests"
     env["OFFSITE_DASHBOARD_TOKEN"] = token
     server = subprocess.Popen(
-        [*command, "dashboard", str(board.run.parent), "--bind", f"0.0.0.0:{port}"],
+        [*command, "--bind", f"0.0.0.0:{port}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
@@ -270,13 +272,58 @@ def test_beyond_loopback_a_dashboard_needs_an_admin_token(board: Board) -> None:
         assert (
             httpx.get(f"{url}/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
         )
-        assert httpx.post(f"{url}/login", data={"token": "wrong"}).status_code == 401
         allowed = httpx.get(f"{url}/runs", headers={"Authorization": f"Bearer {token}"})
-        assert allowed.status_code == 200 and "first" in allowed.text
-        with httpx.Client() as client:  # the login form's session cookie works too
-            client.get(f"{url}/login")
-            assert client.post(f"{url}/login", data={"token": token}).status_code == 303
-            assert client.get(f"{url}/runs").status_code == 200
+        assert allowed.status_code == 200 and 'data-run="first"' in allowed.text
+        assert "finished" in allowed.text  # read from the run folder alone (its report)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_coordinator_serves_its_dashboard_beyond_loopback_over_tls_with_a_token(
+    tmp_path: Path,
+) -> None:
+    """No SuperLink (`--flower off`): the dashboard's TLS and token checks on their own."""
+    address = _reachable_address()
+    env = dict(os.environ, OFFSITE_HOME=str(tmp_path / "home"), PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "offsite.cli.main", "coordinator"]
+    state = tmp_path / "coordinator"
+    subprocess.run(
+        [*command, "init", "--state", str(state), "--host", address, "--host", "127.0.0.1"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    port = _free_port()
+    refused = subprocess.run(
+        [*command, "serve", "--state", str(state), "--dashboard", f"0.0.0.0:{port}"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == ExitCode.DASHBOARD_AUTH, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "beyond loopback" in lines[0], refused.stderr
+    token = tmp_path / "dashboard.token"
+    token.write_text("another-long-admin-token-for-tests\n")
+    server = subprocess.Popen(
+        [*command, "serve", "--state", str(state), "--flower", "off",
+         "--enroll", f"127.0.0.1:{_free_port()}", "--artifacts", f"127.0.0.1:{_free_port()}",
+         "--dashboard", f"0.0.0.0:{port}", "--dashboard-token-file", str(token)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_port(f"127.0.0.1:{port}", 90.0, server)
+        ca = str(state / "pki" / "ca.pem")
+        url = f"https://{address}:{port}"
+        assert httpx.get(f"{url}/nodes", verify=ca).status_code == 401
+        with pytest.raises(httpx.HTTPError):  # no plaintext beside TLS
+            httpx.get(f"http://{address}:{port}/nodes")
+        secret = token.read_text().strip()
+        page = httpx.get(f"{url}/nodes", verify=ca, headers={"Authorization": f"Bearer {secret}"})
+        assert page.status_code == 200 and "No node has enrolled yet" in page.text
+        with httpx.Client(verify=ca) as browser_like:  # the login form's session cookie
+            assert browser_like.post(f"{url}/login", data={"token": "wrong"}).status_code == 401
+            signed_in = browser_like.post(f"{url}/login", data={"token": secret})
+            assert signed_in.status_code == 303
+            assert "secure" in signed_in.headers["set-cookie"].lower()  # HTTPS only
+            assert browser_like.get(f"{url}/artifacts").status_code == 200
     finally:
         server.terminate()
         server.wait(timeout=30)
