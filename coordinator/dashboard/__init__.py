@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from coordinator.dashboard.app import build_app
-    from coordinator.dashboard.reads import CoordinatorSource, RunsDirSource, Source
+    from coordinator.dashboard.reads import Source
     from coordinator.dashboard.server import DashboardAuthError, DashboardServer, admin_token
+    from coordinator.dashboard.sources import CoordinatorSource, RunsDirSource
 
 _WHERE = {
     "build_app": "app",
-    "CoordinatorSource": "reads",
-    "RunsDirSource": "reads",
+    "CoordinatorSource": "sources",
+    "RunsDirSource": "sources",
     "Source": "reads",
     "DashboardAuthError": "server",
     "DashboardServer": "server",

@@ -13,6 +13,7 @@ from html import escape
 
 WIDTH, HEIGHT = 560, 220
 LEFT, RIGHT, TOP, BOTTOM = 52, 130, 12, 34
+LEGEND = 12  # series named in the legend
 COLORS = ("#1e88e5", "#e53935", "#43a047", "#fb8c00", "#8e24aa", "#00897b", "#6d4c41", "#546e7a")
 
 
@@ -111,7 +112,7 @@ def line_plot(series: list[Series], x_label: str, y_label: str, budget: float | 
             for x, y in kept
         )
         legend_y = TOP + 14 * index + 8
-        if budget is None or index < 10:
+        if index < LEGEND:  # more lines than that: their points' tooltips name them
             parts.append(
                 f'<rect x="{LEFT + inner_w + 8}" y="{legend_y - 8}" width="10" height="10" '
                 f'fill="{color}"/><text x="{LEFT + inner_w + 22}" y="{legend_y + 1}" '

@@ -517,7 +517,7 @@ def dashboard(
     if not runs_dir.is_dir():
         raise ConfigError(f"{runs_dir} is not a folder; pass the folder your runs are in")
     _quiet_libraries()
-    from coordinator.dashboard.reads import RunsDirSource
+    from coordinator.dashboard.sources import RunsDirSource
 
     server = DashboardServer(RunsDirSource(runs_dir.resolve()), bind, token)
     typer.echo(f"dashboard of {runs_dir} on http://{bind}", color=False)
