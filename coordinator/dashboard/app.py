@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -38,11 +39,37 @@ CSRF_COOKIE = "offsite_csrf"
 OPEN_PATHS = ("/login", "/healthz", "/static/")
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 LIVE_SECONDS = 5
+PAGE_SIZE = 100  # rows of a long table per page: 1,000 nodes stay a fast page
+T = TypeVar("T")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript"}
+
+
+@dataclass(frozen=True)
+class Pager:
+    """One page of a long table (nodes, artifacts) and the links to the others."""
+
+    page: int
+    pages: int
+    total: int
+    query: str
+
+    def link(self, page: int) -> str:
+        return "?" + urlencode({"page": page, **({"q": self.query} if self.query else {})})
+
+
+def paged(items: Sequence[T], request: Request, size: int = PAGE_SIZE) -> tuple[list[T], Pager]:
+    """The ``?page=`` slice of ``items`` (pages count from 1; out of range: the nearest)."""
+    pages = max(1, -(-len(items) // size))
+    try:
+        page = min(max(1, int(request.query_params.get("page", "1"))), pages)
+    except ValueError:
+        page = 1
+    query = request.query_params.get("q", "")
+    return list(items[(page - 1) * size : page * size]), Pager(page, pages, len(items), query)
 
 
 def _size(value: float) -> str:
@@ -192,10 +219,25 @@ def build_app(source: Source, token: str | None = None, secure: bool = False) ->
     @app.get("/nodes")
     def nodes(request: Request) -> Response:
         page = source.nodes()
+        query = request.query_params.get("q", "").strip().lower()
+        chosen = [
+            n
+            for n in page.nodes
+            if not query or query in n.name.lower() or query in (n.status, n.superlink)
+        ]
+        rows, pager = paged(chosen, request)
+        counts = {
+            "enrolled": sum(n.status == "active" for n in page.nodes),
+            "revoked": sum(n.status == "revoked" for n in page.nodes),
+            "online": sum(n.superlink == "online" for n in page.nodes),
+        }
         return render(
             request,
             "nodes.html",
             page=page,
+            rows=rows,
+            pager=pager,
+            counts=counts,
             live=LIVE_SECONDS * 2 if page.serving else 0,
             revoked=request.query_params.get("revoked", ""),
         )
@@ -256,7 +298,8 @@ def build_app(source: Source, token: str | None = None, secure: bool = False) ->
 
     @app.get("/artifacts")
     def artifacts(request: Request) -> Response:
-        return render(request, "artifacts.html", artifacts=source.artifacts())
+        rows, pager = paged(source.artifacts(), request)
+        return render(request, "artifacts.html", artifacts=rows, pager=pager)
 
     @app.get("/static/{name}")
     def static(name: str) -> Response:
@@ -265,6 +308,7 @@ def build_app(source: Source, token: str | None = None, secure: bool = False) ->
         if kind is None or "/" in name or not (files / name).is_file():
             return Response("not found", 404)
         response = Response((files / name).read_bytes(), media_type=kind)
+        response.headers["Cache-Control"] = "max-age=3600"  # pages refresh; these do not change
         return response
 
     app.state.started = datetime.now(timezone.utc)

@@ -15,6 +15,7 @@ reads a few hundred ``stat`` results, not a few hundred JSON files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Callable, Iterable
@@ -53,6 +54,7 @@ class Reply:
     examples: int
     loss: float | None
     node_id: str
+    partition: int | None = None  # simulation: the client's data partition
 
 
 @dataclass(frozen=True)
@@ -252,14 +254,14 @@ def parse_iso(text: str) -> datetime | None:
 
 def replies(reports: Iterable[dict[str, Any]], names: dict[str, str]) -> list[Reply]:
     """The rounds log's records as replies; ``names`` maps Flower node ids to node names."""
+    return name_replies(parse_replies(reports), names)
+
+
+def parse_replies(reports: Iterable[dict[str, Any]]) -> list[Reply]:
+    """The rounds log's records as replies, clients not yet named (see ``name_replies``)."""
     out = []
     for report in reports:
         reply = TrainReply.from_report(report)
-        node_id = str(report.get("node-id", ""))
-        if reply is not None and "partition-id" in report and not names:
-            client = f"client {reply.partition_id}"
-        else:
-            client = names.get(node_id) or (f"node {node_id[:8]}" if node_id else "?")
         if report.get("error"):
             verdict, reason = "dropped", short_error(str(report["error"]))
         elif report.get("quarantined"):
@@ -269,14 +271,29 @@ def replies(reports: Iterable[dict[str, Any]], names: dict[str, str]) -> list[Re
         out.append(
             Reply(
                 int(report.get("round", 0)),
-                client,
+                "",
                 verdict,
                 reason,
                 reply.num_examples if reply else 0,
                 reply.train_loss if reply else None,
-                node_id,
+                str(report.get("node-id", "")),
+                reply.partition_id if reply is not None and "partition-id" in report else None,
             )
         )
+    return out
+
+
+def name_replies(parsed: list[Reply], names: dict[str, str]) -> list[Reply]:
+    """Replies with their client named: the node's name in a deployment (``names``: Flower
+    node id -> name), the partition in a simulation, else the node id."""
+    out = []
+    for reply in parsed:
+        node_id = reply.node_id
+        if reply.partition is not None and not names:
+            client = f"client {reply.partition}"
+        else:
+            client = names.get(node_id) or (f"node {node_id[:8]}" if node_id else "?")
+        out.append(dataclasses.replace(reply, client=client))
     return out
 
 
@@ -385,8 +402,16 @@ class RunFiles:
     def metrics(self, folder: RunFolder) -> dict[str, Any]:
         return self.cache.get(folder.metrics_path, "metrics", folder.metrics, {})
 
-    def reports(self, folder: RunFolder) -> list[dict[str, Any]]:
-        return self.cache.get(folder.client_reports_path, "reports", folder.client_reports, [])
+    def parsed(self, folder: RunFolder) -> list[Reply]:
+        """The run's replies, clients unnamed, parsed once per change of its rounds log."""
+
+        def read() -> list[Reply]:
+            return parse_replies(folder.client_reports())
+
+        return self.cache.get(folder.client_reports_path, "replies", read, [])
+
+    def replies(self, folder: RunFolder, names: dict[str, str]) -> list[Reply]:
+        return name_replies(self.parsed(folder), names)
 
     def outcomes(self, folder: RunFolder) -> list[dict[str, Any]]:
         return self.cache.get(folder.outcomes_path, "outcomes", folder.outcomes, [])
@@ -411,7 +436,7 @@ def run_view(
 ) -> RunView:
     metrics = files.metrics(folder)
     config = record.config if record and record.config else files.config(folder)
-    got = replies(files.reports(folder), names)
+    got = files.parsed(folder)  # counts and losses: no names needed
     rounds = int((config.get("federation") or {}).get("rounds") or (record.rounds if record else 0))
     closed = (
         record.closed
@@ -497,7 +522,7 @@ def run_detail(
     config = files.config(folder) or metrics.get("config") or {}
     rounds = round_views(
         records,
-        replies(files.reports(folder), names),
+        files.replies(folder, names),
         files.outcomes(folder),
         view.created_at,
     )

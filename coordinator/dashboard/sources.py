@@ -29,7 +29,6 @@ from coordinator.dashboard.reads import (
     RunFiles,
     RunView,
     parse_iso,
-    replies,
     run_detail,
     run_view,
     when,
@@ -46,6 +45,7 @@ from coordinator.store.overview import (
     node_records,
     open_tokens,
     round_records,
+    rounds_by_run,
     run_record,
     run_records,
 )
@@ -108,9 +108,10 @@ class CoordinatorSource:
         examples: dict[str, dict[str, int]] = {}
         for run in run_records(self.store):
             folder = self._folder(run)
-            for reply in replies(self._files.reports(folder), names):
-                if reply.verdict == "accepted":
-                    per_run = examples.setdefault(reply.client, {})
+            for reply in self._files.parsed(folder):
+                name = names.get(reply.node_id)
+                if reply.verdict == "accepted" and name is not None:
+                    per_run = examples.setdefault(name, {})
                     per_run[folder.name] = per_run.get(folder.name, 0) + reply.examples
         now = datetime.now(timezone.utc)
         views = []
@@ -150,8 +151,9 @@ class CoordinatorSource:
     def runs(self) -> list[RunView]:
         runs, names = self._records()
         out = []
+        every = rounds_by_run(self.store)
         for run in runs:
-            rounds = round_records(self.store, run.id) if run.closed or run.opened else []
+            rounds = every.get(run.id, [])
             out.append(run_view(str(run.id), self._folder(run), run, self._files, names, rounds))
         return out
 

@@ -163,22 +163,32 @@ def run_record(store: Store, run_id: int) -> RunRecord | None:
         return None if row is None else _run_record(row)
 
 
+def _round_record(r: Round) -> RoundRecord:
+    return RoundRecord(
+        r.number,
+        r.status,
+        r.outcome,
+        r.epsilon,
+        r.global_digest,
+        _aware(r.started_at),
+        _aware(r.finished_at),
+    )
+
+
 def round_records(store: Store, run_id: int) -> list[RoundRecord]:
     """The run's rounds in order."""
     with Session(store.engine) as s:
         rows = s.scalars(select(Round).where(Round.run_id == run_id).order_by(Round.number))
-        return [
-            RoundRecord(
-                r.number,
-                r.status,
-                r.outcome,
-                r.epsilon,
-                r.global_digest,
-                _aware(r.started_at),
-                _aware(r.finished_at),
-            )
-            for r in rows
-        ]
+        return [_round_record(r) for r in rows]
+
+
+def rounds_by_run(store: Store) -> dict[int, list[RoundRecord]]:
+    """Every run's rounds in order, in one query (the runs page)."""
+    found: dict[int, list[RoundRecord]] = {}
+    with Session(store.engine) as s:
+        for r in s.scalars(select(Round).order_by(Round.run_id, Round.number)):
+            found.setdefault(r.run_id, []).append(_round_record(r))
+    return found
 
 
 def artifact_records(store: Store) -> list[ArtifactRecord]:

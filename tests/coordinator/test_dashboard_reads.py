@@ -98,6 +98,9 @@ def test_mutations_need_the_csrf_token_and_are_audited(tmp_path: Path) -> None:
     assert page.status_code == 200 and "site-a" in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]
     csrf = client.cookies["offsite_csrf"]
+    found = client.get("/nodes", params={"q": "site-b"}).text
+    assert 'data-node="site-b"' in found and 'data-node="site-a"' not in found
+    assert "2 enrolled" in found  # the counts cover every node, not the filtered rows
     assert client.post("/nodes/site-a/revoke", data={"confirm": "site-a"}).status_code == 403
     assert (
         client.post(
