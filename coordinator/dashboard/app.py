@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +40,8 @@ CSRF_COOKIE = "offsite_csrf"
 OPEN_PATHS = ("/login", "/healthz", "/static/")
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 LIVE_SECONDS = 5
+SESSION_SECONDS = 12 * 3600.0  # a sign-in lasts a working day
+MAX_FORM = 16 * 1024  # bytes; our forms hold a token, a name, a number
 PAGE_SIZE = 100  # rows of a long table per page: 1,000 nodes stay a fast page
 T = TypeVar("T")
 CSP = (
@@ -111,12 +114,13 @@ def build_app(source: Source, token: str | None = None, secure: bool = False) ->
     ``secure`` marks cookies Secure (served over TLS)."""
     app = FastAPI(title="Offsite dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     env = _environment()
-    sessions: set[str] = set()
+    sessions: dict[str, float] = {}  # session id -> when it expires (monotonic seconds)
 
     def authenticated(request: Request) -> bool:
         if token is None:
             return True
-        if request.cookies.get(SESSION_COOKIE, "") in sessions:
+        expires = sessions.get(request.cookies.get(SESSION_COOKIE, ""))
+        if expires is not None and time.monotonic() < expires:
             return True
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
@@ -175,16 +179,25 @@ def build_app(source: Source, token: str | None = None, secure: bool = False) ->
             return False
         return bool(cookie) and hmac.compare_digest(cookie.encode(), given.encode())
 
-    async def form(request: Request) -> dict[str, str]:
-        body = (await request.body())[:8192].decode("utf-8", errors="replace")
-        return {k: v[0] for k, v in parse_qs(body).items()}
+    async def form(request: Request) -> dict[str, str] | None:
+        """The POSTed form; None when it is larger than a form of ours can be."""
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM:
+                return None
+        text = body.decode("utf-8", errors="replace")
+        return {k: v[0] for k, v in parse_qs(text).items()}
 
     @app.middleware("http")
     async def read_form(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         # runs before ``guard`` (middleware added last runs first): the CSRF check needs the form
-        request.state.form = await form(request) if request.method == "POST" else {}
+        found = await form(request) if request.method == "POST" else {}
+        if found is None:
+            return Response("form too large", 413)
+        request.state.form = found
         return await call_next(request)
 
     @app.get("/healthz")
@@ -205,10 +218,18 @@ def build_app(source: Source, token: str | None = None, secure: bool = False) ->
         if not hmac.compare_digest(given.encode(), token.encode()):
             return render(request, "login.html", status=401, error="wrong admin token")
         session = secrets.token_urlsafe(32)
-        sessions.add(session)
+        now = time.monotonic()
+        for stale in [k for k, v in sessions.items() if v <= now]:
+            del sessions[stale]
+        sessions[session] = now + SESSION_SECONDS
         response = RedirectResponse("/runs", 303)
         response.set_cookie(
-            SESSION_COOKIE, session, httponly=True, samesite="strict", secure=secure
+            SESSION_COOKIE,
+            session,
+            max_age=int(SESSION_SECONDS),
+            httponly=True,
+            samesite="strict",
+            secure=secure,
         )
         return response
 

@@ -118,6 +118,8 @@ def test_mutations_need_the_csrf_token_and_are_audited(tmp_path: Path) -> None:
     minted = client.post("/nodes/token", data={"hours": "2", "csrf": csrf})
     assert minted.status_code == 200 and 'id="minted-token"' in minted.text
     assert client.post("/nodes/token", data={"hours": "nan", "csrf": csrf}).status_code == 400
+    big = client.post("/nodes/token", content=b"hours=1&csrf=" + b"x" * 20_000)
+    assert big.status_code == 413  # read no further than a form of ours can be
     events = [(e["event"], e.get("node")) for e in Audit(tmp_path / "state").entries()]
     assert ("revoked", "site-a") in events and ("token-minted", None) in events
     # another host name (DNS rebinding) is not answered without a token
