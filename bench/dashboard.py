@@ -189,7 +189,9 @@ def write_report(results: dict[str, dict[str, float]], info: dict[str, object]) 
         f"{CLIENTS} client replies each, {info['artifacts']} artifacts) in a SQLite registry; "
         f"{info['repeats']} loads per page after a warm-up, on {info['machine']}. "
         "Server: HTTP GET over loopback, body read. Browser: headless Chromium, "
-        "navigation start to the load event. `make bench-dashboard` (bench/dashboard.py).",
+        "navigation start to the load event. The nodes and artifacts pages list 100 rows per "
+        "page (their counts, and each node's examples per run, cover every row). "
+        "`make bench-dashboard` (bench/dashboard.py).",
         "",
         "| page | HTML | server median | server p95 | browser median | browser p95 |",
         "|---|---|---|---|---|---|",
