@@ -277,7 +277,7 @@ def parse_replies(reports: Iterable[dict[str, Any]]) -> list[Reply]:
                 reply.num_examples if reply else 0,
                 reply.train_loss if reply else None,
                 str(report.get("node-id", "")),
-                reply.partition_id if reply is not None and "partition-id" in report else None,
+                reply.partition_id if reply is not None else None,
             )
         )
     return out

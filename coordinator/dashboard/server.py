@@ -31,12 +31,12 @@ class DashboardAuthError(OffsiteError):
     exit_code = ExitCode.DASHBOARD_AUTH
 
 
-def split_address(address: str) -> tuple[str, int]:
+def split_address(address: str, option: str = "--dashboard") -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT``) as (host, port); a one-line ``OffsiteError`` otherwise."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise OffsiteError(f"--dashboard {address!r} is not HOST:PORT (e.g. 127.0.0.1:8480)")
+        raise OffsiteError(f"{option} {address!r} is not HOST:PORT (e.g. 127.0.0.1:8480)")
     return host, int(port)
 
 
@@ -66,13 +66,19 @@ def admin_token(token_file: Path | None) -> str | None:
     return text or None
 
 
-def check_binding(address: str, token: str | None) -> tuple[str, int]:
-    """Refuse a dashboard beyond loopback without an admin token; (host, port) otherwise."""
-    host, port = split_address(address)
+def check_binding(
+    address: str,
+    token: str | None,
+    option: str = "--dashboard",
+    token_option: str = "--dashboard-token-file",
+) -> tuple[str, int]:
+    """Refuse a dashboard beyond loopback without an admin token; (host, port) otherwise.
+    ``option`` and ``token_option`` name the command's flags in the error."""
+    host, port = split_address(address, option)
     if not is_loopback_host(host) and token is None:
         raise DashboardAuthError(
-            f"--dashboard {address} is beyond loopback: set an admin token "
-            f"(--dashboard-token-file FILE or ${TOKEN_ENV}) or bind 127.0.0.1"
+            f"{option} {address} is beyond loopback: set an admin token "
+            f"({token_option} FILE or ${TOKEN_ENV}) or bind 127.0.0.1"
         )
     return host, port
 

@@ -513,7 +513,7 @@ def dashboard(
     from coordinator.dashboard.server import DashboardServer, admin_token, check_binding
 
     token = admin_token(token_file)
-    check_binding(bind, token)  # before anything heavy is imported or listens
+    check_binding(bind, token, "--bind", "--token-file")  # before heavy imports or listening
     if not runs_dir.is_dir():
         raise ConfigError(f"{runs_dir} is not a folder; pass the folder your runs are in")
     _quiet_libraries()
