@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -332,5 +332,4 @@ def build_app(source: Source, token: str | None = None, secure: bool = False) ->
         response.headers["Cache-Control"] = "max-age=3600"  # pages refresh; these do not change
         return response
 
-    app.state.started = datetime.now(timezone.utc)
     return app
