@@ -8,15 +8,20 @@ never travels in a Flower message; it is read from the verified bundle on disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.node_config import DATA_PATH, IDENTITY_DIR, MEMORY_BUDGET, PARTITION_ID
+from client.profile import anonymous_rss_bytes, peak_rss_bytes
 from client.secure_stage import handle_query, masked_update
 from client.session import open_session
 from emulator.examples import training_batches
@@ -185,6 +190,7 @@ def train(msg: Message, context: Context) -> Message:
             train_seconds=result.seconds,
             train_tokens=result.tokens,
             threads=torch.get_num_threads(),
+            **worker_facts(),
         )
     if order.upload == "sparse" and clip == 0:
         upload, sent_bytes = sparse_upload(context, trained, global_state, order.upload_fraction)
@@ -193,6 +199,21 @@ def train(msg: Message, context: Context) -> Message:
         upload = trained
     content = RecordDict({"arrays": ArrayRecord(upload), "metrics": reply.to_record()})
     return Message(content, reply_to=msg)
+
+
+def worker_facts() -> dict[str, Any]:
+    """Where this client ran, for its report: the worker process, its peak resident memory and
+    its own (anonymous) resident memory now (the bundle is loaded once per worker, so clients
+    served by one worker share that memory) and, in a Ray simulation, its Ray node (the first
+    48 bits of the node id)."""
+    facts: dict[str, Any] = {"worker_pid": os.getpid()}
+    with contextlib.suppress(OSError, RuntimeError):  # no /proc (not Linux)
+        facts["worker_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+        facts["worker_anon_rss_mb"] = round(anonymous_rss_bytes() / 2**20, 1)
+    ray = sys.modules.get("ray")  # never imported here: only a Ray worker has it loaded
+    if ray is not None and ray.is_initialized():
+        facts["ray_node"] = int(ray.get_runtime_context().get_node_id()[:12], 16)
+    return facts
 
 
 def sparse_upload(

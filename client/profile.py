@@ -38,6 +38,12 @@ def rss_bytes() -> int:
     return _status_bytes("VmRSS")
 
 
+def anonymous_rss_bytes() -> int:
+    """Resident memory of this process now that is its own (``RssAnon``): without the page
+    cache of memory-mapped files, which processes on one machine share."""
+    return _status_bytes("RssAnon")
+
+
 def reset_peak_rss() -> bool:
     """Start a new high-water mark at the current RSS; False where the kernel cannot."""
     try:

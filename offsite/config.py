@@ -11,6 +11,7 @@ Decisions:
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -247,6 +248,12 @@ class DataConfig(_Section):
         "dirichlet", "How training data is split across clients (non-IID by default)."
     )
     alpha: float = _f(1.0, "Dirichlet concentration over labels; smaller is more skewed.")
+    quantity_alpha: float = _f(
+        0.0,
+        "Quantity skew: clients' shares of the training data are drawn from a seeded "
+        "Dirichlet with this concentration (smaller = more unequal; 1 is strongly skewed), "
+        "on top of the label skew; 0 = off (shares of about equal size).",
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -258,6 +265,8 @@ class DataConfig(_Section):
             out.append("data.max_words must be >= 1")
         if self.alpha <= 0:
             out.append("data.alpha must be > 0")
+        if self.quantity_alpha < 0:
+            out.append("data.quantity_alpha must be >= 0 (0 = no quantity skew)")
         if self.template and self.template.count("{text}") != 1:
             out.append("data.template must contain {text} exactly once")
         return out
@@ -330,12 +339,48 @@ class TrainConfig(_Section):
         return out
 
 
+_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+_RAY_ADDRESS = re.compile(rf"(?:ray://)?{_HOST}:(?P<port>[0-9]{{1,5}})")
+
+
+def ray_address_problem(address: str) -> str | None:
+    """What is wrong with a Ray cluster address (``federation.ray_address``), or None."""
+    if address == "auto":
+        return None
+    match = _RAY_ADDRESS.fullmatch(address)
+    if match is None or not 0 < int(match["port"]) < 65536:
+        return (
+            f"{address!r} is not a Ray cluster address; write HOST:PORT of the head node "
+            "(e.g. 10.0.0.5:6379), ray://HOST:PORT for Ray Client, or 'auto'"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class FederationConfig(_Section):
     num_clients: int = _f(4, "Simulated data-owner clients (Flower SuperNodes).")
     rounds: int = _f(3, "Federated rounds.")
     fraction_train: float = _f(1.0, "Fraction of clients sampled each round.")
     client_cpus: float = _f(1.0, "CPU cores reserved per simulated client (Ray resources).")
+    client_gpus: float = _f(
+        0.0, "GPUs reserved per simulated client (Ray resources; a fraction shares one GPU)."
+    )
+    client_memory: str = _f(
+        "",
+        "Memory reserved per simulated client, e.g. '2GB' (Ray's memory resource: a node "
+        "hosts no more clients than fit; it must not fit fewer than its CPUs do, since Flower "
+        "starts a client slot per client_cpus — checked before the first round); empty = no "
+        "reservation.",
+    )
+    ray_address: str = _f(
+        "",
+        "Run the simulation on a running Ray cluster instead of starting a local Ray node: "
+        "its head's 'HOST:PORT' (what `ray start --head --port=PORT` serves), "
+        "'ray://HOST:PORT' (Ray Client) or 'auto' (the cluster `ray start` left on this "
+        "machine); empty = local. Every Ray node must see the run folder (output_dir) at the "
+        "same path, e.g. a shared volume: clients read the bundle and their data there "
+        "(deploy/kuberay).",
+    )
     round_timeout: float = _f(1800.0, "Seconds a round waits for replies before closing.")
     serve_url: str = _f(
         "",
@@ -402,6 +447,15 @@ class FederationConfig(_Section):
             out.append("federation.fraction_train must be in (0, 1]")
         if self.client_cpus <= 0:
             out.append("federation.client_cpus must be > 0")
+        if self.client_gpus < 0:
+            out.append("federation.client_gpus must be >= 0")
+        if self.client_memory:
+            try:
+                parse_size(self.client_memory)
+            except ValueError as err:
+                out.append(f"federation.client_memory: {err}")
+        if self.ray_address and ray_address_problem(self.ray_address):
+            out.append(f"federation.ray_address: {ray_address_problem(self.ray_address)}")
         if self.round_timeout <= 0:
             out.append("federation.round_timeout must be > 0")
         if self.min_replies < 1:

@@ -6,7 +6,9 @@ Decisions:
 - The held-out evaluation split is stratified and taken first, from a seeded shuffle, so clients
   never see evaluation data whatever the partitioning.
 - Non-IID partitions draw each client's label proportions from a seeded Dirichlet, as in the
-  federated-learning literature; every client gets at least one example.
+  federated-learning literature, optionally with a quantity skew (clients' sizes from a second
+  seeded Dirichlet, NIID-Bench's "quantity-based label imbalance" style); every client gets at
+  least one example. A thousand clients split in milliseconds.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from offsite.catalog import DATASETS
 from offsite.errors import DataError
@@ -250,38 +253,83 @@ def split_holdout(
 
 
 def partition(
-    examples: Sequence[Example], num_clients: int, scheme: str, alpha: float, seed: int
+    examples: Sequence[Example],
+    num_clients: int,
+    scheme: str,
+    alpha: float,
+    seed: int,
+    quantity_alpha: float = 0.0,
 ) -> list[list[Example]]:
-    """Split training examples across clients: 'iid' or label-'dirichlet' (non-IID)."""
+    """Split training examples across clients: 'iid' or label-'dirichlet' (non-IID), with
+    a quantity skew when ``quantity_alpha`` > 0 (clients' sizes drawn from a seeded Dirichlet).
+
+    The same arguments give the same shares, at any number of clients; every client gets at
+    least one example.
+    """
     if len(examples) < num_clients:
         raise DataError(
             f"{len(examples)} training examples cannot be split across {num_clients} clients; "
             "lower federation.num_clients"
         )
+    import numpy as np
+
     rng = random.Random(seed)
     shuffled = list(examples)
     rng.shuffle(shuffled)
-    if scheme == "iid" or all(e.label is None for e in shuffled):
-        return [shuffled[i::num_clients] for i in range(num_clients)]
-    import numpy as np
-
-    np_rng = np.random.default_rng(seed)
+    # the quantity draw has its own stream: the label draws stay those of an unskewed split
+    sizes = (
+        np.random.default_rng([seed, 1]).dirichlet([quantity_alpha] * num_clients)
+        if quantity_alpha > 0
+        else None
+    )
     shares: list[list[Example]] = [[] for _ in range(num_clients)]
-    by_label: dict[str | None, list[Example]] = defaultdict(list)
-    for example in shuffled:
-        by_label[example.label].append(example)
-    for _, group in sorted(by_label.items(), key=lambda kv: str(kv[0])):
-        weights = np_rng.dirichlet([alpha] * num_clients)
-        cuts = (np.cumsum(weights) * len(group)).round().astype(int)[:-1]
-        for client, chunk in enumerate(np.split(np.arange(len(group)), cuts)):
-            shares[client].extend(group[i] for i in chunk)
-    for client in range(num_clients):  # no client may end up empty
-        if not shares[client]:
-            donor = max(range(num_clients), key=lambda c: len(shares[c]))
+    if scheme == "iid" or all(e.label is None for e in shuffled):
+        if sizes is None:
+            return [shuffled[i::num_clients] for i in range(num_clients)]
+        _deal(shuffled, sizes, shares)
+    else:
+        np_rng = np.random.default_rng(seed)
+        by_label: dict[str | None, list[Example]] = defaultdict(list)
+        for example in shuffled:
+            by_label[example.label].append(example)
+        for _, group in sorted(by_label.items(), key=lambda kv: str(kv[0])):
+            weights = np_rng.dirichlet([alpha] * num_clients)
+            if sizes is not None:  # a client's share of every label scales with its size
+                weights = weights * sizes
+                weights = weights / weights.sum()
+            _deal(group, weights, shares)
+    empty = [client for client in range(num_clients) if not shares[client]]
+    if empty:  # no client may end up empty: the largest shares give one example each
+        donors = sorted(range(num_clients), key=lambda c: -len(shares[c]))
+        for client, donor in zip(empty, _cycle_largest(donors, shares, len(empty)), strict=True):
             shares[client].append(shares[donor].pop())
     for share in shares:
         rng.shuffle(share)
     return shares
+
+
+def _deal(group: Sequence[Example], weights: Any, shares: list[list[Example]]) -> None:
+    """Append consecutive runs of ``group`` to ``shares`` in proportion to ``weights``."""
+    import numpy as np
+
+    cuts = (np.cumsum(weights) * len(group)).round().astype(int)[:-1]
+    for client, chunk in enumerate(np.split(np.arange(len(group)), cuts)):
+        shares[client].extend(group[i] for i in chunk)
+
+
+def _cycle_largest(donors: list[int], shares: list[list[Example]], needed: int) -> list[int]:
+    """``needed`` donors, each time the client that would still hold the most after giving
+    (what taking one example at a time from the current largest share does)."""
+    import heapq
+
+    heap = [(-len(shares[c]), c) for c in donors]
+    heapq.heapify(heap)
+    out = []
+    for _ in range(needed):
+        size, client = heapq.heappop(heap)
+        out.append(client)
+        heapq.heappush(heap, (size + 1, client))
+    return out
 
 
 def write_jsonl(examples: Sequence[Example], path: Path) -> None:

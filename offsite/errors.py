@@ -26,7 +26,8 @@ class ExitCode(IntEnum):
     TRANSFER = 10
     FEDERATION_LINK = 11
     ADDRESS_IN_USE = 12
-    DASHBOARD_AUTH = 13
+    SIMULATION_ENGINE = 13
+    DASHBOARD_AUTH = 14
     INTERRUPTED = 130
 
 
@@ -43,6 +44,7 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.TRANSFER: "an artifact could not be delivered",
     ExitCode.FEDERATION_LINK: "the SuperLink or its fleet proxy failed",
     ExitCode.ADDRESS_IN_USE: "a port the coordinator needs is taken",
+    ExitCode.SIMULATION_ENGINE: "the Ray cluster to simulate on is unreachable or too small",
     ExitCode.DASHBOARD_AUTH: "a dashboard beyond loopback without an admin token",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }

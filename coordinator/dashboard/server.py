@@ -2,7 +2,7 @@
 
 On a loopback address it needs nothing (the operator is on the coordinator's host). Anywhere
 else it needs an admin token, and refuses to start without one (``DashboardAuthError``, exit
-code 13) before anything listens; the coordinator serves it over TLS with its own certificate
+code 14) before anything listens; the coordinator serves it over TLS with its own certificate
 there, so the token never crosses the network in clear.
 """
 

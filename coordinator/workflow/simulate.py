@@ -35,7 +35,7 @@ from coordinator.evaluation.report import (
     write_failure_report,
     write_report,
 )
-from coordinator.federation.simulation import run_flower_simulation
+from coordinator.federation.simulation import RayEngine, check_reachable, run_flower_simulation
 from coordinator.models import check_model, load_full_model
 from coordinator.state.adapters import load_adapter
 from coordinator.state.folder import RunFolder
@@ -127,10 +127,13 @@ def simulate(
             config.data.partition,
             config.data.alpha,
             config.seed,
+            config.data.quantity_alpha,
         )
         _, num_layers = check_model(config.model.name)
         # emulator.* must fit this model; the plan itself is chosen once the model is loaded
         plan_layers(num_layers, config.emulator.bottom, config.emulator.top, config.emulator.keep)
+        if deployment is None and config.federation.ray_address not in ("", "auto"):
+            check_reachable(config.federation.ray_address)  # before minutes of bundle building
     if resume:
         folder = RunFolder(run_dir.resolve()) if run_dir is not None else None
         if folder is None or not folder.can_resume:
@@ -238,8 +241,8 @@ def _federate_and_report(run: _Run) -> SimulationResult:
             run_flower_simulation(
                 folder.plan_path,
                 config.federation.num_clients,
-                config.federation.client_cpus,
                 verbose=run.verbose,
+                engine=RayEngine.from_config(config.federation),
             )
         health = RunHealth.read(folder, config.federation.rounds)
         if not health.trained:

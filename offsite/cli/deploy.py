@@ -205,7 +205,7 @@ def coordinator_serve(
             "--dashboard",
             help="Also serve the operator dashboard on HOST:PORT (e.g. 127.0.0.1:8480). Beyond "
             "loopback it needs an admin token and is served over TLS with the coordinator's "
-            "certificate; without a token it refuses to start (exit 13).",
+            "certificate; without a token it refuses to start (exit 14).",
         ),
     ] = None,
     dashboard_token_file: Annotated[

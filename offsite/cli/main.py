@@ -501,7 +501,7 @@ def dashboard(
         Path | None,
         typer.Option(
             help="File holding the admin token (or $OFFSITE_DASHBOARD_TOKEN); required beyond "
-            "loopback, where it refuses to start without one (exit 13)."
+            "loopback, where it refuses to start without one (exit 14)."
         ),
     ] = None,
 ) -> None:

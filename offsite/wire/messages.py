@@ -149,6 +149,13 @@ class TrainReply(_Record):
     secagg: bool | None = None  # the arrays are a masked vector (secure aggregation)
     sparse_upload: bool | None = None  # the arrays are top-k changes against the global adapter
     upload_bytes: int | None = None
+    # where the client ran (no DP, no secure aggregation): the worker process, its peak
+    # resident memory so far and its anonymous (unshared) resident memory now, and in a Ray
+    # simulation the first 48 bits of the Ray node's id
+    worker_pid: int | None = None
+    worker_peak_rss_mb: float | None = None
+    worker_anon_rss_mb: float | None = None
+    ray_node: int | None = None
 
     def to_record(self) -> MetricRecord:
         return MetricRecord(self._items())

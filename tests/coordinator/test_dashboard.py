@@ -7,7 +7,7 @@ loads every page and reads the browser's console: no errors, and the pages show 
 online with the examples they reported, the run's round and the five-way numbers of its
 ``metrics.json``. A revoke from the page (confirmation, CSRF token) takes effect on the
 SuperLink; a POST without the CSRF token is refused. Beyond loopback a dashboard without an
-admin token refuses to start (exit 13); with one, the coordinator serves it over TLS and
+admin token refuses to start (exit 14); with one, the coordinator serves it over TLS and
 unauthenticated requests get 401 (`offsite dashboard` over a runs folder likewise).
 
 Screenshots of each page go to ``docs/images/dashboard/`` when ``OFFSITE_DASHBOARD_SHOTS=1``.

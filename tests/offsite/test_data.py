@@ -103,6 +103,51 @@ def test_dirichlet_partition_is_non_iid_complete_and_seeded() -> None:
         partition(examples[:3], 4, "iid", 1.0, seed=0)
 
 
+def _sizes_spread(shares: list[list[Example]]) -> float:
+    """Coefficient of variation of the clients' share sizes."""
+    import statistics
+
+    sizes = [len(s) for s in shares]
+    return statistics.pstdev(sizes) / statistics.mean(sizes)
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "iid"])
+def test_quantity_skew_is_seeded_complete_and_skewed(scheme: str) -> None:
+    examples = _labelled(200)
+    plain = partition(examples, 20, scheme, 1.0, seed=3)
+    skewed = partition(examples, 20, scheme, 1.0, seed=3, quantity_alpha=0.5)
+    assert partition(examples, 20, scheme, 1.0, seed=3, quantity_alpha=0.5) == skewed
+    assert partition(examples, 20, scheme, 1.0, seed=4, quantity_alpha=0.5) != skewed
+    assert all(skewed)
+    assert sorted(id(e) for s in skewed for e in s) == sorted(id(e) for e in examples)
+    # a Dirichlet(0.5) over 20 clients: sizes spread far more than without the skew
+    assert _sizes_spread(skewed) > 2 * _sizes_spread(plain) and _sizes_spread(skewed) > 0.8
+    if scheme == "dirichlet":  # the label skew stays: clients still lean on one label
+        lean = [max(Counter(e.label for e in s).values()) / len(s) for s in skewed]
+        assert sum(x > 0.6 for x in lean) >= 5
+
+
+def test_a_thousand_clients_split_fast_and_reproducibly() -> None:
+    """1,000 registered clients, 100 sampled: the partitions and the sample count."""
+    import time
+
+    from offsite.config import load_config
+
+    config = load_config(
+        None,
+        ["federation.num_clients=1000", "federation.fraction_train=0.1", "data.alpha=0.3"],
+    )
+    assert config.federation.sampled_clients == 100
+    examples = _labelled(700)  # 2,100 examples, about two per client
+    start = time.perf_counter()
+    shares = partition(examples, 1000, "dirichlet", 0.3, seed=0, quantity_alpha=1.0)
+    assert time.perf_counter() - start < 1.0
+    assert len(shares) == 1000 and all(shares)
+    assert sum(len(s) for s in shares) == len(examples)
+    again = partition(examples, 1000, "dirichlet", 0.3, seed=0, quantity_alpha=1.0)
+    assert [[e.text for e in s] for s in again] == [[e.text for e in s] for s in shares]
+
+
 def test_write_jsonl_is_valid_json_lines(tmp_path: Path) -> None:
     path = tmp_path / "x" / "c.jsonl"
     write_jsonl([Example("a\nb", label="l"), Example("p", completion="c")], path)

@@ -205,3 +205,52 @@ def test_enrollment_tokens_never_sit_in_a_command_line_and_joins_are_idempotent(
 def test_the_image_installs_nginx_for_the_fleet_proxy() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"apt-get install[^\n]*\bnginx\b", text)
+
+
+def test_kuberay_example_parses_and_its_driver_joins_its_cluster() -> None:
+    """deploy/kuberay: a RayCluster and a driver Job whose `offsite simulate` parses, whose
+    config is valid, and whose ray_address is the cluster's head service; every pod mounts the
+    run folder's volume at output_dir, and Ray's version is the one installed with Flower."""
+    from importlib.metadata import version
+
+    from offsite.config import load_config
+
+    docs = [
+        d
+        for path in sorted((DEPLOY / "kuberay").glob("*.yaml"))
+        for d in yaml.safe_load_all(path.read_text())
+        if d
+    ]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"PersistentVolumeClaim", "RayCluster", "Job"}
+    claim = kinds["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    cluster = kinds["RayCluster"]
+    assert cluster["apiVersion"] == "ray.io/v1"
+    assert cluster["spec"]["rayVersion"] == version("ray")
+    driver = kinds["Job"]["spec"]["template"]["spec"]
+    args = driver["containers"][0]["args"]
+    _parse_offsite(args)
+    config = load_config(None, args[1:])
+    assert config.federation.ray_address == f"{cluster['metadata']['name']}-head-svc:6379"
+    pods = [
+        cluster["spec"]["headGroupSpec"]["template"]["spec"],
+        *(g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]),
+        driver,
+    ]
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c["volumeMounts"]}
+        volume = volumes[mounts[config.output_dir]]
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert all(c["image"] == "offsite:latest" for c in pod["containers"])
+    # the driver's per-client resources fit the worker pods without idle actors (Ray offers a
+    # pod's CPU limit and ~70 % of its memory limit; the rest is the object store)
+    from coordinator.federation.simulation import RayEngine, slots
+
+    engine = RayEngine.from_config(config.federation)
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        memory = int(limits["memory"].removesuffix("Gi")) * 2**30 * 0.7
+        pooled, scheduled = slots(engine, {"CPU": float(limits["cpu"]), "memory": memory})
+        assert pooled == scheduled >= 1, (pooled, scheduled)
