@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -310,7 +311,7 @@ def test_the_coordinator_serves_its_dashboard_beyond_loopback_over_tls_with_a_to
     )  # fmt: skip
     try:
         wait_for_port(f"127.0.0.1:{port}", 90.0, server)
-        ca = str(state / "pki" / "ca.pem")
+        ca = ssl.create_default_context(cafile=str(state / "pki" / "ca.pem"))
         url = f"https://{address}:{port}"
         assert httpx.get(f"{url}/nodes", verify=ca).status_code == 401
         with pytest.raises(httpx.HTTPError):  # no plaintext beside TLS
