@@ -16,7 +16,7 @@ export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: setup simulate test test-fast lint docs docs-screenshots clean system-packages bench-emulator bench-privacy bench-inversion \
         bench-transfer bench-client bench-layer-drop bench-eval-speed \
-        bench-emulator-transfer
+        bench-emulator-transfer bench-dashboard
 
 setup: $(STAMP)
 
@@ -96,6 +96,11 @@ bench-eval-speed: setup
 # (~40 min), then one default federated run per cell for plug-in accuracy (~5 min each).
 bench-client: setup
 	$(BIN)/python bench/client_matrix.py
+
+# Dashboard page loads with 1,000 nodes and 100 runs in the registry: server and browser
+# (headless Chromium), median and p95 per page (~1-2 min).
+bench-dashboard: setup system-packages
+	$(BIN)/python bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

@@ -344,6 +344,12 @@ def factorized_modules(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return dict(modules) if isinstance(modules, Mapping) else {}
 
 
+def check_signature(path: Path | str, public_key: bytes) -> None:
+    """Check only the manifest's signature (no file digests: a cheap status for displays);
+    an ``IntegrityError`` says what is wrong. ``verify_bundle`` checks everything."""
+    _check_signature(Path(path), read_manifest(Path(path)), public_key)
+
+
 def _check_signature(path: Path, manifest: dict[str, Any], public_key: bytes) -> None:
     signature_path = path / SIGNATURE
     if signature_path.is_symlink():

@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     FEDERATION_LINK = 11
     ADDRESS_IN_USE = 12
     SIMULATION_ENGINE = 13
+    DASHBOARD_AUTH = 14
     INTERRUPTED = 130
 
 
@@ -44,6 +45,7 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.FEDERATION_LINK: "the SuperLink or its fleet proxy failed",
     ExitCode.ADDRESS_IN_USE: "a port the coordinator needs is taken",
     ExitCode.SIMULATION_ENGINE: "the Ray cluster to simulate on is unreachable or too small",
+    ExitCode.DASHBOARD_AUTH: "a dashboard beyond loopback without an admin token",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

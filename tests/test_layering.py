@@ -133,6 +133,9 @@ ROOMS = {
         "evaluation": {"state", "models"},
         "service": {"store"},
         "serve": {"evaluation", "federation", "models", "state"},
+        # the dashboard reads the registry and run folders, and acts through the service's
+        # audit log; nothing below it imports it
+        "dashboard": {"evaluation", "service", "state", "store"},
         "workflow": {
             "evaluation",
             "federation",

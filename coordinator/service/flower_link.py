@@ -58,6 +58,8 @@ class SuperLinkNode:
     status: str  # registered | online | offline | unregistered
     public_key: bytes  # PEM, as Flower stores it
     name: str
+    last_activated_at: str = ""  # ISO 8601, "" = never
+    last_deactivated_at: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,17 @@ class FlowerLink:
         """Every node the SuperLink holds, unregistered ones included."""
         with self._control() as control:
             held = control.list_nodes()
-        return [SuperLinkNode(str(n.node_id), n.status, n.public_key, n.name) for n in held]
+        return [
+            SuperLinkNode(
+                str(n.node_id),
+                n.status,
+                n.public_key,
+                n.name,
+                n.last_activated_at,
+                n.last_deactivated_at,
+            )
+            for n in held
+        ]
 
     def register(self, public_key: str, name: str) -> str:
         """Admit a SuperNode's authentication key; returns the node id Flower assigned."""

@@ -19,6 +19,7 @@ from offsite.host.allocator import ALLOCATORS, Allocator
 from offsite.host.paths import offsite_home
 
 if TYPE_CHECKING:
+    from coordinator.dashboard import DashboardServer
     from coordinator.store import Store
 
 coordinator_app = typer.Typer(
@@ -198,6 +199,22 @@ def coordinator_serve(
             help="Plaintext enrollment/artifacts, no SuperLink; refused unless bound to loopback.",
         ),
     ] = False,
+    dashboard: Annotated[
+        str | None,
+        typer.Option(
+            "--dashboard",
+            help="Also serve the operator dashboard on HOST:PORT (e.g. 127.0.0.1:8480). Beyond "
+            "loopback it needs an admin token and is served over TLS with the coordinator's "
+            "certificate; without a token it refuses to start (exit 14).",
+        ),
+    ] = None,
+    dashboard_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--dashboard-token-file",
+            help="File holding the dashboard's admin token (or $OFFSITE_DASHBOARD_TOKEN).",
+        ),
+    ] = None,
 ) -> None:
     """Serve enrollment, artifacts and the Flower SuperLink until interrupted.
 
@@ -206,6 +223,12 @@ def coordinator_serve(
     leads: enrolled nodes' keys are registered, revoked and unknown ones removed within
     seconds (and on every start); every change goes to <state>/audit.log.
     """
+    token = None
+    if dashboard is not None:  # refused before anything is imported or listens
+        from coordinator.dashboard.server import admin_token, check_binding
+
+        token = admin_token(dashboard_token_file)
+        check_binding(dashboard, token)
     from coordinator.service.daemon import CoordinatorDaemon, secure_state
     from coordinator.service.grpc_server import state_paths
     from offsite.errors import OffsiteError
@@ -216,19 +239,61 @@ def coordinator_serve(
         raise OffsiteError(f"{folder} has no coordinator keys; run `offsite coordinator init`")
     secure_state(folder)
     link = None if insecure or flower == "off" else flower
-    daemon = CoordinatorDaemon(
-        folder, _store(folder, database), enroll, artifacts, link, control, insecure
-    )
+    store = _store(folder, database)
+    daemon = CoordinatorDaemon(folder, store, enroll, artifacts, link, control, insecure)
     built = daemon.start()
     typer.echo(
         f"enrollment on port {built.enroll_port}, artifacts on port {built.artifact_port}"
         + (f", Flower Fleet API on {flower} (SuperLink on {control})" if link else "")
     )
+    board = None
+    if dashboard is not None:
+        try:
+            board = _coordinator_dashboard(folder, store, dashboard, token, link is not None)
+        except BaseException:
+            built.server.stop(grace=1).wait()
+            daemon.shutdown()
+            raise
+        typer.echo(f"dashboard on {board.url}")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: daemon.stop.set())
     daemon.stop.wait()
+    if board is not None:
+        board.stop()
     built.server.stop(grace=5).wait()
     daemon.shutdown()
+
+
+def _coordinator_dashboard(
+    folder: Path, store: Store, address: str, token: str | None, superlink: bool
+) -> DashboardServer:
+    """The dashboard over a serving coordinator's registry, SuperLink and keys, started."""
+    from datetime import datetime, timezone
+
+    from coordinator.dashboard import CoordinatorSource, DashboardServer
+    from coordinator.dashboard.server import is_loopback_host, split_address
+    from coordinator.service.flower_link import FlowerLink
+    from coordinator.service.grpc_server import state_paths
+    from coordinator.service.pki import app_signer, signing_public_key
+
+    pki, _ = state_paths(folder)
+    signed = pki.app_signing_key.is_file()  # made when the SuperLink is first served
+    since = (
+        datetime.fromtimestamp(pki.app_signing_key.stat().st_mtime, timezone.utc)
+        if signed
+        else None
+    )
+    source = CoordinatorSource(
+        folder,
+        store,
+        superlink=FlowerLink.of_state(folder).nodes if superlink else None,
+        app_key=app_signer(pki).key_id if signed else "",
+        app_key_since=since,
+        bundle_key=signing_public_key(pki),
+    )
+    beyond = not is_loopback_host(split_address(address)[0])
+    tls = (pki.server_cert, pki.server_key) if beyond else None
+    return DashboardServer(source, address, token, tls).start()
 
 
 @client_app.command("join")

@@ -25,6 +25,9 @@ class ControlNode:
     status: str  # registered | online | offline | unregistered
     public_key: bytes  # PEM, as Flower stores it
     name: str
+    # when the SuperLink last saw the node come online / go offline (ISO 8601; "" = never)
+    last_activated_at: str = ""
+    last_deactivated_at: str = ""
 
 
 class FlowerControl:
@@ -58,7 +61,14 @@ class FlowerControl:
         """Every node the SuperLink holds, unregistered ones included."""
         answer = self._client.ListNodes(ListNodesRequest())
         return [
-            ControlNode(int(n.node_id), str(n.status), bytes(n.public_key), str(n.name))
+            ControlNode(
+                int(n.node_id),
+                str(n.status),
+                bytes(n.public_key),
+                str(n.name),
+                str(n.last_activated_at),
+                str(n.last_deactivated_at),
+            )
             for n in answer.nodes_info
         ]
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,7 @@ class Deployment:
     control: int
     ca: str
     server: subprocess.Popen | None = None
+    serve_args: tuple[str, ...] = ()  # more `coordinator serve` options (e.g. --dashboard)
 
     def serve(self) -> None:
         self.server = self.processes.start(
@@ -115,6 +117,7 @@ class Deployment:
             f"127.0.0.1:{self.flower}",
             "--control",
             f"127.0.0.1:{self.control}",
+            *self.serve_args,
         )
         wait_for_port(f"127.0.0.1:{self.enroll}", 90.0, self.server)
         wait_for_port(f"127.0.0.1:{self.flower}", 90.0, self.server)
@@ -177,12 +180,14 @@ class Deployment:
         ]
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[Deployment]:
-    """init → serve → two one-time tokens → two joins → two SuperNodes on their own data."""
+@contextmanager
+def running_deployment(
+    root: Path, tokenizer, serve_args: tuple[str, ...] = ()
+) -> Iterator[Deployment]:
+    """init → serve → two one-time tokens → two joins → two SuperNodes on their own data;
+    everything is stopped on exit."""
     from tests.conftest import tiny_model
 
-    root = tmp_path_factory.mktemp("deployment")
     model = root / "tiny-llama"
     tiny_model("llama").save_pretrained(model)
     tokenizer.save_pretrained(model)
@@ -207,13 +212,20 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[
         )
         ca = printed.split("CA fingerprint:")[1].strip()
         ports = [_free_port() for _ in range(4)]
-        found = Deployment(root, state, model, processes, *ports, ca)
+        found = Deployment(root, state, model, processes, *ports, ca, serve_args=serve_args)
         found.serve()
         for index, name in enumerate(("site-a", "site-b")):
             found.join_and_start(name, seed=index)
         yield found
     finally:
         processes.stop_all()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Iterator[Deployment]:
+    """init → serve → two one-time tokens → two joins → two SuperNodes on their own data."""
+    with running_deployment(tmp_path_factory.mktemp("deployment"), tokenizer) as found:
+        yield found
 
 
 def _adapter(run: Path, round_number: int) -> dict[str, torch.Tensor]:
