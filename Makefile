@@ -58,7 +58,7 @@ system-packages:
 	bash scripts/system-packages.sh
 
 test: lint docs system-packages $(TEST_MODELS_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25   # lists the slowest tests: the suite should stay near 20 min
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not integration and not real_model and not postgres"
