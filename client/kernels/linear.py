@@ -130,6 +130,29 @@ def pack_frozen_block_linears(model: nn.Module, prefix: str, dtype: torch.dtype)
     return len(found)
 
 
+def set_frozen_linear_weight(model: nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Give the frozen linear ``name`` of ``model`` a new weight, in the form it runs in: a
+    float ``nn.Linear`` keeps its dtype, a ``PackedLinear`` (``pack_frozen_block_linears``) is
+    quantized again the same way (merge-exact rounds send new LoRA base weights)."""
+    module = model.get_submodule(name)
+    if isinstance(module, PackedLinear):
+        scheme = QuantScheme("int8", awq=False)
+        bias = None if module.bias is None else module.bias.float()
+        layer = QuantLinear.from_weight(
+            quantize_weight(weight.float(), scheme), torch.ones(module.in_features), bias
+        )
+        replace_module(model, name, PackedLinear.from_quant(layer, module.scales.dtype))
+        return
+    if not isinstance(module, nn.Linear) or module.weight.requires_grad:
+        raise ValueError(f"{name} is no frozen linear layer (it is {type(module).__name__})")
+    if tuple(module.weight.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"{name} has a {tuple(module.weight.shape)} weight, got {tuple(weight.shape)}"
+        )
+    with torch.no_grad():
+        module.weight.copy_(weight.to(module.weight.dtype))
+
+
 def freeze_float_linears(model: nn.Module, dtype: torch.dtype) -> int:
     """Store the weights of frozen ``nn.Linear`` layers and of a frozen input embedding in
     ``dtype`` (bf16 compute needs no fp32 master copy of a weight that never changes); returns

@@ -15,6 +15,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from coordinator.federation.merge_exact import MergeExact
 from coordinator.federation.progress import RoundProgress
 from coordinator.federation.push import push_adapter
 from coordinator.federation.secure_rounds import default_threshold
@@ -23,7 +24,7 @@ from coordinator.state.adapters import initial_adapter_state, save_adapter
 from coordinator.state.folder import RunFolder
 from coordinator.state.ledger import RoundLedger
 from coordinator.state.plan import RunPlan
-from emulator.bundle import bundle_arch
+from emulator.bundle import Bundle, bundle_arch
 from emulator.peft_format import write_peft_adapter
 from offsite.catalog import resolve_model
 from offsite.config import OffsiteConfig, learning_rate
@@ -53,6 +54,8 @@ def train_config(plan: RunPlan, config: OffsiteConfig) -> ConfigRecord:
         upload_fraction=train.upload_fraction,
         memory_budget=train.memory_budget,
         seed=config.seed,
+        lora_aggregation=config.federation.lora_aggregation,
+        client_ranks=train.client_ranks,
         # simulation: one torch thread per reserved core, so parallel clients don't thrash
         threads=max(1, int(config.federation.client_cpus)),
         # differential privacy: clients clip their update to this norm (0 = off)
@@ -87,6 +90,14 @@ def distributed_noise_std(config: OffsiteConfig) -> float:
     return dp.noise_multiplier * dp.clip_norm / root
 
 
+def merge_exact(config: OffsiteConfig, bundle: Bundle) -> MergeExact | None:
+    """The run's merge-exact aggregation, or None for naive averaging."""
+    if config.federation.lora_aggregation != "merge-exact":
+        return None
+    arch = bundle_arch(bundle)
+    return MergeExact(bundle.adapter.lora_alpha, config.seed, arch.lora_fan_in_fan_out)
+
+
 def _up_to(records: list[dict[str, Any]], done: int) -> list[dict[str, Any]]:
     """Records (client reports, round outcomes) of the rounds a resumed run already completed."""
     return [r for r in records if int(r.get("round", 0)) <= done] if done else []
@@ -109,7 +120,8 @@ def main(grid: Grid, context: Context) -> None:
         log.info("  resuming after round %d (from the run's registry)", done)
         initial = ledger.checkpoint_state(done)
     else:
-        initial = initial_adapter_state(bundle, seed=config.seed)
+        merging = federation.lora_aggregation == "merge-exact"
+        initial = initial_adapter_state(bundle, seed=config.seed, lora_bases=merging)
     rounds_log = _up_to(folder.client_reports(), done)
     earlier_outcomes = _up_to(folder.outcomes(), done)
     progress = RoundProgress(total - done)
@@ -164,6 +176,7 @@ def main(grid: Grid, context: Context) -> None:
         secure=federation.secure_aggregation,
         secure_threshold=federation.secagg_threshold,
         round_offset=done,
+        merge=merge_exact(config, bundle),
         stage_timeout=federation.round_timeout,
         fraction_train=federation.fraction_train,
         fraction_evaluate=0.0,

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from coordinator.federation.aggregation import ClientUpdate, aggregate
+from coordinator.federation.merge_exact import MergeExact
 from coordinator.federation.secure_rounds import (
     SecureRound,
     default_threshold,
@@ -53,6 +54,7 @@ class AdapterFedAvg(FedAvg):
         secure_threshold: int = 0,
         stage_timeout: float | None = None,
         round_offset: int = 0,
+        merge: MergeExact | None = None,
         **kwargs: Any,
     ):
         super().__init__(weighted_by_key=NUM_EXAMPLES, **kwargs)
@@ -76,11 +78,15 @@ class AdapterFedAvg(FedAvg):
         self._sent: list[Message] = []
         self.round_log: list[dict[str, Any]] = []  # one entry per round: outcome, ε
         self._lora_product_error: float | None = None  # of the last round FedAvg aggregated
+        # merge-exact LoRA aggregation (coordinator.federation.merge_exact); None = naive
+        self._merge = merge
+        self._round = round_offset  # the run's round being trained
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays  # what this round's updates are measured against
+        self._round = server_round + self._offset
         messages = list(super().configure_train(server_round, arrays, config, grid))
         stamp_round(config, server_round + self._offset)  # shared by the messages' records
         self._sent = messages  # the grid stamps their ids when it pushes them
@@ -159,6 +165,7 @@ class AdapterFedAvg(FedAvg):
         else:
             arrays, metrics, outcome = self._combine(updates, valid, reports)
         entry: dict[str, Any] = {"round": server_round + self._offset, "outcome": outcome}
+        entry["lora_aggregation"] = "merge-exact" if self._merge else "naive"
         if self._lora_product_error is not None:
             entry["lora_product_error"] = self._lora_product_error
         if self._accountant is not None:
@@ -181,10 +188,14 @@ class AdapterFedAvg(FedAvg):
                 None,
                 f"failed: {len(masked)} masked updates, quorum is {self._min_replies}",
             )
+        global_state = self._global.to_torch_state_dict()
+        template = self._merge.secure_template(global_state) if self._merge else global_state
         try:
-            state, count = finish_round(secure, masked, self._global.to_torch_state_dict())
+            state, count = finish_round(secure, masked, template)
         except SecAggError as err:
             return None, None, f"failed: secure aggregation: {err}"
+        if self._merge is not None:  # the sum was of dense ΔW: fold it, restart LoRA
+            state = self._merge.after_secure(state, global_state, self._round)
         if self._accountant is not None:
             try:
                 self._accountant.spend_round()  # the noise was added by the clients
@@ -206,7 +217,10 @@ class AdapterFedAvg(FedAvg):
             )
         global_state = self._global.to_torch_state_dict()
         try:
-            result = aggregate(global_state, updates, self._rule)
+            if self._merge is not None:
+                result = self._merge.aggregate(global_state, updates, self._rule, self._round)
+            else:
+                result = aggregate(global_state, updates, self._rule)
         except ValueError as err:
             return None, None, f"failed: {err}"
         self._lora_product_error = result.lora_product_error
@@ -227,7 +241,8 @@ class AdapterFedAvg(FedAvg):
             except BudgetExceeded as err:
                 return None, None, f"stopped: {err}"
             std = self._dp.noise_multiplier * self._dp.clip_norm / len(result.accepted)
-            state = add_gaussian_noise(state, std)
+            noise = self._merge.add_noise if self._merge else add_gaussian_noise
+            state = noise(state, std)
         accepted = set(result.accepted)
         contents = [r.content for r in valid if str(r.metadata.src_node_id) in accepted]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -105,6 +105,10 @@ class TrainInstruction(_Record):
     fault_attackers: int = 0  # robustness tests: partitions below this misbehave
     fault_attack: str = ""
     fault_scale: float = 0.0
+    # "merge-exact": the arrays carry the adapter blocks' merged LoRA base weights and a fresh
+    # LoRA; the node loads both and uploads its factors (ΔW densely under secure aggregation)
+    lora_aggregation: str = "naive"
+    client_ranks: str = ""  # simulation: LoRA rank of partition i is ranks[i % len] ("": global)
     server_round: int = 0  # stamped by the strategy (the run's round, across resumes)
     secagg_inbox: str = ""  # secure aggregation: this node's encrypted key shares
 
@@ -142,6 +146,7 @@ class TrainReply(_Record):
     secagg: bool | None = None  # the arrays are a masked vector (secure aggregation)
     sparse_upload: bool | None = None  # the arrays are top-k changes against the global adapter
     upload_bytes: int | None = None
+    lora_rank: int | None = None  # the LoRA rank this node trained (merge-exact)
 
     def to_record(self) -> MetricRecord:
         return MetricRecord(self._items())
