@@ -125,3 +125,43 @@ def refactorize(
     norm = float(delta.double().norm())
     error = float((b @ a - delta.double()).norm()) / norm if norm > 0 else 0.0
     return b, a, error
+
+
+def full_weight_name(base: str) -> str:
+    """The plain model's name of a LoRA module's base weight (PEFT's tree removed)."""
+    return base.split("base_model.model.", 1)[-1].replace(".base_layer.weight", ".weight")
+
+
+def as_lora_adapter(
+    state: Mapping[str, torch.Tensor],
+    original: Mapping[str, torch.Tensor],
+    alpha: float,
+    fan_in_fan_out: bool = False,
+) -> tuple[dict[str, torch.Tensor], int, float]:
+    """A merge-exact adapter ``state`` (merged base weights + LoRA) as plain LoRA factors on
+    the ``original`` model (its state dict): each module's whole change — merged base −
+    original base + alpha/r·B·A — refactorized by SVD at its numerical rank, every module at
+    the largest such rank R (smaller ones padded with zeros) with scale 1 (alpha = R). Returns
+    (LoRA state under the adapter's names, R, the largest relative error of a module)."""
+    bases, lora = split_bases(state)
+    change = {
+        name: bases[name].double() - original[full_weight_name(name)].double() for name in bases
+    }
+    for name, delta in lora_deltas(lora, alpha, fan_in_fan_out=fan_in_fan_out).items():
+        change[name] = change[name] + delta
+    factors = {}
+    worst = 0.0
+    for name, delta in change.items():
+        matrix = delta.t() if fan_in_fan_out else delta  # LoRA's B·A is (out, in)
+        b, a, error = refactorize(matrix)
+        factors[name] = (b, a)
+        worst = max(worst, error)
+    rank = max(b.shape[1] for b, _ in factors.values())
+    out = {}
+    for name, (b, a) in factors.items():
+        stem = name[: -len(BASE)]
+        padded_a = torch.zeros(rank, a.shape[1], dtype=torch.float64)
+        padded_b = torch.zeros(b.shape[0], rank, dtype=torch.float64)
+        padded_a[: a.shape[0]], padded_b[:, : b.shape[1]] = a, b
+        out[stem + LORA_A], out[stem + LORA_B] = padded_a.float(), padded_b.float()
+    return out, rank, worst
