@@ -738,6 +738,17 @@ def _cross_section_problems(config: OffsiteConfig) -> list[str]:
     return out
 
 
+def lora_aggregation_mode(config: OffsiteConfig) -> str:
+    """How the run combines its adapter, as reports name it: 'merge-exact', 'frozen-a' (lora-fa
+    under naive averaging: exact), 'naive' (LoRA factors averaged apart: inexact) or 'tensors'
+    (no LoRA: the tensors themselves are averaged, which is exact)."""
+    if not POLICIES[config.train.adapter].lora:
+        return "tensors"
+    if config.federation.lora_aggregation == "merge-exact":
+        return "merge-exact"
+    return "frozen-a" if POLICIES[config.train.adapter].frozen_lora_a else "naive"
+
+
 def lora_aggregation_problems(config: OffsiteConfig) -> list[str]:
     """Refusals for federation.lora_aggregation and train.client_ranks.
 

@@ -157,3 +157,19 @@ def _naive_error(updates: Sequence[ClientUpdate], rule: AggregationRule) -> floa
         for u in updates
     ]
     return lora_product_error([u.state for u in updates], weights)
+
+
+def round_transfer_bytes(state: Mapping[str, torch.Tensor], secure: bool) -> dict[str, int]:
+    """What one client moves per round for the global adapter ``state`` (fp32 tensors): the
+    download (every tensor of it) and a full-rank client's upload — the trained tensors (the
+    LoRA factors; a merge-exact adapter's base weights are not sent back), or under secure
+    aggregation the masked vector, 8 bytes per value of the update (a merge-exact update is
+    the dense ΔW of every base weight) plus the weight."""
+    bases, rest = split_bases(state)
+    download = sum(4 * t.numel() for t in state.values())
+    if secure:
+        values = sum(t.numel() for t in (bases or rest).values())
+        upload = 8 * (values + 1)
+    else:
+        upload = sum(4 * t.numel() for t in rest.values())
+    return {"download_bytes": download, "upload_bytes": upload}
