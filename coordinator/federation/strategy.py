@@ -81,12 +81,14 @@ class AdapterFedAvg(FedAvg):
         # merge-exact LoRA aggregation (coordinator.federation.merge_exact); None = naive
         self._merge = merge
         self._round = round_offset  # the run's round being trained
+        self._download_bytes = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays  # what this round's updates are measured against
         self._round = server_round + self._offset
+        self._download_bytes = _array_bytes(arrays)  # what each sampled node receives
         messages = list(super().configure_train(server_round, arrays, config, grid))
         stamp_round(config, server_round + self._offset)  # shared by the messages' records
         self._sent = messages  # the grid stamps their ids when it pushes them
@@ -139,6 +141,7 @@ class AdapterFedAvg(FedAvg):
                 continue
             for record in reply.content.metric_records.values():
                 report.update(dict(record))
+            report["received-bytes"] = sum(map(_array_bytes, reply.content.array_records.values()))
             if self._secure_enabled:
                 vector = _masked_vector(reply, self.arrayrecord_key)
                 if isinstance(vector, str):
@@ -166,6 +169,7 @@ class AdapterFedAvg(FedAvg):
             arrays, metrics, outcome = self._combine(updates, valid, reports)
         entry: dict[str, Any] = {"round": server_round + self._offset, "outcome": outcome}
         entry["lora_aggregation"] = "merge-exact" if self._merge else "naive"
+        entry["download_bytes"] = self._download_bytes
         if self._lora_product_error is not None:
             entry["lora_product_error"] = self._lora_product_error
         if self._accountant is not None:
@@ -247,6 +251,11 @@ class AdapterFedAvg(FedAvg):
         contents = [r.content for r in valid if str(r.metadata.src_node_id) in accepted]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return ArrayRecord(state), metrics, f"aggregated {len(accepted)} updates"
+
+
+def _array_bytes(arrays: ArrayRecord) -> int:
+    """The serialized size of an array record's tensors (what crosses the wire for it)."""
+    return sum(len(array.data) for array in arrays.values())
 
 
 def _masked_vector(reply: Message, arrays_key: str) -> np.ndarray | str:

@@ -260,3 +260,75 @@ def test_client_clips_delta_w_by_scaling_b() -> None:
     assert all(torch.equal(clipped[n], trained[n]) for n in trained if n.endswith(LORA_A))
     unclipped = clip_factors(adapted, trained, lora, before * 2)
     assert all(torch.equal(unclipped[n], trained[n]) for n in trained)
+
+
+def _module_states(
+    ranks: list[int],
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """A one-module merge-exact adapter (rank 4) and clients' factors at ``ranks``."""
+    gen = torch.Generator().manual_seed(2)
+    stem = "base_model.model.m.q"
+    start = {
+        f"{stem}.base_layer.weight": torch.randn(48, 40, generator=gen),
+        f"{stem}.lora_A.default.weight": torch.randn(4, 40, generator=gen),
+        f"{stem}.lora_B.default.weight": torch.zeros(48, 4),
+    }
+    clients = [
+        {
+            f"{stem}.lora_A.default.weight": start[f"{stem}.lora_A.default.weight"][:r]
+            + 0.1 * torch.randn(r, 40, generator=gen),
+            f"{stem}.lora_B.default.weight": 0.1 * torch.randn(48, r, generator=gen),
+        }
+        for r in ranks
+    ]
+    return start, clients
+
+
+def test_strategy_merges_through_flower_messages_and_noises_delta_w_only() -> None:
+    """``AdapterFedAvg(merge=…)`` on real Flower replies: the exact weighted mean of ΔW without
+    DP; under DP the base weights carry noise of the calibrated size and the fresh LoRA none."""
+    from flwr.app import ArrayRecord
+
+    from coordinator.federation.strategy import AdapterFedAvg
+    from offsite.federation.dp import DpSchedule, epsilon
+    from tests.coordinator.test_strategy import _reply
+
+    start, clients = _module_states([4, 1, 2])
+    examples = [10, 30, 60]
+    base, a_name = next(iter(start)), lora_modules(start)[0]
+    expected = start[base].double() + sum(
+        n
+        / 100
+        * (ALPHA / c[a_name].shape[0])
+        * (c[a_name.replace("_A.", "_B.")].double() @ c[a_name].double())
+        for c, n in zip(clients, examples, strict=True)
+    )
+
+    def run(**kwargs: object) -> tuple[dict[str, torch.Tensor], AdapterFedAvg]:
+        strategy = AdapterFedAvg(lambda _r, _rep: None, merge=MergeExact(ALPHA, 0), **kwargs)
+        strategy._global = ArrayRecord(start)
+        replies = [_reply(i, c, n) for i, (c, n) in enumerate(zip(clients, examples, strict=True))]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None
+        return arrays.to_torch_state_dict(), strategy
+
+    plain, strategy = run()
+    torch.testing.assert_close(plain[base].double(), expected, rtol=0, atol=1e-6)
+    assert strategy.round_log[-1]["lora_aggregation"] == "merge-exact"
+    sigma, clip = 2.0, 0.5
+    dp = DpSchedule(sigma, 1.0, 2, 1e-5, epsilon(sigma, 1.0, 2, 1e-5), clip)
+    noisy, _ = run(dp=dp, rule=AggregationRule())
+    unweighted = (
+        start[base].double()
+        + sum(
+            (ALPHA / c[a_name].shape[0])
+            * (c[a_name.replace("_A.", "_B.")].double() @ c[a_name].double())
+            for c in clients
+        )
+        / 3
+    )
+    noise = noisy[base].double() - unweighted
+    assert float(noise.std()) == pytest.approx(sigma * clip / 3, rel=0.1)
+    for name in lora_modules(noisy):
+        assert torch.equal(noisy[name], plain[name])  # the same fresh A, no noise
+        assert not noisy[name.replace("_A.", "_B.")].any()

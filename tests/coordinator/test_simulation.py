@@ -632,6 +632,11 @@ def test_merge_exact_federates_mixed_ranks_and_secure_sums_give_the_same_merge(
     assert "lora_product_error" not in outcome  # mixed ranks: naive could not even add them
     replies = json.loads((tmp_path / "plain" / "rounds.json").read_text())
     assert sorted(r["lora-rank"] for r in replies) == [1, 2, 4]
+    # measured on the wire: every node downloads the base weights too, and uploads its factors
+    state_bytes = sum(4 * t.numel() for t in start.values())
+    lora_bytes = sum(4 * t.numel() for t in lora_start.values())
+    assert state_bytes <= outcome["download_bytes"] <= state_bytes + 4096 * len(start)
+    assert all(r["received-bytes"] <= lora_bytes + 4096 * len(lora) for r in replies)
 
     secure = _federate_once(
         tiny_llama_dir,
@@ -643,3 +648,7 @@ def test_merge_exact_federates_mixed_ranks_and_secure_sums_give_the_same_merge(
     assert secure.keys() == plain.keys()
     for name in plain:
         torch.testing.assert_close(secure[name], plain[name], rtol=0, atol=1e-6)
+    # …but a secure upload is the masked dense ΔW, 8 bytes per base-weight value
+    dense = 8 * sum(t.numel() for t in bases_start.values())
+    replies = json.loads((tmp_path / "secure" / "rounds.json").read_text())
+    assert all(dense <= r["received-bytes"] <= dense + 4096 for r in replies)
