@@ -8,8 +8,10 @@ the adapter blocks' LoRA'd linears beside the LoRA factors, and each round
 1. every client trains a LoRA (of its own rank, ≤ the global one) on top of the base weights it
    received and uploads its factors (or, under secure aggregation, its dense ΔW, masked);
 2. the coordinator computes each client's ΔW = alpha/r · B·A, combines them with the run's rule
-   (FedAvg weights, trimmed mean, Krum, norm bounding — all on ΔW, via
-   ``coordinator.federation.aggregation.aggregate``) and adds the result to the base weights;
+   (FedAvg weights and norm bounding streamed one module at a time, so the coordinator holds
+   one float64 accumulator per base weight however many clients reply; trimmed mean and Krum
+   through ``coordinator.federation.aggregation.aggregate``, which holds every client's dense
+   ΔW) and adds the result to the base weights;
 3. the next round's adapter is the merged base with a fresh LoRA: A drawn from a seed shared by
    the round (the run's seed and the round number), B zero, so it adds nothing yet.
 
@@ -33,7 +35,15 @@ from coordinator.federation.aggregation import (
     aggregate,
     lora_product_error,
 )
-from emulator.lora_merge import LORA_A, fresh_lora, lora_deltas, lora_modules, split_bases
+from emulator.lora_merge import (
+    LORA_A,
+    LORA_B,
+    base_name,
+    fresh_lora,
+    lora_deltas,
+    lora_modules,
+    split_bases,
+)
 from offsite.federation.dp.mechanism import add_gaussian_noise
 from offsite.federation.robust import AggregationRule
 
@@ -63,18 +73,30 @@ class MergeExact:
         for round ``server_round + 1``. Raises ``ValueError`` when no update is usable."""
         bases, lora = split_bases(global_state)
         quarantined: dict[str, str] = {}
-        deltas: list[ClientUpdate] = []
+        usable: list[ClientUpdate] = []
         for update in updates:
             problem = factor_problem(update.state, lora)
             if problem:
                 quarantined[update.node] = problem
-                continue
-            delta = lora_deltas(update.state, self.lora_alpha, lora, self.fan_in_fan_out)
-            deltas.append(ClientUpdate(update.node, delta, update.num_examples))
-        if not deltas:
+            elif update.num_examples < 1:
+                quarantined[update.node] = f"claims {update.num_examples} training examples"
+            else:
+                usable.append(update)
+        if not usable:
             raise ValueError(f"no usable client update this round: {quarantined}")
-        zero = {name: torch.zeros_like(base, dtype=torch.float64) for name, base in bases.items()}
-        result = aggregate(zero, deltas, rule)
+        if rule.name == "fedavg":
+            result = self._fedavg(bases, lora, usable, rule)
+        else:  # robust rules compare whole updates: every client's dense ΔW is held
+            deltas = [
+                ClientUpdate(
+                    u.node,
+                    lora_deltas(u.state, self.lora_alpha, lora, self.fan_in_fan_out),
+                    u.num_examples,
+                )
+                for u in usable
+            ]
+            zero = {n: torch.zeros_like(base, dtype=torch.float64) for n, base in bases.items()}
+            result = aggregate(zero, deltas, rule)
         result.quarantined.update(quarantined)
         kept = {u.node: u for u in updates}
         accepted = [kept[node] for node in result.accepted]
@@ -85,6 +107,52 @@ class MergeExact:
             server_round,
         )
         return result
+
+    def _fedavg(
+        self,
+        bases: Mapping[str, torch.Tensor],
+        lora: Mapping[str, torch.Tensor],
+        updates: Sequence[ClientUpdate],
+        rule: AggregationRule,
+    ) -> AggregationResult:
+        """FedAvg of the clients' ΔW (norm-bounded by ``rule.max_update_norm``), one module at
+        a time: memory is one float64 accumulator per base weight, whatever the number of
+        clients (no client's dense ΔW is kept). Same numbers as ``aggregate`` on dense ΔW."""
+        modules = lora_modules(lora)
+        weights = [
+            float(min(u.num_examples, rule.max_examples) if rule.max_examples else u.num_examples)
+            for u in updates
+        ]
+        factors = [1.0] * len(updates)
+        clipped = []
+        if rule.max_update_norm > 0:
+            for i, update in enumerate(updates):
+                squared = sum(
+                    float(self._delta(update.state, lora, a_name).pow(2).sum())
+                    for a_name in modules
+                )
+                norm = squared**0.5
+                if norm > rule.max_update_norm:
+                    factors[i] = rule.max_update_norm / norm
+                    clipped.append(update.node)
+        total = sum(weights)
+        mean = {}
+        for a_name in modules:
+            accumulator = torch.zeros(bases[base_name(a_name)].shape, dtype=torch.float64)
+            for update, weight, factor in zip(updates, weights, factors, strict=True):
+                delta = self._delta(update.state, lora, a_name)
+                accumulator.add_(delta, alpha=weight * factor / total)
+            mean[base_name(a_name)] = accumulator
+        return AggregationResult(mean, [u.node for u in updates], clipped=clipped)
+
+    def _delta(
+        self, state: Mapping[str, torch.Tensor], lora: Mapping[str, torch.Tensor], a_name: str
+    ) -> torch.Tensor:
+        """One module's ΔW of a client (float64, the base weight's layout)."""
+        b_name = a_name[: -len(LORA_A)] + LORA_B
+        pair = {a_name: state[a_name], b_name: state[b_name]}
+        start = {a_name: lora[a_name], b_name: lora[b_name]}
+        return lora_deltas(pair, self.lora_alpha, start, self.fan_in_fan_out)[base_name(a_name)]
 
     def next_adapter(
         self,
@@ -125,7 +193,7 @@ def factor_problem(
         extra = sorted(set(state) - set(lora))[:2]
         return f"tensor names differ from the global LoRA (missing {missing}, extra {extra})"
     for a_name in lora_modules(lora):
-        b_name = a_name[: -len(LORA_A)] + ".lora_B.default.weight"
+        b_name = a_name[: -len(LORA_A)] + LORA_B
         a, b, a0, b0 = state[a_name], state[b_name], lora[a_name], lora[b_name]
         rank = a.shape[0] if a.ndim == 2 else -1
         if not (

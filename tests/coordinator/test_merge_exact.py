@@ -332,3 +332,33 @@ def test_strategy_merges_through_flower_messages_and_noises_delta_w_only() -> No
     for name in lora_modules(noisy):
         assert torch.equal(noisy[name], plain[name])  # the same fresh A, no noise
         assert not noisy[name.replace("_A.", "_B.")].any()
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [AggregationRule(), AggregationRule(max_update_norm=0.5, max_examples=20)],
+    ids=["fedavg", "fedavg-bounded"],
+)
+def test_streamed_fedavg_equals_the_rule_on_dense_delta_w(rule: AggregationRule) -> None:
+    """FedAvg streams module by module without holding any client's dense ΔW; it gives what
+    ``aggregate`` gives on the dense ΔW (the path robust rules take)."""
+    from coordinator.federation.aggregation import aggregate
+    from emulator.lora_merge import lora_deltas
+
+    start, clients = _module_states([4, 1, 2])
+    updates = [
+        ClientUpdate(f"n{i}", c, n) for i, (c, n) in enumerate(zip(clients, EXAMPLES, strict=True))
+    ]
+    streamed = MergeExact(ALPHA, 0).aggregate(start, updates, rule, 1)
+    bases, lora = split_bases(start)
+    dense = [
+        ClientUpdate(u.node, lora_deltas(u.state, ALPHA, lora), u.num_examples) for u in updates
+    ]
+    zero = {n: torch.zeros_like(b, dtype=torch.float64) for n, b in bases.items()}
+    reference = aggregate(zero, dense, rule)
+    assert streamed.clipped == reference.clipped and streamed.accepted == reference.accepted
+    if rule.max_update_norm:
+        assert streamed.clipped  # the bound bit
+    for name, base in bases.items():
+        expected = (base.double() + reference.state[name]).float()
+        torch.testing.assert_close(streamed.state[name], expected, rtol=0, atol=1e-6)
