@@ -27,7 +27,7 @@ from coordinator.state.plan import RunPlan
 from emulator.bundle import Bundle, bundle_arch
 from emulator.peft_format import write_peft_adapter
 from offsite.catalog import resolve_model
-from offsite.config import OffsiteConfig, learning_rate
+from offsite.config import OffsiteConfig, learning_rate, lora_aggregation_mode
 from offsite.federation.dp import dp_schedule
 from offsite.wire.messages import TrainInstruction
 
@@ -138,7 +138,8 @@ def main(grid: Grid, context: Context) -> None:
         path = folder.adapter_path(server_round)
         save_adapter(state, path)
         folder.write_client_reports(rounds_log)
-        folder.write_outcomes([*earlier_outcomes, *strategy.round_log])
+        mode = {"lora_aggregation": lora_aggregation_mode(config)}
+        folder.write_outcomes([*earlier_outcomes, *({**o, **mode} for o in strategy.round_log)])
         if server_round > 0:
             outcome = strategy.round_log[-1] if strategy.round_log else {}
             ledger.close(

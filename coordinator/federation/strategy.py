@@ -168,7 +168,6 @@ class AdapterFedAvg(FedAvg):
         else:
             arrays, metrics, outcome = self._combine(updates, valid, reports)
         entry: dict[str, Any] = {"round": server_round + self._offset, "outcome": outcome}
-        entry["lora_aggregation"] = "merge-exact" if self._merge else "naive"
         entry["download_bytes"] = self._download_bytes
         if self._lora_product_error is not None:
             entry["lora_product_error"] = self._lora_product_error

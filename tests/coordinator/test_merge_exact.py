@@ -314,7 +314,7 @@ def test_strategy_merges_through_flower_messages_and_noises_delta_w_only() -> No
 
     plain, strategy = run()
     torch.testing.assert_close(plain[base].double(), expected, rtol=0, atol=1e-6)
-    assert strategy.round_log[-1]["lora_aggregation"] == "merge-exact"
+    assert strategy.round_log[-1]["outcome"] == "aggregated 3 updates"
     sigma, clip = 2.0, 0.5
     dp = DpSchedule(sigma, 1.0, 2, 1e-5, epsilon(sigma, 1.0, 2, 1e-5), clip)
     noisy, _ = run(dp=dp, rule=AggregationRule())

@@ -69,6 +69,7 @@ def test_two_clients_two_rounds_end_to_end(
     outcomes = json.loads((run / "outcomes.json").read_text())
     errors = [o["lora_product_error"] for o in outcomes if o["round"] > 0]
     assert len(errors) == 2 and all(0 < e < 1 for e in errors), errors
+    assert {o["lora_aggregation"] for o in outcomes} == {"naive"}
     assert "naive LoRA averaging error" in (run / "report.md").read_text()
 
     adapters = {r: load_file(str(run / "adapters" / f"round-{r}.safetensors")) for r in (0, 1, 2)}
@@ -336,6 +337,7 @@ def test_frozen_a_lora_federates_exactly_and_uploads_only_b(
     assert any(not torch.equal(state[n], start[n]) for n in start if ".lora_B." in n)
     outcome = json.loads((folder / "outcomes.json").read_text())[-1]
     assert outcome["lora_product_error"] < 1e-12, outcome
+    assert outcome["lora_aggregation"] == "frozen-a"
     b_values = sum(start[n].numel() for n in start if ".lora_B." in n)
     for reply in json.loads((folder / "rounds.json").read_text()):
         assert reply["sparse-upload"] == 1 and reply["upload-bytes"] <= 4 * b_values + 4096
