@@ -738,15 +738,17 @@ def _cross_section_problems(config: OffsiteConfig) -> list[str]:
     return out
 
 
-def lora_aggregation_mode(config: OffsiteConfig) -> str:
+def lora_aggregation_mode(config: OffsiteConfig, policy: str | None = None) -> str:
     """How the run combines its adapter, as reports name it: 'merge-exact', 'frozen-a' (lora-fa
     under naive averaging: exact), 'naive' (LoRA factors averaged apart: inexact) or 'tensors'
-    (no LoRA: the tensors themselves are averaged, which is exact)."""
-    if not POLICIES[config.train.adapter].lora:
+    (no LoRA: the tensors themselves are averaged, which is exact). ``policy``: the bundle's
+    update policy, when it is not ``train.adapter``."""
+    chosen = POLICIES[policy or config.train.adapter]
+    if not chosen.lora:
         return "tensors"
     if config.federation.lora_aggregation == "merge-exact":
         return "merge-exact"
-    return "frozen-a" if POLICIES[config.train.adapter].frozen_lora_a else "naive"
+    return "frozen-a" if chosen.frozen_lora_a else "naive"
 
 
 def lora_aggregation_problems(config: OffsiteConfig) -> list[str]:

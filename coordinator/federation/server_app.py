@@ -138,7 +138,7 @@ def main(grid: Grid, context: Context) -> None:
         path = folder.adapter_path(server_round)
         save_adapter(state, path)
         folder.write_client_reports(rounds_log)
-        mode = {"lora_aggregation": lora_aggregation_mode(config)}
+        mode = {"lora_aggregation": lora_aggregation_mode(config, bundle.adapter.kind)}
         folder.write_outcomes([*earlier_outcomes, *({**o, **mode} for o in strategy.round_log)])
         if server_round > 0:
             outcome = strategy.round_log[-1] if strategy.round_log else {}
