@@ -141,7 +141,20 @@ def set_frozen_linear_weight(model: nn.Module, name: str, weight: torch.Tensor) 
         layer = QuantLinear.from_weight(
             quantize_weight(weight.float(), scheme), torch.ones(module.in_features), bias
         )
-        replace_module(model, name, PackedLinear.from_quant(layer, module.scales.dtype))
+        fresh = PackedLinear.from_quant(layer, module.scales.dtype)
+        pairs = [(module._buffers.get(k), v) for k, v in fresh._buffers.items()]
+        if all(
+            (old is None) == (new is None)
+            and (old is None or new is None or (old.shape, old.dtype) == (new.shape, new.dtype))
+            for old, new in pairs
+        ):
+            # in place: the storages stay the ones the activation arena knows as weights
+            with torch.no_grad():
+                for old, new in pairs:
+                    if old is not None and new is not None:
+                        old.copy_(new)
+        else:
+            replace_module(model, name, fresh)
         return
     if not isinstance(module, nn.Linear) or module.weight.requires_grad:
         raise ValueError(f"{name} is no frozen linear layer (it is {type(module).__name__})")

@@ -55,8 +55,10 @@ def test_new_base_weights_reach_float_and_packed_linears() -> None:
     bias = torch.randn(24, generator=gen)
     x = torch.randn(5, 16, generator=gen)
     holder = _packed(old, bias)
+    storage = holder.lin.codes.untyped_storage().data_ptr()
     set_frozen_linear_weight(holder, "lin", new)
     assert isinstance(holder.lin, PackedLinear)
+    assert holder.lin.codes.untyped_storage().data_ptr() == storage  # rewritten in place
     error = (holder.lin(x) - (x @ new.t() + bias)).norm() / (x @ new.t() + bias).norm()
     assert error < 2e-2  # int8 per channel, as the pack of the bundle's own base
     for dtype in (torch.float32, torch.bfloat16):

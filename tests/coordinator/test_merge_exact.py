@@ -362,3 +362,22 @@ def test_streamed_fedavg_equals_the_rule_on_dense_delta_w(rule: AggregationRule)
     for name, base in bases.items():
         expected = (base.double() + reference.state[name]).float()
         torch.testing.assert_close(streamed.state[name], expected, rtol=0, atol=1e-6)
+
+
+def test_transfer_bytes_per_mode() -> None:
+    """Merge-exact downloads the base weights too; its upload is the factors, or under secure
+    aggregation the masked dense ΔW at 8 bytes a value."""
+    from coordinator.federation.merge_exact import round_transfer_bytes
+
+    start, _ = _module_states([4])
+    lora = split_bases(start)[1]
+    lora_bytes = 4 * (4 * 40 + 48 * 4)
+    assert round_transfer_bytes(lora, secure=False) == {
+        "download_bytes": lora_bytes,
+        "upload_bytes": lora_bytes,
+    }
+    assert round_transfer_bytes(start, secure=False) == {
+        "download_bytes": lora_bytes + 4 * 48 * 40,
+        "upload_bytes": lora_bytes,
+    }
+    assert round_transfer_bytes(start, secure=True)["upload_bytes"] == 8 * (48 * 40 + 1)
