@@ -132,8 +132,9 @@ def pack_frozen_block_linears(model: nn.Module, prefix: str, dtype: torch.dtype)
 
 def set_frozen_linear_weight(model: nn.Module, name: str, weight: torch.Tensor) -> None:
     """Give the frozen linear ``name`` of ``model`` a new weight, in the form it runs in: a
-    float ``nn.Linear`` keeps its dtype, a ``PackedLinear`` (``pack_frozen_block_linears``) is
-    quantized again the same way (merge-exact rounds send new LoRA base weights)."""
+    float ``nn.Linear`` (or Conv1D) keeps its dtype, a ``PackedLinear``
+    (``pack_frozen_block_linears``) is quantized again the same way (merge-exact rounds send
+    new LoRA base weights)."""
     module = model.get_submodule(name)
     if isinstance(module, PackedLinear):
         scheme = QuantScheme("int8", awq=False)
@@ -156,14 +157,13 @@ def set_frozen_linear_weight(model: nn.Module, name: str, weight: torch.Tensor) 
         else:
             replace_module(model, name, fresh)
         return
-    if not isinstance(module, nn.Linear) or module.weight.requires_grad:
+    current = getattr(module, "weight", None)  # nn.Linear, or a GPT-2 style Conv1D
+    if not isinstance(current, torch.Tensor) or current.requires_grad:
         raise ValueError(f"{name} is no frozen linear layer (it is {type(module).__name__})")
-    if tuple(module.weight.shape) != tuple(weight.shape):
-        raise ValueError(
-            f"{name} has a {tuple(module.weight.shape)} weight, got {tuple(weight.shape)}"
-        )
+    if tuple(current.shape) != tuple(weight.shape):
+        raise ValueError(f"{name} has a {tuple(current.shape)} weight, got {tuple(weight.shape)}")
     with torch.no_grad():
-        module.weight.copy_(weight.to(module.weight.dtype))
+        current.copy_(weight.to(current.dtype))
 
 
 def freeze_float_linears(model: nn.Module, dtype: torch.dtype) -> int:

@@ -392,3 +392,43 @@ def test_transfer_bytes_per_mode() -> None:
         "upload_bytes": lora_bytes,
     }
     assert round_transfer_bytes(start, secure=True)["upload_bytes"] == 8 * (48 * 40 + 1)
+
+
+def test_merge_exact_on_conv1d_weights_folds_the_transposed_product() -> None:
+    """GPT-2 keeps its linears as Conv1D (in × out): ΔW lands transposed, and the plugged
+    model computes with base + mean ΔW (one round, ranks 4 and 2, centrally checked)."""
+    full = tiny_model("gpt2")
+    arch = arch_spec(full.config)
+    assert arch.lora_fan_in_fan_out
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec.for_plan("lora", plan, arch, RANK, ALPHA)
+    emulator = build_emulator(full, plan, arch)
+    start = attach_adapter(copy.deepcopy(emulator), arch, spec, plan.emulator_to_full(), seed=1)
+    state = {**start.lora_base_state(), **start.trainable_state()}
+    bases, lora = split_bases(state)
+    gen = torch.Generator().manual_seed(4)
+    clients = []
+    for rank in (4, 2):
+        cut = cut_rank(lora, rank)
+        clients.append(
+            {
+                k: v + 0.1 * torch.randn(v.shape, generator=gen) if ".lora_B." in k else v
+                for k, v in cut.items()
+            }
+        )
+    updates = [
+        ClientUpdate(f"n{i}", c, n) for i, (c, n) in enumerate(zip(clients, [1, 3], strict=True))
+    ]
+    merged = MergeExact(ALPHA, 0, fan_in_fan_out=True).aggregate(
+        state, updates, AggregationRule(), 1
+    )
+    plugged = merged_model(plug_adapter(tiny_model("gpt2"), spec, merged.state)).state_dict()
+    for a_name in lora_modules(lora):
+        b_name = a_name.replace(".lora_A.", ".lora_B.")
+        mean = sum(
+            w * (ALPHA / c[a_name].shape[0]) * (c[b_name].double() @ c[a_name].double())
+            for w, c in zip([0.25, 0.75], clients, strict=True)
+        )
+        expected = bases[base_name(a_name)].double() + mean.t()
+        weight = base_name(a_name).split("base_model.model.", 1)[-1].replace(".base_layer", "")
+        torch.testing.assert_close(plugged[weight].double(), expected, rtol=0, atol=1e-6)
