@@ -3,7 +3,9 @@
 Message in: ``arrays`` (global trainable tensors, full-model names) + ``config`` (a
 ``TrainInstruction``: bundle digest and location, training recipe). Message out: the trained
 tensors + ``metrics`` (a ``TrainReply``: example count and training metrics). The emulator
-never travels in a Flower message; it is read from the verified bundle on disk.
+never travels in a Flower message; it is read from the verified bundle on disk. Under
+merge-exact aggregation the arrays also carry the adapter blocks' merged LoRA base weights, and
+the node trains a fresh LoRA at its own rank on top of them (``client.merge_exact``).
 """
 
 from __future__ import annotations

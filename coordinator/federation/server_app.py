@@ -4,6 +4,8 @@ It reads the run plan named in ``run_config["plan"]`` and the run's configuratio
 verifies the bundle, initialises the adapter (seeded), sends clients only the trainable tensors
 plus the bundle digest, and saves the global adapter after every round in the run folder, with a
 log of what every client reported and each round's verdict (``coordinator.state.folder``).
+With ``federation.lora_aggregation = "merge-exact"`` the adapter also carries the LoRA modules'
+base weights, and ``coordinator.federation.merge_exact`` combines the rounds.
 """
 
 from __future__ import annotations
