@@ -3,7 +3,9 @@
 Message in: ``arrays`` (global trainable tensors, full-model names) + ``config`` (a
 ``TrainInstruction``: bundle digest and location, training recipe). Message out: the trained
 tensors + ``metrics`` (a ``TrainReply``: example count and training metrics). The emulator
-never travels in a Flower message; it is read from the verified bundle on disk.
+never travels in a Flower message; it is read from the verified bundle on disk. Under
+merge-exact aggregation the arrays also carry the adapter blocks' merged LoRA base weights, and
+the node trains a fresh LoRA at its own rank on top of them (``client.merge_exact``).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.node_config import DATA_PATH, IDENTITY_DIR, MEMORY_BUDGET, PARTITION_ID
+from client import merge_exact
+from client.node_config import DATA_PATH, IDENTITY_DIR, LORA_RANK, MEMORY_BUDGET, PARTITION_ID
 from client.profile import anonymous_rss_bytes, peak_rss_bytes
 from client.secure_stage import handle_query, masked_update
 from client.session import open_session
 from emulator.examples import training_batches
 from emulator.forward import resolve_precision
+from emulator.lora_merge import LORA_A
 from emulator.train import train_adapter
 from offsite.data import load_task
 from offsite.federation.dp.mechanism import add_gaussian_noise, clip_update
@@ -134,12 +138,25 @@ def train(msg: Message, context: Context) -> Message:
     bundle_path = _bundle_path(order, context)
     budget = _memory_budget(order, context)
     checkpointing = _checkpointing(budget, order, context, bundle_path)
-    session = open_session(bundle_path, order.bundle_digest, order.precision, checkpointing)
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    session.adapted.load_trainable(global_state)
+    partition = _partition(context)
+    merge = order.lora_aggregation == "merge-exact"
+    rank = _merge_rank(order, context, partition, global_state) if merge else 0
+    session = open_session(
+        bundle_path,
+        order.bundle_digest,
+        order.precision,
+        checkpointing,
+        lora_rank=rank,
+        merge_exact=merge,
+    )
+    if merge:  # the round's merged base weights and fresh LoRA, cut to this node's rank
+        start = merge_exact.start_round(session.adapted, global_state, rank)
+    else:
+        session.adapted.load_trainable(global_state)
+        start = global_state
 
     task = load_task(str(_data_path(order, context)), min_labels=1)
-    partition = _partition(context)
     seed = order.seed * 100_003 + partition * 1_009 + order.server_round
     batches = training_batches(
         session.tokenizer,
@@ -161,11 +178,15 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=order.proximal_mu,
         **session.memory,
     )
-    trained = misbehave(order, partition, global_state, session.adapted.trainable_state())
+    trained = misbehave(order, partition, start, session.adapted.trainable_state())
     clip = order.dp_clip
     if order.secagg_inbox:
-        # Secure aggregation: only a masked [weight · update, weight] vector leaves the node.
-        update = {k: trained[k] - global_state[k].float() for k in trained}
+        # Secure aggregation: only a masked [weight · update, weight] vector leaves the node
+        # (under merge-exact the update is the dense ΔW of every LoRA module).
+        if merge:
+            update = merge_exact.deltas(session.adapted, trained, start)
+        else:
+            update = {k: trained[k] - global_state[k].float() for k in trained}
         weight = float(len(task.examples))
         if clip > 0:
             update, _ = clip_update(update, clip)
@@ -178,9 +199,12 @@ def train(msg: Message, context: Context) -> Message:
         # Differential privacy: only the clipped update leaves; metrics that depend on the
         # data (loss, example and token counts, timing) are withheld, since the noise covers
         # the update alone.
-        update = {k: trained[k] - global_state[k].float() for k in trained}
-        clipped, _ = clip_update(update, clip)
-        trained = {k: global_state[k].float() + v for k, v in clipped.items()}
+        if merge:  # B scaled: ΔW's norm is clipped, the factors still travel
+            trained = merge_exact.clip_factors(session.adapted, trained, start, clip)
+        else:
+            update = {k: trained[k] - global_state[k].float() for k in trained}
+            clipped, _ = clip_update(update, clip)
+            trained = {k: global_state[k].float() + v for k, v in clipped.items()}
         reply = TrainReply(num_examples=1, partition_id=partition, dp=True)
     else:
         reply = TrainReply(
@@ -193,6 +217,8 @@ def train(msg: Message, context: Context) -> Message:
             threads=torch.get_num_threads(),
             **worker_facts(),
         )
+    if merge:
+        reply = replace(reply, lora_rank=rank)
     if order.upload == "sparse" and clip == 0:
         upload, sent_bytes = sparse_upload(context, trained, global_state, order.upload_fraction)
         reply = replace(reply, sparse_upload=True, upload_bytes=sent_bytes)
@@ -215,6 +241,18 @@ def worker_facts() -> dict[str, Any]:
     if ray is not None and ray.is_initialized():
         facts["ray_node"] = int(ray.get_runtime_context().get_node_id()[:12], 16)
     return facts
+
+
+def _merge_rank(
+    order: TrainInstruction, context: Context, partition: int, global_state: dict[str, torch.Tensor]
+) -> int:
+    """This node's LoRA rank under merge-exact (``client.merge_exact.node_rank``)."""
+    ranks = [t.shape[0] for n, t in global_state.items() if n.endswith(LORA_A)]
+    if not ranks:
+        raise ValueError("a merge-exact round sent no LoRA factors")
+    return merge_exact.node_rank(
+        context.node_config.get(LORA_RANK), order.client_ranks, partition, max(ranks)
+    )
 
 
 def sparse_upload(

@@ -4,5 +4,6 @@ in ``client.flower_app`` reads them. Flower's simulation writes ``partition-id``
 
 DATA_PATH = "data-path"  # deployment: this node's training data
 IDENTITY_DIR = "identity-dir"  # deployment: the enrolled identity (keys, CA, bundle cache)
+LORA_RANK = "lora-rank"  # this node's LoRA rank under merge-exact aggregation (<= the run's)
 MEMORY_BUDGET = "memory-budget"  # deployment: this node's memory budget for training
 PARTITION_ID = "partition-id"  # simulation: the client's share of the data (set by Flower)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,8 @@ class Session:
     memory: dict[str, Any]  # ``train_adapter`` keywords: how steps hold memory (training_memory)
 
 
-_SESSIONS: dict[tuple[str, str, bool], Session] = {}
+# (bundle digest, precision, checkpointing, LoRA rank (0: the bundle's), merge-exact)
+_SESSIONS: dict[tuple[str, str, bool, int, bool], Session] = {}
 
 
 def _integer_emulator(model: nn.Module) -> bool:
@@ -184,15 +185,19 @@ def load_for_training(
     checkpointing: bool = False,
     device: torch.device | None = None,
     runtime: str = "auto",
+    lora_rank: int = 0,
 ) -> tuple[AdaptedModel, dict[str, int]]:
     """The bundle's emulator on ``device`` with its adapter attached (``policy`` instead of the
     bundle's own, for planning and benchmarks), the frozen part prepared for ``precision`` and
     activation checkpointing if asked; also what ``prepare_frozen`` converted. ``runtime``
-    picks the model code (``load_client_model``)."""
+    picks the model code (``load_client_model``); ``lora_rank`` > 0 trains LoRA at that rank
+    instead of the bundle's (heterogeneous ranks under merge-exact aggregation)."""
     model, lora = load_client_model(bundle, runtime)
     model = model.to(device or torch.device("cpu"))
     arch = bundle_arch(bundle)
     spec = bundle.adapter if policy is None else AdapterSpec.for_plan(policy, bundle.plan, arch)
+    if lora_rank:
+        spec = replace(spec, lora_r=lora_rank)
     adapted = attach_adapter(model, arch, spec, bundle.plan.emulator_to_full(), lora=lora)
     converted = prepare_frozen(adapted, precision)
     converted["lean_runtime"] = int(lora is not None)
@@ -202,18 +207,26 @@ def load_for_training(
 
 
 def open_session(
-    bundle_path: Path | str, digest: str, precision: str = "auto", checkpointing: bool = False
+    bundle_path: Path | str,
+    digest: str,
+    precision: str = "auto",
+    checkpointing: bool = False,
+    *,
+    lora_rank: int = 0,
+    merge_exact: bool = False,
 ) -> Session:
     """Verify and load the bundle ``digest`` for training in ``precision``, with activation
-    checkpointing if asked (once per process)."""
+    checkpointing if asked (once per process). ``lora_rank`` > 0: LoRA at that rank;
+    ``merge_exact``: a session whose LoRA base weights each round replaces (never shared with
+    a session that trains on the bundle's own base weights)."""
     device = pick_device()
     resolved = resolve_precision(precision, device)
-    key = (digest, resolved, checkpointing)
+    key = (digest, resolved, checkpointing, lora_rank, merge_exact)
     if key in _SESSIONS:
         return _SESSIONS[key]
     bundle = verify_bundle(bundle_path, expected_digest=digest)
     adapted, converted = load_for_training(
-        bundle, resolved, checkpointing=checkpointing, device=device
+        bundle, resolved, checkpointing=checkpointing, device=device, lora_rank=lora_rank
     )
     plan = bundle.plan
     memory = training_memory(adapted, checkpointing, device)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client.identity import JoinError, NodeIdentity, RevokedError, renew_flower_key
-from client.node_config import DATA_PATH, IDENTITY_DIR, MEMORY_BUDGET
+from client.node_config import DATA_PATH, IDENTITY_DIR, LORA_RANK, MEMORY_BUDGET
 from offsite.host.allocator import Allocator, allocator_env
 from offsite.host.processes import flower_env, start_child, stop_tree
 
@@ -35,14 +35,18 @@ log = logging.getLogger(__name__)
 BACKOFF = (2.0, 5.0, 10.0, 30.0, 60.0)
 
 
-def node_config(identity: NodeIdentity, data: Path, memory_budget: str | None = None) -> str:
-    """Flower's ``--node-config`` string for this node."""
+def node_config(
+    identity: NodeIdentity, data: Path, memory_budget: str | None = None, lora_rank: int = 0
+) -> str:
+    """Flower's ``--node-config`` string for this node (``lora_rank`` 0: the run's)."""
     values: dict[str, object] = {
         DATA_PATH: Path(data).resolve(),
         IDENTITY_DIR: identity.folder.resolve(),
     }
     if memory_budget:
         values[MEMORY_BUDGET] = memory_budget
+    if lora_rank:
+        values[LORA_RANK] = lora_rank
     for key, value in values.items():
         if '"' in str(value):
             raise JoinError(f"{key} {value} contains a double quote; use another folder")
@@ -55,6 +59,7 @@ def supernode_command(
     port: int,
     superlink: str | None = None,
     memory_budget: str | None = None,
+    lora_rank: int = 0,
 ) -> list[str]:
     """The ``flower-supernode`` command line for this node (``port``: its local ClientApp API)."""
     if not identity.flower_key.is_file():
@@ -78,7 +83,7 @@ def supernode_command(
         "--port",
         str(port),
         "--node-config",
-        node_config(identity, data, memory_budget),
+        node_config(identity, data, memory_budget, lora_rank),
     ]
 
 
@@ -132,18 +137,19 @@ def run_supernode(
     superlink: str | None,
     memory_budget: str | None,
     allocator: Allocator,
+    lora_rank: int = 0,
 ) -> int:
     """Run this node's SuperNode until SIGINT/SIGTERM (``offsite client start``): started in
     our process group with ``allocator``, supervised and restarted by ``supervise``, and its
     whole process tree stopped on a signal, even one that arrives while it is starting."""
     home = identity.folder / "flower"
     home.mkdir(exist_ok=True)
-    supernode_command(identity, data, port, superlink, memory_budget)  # checks before starting
+    supernode_command(identity, data, port, superlink, memory_budget, lora_rank)  # checks first
     stopping = threading.Event()
     running: list[subprocess.Popen[bytes]] = []
 
     def launch() -> subprocess.Popen[bytes]:
-        command = supernode_command(identity, data, port, superlink, memory_budget)
+        command = supernode_command(identity, data, port, superlink, memory_budget, lora_rank)
         return start_child(command, allocator_env(flower_env(home), allocator))
 
     def started(process: subprocess.Popen[bytes]) -> None:

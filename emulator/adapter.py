@@ -19,6 +19,7 @@ from torch import nn
 
 from emulator.arch import ArchSpec, block_list, block_prefix
 from emulator.layers import LayerPlan, renumber_state
+from emulator.lora_merge import base_name, lora_modules, split_bases
 from offsite.errors import IntegrityError
 from offsite.policies import POLICIES, UpdatePolicy
 
@@ -116,8 +117,10 @@ class AdaptedModel:
 
     def load_trainable(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy the full-model-named adapter tensors in (``trainable_state``'s names); names and
-        shapes must match exactly."""
+        shapes must match exactly. LoRA base weights in ``state`` (a merge-exact adapter:
+        ``lora_base_state``'s names) replace the modules' base weights."""
         from_full = {full: own for own, full in self.to_full.items()}
+        bases, state = split_bases(state)
         own = renumber_state(state, self.prefix, from_full)
         params = self._adapter_parameters()
         missing = sorted(set(params) - set(own))
@@ -137,6 +140,37 @@ class AdaptedModel:
                         f"expected {tuple(target.shape)}"
                     )
                 target.copy_(value.to(target.dtype))
+        self._load_bases(renumber_state(bases, self.prefix, from_full), len(bases))
+
+    def _load_bases(self, own: Mapping[str, torch.Tensor], sent: int) -> None:
+        """Copy merge-exact base weights in (``lora_base_state``'s names)."""
+        if not sent:
+            return
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(own) - set(params))
+        if unknown or len(own) != sent:
+            raise IntegrityError(
+                f"{sent - len(own) + len(unknown)} LoRA base weights do not belong to this "
+                f"model's adapter blocks (e.g. {unknown[:2]}); was it trained for another model?"
+            )
+        with torch.no_grad():
+            for name, value in own.items():
+                if tuple(value.shape) != tuple(params[name].shape):
+                    raise IntegrityError(
+                        f"LoRA base weight {name} has shape {tuple(value.shape)}, "
+                        f"expected {tuple(params[name].shape)}"
+                    )
+                params[name].copy_(value.to(params[name].dtype))
+
+    def lora_base_state(self) -> dict[str, torch.Tensor]:
+        """The base weights of the LoRA modules (fp32, full-model names): what merge-exact
+        aggregation folds the clients' ΔW into. ``load_trainable`` takes them back."""
+        params = dict(self.model.named_parameters())
+        names = [base_name(n) for n in lora_modules(params)]
+        state = renumber_state({n: params[n] for n in names}, self.prefix, self.to_full)
+        return {
+            k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()
+        }
 
 
 # (model, block-list prefix, local block indices, target names, r, alpha, seed) -> wrapped model

@@ -29,6 +29,7 @@ else:  # Python 3.10: the same parser, from PyPI (a dependency there only)
 
 from offsite.errors import ConfigError
 from offsite.federation.robust import (
+    SERVER_OPTIMIZERS,
     AggregationRule,
     ServerStrategy,
     rule_problems,
@@ -328,12 +329,23 @@ class TrainConfig(_Section):
         "the rest is carried into the next round (error feedback). 1 = every changed entry.",
     )
 
+    client_ranks: str = _f(
+        "",
+        "Heterogeneous LoRA ranks, e.g. '8,4,2': simulated client i trains rank "
+        "ranks[i % len(ranks)] (each <= lora_r; a node's own `lora-rank` node config wins). "
+        "Needs federation.lora_aggregation='merge-exact'; empty = every client trains lora_r.",
+    )
     memory_budget: str = _f(
         "",
         "Each client's peak-memory budget, e.g. '1.5GB': a client probes its training and turns "
         "on activation checkpointing if that is what fits, or refuses with the numbers; "
         "empty = no limit. A node's own `offsite client start --memory-budget` overrides it.",
     )
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """``client_ranks`` parsed (empty: every client trains ``lora_r``)."""
+        return tuple(int(r) for r in self.client_ranks.replace(" ", "").split(",") if r)
 
     def problems(self) -> list[str]:
         out = []
@@ -346,6 +358,15 @@ class TrainConfig(_Section):
             out.append("train.upload_fraction must be in (0, 1]")
         if self.lora_r < 1:
             out.append("train.lora_r must be >= 1")
+        try:
+            ranks = self.ranks
+        except ValueError:
+            out.append(
+                f"train.client_ranks must be comma-separated integers, got {self.client_ranks!r}"
+            )
+        else:
+            if any(not 1 <= r <= self.lora_r for r in ranks):
+                out.append(f"train.client_ranks must each be in [1, train.lora_r={self.lora_r}]")
         if self.lr < 0:
             out.append("train.lr must be > 0 (or 0 for the update policy's default)")
         if self.batch_size < 1:
@@ -438,6 +459,16 @@ class FederationConfig(_Section):
         "(FedMedian), 'krum' / 'multi-krum' (tolerate `byzantine` malicious clients; need "
         "clients >= 2*byzantine + 3), 'bulyan' (needs clients >= 4*byzantine + 3). Robust "
         "rules hold every update of a round in memory (see max_buffered).",
+    )
+    lora_aggregation: Literal["naive", "merge-exact"] = _f(
+        "naive",
+        "How LoRA updates combine: 'naive' (average A and B separately, as Flower does: "
+        "mean(B)·mean(A) != mean(B·A) unless A is shared, so exact for train.adapter='lora-fa'), "
+        "'merge-exact' (average each client's ΔW = alpha/r·B·A, fold it into the adapter "
+        "blocks' base weights and start every round from a fresh LoRA: exact for any rank, "
+        "train.client_ranks may differ; clients download the merged base weights each round). "
+        "Composes with secure aggregation (clients then send ΔW densely), DP and robust rules "
+        "(both on ΔW); not with train.upload='sparse' or federation.serve_url.",
     )
     trim_fraction: float = _f(0.1, "trimmed-mean: share of clients cut from each end.")
     byzantine: int = _f(1, "krum / multi-krum / bulyan: malicious clients to tolerate (f).")
@@ -797,6 +828,7 @@ def _cross_section_problems(config: OffsiteConfig) -> list[str]:
             "train.upload='sparse' cannot be combined with secure aggregation or differential "
             "privacy: masks and noise cover every coordinate, so those updates are dense"
         )
+    out += lora_aggregation_problems(config)
     if federation.min_replies > federation.sampled_clients:
         out.append(
             f"federation.min_replies={federation.min_replies} can never be met: only "
@@ -834,6 +866,64 @@ def _cross_section_problems(config: OffsiteConfig) -> list[str]:
             dp_schedule(privacy, federation)
         except ValueError as err:
             out.append(str(err))
+    return out
+
+
+def lora_aggregation_mode(config: OffsiteConfig, policy: str | None = None) -> str:
+    """How the run combines its adapter, as reports name it: 'merge-exact', 'frozen-a' (lora-fa
+    under naive averaging: exact), 'naive' (LoRA factors averaged apart: inexact) or 'tensors'
+    (no LoRA: the tensors themselves are averaged, which is exact). ``policy``: the bundle's
+    update policy, when it is not ``train.adapter``."""
+    chosen = POLICIES[policy or config.train.adapter]
+    if not chosen.lora:
+        return "tensors"
+    if config.federation.lora_aggregation == "merge-exact":
+        return "merge-exact"
+    return "frozen-a" if chosen.frozen_lora_a else "naive"
+
+
+def lora_aggregation_problems(config: OffsiteConfig) -> list[str]:
+    """Refusals for federation.lora_aggregation and train.client_ranks.
+
+    Compatibility (docs/privacy.md, "Exact LoRA aggregation"):
+
+    ============  ===========  ==========  ============  =============  ==============
+    mode          secure agg.  DP          robust rules  sparse upload  client ranks
+    ============  ===========  ==========  ============  =============  ==============
+    naive         yes          yes         yes           yes            no (shapes)
+    lora-fa       yes (exact)  yes         yes           yes (B only)   no (shapes)
+    merge-exact   yes (ΔW)     yes (ΔW)    yes (on ΔW)   no             yes
+    ============  ===========  ==========  ============  =============  ==============
+    """
+    train, federation = config.train, config.federation
+    merge = federation.lora_aggregation == "merge-exact"
+    out = []
+    if merge and not POLICIES[train.adapter].lora:
+        out.append(
+            f"federation.lora_aggregation='merge-exact' merges LoRA products, but "
+            f"train.adapter={train.adapter!r} trains no LoRA; use a LoRA policy or 'naive'"
+        )
+    if merge and train.upload == "sparse":
+        out.append(
+            "federation.lora_aggregation='merge-exact' restarts LoRA every round, so a sparse "
+            "upload's carried residual would land on other factors; use train.upload='dense'"
+        )
+    if merge and federation.serve_url:
+        out.append(
+            "federation.serve_url pushes LoRA adapters, and a merge-exact round changes the "
+            "adapter blocks' base weights; serve `offsite export`'s merged checkpoint instead"
+        )
+    if merge and federation.strategy in SERVER_OPTIMIZERS:
+        out.append(
+            f"federation.strategy={federation.strategy!r} steps on aggregate − global, and a "
+            "merge-exact round draws a fresh LoRA, so that difference is noise; use "
+            "federation.strategy='fedavg' or 'fedprox' with merge-exact"
+        )
+    if train.client_ranks and not merge:
+        out.append(
+            "train.client_ranks gives clients LoRA factors of different shapes, which only "
+            "federation.lora_aggregation='merge-exact' can combine; set it or drop client_ranks"
+        )
     return out
 
 

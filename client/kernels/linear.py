@@ -130,6 +130,42 @@ def pack_frozen_block_linears(model: nn.Module, prefix: str, dtype: torch.dtype)
     return len(found)
 
 
+def set_frozen_linear_weight(model: nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Give the frozen linear ``name`` of ``model`` a new weight, in the form it runs in: a
+    float ``nn.Linear`` (or Conv1D) keeps its dtype, a ``PackedLinear``
+    (``pack_frozen_block_linears``) is quantized again the same way (merge-exact rounds send
+    new LoRA base weights)."""
+    module = model.get_submodule(name)
+    if isinstance(module, PackedLinear):
+        scheme = QuantScheme("int8", awq=False)
+        bias = None if module.bias is None else module.bias.float()
+        layer = QuantLinear.from_weight(
+            quantize_weight(weight.float(), scheme), torch.ones(module.in_features), bias
+        )
+        fresh = PackedLinear.from_quant(layer, module.scales.dtype)
+        pairs = [(module._buffers.get(k), v) for k, v in fresh._buffers.items()]
+        if all(
+            (old is None) == (new is None)
+            and (old is None or new is None or (old.shape, old.dtype) == (new.shape, new.dtype))
+            for old, new in pairs
+        ):
+            # in place: the storages stay the ones the activation arena knows as weights
+            with torch.no_grad():
+                for old, new in pairs:
+                    if old is not None and new is not None:
+                        old.copy_(new)
+        else:
+            replace_module(model, name, fresh)
+        return
+    current = getattr(module, "weight", None)  # nn.Linear, or a GPT-2 style Conv1D
+    if not isinstance(current, torch.Tensor) or current.requires_grad:
+        raise ValueError(f"{name} is no frozen linear layer (it is {type(module).__name__})")
+    if tuple(current.shape) != tuple(weight.shape):
+        raise ValueError(f"{name} has a {tuple(current.shape)} weight, got {tuple(weight.shape)}")
+    with torch.no_grad():
+        current.copy_(weight.to(current.dtype))
+
+
 def freeze_float_linears(model: nn.Module, dtype: torch.dtype) -> int:
     """Store the weights of frozen ``nn.Linear`` layers and of a frozen input embedding in
     ``dtype`` (bf16 compute needs no fp32 master copy of a weight that never changes); returns

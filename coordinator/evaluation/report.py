@@ -180,7 +180,12 @@ def write_report(folder: RunFolder, metrics: dict[str, Any]) -> Path:
         *[f"**Warning: {text}.**\n" for text in transfer],
         f"Model **{info['model']}** split {info['plan']} (adapter {info['adapter']}), task "
         f"**{info['data']}** ({info['eval_examples']} held-out examples), "
-        f"{info['num_clients']} clients × {info['rounds']} rounds of FedAvg.",
+        f"{info['num_clients']} clients × {info['rounds']} rounds of FedAvg"
+        + (
+            f" (LoRA aggregation: {info['lora_aggregation']})."
+            if "lora_aggregation" in info
+            else "."
+        ),
         "",
         "## Five-way evaluation",
         "",
@@ -198,7 +203,13 @@ def write_report(folder: RunFolder, metrics: dict[str, Any]) -> Path:
         "",
         f"- full model: {info['full_params'] / 1e6:.1f} M parameters; emulator bundle "
         f"{info['bundle_bytes'] / 1e6:.1f} MB; adapter update "
-        f"{info['adapter_bytes'] / 1e3:.1f} kB per client per round",
+        f"{info['adapter_bytes'] / 1e3:.1f} kB per client per round"
+        + (
+            f" (download {info['download_bytes'] / 1e3:.1f} kB, upload "
+            f"{info['upload_bytes'] / 1e3:.1f} kB)"
+            if "download_bytes" in info
+            else ""
+        ),
         *_bundle_part_lines(info),
         f"- middle blocks shipped: {info['middle_kept']} of {info['middle_total']}; "
         f"full-model middle blocks never sent: {info['middle_dropped']}",
@@ -262,9 +273,11 @@ def _outcome_lines(outcomes: list[dict[str, Any]]) -> list[str]:
         lines.append(f"- differential privacy: ε after each round {', '.join(spent)}")
     errors = [f"{o['lora_product_error']:.3f}" for o in outcomes if "lora_product_error" in o]
     if errors:
+        merged = any(o.get("lora_aggregation") == "merge-exact" for o in outcomes)
         lines.append(
             "- naive LoRA averaging error ‖mean(B)·mean(A) − mean(B·A)‖ / ‖mean(B·A)‖ per round: "
             + ", ".join(errors)
+            + (" (avoided: merge-exact applied mean(B·A))" if merged else "")
         )
     return lines
 

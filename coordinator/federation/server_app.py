@@ -4,6 +4,8 @@ It reads the run plan named in ``run_config["plan"]`` and the run's configuratio
 verifies the bundle, initialises the adapter (seeded), sends clients only the trainable tensors
 plus the bundle digest, and saves the global adapter after every round in the run folder, with a
 log of what every client reported and each round's verdict (``coordinator.state.folder``).
+With ``federation.lora_aggregation = "merge-exact"`` the adapter also carries the LoRA modules'
+base weights, and ``coordinator.federation.merge_exact`` combines the rounds.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from coordinator.federation.merge_exact import MergeExact
 from coordinator.federation.progress import RoundProgress
 from coordinator.federation.push import push_adapter
 from coordinator.federation.secure_rounds import default_threshold
@@ -24,10 +27,10 @@ from coordinator.state.adapters import initial_adapter_state, save_adapter
 from coordinator.state.folder import RunFolder
 from coordinator.state.ledger import RoundLedger
 from coordinator.state.plan import RunPlan
-from emulator.bundle import bundle_arch
+from emulator.bundle import Bundle, bundle_arch
 from emulator.peft_format import write_peft_adapter
 from offsite.catalog import resolve_model
-from offsite.config import OffsiteConfig, learning_rate
+from offsite.config import OffsiteConfig, learning_rate, lora_aggregation_mode
 from offsite.federation.dp import dp_schedule
 from offsite.wire.messages import TrainInstruction
 
@@ -54,6 +57,8 @@ def train_config(plan: RunPlan, config: OffsiteConfig) -> ConfigRecord:
         upload_fraction=train.upload_fraction,
         memory_budget=train.memory_budget,
         seed=config.seed,
+        lora_aggregation=config.federation.lora_aggregation,
+        client_ranks=train.client_ranks,
         # simulation: one torch thread per reserved core, so parallel clients don't thrash
         threads=max(1, int(config.federation.client_cpus)),
         # differential privacy: clients clip their update to this norm (0 = off)
@@ -90,6 +95,14 @@ def distributed_noise_std(config: OffsiteConfig) -> float:
     return dp.noise_multiplier * dp.clip_norm / root
 
 
+def merge_exact(config: OffsiteConfig, bundle: Bundle) -> MergeExact | None:
+    """The run's merge-exact aggregation, or None for naive averaging."""
+    if config.federation.lora_aggregation != "merge-exact":
+        return None
+    arch = bundle_arch(bundle)
+    return MergeExact(bundle.adapter.lora_alpha, config.seed, arch.lora_fan_in_fan_out)
+
+
 def _up_to(records: list[dict[str, Any]], done: int) -> list[dict[str, Any]]:
     """Records (client reports, round outcomes) of the rounds a resumed run already completed."""
     return [r for r in records if int(r.get("round", 0)) <= done] if done else []
@@ -112,7 +125,8 @@ def main(grid: Grid, context: Context) -> None:
         log.info("  resuming after round %d (from the run's registry)", done)
         initial = ledger.checkpoint_state(done)
     else:
-        initial = initial_adapter_state(bundle, seed=config.seed)
+        merging = federation.lora_aggregation == "merge-exact"
+        initial = initial_adapter_state(bundle, seed=config.seed, lora_bases=merging)
     rounds_log = _up_to(folder.client_reports(), done)
     earlier_outcomes = _up_to(folder.outcomes(), done)
     progress = RoundProgress(total - done)
@@ -129,7 +143,8 @@ def main(grid: Grid, context: Context) -> None:
         path = folder.adapter_path(server_round)
         save_adapter(state, path)
         folder.write_client_reports(rounds_log)
-        folder.write_outcomes([*earlier_outcomes, *strategy.round_log])
+        mode = {"lora_aggregation": lora_aggregation_mode(config, bundle.adapter.kind)}
+        folder.write_outcomes([*earlier_outcomes, *({**o, **mode} for o in strategy.round_log)])
         if server_round > 0:
             outcome = strategy.round_log[-1] if strategy.round_log else {}
             ledger.close(
@@ -168,6 +183,7 @@ def main(grid: Grid, context: Context) -> None:
         secure=federation.secure_aggregation,
         secure_threshold=federation.secagg_threshold,
         round_offset=done,
+        merge=merge_exact(config, bundle),
         stage_timeout=federation.round_timeout,
         fraction_train=federation.fraction_train,
         fraction_evaluate=0.0,

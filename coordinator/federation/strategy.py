@@ -54,6 +54,7 @@ from coordinator.federation.aggregation import (
     Collector,
     collector,
 )
+from coordinator.federation.merge_exact import MergeCollector, MergeExact
 from coordinator.federation.secure_rounds import (
     SecureRound,
     default_threshold,
@@ -89,6 +90,7 @@ class AdapterRounds(FedAvg):
         secure_threshold: int = 0,
         stage_timeout: float | None = None,
         round_offset: int = 0,
+        merge: MergeExact | None = None,
     ) -> None:
         self._on_client_report = on_client_report
         # DP-FedAvg: every clipped update counts the same (the noise is calibrated to one)
@@ -109,11 +111,17 @@ class AdapterRounds(FedAvg):
         self._secure_failure = ""
         self._sent: list[Message] = []
         self.round_log: list[dict[str, Any]] = []  # one entry per round: outcome, ε
+        # merge-exact LoRA aggregation (coordinator.federation.merge_exact); None = naive
+        self._merge = merge
+        self._round = round_offset  # the run's round being trained
+        self._download_bytes = 0  # what each sampled node receives this round
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays  # what this round's updates are measured against
+        self._round = server_round + self._offset
+        self._download_bytes = _array_bytes(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         stamp_round(config, server_round + self._offset)  # shared by the messages' records
         self._sent = messages  # the grid stamps their ids when it pushes them
@@ -184,6 +192,7 @@ class AdapterRounds(FedAvg):
                 except BudgetExceeded as err:
                     arrays, aggregated, outcome = None, None, f"stopped: {err}"
         entry: dict[str, Any] = {"round": server_round + self._offset, "outcome": outcome}
+        entry["download_bytes"] = self._download_bytes
         if product_error is not None:
             entry["lora_product_error"] = product_error
         if self._accountant is not None:
@@ -196,6 +205,8 @@ class AdapterRounds(FedAvg):
     def _collector(self, global_state: dict[str, torch.Tensor]) -> Collector:
         """Where this round's updates go: the rule's running mean or buffer (the hook for other
         aggregation modes)."""
+        if self._merge is not None:
+            return MergeCollector(self._merge, global_state, self._rule, self._round)
         return collector(global_state, self._rule)
 
     def _take(self, round_: _Round, reply: Message) -> None:
@@ -222,6 +233,7 @@ class AdapterRounds(FedAvg):
             return
         for record in reply.content.metric_records.values():
             report.update(dict(record))
+        report["received-bytes"] = sum(map(_array_bytes, reply.content.array_records.values()))
         if self._secure_enabled:
             reason = self._fold_secure(reply)
             if reason:
@@ -256,10 +268,14 @@ class AdapterRounds(FedAvg):
         secure, self._secure = self._secure, None
         if folded < self._min_replies:
             return None, None, f"failed: {folded} masked updates, quorum is {self._min_replies}"
+        global_state = self._global.to_torch_state_dict()
+        template = self._merge.secure_template(global_state) if self._merge else global_state
         try:
-            state, count = finish_round(secure, self._global.to_torch_state_dict())
+            state, count = finish_round(secure, template)
         except SecAggError as err:
             return None, None, f"failed: secure aggregation: {err}"
+        if self._merge is not None:  # the sum was of dense ΔW: fold it, restart LoRA
+            state = self._merge.after_secure(state, global_state, self._round)
         if self._accountant is not None:
             try:
                 self._accountant.spend_round()  # the noise was added by the clients
@@ -289,7 +305,8 @@ class AdapterRounds(FedAvg):
         if self._dp is None:
             return result.state
         std = self._dp.noise_multiplier * self._dp.clip_norm / len(result.accepted)
-        return add_gaussian_noise(result.state, std)
+        noise = self._merge.add_noise if self._merge else add_gaussian_noise
+        return noise(result.state, std)
 
 
 class AdapterFedAvg(AdapterRounds):
@@ -306,6 +323,7 @@ class AdapterFedAvg(AdapterRounds):
         secure_threshold: int = 0,
         stage_timeout: float | None = None,
         round_offset: int = 0,
+        merge: MergeExact | None = None,
         **kwargs: Any,
     ):
         super().__init__(weighted_by_key=NUM_EXAMPLES, **kwargs)
@@ -318,6 +336,7 @@ class AdapterFedAvg(AdapterRounds):
             secure_threshold=secure_threshold,
             stage_timeout=stage_timeout,
             round_offset=round_offset,
+            merge=merge,
         )
 
 
@@ -375,6 +394,7 @@ def make_strategy(
     secure_threshold: int = 0,
     stage_timeout: float | None = None,
     round_offset: int = 0,
+    merge: MergeExact | None = None,
     **flower: Any,
 ) -> AdapterRounds:
     """The strategy ``server`` names, with Offsite's rule and guards under it.
@@ -413,6 +433,7 @@ def make_strategy(
         secure_threshold=secure_threshold,
         stage_timeout=stage_timeout,
         round_offset=round_offset,
+        merge=merge,
     )
     return strategy
 
@@ -440,6 +461,11 @@ def _release(reply: Message) -> None:
     if not reply.has_error():
         for record in reply.content.array_records.values():
             record.clear()
+
+
+def _array_bytes(arrays: ArrayRecord) -> int:
+    """The serialized size of an array record's tensors (what crosses the wire for it)."""
+    return sum(len(array.data) for array in arrays.values())
 
 
 def _masked_vector(reply: Message, arrays_key: str) -> np.ndarray | str:

@@ -6,15 +6,20 @@ Writes into ``<run>/export/round-<r>/`` (or ``--out``):
   (safetensors); ``AutoModelForCausalLM.from_pretrained`` loads it with nothing from Offsite.
 - ``peft/``    for LoRA runs, a standard PEFT adapter for the *original full model*, restricted
   to the adapter blocks (``layers_to_transform``): ``PeftModel.from_pretrained(full, dir)``,
-  vLLM ``--lora-modules`` and TGI load it directly.
+  vLLM ``--lora-modules`` and TGI load it directly. A merge-exact run's adapter moved the
+  blocks' base weights, which no LoRA of the run's rank holds: its whole change per module is
+  refactorized by SVD at the numerical rank R of the largest (≤ the sum of the ranks the
+  clients trained over all rounds; exact to float rounding), written as a rank-R LoRA with
+  scale 1, and ``peft/refactorized.json`` states R and the largest relative error.
 - ``README.md`` a model card: the run's five-way table, a data summary (label names and counts,
   never examples) and the command that reproduces the run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -24,6 +29,7 @@ from coordinator.state.adapters import load_adapter
 from coordinator.state.folder import RunFolder
 from emulator.adapter import merged_model
 from emulator.bundle import bundle_arch
+from emulator.lora_merge import as_lora_adapter, split_bases
 from emulator.peft_format import write_peft_adapter
 from emulator.plug import plug_adapter
 from offsite.errors import DataError
@@ -68,10 +74,21 @@ def export_run(
     source = config.model.name
     full_model, tokenizer, _, resolved = load_full_model(source)
     peft_dir: Path | None = None
-    if spec.policy.lora:
-        peft_dir = write_peft_adapter(
-            state, spec, bundle_arch(bundle), str(resolved), out_dir / "peft"
+    refactorized: dict[str, float] | None = None
+    arch = bundle_arch(bundle)
+    if spec.policy.lora and split_bases(state)[0]:
+        # merge-exact: the adapter blocks' base weights moved; as a LoRA on the original model
+        # the whole change is refactorized by SVD at the rank that holds it
+        lora, rank, error = as_lora_adapter(
+            state, full_model.state_dict(), spec.lora_alpha, arch.lora_fan_in_fan_out
         )
+        peft_spec = replace(spec, lora_r=rank, lora_alpha=rank)
+        peft_dir = write_peft_adapter(lora, peft_spec, arch, str(resolved), out_dir / "peft")
+        refactorized = {"rank": rank, "max_relative_error": error}
+        (peft_dir / "refactorized.json").write_text(json.dumps(refactorized, indent=2) + "\n")
+        tokenizer.save_pretrained(peft_dir)
+    elif spec.policy.lora:
+        peft_dir = write_peft_adapter(state, spec, arch, str(resolved), out_dir / "peft")
         tokenizer.save_pretrained(peft_dir)
     plugged = plug_adapter(full_model, spec, state)  # the model is not used again here
     # load_full_model loads a transformers PreTrainedModel and merging keeps its class
@@ -80,7 +97,15 @@ def export_run(
     merged.save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)
     card = out_dir / "README.md"
-    card.write_text(model_card(folder, round_, source, spec.kind, peft_dir is not None))
+    text = model_card(folder, round_, source, spec.kind, peft_dir is not None)
+    if refactorized is not None:
+        text += (
+            "\nMerge-exact aggregation changed the adapter blocks' weights: `merged/` holds them "
+            f"exactly; `peft/` is that change refactorized by SVD as a rank-{refactorized['rank']} "
+            f"LoRA (largest relative error of a module {refactorized['max_relative_error']:.1e}, "
+            "`peft/refactorized.json`).\n"
+        )
+    card.write_text(text)
     log.info("exported round %d of %s to %s", round_, folder.name, out_dir)
     return ExportResult(out_dir, merged_dir, peft_dir, card)
 

@@ -13,13 +13,17 @@ from emulator.adapter import attach_adapter
 from emulator.bundle import Bundle, bundle_arch, load_bundle_model
 
 
-def initial_adapter_state(bundle: Bundle, seed: int) -> dict[str, torch.Tensor]:
-    """The round-0 adapter: LoRA A seeded, B zero (so round 0 equals the untouched emulator)."""
+def initial_adapter_state(
+    bundle: Bundle, seed: int, lora_bases: bool = False
+) -> dict[str, torch.Tensor]:
+    """The round-0 adapter: LoRA A seeded, B zero (so round 0 equals the untouched emulator);
+    with ``lora_bases`` (merge-exact aggregation) also the LoRA modules' base weights."""
     model = load_bundle_model(bundle)
     adapted = attach_adapter(
         model, bundle_arch(bundle), bundle.adapter, bundle.plan.emulator_to_full(), seed=seed
     )
-    return adapted.trainable_state()
+    state = adapted.trainable_state()
+    return {**adapted.lora_base_state(), **state} if lora_bases else state
 
 
 def save_adapter(state: Mapping[str, torch.Tensor], path: Path) -> None:

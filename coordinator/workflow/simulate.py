@@ -35,6 +35,7 @@ from coordinator.evaluation.report import (
     write_failure_report,
     write_report,
 )
+from coordinator.federation.merge_exact import round_transfer_bytes
 from coordinator.federation.simulation import RayEngine, check_reachable, run_flower_simulation
 from coordinator.models import check_model, load_full_model
 from coordinator.state.adapters import load_adapter
@@ -47,7 +48,7 @@ from emulator.forward import pick_device
 from emulator.layers import LayerPlan, plan_layers
 from emulator.scoring import Score
 from emulator.tokenizers import Tokenizer
-from offsite.config import OffsiteConfig
+from offsite.config import OffsiteConfig, lora_aggregation_mode
 from offsite.data import Example, Task, load_task, partition, split_holdout, write_jsonl
 from offsite.errors import ConfigError
 
@@ -369,6 +370,8 @@ def _metrics(
             "eval_examples": len(held),
             "plan": plan.label,
             "adapter": config.train.adapter,
+            "lora_aggregation": lora_aggregation_mode(config),
+            **round_transfer_bytes(final_state, config.federation.secure_aggregation),
             "num_clients": config.federation.num_clients,
             "rounds": config.federation.rounds,
             "full_params": sum(p.numel() for p in full_model.parameters()),

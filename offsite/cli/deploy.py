@@ -380,6 +380,16 @@ def client_start(
             "checkpointing is turned on if that is what fits (`offsite client plan` shows why).",
         ),
     ] = None,
+    lora_rank: Annotated[
+        int,
+        typer.Option(
+            "--lora-rank",
+            min=0,
+            help="This node's LoRA rank in runs with federation.lora_aggregation='merge-exact' "
+            "(at most the run's train.lora_r; a low-memory node trains a lower rank, and the "
+            "coordinator still aggregates exactly); 0 = the run's rank.",
+        ),
+    ] = 0,
     allocator: Annotated[
         str,
         typer.Option(
@@ -410,7 +420,7 @@ def client_start(
             parse_size(memory_budget)
         except ValueError as err:
             raise typer.BadParameter(str(err)) from err
-    run_supernode(identity, data, port, superlink, memory_budget, allocator_choice)
+    run_supernode(identity, data, port, superlink, memory_budget, allocator_choice, lora_rank)
 
 
 @client_app.command("fetch")

@@ -113,6 +113,10 @@ class TrainInstruction(_Record):
     fault_attackers: int = 0  # robustness tests: partitions below this misbehave
     fault_attack: str = ""
     fault_scale: float = 0.0
+    # "merge-exact": the arrays carry the adapter blocks' merged LoRA base weights and a fresh
+    # LoRA; the node loads both and uploads its factors (ΔW densely under secure aggregation)
+    lora_aggregation: str = "naive"
+    client_ranks: str = ""  # simulation: LoRA rank of partition i is ranks[i % len] ("": global)
     server_round: int = 0  # stamped by the strategy (the run's round, across resumes)
     secagg_inbox: str = ""  # secure aggregation: this node's encrypted key shares
 
@@ -157,6 +161,7 @@ class TrainReply(_Record):
     worker_peak_rss_mb: float | None = None
     worker_anon_rss_mb: float | None = None
     ray_node: int | None = None
+    lora_rank: int | None = None  # the LoRA rank this node trained (merge-exact)
 
     def to_record(self) -> MetricRecord:
         return MetricRecord(self._items())

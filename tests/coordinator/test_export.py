@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from coordinator.serve.export import export_run
 from coordinator.state.adapters import save_adapter
@@ -18,6 +19,8 @@ from emulator.layers import plan_layers
 from offsite.config import load_config
 from offsite.errors import DataError
 from tests.conftest import VOCAB, tiny_model
+
+MERGE = ["federation.lora_aggregation='merge-exact'"]
 
 
 def _fake_run(
@@ -61,7 +64,9 @@ def _fake_run(
     return run
 
 
-@pytest.mark.parametrize(("kind", "layers"), [("lora", [0, 5]), ("lora-top", [5])])
+@pytest.mark.parametrize(
+    ("kind", "layers"), [("lora", [0, 5]), ("lora-top", [5]), ("lora-fa", [0, 5])]
+)
 def test_lora_export_peft_and_merged_agree(
     tmp_path: Path, tiny_llama_dir: Path, tokenizer, kind: str, layers: list[int]
 ) -> None:
@@ -106,3 +111,51 @@ def test_export_errors_are_actionable(tmp_path: Path, tiny_llama_dir: Path, toke
     (run / "adapters").mkdir()
     with pytest.raises(DataError, match="no trained adapter"):
         export_run(run)
+
+
+def test_merge_exact_export_matches_the_plugged_model(
+    tmp_path: Path, tiny_llama_dir: Path, tokenizer
+) -> None:
+    """A merge-exact adapter moved the adapter blocks' base weights (here by a sum of rank-2
+    changes, as three rounds of rank-2 clients would) and carries a LoRA: the merged
+    checkpoint and the SVD-refactorized PEFT adapter both give the plugged model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from emulator.lora_merge import split_bases
+    from emulator.plug import plug_adapter
+
+    run = _fake_run(tmp_path, tiny_llama_dir, tokenizer, "lora", MERGE)
+    path = run / "adapters" / "round-2.safetensors"
+    lora = load_file(str(path))
+    full = tiny_model("llama")
+    spec = AdapterSpec("lora", (0, 5), 4, 8, arch_spec(full.config).lora_targets, (5,))
+    bases = plug_adapter(full, spec, lora).lora_base_state()
+    gen = torch.Generator().manual_seed(3)
+    for name, weight in bases.items():
+        for _ in range(3):
+            b = torch.randn(weight.shape[0], 2, generator=gen) * 0.05
+            a = torch.randn(2, weight.shape[1], generator=gen) * 0.05
+            bases[name] = weight + b @ a
+            weight = bases[name]
+    state = {**bases, **lora}
+    save_adapter(state, path)
+
+    result = export_run(run)
+    assert result.peft is not None
+    refactorized = json.loads((result.peft / "refactorized.json").read_text())
+    assert refactorized["rank"] <= 3 * 2 + 4 and refactorized["max_relative_error"] < 1e-5
+    assert f"rank-{refactorized['rank']} LoRA" in result.card.read_text()
+
+    x = torch.randint(3, VOCAB, (2, 10))
+    plugged = plug_adapter(tiny_model("llama"), spec, state).model.eval()
+    merged = AutoModelForCausalLM.from_pretrained(result.merged).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with_peft = PeftModel.from_pretrained(base, result.peft).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    with torch.no_grad():
+        ref, a, b, c = plugged(x).logits, merged(x).logits, with_peft(x).logits, plain(x).logits
+    torch.testing.assert_close(a, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b, ref, rtol=0, atol=1e-5)
+    assert (ref - c).abs().max() > 1e-3  # the moved base weights are really in there
+    assert split_bases(state)[0]

@@ -69,6 +69,7 @@ def test_two_clients_two_rounds_end_to_end(
     outcomes = json.loads((run / "outcomes.json").read_text())
     errors = [o["lora_product_error"] for o in outcomes if o["round"] > 0]
     assert len(errors) == 2 and all(0 < e < 1 for e in errors), errors
+    assert {o["lora_aggregation"] for o in outcomes} == {"naive"}
     assert "naive LoRA averaging error" in (run / "report.md").read_text()
 
     adapters = {r: load_file(str(run / "adapters" / f"round-{r}.safetensors")) for r in (0, 1, 2)}
@@ -336,6 +337,7 @@ def test_frozen_a_lora_federates_exactly_and_uploads_only_b(
     assert any(not torch.equal(state[n], start[n]) for n in start if ".lora_B." in n)
     outcome = json.loads((folder / "outcomes.json").read_text())[-1]
     assert outcome["lora_product_error"] < 1e-12, outcome
+    assert outcome["lora_aggregation"] == "frozen-a"
     b_values = sum(start[n].numel() for n in start if ".lora_B." in n)
     for reply in json.loads((folder / "rounds.json").read_text()):
         assert reply["sparse-upload"] == 1 and reply["upload-bytes"] <= 4 * b_values + 4096
@@ -605,3 +607,50 @@ def test_a_run_where_some_clients_failed_says_so_above_the_table_and_atop_the_re
     assert report[2].startswith("**Warning: 1 of 2 client replies failed")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["training"]["adapter_changed"] and metrics["training"]["aggregated_rounds"] == 1
+
+
+@pytest.mark.integration
+def test_merge_exact_federates_mixed_ranks_and_secure_sums_give_the_same_merge(
+    tiny_llama_dir: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    """``merge-exact`` through Flower with clients of ranks 4, 2, 1: the adapter blocks' base
+    weights travel and move, the next round starts from a fresh LoRA (B = 0), the outcome
+    records the mode. Under secure aggregation the nodes send their dense ΔW instead of their
+    factors, and the unmasked mean gives the same merged base (to fixed point): what the nodes
+    computed is what the coordinator computes from factors."""
+    from emulator.lora_merge import split_bases
+
+    merge = ["federation.lora_aggregation='merge-exact'", "train.client_ranks='4,2,1'"]
+    plain = _federate_once(tiny_llama_dir, tiny_task, tmp_path / "plain", merge)
+    start = load_file(str(tmp_path / "plain" / "adapters" / "round-0.safetensors"))
+    bases_start, lora_start = split_bases(start)
+    bases, lora = split_bases(plain)
+    assert bases_start and bases.keys() == bases_start.keys() and lora.keys() == lora_start.keys()
+    assert all(not torch.equal(bases[n], bases_start[n]) for n in bases)
+    assert all(not lora[n].any() for n in lora if ".lora_B." in n)
+    assert all(not torch.equal(lora[n], lora_start[n]) for n in lora if ".lora_A." in n)
+    outcome = json.loads((tmp_path / "plain" / "outcomes.json").read_text())[-1]
+    assert outcome["lora_aggregation"] == "merge-exact"
+    assert "lora_product_error" not in outcome  # mixed ranks: naive could not even add them
+    replies = json.loads((tmp_path / "plain" / "rounds.json").read_text())
+    assert sorted(r["lora-rank"] for r in replies) == [1, 2, 4]
+    # measured on the wire: every node downloads the base weights too, and uploads its factors
+    state_bytes = sum(4 * t.numel() for t in start.values())
+    lora_bytes = sum(4 * t.numel() for t in lora_start.values())
+    assert state_bytes <= outcome["download_bytes"] <= state_bytes + 4096 * len(start)
+    assert all(r["received-bytes"] <= lora_bytes + 4096 * len(lora) for r in replies)
+
+    secure = _federate_once(
+        tiny_llama_dir,
+        tiny_task,
+        tmp_path / "secure",
+        [*merge, "federation.secure_aggregation=true"],
+        expect="aggregated 3 updates (secure)",
+    )
+    assert secure.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(secure[name], plain[name], rtol=0, atol=1e-6)
+    # …but a secure upload is the masked dense ΔW, 8 bytes per base-weight value
+    dense = 8 * sum(t.numel() for t in bases_start.values())
+    replies = json.loads((tmp_path / "secure" / "rounds.json").read_text())
+    assert all(dense <= r["received-bytes"] <= dense + 4096 for r in replies)

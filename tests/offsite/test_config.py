@@ -99,6 +99,32 @@ def test_every_key_has_help() -> None:
             "fedavg",
         ),
         (["federation.min_replies=5"], "can never be met"),
+        (
+            ["federation.lora_aggregation='merge-exact'", "train.adapter='full'"],
+            "trains no LoRA",
+        ),
+        (
+            ["federation.lora_aggregation='merge-exact'", "train.upload='sparse'"],
+            "use train.upload='dense'",
+        ),
+        (
+            ["federation.lora_aggregation='merge-exact'", "federation.serve_url='http://x:1'"],
+            "merged checkpoint instead",
+        ),
+        (["train.client_ranks='8,4'"], "only federation.lora_aggregation='merge-exact'"),
+        (
+            ["federation.lora_aggregation='merge-exact'", "train.client_ranks='8,16'"],
+            "each be in [1, train.lora_r=8]",
+        ),
+        (
+            ["federation.lora_aggregation='merge-exact'", "train.client_ranks='8,x'"],
+            "comma-separated integers",
+        ),
+        (["federation.lora_aggregation='exact'"], "'naive', 'merge-exact'"),
+        (
+            ["federation.lora_aggregation='merge-exact'", "federation.strategy='fedadam'"],
+            "a fresh LoRA, so that difference is noise",
+        ),
     ],
 )
 def test_unsafe_federation_settings_are_refused_before_running(
@@ -123,3 +149,22 @@ def test_overrides_name_every_changed_setting_and_load_back_to_the_same_config()
     config = load_config(None, changed)
     again = load_config(None, config.overrides())
     assert again == config and len(config.overrides()) == len(changed)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["federation.secure_aggregation=true"],
+        ["privacy.epsilon=8", "federation.num_clients=8"],
+        ["federation.aggregation='trimmed-mean'"],
+        ["train.adapter='lora-top'", "train.client_ranks='8, 4,2'"],
+        ["train.adapter='lora-fa'"],
+        ["federation.strategy='fedprox'", "federation.proximal_mu=0.01"],
+    ],
+)
+def test_merge_exact_composes_with_secure_aggregation_dp_and_robust_rules(
+    overrides: list[str],
+) -> None:
+    config = load_config(None, ["federation.lora_aggregation='merge-exact'", *overrides])
+    assert config.federation.lora_aggregation == "merge-exact"
+    assert config.train.ranks in ((), (8, 4, 2))

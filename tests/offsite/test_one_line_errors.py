@@ -150,6 +150,13 @@ def test_a_seed_out_of_range_is_a_config_error(seed: str) -> None:
     _one_line(offsite("simulate", f"seed={seed}"), 2, "seed")
 
 
+def test_an_unsafe_aggregation_combination_is_a_config_error() -> None:
+    """Refused before anything runs: merge-exact restarts LoRA, a sparse residual cannot
+    follow it."""
+    merge = "federation.lora_aggregation=merge-exact"
+    _one_line(offsite("simulate", merge, "train.upload=sparse"), 2, "train.upload='dense'")
+
+
 @pytest.mark.parametrize(
     ("artifact", "bundle_digest"), [("../../etc", "ab" * 32), ("ab" * 32, "../cache/x")]
 )
