@@ -86,6 +86,8 @@ def test_every_benchmark_is_reachable_from_the_cli() -> None:
 def test_simulate_help_explains_defaults() -> None:
     result = offsite("simulate", "--help")
     assert result.returncode == 0 and "five-way" in result.stdout and "--serve-url" in result.stdout
+    # arguments carry their help too (not only options): "section.key=value" is the overrides'
+    assert "section.key=value" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize(
