@@ -129,6 +129,7 @@ class AdapterRounds(FedAvg):
             self._secure = setup_round(grid, nodes, threshold, label, self._stage_timeout)
         except SecAggError as err:
             self._secure_failure = f"failed: secure aggregation setup: {err}"
+            self._sent = []  # no train message goes out: none can miss the round deadline
             return []
         out = []
         for node, inbox in self._secure.inbox.items():
