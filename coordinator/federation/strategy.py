@@ -224,7 +224,7 @@ class AdapterRounds(FedAvg):
         for record in reply.content.metric_records.values():
             report.update(dict(record))
         if self._secure_enabled:
-            reason = self._fold_secure(reply)
+            reason = self._fold_secure(reply, round_.global_state)
             if reason:
                 report["quarantined"] = reason
             else:
@@ -241,14 +241,17 @@ class AdapterRounds(FedAvg):
                 return
         round_.metrics[node] = RecordDict(dict(reply.content.metric_records))
 
-    def _fold_secure(self, reply: Message) -> str | None:
+    def _fold_secure(
+        self, reply: Message, global_state: Mapping[str, torch.Tensor] | None
+    ) -> str | None:
         """Fold a masked reply into the secure round's sum; why it cannot count, or None."""
         if self._secure is None:
             return "no secure round was set up"
         vector = _masked_vector(reply, self.arrayrecord_key)
         if isinstance(vector, str):
             return vector
-        return fold_masked(self._secure, int(reply.metadata.src_node_id), vector)
+        size = sum(t.numel() for t in global_state.values()) if global_state else None
+        return fold_masked(self._secure, int(reply.metadata.src_node_id), vector, size)
 
     def _combine_secure(self, folded: int) -> tuple[ArrayRecord | None, MetricRecord | None, str]:
         """Unmask the sum; any protocol failure fails the round without a partial result."""
