@@ -70,12 +70,12 @@ def measure(source: Path, clients: int, workers: int, steps: int) -> dict[str, A
         per_worker[int(report["worker-pid"])].append(float(report["worker-peak-rss-mb"]))
         anonymous.append(float(report.get("worker-anon-rss-mb", "nan")))
     peaks = [max(v) for v in per_worker.values()]
-    model = json.loads((source / "metrics.json").read_text())["run"]["model"]
+    run = RunFolder(source)
+    model = json.loads(run.metrics_path.read_text())["run"]["model"]
+    bundle = sum(p.stat().st_size for p in run.bundle_dir.iterdir() if p.is_file())
     return {
         "model": model,
-        "bundle_mb": round(
-            sum(p.stat().st_size for p in (source / "bundle").iterdir() if p.is_file()) / 2**20
-        ),
+        "bundle_mb": round(bundle / 2**20),
         "workers": workers,
         "clients": clients,
         "processes": len(per_worker),
