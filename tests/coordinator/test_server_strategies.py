@@ -187,9 +187,9 @@ def test_fedprox_mu_reaches_the_client_on_the_typed_instruction() -> None:
         lr=1e-3,
         precision="fp32",
         seed=0,
-        proximal_mu=0.25,
-    ).to_record()
-    sent = strategy.configure_train(1, ArrayRecord(_start()), config, _Nodes([1, 2]))
+    ).to_record()  # proximal_mu left at 0: what reaches the nodes is Flower's FedProx's doing
+    sent = list(strategy.configure_train(1, ArrayRecord(_start()), config, _Nodes([1, 2])))
+    assert len(sent) == 2
     for message in sent:
         # Flower's FedProx writes "proximal-mu": the key our typed field travels under
         order = TrainInstruction.from_record(message.content.config_records["config"])
