@@ -163,3 +163,19 @@ def test_loopback_is_decided_in_one_place_for_hosts_and_addresses() -> None:
         assert not is_loopback_host(host), host
     assert is_loopback("[::1]:8480") and is_loopback("127.0.0.1:9092")
     assert not is_loopback("0.0.0.0:8480") and not is_loopback("[::]:8480")
+
+
+def test_export_links_are_url_encoded_and_download(tmp_path: Path) -> None:
+    store, folder = _registry(tmp_path)
+    folder.adapter_path(1).parent.mkdir(parents=True)
+    folder.adapter_path(1).write_bytes(b"adapter")
+    folder.export_dir(1).mkdir(parents=True)
+    (folder.export_dir(1) / "notes #1.txt").write_text("kept")
+    client = TestClient(
+        build_app(CoordinatorSource(tmp_path / "state", store)), base_url="http://127.0.0.1:8480"
+    )
+    (run,) = CoordinatorSource(tmp_path / "state", store).runs()
+    page = client.get(f"/runs/{run.key}").text
+    href = "/files/export/round-1/notes%20%231.txt"
+    assert href in page, page
+    assert client.get(f"/runs/{run.key}{href}").text == "kept"
