@@ -15,6 +15,7 @@ Writes ``bench/reports/worker_memory.{json,md}`` (rows appended per model and wo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -33,27 +34,20 @@ def _federate(source: Path, folder: Path, clients: int, workers: int, steps: int
     from coordinator.state.plan import RunPlan
     from offsite.config import config_from_dict, load_config
 
-    plan = RunPlan.load(str(source / "plan.json"))
-    base = load_config(source / "config.toml").to_dict()
+    plan = RunPlan.load(str(RunFolder(source).plan_path))
+    base = load_config(RunFolder(source).config_path).to_dict()
     base["federation"] |= {"num_clients": clients, "rounds": 1, "fraction_train": 1.0}
     base["federation"] |= {"min_replies": 1, "client_cpus": 1.0}
     base["train"] |= {"local_steps": steps}
     config = config_from_dict(base)
     folder.mkdir(parents=True)
-    RunFolder(folder).write_config(config)
-    RunPlan(
-        run_dir=str(folder),
-        bundle_path=plan.bundle_path,
-        bundle_digest=plan.bundle_digest,
-        data_dir=plan.data_dir,
-        task_kind=plan.task_kind,
-        labels=plan.labels,
-        template=plan.template,
-    ).save(folder / "plan.json")
+    run = RunFolder(folder)
+    run.write_config(config)
+    plan_path = run.save_plan(dataclasses.replace(plan, run_dir=str(folder)))
     code = (
         "from pathlib import Path; "
         "from coordinator.federation.simulation import RayEngine, run_flower_simulation; "
-        f"run_flower_simulation(Path({str(folder / 'plan.json')!r}), {clients}, "
+        f"run_flower_simulation(Path({str(plan_path)!r}), {clients}, "
         f"engine=RayEngine(client_cpus=1.0, total_cpus={workers}))"
     )
     start = time.perf_counter()
@@ -62,10 +56,12 @@ def _federate(source: Path, folder: Path, clients: int, workers: int, steps: int
 
 
 def measure(source: Path, clients: int, workers: int, steps: int) -> dict[str, Any]:
+    from coordinator.state.folder import RunFolder
+
     with tempfile.TemporaryDirectory(prefix="worker-memory-") as tmp:
         folder = Path(tmp) / "run"
         seconds = _federate(source, folder, clients, workers, steps)
-        reports = json.loads((folder / "rounds.json").read_text())
+        reports = json.loads(RunFolder(folder).client_reports_path.read_text())
     per_worker: dict[int, list[float]] = defaultdict(list)
     anonymous: list[float] = []
     for report in reports:
@@ -74,12 +70,12 @@ def measure(source: Path, clients: int, workers: int, steps: int) -> dict[str, A
         per_worker[int(report["worker-pid"])].append(float(report["worker-peak-rss-mb"]))
         anonymous.append(float(report.get("worker-anon-rss-mb", "nan")))
     peaks = [max(v) for v in per_worker.values()]
-    model = json.loads((source / "metrics.json").read_text())["run"]["model"]
+    run = RunFolder(source)
+    model = json.loads(run.metrics_path.read_text())["run"]["model"]
+    bundle = sum(p.stat().st_size for p in run.bundle_dir.iterdir() if p.is_file())
     return {
         "model": model,
-        "bundle_mb": round(
-            sum(p.stat().st_size for p in (source / "bundle").iterdir() if p.is_file()) / 2**20
-        ),
+        "bundle_mb": round(bundle / 2**20),
         "workers": workers,
         "clients": clients,
         "processes": len(per_worker),

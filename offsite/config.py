@@ -449,7 +449,9 @@ class FederationConfig(_Section):
     server_beta1: float = _f(0.9, "fedadam / fedyogi: first-moment decay.")
     server_beta2: float = _f(0.99, "fedadam / fedyogi: second-moment decay.")
     server_tau: float = _f(1e-3, "fedadam / fedyogi / fedadagrad: adaptivity (epsilon) term.")
-    server_momentum: float = _f(0.0, "fedavgm: server momentum (must be > 0 with fedavgm).")
+    server_momentum: float = _f(
+        0.0, "fedavgm: server momentum (> 0, or a server_lr other than 1: else it is FedAvg)."
+    )
     aggregation: Literal["fedavg", "trimmed-mean", "median", "krum", "multi-krum", "bulyan"] = _f(
         "fedavg",
         "How one round's client updates combine: 'fedavg' (example-weighted mean, folded as "

@@ -8,7 +8,6 @@ there, so the token never crosses the network in clear.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import threading
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from offsite.errors import ExitCode, OffsiteError
+from offsite.host.network import is_loopback_host
 
 if TYPE_CHECKING:
     from coordinator.dashboard.reads import Source
@@ -38,15 +38,6 @@ def split_address(address: str, option: str = "--dashboard") -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise OffsiteError(f"{option} {address!r} is not HOST:PORT (e.g. 127.0.0.1:8480)")
     return host, int(port)
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def admin_token(token_file: Path | None) -> str | None:

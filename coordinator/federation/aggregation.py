@@ -251,7 +251,8 @@ def flower_rule(rule: AggregationRule, clients: int) -> FedAvg:
     if rule.name == "krum":
         return Krum(num_malicious_nodes=f, weighted_by_key=key)
     if rule.name == "multi-krum":
-        select = rule.krum_select or clients - f
+        # dropouts can leave clients <= f (or < krum_select) in a round: select 1..clients
+        select = max(1, min(rule.krum_select or clients - f, clients))
         return MultiKrum(num_malicious_nodes=f, num_nodes_to_select=select, weighted_by_key=key)
     if rule.name == "bulyan":
         return Bulyan(num_malicious_nodes=f, weighted_by_key=key)

@@ -127,11 +127,22 @@ def setup_round(
     )
 
 
-def fold_masked(secure: SecureRound, node: int, vector: np.ndarray) -> str | None:
+def fold_masked(
+    secure: SecureRound, node: int, vector: np.ndarray, adapter_size: int | None = None
+) -> str | None:
     """Fold ``node``'s masked vector into the round's sum as it arrives (the coordinator holds
-    one vector, whatever the number of clients); why it cannot count, or None."""
+    one vector, whatever the number of clients); why it cannot count, or None.
+
+    ``adapter_size`` (values in the global adapter) refuses a vector of another length before
+    it is folded; without it the first vector's length would decide, and one faulty node
+    answering first would make every honest vector after it "differ in length"."""
     if node not in secure.ids:
         return "not a node of this secure round"
+    if adapter_size is not None and vector.size != adapter_size + 1:
+        return (
+            f"masked vector has {vector.size} values, expected {adapter_size + 1} (the "
+            "adapter's values and the weight)"
+        )
     try:
         secure.server.add_masked(MaskedInput(secure.ids[node], vector))
     except SecAggError as err:

@@ -137,6 +137,7 @@ class AdapterRounds(FedAvg):
             self._secure = setup_round(grid, nodes, threshold, label, self._stage_timeout)
         except SecAggError as err:
             self._secure_failure = f"failed: secure aggregation setup: {err}"
+            self._sent = []  # no train message goes out: none can miss the round deadline
             return []
         out = []
         for node, inbox in self._secure.inbox.items():
@@ -235,7 +236,7 @@ class AdapterRounds(FedAvg):
             report.update(dict(record))
         report["received-bytes"] = sum(map(_array_bytes, reply.content.array_records.values()))
         if self._secure_enabled:
-            reason = self._fold_secure(reply)
+            reason = self._fold_secure(reply, round_.global_state)
             if reason:
                 report["quarantined"] = reason
             else:
@@ -252,14 +253,17 @@ class AdapterRounds(FedAvg):
                 return
         round_.metrics[node] = RecordDict(dict(reply.content.metric_records))
 
-    def _fold_secure(self, reply: Message) -> str | None:
+    def _fold_secure(
+        self, reply: Message, global_state: Mapping[str, torch.Tensor] | None
+    ) -> str | None:
         """Fold a masked reply into the secure round's sum; why it cannot count, or None."""
         if self._secure is None:
             return "no secure round was set up"
         vector = _masked_vector(reply, self.arrayrecord_key)
         if isinstance(vector, str):
             return vector
-        return fold_masked(self._secure, int(reply.metadata.src_node_id), vector)
+        size = sum(t.numel() for t in global_state.values()) if global_state else None
+        return fold_masked(self._secure, int(reply.metadata.src_node_id), vector, size)
 
     def _combine_secure(self, folded: int) -> tuple[ArrayRecord | None, MetricRecord | None, str]:
         """Unmask the sum; any protocol failure fails the round without a partial result."""

@@ -6,7 +6,8 @@ that waits for 100 clients holds 100 adapters at once. ``StreamingGrid`` pushes 
 at once (as Flower does) and returns a generator that pulls replies with
 ``grid.pull_messages`` and yields each the moment it is pulled, so ``aggregate_train`` folds it
 into a running sum (``coordinator.federation.aggregation.RunningMean``) and lets it go. The
-deadline is Flower's: replies that arrive after ``timeout`` are not pulled.
+deadline is Flower's, counted from the push: replies that arrive after ``timeout`` are not
+pulled, and a caller slow to fold them loses none that were waiting by then (a last pull).
 
 Every other call goes to the wrapped grid unchanged.
 """
@@ -62,18 +63,22 @@ class StreamingGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push ``messages`` now; the replies, one at a time, until all came or ``timeout``."""
+        """Push ``messages`` now; the replies, one at a time, until all came or ``timeout``
+        (counted from the push, as Flower's grids do, however long the caller takes to fold each
+        reply; once it has passed, one last pull takes the replies already waiting)."""
         pending = set(self._grid.push_messages(messages))
         if not pending:
             return []
-        return self._replies(pending, timeout)
-
-    def _replies(self, pending: set[str], timeout: float | None) -> Iterator[Message]:
         end = None if timeout is None else time.monotonic() + timeout
-        while end is None or time.monotonic() < end:
+        return self._replies(pending, end)
+
+    def _replies(self, pending: set[str], end: float | None) -> Iterator[Message]:
+        while True:
+            last = end is not None and time.monotonic() >= end
             for reply in self._grid.pull_messages(pending):
                 pending.discard(reply.metadata.reply_to_message_id)
                 yield reply
-            if not pending:
+            if not pending or last:
                 return
-            time.sleep(self._interval)
+            wait = self._interval if end is None else min(self._interval, end - time.monotonic())
+            time.sleep(max(0.0, wait))

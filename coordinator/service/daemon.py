@@ -37,13 +37,13 @@ from coordinator.service.grpc_server import (
     AddressInUse,
     CoordinatorServer,
     build_server,
-    is_loopback,
     state_paths,
 )
 from coordinator.service.pki import app_signing_key
 from coordinator.store import Store
 from offsite.crypto import parse_flower_public_key
 from offsite.errors import OffsiteError
+from offsite.host.network import is_loopback
 from offsite.host.processes import stop_tree
 
 log = logging.getLogger(__name__)

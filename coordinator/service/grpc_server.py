@@ -16,7 +16,6 @@ This module only builds and binds the server. What each call decides is in
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from concurrent import futures
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from coordinator.service.handlers import ArtifactHandler, EnrollmentHandler, Nod
 from coordinator.service.pki import Pki, PkiError
 from coordinator.store import Store
 from offsite.errors import ExitCode, OffsiteError
+from offsite.host.network import is_loopback
 from offsite.wire.servicers import add_services
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,6 @@ class AddressInUse(OffsiteError):
     """A port the coordinator needs is taken."""
 
     exit_code = ExitCode.ADDRESS_IN_USE
-
-
-def is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass

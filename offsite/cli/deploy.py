@@ -271,10 +271,11 @@ def _coordinator_dashboard(
     from datetime import datetime, timezone
 
     from coordinator.dashboard import CoordinatorSource, DashboardServer
-    from coordinator.dashboard.server import is_loopback_host, split_address
+    from coordinator.dashboard.server import split_address
     from coordinator.service.flower_link import FlowerLink
     from coordinator.service.grpc_server import state_paths
     from coordinator.service.pki import app_signer, signing_public_key
+    from offsite.host.network import is_loopback_host
 
     pki, _ = state_paths(folder)
     signed = pki.app_signing_key.is_file()  # made when the SuperLink is first served

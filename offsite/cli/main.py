@@ -448,7 +448,7 @@ def serve(
     """
     import socket
 
-    from coordinator.service.grpc_server import is_loopback
+    from offsite.host.network import is_loopback
 
     _setup_logging(False)
     admin_token = _secret(admin_token_file, "--admin-token-file")

@@ -1,1 +1,1 @@
-"""Host utilities: paths, files, processes, CPU, memory, allocator, sizes."""
+"""Host utilities: paths, files, processes, CPU, memory, allocator, sizes, network."""

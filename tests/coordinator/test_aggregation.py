@@ -169,3 +169,19 @@ def test_fedavg_reports_its_lora_product_error_and_robust_rules_do_not() -> None
     assert fedavg.lora_product_error is not None and fedavg.lora_product_error > 0
     trimmed = aggregate(_global(), clients, AggregationRule("trimmed-mean", trim_fraction=0.25))
     assert trimmed.lora_product_error is None
+
+
+@pytest.mark.parametrize(("survivors", "select"), [(1, 0), (2, 0), (3, 5)])
+def test_multi_krum_survives_a_round_with_fewer_clients_than_configured(
+    survivors: int, select: int
+) -> None:
+    """Dropouts can leave n <= f (or n < krum_select) updates in a round; multi-Krum then
+    averages what it can select instead of crashing the ServerApp."""
+    base = {"w": torch.zeros(4)}
+    updates = [ClientUpdate(str(i), {"w": torch.full((4,), float(i))}, 5) for i in range(survivors)]
+    rule = AggregationRule("multi-krum", byzantine=2, krum_select=select)
+    result = aggregate(base, updates, rule)
+    assert result.accepted == [str(i) for i in range(survivors)]
+    assert torch.isfinite(result.state["w"]).all()
+    if survivors == 1:
+        assert torch.equal(result.state["w"], updates[0].state["w"])

@@ -152,3 +152,30 @@ def test_plots_and_intervals() -> None:
     low, high = wilson(129, 150)  # 86.0 % of 150
     assert round(100 * low, 1) == 79.5 and round(100 * high, 1) == 90.7
     assert json.dumps(low)  # plain floats
+
+
+def test_loopback_is_decided_in_one_place_for_hosts_and_addresses() -> None:
+    from offsite.host.network import is_loopback, is_loopback_host
+
+    for host in ("localhost", "127.0.0.1", "127.8.0.1", "::1", "[::1]"):
+        assert is_loopback_host(host), host
+    for host in ("0.0.0.0", "10.0.0.5", "::", "example.org", "localhost.example.org"):
+        assert not is_loopback_host(host), host
+    assert is_loopback("[::1]:8480") and is_loopback("127.0.0.1:9092")
+    assert not is_loopback("0.0.0.0:8480") and not is_loopback("[::]:8480")
+
+
+def test_export_links_are_url_encoded_and_download(tmp_path: Path) -> None:
+    store, folder = _registry(tmp_path)
+    folder.adapter_path(1).parent.mkdir(parents=True)
+    folder.adapter_path(1).write_bytes(b"adapter")
+    folder.export_dir(1).mkdir(parents=True)
+    (folder.export_dir(1) / "notes #1.txt").write_text("kept")
+    client = TestClient(
+        build_app(CoordinatorSource(tmp_path / "state", store)), base_url="http://127.0.0.1:8480"
+    )
+    (run,) = CoordinatorSource(tmp_path / "state", store).runs()
+    page = client.get(f"/runs/{run.key}").text
+    href = "/files/export/round-1/notes%20%231.txt"
+    assert href in page, page
+    assert client.get(f"/runs/{run.key}{href}").text == "kept"

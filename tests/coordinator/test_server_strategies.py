@@ -187,9 +187,9 @@ def test_fedprox_mu_reaches_the_client_on_the_typed_instruction() -> None:
         lr=1e-3,
         precision="fp32",
         seed=0,
-        proximal_mu=0.25,
-    ).to_record()
-    sent = strategy.configure_train(1, ArrayRecord(_start()), config, _Nodes([1, 2]))
+    ).to_record()  # proximal_mu left at 0: what reaches the nodes is Flower's FedProx's doing
+    sent = list(strategy.configure_train(1, ArrayRecord(_start()), config, _Nodes([1, 2])))
+    assert len(sent) == 2
     for message in sent:
         # Flower's FedProx writes "proximal-mu": the key our typed field travels under
         order = TrainInstruction.from_record(message.content.config_records["config"])
@@ -274,3 +274,25 @@ def test_a_server_optimizer_runs_over_a_robust_rule_and_over_dp_rounds() -> None
     )
     _round(private, 1, _start(), seed=1)
     assert private.round_log[-1]["epsilon"] == pytest.approx(epsilon(1.0, 1.0, 1, 1e-5))
+
+
+class _SilentNodes(_Nodes):
+    """Connected nodes that never answer: every exchange ends empty at its deadline."""
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return []
+
+
+def test_a_failed_secure_setup_blames_the_setup_not_the_round_deadline() -> None:
+    reports: list[dict[str, Any]] = []
+    strategy = make_strategy(
+        ServerStrategy(), lambda _r, report: reports.append(report), secure=True
+    )
+    grid = _SilentNodes([1, 2, 3])
+    assert list(strategy.configure_train(1, ArrayRecord(_start()), ConfigRecord(), grid)) == []
+    arrays, _ = strategy.aggregate_train(1, [])
+    assert arrays is None
+    assert strategy.round_log[-1]["outcome"].startswith("failed: secure aggregation setup")
+    assert reports == []  # no train instruction went out, so no node missed the round deadline

@@ -158,6 +158,19 @@ def test_the_streaming_grid_yields_each_reply_as_it_is_pulled_until_the_deadline
     assert grid.send_and_receive([], timeout=1.0) == []
 
 
+def test_the_deadline_counts_from_the_push_and_a_last_pull_follows_it() -> None:
+    """A caller that starts reading after the deadline (busy folding, say) gets no extra wait,
+    and still the replies waiting at the deadline (one last pull: here node 1's)."""
+    inner = _TrickleGrid()
+    grid = StreamingGrid(inner, pull_interval=0.01)
+    replies = grid.send_and_receive([_instruction(n) for n in (1, 2, 3)], timeout=0.2)
+    time.sleep(0.3)
+    start = time.monotonic()
+    late = [r.metadata.reply_to_message_id for r in replies]
+    assert time.monotonic() - start < 0.1
+    assert late == ["ins-1"] and inner.pulls == 1
+
+
 @pytest.mark.parametrize("rule", ["trimmed-mean", "median", "krum"])
 def test_robust_rules_hold_at_most_max_buffered_updates(rule: str) -> None:
     base = _global()

@@ -168,7 +168,7 @@ def _coordinator_serve_args() -> list[list[str]]:
 
 
 def test_the_control_api_is_on_loopback_and_never_published() -> None:
-    from coordinator.service.grpc_server import is_loopback
+    from offsite.host.network import is_loopback
 
     served = _coordinator_serve_args()
     assert len(served) == 2
