@@ -152,8 +152,8 @@ class RunningMean(_Guarded):
     """FedAvg as a fold: ``add`` each update as it arrives, ``result`` once at the end.
 
     Memory: the float64 running sum (one adapter) plus, for LoRA adapters, the running sums that
-    measure ``lora_product_error`` (one dense ``out x in`` matrix per LoRA module) — constant in
-    the number of clients.
+    measure ``lora_product_error`` (one dense ``out x in`` matrix per LoRA module, or a sketch of
+    it above ``EXACT_PRODUCT_ELEMENTS``) — constant in the number of clients.
     """
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], rule: AggregationRule):
@@ -296,28 +296,59 @@ def aggregate(
     return into.result()
 
 
-class LoraProducts:
-    """Running weighted sums of every LoRA module's A, B and B·A over the clients of a round."""
+# Above this many out×in elements summed over the LoRA modules (256 MB of float64 sums) the
+# error is estimated from a random projection instead of exact dense sums: the diagnostic must
+# not cost the coordinator more memory than the aggregation itself (7B-class adapters hold
+# 4096 × 11008 modules, 360 MB each as float64).
+EXACT_PRODUCT_ELEMENTS = 2**25
+SKETCH_COLUMNS = 256  # relative std of the estimated squared norms ≈ sqrt(2 / 256) ≈ 9 %
 
-    def __init__(self) -> None:
+
+class LoraProducts:
+    """Running weighted sums of every LoRA module's A, B and B·A over the clients of a round.
+
+    B·A is kept dense (out × in) while the modules are small enough
+    (``EXACT_PRODUCT_ELEMENTS``); above that only (B·A)·Ω is kept, for a fixed Gaussian Ω
+    (in × ``SKETCH_COLUMNS``): ‖XΩ‖² / k is an unbiased estimate of ‖X‖², so the error is
+    estimated (``estimated``) at memory out × k per module."""
+
+    def __init__(self, exact_elements: int = EXACT_PRODUCT_ELEMENTS) -> None:
         self._a: dict[str, torch.Tensor] = {}
         self._b: dict[str, torch.Tensor] = {}
         self._ba: dict[str, torch.Tensor] = {}
+        self._omega: dict[str, torch.Tensor] = {}  # per module, only when sketching
         self._weight = 0.0
+        self._exact_elements = exact_elements
+        self.estimated: bool | None = None  # decided by the first state's modules
 
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
-        for name in state:
-            partner = name.replace(".lora_A.", ".lora_B.")
-            if ".lora_A." not in name or partner not in state:
-                continue
+        pairs = [
+            (name, name.replace(".lora_A.", ".lora_B."))
+            for name in state
+            if ".lora_A." in name and name.replace(".lora_A.", ".lora_B.") in state
+        ]
+        if self.estimated is None and pairs:
+            elements = sum(state[b].shape[0] * state[a].shape[1] for a, b in pairs)
+            self.estimated = elements > self._exact_elements
+        for name, partner in pairs:
             a, b = state[name].double(), state[partner].double()
             if name not in self._a:
                 self._a[name] = torch.zeros_like(a)
                 self._b[name] = torch.zeros_like(b)
-                self._ba[name] = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
+                columns = a.shape[1]
+                if self.estimated:
+                    generator = torch.Generator().manual_seed(len(self._omega))
+                    self._omega[name] = torch.randn(
+                        a.shape[1], SKETCH_COLUMNS, generator=generator, dtype=torch.float64
+                    )
+                    columns = SKETCH_COLUMNS
+                self._ba[name] = torch.zeros(b.shape[0], columns, dtype=torch.float64)
             self._a[name].add_(a, alpha=weight)
             self._b[name].add_(b, alpha=weight)
-            self._ba[name].addmm_(b, a, alpha=weight)
+            if self.estimated:
+                self._ba[name].addmm_(b, a @ self._omega[name], alpha=weight)
+            else:
+                self._ba[name].addmm_(b, a, alpha=weight)
         self._weight += weight
 
     def error(self) -> float | None:
@@ -328,7 +359,10 @@ class LoraProducts:
         w = self._weight
         for name in self._a:
             mean_of_products = self._ba[name] / w
-            product_of_means = (self._b[name] / w) @ (self._a[name] / w)
+            mean_a = self._a[name] / w
+            if name in self._omega:
+                mean_a = mean_a @ self._omega[name]
+            product_of_means = (self._b[name] / w) @ mean_a
             difference += float((product_of_means - mean_of_products).pow(2).sum())
             exact += float(mean_of_products.pow(2).sum())
         return math.sqrt(difference / exact) if exact > 0 else 0.0
