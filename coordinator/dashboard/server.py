@@ -1,9 +1,10 @@
 """Serving the dashboard: where it may bind, with which credentials, in which thread.
 
 On a loopback address it needs nothing (the operator is on the coordinator's host). Anywhere
-else it needs an admin token, and refuses to start without one (``DashboardAuthError``, exit
-code 14) before anything listens; the coordinator serves it over TLS with its own certificate
-there, so the token never crosses the network in clear.
+else it needs an admin token and TLS, and refuses to start without them (``DashboardAuthError``,
+exit code 14) before anything listens: the coordinator serves it with its own certificate,
+``offsite dashboard`` with the ``--tls-cert`` / ``--tls-key`` it is given, so the token never
+crosses the network in clear.
 """
 
 from __future__ import annotations
@@ -62,14 +63,23 @@ def check_binding(
     token: str | None,
     option: str = "--dashboard",
     token_option: str = "--dashboard-token-file",
+    *,
+    tls: bool = True,
+    tls_options: str = "--tls-cert and --tls-key",
 ) -> tuple[str, int]:
-    """Refuse a dashboard beyond loopback without an admin token; (host, port) otherwise.
-    ``option`` and ``token_option`` name the command's flags in the error."""
+    """Refuse a dashboard beyond loopback without an admin token or without TLS (``tls``: a
+    certificate will be served); (host, port) otherwise. ``option``, ``token_option`` and
+    ``tls_options`` name the command's flags in the error."""
     host, port = split_address(address, option)
     if not is_loopback_host(host) and token is None:
         raise DashboardAuthError(
             f"{option} {address} is beyond loopback: set an admin token "
             f"({token_option} FILE or ${TOKEN_ENV}) or bind 127.0.0.1"
+        )
+    if not is_loopback_host(host) and not tls:
+        raise DashboardAuthError(
+            f"{option} {address} is beyond loopback, where the admin token would cross the "
+            f"network in clear: pass {tls_options} (PEM files) or bind 127.0.0.1"
         )
     return host, port
 
@@ -88,7 +98,7 @@ class DashboardServer:
 
         from coordinator.dashboard.app import build_app
 
-        host, port = check_binding(self.address, self.token)
+        host, port = check_binding(self.address, self.token, tls=self.tls is not None)
         secure = self.tls is not None
         app = build_app(self.source, self.token, secure=secure)
         config = uvicorn.Config(

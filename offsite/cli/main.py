@@ -504,6 +504,13 @@ def dashboard(
             "loopback, where it refuses to start without one (exit 14)."
         ),
     ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="TLS certificate (PEM) to serve HTTPS with; required beyond loopback."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="The TLS certificate's private key (PEM).")
+    ] = None,
 ) -> None:
     """Browse simulation runs in a browser: rounds, losses, replies, five-way table, privacy.
 
@@ -513,14 +520,21 @@ def dashboard(
     from coordinator.dashboard.server import DashboardServer, admin_token, check_binding
 
     token = admin_token(token_file)
-    check_binding(bind, token, "--bind", "--token-file")  # before heavy imports or listening
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("pass --tls-cert and --tls-key together (a certificate and its key)")
+    tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+    for pem in tls or ():
+        if not pem.is_file():
+            raise ConfigError(f"{pem} is not a file; pass the PEM file of the certificate or key")
+    # before heavy imports or listening
+    check_binding(bind, token, "--bind", "--token-file", tls=tls is not None)
     if not runs_dir.is_dir():
         raise ConfigError(f"{runs_dir} is not a folder; pass the folder your runs are in")
     _quiet_libraries()
     from coordinator.dashboard.sources import RunsDirSource
 
-    server = DashboardServer(RunsDirSource(runs_dir.resolve()), bind, token)
-    typer.echo(f"dashboard of {runs_dir} on http://{bind}", color=False)
+    server = DashboardServer(RunsDirSource(runs_dir.resolve()), bind, token, tls)
+    typer.echo(f"dashboard of {runs_dir} on {server.scheme}://{bind}", color=False)
     sys.stdout.flush()
     server.run()
 

@@ -262,23 +262,53 @@ def test_offsite_dashboard_shows_a_runs_folder_and_needs_a_token_beyond_loopback
 
     token = "a-long-enough-admin-token-for-tests"
     env["OFFSITE_DASHBOARD_TOKEN"] = token
-    server = subprocess.Popen(
+    in_clear = subprocess.run(
         [*command, "--bind", f"0.0.0.0:{port}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip  (a token alone would cross the network in clear over plain HTTP)
+    assert in_clear.returncode == ExitCode.DASHBOARD_AUTH, in_clear.stderr
+    lines = in_clear.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--tls-cert" in lines[0], in_clear.stderr
+
+    address = _reachable_address()
+    ca_pem, cert, key = _server_certificate(board.run.parent.parent / "tls", address)
+    server = subprocess.Popen(
+        [*command, "--bind", f"0.0.0.0:{port}", "--tls-cert", str(cert), "--tls-key", str(key)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
         wait_for_port(f"127.0.0.1:{port}", 60.0, server)
-        url = f"http://{_reachable_address()}:{port}"
-        assert httpx.get(f"{url}/runs").status_code == 401
-        assert (
-            httpx.get(f"{url}/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        )
-        allowed = httpx.get(f"{url}/runs", headers={"Authorization": f"Bearer {token}"})
+        ca = ssl.create_default_context(cafile=str(ca_pem))
+        url = f"https://{address}:{port}"
+        assert httpx.get(f"{url}/runs", verify=ca).status_code == 401
+        wrong = httpx.get(f"{url}/runs", verify=ca, headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401
+        allowed = httpx.get(f"{url}/runs", verify=ca, headers={"Authorization": f"Bearer {token}"})
         assert allowed.status_code == 200 and 'data-run="first"' in allowed.text
         assert "finished" in allowed.text  # read from the run folder alone (its report)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _server_certificate(folder: Path, address: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for ``address`` (ca.pem, cert.pem, key.pem)."""
+    from offsite.crypto.certificates import issue_server_certificate, self_signed_ca
+    from offsite.crypto.keys import generate_ec_key, private_key_pem
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, server_key = generate_ec_key(), generate_ec_key()
+    ca = self_signed_ca(ca_key, "dashboard test CA", days=1)
+    cert = issue_server_certificate(
+        ca_key, ca, server_key, "dashboard", [address, "127.0.0.1"], days=1
+    )
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    for path, pem in zip(paths, (ca, cert, private_key_pem(server_key)), strict=True):
+        path.write_bytes(pem)
+    return paths
 
 
 def test_the_coordinator_serves_its_dashboard_beyond_loopback_over_tls_with_a_token(

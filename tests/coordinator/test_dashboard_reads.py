@@ -143,6 +143,9 @@ def test_binding_beyond_loopback_needs_a_token() -> None:
     with pytest.raises(DashboardAuthError, match="admin token"):
         check_binding("0.0.0.0:8480", None)
     assert check_binding("0.0.0.0:8480", "x" * 32) == ("0.0.0.0", 8480)
+    with pytest.raises(DashboardAuthError, match="in clear"):  # a token over plain HTTP
+        check_binding("0.0.0.0:8480", "x" * 32, tls=False)
+    assert check_binding("127.0.0.1:8480", None, tls=False) == ("127.0.0.1", 8480)
 
 
 def test_plots_and_intervals() -> None:
