@@ -16,6 +16,8 @@ reads a few hundred ``stat`` results, not a few hundred JSON files.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import threading
 from collections.abc import Callable, Iterable
@@ -28,7 +30,8 @@ from coordinator.dashboard.plots import Series, line_plot
 from coordinator.state.folder import RunFolder
 from coordinator.state.health import short_error
 from coordinator.store.overview import RoundRecord, RunRecord
-from offsite.errors import IntegrityError, OffsiteError
+from offsite.config import OffsiteConfig, config_from_dict, lora_aggregation_mode
+from offsite.errors import ConfigError, IntegrityError, OffsiteError
 from offsite.wire.messages import TrainReply
 
 T = TypeVar("T")
@@ -365,8 +368,8 @@ def _state(record: RunRecord | None, folder: RunFolder, metrics: dict[str, Any])
         return "finished"
     if metrics:
         return "failed"  # a failure report: the adapter never trained
-    config = record.config if record else {}
-    timeout = float((config.get("federation") or {}).get("round_timeout") or 0.0)
+    typed = _typed(record.config if record else {})
+    timeout = typed.federation.round_timeout if typed else 0.0
     last = record.last_activity if record else None
     if last is None:
         try:
@@ -379,15 +382,34 @@ def _state(record: RunRecord | None, folder: RunFolder, metrics: dict[str, Any])
     return "resumable" if folder.can_resume else "failed"
 
 
+def _typed(config: dict[str, Any]) -> OffsiteConfig | None:
+    """A run's saved config read through ``offsite.config`` (its one owner: keys, defaults,
+    validation); None when it no longer validates (a run from an older Offsite)."""
+    return _typed_from_json(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=4096)
+def _typed_from_json(text: str) -> OffsiteConfig | None:
+    try:
+        return config_from_dict(json.loads(text))
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
 def _aggregation(config: dict[str, Any]) -> str:
-    federation = config.get("federation") or {}
-    privacy = config.get("privacy") or {}
-    parts = [str(federation.get("aggregation", "fedavg"))]
-    if federation.get("secure_aggregation"):
-        parts.append("SecAgg+")
-    if float(privacy.get("noise_multiplier") or 0.0) > 0 or float(privacy.get("epsilon") or 0) > 0:
-        parts.append(f"DP (ε budget {privacy.get('epsilon')}, δ {privacy.get('delta')})")
-    return " + ".join(parts)
+    """Strategy, rule, LoRA aggregation mode and privacy of a run, e.g.
+    'fedadam · trimmed-mean · merge-exact + SecAgg + DP (ε 8, δ 1e-05)'."""
+    typed = _typed(config)
+    if typed is None:
+        return "? (config from an older Offsite)"
+    federation, privacy = typed.federation, typed.privacy
+    parts = [federation.strategy, federation.aggregation, lora_aggregation_mode(typed)]
+    text = " · ".join(parts)
+    if federation.secure_aggregation:
+        text += " + SecAgg"
+    if privacy.noise_multiplier > 0 or privacy.epsilon > 0:
+        text += f" + DP (ε budget {privacy.epsilon:g}, δ {privacy.delta:g})"
+    return text
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -437,7 +459,8 @@ def run_view(
     metrics = files.metrics(folder)
     config = record.config if record and record.config else files.config(folder)
     got = files.parsed(folder)  # counts and losses: no names needed
-    rounds = int((config.get("federation") or {}).get("rounds") or (record.rounds if record else 0))
+    typed = _typed(config)
+    rounds = typed.federation.rounds if typed else (record.rounds if record else 0)
     closed = (
         record.closed
         if record
@@ -453,8 +476,8 @@ def run_view(
         rounds=rounds,
         closed=closed,
         failed_rounds=record.failed if record else 0,
-        model=Path(str((config.get("model") or {}).get("name", "?"))).name,
-        data=Path(str((config.get("data") or {}).get("name", "?"))).name,
+        model=Path(typed.model.name).name if typed else "?",
+        data=Path(typed.data.name).name if typed else "?",
         aggregation=_aggregation(config),
         accepted=sum(r.verdict == "accepted" for r in got),
         dropped=sum(r.verdict == "dropped" for r in got),
@@ -530,7 +553,8 @@ def run_detail(
     scores = metrics.get("scores") or {}
     info = metrics.get("run") or {}
     privacy = info.get("privacy") or {}
-    budget = float((config.get("privacy") or {}).get("epsilon") or 0.0) or None
+    typed = _typed(config)
+    budget = (typed.privacy.epsilon or None) if typed else None
     spent = [r.epsilon for r in rounds if r.epsilon is not None]
     loss_series = [
         Series(client, [(r.number, r.losses[client]) for r in rounds if client in r.losses])

@@ -59,6 +59,12 @@ def test_a_running_run_shows_rounds_losses_and_every_reply_verdict(tmp_path: Pat
     assert (run.state, run.progress, run.label) == ("running", "1/2", "first")
     assert (run.accepted, run.dropped, run.quarantined) == (3, 1, 1)
     assert run.last_loss == 1.5
+    # read through offsite.config: the defaults it leaves out are the config's own
+    assert (run.model, run.data, run.aggregation) == (
+        "tiny",
+        "news.jsonl",
+        "fedavg · fedavg · naive",
+    )
     detail = source.run(run.key)
     assert detail is not None
     one, two = detail.rounds
