@@ -29,6 +29,7 @@ else:  # Python 3.10: the same parser, from PyPI (a dependency there only)
 
 from offsite.errors import ConfigError
 from offsite.federation.robust import (
+    DEFAULT_SERVER_LR,
     SERVER_OPTIMIZERS,
     AggregationRule,
     ServerStrategy,
@@ -437,20 +438,27 @@ class FederationConfig(_Section):
         "(server_lr, server_momentum). All compose with the aggregation rule, sparse upload, "
         "secure aggregation and DP (the server step only post-processes the aggregate).",
     )
+    # defaults are ServerStrategy's (offsite.federation.robust), which strategy_problems
+    # compares against: one owner
     proximal_mu: float = _f(
-        0.0, "fedprox: weight mu of the clients' proximal term (must be > 0 with fedprox)."
+        ServerStrategy.proximal_mu,
+        "fedprox: weight mu of the clients' proximal term (must be > 0 with fedprox).",
     )
     server_lr: float = _f(
-        0.0,
+        ServerStrategy.server_lr,
         "fedadam / fedyogi / fedadagrad / fedavgm: server learning rate; 0 = Flower's default "
-        "(0.1, 0.01, 0.1, 1.0). Adaptive optimizers move every coordinate by up to about "
-        "server_lr per round: tune it (Reddi et al. search 1e-3..1).",
+        f"({', '.join(f'{k} {v:g}' for k, v in DEFAULT_SERVER_LR.items())}). Adaptive "
+        "optimizers move every coordinate by up to about server_lr per round: tune it "
+        "(Reddi et al. search 1e-3..1).",
     )
-    server_beta1: float = _f(0.9, "fedadam / fedyogi: first-moment decay.")
-    server_beta2: float = _f(0.99, "fedadam / fedyogi: second-moment decay.")
-    server_tau: float = _f(1e-3, "fedadam / fedyogi / fedadagrad: adaptivity (epsilon) term.")
+    server_beta1: float = _f(ServerStrategy.beta1, "fedadam / fedyogi: first-moment decay.")
+    server_beta2: float = _f(ServerStrategy.beta2, "fedadam / fedyogi: second-moment decay.")
+    server_tau: float = _f(
+        ServerStrategy.tau, "fedadam / fedyogi / fedadagrad: adaptivity (epsilon) term."
+    )
     server_momentum: float = _f(
-        0.0, "fedavgm: server momentum (> 0, or a server_lr other than 1: else it is FedAvg)."
+        ServerStrategy.momentum,
+        "fedavgm: server momentum (> 0, or a server_lr other than 1: else it is FedAvg).",
     )
     aggregation: Literal["fedavg", "trimmed-mean", "median", "krum", "multi-krum", "bulyan"] = _f(
         "fedavg",

@@ -296,3 +296,20 @@ def test_a_failed_secure_setup_blames_the_setup_not_the_round_deadline() -> None
     assert arrays is None
     assert strategy.round_log[-1]["outcome"].startswith("failed: secure aggregation setup")
     assert reports == []  # no train instruction went out, so no node missed the round deadline
+
+
+def test_the_default_server_rates_are_flowers_own() -> None:
+    """server_lr=0 means "Flower's default": the table must say what Flower's classes say."""
+    import inspect
+
+    from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
+
+    from offsite.federation.robust import DEFAULT_SERVER_LR
+
+    flower = {
+        "fedadam": inspect.signature(FedAdam).parameters["eta"].default,
+        "fedyogi": inspect.signature(FedYogi).parameters["eta"].default,
+        "fedadagrad": inspect.signature(FedAdagrad).parameters["eta"].default,
+        "fedavgm": inspect.signature(FedAvgM).parameters["server_learning_rate"].default,
+    }
+    assert flower == DEFAULT_SERVER_LR
