@@ -21,7 +21,7 @@ from coordinator.federation.merge_exact import MergeExact
 from coordinator.federation.progress import RoundProgress
 from coordinator.federation.push import push_adapter
 from coordinator.federation.secure_rounds import default_threshold
-from coordinator.federation.strategy import make_strategy
+from coordinator.federation.strategy import RoundSettings, make_strategy
 from coordinator.federation.streaming import StreamingGrid
 from coordinator.state.adapters import initial_adapter_state, save_adapter
 from coordinator.state.folder import RunFolder
@@ -178,13 +178,15 @@ def main(grid: Grid, context: Context) -> None:
         federation.server_strategy,
         on_client_report,
         federation.aggregation_rule,
-        min_replies=federation.min_replies,
-        dp=dp,
-        secure=federation.secure_aggregation,
-        secure_threshold=federation.secagg_threshold,
-        round_offset=done,
-        merge=merge_exact(config, bundle),
-        stage_timeout=federation.round_timeout,
+        RoundSettings(
+            min_replies=federation.min_replies,
+            dp=dp,
+            secure=federation.secure_aggregation,
+            secure_threshold=federation.secagg_threshold,
+            round_offset=done,
+            merge=merge_exact(config, bundle),
+            stage_timeout=federation.round_timeout,
+        ),
         fraction_train=federation.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=sampled,

@@ -72,6 +72,20 @@ from offsite.wire.messages import NUM_EXAMPLES, TrainReply, stamp_round, with_se
 ClientReport = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class RoundSettings:
+    """Offsite's settings of every round, beside the aggregation rule: the quorum, DP, secure
+    aggregation, a resumed run's offset and merge-exact LoRA aggregation."""
+
+    min_replies: int = 1
+    dp: DpSchedule | None = None
+    secure: bool = False
+    secure_threshold: int = 0  # 0 = default_threshold(sampled nodes)
+    stage_timeout: float | None = None  # secure aggregation's key-exchange stages
+    round_offset: int = 0  # rounds a resumed run already completed
+    merge: MergeExact | None = None  # merge-exact LoRA aggregation; None = naive
+
+
 class AdapterRounds(FedAvg):
     """FedAvg's round structure, aggregating adapter updates with a rule, under guards.
 
@@ -83,15 +97,12 @@ class AdapterRounds(FedAvg):
         self,
         on_client_report: Callable[[int, ClientReport], None],
         rule: AggregationRule | None = None,
-        *,
-        min_replies: int = 1,
-        dp: DpSchedule | None = None,
-        secure: bool = False,
-        secure_threshold: int = 0,
-        stage_timeout: float | None = None,
-        round_offset: int = 0,
-        merge: MergeExact | None = None,
+        settings: RoundSettings | None = None,
     ) -> None:
+        settings = settings or RoundSettings()
+        min_replies, dp, round_offset = settings.min_replies, settings.dp, settings.round_offset
+        secure, secure_threshold = settings.secure, settings.secure_threshold
+        stage_timeout, merge = settings.stage_timeout, settings.merge
         self._on_client_report = on_client_report
         # DP-FedAvg: every clipped update counts the same (the noise is calibrated to one)
         self._rule: AggregationRule = (
@@ -314,34 +325,18 @@ class AdapterRounds(FedAvg):
 
 
 class AdapterFedAvg(AdapterRounds):
-    """FedAvg over adapter updates (the aggregate is the next global adapter)."""
+    """FedAvg over adapter updates (the aggregate is the next global adapter); ``flower``
+    holds Flower's sampling keywords."""
 
     def __init__(
         self,
         on_client_report: Callable[[int, ClientReport], None],
         rule: AggregationRule | None = None,
-        *,
-        min_replies: int = 1,
-        dp: DpSchedule | None = None,
-        secure: bool = False,
-        secure_threshold: int = 0,
-        stage_timeout: float | None = None,
-        round_offset: int = 0,
-        merge: MergeExact | None = None,
-        **kwargs: Any,
+        settings: RoundSettings | None = None,
+        **flower: Any,
     ):
-        super().__init__(weighted_by_key=NUM_EXAMPLES, **kwargs)
-        self.setup(
-            on_client_report,
-            rule,
-            min_replies=min_replies,
-            dp=dp,
-            secure=secure,
-            secure_threshold=secure_threshold,
-            stage_timeout=stage_timeout,
-            round_offset=round_offset,
-            merge=merge,
-        )
+        super().__init__(weighted_by_key=NUM_EXAMPLES, **flower)
+        self.setup(on_client_report, rule, settings)
 
 
 class _KeepDtypes(FedAvg):
@@ -391,14 +386,7 @@ def make_strategy(
     server: ServerStrategy,
     on_client_report: Callable[[int, ClientReport], None],
     rule: AggregationRule | None = None,
-    *,
-    min_replies: int = 1,
-    dp: DpSchedule | None = None,
-    secure: bool = False,
-    secure_threshold: int = 0,
-    stage_timeout: float | None = None,
-    round_offset: int = 0,
-    merge: MergeExact | None = None,
+    settings: RoundSettings | None = None,
     **flower: Any,
 ) -> AdapterRounds:
     """The strategy ``server`` names, with Offsite's rule and guards under it.
@@ -428,17 +416,7 @@ def make_strategy(
         )
     else:
         raise ValueError(f"unknown server strategy {server.name!r}")
-    strategy.setup(
-        on_client_report,
-        rule,
-        min_replies=min_replies,
-        dp=dp,
-        secure=secure,
-        secure_threshold=secure_threshold,
-        stage_timeout=stage_timeout,
-        round_offset=round_offset,
-        merge=merge,
-    )
+    strategy.setup(on_client_report, rule, settings)
     return strategy
 
 

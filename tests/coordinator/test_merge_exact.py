@@ -300,7 +300,7 @@ def test_strategy_merges_through_flower_messages_and_noises_delta_w_only() -> No
     DP; under DP the base weights carry noise of the calibrated size and the fresh LoRA none."""
     from flwr.app import ArrayRecord
 
-    from coordinator.federation.strategy import AdapterFedAvg
+    from coordinator.federation.strategy import AdapterFedAvg, RoundSettings
     from offsite.federation.dp import DpSchedule, epsilon
     from tests.coordinator.test_strategy import _reply
 
@@ -315,8 +315,11 @@ def test_strategy_merges_through_flower_messages_and_noises_delta_w_only() -> No
         for c, n in zip(clients, examples, strict=True)
     )
 
-    def run(**kwargs: object) -> tuple[dict[str, torch.Tensor], AdapterFedAvg]:
-        strategy = AdapterFedAvg(lambda _r, _rep: None, merge=MergeExact(ALPHA, 0), **kwargs)
+    def run(
+        rule: AggregationRule | None = None, dp: DpSchedule | None = None
+    ) -> tuple[dict[str, torch.Tensor], AdapterFedAvg]:
+        settings = RoundSettings(dp=dp, merge=MergeExact(ALPHA, 0))
+        strategy = AdapterFedAvg(lambda _r, _rep: None, rule, settings)
         strategy._global = ArrayRecord(start)
         replies = [_reply(i, c, n) for i, (c, n) in enumerate(zip(clients, examples, strict=True))]
         arrays, _ = strategy.aggregate_train(1, replies)

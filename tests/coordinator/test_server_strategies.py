@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from coordinator.federation.strategy import AdapterRounds, make_strategy
+from coordinator.federation.strategy import AdapterRounds, RoundSettings, make_strategy
 from offsite.config import load_config
 from offsite.errors import ConfigError
 from offsite.federation.robust import ServerStrategy
@@ -268,7 +268,8 @@ def test_a_server_optimizer_runs_over_a_robust_rule_and_over_dp_rounds() -> None
     private = make_strategy(
         ServerStrategy("fedadam", server_lr=0.01),
         lambda _r, _report: None,
-        dp=dp,
+        None,
+        RoundSettings(dp=dp),
         min_train_nodes=3,
         min_available_nodes=3,
     )
@@ -288,7 +289,10 @@ class _SilentNodes(_Nodes):
 def test_a_failed_secure_setup_blames_the_setup_not_the_round_deadline() -> None:
     reports: list[dict[str, Any]] = []
     strategy = make_strategy(
-        ServerStrategy(), lambda _r, report: reports.append(report), secure=True
+        ServerStrategy(),
+        lambda _r, report: reports.append(report),
+        None,
+        RoundSettings(secure=True),
     )
     grid = _SilentNodes([1, 2, 3])
     assert list(strategy.configure_train(1, ArrayRecord(_start()), ConfigRecord(), grid)) == []

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message, Metadata, RecordDict
 
-from coordinator.federation.strategy import AdapterFedAvg
+from coordinator.federation.strategy import AdapterFedAvg, RoundSettings
 from offsite.federation.dp import DpSchedule, epsilon
 from offsite.federation.robust import AggregationRule
 from offsite.wire.messages import TrainReply
@@ -65,9 +65,13 @@ def _states(n: int) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def _strategy(**kwargs: Any) -> tuple[AdapterFedAvg, list[dict[str, Any]]]:
+def _strategy(
+    rule: AggregationRule | None = None, **settings: Any
+) -> tuple[AdapterFedAvg, list[dict[str, Any]]]:
     reports: list[dict[str, Any]] = []
-    strategy = AdapterFedAvg(lambda _round, report: reports.append(report), **kwargs)
+    strategy = AdapterFedAvg(
+        lambda _round, report: reports.append(report), rule, RoundSettings(**settings)
+    )
     strategy._global = ArrayRecord(_global())  # what configure_train would have sent
     return strategy, reports
 
