@@ -1,7 +1,7 @@
 """A population on the simulation engine: 200 registered clients, 100 sampled per round (issue
 24's 100-client simulation), on a tiny model, with label- and quantity-skewed shares. Clients
 are cheap: the two Ray workers train all of them in turn, each worker loading the bundle once
-(~47 s: Ray's start and the 200 clients' training; 10 per round took ~53 s)."""
+(17 s on an idle 2-core machine, 47 s beside other work; 10 per round took ~53 s)."""
 
 from __future__ import annotations
 
