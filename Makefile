@@ -16,7 +16,7 @@ export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: setup simulate test test-fast lint docs docs-screenshots clean system-packages bench-emulator bench-privacy bench-inversion \
         bench-transfer bench-client bench-layer-drop bench-eval-speed \
-        bench-emulator-transfer bench-dashboard
+        bench-emulator-transfer bench-dashboard bench-scale
 
 setup: $(STAMP)
 
@@ -101,6 +101,12 @@ bench-client: setup
 # (headless Chromium), median and p95 per page (~1-2 min).
 bench-dashboard: setup system-packages
 	$(BIN)/python bench/dashboard.py
+
+# Clients per round on one machine (4 to 256): round time, coordinator and worker peak RSS,
+# bytes per round; tiny model, then the default model from the newest run under runs/
+# (resumable: finished cells are kept in bench/reports/scale.json).
+bench-scale: setup
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

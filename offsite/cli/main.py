@@ -696,6 +696,11 @@ BENCHMARKS = {
         "What one simulated client costs: peak and unshared RSS per Ray worker, 1 worker vs "
         "several, on a finished run's bundle.",
     ),
+    "scale": (
+        "scale.py",
+        "Clients per round on one machine (4 to 256, tiny and default model): round time, peak "
+        "RSS of the coordinator and of each worker, bytes per round.",
+    ),
     "layer-drop": (
         "layer_drop.py",
         "How faithful the split is and what each cut costs, per catalog model.",
