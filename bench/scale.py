@@ -71,10 +71,10 @@ from coordinator.federation.simulation import RayEngine, run_flower_simulation
 marks = {"start": rss_bytes()}
 initial_adapter_state = server_app.initial_adapter_state
 
-def initial_then_reset(bundle, seed):
+def initial_then_reset(bundle, seed, *args, **kwargs):
     # the ServerApp's setup (it loads the emulator once to initialise the adapter) ends here:
     # keep its high-water mark, then start a new one for the rounds
-    state = initial_adapter_state(bundle, seed)
+    state = initial_adapter_state(bundle, seed, *args, **kwargs)
     marks["setup_peak"] = peak_rss_bytes()
     marks["rounds_start"] = rss_bytes()
     marks["reset"] = reset_peak_rss()
@@ -160,12 +160,12 @@ def run_cell(
         digest = verify_bundle(bundle).digest
     else:
         assert source is not None
-        source_plan = RunPlan.load(str(source / "plan.json"))
+        source_plan = RunFolder(source).plan()
         bundle, digest = Path(source_plan.bundle_path), source_plan.bundle_digest
         shares = sorted(Path(source_plan.data_dir).glob("client-*.jsonl"))
         lines = [line for f in shares for line in f.read_text().splitlines() if line.strip()]
-        base = load_config(source / "config.toml").to_dict()
-        name = json.loads((source / "metrics.json").read_text())["run"]["model"]
+        base = RunFolder(source).config().to_dict()
+        name = RunFolder(source).metrics()["run"]["model"]
         task = {
             "task_kind": source_plan.task_kind,
             "labels": source_plan.labels,
@@ -185,30 +185,32 @@ def run_cell(
     config = config_from_dict(base)
     assert config.federation.sampled_clients == clients, config.federation.sampled_clients
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
-        folder = Path(tmp) / "run"
+        run = RunFolder(Path(tmp) / "run")
         # the pooled examples dealt IID: a seeded shuffle, then every registered-th line
         random.Random(config.seed).shuffle(lines)
-        (folder / "data").mkdir(parents=True)
+        run.data_dir.mkdir(parents=True)
         for index in range(registered):
             share = lines[index::registered]
             if not share:
                 raise SystemExit(f"{len(lines)} examples cannot give {registered} clients one each")
-            (folder / "data" / f"client-{index}.jsonl").write_text("\n".join(share) + "\n")
-        RunFolder(folder).write_config(config)
-        RunPlan(
-            run_dir=str(folder),
-            bundle_path=str(bundle),
-            bundle_digest=digest,
-            data_dir=str(folder / "data"),
-            **task,
-        ).save(folder / "plan.json")
+            run.client_data(index).write_text("\n".join(share) + "\n")
+        run.write_config(config)
+        run.save_plan(
+            RunPlan(
+                run_dir=str(run.path),
+                bundle_path=str(bundle),
+                bundle_digest=digest,
+                data_dir=str(run.data_dir),
+                **task,
+            )
+        )
         start = time.perf_counter()
         done = subprocess.run(
             [
                 sys.executable,
                 "-c",
                 CELL_CODE,
-                str(folder / "plan.json"),
+                str(run.plan_path),
                 str(registered),
                 str(workers),
             ],
@@ -220,9 +222,9 @@ def run_cell(
         total_s = time.perf_counter() - start
         line = [x for x in done.stdout.splitlines() if x.startswith("SCALE-CELL ")][-1]
         coordinator = json.loads(line.removeprefix("SCALE-CELL "))
-        reports = json.loads((folder / "rounds.json").read_text())
-        outcomes = json.loads((folder / "outcomes.json").read_text())
-        saved = [folder / "adapters" / f"round-{r}.safetensors" for r in range(rounds + 1)]
+        reports = run.client_reports()
+        outcomes = run.outcomes()
+        saved = [run.adapter_path(r) for r in range(rounds + 1)]
         times = [p.stat().st_mtime_ns / 1e9 for p in saved]
         adapter_bytes = _tensor_bytes(saved[-1])
     if not coordinator["reset"]:
@@ -425,6 +427,8 @@ def main() -> None:
         "--fresh", action="store_true", help="re-measure cells already in the report"
     )
     args = parser.parse_args()
+    from coordinator.state.folder import RunFolder
+
     if args.rounds < 2:
         parser.error("--rounds must be ≥ 2 (the last round is timed, without worker start)")
     path = REPORTS / "scale.json"
@@ -433,19 +437,17 @@ def main() -> None:
     settings = {"rounds": args.rounds, "workers": args.workers, "train": TRAIN}
     models = list(args.models)
     if "default" in models and args.run is None:
-        runs = sorted(Path("runs").glob("*/plan.json"))
+        runs = sorted(p for p in Path("runs").glob("*") if RunFolder(p).plan_path.is_file())
         if not runs:
             print("default model skipped: no finished run under runs/ (pass --run runs/<run>)")
             models.remove("default")
         else:
-            args.run = runs[-1].parent
+            args.run = runs[-1]
     source = args.run.resolve() if args.run else None
     for model in models:
         name = (
-            "tiny-llama (tests)"
-            if model == "tiny"
-            else json.loads((source / "metrics.json").read_text())["run"]["model"]
-        )  # type: ignore[operator]
+            "tiny-llama (tests)" if model == "tiny" else RunFolder(source).metrics()["run"]["model"]  # type: ignore[arg-type]
+        )
         for clients in args.clients:
             registered = max(args.registered, clients)
             key = (name, clients, registered)

@@ -509,9 +509,9 @@ def file_links(folder: RunFolder) -> list[FileLink]:
             FileLink(f"global adapter round {final[-1]}", path.relative_to(folder.path).as_posix())
         )
     if folder.report_path.is_file():
-        links.append(FileLink("report.md", folder.report_path.name))
+        links.append(FileLink(folder.report_path.name, folder.report_path.name))
     if folder.metrics_path.is_file():
-        links.append(FileLink("metrics.json", folder.metrics_path.name))
+        links.append(FileLink(folder.metrics_path.name, folder.metrics_path.name))
     return links
 
 

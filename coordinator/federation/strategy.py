@@ -273,7 +273,13 @@ class AdapterRounds(FedAvg):
         vector = _masked_vector(reply, self.arrayrecord_key)
         if isinstance(vector, str):
             return vector
-        size = sum(t.numel() for t in global_state.values()) if global_state else None
+        # what the clients mask: the adapter, or under merge-exact the dense ΔW of the bases
+        layout = (
+            self._merge.secure_template(global_state)
+            if self._merge and global_state
+            else global_state
+        )
+        size = sum(t.numel() for t in layout.values()) if layout else None
         return fold_masked(self._secure, int(reply.metadata.src_node_id), vector, size)
 
     def _combine_secure(self, folded: int) -> tuple[ArrayRecord | None, MetricRecord | None, str]:
