@@ -701,9 +701,12 @@ def test_a_killed_coordinator_resumes_the_deployed_run_and_matches_an_uninterrup
 
 
 def _replies_per_round(run_dir: Path) -> dict[int, list[tuple[int, int]]]:
-    """Round -> sorted (partition, examples) of the replies it aggregated."""
+    """Round -> sorted (partition, examples) of the replies it aggregated (a resumed run may
+    also log a stale reply to the killed run's instruction, quarantined: not aggregated)."""
     per_round: dict[int, list[tuple[int, int]]] = {}
     for reply in json.loads((run_dir / "rounds.json").read_text()):
+        if "quarantined" in reply or "error" in reply:
+            continue
         entry = (int(reply["partition-id"]), int(reply["num-examples"]))
         per_round.setdefault(int(reply["round"]), []).append(entry)
     return {number: sorted(entries) for number, entries in sorted(per_round.items())}
