@@ -687,7 +687,6 @@ def test_a_killed_coordinator_resumes_the_deployed_run_and_matches_an_uninterrup
     assert not (killed / "report.md").exists(), "the run finished before it could be killed"
 
     deployment.serve()  # same state folder and ports; the SuperNodes reconnect
-    assert list(_wait_online(deployment, 2).values()).count("online") == 2, _online(deployment)
     deployment.processes.offsite(
         "run", "--state", str(deployment.state), "--resume", str(killed), timeout=900
     )
