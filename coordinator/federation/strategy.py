@@ -173,6 +173,7 @@ class AdapterRounds(FedAvg):
             {m.metadata.message_id for m in self._sent if m.metadata.message_id},
             global_state,
             into,
+            self._masked_size(global_state) if self._secure_enabled else None,
         )
         for reply in replies:
             try:
@@ -247,7 +248,7 @@ class AdapterRounds(FedAvg):
             report.update(dict(record))
         report["received-bytes"] = sum(map(_array_bytes, reply.content.array_records.values()))
         if self._secure_enabled:
-            reason = self._fold_secure(reply, round_.global_state)
+            reason = self._fold_secure(reply, round_.masked_size)
             if reason:
                 report["quarantined"] = reason
             else:
@@ -264,23 +265,22 @@ class AdapterRounds(FedAvg):
                 return
         round_.metrics[node] = RecordDict(dict(reply.content.metric_records))
 
-    def _fold_secure(
-        self, reply: Message, global_state: Mapping[str, torch.Tensor] | None
-    ) -> str | None:
+    def _masked_size(self, global_state: Mapping[str, torch.Tensor] | None) -> int | None:
+        """Values in each masked vector but the weight: what the clients mask is the adapter,
+        or under merge-exact the dense ΔW of the LoRA modules' bases (None: unknown)."""
+        if not global_state:
+            return None
+        layout = self._merge.secure_template(global_state) if self._merge else global_state
+        return sum(t.numel() for t in layout.values())
+
+    def _fold_secure(self, reply: Message, masked_size: int | None) -> str | None:
         """Fold a masked reply into the secure round's sum; why it cannot count, or None."""
         if self._secure is None:
             return "no secure round was set up"
         vector = _masked_vector(reply, self.arrayrecord_key)
         if isinstance(vector, str):
             return vector
-        # what the clients mask: the adapter, or under merge-exact the dense ΔW of the bases
-        layout = (
-            self._merge.secure_template(global_state)
-            if self._merge and global_state
-            else global_state
-        )
-        size = sum(t.numel() for t in layout.values()) if layout else None
-        return fold_masked(self._secure, int(reply.metadata.src_node_id), vector, size)
+        return fold_masked(self._secure, int(reply.metadata.src_node_id), vector, masked_size)
 
     def _combine_secure(self, folded: int) -> tuple[ArrayRecord | None, MetricRecord | None, str]:
         """Unmask the sum; any protocol failure fails the round without a partial result."""
@@ -435,6 +435,7 @@ class _Round:
     sent_ids: set[str]
     global_state: dict[str, torch.Tensor] | None
     into: Collector | None
+    masked_size: int | None  # secure rounds: each masked vector's length but the weight
     reports: dict[str, ClientReport] = field(default_factory=dict)
     metrics: dict[str, RecordDict] = field(default_factory=dict)  # of the usable replies
     stale_nodes: set[str] = field(default_factory=set)
