@@ -8,9 +8,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from emulator.bundle import Bundle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -223,3 +227,17 @@ def tiny_llama_dir(tmp_path: Path, tokenizer) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_bundle(model_dir: Path, folder: Path, kind: str = "lora") -> Bundle:
+    """The simulation tests' bundle of a tiny model: a 1-2-1 split of its 6 blocks (two middle
+    blocks kept), adapter ``kind`` at rank 4 / alpha 8 on the architecture's LoRA targets."""
+    from coordinator.models import load_full_model
+    from emulator.adapter import AdapterSpec
+    from emulator.bundle import write_bundle
+    from emulator.layers import plan_layers
+
+    model, tokenizer, arch, _ = load_full_model(str(model_dir))
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec(kind, plan.adapter_layers, 4, 8, arch.lora_targets)
+    return write_bundle(model, tokenizer, plan, spec, folder, source="tiny")

@@ -13,7 +13,7 @@ import pytest
 
 from offsite.config import load_config
 from offsite.data import Example, partition, write_jsonl
-from tests.conftest import LABELS, tiny_texts
+from tests.conftest import LABELS, tiny_bundle, tiny_texts
 
 pytestmark = pytest.mark.integration
 
@@ -22,12 +22,8 @@ def test_two_hundred_registered_hundred_sampled_per_round(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     from coordinator.federation.simulation import RayEngine, run_flower_simulation
-    from coordinator.models import load_full_model
     from coordinator.state.folder import RunFolder
     from coordinator.state.plan import RunPlan
-    from emulator.adapter import AdapterSpec
-    from emulator.bundle import write_bundle
-    from emulator.layers import plan_layers
 
     registered, rounds = 200, 2
     config = load_config(
@@ -46,10 +42,7 @@ def test_two_hundred_registered_hundred_sampled_per_round(
     )
     sampled = config.federation.sampled_clients
     assert sampled == 100
-    model, tokenizer, arch, _ = load_full_model(str(tiny_llama_dir))
-    plan = plan_layers(6, 1, 1, 2)
-    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
-    bundle = write_bundle(model, tokenizer, plan, spec, tmp_path / "bundle", source="tiny")
+    bundle = tiny_bundle(tiny_llama_dir, tmp_path / "bundle")
     examples = [Example(t, label=lab) for lab in LABELS for t in tiny_texts(lab, 200)]
     data = config.data
     shares = partition(examples, registered, data.partition, data.alpha, 0, data.quantity_alpha)

@@ -26,7 +26,7 @@ import pytest
 from offsite.config import load_config
 from offsite.data import Example, write_jsonl
 from offsite.host.processes import stop_tree
-from tests.conftest import LABELS, tiny_texts
+from tests.conftest import LABELS, tiny_bundle, tiny_texts
 
 pytestmark = pytest.mark.integration
 
@@ -127,12 +127,8 @@ def test_simulation_runs_clients_on_both_nodes_of_a_ray_cluster(
     ray_cluster: Cluster, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     from coordinator.federation.simulation import RayEngine, run_flower_simulation
-    from coordinator.models import load_full_model
     from coordinator.state.folder import RunFolder
     from coordinator.state.plan import RunPlan
-    from emulator.adapter import AdapterSpec
-    from emulator.bundle import write_bundle
-    from emulator.layers import plan_layers
 
     clients = 4
     config = load_config(
@@ -147,10 +143,7 @@ def test_simulation_runs_clients_on_both_nodes_of_a_ray_cluster(
             "data.max_length=32",
         ],
     )
-    model, tokenizer, arch, _ = load_full_model(str(tiny_llama_dir))
-    plan = plan_layers(6, 1, 1, 2)
-    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
-    bundle = write_bundle(model, tokenizer, plan, spec, tmp_path / "bundle", source="tiny")
+    bundle = tiny_bundle(tiny_llama_dir, tmp_path / "bundle")
     data = tmp_path / "data"
     for index in range(clients):
         rows = [Example(t, label=lab) for lab in LABELS for t in tiny_texts(lab, 4, seed=index)]

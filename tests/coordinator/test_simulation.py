@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from offsite.config import load_config
 from offsite.data import Example, write_jsonl
 from offsite.errors import ExitCode, OffsiteError
-from tests.conftest import LABELS, tiny_texts
+from tests.conftest import LABELS, tiny_bundle, tiny_texts
 
 pytestmark = pytest.mark.integration
 
@@ -154,12 +154,8 @@ def test_a_failing_client_does_not_end_the_run(
 ) -> None:
     """Client 1's data is corrupt: its replies are errors, FedAvg goes on with the others."""
     from coordinator.federation.simulation import run_flower_simulation
-    from coordinator.models import load_full_model
     from coordinator.state.folder import RunFolder
     from coordinator.state.plan import RunPlan
-    from emulator.adapter import AdapterSpec
-    from emulator.bundle import write_bundle
-    from emulator.layers import plan_layers
 
     config = load_config(
         None,
@@ -172,10 +168,7 @@ def test_a_failing_client_does_not_end_the_run(
             "data.max_length=48",
         ],
     )
-    model, tokenizer, arch, _ = load_full_model(str(tiny_llama_dir))
-    plan = plan_layers(6, 1, 1, 2)
-    spec = AdapterSpec("lora", plan.adapter_layers, 4, 8, arch.lora_targets)
-    bundle = write_bundle(model, tokenizer, plan, spec, tmp_path / "bundle", source="tiny")
+    bundle = tiny_bundle(tiny_llama_dir, tmp_path / "bundle")
     data = tmp_path / "data"
     data.mkdir()
     lines = tiny_task.read_text().splitlines()
@@ -261,12 +254,8 @@ def _federate_once(
 ) -> dict[str, torch.Tensor]:
     """One round straight through Flower (no evaluation); the new global adapter."""
     from coordinator.federation.simulation import run_flower_simulation
-    from coordinator.models import load_full_model
     from coordinator.state.folder import RunFolder
     from coordinator.state.plan import RunPlan
-    from emulator.adapter import AdapterSpec
-    from emulator.bundle import write_bundle
-    from emulator.layers import plan_layers
 
     config = load_config(
         None,
@@ -280,10 +269,7 @@ def _federate_once(
             *overrides,
         ],
     )
-    model, tokenizer, arch, _ = load_full_model(str(tiny_llama_dir))
-    plan = plan_layers(6, 1, 1, 2)
-    spec = AdapterSpec(kind, plan.adapter_layers, 4, 8, arch.lora_targets)
-    bundle = write_bundle(model, tokenizer, plan, spec, folder / "bundle", source="tiny")
+    bundle = tiny_bundle(tiny_llama_dir, folder / "bundle", kind)
     data = folder / "data"
     data.mkdir(parents=True)
     lines = tiny_task.read_text().splitlines()
