@@ -108,6 +108,18 @@ def _open(driver, url: str, shot: str | None = None) -> None:
         driver.set_window_size(1360, 900)
 
 
+def _after_click(driver, element_id: str):
+    """The element ``element_id`` of the page a click navigates to. A click on a submit button
+    or a link returns before the next page has loaded; one full run looked too early."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, 30).until(
+        expected_conditions.presence_of_element_located((By.ID, element_id))
+    )
+
+
 def _rows(driver, table: str) -> list[list[str]]:
     from selenium.webdriver.common.by import By
 
@@ -197,7 +209,7 @@ def test_a_revoke_from_the_page_takes_effect_on_the_superlink(board: Board, brow
     state = board.deployment.state
     _open(driver, f"{board.url}/nodes")
     driver.find_element(By.ID, "mint-token").click()
-    token = driver.find_element(By.ID, "minted-token").text.strip()
+    token = _after_click(driver, "minted-token").text.strip()
     assert len(token) >= 32
     # a forged POST (no CSRF token, foreign origin) is refused and changes nothing
     forged = httpx.post(
@@ -211,8 +223,8 @@ def test_a_revoke_from_the_page_takes_effect_on_the_superlink(board: Board, brow
     _open(driver, f"{board.url}/nodes")
     row = driver.find_element(By.CSS_SELECTOR, 'tr[data-node="site-b"]')
     row.find_element(By.LINK_TEXT, "revoke").click()
-    driver.find_element(By.ID, "confirm-revoke").click()  # the confirmation page
-    assert "site-b" in driver.find_element(By.ID, "revoked-notice").text
+    _after_click(driver, "confirm-revoke").click()  # the confirmation page
+    assert "site-b" in _after_click(driver, "revoked-notice").text
     errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert not errors, errors
 
