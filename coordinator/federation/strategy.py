@@ -170,7 +170,11 @@ class AdapterRounds(FedAvg):
         )
         round_ = _Round(
             server_round,
-            {m.metadata.message_id for m in self._sent if m.metadata.message_id},
+            {
+                m.metadata.message_id: m.metadata.dst_node_id
+                for m in self._sent
+                if m.metadata.message_id
+            },
             global_state,
             into,
             self._masked_size(global_state) if self._secure_enabled else None,
@@ -224,9 +228,12 @@ class AdapterRounds(FedAvg):
 
     def _take(self, round_: _Round, reply: Message) -> None:
         """Check one reply, record its report, and fold its update into the round."""
-        node = str(reply.metadata.src_node_id)
-        if round_.sent_ids and reply.metadata.reply_to_message_id not in round_.sent_ids:
-            stale = {"node-id": reply.metadata.src_node_id, "quarantined": "stale reply"}
+        # The node an instruction went to answers for it: the SuperLink's own error replies
+        # (a node unavailable, a reply expired) carry its id, not the node's.
+        node_id = round_.sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        node = str(node_id)
+        if round_.sent and reply.metadata.reply_to_message_id not in round_.sent:
+            stale = {"node-id": node_id, "quarantined": "stale reply"}
             self._on_client_report(round_.number, stale)  # not this round's instruction
             round_.stale_nodes.add(node)
             return
@@ -234,12 +241,12 @@ class AdapterRounds(FedAvg):
             # Flower's SuperLink stores one reply per instruction, so only a faulty grid
             # gets here; the first reply may already be in the running sum: it stays.
             extra = {
-                "node-id": reply.metadata.src_node_id,
+                "node-id": node_id,
                 "quarantined": "sent more than one reply this round (the first counted)",
             }
             self._on_client_report(round_.number, extra)
             return
-        report: ClientReport = {"node-id": reply.metadata.src_node_id}
+        report: ClientReport = {"node-id": node_id}
         round_.reports[node] = report
         if reply.has_error():
             report["error"] = reply.error.reason
@@ -432,7 +439,7 @@ class _Round:
     running aggregate inside ``into``)."""
 
     number: int
-    sent_ids: set[str]
+    sent: dict[str, int]  # this round's instruction ids → the node each was sent to
     global_state: dict[str, torch.Tensor] | None
     into: Collector | None
     masked_size: int | None  # secure rounds: each masked vector's length but the weight

@@ -170,3 +170,30 @@ def test_stale_replies_are_rejected_and_silent_clients_recorded() -> None:
     torch.testing.assert_close(
         arrays.to_torch_state_dict()["l.lora_B.weight"], states[0]["l.lora_B.weight"]
     )
+
+
+def test_the_superlinks_error_replies_are_put_on_the_node_they_answer_for() -> None:
+    """The SuperLink answers for an unreachable node with its own id (1) as the sender: each
+    such reply belongs to the node its instruction went to, not to node 1, and is not a
+    duplicate of another unreachable node's."""
+    states = _states(1)
+    sent = [
+        Message(content=RecordDict(), metadata=_metadata(0, "", src=0, dst=node))
+        for node in (11, 12, 13)
+    ]
+    strategy, reports = _strategy()
+    strategy._sent = sent
+    ids = {m.metadata.dst_node_id: m.metadata.message_id for m in sent}
+    unavailable = [
+        Message(
+            error=Error(code=3, reason="Node Unavailable"),
+            metadata=_metadata(1, reply_to=ids[node], src=1),
+        )
+        for node in (11, 12)
+    ]
+    arrays, _ = strategy.aggregate_train(1, [*unavailable, _reply(13, states[0], 10, ids[13])])
+    assert arrays is not None
+    by_node = {r["node-id"]: r for r in reports}
+    assert sorted(by_node) == [11, 12, 13], reports
+    assert by_node[11]["error"] == by_node[12]["error"] == "Node Unavailable"
+    assert not any("quarantined" in r for r in reports)
