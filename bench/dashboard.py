@@ -50,11 +50,11 @@ def _percentile(values: list[float], q: float) -> float:
 def fill_registry(state: Path, nodes: int, runs: int) -> tuple[object, list[object]]:
     """A registry with ``nodes`` enrolled nodes and ``runs`` finished runs (see the module
     docstring); returns the store and the SuperLink rows the dashboard is shown."""
-    from coordinator.service.flower_link import SuperLinkNode
     from coordinator.state.folder import RunFolder
     from coordinator.state.plan import RunPlan
     from coordinator.store import open_store
     from offsite.config import OffsiteConfig
+    from offsite.wire.flower_control import ControlNode
 
     store = open_store(state)
     held = []
@@ -63,7 +63,7 @@ def fill_registry(state: Path, nodes: int, runs: int) -> tuple[object, list[obje
         store.enroll(store.mint_token(), name, f"{index:064x}")
         store.set_flower_node_id(name, str(10_000 + index))
         status = "online" if index % 3 else "offline"
-        held.append(SuperLinkNode(str(10_000 + index), status, b"", name, "", ""))
+        held.append(ControlNode(str(10_000 + index), status, b"", name, "", ""))
     config = OffsiteConfig().to_dict()
     config["federation"]["rounds"] = ROUNDS
     scores = {

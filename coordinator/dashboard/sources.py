@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coordinator.dashboard.reads import (
     ArtifactView,
@@ -34,7 +35,6 @@ from coordinator.dashboard.reads import (
     when,
 )
 from coordinator.service.audit import Audit
-from coordinator.service.flower_link import SuperLinkNode
 from coordinator.state.folder import RunFolder
 from coordinator.store import Store, open_store
 from coordinator.store.overview import (
@@ -53,6 +53,9 @@ from offsite.errors import OffsiteError
 
 LINK_SECONDS = 2.0  # the SuperLink's node table is asked at most this often
 
+if TYPE_CHECKING:  # the wire module imports Flower; the dashboard only reads its rows
+    from offsite.wire.flower_control import ControlNode
+
 
 def _fingerprint(raw: bytes) -> str:
     return "SHA256:" + hashlib.sha256(raw).hexdigest()[:24]
@@ -64,16 +67,16 @@ class CoordinatorSource:
 
     state: Path
     store: Store
-    superlink: Callable[[], list[SuperLinkNode]] | None = None  # None: not serving
+    superlink: Callable[[], list[ControlNode]] | None = None  # None: not serving
     app_key: str = ""  # the app-signing key id nodes pin at enrollment ("fpk_…")
     app_key_since: datetime | None = None  # nodes enrolled before it must join again
     bundle_key: bytes | None = None  # the raw Ed25519 key that signs bundles
     title: str = "coordinator"
     manageable: bool = True
     _files: RunFiles = field(default_factory=lambda: RunFiles(FileCache()))
-    _link_cache: tuple[float, list[SuperLinkNode] | None] | None = None
+    _link_cache: tuple[float, list[ControlNode] | None] | None = None
 
-    def _held(self) -> list[SuperLinkNode] | None:
+    def _held(self) -> list[ControlNode] | None:
         """The SuperLink's node table (None: not serving), asked at most every few seconds."""
         if self.superlink is None:
             return None
@@ -81,7 +84,7 @@ class CoordinatorSource:
         if self._link_cache is not None and now - self._link_cache[0] < LINK_SECONDS:
             return self._link_cache[1]
         try:
-            held: list[SuperLinkNode] | None = self.superlink()
+            held: list[ControlNode] | None = self.superlink()
         except (OffsiteError, OSError):
             held = None
         self._link_cache = (now, held)
@@ -91,7 +94,7 @@ class CoordinatorSource:
         """Ask the SuperLink again on the next read (after a revocation)."""
         self._link_cache = None
 
-    def _names(self, nodes: list[NodeRecord], held: list[SuperLinkNode] | None) -> dict[str, str]:
+    def _names(self, nodes: list[NodeRecord], held: list[ControlNode] | None) -> dict[str, str]:
         names = {n.node_id: n.name for n in held or [] if n.name}
         names.update({n.flower_node_id: n.name for n in nodes if n.flower_node_id})
         return names

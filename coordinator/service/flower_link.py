@@ -23,7 +23,8 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from offsite.errors import ExitCode, OffsiteError
 from offsite.host.processes import flower_env, start_child, stop_tree, wait_for_port
 
 if TYPE_CHECKING:  # imported where used: it imports Flower
-    from offsite.wire.flower_control import FlowerControl
+    from offsite.wire.flower_control import ControlNode, FlowerControl
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +52,13 @@ class FlowerLinkError(OffsiteError):
 
 
 @dataclass(frozen=True)
-class SuperLinkNode:
-    """One row of the SuperLink's node table."""
-
-    node_id: str
-    status: str  # registered | online | offline | unregistered
-    public_key: bytes  # PEM, as Flower stores it
-    name: str
-    last_activated_at: str = ""  # ISO 8601, "" = never
-    last_deactivated_at: str = ""
-
-
-@dataclass(frozen=True)
 class FlowerLink:
     """The SuperLink of one coordinator state folder."""
 
     home: Path  # FLWR_HOME of the coordinator side
     address: str  # public host:port of the Fleet API (the proxy), what nodes are told
     control: str = DEFAULT_CONTROL  # loopback host:port of the SuperLink itself
+    started_at: float = 0.0  # Unix time the running SuperLink was started (0 = unknown)
 
     @classmethod
     def of_state(
@@ -85,6 +75,7 @@ class FlowerLink:
                 )
             saved = json.loads(recorded.read_text())
             address, control = str(saved["address"]), str(saved.get("control", DEFAULT_CONTROL))
+            return cls(home, address, control or DEFAULT_CONTROL, float(saved.get("started", 0)))
         return cls(home, address, control or DEFAULT_CONTROL)
 
     def command(self, pki: Pki) -> list[str]:
@@ -110,8 +101,9 @@ class FlowerLink:
             str(self.home / "superlink.log"),
         ]
 
-    def write_cli_config(self, pki: Pki) -> None:
-        """The ``flwr`` connection ``offsite run`` uses: the loopback Control API."""
+    def write_cli_config(self, pki: Pki, started: float = 0.0) -> None:
+        """The ``flwr`` connection ``offsite run`` uses (the loopback Control API), and in
+        ``link.json`` where the SuperLink listens and when it was ``started``."""
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             "[superlink]\n"
@@ -121,13 +113,13 @@ class FlowerLink:
             f'root-certificates = "{pki.ca_cert.resolve()}"\n'
         )
         (self.home / "link.json").write_text(
-            json.dumps({"address": self.address, "control": self.control})
+            json.dumps({"address": self.address, "control": self.control, "started": started})
         )
 
     def start(self, pki: Pki, registry_url: str, timeout: float = 60.0) -> subprocess.Popen[bytes]:
         """Start the SuperLink (its app hub: ``registry_url``); returns once it accepts
         connections."""
-        self.write_cli_config(pki)
+        self.write_cli_config(pki, started=time.time())  # before: no heartbeat predates it
         env = flower_env(self.home)
         env["FLWR_SUPERGRID_API_URL"] = registry_url
         process = start_child(
@@ -165,21 +157,31 @@ class FlowerLink:
         finally:
             client.close()
 
-    def nodes(self) -> list[SuperLinkNode]:
+    def nodes(self) -> list[ControlNode]:
         """Every node the SuperLink holds, unregistered ones included."""
         with self._control() as control:
-            held = control.list_nodes()
-        return [
-            SuperLinkNode(
-                str(n.node_id),
-                n.status,
-                n.public_key,
-                n.name,
-                n.last_activated_at,
-                n.last_deactivated_at,
-            )
-            for n in held
-        ]
+            return control.list_nodes()
+
+    def connected(self) -> list[ControlNode]:
+        """The nodes connected to this SuperLink: heard from since it started. After a
+        restart Flower still counts a node online for up to two heartbeat intervals from
+        before it; a round sent to it then fails with "Node Unavailable"."""
+        return [n for n in self.nodes() if n.heard_since(self.started_at)]
+
+    def wait_for_nodes(self, count: int, seconds: float, on_wait: Callable[[int], None]) -> None:
+        """Return once ``count`` nodes are connected; ``on_wait`` gets each count seen
+        before. Raises FlowerLinkError after ``seconds`` with fewer."""
+        deadline = time.monotonic() + seconds
+        while (seen := len(self.connected())) < count:
+            if time.monotonic() >= deadline:
+                raise FlowerLinkError(
+                    f"only {seen} of the {count} nodes the run needs (federation.num_clients) "
+                    f"connected to the SuperLink at {self.address} within {seconds:g} s: start "
+                    "the missing nodes (`offsite client start`), or lower "
+                    "federation.num_clients, or wait longer (federation.node_wait)"
+                )
+            on_wait(seen)
+            time.sleep(1.0)
 
     def register(self, public_key: str, name: str) -> str:
         """Admit a SuperNode's authentication key; returns the node id Flower assigned."""
@@ -235,8 +237,8 @@ class FlowerLink:
         store: Store,
         audit: Audit,
         key: Any,
-        live: dict[str, SuperLinkNode],
-        by_key: dict[bytes, SuperLinkNode],
+        live: dict[str, ControlNode],
+        by_key: dict[bytes, ControlNode],
         wanted: set[str],
     ) -> int:
         """One registry node against the SuperLink; 1 if something changed."""

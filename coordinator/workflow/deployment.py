@@ -81,9 +81,11 @@ class Deployment:
 
         from coordinator.state.ledger import run_registry
 
-        total = folder.config().federation.rounds
+        federation = folder.config().federation
+        total = federation.rounds
         store, name = run_registry(folder, folder.plan())
         link = FlowerLink.of_state(self.state)
+        _wait_for_nodes(link, federation.num_clients, federation.node_wait)
         command = [
             str(Path(sys.executable).parent / "flwr"),
             "run",
@@ -119,3 +121,26 @@ class Deployment:
                 f"the run on the SuperLink at {link.address} failed (exit {process.returncode}); "
                 f"Flower's log is {log_path}:\n" + "\n".join(output.splitlines()[-15:])
             )
+
+
+def _wait_for_nodes(link: FlowerLink, count: int, seconds: float) -> None:
+    """Hold the run until ``count`` nodes are connected to the SuperLink, with a bar while
+    waiting. Flower would start the first round on nodes its restarted SuperLink still counts
+    online from before, and they fail it "Node Unavailable" (seen resuming after a crash)."""
+    from tqdm.auto import tqdm
+
+    bar: tqdm[None] | None = None
+
+    def waiting(seen: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=count, desc=f"nodes connected to {link.address}", unit="node")
+        bar.update(seen - bar.n)
+
+    try:
+        link.wait_for_nodes(count, seconds, waiting)
+        if bar is not None:
+            bar.update(count - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import TracebackType
 
+from flwr.common.constant import HEARTBEAT_PATIENCE
 from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest, UnregisterNodeRequest
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
@@ -19,15 +20,27 @@ from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpI
 
 @dataclass(frozen=True)
 class ControlNode:
-    """One row of the SuperLink's node table."""
+    """One row of the SuperLink's node table. Its id is a string, as in Offsite's registry
+    (Flower's ids are uint64: beyond what a JSON number holds exactly)."""
 
-    node_id: int
+    node_id: str
     status: str  # registered | online | offline | unregistered
     public_key: bytes  # PEM, as Flower stores it
     name: str
     # when the SuperLink last saw the node come online / go offline (ISO 8601; "" = never)
     last_activated_at: str = ""
     last_deactivated_at: str = ""
+    online_until: float | None = None  # Unix time the node counts as online until
+    heartbeat_interval: float = 0.0  # seconds between the node's heartbeats
+
+    def heard_since(self, moment: float) -> bool:
+        """Whether the node's last heartbeat (or activation) reached the SuperLink at or after
+        ``moment`` (Unix time). Flower sets ``online_until`` to that heartbeat plus
+        ``HEARTBEAT_PATIENCE`` intervals, and keeps a node online across a SuperLink restart
+        until then: "online" alone does not say the node is connected to this SuperLink."""
+        if self.status != "online" or self.online_until is None:
+            return False
+        return self.online_until - HEARTBEAT_PATIENCE * self.heartbeat_interval >= moment
 
 
 class FlowerControl:
@@ -62,12 +75,14 @@ class FlowerControl:
         answer = self._client.ListNodes(ListNodesRequest())
         return [
             ControlNode(
-                int(n.node_id),
+                str(n.node_id),
                 str(n.status),
                 bytes(n.public_key),
                 str(n.name),
                 str(n.last_activated_at),
                 str(n.last_deactivated_at),
+                float(n.online_until) if n.HasField("online_until") else None,
+                float(n.heartbeat_interval),
             )
             for n in answer.nodes_info
         ]

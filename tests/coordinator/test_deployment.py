@@ -667,6 +667,27 @@ def test_a_second_coordinator_on_the_same_ports_fails_and_the_first_keeps_servin
     assert list(_wait_online(deployment, 2).values()).count("online") == 2
 
 
+def test_a_run_needing_more_nodes_than_are_connected_stops_with_the_count(
+    deployment: Deployment,
+) -> None:
+    """Two nodes are connected; a run that needs three waits federation.node_wait seconds,
+    then stops with one line and the SuperLink's exit code instead of waiting forever."""
+    run = deployment.root / "runs" / "too-few-nodes"
+    args = [*deployment.run_args(1, run), "federation.num_clients=3", "federation.node_wait=2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "offsite.cli.main", *args],
+        env=deployment.processes.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == ExitCode.FEDERATION_LINK, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "only 2 of the 3 nodes" in errors[0] and "offsite client start" in errors[0]
+    assert not (run / "adapters" / "round-1.safetensors").exists()
+
+
 def test_a_killed_coordinator_resumes_the_deployed_run_and_matches_an_uninterrupted_one(
     deployment: Deployment,
 ) -> None:
@@ -687,9 +708,13 @@ def test_a_killed_coordinator_resumes_the_deployed_run_and_matches_an_uninterrup
     assert not (killed / "report.md").exists(), "the run finished before it could be killed"
 
     deployment.serve()  # same state folder and ports; the SuperNodes reconnect
+    # at once: the run waits for both nodes to reach the new SuperLink (Flower still counts
+    # them online from before the kill, and a round sent then fails "Node Unavailable")
     deployment.processes.offsite(
         "run", "--state", str(deployment.state), "--resume", str(killed), timeout=900
     )
+    resumed = [r for r in json.loads((killed / "rounds.json").read_text()) if r["round"] == 3]
+    assert not [r for r in resumed if "error" in r], resumed
     outcomes = json.loads((killed / "outcomes.json").read_text())
     assert [o["round"] for o in outcomes if o["round"] > 0] == [1, 2, 3]
     # the same nodes (by their stable partition) trained each round in both runs
