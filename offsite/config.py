@@ -193,6 +193,12 @@ class EmulatorConfig(_Section):
         "channels with large activations (off = plain round-to-nearest).",
     )
     calibration_examples: int = _f(64, "Public texts the quantization calibration runs on.")
+    reuse_bundle: bool = _f(
+        True,
+        "Copy the bundle from the cache ($OFFSITE_HOME/bundles, or $OFFSITE_BUNDLES) when the "
+        "same weights, emulator settings and adapter built it before, verifying every file; "
+        "false always builds. The cache keeps the 4 most recently used bundles.",
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -423,6 +429,12 @@ class FederationConfig(_Section):
         "(deploy/kuberay).",
     )
     round_timeout: float = _f(1800.0, "Seconds a round waits for replies before closing.")
+    node_wait: float = _f(
+        300.0,
+        "Deployment: seconds `offsite run` waits for num_clients nodes to be connected to the "
+        "SuperLink (heard from since it started) before the first round; then it stops with "
+        "the count it saw.",
+    )
     serve_url: str = _f(
         "",
         "Push each round's aggregated LoRA adapter to a running `offsite serve` at this URL "
@@ -568,6 +580,8 @@ class FederationConfig(_Section):
             out.append(f"federation.ray_address: {ray_address_problem(self.ray_address)}")
         if self.round_timeout <= 0:
             out.append("federation.round_timeout must be > 0")
+        if self.node_wait < 0:
+            out.append("federation.node_wait must be >= 0")
         if self.min_replies < 1:
             out.append("federation.min_replies must be >= 1")
         return out

@@ -25,6 +25,11 @@ if "OFFSITE_BASELINES" not in os.environ:
     import tempfile
 
     os.environ["OFFSITE_BASELINES"] = tempfile.mkdtemp(prefix="offsite-test-baselines-")
+# Likewise the emulator bundles runs reuse (coordinator/workflow/bundle_cache.py).
+if "OFFSITE_BUNDLES" not in os.environ:
+    import tempfile
+
+    os.environ["OFFSITE_BUNDLES"] = tempfile.mkdtemp(prefix="offsite-test-bundles-")
 
 LABELS = ("business", "sport", "tech")
 VOCAB = 384

@@ -42,7 +42,7 @@ from coordinator.state.adapters import load_adapter
 from coordinator.state.folder import RunFolder
 from coordinator.state.health import RunHealth, adapter_changed
 from coordinator.state.plan import RunPlan
-from emulator.build import build_configured_bundle
+from coordinator.workflow.bundle_cache import reuse_or_build
 from emulator.bundle import Bundle, bundle_parts
 from emulator.forward import pick_device
 from emulator.layers import LayerPlan, plan_layers
@@ -161,10 +161,14 @@ def simulate(
 
     with timer.stage("load full model and build emulator bundle"):
         full_model, tokenizer, arch, _ = load_full_model(config.model.name)
-        plan, bundle = build_configured_bundle(
-            full_model, tokenizer, arch, config, folder.bundle_dir
+        plan, bundle, cached = reuse_or_build(
+            full_model, tokenizer, arch, config, folder.bundle_dir, weights_digest(full_model)
         )
-        log.info("  emulator %s, bundle %s…", plan.label, bundle.digest[:12])
+        if cached:
+            timer.note("emulator bundle", "cached (emulator.reuse_bundle)")
+        log.info(
+            "  emulator %s, bundle %s…%s", plan.label, bundle.digest[:12], " (cached)" if cached else ""
+        )
         artifact = deployment.publish(bundle.path).artifact if deployment else ""
         if artifact:
             log.info("  bundle signed and published as artifact %s…", artifact[:12])

@@ -691,6 +691,11 @@ BENCHMARKS = {
         "Dashboard page loads (server and headless Chromium) with 1,000 nodes and 100 runs in "
         "the registry.",
     ),
+    "lora-aggregation": (
+        "lora_aggregation.py",
+        "Exact vs naive LoRA aggregation (naive, merge-exact, frozen-A) at 16 and 100 clients "
+        "per round: plug-in accuracy over seeds and the naive averaging error per round.",
+    ),
     "worker-memory": (
         "worker_memory.py",
         "What one simulated client costs: peak and unshared RSS per Ray worker, 1 worker vs "
