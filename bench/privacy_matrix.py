@@ -105,6 +105,11 @@ def write_reports(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         "![plug-in accuracy and round time per cell](privacy.png)",
         "",
     ]
+    population = REPORTS / "privacy_population.json"
+    if population.is_file():  # the DP curve of bench/privacy_population.py, kept
+        from privacy_population import markdown_section
+
+        lines += markdown_section(json.loads(population.read_text()))
     (REPORTS / "privacy.md").write_text("\n".join(lines))
     plot(rows, REPORTS / "privacy.png")
 

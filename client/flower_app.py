@@ -190,7 +190,8 @@ def train(msg: Message, context: Context) -> Message:
         weight = float(len(task.examples))
         if clip > 0:
             update, _ = clip_update(update, clip)
-            update = add_gaussian_noise(update, order.dp_noise_std)
+            frozen = session.adapted.spec.policy.frozen
+            update = add_gaussian_noise(update, order.dp_noise_std, frozen=frozen)
             weight = 1.0
         arrays = masked_update(context.state, order.secagg_inbox, update, weight)
         reply = TrainReply(num_examples=1, partition_id=partition, secagg=True)

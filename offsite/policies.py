@@ -31,6 +31,11 @@ class UpdatePolicy:
     top: str = "all"  # in top blocks, same vocabulary
     lr: float = 1e-4  # default AdamW learning rate (train.lr = 0)
 
+    def frozen(self, name: str) -> bool:
+        """Whether the adapter tensor ``name`` never trains (LoRA's A under lora-fa): it is
+        the same seeded tensor for every client and carries no data, so DP noise skips it."""
+        return self.frozen_lora_a and ".lora_A." in name
+
 
 POLICIES: dict[str, UpdatePolicy] = {  # the one table: names, what trains, default lr
     p.name: p

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from offsite.errors import ExitCode, OffsiteError
+from offsite.host.files import MIN_TOKEN, read_token
 from offsite.host.network import is_loopback_host
 
 if TYPE_CHECKING:
     from coordinator.dashboard.reads import Source
 
 TOKEN_ENV = "OFFSITE_DASHBOARD_TOKEN"
-MIN_TOKEN = 16
 
 
 class DashboardAuthError(OffsiteError):
@@ -45,15 +45,13 @@ def admin_token(token_file: Path | None) -> str | None:
     """The admin token from ``token_file`` or ``$OFFSITE_DASHBOARD_TOKEN`` (None: none set)."""
     if token_file is not None:
         try:
-            text = Path(token_file).read_text().strip()
-        except OSError as err:
-            raise OffsiteError(f"cannot read the dashboard token file {token_file}: {err}") from err
-    else:
-        text = os.environ.get(TOKEN_ENV, "").strip()
+            return read_token(token_file, "the dashboard token file")
+        except ValueError as err:
+            raise DashboardAuthError(str(err)) from err
+    text = os.environ.get(TOKEN_ENV, "").strip()
     if text and len(text) < MIN_TOKEN:
         raise DashboardAuthError(
-            f"the dashboard admin token has {len(text)} characters; use at least {MIN_TOKEN} "
-            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            f"${TOKEN_ENV} holds {len(text)} characters; use a token of at least {MIN_TOKEN}"
         )
     return text or None
 

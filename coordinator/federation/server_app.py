@@ -185,6 +185,7 @@ def main(grid: Grid, context: Context) -> None:
             secure_threshold=federation.secagg_threshold,
             round_offset=done,
             merge=merge_exact(config, bundle),
+            frozen=bundle.adapter.policy.frozen,
             stage_timeout=federation.round_timeout,
         ),
         fraction_train=federation.fraction_train,

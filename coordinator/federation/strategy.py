@@ -84,6 +84,8 @@ class RoundSettings:
     stage_timeout: float | None = None  # secure aggregation's key-exchange stages
     round_offset: int = 0  # rounds a resumed run already completed
     merge: MergeExact | None = None  # merge-exact LoRA aggregation; None = naive
+    # adapter tensors no client trains (LoRA's A under lora-fa): DP noise leaves them alone
+    frozen: Callable[[str], bool] | None = None
 
 
 class AdapterRounds(FedAvg):
@@ -103,6 +105,7 @@ class AdapterRounds(FedAvg):
         min_replies, dp, round_offset = settings.min_replies, settings.dp, settings.round_offset
         secure, secure_threshold = settings.secure, settings.secure_threshold
         stage_timeout, merge = settings.stage_timeout, settings.merge
+        self._frozen = settings.frozen
         self._on_client_report = on_client_report
         # DP-FedAvg: every clipped update counts the same (the noise is calibrated to one)
         self._rule: AggregationRule = (
@@ -333,8 +336,9 @@ class AdapterRounds(FedAvg):
         if self._dp is None:
             return result.state
         std = self._dp.noise_multiplier * self._dp.clip_norm / len(result.accepted)
-        noise = self._merge.add_noise if self._merge else add_gaussian_noise
-        return noise(result.state, std)
+        if self._merge:
+            return self._merge.add_noise(result.state, std)
+        return add_gaussian_noise(result.state, std, frozen=self._frozen)
 
 
 class AdapterFedAvg(AdapterRounds):

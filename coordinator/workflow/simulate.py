@@ -167,7 +167,10 @@ def simulate(
         if cached:
             timer.note("emulator bundle", "cached (emulator.reuse_bundle)")
         log.info(
-            "  emulator %s, bundle %s…%s", plan.label, bundle.digest[:12], " (cached)" if cached else ""
+            "  emulator %s, bundle %s…%s",
+            plan.label,
+            bundle.digest[:12],
+            " (cached)" if cached else "",
         )
         artifact = deployment.publish(bundle.path).artifact if deployment else ""
         if artifact:

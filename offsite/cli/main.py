@@ -541,15 +541,14 @@ def dashboard(
 
 def _secret(path: Path | None, option: str) -> str | None:
     """A token read from a file (never from argv, which every local user can list)."""
+    from offsite.host.files import read_token
+
     if path is None:
         return None
     try:
-        value = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read {option} {path}: {err}") from err
-    if len(value) < 16:
-        raise ConfigError(f"{option} {path} must hold a token of at least 16 characters")
-    return value
+        return read_token(path, option)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 @app.command()
@@ -690,6 +689,11 @@ BENCHMARKS = {
         "dashboard.py",
         "Dashboard page loads (server and headless Chromium) with 1,000 nodes and 100 runs in "
         "the registry.",
+    ),
+    "privacy-population": (
+        "privacy_population.py",
+        "Client-level DP at 100, 300 and 1,000 clients per round and ε 8/4/1: plug-in vs "
+        "clients per round, into bench/reports/privacy.md.",
     ),
     "lora-aggregation": (
         "lora_aggregation.py",

@@ -24,3 +24,21 @@ def write_atomic(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+MIN_TOKEN = 16  # characters of a bearer token (secrets.token_urlsafe(32) gives 43)
+
+
+def read_token(path: Path, what: str) -> str:
+    """A bearer token kept in a file (never in argv, which every local user can list), at least
+    ``MIN_TOKEN`` characters; ``what`` names it in the errors (ValueError)."""
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {what} {path}: {err}") from err
+    if len(value) < MIN_TOKEN:
+        raise ValueError(
+            f"{what} {path} holds {len(value)} characters; use a token of at least {MIN_TOKEN} "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    return value

@@ -197,3 +197,22 @@ def test_the_superlinks_error_replies_are_put_on_the_node_they_answer_for() -> N
     assert sorted(by_node) == [11, 12, 13], reports
     assert by_node[11]["error"] == by_node[12]["error"] == "Node Unavailable"
     assert not any("quarantined" in r for r in reports)
+
+
+def test_under_lora_fa_dp_noise_leaves_the_frozen_a_exact_and_noises_b() -> None:
+    """lora-fa clients never change A (it is the shared seeded start): noising it would only
+    add error, and the privacy guarantee needs noise on what the data moved (B) alone."""
+    from offsite.policies import POLICIES
+
+    sigma, clip = 2.0, 0.5
+    dp = DpSchedule(sigma, 1.0, 3, 1e-5, epsilon(sigma, 1.0, 3, 1e-5), clip)
+    start = _global()
+    states = [{**s, "l.lora_A.weight": start["l.lora_A.weight"]} for s in _states(4)]
+    strategy, _ = _strategy(dp=dp, rule=AggregationRule(), frozen=POLICIES["lora-fa"].frozen)
+    arrays, _ = strategy.aggregate_train(1, [_reply(i, states[i], 10) for i in range(4)])
+    assert arrays is not None
+    mean = arrays.to_torch_state_dict()
+    torch.testing.assert_close(mean["l.lora_A.weight"], start["l.lora_A.weight"], rtol=0, atol=0)
+    plain = sum(s["l.lora_B.weight"] for s in states) / 4
+    noise = (mean["l.lora_B.weight"] - plain).reshape(-1)
+    assert float(noise.std()) == pytest.approx(sigma * clip / 4, rel=0.1)

@@ -10,7 +10,7 @@ it the coordinator can add the whole σC once to the aggregate.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -42,11 +42,18 @@ def os_generator(device: str | torch.device = "cpu") -> torch.Generator:
 
 
 def add_gaussian_noise(
-    update: Mapping[str, torch.Tensor], std: float, generator: torch.Generator | None = None
+    update: Mapping[str, torch.Tensor],
+    std: float,
+    generator: torch.Generator | None = None,
+    frozen: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``update`` plus independent N(0, std²) noise on every coordinate."""
+    """``update`` plus independent N(0, std²) noise on every coordinate but those of the
+    tensors ``frozen`` names: they never change with the data, so they need no noise
+    (LoRA's A under lora-fa; noising it would only add error)."""
     generator = generator or os_generator()
     return {
-        k: v + std * torch.randn(v.shape, generator=generator, dtype=torch.float64).to(v.dtype)
+        k: v
+        if frozen is not None and frozen(k)
+        else v + std * torch.randn(v.shape, generator=generator, dtype=torch.float64).to(v.dtype)
         for k, v in update.items()
     }
