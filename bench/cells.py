@@ -40,14 +40,24 @@ def quiet_setup() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
+def _failed(metrics_path: Path) -> bool:
+    """A run that stopped with an error writes metrics without scores: run it again."""
+    try:
+        return bool(json.loads(metrics_path.read_text())["run"].get("failed"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True
+
+
 def simulate_cell(run_dir: Path, overrides: list[str], fresh: bool) -> dict[str, Any]:
-    """The metrics of one simulation with ``overrides``; a finished run folder is reused."""
+    """The metrics of one simulation with ``overrides``; a finished run folder is reused, a
+    failed one run again. A run that fails raises (the caller records it and goes on)."""
     from coordinator.state.folder import RunFolder
     from coordinator.workflow.simulate import simulate
     from offsite.config import load_config
 
     metrics_path = RunFolder(run_dir).metrics_path
-    if fresh or not metrics_path.is_file():
+    finished = metrics_path.is_file() and not _failed(metrics_path)
+    if fresh or not finished:
         shutil.rmtree(run_dir, ignore_errors=True)
         config = load_config(None, overrides)
         start = time.perf_counter()

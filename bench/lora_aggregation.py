@@ -38,6 +38,8 @@ from typing import Any
 from cells import COMPRESSED_OVERRIDES, quiet_setup, simulate_cell
 from emulator_transfer import mean_ci
 
+from offsite.errors import OffsiteError
+
 ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
 WORK = ROOT / "out" / "lora_aggregation"
@@ -47,7 +49,8 @@ MODES: dict[str, tuple[str, ...]] = {
     "merge-exact": ("train.adapter='lora'", "federation.lora_aggregation='merge-exact'"),
     "frozen-a": ("train.adapter='lora-fa'", "federation.lora_aggregation='naive'"),
 }
-LOCAL_STEPS = {16: 3, 100: 1}  # client-steps per round near the default's 4 x 10
+# local steps: 48 client-steps per round or more (the default run: 4 clients x 10 steps)
+LOCAL_STEPS = {16: 3, 100: 1}  # what max(1, round(48 / population)) gives, for the report
 
 
 def overrides(population: int, mode: str, seed: int, eval_size: int) -> list[str]:
@@ -56,7 +59,7 @@ def overrides(population: int, mode: str, seed: int, eval_size: int) -> list[str
         *MODES[mode],
         f"federation.num_clients={population}",
         "federation.fraction_train=1.0",
-        f"train.local_steps={LOCAL_STEPS.get(population, 1)}",
+        f"train.local_steps={max(1, round(48 / population))}",
         "eval.full_finetune=false",
         f"data.eval_size={eval_size}",
         f"seed={seed}",
@@ -92,7 +95,8 @@ def summarize(rows: dict[int, dict[str, Any]], naive: dict[int, dict[str, Any]])
             "max": max(errors),
             "per_round": [row["lora_product_error"] for _, row in sorted(rows.items())],
         }
-    out["wall_s"] = statistics.fmean(r["wall_s"] for r in rows.values() if r["wall_s"])
+    walls = [r["wall_s"] for r in rows.values() if r["wall_s"]]
+    out["wall_s"] = statistics.fmean(walls) if walls else math.nan
     return out
 
 
@@ -149,6 +153,9 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {population} | {mode} | {seed} | {row['plug_in']:.1f} "
                     f"| {row['emu_ft']:.1f} | {errors} | {row['failed_rounds']} |"
                 )
+    if report["failures"]:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- {run}: {error}" for run, error in report["failures"].items()]
     lines += ["", "![plug-in accuracy per mode and population](lora_aggregation.png)", ""]
     return "\n".join(lines)
 
@@ -196,6 +203,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; choose from {list(MODES)}")
     rows: dict[str, dict[str, dict[str, Any]]] = {}
+    failures: dict[str, str] = {}  # runs that failed in this invocation, with the error
 
     def save() -> None:
         cells: dict[str, dict[str, Any]] = {}
@@ -212,6 +220,7 @@ def main() -> None:
             "local_steps": LOCAL_STEPS,
             "cells": cells,
             "rows": rows,
+            "failures": failures,
         }
         REPORTS.mkdir(parents=True, exist_ok=True)
         (REPORTS / "lora_aggregation.json").write_text(json.dumps(report, indent=1))
@@ -224,9 +233,15 @@ def main() -> None:
             for mode in modes:
                 run_dir = WORK / str(population) / mode / f"seed-{seed}"
                 print(f"== {population} clients, {mode}, seed {seed}: {run_dir}", flush=True)
-                metrics = simulate_cell(
-                    run_dir, overrides(population, mode, seed, args.eval_size), args.fresh
-                )
+                try:
+                    metrics = simulate_cell(
+                        run_dir, overrides(population, mode, seed, args.eval_size), args.fresh
+                    )
+                except OffsiteError as err:  # one failed run does not end the sweep
+                    print(f"   failed: {err}", flush=True)
+                    failures[f"{population}/{mode}/seed-{seed}"] = str(err)
+                    save()
+                    continue
                 by_mode = rows.setdefault(str(population), {})
                 by_mode.setdefault(mode, {})[str(seed)] = seed_row(metrics)
                 save()

@@ -32,6 +32,8 @@ from typing import Any
 from cells import COMPRESSED_OVERRIDES, quiet_setup, simulate_cell
 from emulator_transfer import mean_ci
 
+from offsite.errors import OffsiteError
+
 ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
 WORK = ROOT / "out" / "privacy_population"
@@ -170,9 +172,8 @@ def markdown_section(report: dict[str, Any]) -> list[str]:
             "| ε | " + " | ".join(f"{p} clients" for p in populations) + " |",
             "|---|" + "---:|" * len(populations),
         ]
-        for eps in ("none", "8", "4", "1"):
-            if eps not in table:
-                continue
+        order = ["none", *sorted((e for e in table if e != "none"), key=float, reverse=True)]
+        for eps in order:
             cells = []
             for population in populations:
                 entry = table[eps].get(str(population))
@@ -244,9 +245,13 @@ def main() -> None:
                     eps = f"{epsilon:g}" if epsilon > 0 else "none"
                     run_dir = WORK / str(population) / mode / eps / f"seed-{seed}"
                     print(f"== {population} clients, {mode}, ε {eps}, seed {seed}", flush=True)
-                    metrics = simulate_cell(
-                        run_dir, overrides(population, mode, epsilon, seed), args.fresh
-                    )
+                    try:
+                        metrics = simulate_cell(
+                            run_dir, overrides(population, mode, epsilon, seed), args.fresh
+                        )
+                    except OffsiteError as err:  # one failed run does not end the sweep
+                        print(f"   failed: {err}", flush=True)
+                        continue
                     by_eps = rows.setdefault(mode, {}).setdefault(str(population), {})
                     by_eps.setdefault(eps, {})[str(seed)] = run_row(metrics, run_dir, mode)
                     report = {

@@ -105,6 +105,13 @@ def install_kernels(model: nn.Module, dtype: torch.dtype) -> int:
     return len(found)
 
 
+def is_lora_factor(name: str) -> bool:
+    """Whether module ``name`` is a LoRA factor (PEFT's or ours: ``….lora_A.default``). A
+    frozen factor (A under lora-fa) is part of the adapter, not of the frozen base: it stays
+    in fp32 as the coordinator sent it, so an honest node's update of it is exactly zero."""
+    return bool({"lora_A", "lora_B"} & set(name.split(".")))
+
+
 def pack_frozen_block_linears(model: nn.Module, prefix: str, dtype: torch.dtype) -> int:
     """Quantize the frozen float ``nn.Linear`` layers inside the blocks under ``prefix`` (the
     adapter blocks' LoRA base layers, say) to per-channel int8 ``PackedLinear``s computing in
@@ -119,6 +126,7 @@ def pack_frozen_block_linears(model: nn.Module, prefix: str, dtype: torch.dtype)
         for name, module in model.named_modules()
         if type(module) is nn.Linear
         and not module.weight.requires_grad
+        and not is_lora_factor(name)
         and block_part(name, prefix) is not None
     ]
     scheme = QuantScheme("int8", awq=False)
@@ -167,9 +175,9 @@ def set_frozen_linear_weight(model: nn.Module, name: str, weight: torch.Tensor) 
 
 
 def freeze_float_linears(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store the weights of frozen ``nn.Linear`` layers and of a frozen input embedding in
-    ``dtype`` (bf16 compute needs no fp32 master copy of a weight that never changes); returns
-    how many linears were converted.
+    """Store the weights of frozen ``nn.Linear`` layers (LoRA factors aside) and of a frozen
+    input embedding in ``dtype`` (bf16 compute needs no fp32 master copy of a weight that never
+    changes); returns how many linears were converted.
 
     The embedding's lookups are cast back to its old dtype by a forward hook, so the residual
     stream keeps its precision (only the table's values are rounded). A head tied to the
@@ -178,8 +186,10 @@ def freeze_float_linears(model: nn.Module, dtype: torch.dtype) -> int:
     """
     _store_embedding(model, dtype)
     converted = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module.weight.requires_grad:
+            continue
+        if is_lora_factor(name):
             continue
         if module.weight.dtype != dtype:
             module.weight.data = module.weight.data.to(dtype)

@@ -202,6 +202,7 @@ class AdapterRounds(FedAvg):
             result, outcome = self._combine(into, reports)
             arrays, aggregated = None, None
             if result is not None:
+                result.state = self._pin_frozen(result.state, global_state)
                 arrays = ArrayRecord(self._privatize(result))
                 accepted = [round_.metrics[n] for n in result.accepted if n in round_.metrics]
                 aggregated = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
@@ -307,6 +308,7 @@ class AdapterRounds(FedAvg):
             return None, None, f"failed: secure aggregation: {err}"
         if self._merge is not None:  # the sum was of dense ΔW: fold it, restart LoRA
             state = self._merge.after_secure(state, global_state, self._round)
+        state = self._pin_frozen(state, global_state)
         if self._accountant is not None:
             try:
                 self._accountant.spend_round()  # the noise was added by the clients
@@ -339,6 +341,16 @@ class AdapterRounds(FedAvg):
         if self._merge:
             return self._merge.add_noise(result.state, std)
         return add_gaussian_noise(result.state, std, frozen=self._frozen)
+
+    def _pin_frozen(
+        self, state: dict[str, torch.Tensor], global_state: Mapping[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        """Tensors no client trains (LoRA's A under lora-fa) stay the global ones, whatever
+        the replies held: an honest node's update of them is zero, a dishonest one's is not
+        the adapter's to take, and their average would carry unnoised data under DP."""
+        if self._frozen is None or global_state is None:
+            return state
+        return {k: global_state[k] if self._frozen(k) else v for k, v in state.items()}
 
 
 class AdapterFedAvg(AdapterRounds):

@@ -17,6 +17,7 @@ bundle, run plan), then instead of the simulation engine it
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ from pathlib import Path
 from coordinator.service.flower_link import CONNECTION, FlowerLink, FlowerLinkError
 from coordinator.state.folder import RunFolder
 from offsite.host.processes import flower_env
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,11 @@ def _wait_for_nodes(link: FlowerLink, count: int, seconds: float) -> None:
     online from before, and they fail it "Node Unavailable" (seen resuming after a crash)."""
     from tqdm.auto import tqdm
 
+    if not link.started_at:
+        log.warning(
+            "the SuperLink's start time is not on record (an older `offsite coordinator serve` "
+            "started it): nodes Flower still counts online may not be connected; restart serve"
+        )
     bar: tqdm[None] | None = None
 
     def waiting(seen: int) -> None:

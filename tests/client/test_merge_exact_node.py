@@ -105,3 +105,35 @@ def test_start_round_loads_the_bases_and_the_cut_lora(
         expected = inputs @ weight.t()
         error = (module(inputs) - expected).norm() / expected.norm()
         assert error < (2e-2 if packed else 1e-6), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_fa_keeps_its_frozen_a_exact_through_packing_and_bf16(
+    tmp_path: Path, tokenizer, precision: str
+) -> None:
+    """lora-fa's A is frozen but belongs to the adapter: packing the adapter blocks' frozen
+    linears to int8 (an int8 emulator on a CPU with int8 dot products) or storing frozen
+    linears in bf16 must leave it an fp32 parameter equal to what the coordinator sent, so
+    an honest node's update of it is exactly zero (and its tensor names stay the adapter's)."""
+    from client.kernels.linear import freeze_float_linears
+
+    full = tiny_model("llama")
+    arch = arch_spec(full.config)
+    plan = plan_layers(6, 1, 1, 2)
+    spec = AdapterSpec("lora-fa", plan.adapter_layers, 4, 8, arch.lora_targets, tuple(plan.top))
+    written = write_bundle(full, tokenizer, plan, spec, tmp_path / "b", source="t")
+    bundle = verify_bundle(written.path)
+    adapted, _ = load_for_training(bundle, precision)
+    sent = adapted.trainable_state()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert pack_frozen_block_linears(adapted.model, adapted.prefix, dtype) > 0
+    freeze_float_linears(adapted.model, dtype)
+    after = adapted.trainable_state()
+    assert after.keys() == sent.keys() and any(".lora_A." in k for k in after)
+    for name in sent:
+        torch.testing.assert_close(after[name], sent[name], rtol=0, atol=0)
+    a_factors = [p for n, p in adapted.model.named_parameters() if ".lora_A." in n]
+    assert a_factors and all(p.dtype == torch.float32 for p in a_factors)
+    assert not any(
+        isinstance(m, PackedLinear) for n, m in adapted.model.named_modules() if ".lora_A" in n
+    )

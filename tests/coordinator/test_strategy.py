@@ -201,13 +201,15 @@ def test_the_superlinks_error_replies_are_put_on_the_node_they_answer_for() -> N
 
 def test_under_lora_fa_dp_noise_leaves_the_frozen_a_exact_and_noises_b() -> None:
     """lora-fa clients never change A (it is the shared seeded start): noising it would only
-    add error, and the privacy guarantee needs noise on what the data moved (B) alone."""
+    add error, and the privacy guarantee needs noise on what the data moved (B) alone; a node
+    that moves A anyway moves nothing (A stays the global one, not an unnoised average)."""
     from offsite.policies import POLICIES
 
     sigma, clip = 2.0, 0.5
     dp = DpSchedule(sigma, 1.0, 3, 1e-5, epsilon(sigma, 1.0, 3, 1e-5), clip)
     start = _global()
     states = [{**s, "l.lora_A.weight": start["l.lora_A.weight"]} for s in _states(4)]
+    states[0]["l.lora_A.weight"] = start["l.lora_A.weight"] + 1.0  # a node moved A anyway
     strategy, _ = _strategy(dp=dp, rule=AggregationRule(), frozen=POLICIES["lora-fa"].frozen)
     arrays, _ = strategy.aggregate_train(1, [_reply(i, states[i], 10) for i in range(4)])
     assert arrays is not None
