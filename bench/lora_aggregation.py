@@ -38,6 +38,7 @@ from typing import Any
 from cells import COMPRESSED_OVERRIDES, quiet_setup, simulate_cell
 from emulator_transfer import mean_ci
 
+from coordinator.state.folder import RunFolder
 from offsite.errors import OffsiteError
 
 ROOT = Path(__file__).resolve().parent
@@ -119,7 +120,7 @@ def markdown(report: dict[str, Any]) -> str:
         "from naive is paired per seed. Percent.",
         "",
         "| clients | mode | seeds | full ZS | emulator FT | plug-in | plug-in − naive "
-        "| ‖mean(B)mean(A) − mean(BA)‖/‖mean(BA)‖ per round | run s |",
+        "| ‖mean(B)mean(A) − mean(BA)‖/‖mean(BA)‖, mean (max) over rounds | run s |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for population, modes in report["cells"].items():
@@ -153,11 +154,44 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {population} | {mode} | {seed} | {row['plug_in']:.1f} "
                     f"| {row['emu_ft']:.1f} | {errors} | {row['failed_rounds']} |"
                 )
+    lines += ["", "## Reading", "", *findings(report)]
     if report["failures"]:
         lines += ["", "## Failed runs", ""]
         lines += [f"- {run}: {error}" for run, error in report["failures"].items()]
     lines += ["", "![plug-in accuracy per mode and population](lora_aggregation.png)", ""]
     return "\n".join(lines)
+
+
+def findings(report: dict[str, Any]) -> list[str]:
+    """Plain-language reading computed from the cells: each exact mode against naive."""
+    out = []
+    for population, modes in report["cells"].items():
+        naive = modes.get("naive")
+        error = naive.get("lora_product_error") if naive else None
+        if error:
+            out.append(
+                f"- {population} clients: naive averaging's product error is "
+                f"{100 * error['mean']:.1f} % on average (largest {100 * error['max']:.1f} %) "
+                "of the norm of the exact mean product mean(B·A)."
+            )
+        for mode, cell in modes.items():
+            paired = cell.get("plug_in_minus_naive")
+            if mode == "naive" or not paired or math.isnan(paired["ci95"]):
+                continue
+            low, high = paired["mean"] - paired["ci95"], paired["mean"] + paired["ci95"]
+            verdict = (
+                "better than naive"
+                if low > 0
+                else "worse than naive"
+                if high < 0
+                else "not distinguishable from naive"
+            )
+            out.append(
+                f"- {population} clients, {mode}: plug-in {paired['mean']:+.1f} points against "
+                f"naive (95 % CI {low:+.1f} to {high:+.1f}, {len(cell['seeds'])} seeds): "
+                f"{verdict} at this budget."
+            )
+    return out
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -195,6 +229,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--fresh", action="store_true", help="Re-run finished runs.")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Rewrite the report from the finished runs; run nothing.",
+    )
     args = parser.parse_args()
     quiet_setup()
     populations = [int(p) for p in args.populations.split(",") if p]
@@ -232,6 +271,12 @@ def main() -> None:
         for seed in range(args.seeds):
             for mode in modes:
                 run_dir = WORK / str(population) / mode / f"seed-{seed}"
+                if args.report_only:
+                    if _finished(run_dir):
+                        metrics = json.loads(RunFolder(run_dir).metrics_path.read_text())
+                        by_mode = rows.setdefault(str(population), {})
+                        by_mode.setdefault(mode, {})[str(seed)] = seed_row(metrics)
+                    continue
                 print(f"== {population} clients, {mode}, seed {seed}: {run_dir}", flush=True)
                 try:
                     metrics = simulate_cell(
@@ -245,6 +290,13 @@ def main() -> None:
                 by_mode = rows.setdefault(str(population), {})
                 by_mode.setdefault(mode, {})[str(seed)] = seed_row(metrics)
                 save()
+    if args.report_only:
+        save()
+
+
+def _finished(run_dir: Path) -> bool:
+    path = RunFolder(run_dir).metrics_path
+    return path.is_file() and "scores" in json.loads(path.read_text())
 
 
 if __name__ == "__main__":
