@@ -182,7 +182,7 @@ def markdown_section(report: dict[str, Any]) -> list[str]:
                     continue
                 text = f"{entry['plug_in']['mean']:.1f}"
                 if "cost" in entry:
-                    text += f" (−{entry['cost']['mean']:.1f})"
+                    text += f" ({-entry['cost']['mean']:+.1f})"
                 if "noise_to_update" in entry:
                     text += f", noise {entry['noise_to_update']:.1f}×"
                 cells.append(text)
@@ -191,8 +191,9 @@ def markdown_section(report: dict[str, Any]) -> list[str]:
         smallest = found["smallest_population_eps8_within_3_points"]
         lines += [
             "",
-            f"Plug-in % (cost in points against no DP; noise = the averaged update's noise "
-            f"norm over one clipped update's). **Smallest population where ε = 8 costs ≤ "
+            "Plug-in % (in brackets: the change against no DP, points; noise = the averaged "
+            "update's noise norm over one clipped update's). **Smallest population where "
+            "ε = 8 costs ≤ "
             f"{COST_POINTS:.0f} points: "
             + (f"{smallest} clients per round.**" if smallest else "none of those measured.**"),
             "",
