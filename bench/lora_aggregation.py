@@ -1,6 +1,7 @@
 """Exact vs naive LoRA aggregation: plug-in accuracy per mode, at 16 and 100 clients per round.
 
-Run: offsite bench lora-aggregation [--populations 16,100] [--seeds 3] [--eval-size 500]
+Run: offsite bench lora-aggregation [--populations 16,100] [--local-steps 3] [--seeds 3]
+     [--eval-size 500] [--report-only]
      (= .venv/bin/python bench/lora_aggregation.py …)
 
 Every (population, mode, seed) is one real `offsite simulate` run of the default task
@@ -13,16 +14,18 @@ each round. The modes (federation.lora_aggregation / train.adapter):
   fresh LoRA every round (exact);
 - ``frozen-a``: ``lora-fa``, A frozen at its seeded start and only B trained (exact).
 
-A population keeps the client-steps per round near the default run's 4 × 10: 16 clients run
-3 local steps, 100 clients 1 (each then holds ~17 training examples). Full fine-tuning is not
-run (the comparison is between modes on the same emulator); full zero-shot comes from the
-baseline cache. Reported per cell: mean ± 95 % CI (Student t over seeds) of plug-in, emulator
-fine-tuned and full zero-shot; each exact mode's paired difference from naive per seed; the
-naive rounds' measured aggregation error ‖mean(B)mean(A) − mean(BA)‖ / ‖mean(BA)‖.
+Every client runs ``--local-steps`` (3) steps per round at every population, the same work per
+client (a 16-client round is 48 client-steps, near the default run's 4 × 10; at 100 clients
+each holds ~17 training examples). Full fine-tuning is not run (the comparison is between modes
+on the same emulator); full zero-shot comes from the baseline cache. Reported per cell: mean ±
+95 % CI (Student t over seeds) of plug-in, emulator fine-tuned and full zero-shot; each exact
+mode's paired difference from naive per seed; the measured aggregation error
+‖mean(B)mean(A) − mean(BA)‖ / ‖mean(BA)‖ of every round.
 
-Runs land in bench/out/lora_aggregation/<population>/<mode>/seed-<s>/; finished runs are
-reused (it can stop at any time and resume); the report
-(bench/reports/lora_aggregation.{json,md,png}) is rewritten after every run.
+Runs land in bench/out/lora_aggregation/<clients>x<local steps>/<mode>/seed-<s>/; finished
+runs are reused (it can stop at any time and resume); the report
+(bench/reports/lora_aggregation.{json,md,png}) covers every finished run there and is
+rewritten after every run.
 """
 
 from __future__ import annotations
@@ -50,17 +53,21 @@ MODES: dict[str, tuple[str, ...]] = {
     "merge-exact": ("train.adapter='lora'", "federation.lora_aggregation='merge-exact'"),
     "frozen-a": ("train.adapter='lora-fa'", "federation.lora_aggregation='naive'"),
 }
-# local steps: 48 client-steps per round or more (the default run: 4 clients x 10 steps)
-LOCAL_STEPS = {16: 3, 100: 1}  # what max(1, round(48 / population)) gives, for the report
+LOCAL_STEPS = 3  # per client and round, at every population
 
 
-def overrides(population: int, mode: str, seed: int, eval_size: int) -> list[str]:
+def setting(population: int, steps: int) -> str:
+    """A population and its local steps, as run folders and the report name them."""
+    return f"{population}x{steps}"
+
+
+def overrides(population: int, steps: int, mode: str, seed: int, eval_size: int) -> list[str]:
     return [
         *COMPRESSED_OVERRIDES,
         *MODES[mode],
         f"federation.num_clients={population}",
         "federation.fraction_train=1.0",
-        f"train.local_steps={max(1, round(48 / population))}",
+        f"train.local_steps={steps}",
         "eval.full_finetune=false",
         f"data.eval_size={eval_size}",
         f"seed={seed}",
@@ -115,11 +122,11 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Written by `offsite bench lora-aggregation` (bench/lora_aggregation.py) on "
         f"{report['written']}. Default task and emulator, {report['eval_size']} held-out "
-        "examples, 3 rounds, every client sampled each round; 16 clients run 3 local steps, "
-        "100 clients 1. Mean ± 95 % CI over the seeds finished (Student t); the difference "
-        "from naive is paired per seed. Percent.",
+        "examples, 3 rounds, every client sampled each round; a setting is clients × local "
+        "steps per client and round. Mean ± 95 % CI over the seeds finished (Student t); "
+        "the difference from naive is paired per seed. Percent.",
         "",
-        "| clients | mode | seeds | full ZS | emulator FT | plug-in | plug-in − naive "
+        "| clients × steps | mode | seeds | full ZS | emulator FT | plug-in | plug-in − naive "
         "| ‖mean(B)mean(A) − mean(BA)‖/‖mean(BA)‖, mean (max) over rounds | run s |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -143,7 +150,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Per seed",
         "",
-        "| clients | mode | seed | plug-in | emulator FT | error per round | failed rounds |",
+        "| clients × steps | mode | seed | plug-in | emulator FT | error per round "
+        "| failed rounds |",
         "|---:|---|---:|---:|---:|---|---:|",
     ]
     for population, modes in report["rows"].items():
@@ -170,7 +178,7 @@ def findings(report: dict[str, Any]) -> list[str]:
         error = naive.get("lora_product_error") if naive else None
         if error:
             out.append(
-                f"- {population} clients: naive averaging's product error is "
+                f"- {population}: naive averaging's product error is "
                 f"{100 * error['mean']:.1f} % on average (largest {100 * error['max']:.1f} %) "
                 "of the norm of the exact mean product mean(B·A)."
             )
@@ -187,7 +195,7 @@ def findings(report: dict[str, Any]) -> list[str]:
                 else "not distinguishable from naive"
             )
             out.append(
-                f"- {population} clients, {mode}: plug-in {paired['mean']:+.1f} points against "
+                f"- {population}, {mode}: plug-in {paired['mean']:+.1f} points against "
                 f"naive (95 % CI {low:+.1f} to {high:+.1f}, {len(cell['seeds'])} seeds): "
                 f"{verdict} at this budget."
             )
@@ -213,7 +221,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 ci = cell["plug_in"]["ci95"]
                 errs.append(0.0 if math.isnan(ci) else ci)
         ax.bar(xs, ys, width, yerr=errs, capsize=3, label=mode)
-    ax.set_xticks(range(len(populations)), [f"{p} clients" for p in populations])
+    ax.set_xticks(range(len(populations)), [f"{p} (clients × steps)" for p in populations])
     ax.set_ylabel("plug-in accuracy (%)")
     ax.set_title("LoRA aggregation: plug-in accuracy (mean ± 95 % CI over seeds)")
     ax.legend()
@@ -227,6 +235,9 @@ def main() -> None:
     parser.add_argument("--populations", default="16,100", help="Clients per round, e.g. 16,100")
     parser.add_argument("--modes", default=",".join(MODES), help="Comma-separated modes.")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--local-steps", type=int, default=LOCAL_STEPS, help="Per client and round."
+    )
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--fresh", action="store_true", help="Re-run finished runs.")
     parser.add_argument(
@@ -241,14 +252,14 @@ def main() -> None:
     unknown = set(modes) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; choose from {list(MODES)}")
-    rows: dict[str, dict[str, dict[str, Any]]] = {}
     failures: dict[str, str] = {}  # runs that failed in this invocation, with the error
 
     def save() -> None:
+        rows = finished_rows()
         cells: dict[str, dict[str, Any]] = {}
-        for population, by_mode in rows.items():
+        for name, by_mode in rows.items():
             naive = {int(s): r for s, r in by_mode.get("naive", {}).items()}
-            cells[population] = {
+            cells[name] = {
                 mode: summarize({int(s): r for s, r in seeds.items()}, naive)
                 for mode, seeds in by_mode.items()
                 if seeds
@@ -256,7 +267,6 @@ def main() -> None:
         report = {
             "written": time.strftime("%Y-%m-%d %H:%M"),
             "eval_size": args.eval_size,
-            "local_steps": LOCAL_STEPS,
             "cells": cells,
             "rows": rows,
             "failures": failures,
@@ -266,32 +276,45 @@ def main() -> None:
         (REPORTS / "lora_aggregation.md").write_text(markdown(report))
         plot(report, REPORTS / "lora_aggregation.png")
 
+    if args.report_only:
+        save()
+        return
     # seed-major: a session that stops early leaves whole seeds across the modes
     for population in populations:
+        name = setting(population, args.local_steps)
         for seed in range(args.seeds):
             for mode in modes:
-                run_dir = WORK / str(population) / mode / f"seed-{seed}"
-                if args.report_only:
-                    if _finished(run_dir):
-                        metrics = json.loads(RunFolder(run_dir).metrics_path.read_text())
-                        by_mode = rows.setdefault(str(population), {})
-                        by_mode.setdefault(mode, {})[str(seed)] = seed_row(metrics)
-                    continue
-                print(f"== {population} clients, {mode}, seed {seed}: {run_dir}", flush=True)
+                run_dir = WORK / name / mode / f"seed-{seed}"
+                print(f"== {name}, {mode}, seed {seed}: {run_dir}", flush=True)
                 try:
-                    metrics = simulate_cell(
-                        run_dir, overrides(population, mode, seed, args.eval_size), args.fresh
+                    simulate_cell(
+                        run_dir,
+                        overrides(population, args.local_steps, mode, seed, args.eval_size),
+                        args.fresh,
                     )
                 except OffsiteError as err:  # one failed run does not end the sweep
                     print(f"   failed: {err}", flush=True)
-                    failures[f"{population}/{mode}/seed-{seed}"] = str(err)
-                    save()
-                    continue
-                by_mode = rows.setdefault(str(population), {})
-                by_mode.setdefault(mode, {})[str(seed)] = seed_row(metrics)
+                    failures[f"{name}/{mode}/seed-{seed}"] = str(err)
                 save()
-    if args.report_only:
-        save()
+
+
+def finished_rows() -> dict[str, dict[str, dict[str, Any]]]:
+    """Every finished run under WORK (every population and local steps ever run), by
+    setting, mode and seed, in the order of populations, then modes."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    settings = sorted(
+        (p for p in WORK.glob("*x*") if p.is_dir()),
+        key=lambda p: tuple(int(n) for n in p.name.split("x")),
+    )
+    for folder in settings:
+        for mode in MODES:
+            seeds = sorted(folder.glob(f"{mode}/seed-*"), key=lambda p: int(p.name[5:]))
+            for run_dir in seeds:
+                if _finished(run_dir):
+                    metrics = json.loads(RunFolder(run_dir).metrics_path.read_text())
+                    by_mode = rows.setdefault(folder.name, {}).setdefault(mode, {})
+                    by_mode[run_dir.name[5:]] = seed_row(metrics)
+    return rows
 
 
 def _finished(run_dir: Path) -> bool:
