@@ -30,6 +30,14 @@ COMPRESSED_OVERRIDES = (
     "emulator.quantize='int8'",
 )
 
+# The LoRA aggregation modes the population benchmarks compare (federation.lora_aggregation,
+# train.adapter): naive averaging of A and B, merge-exact, and frozen A (lora-fa, exact).
+LORA_MODES: dict[str, tuple[str, ...]] = {
+    "naive": ("train.adapter='lora'", "federation.lora_aggregation='naive'"),
+    "merge-exact": ("train.adapter='lora'", "federation.lora_aggregation='merge-exact'"),
+    "frozen-a": ("train.adapter='lora-fa'", "federation.lora_aggregation='naive'"),
+}
+
 
 def quiet_setup() -> None:
     """Our loggers at INFO, third parties quiet, everything offline."""

@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cells import COMPRESSED_OVERRIDES, quiet_setup, simulate_cell
-from emulator_transfer import mean_ci
+from cells import COMPRESSED_OVERRIDES, LORA_MODES, quiet_setup, simulate_cell
+from emulator_transfer import _pm, mean_ci
 
 from coordinator.state.folder import RunFolder
 from offsite.errors import OffsiteError
@@ -48,11 +48,7 @@ ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
 WORK = ROOT / "out" / "lora_aggregation"
 
-MODES: dict[str, tuple[str, ...]] = {
-    "naive": ("train.adapter='lora'", "federation.lora_aggregation='naive'"),
-    "merge-exact": ("train.adapter='lora'", "federation.lora_aggregation='merge-exact'"),
-    "frozen-a": ("train.adapter='lora-fa'", "federation.lora_aggregation='naive'"),
-}
+MODES = LORA_MODES
 LOCAL_STEPS = 3  # per client and round, at every population
 
 
@@ -106,14 +102,6 @@ def summarize(rows: dict[int, dict[str, Any]], naive: dict[int, dict[str, Any]])
     walls = [r["wall_s"] for r in rows.values() if r["wall_s"]]
     out["wall_s"] = statistics.fmean(walls) if walls else math.nan
     return out
-
-
-def _pm(stat: dict[str, float] | None) -> str:
-    if not stat:
-        return "–"
-    if math.isnan(stat["ci95"]):
-        return f"{stat['mean']:.1f}"
-    return f"{stat['mean']:.1f} ± {stat['ci95']:.1f}"
 
 
 def markdown(report: dict[str, Any]) -> str:

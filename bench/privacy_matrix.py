@@ -50,7 +50,7 @@ def row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def noise_scale(metrics: dict[str, Any]) -> dict[str, Any]:
+def noise_scale(metrics: dict[str, Any], values: int | None = None) -> dict[str, Any]:
     """How loud the DP noise is against the clipped updates it hides (DP cells only).
 
     The averaged update carries Gaussian noise of L2 norm ≈ σ·C·√d / n (d trainable values, n
@@ -69,7 +69,8 @@ def noise_scale(metrics: dict[str, Any]) -> dict[str, Any]:
         sampled / int(federation["num_clients"]),
         int(federation["rounds"]),
     )
-    values = int(metrics["run"]["adapter_bytes"]) // 4  # fp32 trainable tensors
+    if values is None:  # the values the noise lands on: every fp32 adapter tensor
+        values = int(metrics["run"]["adapter_bytes"]) // 4
     return {
         "noise_multiplier": sigma,
         "trainable_values": values,

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cells import COMPRESSED_OVERRIDES, quiet_setup, simulate_cell
+from cells import COMPRESSED_OVERRIDES, LORA_MODES, quiet_setup, simulate_cell
 from emulator_transfer import mean_ci
 
 from offsite.errors import OffsiteError
@@ -37,10 +37,7 @@ from offsite.errors import OffsiteError
 ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
 WORK = ROOT / "out" / "privacy_population"
-MODES: dict[str, tuple[str, ...]] = {
-    "frozen-a": ("train.adapter='lora-fa'", "federation.lora_aggregation='naive'"),
-    "merge-exact": ("train.adapter='lora'", "federation.lora_aggregation='merge-exact'"),
-}
+MODES = {m: LORA_MODES[m] for m in ("frozen-a", "merge-exact")}
 COST_POINTS = 3.0  # the issue's bar: DP at ε = 8 costing at most this many points
 
 
@@ -83,6 +80,8 @@ def noised_values(run_dir: Path, mode: str) -> int:
 
 
 def run_row(metrics: dict[str, Any], run_dir: Path, mode: str) -> dict[str, Any]:
+    from privacy_matrix import noise_scale
+
     outcomes = [o for o in metrics.get("outcomes", []) if o.get("round", 0) > 0]
     spent = [o["epsilon"] for o in outcomes if "epsilon" in o]
     return {
@@ -92,28 +91,6 @@ def run_row(metrics: dict[str, Any], run_dir: Path, mode: str) -> dict[str, Any]
         "failed_rounds": sum(not o["outcome"].startswith("aggregated") for o in outcomes),
         "wall_s": metrics.get("bench_wall_seconds"),
         **noise_scale(metrics, noised_values(run_dir, mode)),
-    }
-
-
-def noise_scale(metrics: dict[str, Any], values: int) -> dict[str, Any]:
-    """How loud the noise on the averaged update is against one clipped update's norm
-    (σ·C·√d / n over C), d the values it lands on; empty without DP."""
-    privacy, federation = metrics["config"]["privacy"], metrics["config"]["federation"]
-    if float(privacy["epsilon"]) <= 0:
-        return {}
-    from offsite.federation.dp import noise_for_epsilon
-
-    sampled = max(1, round(int(federation["num_clients"]) * float(federation["fraction_train"])))
-    sigma = noise_for_epsilon(
-        float(privacy["epsilon"]),
-        float(privacy["delta"]),
-        sampled / int(federation["num_clients"]),
-        int(federation["rounds"]),
-    )
-    return {
-        "noise_multiplier": sigma,
-        "trainable_values": values,
-        "noise_to_update": sigma * values**0.5 / sampled,
     }
 
 
