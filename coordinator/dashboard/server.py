@@ -51,7 +51,8 @@ def admin_token(token_file: Path | None) -> str | None:
     text = os.environ.get(TOKEN_ENV, "").strip()
     if text and len(text) < MIN_TOKEN:
         raise DashboardAuthError(
-            f"${TOKEN_ENV} holds {len(text)} characters; use a token of at least {MIN_TOKEN}"
+            f"${TOKEN_ENV} holds {len(text)} characters; use a token of at least {MIN_TOKEN} "
+            "characters"
         )
     return text or None
 

@@ -39,6 +39,6 @@ def read_token(path: Path, what: str) -> str:
     if len(value) < MIN_TOKEN:
         raise ValueError(
             f"{what} {path} holds {len(value)} characters; use a token of at least {MIN_TOKEN} "
-            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            "characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
         )
     return value
