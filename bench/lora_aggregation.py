@@ -1,6 +1,6 @@
 """Exact vs naive LoRA aggregation: plug-in accuracy per mode, at 16 and 100 clients per round.
 
-Run: offsite bench lora-aggregation [--populations 16,100] [--local-steps 3] [--seeds 3]
+Run: offsite bench exact-lora [--populations 16,100] [--local-steps 3] [--seeds 3]
      [--eval-size 500] [--report-only]
      (= .venv/bin/python bench/lora_aggregation.py …)
 
@@ -108,7 +108,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Exact vs naive LoRA aggregation",
         "",
-        f"Written by `offsite bench lora-aggregation` (bench/lora_aggregation.py) on "
+        f"Written by `offsite bench exact-lora` (bench/lora_aggregation.py) on "
         f"{report['written']}. Default task and emulator, {report['eval_size']} held-out "
         "examples, 3 rounds, every client sampled each round; a setting is clients × local "
         "steps per client and round. Mean ± 95 % CI over the seeds finished (Student t); "

@@ -695,7 +695,7 @@ BENCHMARKS = {
         "Client-level DP at 100, 300 and 1,000 clients per round and ε 8/4/1: plug-in vs "
         "clients per round, into bench/reports/privacy.md.",
     ),
-    "lora-aggregation": (
+    "exact-lora": (
         "lora_aggregation.py",
         "Exact vs naive LoRA aggregation (naive, merge-exact, frozen-A) at 16 and 100 clients "
         "per round: plug-in accuracy over seeds and the naive averaging error per round.",
