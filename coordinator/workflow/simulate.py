@@ -96,6 +96,7 @@ class _Run:
     bundle: Bundle
     full_model: nn.Module
     tokenizer: Tokenizer  # a transformers tokenizer
+    weights: str  # the full model's weights digest (baseline_cache.weights_digest), hashed once
     timer: _Timer
     verbose: bool
     deployment: Deployment | None
@@ -161,8 +162,9 @@ def simulate(
 
     with timer.stage("load full model and build emulator bundle"):
         full_model, tokenizer, arch, _ = load_full_model(config.model.name)
+        weights = weights_digest(full_model)  # building the bundle leaves the weights as they are
         plan, bundle, cached = reuse_or_build(
-            full_model, tokenizer, arch, config, folder.bundle_dir, weights_digest(full_model)
+            full_model, tokenizer, arch, config, folder.bundle_dir, weights
         )
         if cached:
             timer.note("emulator bundle", "cached (emulator.reuse_bundle)")
@@ -199,6 +201,7 @@ def simulate(
         bundle,
         full_model,
         tokenizer,
+        weights,
         timer,
         verbose,
         deployment,
@@ -219,6 +222,7 @@ def _resume(
     log.info("resuming run folder: %s", folder.path)
     with timer.stage("load full model and verify the run's bundle"):
         full_model, tokenizer, _, _ = load_full_model(config.model.name)
+        weights = weights_digest(full_model)
         bundle = folder.bundle()
     run = _Run(
         config,
@@ -230,6 +234,7 @@ def _resume(
         bundle,
         full_model,
         tokenizer,
+        weights,
         timer,
         verbose,
         deployment,
@@ -278,8 +283,7 @@ def _federate_and_report(run: _Run) -> SimulationResult:
         timer.stage("five-way evaluation"),
         tqdm(total=settings * len(held), desc="evaluating", unit="ex", dynamic_ncols=True) as bar,
     ):
-        weights = weights_digest(run.full_model)
-        zero_key = zero_shot_key(weights, held, template, config)
+        zero_key = zero_shot_key(run.weights, held, template, config)
         found = cached_baseline(zero_key) if config.eval.reuse_baseline else None
         scores = four_way(
             run.full_model,
@@ -295,7 +299,7 @@ def _federate_and_report(run: _Run) -> SimulationResult:
         else:
             timer.note("full zero-shot", "cached")
         if full_finetune:
-            scores["full_fine_tuned"] = _full_fine_tuned(run, weights, template, spec, bar)
+            scores["full_fine_tuned"] = _full_fine_tuned(run, template, spec, bar)
 
     metrics = _metrics(run, final_state, scores, "run" if deployment else "simulate")
     metrics["training"] = _training(health, adapter_changed(folder, final_state))
@@ -311,12 +315,10 @@ def _federate_and_report(run: _Run) -> SimulationResult:
     return SimulationResult(folder.path, scores, report)
 
 
-def _full_fine_tuned(
-    run: _Run, weights: str, template: str, spec: EvalSpec, bar: tqdm[Any]
-) -> Score:
+def _full_fine_tuned(run: _Run, template: str, spec: EvalSpec, bar: tqdm[Any]) -> Score:
     """The fifth row: read from the baseline cache, or trained, scored and cached."""
     config, held, adapter = run.config, run.held, run.bundle.adapter
-    key = baseline_key(weights, adapter, run.train, held, template, config)
+    key = baseline_key(run.weights, adapter, run.train, held, template, config)
     found = cached_baseline(key) if config.eval.reuse_baseline else None
     if found is not None:
         score, seconds = found
