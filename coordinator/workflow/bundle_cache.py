@@ -140,19 +140,19 @@ def reuse_or_build(
 
 
 def _copy_verified(entry: Path, digest: str, out_dir: Path) -> Bundle | None:
-    """The cached bundle copied to ``out_dir`` and verified against ``digest``; None (and the
-    entry dropped if it is what fails) when it cannot be used."""
+    """The cached bundle copied to ``out_dir`` and verified there against ``digest`` (one
+    hashing pass: a copy that does not verify came from an entry that does not, so the entry
+    is dropped too); None when it cannot be used."""
+    shutil.rmtree(out_dir, ignore_errors=True)  # nothing but the bundle's own files
     try:
-        verify_bundle(entry, digest)
-    except (OSError, IntegrityError) as err:
-        log.warning("  cached bundle %s is damaged (%s): building it again", entry, err)
-        shutil.rmtree(entry, ignore_errors=True)
-        return None
-    try:
-        shutil.rmtree(out_dir, ignore_errors=True)  # nothing but the bundle's own files
         shutil.copytree(entry, out_dir)
         bundle = verify_bundle(out_dir, digest)
-    except (OSError, IntegrityError) as err:
+    except IntegrityError as err:
+        log.warning("  cached bundle %s is damaged (%s): building it again", entry, err)
+        shutil.rmtree(entry, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return None
+    except OSError as err:
         log.warning("  could not copy the cached bundle (%s): building it", err)
         shutil.rmtree(out_dir, ignore_errors=True)
         return None
