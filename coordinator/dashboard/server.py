@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from offsite.errors import ExitCode, OffsiteError
-from offsite.host.files import MIN_TOKEN, read_token
+from offsite.host.files import check_token, read_token
 from offsite.host.network import is_loopback_host
 
 if TYPE_CHECKING:
@@ -49,12 +49,12 @@ def admin_token(token_file: Path | None) -> str | None:
         except ValueError as err:
             raise DashboardAuthError(str(err)) from err
     text = os.environ.get(TOKEN_ENV, "").strip()
-    if text and len(text) < MIN_TOKEN:
-        raise DashboardAuthError(
-            f"${TOKEN_ENV} holds {len(text)} characters; use a token of at least {MIN_TOKEN} "
-            "characters"
-        )
-    return text or None
+    if not text:
+        return None
+    try:
+        return check_token(text, f"${TOKEN_ENV}")
+    except ValueError as err:
+        raise DashboardAuthError(str(err)) from err
 
 
 def check_binding(

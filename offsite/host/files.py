@@ -36,9 +36,15 @@ def read_token(path: Path, what: str) -> str:
         value = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {what} {path}: {err}") from err
+    return check_token(value, f"{what} {path}")
+
+
+def check_token(value: str, where: str) -> str:
+    """``value`` if it is long enough for a bearer token (``MIN_TOKEN`` characters); a
+    ValueError naming ``where`` it came from otherwise."""
     if len(value) < MIN_TOKEN:
         raise ValueError(
-            f"{what} {path} holds {len(value)} characters; use a token of at least {MIN_TOKEN} "
+            f"{where} holds {len(value)} characters; use a token of at least {MIN_TOKEN} "
             "characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
         )
     return value
