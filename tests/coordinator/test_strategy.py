@@ -76,6 +76,15 @@ def _strategy(
     return strategy, reports
 
 
+def _send(strategy: AdapterFedAvg, nodes: tuple[int, ...]) -> dict[int, str]:
+    """What configure_train would have sent this round: one instruction per node; returns
+    each node's instruction id."""
+    strategy._sent = [
+        Message(content=RecordDict(), metadata=_metadata(0, "", src=0, dst=node)) for node in nodes
+    ]
+    return {m.metadata.dst_node_id: m.metadata.message_id for m in strategy._sent}
+
+
 def test_three_of_ten_dead_clients_aggregate_equals_fedavg_of_survivors() -> None:
     states = _states(10)
     examples = [20 + 7 * i for i in range(10)]
@@ -151,13 +160,8 @@ def test_dp_rounds_add_calibrated_noise_and_stop_at_the_budget() -> None:
 
 def test_stale_replies_are_rejected_and_silent_clients_recorded() -> None:
     states = _states(3)
-    sent = [
-        Message(content=RecordDict(), metadata=_metadata(0, "", src=0, dst=node))
-        for node in (1, 2, 3)
-    ]
     strategy, reports = _strategy()
-    strategy._sent = sent
-    ids = {m.metadata.dst_node_id: m.metadata.message_id for m in sent}
+    ids = _send(strategy, (1, 2, 3))
     replies = [
         _reply(1, states[0], 10, reply_to=ids[1]),
         _reply(2, states[1], 10, reply_to="a-message-of-an-earlier-round"),
@@ -177,13 +181,8 @@ def test_the_superlinks_error_replies_are_put_on_the_node_they_answer_for() -> N
     such reply belongs to the node its instruction went to, not to node 1, and is not a
     duplicate of another unreachable node's."""
     states = _states(1)
-    sent = [
-        Message(content=RecordDict(), metadata=_metadata(0, "", src=0, dst=node))
-        for node in (11, 12, 13)
-    ]
     strategy, reports = _strategy()
-    strategy._sent = sent
-    ids = {m.metadata.dst_node_id: m.metadata.message_id for m in sent}
+    ids = _send(strategy, (11, 12, 13))
     unavailable = [
         Message(
             error=Error(code=3, reason="Node Unavailable"),
