@@ -29,6 +29,7 @@ from client.kernels.casts import cast_norm_outputs
 from client.kernels.lean import lean_gated_mlps
 from client.kernels.linear import pack_frozen_block_linears
 from client.kernels.rms_norm import lean_rms_norms
+from client.shared_frozen import share_frozen
 from emulator.adapter import AdaptedModel, AdapterSpec, LoraWrap, attach_adapter
 from emulator.arch import hf_model
 from emulator.bundle import (
@@ -229,13 +230,19 @@ def open_session(
         bundle, resolved, checkpointing=checkpointing, device=device, lora_rank=lora_rank
     )
     plan = bundle.plan
+    shared = 0
+    if device.type == "cpu":  # one copy per host of what every worker prepared alike
+        label = f"{digest}|{resolved}|{lora_rank}|{merge_exact}|torch {torch.__version__}"
+        shared = share_frozen(adapted.model, label, adapted.frozen)
+        release_freed_memory()  # the worker's own copies, now unused
     memory = training_memory(adapted, checkpointing, device)
     session = Session(bundle, adapted, load_client_tokenizer(bundle), device, resolved, memory)
     _SESSIONS.clear()  # one bundle per worker at a time
     _SESSIONS[key] = session
     log.info(
         "loaded bundle %s (%s) on %s, %s runtime, %s compute, %d packed and %d bf16 frozen "
-        "linears, %d lean gated MLPs, %d norms cast once%s%s",
+        "linears, %d lean gated MLPs, %d norms cast once, %.0f MB frozen tensors shared with "
+        "the host's other workers%s%s",
         digest[:12],
         plan.label,
         device,
@@ -245,6 +252,7 @@ def open_session(
         converted["bf16_linears"],
         converted["lean_mlps"],
         converted["cast_norms"],
+        shared / 2**20,
         ", grouped-query attention unexpanded" if converted["gqa_attention"] else "",
         ", activation checkpointing" if checkpointing else "",
     )

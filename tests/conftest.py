@@ -30,6 +30,11 @@ if "OFFSITE_BUNDLES" not in os.environ:
     import tempfile
 
     os.environ["OFFSITE_BUNDLES"] = tempfile.mkdtemp(prefix="offsite-test-bundles-")
+# And the frozen tensors a host's workers share (client/shared_frozen.py).
+if "OFFSITE_FROZEN" not in os.environ:
+    import tempfile
+
+    os.environ["OFFSITE_FROZEN"] = tempfile.mkdtemp(prefix="offsite-test-frozen-")
 
 LABELS = ("business", "sport", "tech")
 VOCAB = 384

@@ -23,7 +23,6 @@ import hashlib
 import logging
 import os
 import shutil
-import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from emulator.tokenizers import Tokenizer
 from offsite.catalog import resolve_model
 from offsite.config import OffsiteConfig
 from offsite.errors import IntegrityError
-from offsite.host.paths import offsite_home
+from offsite.host.paths import offsite_home, private_folder
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +96,6 @@ def bundle_key(model_digest: str, config: OffsiteConfig) -> str:
     return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
-def _usable(root: Path) -> bool:
-    """Whether ``root`` is the user's own (created owner-only if absent)."""
-    try:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        found = root.stat()
-    except OSError as err:
-        log.warning("  bundle cache %s unavailable (%s): building", root, err)
-        return False
-    if found.st_uid != os.getuid() or found.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        log.warning(
-            "  bundle cache %s is not yours alone (owner or write permission): not used; "
-            "`chmod go-w` it or point $OFFSITE_BUNDLES elsewhere",
-            root,
-        )
-        return False
-    return True
-
-
 def reuse_or_build(
     full_model: nn.Module,
     tokenizer: Tokenizer,
@@ -126,7 +107,9 @@ def reuse_or_build(
     """The run's plan and bundle in ``out_dir``: copied from the cache when the same model and
     settings built it before (True), else built and then cached (False)."""
     root = bundle_folder()
-    if not config.emulator.reuse_bundle or not _usable(root):
+    if not config.emulator.reuse_bundle or not private_folder(
+        root, "bundle cache", "$OFFSITE_BUNDLES"
+    ):
         return (*build_configured_bundle(full_model, tokenizer, arch, config, out_dir), False)
     key = bundle_key(model_digest, config)
     entry, recorded = root / key, root / f"{key}.digest"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def offsite_home() -> Path:
@@ -12,6 +16,28 @@ def offsite_home() -> Path:
         return Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "offsite"
+
+
+def private_folder(root: Path, what: str, elsewhere: str) -> bool:
+    """Whether the cache folder ``root`` is the user's alone (created owner-only if absent): a
+    cache others can write into would let them hand this user's runs their files. Logs why
+    not, naming ``what`` the folder holds and the variable (``elsewhere``) that moves it."""
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        found = root.stat()
+    except OSError as err:
+        log.warning("  %s %s unavailable (%s): not used", what, root, err)
+        return False
+    if found.st_uid != os.getuid() or found.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        log.warning(
+            "  %s %s is not yours alone (owner or write permission): not used; "
+            "`chmod go-w` it or point %s elsewhere",
+            what,
+            root,
+            elsewhere,
+        )
+        return False
+    return True
 
 
 def package_folder(module: str) -> Path | None:
