@@ -19,22 +19,28 @@ if TYPE_CHECKING:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _test_session_folder(variable: str, prefix: str) -> None:
+    """Point the cache ``variable`` at a folder of this test session's own (removed when the
+    session ends), unless the caller chose one."""
+    if variable not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix=prefix)
+        os.environ[variable] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 # Full fine-tuning scores the tests compute are cached for this test session only, never in the
-# user's $OFFSITE_HOME/baselines (coordinator/evaluation/baseline_cache.py).
-if "OFFSITE_BASELINES" not in os.environ:
-    import tempfile
-
-    os.environ["OFFSITE_BASELINES"] = tempfile.mkdtemp(prefix="offsite-test-baselines-")
-# Likewise the emulator bundles runs reuse (coordinator/workflow/bundle_cache.py).
-if "OFFSITE_BUNDLES" not in os.environ:
-    import tempfile
-
-    os.environ["OFFSITE_BUNDLES"] = tempfile.mkdtemp(prefix="offsite-test-bundles-")
-# And the frozen tensors a host's workers share (client/shared_frozen.py).
-if "OFFSITE_FROZEN" not in os.environ:
-    import tempfile
-
-    os.environ["OFFSITE_FROZEN"] = tempfile.mkdtemp(prefix="offsite-test-frozen-")
+# user's $OFFSITE_HOME/baselines (coordinator/evaluation/baseline_cache.py); likewise the
+# emulator bundles runs reuse (coordinator/workflow/bundle_cache.py) and the frozen tensors a
+# host's workers share (client/shared_frozen.py).
+_test_session_folder("OFFSITE_BASELINES", "offsite-test-baselines-")
+_test_session_folder("OFFSITE_BUNDLES", "offsite-test-bundles-")
+_test_session_folder("OFFSITE_FROZEN", "offsite-test-frozen-")
 
 LABELS = ("business", "sport", "tech")
 VOCAB = 384
