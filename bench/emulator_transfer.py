@@ -125,6 +125,26 @@ CELLS = {
             "cosine-distilled-int8-2-8-2 plus the Jacobian term (the middle's response to a "
             "perturbation of its input matched to the full middle's)",
         ),
+        *(
+            Cell(
+                f"cosine-gradient{tag}-int8-2-8-2",
+                (
+                    *_COSINE_INT8_2_8_2[:-1],
+                    "emulator.distill_gradient_weight=30",
+                    f"emulator.distill_lm_weight={lm}",
+                    f"emulator.distill_checkpoint='{WORK / f'distill-cosine-8-100-gradient{tag}'}'",
+                ),
+                "cosine-distilled-int8-2-8-2 plus the gradient term (the LM loss's gradient the "
+                "middle passes back to its input, what the bottom adapter receives, matched to "
+                "the full middle's)"
+                + (
+                    ", without the LM loss (the middle only matches the full one)"
+                    if lm == 0
+                    else ""
+                ),
+            )
+            for tag, lm in (("", 1), ("-nolm", 0))
+        ),
         Cell(
             "svd-int8-2-26-2",
             (

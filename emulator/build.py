@@ -53,6 +53,8 @@ _DISTILL_RECIPE = (
     "distill_batch_size",
     "distill_max_length",
 )
+# recipe fields added later: in the key only when set, so earlier checkpoints keep theirs
+_DISTILL_RECIPE_IF_SET = {"distill_gradient_weight": 0.0, "distill_lm_weight": 1.0}
 
 
 def public_texts(name: str, count: int) -> list[str]:
@@ -210,6 +212,8 @@ def _distill(
         max_length=settings.distill_max_length,
         jacobian_weight=settings.distill_jacobian_weight,
         perturbation=settings.distill_perturbation,
+        gradient_weight=settings.distill_gradient_weight,
+        lm_weight=settings.distill_lm_weight,
         precision=resolve_precision("auto", device),
         device=device,
         checkpoint=Path(settings.distill_checkpoint)
@@ -236,6 +240,11 @@ def distill_key(
         name: tensor_sha256(t) for name, t in block_list(full_model, arch)[0].state_dict().items()
     }
     recipe = {k: getattr(settings, k) for k in _DISTILL_RECIPE}
+    recipe |= {
+        k: getattr(settings, k)
+        for k, default in _DISTILL_RECIPE_IF_SET.items()
+        if getattr(settings, k) != default
+    }
     payload = {
         "config": model_config(full_model).to_dict(),
         "teacher_block0": teacher,

@@ -13,6 +13,16 @@ student's response (perturbed exit − clean exit) is pulled to the teacher's, b
 a finite-difference Jacobian match on the data manifold. It costs a second forward of each
 model per step (the language-model head is skipped for it).
 
+With ``gradient_weight`` > 0 a third term aligns what the bottom adapter actually receives in
+backward: the gradient of the LM loss at the middle's input. The teacher's backward gives the
+signal arriving at the middle's exit (v = ∂L/∂exit, through the top blocks and head) and at its
+input (u = ∂L/∂entry = J_fullᵀ v); the student's middle is asked for Jᵀ v with the *same* v
+(a vector-Jacobian product, differentiated again to train it), pulled to u by normalised MSE.
+Where the Jacobian term probes random directions, this one probes the direction the adapter's
+loss pushes, exactly; it costs a backward of the teacher and a double backward of the student's
+middle per step. ``lm_weight`` scales the LM loss (0: the student only matches the full middle's
+output and gradients and is not trained to be a better language model by itself).
+
 Progress bar over steps; the student with the best held-out public-text perplexity is kept; a
 checkpoint (safetensors weights + JSON step) lets an interrupted run resume (optimizer moments
 restart: we never unpickle, even our own files).
@@ -25,7 +35,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +60,7 @@ class DistillResult:
     losses: list[float] = field(default_factory=list)
     nmse: list[float] = field(default_factory=list)
     jacobian: list[float] = field(default_factory=list)  # NMSE of the middle's response
+    gradient: list[float] = field(default_factory=list)  # NMSE of the gradient at its input
     evaluations: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out ppl)
     best_step: int = 0
     best_perplexity: float = math.inf
@@ -61,6 +72,7 @@ class DistillResult:
             "final_loss": self.losses[-1] if self.losses else None,
             "final_nmse": self.nmse[-1] if self.nmse else None,
             "final_jacobian_nmse": self.jacobian[-1] if self.jacobian else None,
+            "final_gradient_nmse": self.gradient[-1] if self.gradient else None,
             "evaluations": self.evaluations,
             "best_step": self.best_step,
             "best_perplexity": self.best_perplexity,
@@ -97,6 +109,61 @@ class _InputShift:
             return (args[0] + self.delta.to(args[0].dtype), *args[1:]), kwargs
         kwargs["hidden_states"] = kwargs["hidden_states"] + self.delta
         return args, kwargs
+
+
+class _EntryLeaf:
+    """While active, the hidden state entering one block becomes a fresh leaf that requires
+    grad (a forward pre-hook), so the gradient arriving at the middle's input can be taken."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.active = False
+        self.leaf: torch.Tensor | None = None
+        self._handle = block.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def _hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self.active:
+            return None
+        if args:
+            self.leaf = args[0].detach().requires_grad_(True)
+            return (self.leaf, *args[1:]), kwargs
+        self.leaf = kwargs["hidden_states"].detach().requires_grad_(True)
+        kwargs["hidden_states"] = self.leaf
+        return args, kwargs
+
+
+def _twice_differentiable(needed: bool) -> AbstractContextManager[object]:
+    """Attention on PyTorch's math kernel when the student's backward is differentiated again
+    (the gradient term): the fused CPU/CUDA attention kernels have no double backward."""
+    if not needed:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _teacher_signals(
+    full_model: nn.Module,
+    batch: Batch,
+    entry: _EntryLeaf,
+    exit_index: int,
+    precision: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """The teacher's exit hidden state and outputs, and its LM loss's gradients at the middle's
+    exit (v) and input (u = J_fullᵀ v), for the gradient term."""
+    entry.active = True
+    try:
+        with torch.enable_grad(), autocast(precision, device):
+            target, out = _hidden(full_model, batch, exit_index)
+            loss = _lm_loss(out.logits, batch)
+        assert entry.leaf is not None
+        v, u = torch.autograd.grad(loss, [target, entry.leaf])
+    finally:
+        entry.active = False
+    return target.detach(), out, v.detach(), u.detach()
 
 
 @contextmanager
@@ -177,6 +244,45 @@ def middle_response_error(
     return num / max(den, 1e-12)
 
 
+def middle_gradient_error(
+    full_model: nn.Module,
+    student: nn.Module,
+    plan: LayerPlan,
+    arch: ArchSpec,
+    batches: Sequence[Batch],
+) -> float:
+    """How differently the emulator's middle passes the LM loss's gradient back to its input
+    than the full middle does: NMSE of Jᵀ v (v = the full model's gradient at the middle's exit)
+    against the full model's gradient at the middle's input, over ``batches``; 0 for an
+    identical middle. What the gradient term of ``distill`` lowers."""
+    bottom = len(plan.bottom)
+    teacher_exit, student_exit = plan.num_layers - len(plan.top), bottom + len(plan.middle_kept)
+    entries = (
+        _EntryLeaf(block_list(full_model, arch)[bottom]),
+        _EntryLeaf(block_list(student, arch)[bottom]),
+    )
+    device = next(student.parameters()).device
+    num, den = 0.0, 0.0
+    try:
+        for batch in batches:
+            _, _, v, u = _teacher_signals(
+                full_model, batch, entries[0], teacher_exit, "fp32", device
+            )
+            entries[1].active = True
+            with torch.enable_grad():
+                hidden, _ = _hidden(student, batch, student_exit)  # one backward: any kernel
+            entries[1].active = False
+            assert entries[1].leaf is not None
+            (own,) = torch.autograd.grad(hidden, entries[1].leaf, grad_outputs=v)
+            mask = batch.attention_mask.unsqueeze(-1).float()
+            num += float(((own.float() - u.float()) ** 2 * mask).sum())
+            den += float((u.float() ** 2 * mask).sum())
+    finally:
+        for entry in entries:
+            entry.remove()
+    return num / max(den, 1e-30)
+
+
 def _lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     targets = batch.labels[:, 1:]
     return nn.functional.cross_entropy(
@@ -216,6 +322,8 @@ def distill(
     eval_every: int = 50,
     jacobian_weight: float = 0.0,
     perturbation: float = 0.1,
+    gradient_weight: float = 0.0,
+    lm_weight: float = 1.0,
     select_best: bool = True,
     checkpoint: Path | None = None,
     checkpoint_key: str = "",
@@ -267,18 +375,42 @@ def distill(
         if jacobian_weight > 0 and kept
         else None
     )
+    entries = (
+        (_EntryLeaf(block_list(full_model, arch)[bottom]), _EntryLeaf(middle[0]))
+        if gradient_weight > 0 and kept
+        else None
+    )
     bar = tqdm(range(start, steps), desc="distilling emulator", unit="step", dynamic_ncols=True)
     try:
         for step in bar:
             batch = train[int(torch.randint(len(train), (1,), generator=generator))].to(device)
-            with torch.no_grad(), autocast(precision, device):
-                target, teacher_out = _hidden(full_model, batch, teacher_exit)
+            if entries is None:
+                with torch.no_grad(), autocast(precision, device):
+                    target, teacher_out = _hidden(full_model, batch, teacher_exit)
+            else:
+                target, teacher_out, v, u = _teacher_signals(
+                    full_model, batch, entries[0], teacher_exit, precision, device
+                )
+                entries[1].active = True
             student.train()
+            try:
+                with autocast(precision, device), _twice_differentiable(entries is not None):
+                    hidden, out = _hidden(student, batch, student_exit)
+            finally:
+                if entries is not None:
+                    entries[1].active = False
             with autocast(precision, device):
-                hidden, out = _hidden(student, batch, student_exit)
                 mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
                 nmse = _masked_nmse(hidden, target, mask)
-                loss = _lm_loss(out.logits, batch) + mse_weight * nmse
+                loss = lm_weight * _lm_loss(out.logits, batch) + mse_weight * nmse
+            if entries is not None:
+                assert entries[1].leaf is not None
+                (own,) = torch.autograd.grad(
+                    hidden, entries[1].leaf, grad_outputs=v.to(hidden.dtype), create_graph=True
+                )
+                alignment = _masked_nmse(own, u, mask)
+                loss = loss + gradient_weight * alignment
+                result.gradient.append(float(alignment.detach()))
             if shifts is not None:
                 entry = teacher_out.hidden_states[bottom].detach()
                 with _shifted(shifts, _input_noise(entry, perturbation, generator)):
@@ -312,6 +444,8 @@ def distill(
     finally:
         for shift in shifts or ():
             shift.remove()
+        for entry in entries or ():
+            entry.remove()
     bar.close()
     if select_best:
         student.load_state_dict(best, strict=False)

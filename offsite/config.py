@@ -125,6 +125,17 @@ class EmulatorConfig(_Section):
     distill_perturbation: float = _f(
         0.1, "Jacobian term: perturbation size as a fraction of each token's hidden-state RMS."
     )
+    distill_gradient_weight: float = _f(
+        0.0,
+        "Weight of the gradient term: the LM loss's gradient that the student's middle passes "
+        "back to its input (what the bottom adapter receives) matched to the full middle's, "
+        "for the gradient the full model's top sends; 0 = off. About triples a step's cost.",
+    )
+    distill_lm_weight: float = _f(
+        1.0,
+        "Weight of the LM loss in distillation; 0 trains the middle to match the full "
+        "middle's output (and gradients) only, not to be a better language model by itself.",
+    )
     distill_checkpoint: str = _f(
         "",
         "Folder for the distillation checkpoint (resume, or reuse a finished distillation for "
@@ -237,6 +248,8 @@ class EmulatorConfig(_Section):
             out.append("emulator.calibration_examples must be >= 1")
         if self.distill_steps < 1 or self.distill_texts < 1 or self.distill_batch_size < 1:
             out.append("emulator.distill_steps, distill_texts and distill_batch_size must be >= 1")
+        if self.distill_gradient_weight < 0 or self.distill_lm_weight < 0:
+            out.append("emulator.distill_gradient_weight and distill_lm_weight must be >= 0")
         if self.distill_jacobian_weight < 0 or not 0 < self.distill_perturbation <= 1:
             out.append(
                 "emulator.distill_jacobian_weight must be >= 0 and distill_perturbation in (0, 1]"

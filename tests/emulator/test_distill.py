@@ -162,3 +162,44 @@ def test_the_jacobian_term_aligns_the_middles_response_to_its_input(tokenizer) -
         for model in (full, student)
         for block in block_list(model, arch)
     )
+
+
+def test_the_gradient_term_aligns_what_the_bottom_adapter_receives(tokenizer) -> None:
+    """Distillation with the gradient term leaves the student's middle passing the LM loss's
+    gradient back to its input more like the full middle than output matching alone does (0 for
+    the full middle itself), with or without the LM loss, and leaves no hook behind."""
+    from emulator.batches import text_batches
+    from emulator.distill import middle_gradient_error
+
+    full = tiny_model("llama")
+    arch = arch_spec(full.config)
+    held = text_batches(tokenizer, _texts(3, 7), 32, 8)
+    whole = plan_layers(6, 1, 1, -1)
+    assert middle_gradient_error(full, build_emulator(full, whole, arch), whole, arch, held) < 1e-10
+    plan = plan_layers(6, 1, 1, 1)
+    errors = {}
+    for weight, lm in ((0.0, 1.0), (30.0, 1.0), (30.0, 0.0)):
+        student = build_emulator(full, plan, arch)
+        before = middle_gradient_error(full, student, plan, arch, held)
+        result = _distill_tiny(
+            full,
+            student,
+            plan,
+            arch,
+            tokenizer,
+            steps=80,
+            eval_every=40,
+            gradient_weight=weight,
+            lm_weight=lm,
+            select_best=False,  # a random tiny model's perplexity never improves: keep the last
+        )
+        errors[weight, lm] = middle_gradient_error(full, student, plan, arch, held)
+        assert bool(result.gradient) == (weight > 0)
+    assert before > 0
+    assert errors[30.0, 1.0] < errors[0.0, 1.0], errors
+    assert errors[30.0, 0.0] < errors[0.0, 1.0], errors
+    assert all(
+        not block._forward_pre_hooks
+        for model in (full, student)
+        for block in block_list(model, arch)
+    )
