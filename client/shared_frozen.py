@@ -30,16 +30,19 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from client.runtime.load import mapped_tensors
+from client.runtime.load import DTYPES, mapped_tensors
+from offsite.errors import IntegrityError
 from offsite.host.paths import offsite_home, private_folder
 
 log = logging.getLogger(__name__)
 
 MIN_BYTES = 64 * 1024  # smaller tensors (norms, biases) are not worth a view of their own
 MAX_FILES = 4  # least recently used files beyond this are removed
+SHAREABLE = frozenset(DTYPES.values())  # what ``mapped_tensors`` reads back
 
 
 def frozen_folder() -> Path:
@@ -50,21 +53,29 @@ def frozen_folder() -> Path:
 
 def _frozen_tensors(
     model: nn.Module, adapter: frozenset[str], min_bytes: int
-) -> dict[str, torch.Tensor]:
-    """The model's frozen tensors worth sharing, one name per tensor object (a tied head
-    shares its embedding's): frozen parameters that are not the adapter's, and buffers."""
-    found: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+) -> dict[str, list[torch.Tensor]]:
+    """The model's frozen tensors worth sharing (frozen parameters that are not the adapter's,
+    and buffers), by the name of their first holder: tensors that are the same memory (a tied
+    head and its embedding) are one entry, so they stay one after the swap."""
+    found: dict[str, list[torch.Tensor]] = {}
+    places: dict[tuple[object, ...], str] = {}
     named = [
         *((n, p) for n, p in model.named_parameters() if not p.requires_grad and n not in adapter),
         *model.named_buffers(),
     ]
     for name, tensor in named:
-        if id(tensor) in seen or tensor.device.type != "cpu":
+        if tensor.device.type != "cpu" or tensor.dtype not in SHAREABLE:
             continue
-        seen.add(id(tensor))
-        if tensor.numel() * tensor.element_size() >= min_bytes:
-            found[name] = tensor
+        if tensor.numel() * tensor.element_size() < min_bytes:
+            continue
+        place = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if place in places:
+            holders = found[places[place]]
+            if all(t is not tensor for t in holders):
+                holders.append(tensor)
+            continue
+        places[place] = name
+        found[name] = [tensor]
     return found
 
 
@@ -76,11 +87,20 @@ def _key(label: str, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:32]
 
 
-def _matches(mapped: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> bool:
-    return mapped.keys() == own.keys() and all(
+def _mapped_if_equal(path: Path, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``path`` as views of its memory map if they are ``own``'s, bit for bit;
+    None for a missing, unreadable or different file."""
+    if not path.is_file():
+        return None
+    try:
+        mapped = mapped_tensors(path)
+    except IntegrityError:  # not a safetensors file we could have written
+        return None
+    same = mapped.keys() == own.keys() and all(
         mapped[n].dtype == t.dtype and mapped[n].shape == t.shape and torch.equal(mapped[n], t)
         for n, t in own.items()
     )
+    return mapped if same else None
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -113,27 +133,29 @@ def share_frozen(
     views of the host's shared copy, writing that copy first if there is none that equals
     them; returns the bytes now shared (0: nothing was swapped). ``label`` names the bundle and
     how it was prepared (digest, precision, …): workers with the same label share a file."""
-    own = _frozen_tensors(model, adapter, min_bytes)
-    if not own:
+    groups = _frozen_tensors(model, adapter, min_bytes)
+    if not groups:
         return 0
+    own = {name: holders[0] for name, holders in groups.items()}
     root = frozen_folder()
     if not private_folder(root, "frozen-tensor cache", "$OFFSITE_FROZEN"):
         return 0
     path = root / f"{_key(label, own)}.safetensors"
     try:
-        mapped = mapped_tensors(path) if path.is_file() else None
-        if mapped is None or not _matches(mapped, own):
+        mapped = _mapped_if_equal(path, own)
+        if mapped is None:
             _write(path, own)
             _evict(root)
-            mapped = mapped_tensors(path)
-            if not _matches(mapped, own):  # replaced meanwhile by a different preparation
+            mapped = _mapped_if_equal(path, own)
+            if mapped is None:  # replaced meanwhile by a different preparation
                 log.warning("shared frozen tensors %s differ from this worker's: not shared", path)
                 return 0
         os.utime(path)  # recently used
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # a full disk, say: only the sharing is lost
         log.warning("could not share the frozen tensors through %s (%s)", root, err)
         return 0
     with torch.no_grad():
-        for name, tensor in own.items():
-            tensor.data = mapped[name]
+        for name, holders in groups.items():
+            for tensor in holders:
+                tensor.data = mapped[name]
     return sum(t.numel() * t.element_size() for t in own.values())

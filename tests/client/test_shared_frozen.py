@@ -105,6 +105,14 @@ def test_two_workers_share_one_file_and_train_the_same_bits(
         assert shared_grads.keys() == grads.keys()
         assert all(torch.equal(shared_grads[n], g) for n, g in grads.items())
         assert not any(t.requires_grad for t in _frozen(adapted.model).values())
+    # a tied head stays tied: one tensor of the file, not two copies
+    for _, _, adapted, _ in results:
+        tied = [
+            t.data_ptr()
+            for n, t in adapted.model.named_parameters(remove_duplicate=False)
+            if n.endswith(("embed_tokens.weight", "lm_head.weight"))
+        ]
+        assert len(tied) == 2 and len(set(tied)) == 1, tied
     # every frozen tensor of both workers lies in a mapping of that file, none in the heap
     mapped = _mappings(files[0])
     assert mapped
@@ -124,6 +132,10 @@ def test_a_file_that_differs_is_written_again_never_used(int8_bundle: Bundle) ->
     again, _, _, shared = _step(int8_bundle, share=True)
     assert shared > 0 and torch.equal(again, loss)
     assert any(t.abs().sum() > 0 for t in load_file(path).values())
+    os.chmod(path, 0o600)
+    path.write_bytes(b"\xff" * 64)  # not even a safetensors file
+    again, _, _, shared = _step(int8_bundle, share=True)
+    assert shared > 0 and torch.equal(again, loss)
 
 
 def test_a_folder_others_can_write_is_not_used(int8_bundle: Bundle) -> None:
