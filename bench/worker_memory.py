@@ -64,11 +64,13 @@ def measure(source: Path, clients: int, workers: int, steps: int) -> dict[str, A
         reports = json.loads(RunFolder(folder).client_reports_path.read_text())
     per_worker: dict[int, list[float]] = defaultdict(list)
     anonymous: list[float] = []
+    shared: list[float] = []
     for report in reports:
         if "error" in report:
             raise RuntimeError(f"a client failed: {report['error']}")
         per_worker[int(report["worker-pid"])].append(float(report["worker-peak-rss-mb"]))
         anonymous.append(float(report.get("worker-anon-rss-mb", "nan")))
+        shared.append(float(report.get("worker-shared-mb", 0.0)))
     peaks = [max(v) for v in per_worker.values()]
     run = RunFolder(source)
     model = json.loads(run.metrics_path.read_text())["run"]["model"]
@@ -86,6 +88,8 @@ def measure(source: Path, clients: int, workers: int, steps: int) -> dict[str, A
         "worker_peak_rss_mb_mean": round(sum(peaks) / len(peaks), 1),
         # its own memory, without the shared page cache of memory-mapped files
         "worker_anon_rss_mb": round(max(anonymous), 1),
+        # frozen tensors each worker maps from the host's one copy (client/shared_frozen.py)
+        "worker_shared_mb": round(max(shared), 1),
         "round_s": round(seconds, 1),
     }
 
@@ -128,15 +132,16 @@ def render(rows: list[dict[str, Any]]) -> str:
         "client (without the shared page cache of mapped files).",
         "",
         "| model | bundle MB | workers | clients per worker | worker peak RSS MB (max / mean) "
-        "| anonymous RSS MB | growth over its clients MB | round s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| anonymous RSS MB | shared frozen MB | growth over its clients MB | round s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         anonymous = r.get("worker_anon_rss_mb") or "—"
+        shared = r.get("worker_shared_mb", "—")
         lines.append(
             f"| {r['model']} | {r['bundle_mb']} | {r['processes']} | {r['clients_per_process']} "
             f"| {r['worker_peak_rss_mb']} / {r['worker_peak_rss_mb_mean']} "
-            f"| {anonymous} | {r['peak_growth_mb']} | {r['round_s']} |"
+            f"| {anonymous} | {shared} | {r['peak_growth_mb']} | {r['round_s']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -216,6 +216,7 @@ def train(msg: Message, context: Context) -> Message:
             train_seconds=result.seconds,
             train_tokens=result.tokens,
             threads=torch.get_num_threads(),
+            worker_shared_mb=round(session.shared_bytes / 2**20, 1),
             **worker_facts(),
         )
     if merge:

@@ -57,6 +57,7 @@ class Session:
     device: torch.device
     precision: str  # resolved: "fp32" | "bf16"
     memory: dict[str, Any]  # ``train_adapter`` keywords: how steps hold memory (training_memory)
+    shared_bytes: int = 0  # frozen tensors mapped from the host's shared copy (shared_frozen)
 
 
 # (bundle digest, precision, checkpointing, LoRA rank (0: the bundle's), merge-exact)
@@ -236,7 +237,8 @@ def open_session(
         shared = share_frozen(adapted.model, label, adapted.frozen)
         release_freed_memory()  # the worker's own copies, now unused
     memory = training_memory(adapted, checkpointing, device)
-    session = Session(bundle, adapted, load_client_tokenizer(bundle), device, resolved, memory)
+    tokenizer = load_client_tokenizer(bundle)
+    session = Session(bundle, adapted, tokenizer, device, resolved, memory, shared)
     _SESSIONS.clear()  # one bundle per worker at a time
     _SESSIONS[key] = session
     log.info(

@@ -155,11 +155,13 @@ class TrainReply(_Record):
     sparse_upload: bool | None = None  # the arrays are top-k changes against the global adapter
     upload_bytes: int | None = None
     # where the client ran (no DP, no secure aggregation): the worker process, its peak
-    # resident memory so far and its anonymous (unshared) resident memory now, and in a Ray
-    # simulation the first 48 bits of the Ray node's id
+    # resident memory so far, its anonymous (unshared) resident memory now, the frozen tensors
+    # it maps from the host's one shared copy (client.shared_frozen), and in a Ray simulation
+    # the first 48 bits of the Ray node's id
     worker_pid: int | None = None
     worker_peak_rss_mb: float | None = None
     worker_anon_rss_mb: float | None = None
+    worker_shared_mb: float | None = None
     ray_node: int | None = None
     lora_rank: int | None = None  # the LoRA rank this node trained (merge-exact)
 
