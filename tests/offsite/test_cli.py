@@ -162,3 +162,46 @@ def test_an_unknown_allocator_is_refused_before_anything_starts(
     assert result.returncode == 2, result.stderr
     assert "--allocator must be one of auto, jemalloc, system" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cache_lists_and_clears_each_cache(tmp_path: Path) -> None:
+    """`offsite cache` shows each cache's folder, entries and size; `--clear NAME` empties
+    that one only (the folder stays) and an unknown name is a one-line configuration error."""
+    folders = {name: tmp_path / name for name in ("bundles", "baselines", "frozen")}
+    (folders["bundles"] / "key1").mkdir(parents=True)
+    (folders["bundles"] / "key1" / "model.safetensors").write_bytes(b"x" * 2**20)
+    (folders["bundles"] / "key1.digest").write_text("abc")
+    folders["baselines"].mkdir()
+    (folders["baselines"] / "k.json").write_text("{}")
+    folders["frozen"].mkdir()
+    (folders["frozen"] / "a.safetensors").write_bytes(b"y" * 3 * 2**20)
+    env = {f"OFFSITE_{name.upper()}": str(path) for name, path in folders.items()}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "offsite.cli.main", "cache", *args],
+            capture_output=True,
+            text=True,
+            env={**ENV, **env},
+            timeout=300,
+        )
+
+    listed = run()
+    assert listed.returncode == 0, listed.stderr
+    lines = {line.split()[0]: line.split() for line in listed.stdout.splitlines()}
+    assert lines["bundles"][1:5] == ["1", "entries", "1.0", "MB"]
+    assert lines["frozen"][1:5] == ["1", "entries", "3.0", "MB"]
+    assert lines["baselines"][1:3] == ["1", "entries"]
+    cleared = run("--clear", "frozen", "--clear", "baselines")
+    assert cleared.returncode == 0, cleared.stderr
+    assert "frozen     cleared 1 entries, 3.0 MB" in cleared.stdout
+    assert folders["frozen"].is_dir() and not list(folders["frozen"].iterdir())
+    assert not list(folders["baselines"].iterdir())
+    assert (folders["bundles"] / "key1" / "model.safetensors").is_file()
+    everything = run("--clear", "all")
+    assert everything.returncode == 0 and not list(folders["bundles"].iterdir())
+    wrong = run("--clear", "models")
+    assert wrong.returncode == 2
+    assert (
+        wrong.stderr.strip() == "error: unknown cache models: use bundles, baselines, frozen or all"
+    )
