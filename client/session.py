@@ -233,7 +233,7 @@ def open_session(
     plan = bundle.plan
     shared = 0
     if device.type == "cpu":  # one copy per host of what every worker prepared alike
-        label = f"{digest}|{resolved}|{lora_rank}|{merge_exact}|torch {torch.__version__}"
+        label = f"{digest}|{resolved}|torch {torch.__version__}"  # the frozen part's inputs
         shared = share_frozen(adapted.model, label, adapted.frozen)
         release_freed_memory()  # the worker's own copies, now unused
     memory = training_memory(adapted, checkpointing, device)

@@ -4,30 +4,38 @@ Each simulation worker (a Ray actor, one per ``federation.client_cpus`` slot) lo
 and prepares its frozen part the same way (``client.session.prepare_frozen``: int8 kernels
 repacked, bf16 copies), so before this every worker held its own identical copy in process
 memory. Here the first worker writes its prepared frozen tensors to a host cache file
-(``$OFFSITE_FROZEN`` or ``$OFFSITE_HOME/frozen``, one ``<key>.safetensors`` per preparation),
-and every worker (that one included) swaps its own copies for copy-on-write views of that
-file's memory map: the pages are the page cache's, resident once per host whatever the number
-of workers, and the worker's own copy is freed. Measured on the default SmolLM2-135M bundle
-(one process, 2026-12-07): a worker's anonymous memory falls by 100 MB in bf16 (264 → 164 MB
-after loading) and by 195 MB in fp32 (359 → 165 MB); larger models save in proportion.
+(``$OFFSITE_FROZEN`` or ``$OFFSITE_HOME/frozen``, one ``<key>.safetensors`` per preparation and
+host; ``OFFSITE_FROZEN=off`` turns sharing off), and every worker (that one included) swaps its
+own copies for copy-on-write views of that file's memory map: the pages are the page cache's,
+resident once per host whatever the number of workers, and the worker's own copy is freed.
+Measured on the default SmolLM2-135M bundle (one process, 2026-12-07): a worker's anonymous
+memory falls by 100 MB in bf16 (264 → 164 MB after loading) and by 195 MB in fp32 (359 → 165
+MB); larger models save in proportion.
 
-Trust: a worker compares the file with its own freshly prepared tensors, bit for bit, before
-it swaps anything in, so a stale, torn or foreign file is never trained on (it is written
-again). A file is replaced atomically and never written in place, so a mapped file does not
-change under a worker; the folder must be the user's alone, as the bundle cache's. A round that
-replaces frozen weights (merge-exact's LoRA base weights) writes into its private copy of the
-touched pages, never into the file. Any failure only costs the sharing: it is logged, never
-raised.
+Workers that load at the same moment take turns on one lock (``.lock`` in the folder, held
+while a worker checks, writes and maps), so the first writes the file and the others map that
+same file. Trust: a worker opens the file without following links, requires it to be a regular
+file of its own with no group or other permissions and one link, and compares it with its own
+freshly prepared tensors byte for byte before it swaps anything in, so a stale, torn or foreign
+file is never trained on (it is written again). A file is replaced atomically and never written
+in place, so a mapped file does not change under a worker. A round that replaces frozen weights
+(merge-exact's LoRA base weights) writes into its private copy of the touched pages, never into
+the file. Any failure only costs the sharing: it is logged, never raised.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
+import socket
+import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -36,68 +44,92 @@ from torch import nn
 
 from client.runtime.load import DTYPES, mapped_tensors
 from offsite.errors import IntegrityError
-from offsite.host.paths import offsite_home, private_folder
+from offsite.host.paths import frozen_folder, private_folder
 
 log = logging.getLogger(__name__)
 
 MIN_BYTES = 64 * 1024  # smaller tensors (norms, biases) are not worth a view of their own
 MAX_FILES = 4  # least recently used files beyond this are removed
 SHAREABLE = frozenset(DTYPES.values())  # what ``mapped_tensors`` reads back
-
-
-def frozen_folder() -> Path:
-    """``$OFFSITE_FROZEN``, else ``$OFFSITE_HOME/frozen``."""
-    chosen = os.environ.get("OFFSITE_FROZEN")
-    return Path(chosen).expanduser() if chosen else offsite_home() / "frozen"
+# what can go wrong reading, writing or mapping the file; each only costs the sharing
+_FAILURES = (OSError, SafetensorError, IntegrityError, RuntimeError, ValueError)
 
 
 def _frozen_tensors(
     model: nn.Module, adapter: frozenset[str], min_bytes: int
 ) -> dict[str, list[torch.Tensor]]:
     """The model's frozen tensors worth sharing (frozen parameters that are not the adapter's,
-    and buffers), by the name of their first holder: tensors that are the same memory (a tied
-    head and its embedding) are one entry, so they stay one after the swap."""
+    and buffers), by the name of their first holder. Only tensors that are the whole of their
+    storage are shared (a view of part of another tensor would be split from it by the swap);
+    holders of one storage (a tied head and its embedding) are one entry and stay one."""
     found: dict[str, list[torch.Tensor]] = {}
-    places: dict[tuple[object, ...], str] = {}
+    storages: dict[int, str] = {}
     named = [
         *((n, p) for n, p in model.named_parameters() if not p.requires_grad and n not in adapter),
         *model.named_buffers(),
     ]
     for name, tensor in named:
-        if tensor.device.type != "cpu" or tensor.dtype not in SHAREABLE:
+        size = tensor.numel() * tensor.element_size()
+        if tensor.device.type != "cpu" or tensor.dtype not in SHAREABLE or not size:
             continue
-        if tensor.numel() * tensor.element_size() < min_bytes:
+        storage = tensor.untyped_storage()
+        whole = tensor.storage_offset() == 0 and storage.nbytes() == size
+        if not whole or not tensor.is_contiguous() or size < min_bytes:
             continue
-        place = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-        if place in places:
-            holders = found[places[place]]
+        if storage.data_ptr() in storages:
+            holders = found[storages[storage.data_ptr()]]
             if all(t is not tensor for t in holders):
                 holders.append(tensor)
             continue
-        places[place] = name
+        storages[storage.data_ptr()] = name
         found[name] = [tensor]
     return found
 
 
 def _key(label: str, tensors: dict[str, torch.Tensor]) -> str:
-    """File name for ``label`` (bundle digest and preparation) and this exact tensor layout."""
-    digest = hashlib.sha256(label.encode())
+    """File name for ``label`` on this host (a folder shared over the network holds one file
+    per host) and this exact tensor layout."""
+    digest = hashlib.sha256(f"{label}|{socket.gethostname()}".encode())
     for name, tensor in sorted(tensors.items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
     return digest.hexdigest()[:32]
 
 
-def _mapped_if_equal(path: Path, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """The tensors of ``path`` as views of its memory map if they are ``own``'s, bit for bit;
-    None for a missing, unreadable or different file."""
-    if not path.is_file():
-        return None
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _open_own(path: Path) -> BinaryIO | None:
+    """``path`` opened for reading if it is a regular file of this user's, private, with one
+    link, never through a symbolic link; None otherwise."""
     try:
-        mapped = mapped_tensors(path)
-    except IntegrityError:  # not a safetensors file we could have written
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # absent, or a link
         return None
+    handle = os.fdopen(descriptor, "rb")
+    found = os.fstat(descriptor)
+    private = stat.S_ISREG(found.st_mode) and found.st_uid == os.getuid()
+    if not private or found.st_mode & 0o077 or found.st_nlink != 1:
+        handle.close()
+        return None
+    return handle
+
+
+def _mapped_if_equal(path: Path, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``path`` as views of its memory map if they are ``own``'s byte for byte;
+    None for a missing, foreign, unreadable or different file."""
+    handle = _open_own(path)
+    if handle is None:
+        return None
+    with handle:
+        try:
+            mapped = mapped_tensors(path, handle)
+        except IntegrityError:  # not a safetensors file we could have written
+            return None
     same = mapped.keys() == own.keys() and all(
-        mapped[n].dtype == t.dtype and mapped[n].shape == t.shape and torch.equal(mapped[n], t)
+        mapped[n].dtype == t.dtype
+        and mapped[n].shape == t.shape
+        and torch.equal(_bytes(mapped[n]), _bytes(t))
         for n, t in own.items()
     )
     return mapped if same else None
@@ -117,9 +149,27 @@ def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _evict(root: Path) -> None:
-    files = sorted(root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in files[MAX_FILES:]:
+    """Drop the least recently used files beyond ``MAX_FILES`` and the temporary files of
+    writers that died (called under the lock, when no writer is at work)."""
+    for stale in root.glob(".frozen-*"):
+        stale.unlink(missing_ok=True)
+    dated = []
+    for path in root.glob("*.safetensors"):
+        with contextlib.suppress(FileNotFoundError):
+            dated.append((path.stat().st_mtime, path))
+    for _, stale in sorted(dated, reverse=True)[MAX_FILES:]:
         stale.unlink(missing_ok=True)  # a worker still mapping it keeps its pages
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """The folder's lock, held by one worker at a time (released if the worker dies)."""
+    descriptor = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def share_frozen(
@@ -134,24 +184,25 @@ def share_frozen(
     them; returns the bytes now shared (0: nothing was swapped). ``label`` names the bundle and
     how it was prepared (digest, precision, …): workers with the same label share a file."""
     groups = _frozen_tensors(model, adapter, min_bytes)
-    if not groups:
-        return 0
-    own = {name: holders[0] for name, holders in groups.items()}
     root = frozen_folder()
+    if not groups or root is None:
+        return 0
     if not private_folder(root, "frozen-tensor cache", "$OFFSITE_FROZEN"):
         return 0
+    own = {name: holders[0] for name, holders in groups.items()}
     path = root / f"{_key(label, own)}.safetensors"
     try:
-        mapped = _mapped_if_equal(path, own)
-        if mapped is None:
-            _write(path, own)
-            _evict(root)
+        with _locked(root):
             mapped = _mapped_if_equal(path, own)
-            if mapped is None:  # replaced meanwhile by a different preparation
-                log.warning("shared frozen tensors %s differ from this worker's: not shared", path)
-                return 0
-        os.utime(path)  # recently used
-    except (OSError, SafetensorError) as err:  # a full disk, say: only the sharing is lost
+            if mapped is None:
+                _evict(root)
+                _write(path, own)
+                mapped = _mapped_if_equal(path, own)
+                if mapped is None:
+                    log.warning("shared frozen tensors %s do not read back: not shared", path)
+                    return 0
+            os.utime(path)  # recently used
+    except _FAILURES as err:  # a full disk, say: only the sharing is lost
         log.warning("could not share the frozen tensors through %s (%s)", root, err)
         return 0
     with torch.no_grad():

@@ -153,17 +153,21 @@ def _teacher_signals(
     device: torch.device,
 ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
     """The teacher's exit hidden state and outputs, and its LM loss's gradients at the middle's
-    exit (v) and input (u = J_fullᵀ v), for the gradient term."""
-    entry.active = True
+    exit (v) and input (u = J_fullᵀ v), for the gradient term. Both are scaled by one factor
+    that gives v unit RMS (Jᵀv is linear in v): a token-averaged loss's gradients shrink with
+    the tokens in a batch, and the term's normalised MSE must not meet its floor."""
+    entry.active, entry.leaf = True, None
     try:
         with torch.enable_grad(), autocast(precision, device):
             target, out = _hidden(full_model, batch, exit_index)
             loss = _lm_loss(out.logits, batch)
-        assert entry.leaf is not None
+        if entry.leaf is None:
+            raise RuntimeError("the middle's first block was not run: no gradient term")
         v, u = torch.autograd.grad(loss, [target, entry.leaf])
     finally:
         entry.active = False
-    return target.detach(), out, v.detach(), u.detach()
+    scale = v.float().pow(2).mean().sqrt().clamp(min=1e-30).reciprocal()
+    return target.detach(), out, (v * scale).detach(), (u * scale).detach()
 
 
 @contextmanager
@@ -268,7 +272,7 @@ def middle_gradient_error(
             _, _, v, u = _teacher_signals(
                 full_model, batch, entries[0], teacher_exit, "fp32", device
             )
-            entries[1].active = True
+            entries[1].active, entries[1].leaf = True, None
             with torch.enable_grad():
                 hidden, _ = _hidden(student, batch, student_exit)  # one backward: any kernel
             entries[1].active = False
@@ -342,6 +346,8 @@ def distill(
     for p in params:
         p.requires_grad_(True)
     full_model.to(device).eval()
+    teacher_flags = {p: p.requires_grad for p in full_model.parameters()}
+    full_model.requires_grad_(False)  # its backward (gradient term) needs no weight gradients
     student.to(device)
     train = text_batches(tokenizer, train_texts, max_length, batch_size)
     held = text_batches(tokenizer, held_out_texts, max_length, batch_size)
@@ -391,7 +397,7 @@ def distill(
                 target, teacher_out, v, u = _teacher_signals(
                     full_model, batch, entries[0], teacher_exit, precision, device
                 )
-                entries[1].active = True
+                entries[1].active, entries[1].leaf = True, None
             student.train()
             try:
                 with autocast(precision, device), _twice_differentiable(entries is not None):
@@ -421,7 +427,7 @@ def distill(
                         response = _masked_nmse(moved - hidden, target_moved - target, mask)
                 loss = loss + jacobian_weight * response
                 result.jacobian.append(float(response.detach()))
-            loss.backward()
+            loss.backward(inputs=params)  # not into the entry leaf of the gradient term
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -446,6 +452,8 @@ def distill(
             shift.remove()
         for entry in entries or ():
             entry.remove()
+        for param, flag in teacher_flags.items():
+            param.requires_grad_(flag)
     bar.close()
     if select_best:
         student.load_state_dict(best, strict=False)

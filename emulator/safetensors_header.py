@@ -8,29 +8,34 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from offsite.errors import IntegrityError
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 
-def read_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Tensor name -> {dtype, shape, data_offsets}; raises IntegrityError on any inconsistency."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise IntegrityError(f"{path.name} is truncated (no safetensors header)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER_BYTES or length + 8 > size:
-            raise IntegrityError(
-                f"{path.name} declares a {length}-byte header (file is {size} bytes, cap "
-                f"{MAX_HEADER_BYTES}); the file is corrupt or not safetensors"
-            )
-        raw = handle.read(length)
+def read_header(path: Path, handle: BinaryIO | None = None) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {dtype, shape, data_offsets}; raises IntegrityError on any inconsistency.
+    ``handle``: the file already open (read from it, so it is the file that was checked)."""
+    if handle is None:
+        with path.open("rb") as opened:
+            return read_header(path, opened)
+    size = os.fstat(handle.fileno()).st_size
+    handle.seek(0)
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise IntegrityError(f"{path.name} is truncated (no safetensors header)")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > MAX_HEADER_BYTES or length + 8 > size:
+        raise IntegrityError(
+            f"{path.name} declares a {length}-byte header (file is {size} bytes, cap "
+            f"{MAX_HEADER_BYTES}); the file is corrupt or not safetensors"
+        )
+    raw = handle.read(length)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

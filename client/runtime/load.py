@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -25,18 +27,22 @@ DTYPES = {
 }
 
 
-def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
+def mapped_tensors(path: Path, handle: BinaryIO | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file as copy-on-write views of its memory map.
 
     Nothing is read until used, and the pages are the file's, not the process heap's: the client
     converts and copies what it keeps (``client.session.prepare_frozen``), and the mapping goes
     with the last view. Reading the file into memory instead left ~70 MB of freed fp32 weights
-    resident on SmolLM2-135M's 2-6-2 emulator (heap pages glibc keeps).
+    resident on SmolLM2-135M's 2-6-2 emulator (heap pages glibc keeps). ``handle``: the file
+    already open (header and map then come from that very file).
     """
-    header = read_header(path)
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    if handle is None:
+        with path.open("rb") as opened:
+            return mapped_tensors(path, opened)
+    header = read_header(path, handle)
+    handle.seek(0)
+    (length,) = struct.unpack("<Q", handle.read(8))
+    mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     base = 8 + length
     tensors = {}
     for name, entry in header.items():
@@ -44,7 +50,12 @@ def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
         if dtype is None:
             raise IntegrityError(f"{path.name}: tensor {name!r} has unsupported dtype")
         start, end = entry["data_offsets"]
-        count = (end - start) // dtype.itemsize
+        count = math.prod(entry["shape"])
+        if count * dtype.itemsize != end - start:
+            raise IntegrityError(f"{path.name}: tensor {name!r} has a shape its bytes do not fit")
+        if count == 0:  # frombuffer refuses an empty view
+            tensors[name] = torch.empty(entry["shape"], dtype=dtype)
+            continue
         flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=base + start)
         tensors[name] = flat.view(entry["shape"])
     return tensors

@@ -30,7 +30,7 @@ from emulator.digest import canonical_json, tensor_sha256
 from emulator.scoring import Score
 from offsite.config import OffsiteConfig
 from offsite.data import Example
-from offsite.host.paths import offsite_home
+from offsite.host.paths import baseline_folder
 
 BASELINE_VERSION = 2  # 2: length-bucketed, shared-prompt scoring (emulator.scoring)
 
@@ -92,12 +92,6 @@ def zero_shot_key(
         "eval": {k: settings["eval"][k] for k in ("max_length", "batch_size", "precision")},
     }
     return hashlib.sha256(canonical_json(payload)).hexdigest()
-
-
-def baseline_folder() -> Path:
-    """``$OFFSITE_BASELINES`` (e.g. a folder a team shares), else ``$OFFSITE_HOME/baselines``."""
-    shared = os.environ.get("OFFSITE_BASELINES")
-    return Path(shared).expanduser() if shared else offsite_home() / "baselines"
 
 
 def cached_baseline(key: str, folder: Path | None = None) -> tuple[Score, float] | None:

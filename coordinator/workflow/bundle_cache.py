@@ -40,18 +40,12 @@ from emulator.tokenizers import Tokenizer
 from offsite.catalog import resolve_model
 from offsite.config import OffsiteConfig
 from offsite.errors import IntegrityError
-from offsite.host.paths import offsite_home, private_folder
+from offsite.host.paths import bundle_folder, private_folder
 
 log = logging.getLogger(__name__)
 
 BUNDLE_CACHE_VERSION = 2  # 2: model files, public text and emulator code in the key
 MAX_ENTRIES = 4
-
-
-def bundle_folder() -> Path:
-    """``$OFFSITE_BUNDLES``, else ``$OFFSITE_HOME/bundles``."""
-    chosen = os.environ.get("OFFSITE_BUNDLES")
-    return Path(chosen).expanduser() if chosen else offsite_home() / "bundles"
 
 
 def _files_digest(paths: list[Path]) -> str:

@@ -8,13 +8,13 @@ Subcommands import their heavy dependencies (torch, transformers, flwr) inside t
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from offsite.cli.caches import cache
 from offsite.cli.deploy import client_app, coordinator_app
 from offsite.errors import ConfigError, ExitCode, OffsiteError, exit_code_table
 
@@ -33,6 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 emulator_app = typer.Typer(help="Build and inspect emulator bundles.", no_args_is_help=True)
+app.command("cache")(cache)
 app.add_typer(emulator_app, name="emulator")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(client_app, name="client")
@@ -588,75 +589,6 @@ def prepare(
 
     for name in names:
         typer.echo(f"{name}: {resolve_model(name)}")
-
-
-CACHES = ("bundles", "baselines", "frozen")
-
-
-def _cache_folders() -> dict[str, tuple[Path, str, str]]:
-    """Each cache Offsite rebuilds when needed: its folder, what it holds, and the pattern of
-    one entry in it."""
-    from client.shared_frozen import frozen_folder
-    from coordinator.evaluation.baseline_cache import baseline_folder
-    from coordinator.workflow.bundle_cache import bundle_folder
-
-    return {
-        "bundles": (bundle_folder(), "emulator bundles later runs copy ($OFFSITE_BUNDLES)", "*/"),
-        "baselines": (
-            baseline_folder(),
-            "full-model baseline scores ($OFFSITE_BASELINES)",
-            "*.json",
-        ),
-        "frozen": (
-            frozen_folder(),
-            "frozen tensors a host's workers share ($OFFSITE_FROZEN)",
-            "*.safetensors",
-        ),
-    }
-
-
-def _folder_size(folder: Path, entry: str) -> tuple[int, int]:
-    """(entries, bytes) of ``folder``: its top-level items matching ``entry``, and the size of
-    everything below it."""
-    if not folder.is_dir():
-        return 0, 0
-    entries = sum(1 for _ in folder.glob(entry))
-    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-    return entries, total
-
-
-@app.command("cache")
-def cache(
-    clear: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--clear",
-            help=f"Empty a cache ({', '.join(CACHES)}, or all); repeatable. Everything there "
-            "is rebuilt when a run needs it; the prepared models are not touched.",
-        ),
-    ] = None,
-) -> None:
-    """What Offsite's caches hold (folder, entries, size), and emptying them (`--clear`)."""
-    folders = _cache_folders()
-    chosen = set(CACHES) if "all" in (clear or []) else set(clear or [])
-    unknown = chosen - set(CACHES)
-    if unknown:
-        raise ConfigError(
-            f"unknown cache {', '.join(sorted(unknown))}: use {', '.join(CACHES)} or all"
-        )
-    for name in CACHES:
-        folder, what, entry = folders[name]
-        if name in chosen and folder.is_dir():
-            entries, size = _folder_size(folder, entry)
-            for child in folder.iterdir():  # the folder stays, with its owner-only mode
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-            typer.echo(f"{name:10} cleared {entries} entries, {size / 2**20:.1f} MB  {folder}")
-            continue
-        entries, size = _folder_size(folder, entry)
-        typer.echo(f"{name:10} {entries:3} entries {size / 2**20:9.1f} MB  {folder}  ({what})")
 
 
 @app.command("config")

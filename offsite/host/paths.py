@@ -18,6 +18,32 @@ def offsite_home() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "offsite"
 
 
+def bundle_folder() -> Path:
+    """Emulator bundles later runs copy (``coordinator/workflow/bundle_cache.py``):
+    ``$OFFSITE_BUNDLES``, else ``$OFFSITE_HOME/bundles``."""
+    chosen = os.environ.get("OFFSITE_BUNDLES")
+    return Path(chosen).expanduser() if chosen else offsite_home() / "bundles"
+
+
+def baseline_folder() -> Path:
+    """Full-model baseline scores (``coordinator/evaluation/baseline_cache.py``):
+    ``$OFFSITE_BASELINES`` (e.g. a folder a team shares), else ``$OFFSITE_HOME/baselines``."""
+    shared = os.environ.get("OFFSITE_BASELINES")
+    return Path(shared).expanduser() if shared else offsite_home() / "baselines"
+
+
+FROZEN_OFF = "off"  # $OFFSITE_FROZEN=off: workers keep their own copies
+
+
+def frozen_folder() -> Path | None:
+    """Frozen tensors a host's workers share (``client/shared_frozen.py``): ``$OFFSITE_FROZEN``,
+    else ``$OFFSITE_HOME/frozen``; None when ``$OFFSITE_FROZEN`` is ``off``."""
+    chosen = os.environ.get("OFFSITE_FROZEN")
+    if chosen == FROZEN_OFF:
+        return None
+    return Path(chosen).expanduser() if chosen else offsite_home() / "frozen"
+
+
 def private_folder(root: Path, what: str, elsewhere: str) -> bool:
     """Whether the cache folder ``root`` is the user's alone (created owner-only if absent): a
     cache others can write into would let them hand this user's runs their files. Logs why
@@ -26,11 +52,11 @@ def private_folder(root: Path, what: str, elsewhere: str) -> bool:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         found = root.stat()
     except OSError as err:
-        log.warning("  %s %s unavailable (%s): not used", what, root, err)
+        log.warning("%s %s unavailable (%s): not used", what, root, err)
         return False
     if found.st_uid != os.getuid() or found.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         log.warning(
-            "  %s %s is not yours alone (owner or write permission): not used; "
+            "%s %s is not yours alone (owner or write permission): not used; "
             "`chmod go-w` it or point %s elsewhere",
             what,
             root,

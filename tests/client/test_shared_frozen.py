@@ -158,3 +158,62 @@ def test_new_base_weights_change_the_worker_never_the_file(int8_bundle: Bundle) 
     adapted.load_trainable({**bases, **adapted.trainable_state()})
     assert all(torch.equal(v, bases[k]) for k, v in adapted.lora_base_state().items())
     assert path.read_bytes() == before
+
+
+def _worker(bundle_path: str, start: object, out: object) -> None:
+    """A simulation worker's load: open the bundle, share its frozen tensors, report the
+    inodes of the frozen-cache files it maps and the bytes it shares."""
+    start.wait()  # type: ignore[attr-defined]  # a multiprocessing barrier
+    bundle = verify_bundle(bundle_path)
+    adapted, _ = load_for_training(bundle, "fp32")
+    shared = share_frozen(adapted.model, f"{bundle.digest}|fp32", min_bytes=0)
+    folder = str(frozen_folder())
+    inodes = {
+        int(line.split()[4])
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if folder in line
+    }
+    out.put((shared, sorted(inodes)))  # type: ignore[attr-defined]  # a multiprocessing queue
+
+
+def test_workers_loading_at_once_map_one_and_the_same_file(int8_bundle: Bundle) -> None:
+    """Three processes that load together (round 1 of a simulation) take turns: one writes,
+    all three map that same file, and no temporary file is left."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Barrier(3), context.Queue()
+    workers = [
+        context.Process(target=_worker, args=(str(int8_bundle.path), start, out)) for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    results = [out.get(timeout=240) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    (path,) = frozen_folder().glob("*.safetensors")
+    assert all(shared > 0 for shared, _ in results)
+    assert all(inodes == [path.stat().st_ino] for _, inodes in results), results
+    assert not list(frozen_folder().glob(".frozen-*"))
+
+
+def test_sharing_can_be_turned_off_and_a_file_not_wholly_ours_is_not_used(
+    int8_bundle: Bundle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    loss, _, _, _ = _step(int8_bundle, share=True)
+    (path,) = frozen_folder().glob("*.safetensors")
+    inode = path.stat().st_ino
+    path.chmod(0o440)  # readable by the group: another user could have planted it
+    again, _, _, shared = _step(int8_bundle, share=True)
+    assert shared > 0 and torch.equal(again, loss) and path.stat().st_ino != inode
+    planted = tmp_path / "elsewhere.safetensors"
+    planted.write_bytes(path.read_bytes())
+    path.chmod(0o600)
+    path.unlink()
+    path.symlink_to(planted)  # a link is never followed: the file is written again
+    _, _, _, shared = _step(int8_bundle, share=True)
+    assert shared > 0 and not path.is_symlink()
+    monkeypatch.setenv("OFFSITE_FROZEN", "off")
+    _, _, _, shared = _step(int8_bundle, share=True)
+    assert shared == 0

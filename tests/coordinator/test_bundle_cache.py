@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from coordinator.models import load_full_model
-from coordinator.workflow.bundle_cache import bundle_folder, bundle_key, reuse_or_build
+from coordinator.workflow.bundle_cache import bundle_key, reuse_or_build
 from emulator.bundle import verify_bundle
 from offsite.config import load_config
+from offsite.host.paths import bundle_folder
 
 
 @pytest.fixture()

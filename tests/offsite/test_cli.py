@@ -166,23 +166,29 @@ def test_an_unknown_allocator_is_refused_before_anything_starts(
 
 def test_cache_lists_and_clears_each_cache(tmp_path: Path) -> None:
     """`offsite cache` shows each cache's folder, entries and size; `--clear NAME` empties
-    that one only (the folder stays) and an unknown name is a one-line configuration error."""
+    that one only, removing only what Offsite writes there (the folder and anything else in it
+    stay); a folder others can write is refused; `OFFSITE_FROZEN=off` shows sharing off."""
     folders = {name: tmp_path / name for name in ("bundles", "baselines", "frozen")}
-    (folders["bundles"] / "key1").mkdir(parents=True)
-    (folders["bundles"] / "key1" / "model.safetensors").write_bytes(b"x" * 2**20)
-    (folders["bundles"] / "key1.digest").write_text("abc")
+    key = "ab" * 32
+    (folders["bundles"] / key).mkdir(parents=True)
+    (folders["bundles"] / key / "model.safetensors").write_bytes(b"x" * 2**20)
+    (folders["bundles"] / f"{key}.digest").write_text("abc")
     folders["baselines"].mkdir()
     (folders["baselines"] / "k.json").write_text("{}")
     folders["frozen"].mkdir()
     (folders["frozen"] / "a.safetensors").write_bytes(b"y" * 3 * 2**20)
+    (folders["frozen"] / ".frozen-dead").write_bytes(b"z")  # a dead writer's temporary
+    (folders["frozen"] / "notes.txt").write_text("not ours")
+    for folder in folders.values():
+        folder.chmod(0o700)
     env = {f"OFFSITE_{name.upper()}": str(path) for name, path in folders.items()}
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "offsite.cli.main", "cache", *args],
             capture_output=True,
             text=True,
-            env={**ENV, **env},
+            env={**ENV, **env, **extra},
             timeout=300,
         )
 
@@ -195,13 +201,16 @@ def test_cache_lists_and_clears_each_cache(tmp_path: Path) -> None:
     cleared = run("--clear", "frozen", "--clear", "baselines")
     assert cleared.returncode == 0, cleared.stderr
     assert "frozen     cleared 1 entries, 3.0 MB" in cleared.stdout
-    assert folders["frozen"].is_dir() and not list(folders["frozen"].iterdir())
+    assert sorted(p.name for p in folders["frozen"].iterdir()) == ["notes.txt"]
     assert not list(folders["baselines"].iterdir())
-    assert (folders["bundles"] / "key1" / "model.safetensors").is_file()
+    assert (folders["bundles"] / key / "model.safetensors").is_file()
+    folders["bundles"].chmod(0o777)
+    refused = run("--clear", "all")
+    assert refused.returncode == 2 and "not yours alone" in refused.stderr
+    assert (folders["bundles"] / key).is_dir()
+    folders["bundles"].chmod(0o700)
     everything = run("--clear", "all")
     assert everything.returncode == 0 and not list(folders["bundles"].iterdir())
     wrong = run("--clear", "models")
-    assert wrong.returncode == 2
-    assert (
-        wrong.stderr.strip() == "error: unknown cache models: use bundles, baselines, frozen or all"
-    )
+    assert wrong.returncode == 2 and "models" in wrong.stderr
+    assert "off (" in run(OFFSITE_FROZEN="off").stdout
