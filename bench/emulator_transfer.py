@@ -187,6 +187,32 @@ CELLS = {
             "spread where truncation costs the loss most, then int8: training-free, nothing "
             "verbatim",
         ),
+        # the adapter's placement (2 + 2 is not sacred): the same compression of the middle,
+        # the four adapter blocks split otherwise (same bundle size)
+        *(
+            Cell(
+                f"fisher43-int8-{bottom}-26-{top}",
+                (*COMPRESSED_OVERRIDES, f"emulator.bottom={bottom}", f"emulator.top={top}"),
+                f"fisher43-int8-2-26-2's compression with {bottom} bottom and {top} top adapter "
+                "blocks",
+            )
+            for bottom, top in ((1, 3), (3, 1))
+        ),
+        # how much LM loss the distillation may keep: 0 gave a positive margin and a low
+        # plug-in, 1 the reverse (cosine-gradient-*)
+        *(
+            Cell(
+                f"cosine-gradient-lm{weight}-int8-2-8-2",
+                (
+                    *_COSINE_INT8_2_8_2[:-1],
+                    "emulator.distill_gradient_weight=30",
+                    f"emulator.distill_lm_weight={weight}",
+                    f"emulator.distill_checkpoint='{WORK / f'distill-cosine-8-100-lm{weight}'}'",
+                ),
+                f"cosine-gradient-int8-2-8-2 with the LM loss weighted {weight}",
+            )
+            for weight in (0.1, 0.3)
+        ),
         Cell(
             "svd-distilled-2-8-2",
             (
