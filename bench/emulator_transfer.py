@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,6 +360,25 @@ def score_without_run(name: str) -> dict[str, float]:
     return gradient_score_of(folder.path)
 
 
+def screen_cell(name: str) -> dict[str, Any]:
+    """The cheap proxy for cell ``name``, before (or instead of) the full protocol: its
+    emulator built once (seed 0) and scored by the gradient score, with bundle size and build
+    time; cached in its ``score`` folder, so a re-run costs nothing."""
+    from coordinator.state.folder import RunFolder
+
+    cached = WORK / name / "score" / "screen.json"
+    if cached.is_file():
+        return dict(json.loads(cached.read_text()))
+    bundle = RunFolder.at(WORK / name / "score").bundle_dir
+    start = time.perf_counter()
+    built = not (bundle / "manifest.json").exists()
+    row: dict[str, Any] = {"cell": name, **score_without_run(name)}
+    row["bundle_bytes"] = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
+    row["build_and_score_s"] = round(time.perf_counter() - start, 1) if built else None
+    cached.write_text(json.dumps(row, indent=1))
+    return row
+
+
 def gradient_score_of(run_dir: Path) -> dict[str, float]:
     """The training-free gradient score (emulator/gradient_score.py) of the emulator a run
     shipped: its verified bundle against the full model, on the calibration texts of
@@ -389,13 +409,20 @@ def run(
     fresh: bool,
     tasks: list[str],
     score_only: bool = False,
+    screen: bool = False,
 ) -> dict[str, Any]:
     quiet_setup()
     report: dict[str, Any] = {
         "protocol": {"seeds": seeds, "eval_size": eval_size},
         "cells": _earlier_rows("cells", eval_size),
         "generalisation": _earlier_rows("generalisation", eval_size),
+        "screen": _earlier_screen(),
     }
+    if screen:
+        for name in cells:
+            report["screen"][name] = screen_cell(name)
+            _save(report)
+        return report
     if score_only:
         for name in cells:
             rows = report["cells"].get(name, {}).get("rows", {})
@@ -445,6 +472,15 @@ def _earlier_rows(part: str, eval_size: int) -> dict[str, Any]:
         if rows:
             out[name] = {"rows": rows}
     return out
+
+
+def _earlier_screen() -> dict[str, Any]:
+    """Screened cells the committed report holds (cells no longer defined are dropped)."""
+    path = REPORTS / "emulator_transfer.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text()).get("screen") or {}
+    return {name: row for name, row in earlier.items() if name in CELLS}
 
 
 def _task_eval_size(task: str, eval_size: int) -> int:
@@ -527,6 +563,7 @@ def _save(report: dict[str, Any]) -> None:
         },
         "cells": summaries,
         "score_vs_plug_in": score_correlation(summaries),
+        "screen": report.get("screen", {}),
     }
     (REPORTS / "emulator_transfer.json").write_text(json.dumps(document, indent=1))
     (REPORTS / "emulator_transfer.md").write_text(_markdown(document))
@@ -591,6 +628,7 @@ def _markdown(document: dict[str, Any]) -> str:
             )
         )
     lines += ["", *_correlation_lines(document["score_vs_plug_in"])]
+    lines += _screen_lines(document.get("screen") or {}, document["cells"])
     lines += ["", "## Targets for the default", ""]
     default = document["default"]
     if default:
@@ -641,6 +679,33 @@ def _markdown(document: dict[str, Any]) -> str:
             lines.append(f"| {name} | {seed} | {values} | {wall} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _screen_lines(screen: dict[str, Any], measured: dict[str, Any]) -> list[str]:
+    """The screened candidates, best gradient score first, beside their plug-in where the
+    full protocol also ran: the proxy that chooses what the protocol runs next."""
+    if not screen:
+        return []
+    lines = [
+        "",
+        "## Screened by the gradient score (no federation)",
+        "",
+        "`offsite bench emulator --screen --cells …`: each candidate's emulator built once and "
+        "scored (a few minutes), before the full protocol spends ~10 minutes a seed on it. "
+        "Lower gradient error is better; its rank correlation with plug-in is above.",
+        "",
+        "| cell | gradient error | loss rise | bundle MB | build + score s | plug-in (protocol) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in sorted(screen.items(), key=lambda item: item[1]["gradient_error"]):
+        seconds = row.get("build_and_score_s")
+        plug_in = _pm(measured[name]["plug_in"]) if name in measured else "not run"
+        lines.append(
+            f"| {name} | {row['gradient_error']:.3f} | {row['loss_rise']:.2f} "
+            f"| {row['bundle_bytes'] / 2**20:.0f} | {'–' if seconds is None else seconds} "
+            f"| {plug_in} |"
+        )
+    return lines
 
 
 def _correlation_lines(correlation: dict[str, Any]) -> list[str]:
@@ -742,6 +807,11 @@ def main() -> None:
         help="only add the gradient score to measured cells that lack it (builds their emulator)",
     )
     parser.add_argument(
+        "--screen",
+        action="store_true",
+        help="only build and score the given cells' emulators (the cheap proxy); no federation",
+    )
+    parser.add_argument(
         "--generalisation",
         action="store_true",
         help=f"also run the default on {', '.join(GENERALISATION)}",
@@ -765,6 +835,7 @@ def main() -> None:
         args.fresh,
         tasks,
         args.score_only,
+        args.screen,
     )
 
 

@@ -650,6 +650,13 @@ def bench_emulator(
             help="Only add the gradient score to measured cells lacking it (builds their emulator)."
         ),
     ] = False,
+    screen: Annotated[
+        bool,
+        typer.Option(
+            help="Only screen the cells: build each emulator once and score it (the cheap "
+            "proxy, minutes a cell), no federation; choose what the protocol runs next."
+        ),
+    ] = False,
 ) -> None:
     """Does the emulator transfer? The five-way protocol over seeds with 95 % confidence
     intervals: full zero-shot, emulator zero-shot, emulator fine-tuned, plug-in, full
@@ -666,7 +673,8 @@ def bench_emulator(
         + (["--fresh"] if fresh else [])
         + (["--generalisation"] if generalisation else [])
         + (["--tasks", tasks] if tasks else [])
-        + (["--score-only"] if score_only else []),
+        + (["--score-only"] if score_only else [])
+        + (["--screen"] if screen else []),
     )
 
 
