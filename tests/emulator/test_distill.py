@@ -127,21 +127,23 @@ def test_resuming_a_finished_distillation_returns_its_best_student(
         assert torch.equal(value, middle[name]), name
 
 
-def test_the_jacobian_term_aligns_the_middles_response_to_its_input(tokenizer) -> None:
-    """Distillation with the Jacobian term leaves the student's middle responding to a
-    perturbation of its input more like the full middle than output matching alone does, and
-    leaves no hook behind on either model."""
+def _errors_after_distillation(
+    tokenizer, measure: Any, trace: str, runs: dict[Any, dict[str, float]]
+) -> dict[Any, float]:
+    """Distill a fresh tiny 1-1-1 student once per entry of ``runs`` (``distill`` options) and
+    return ``measure``'s error after each; checks that each student starts with an error, that
+    the term's trace (``DistillResult.<trace>``) is kept exactly when its weight is set, and
+    that no hook is left on either model."""
     from emulator.batches import text_batches
-    from emulator.distill import middle_response_error
 
     full = tiny_model("llama")
     arch = arch_spec(full.config)
     plan = plan_layers(6, 1, 1, 1)
     held = text_batches(tokenizer, _texts(3, 7), 32, 8)
     errors = {}
-    for weight in (0.0, 30.0):
+    for key, options in runs.items():
         student = build_emulator(full, plan, arch)
-        before = middle_response_error(full, student, plan, arch, held)
+        assert measure(full, student, plan, arch, held) > 0
         result = _distill_tiny(
             full,
             student,
@@ -150,18 +152,34 @@ def test_the_jacobian_term_aligns_the_middles_response_to_its_input(tokenizer) -
             tokenizer,
             steps=80,
             eval_every=40,
-            jacobian_weight=weight,
             select_best=False,  # a random tiny model's perplexity never improves: keep the last
+            **options,
         )
-        errors[weight] = middle_response_error(full, student, plan, arch, held)
-        assert bool(result.jacobian) == (weight > 0)
-    assert before > 0
-    assert errors[30.0] < errors[0.0], errors
-    assert all(
-        not block._forward_pre_hooks
-        for model in (full, student)
-        for block in block_list(model, arch)
+        errors[key] = measure(full, student, plan, arch, held)
+        assert bool(getattr(result, trace)) == any(
+            v > 0 for k, v in options.items() if k.endswith("_weight") and k != "lm_weight"
+        )
+        assert all(
+            not block._forward_pre_hooks
+            for model in (full, student)
+            for block in block_list(model, arch)
+        )
+    return errors
+
+
+def test_the_jacobian_term_aligns_the_middles_response_to_its_input(tokenizer) -> None:
+    """Distillation with the Jacobian term leaves the student's middle responding to a
+    perturbation of its input more like the full middle than output matching alone does, and
+    leaves no hook behind on either model."""
+    from emulator.distill import middle_response_error
+
+    errors = _errors_after_distillation(
+        tokenizer,
+        middle_response_error,
+        "jacobian",
+        {0.0: {"jacobian_weight": 0.0}, 30.0: {"jacobian_weight": 30.0}},
     )
+    assert errors[30.0] < errors[0.0], errors
 
 
 def test_the_gradient_term_aligns_what_the_bottom_adapter_receives(tokenizer) -> None:
@@ -176,30 +194,15 @@ def test_the_gradient_term_aligns_what_the_bottom_adapter_receives(tokenizer) ->
     held = text_batches(tokenizer, _texts(3, 7), 32, 8)
     whole = plan_layers(6, 1, 1, -1)
     assert middle_gradient_error(full, build_emulator(full, whole, arch), whole, arch, held) < 1e-10
-    plan = plan_layers(6, 1, 1, 1)
-    errors = {}
-    for weight, lm in ((0.0, 1.0), (30.0, 1.0), (30.0, 0.0)):
-        student = build_emulator(full, plan, arch)
-        before = middle_gradient_error(full, student, plan, arch, held)
-        result = _distill_tiny(
-            full,
-            student,
-            plan,
-            arch,
-            tokenizer,
-            steps=80,
-            eval_every=40,
-            gradient_weight=weight,
-            lm_weight=lm,
-            select_best=False,  # a random tiny model's perplexity never improves: keep the last
-        )
-        errors[weight, lm] = middle_gradient_error(full, student, plan, arch, held)
-        assert bool(result.gradient) == (weight > 0)
-    assert before > 0
-    assert errors[30.0, 1.0] < errors[0.0, 1.0], errors
-    assert errors[30.0, 0.0] < errors[0.0, 1.0], errors
-    assert all(
-        not block._forward_pre_hooks
-        for model in (full, student)
-        for block in block_list(model, arch)
+    errors = _errors_after_distillation(
+        tokenizer,
+        middle_gradient_error,
+        "gradient",
+        {
+            "output only": {"gradient_weight": 0.0},
+            "gradient": {"gradient_weight": 30.0},
+            "gradient, no LM loss": {"gradient_weight": 30.0, "lm_weight": 0.0},
+        },
     )
+    assert errors["gradient"] < errors["output only"], errors
+    assert errors["gradient, no LM loss"] < errors["output only"], errors
