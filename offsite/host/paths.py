@@ -18,18 +18,22 @@ def offsite_home() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "offsite"
 
 
+def _cache_folder(variable: str, name: str) -> Path:
+    """``$variable`` if set, else ``$OFFSITE_HOME/name``."""
+    chosen = os.environ.get(variable)
+    return Path(chosen).expanduser() if chosen else offsite_home() / name
+
+
 def bundle_folder() -> Path:
     """Emulator bundles later runs copy (``coordinator/workflow/bundle_cache.py``):
     ``$OFFSITE_BUNDLES``, else ``$OFFSITE_HOME/bundles``."""
-    chosen = os.environ.get("OFFSITE_BUNDLES")
-    return Path(chosen).expanduser() if chosen else offsite_home() / "bundles"
+    return _cache_folder("OFFSITE_BUNDLES", "bundles")
 
 
 def baseline_folder() -> Path:
     """Full-model baseline scores (``coordinator/evaluation/baseline_cache.py``):
     ``$OFFSITE_BASELINES`` (e.g. a folder a team shares), else ``$OFFSITE_HOME/baselines``."""
-    shared = os.environ.get("OFFSITE_BASELINES")
-    return Path(shared).expanduser() if shared else offsite_home() / "baselines"
+    return _cache_folder("OFFSITE_BASELINES", "baselines")
 
 
 FROZEN_OFF = "off"  # $OFFSITE_FROZEN=off: workers keep their own copies
@@ -38,10 +42,9 @@ FROZEN_OFF = "off"  # $OFFSITE_FROZEN=off: workers keep their own copies
 def frozen_folder() -> Path | None:
     """Frozen tensors a host's workers share (``client/shared_frozen.py``): ``$OFFSITE_FROZEN``,
     else ``$OFFSITE_HOME/frozen``; None when ``$OFFSITE_FROZEN`` is ``off``."""
-    chosen = os.environ.get("OFFSITE_FROZEN")
-    if chosen == FROZEN_OFF:
+    if os.environ.get("OFFSITE_FROZEN") == FROZEN_OFF:
         return None
-    return Path(chosen).expanduser() if chosen else offsite_home() / "frozen"
+    return _cache_folder("OFFSITE_FROZEN", "frozen")
 
 
 def private_folder(root: Path, what: str, elsewhere: str) -> bool:
