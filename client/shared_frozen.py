@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from client.runtime.load import DTYPES, mapped_tensors
@@ -54,13 +53,13 @@ MAX_FILES = 4  # least recently used files beyond this are removed
 SHAREABLE = frozenset(DTYPES.values())  # what ``mapped_tensors`` reads back
 # every tensor of the file starts at this alignment (``_write``): safetensors' own writer aligns
 # offsets to the dtype alone, and torch's int8 kernel (aten._weight_int8pack_mm) crashed
-# (SIGSEGV) on codes 1, 2 or 8 bytes off a 64-byte boundary in a test here. A mapped tensor that
-# is not aligned anyway is never swapped in: it stays the worker's own copy.
+# (SIGSEGV) on codes 1, 2 or 8 bytes off a 64-byte boundary in a test here. A file with a tensor
+# mapped off that alignment is never used (``_mapped_if_equal``): it is written again.
 ALIGNMENT = 64
 _PAD = "__pad"  # padding entries (uint8) between tensors: the format allows no holes
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # what can go wrong reading, writing or mapping the file; each only costs the sharing
-_FAILURES = (OSError, SafetensorError, IntegrityError, RuntimeError, ValueError)
+_FAILURES = (OSError, IntegrityError, RuntimeError, ValueError)
 
 
 def _frozen_tensors(
@@ -85,9 +84,7 @@ def _frozen_tensors(
         if not whole or not tensor.is_contiguous() or size < min_bytes:
             continue
         if storage.data_ptr() in storages:
-            holders = found[storages[storage.data_ptr()]]
-            if all(t is not tensor for t in holders):
-                holders.append(tensor)
+            found[storages[storage.data_ptr()]].append(tensor)
             continue
         storages[storage.data_ptr()] = name
         found[name] = [tensor]
@@ -124,8 +121,9 @@ def _open_own(path: Path) -> BinaryIO | None:
 
 
 def _mapped_if_equal(path: Path, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """The tensors of ``path`` as views of its memory map if they are ``own``'s byte for byte;
-    None for a missing, foreign, unreadable or different file."""
+    """The tensors of ``path`` as views of its memory map if they are ``own``'s byte for byte,
+    each ``ALIGNMENT``-aligned; None for a missing, foreign, unreadable, unaligned or different
+    file."""
     handle = _open_own(path)
     if handle is None:
         return None
@@ -136,7 +134,8 @@ def _mapped_if_equal(path: Path, own: dict[str, torch.Tensor]) -> dict[str, torc
             return None
     mapped = {name: t for name, t in found.items() if not name.startswith(_PAD)}
     same = mapped.keys() == own.keys() and all(
-        mapped[n].dtype == t.dtype
+        mapped[n].data_ptr() % ALIGNMENT == 0
+        and mapped[n].dtype == t.dtype
         and mapped[n].shape == t.shape
         and torch.equal(_bytes(mapped[n]), _bytes(t))
         for n, t in own.items()
@@ -150,10 +149,10 @@ def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     padding entries fill the gaps and spaces pad the header, both allowed by the format.
     Written here rather than by ``safetensors.torch.save_file`` for that alignment alone."""
     header: dict[str, dict[str, object]] = {}
-    parts: list[bytes] = []
+    layout: list[tuple[int, str]] = []  # (padding before it, name), in file order
     offset = 0
     for index, name in enumerate(sorted(tensors)):
-        data = tensors[name].detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        tensor = tensors[name]
         gap = (-offset) % ALIGNMENT
         if gap:
             header[f"{_PAD}{index}"] = {
@@ -161,24 +160,24 @@ def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
                 "shape": [gap],
                 "data_offsets": [offset, offset + gap],
             }
-            parts.append(bytes(gap))
             offset += gap
-        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
         header[name] = {
             "dtype": _DTYPE_NAMES[tensor.dtype],
             "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + data.nbytes],
+            "data_offsets": [offset, offset + size],
         }
-        parts.append(data.tobytes())
-        offset += data.nbytes
+        layout.append((gap, name))
+        offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((-(8 + len(raw))) % ALIGNMENT)  # the data then starts aligned too
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".frozen-")
     try:
-        with os.fdopen(handle, "wb") as out:
+        with os.fdopen(handle, "wb") as out:  # tensor by tensor: no second copy in memory
             out.write(struct.pack("<Q", len(raw)) + raw)
-            for part in parts:
-                out.write(part)
+            for gap, name in layout:
+                out.write(bytes(gap))
+                out.write(_bytes(tensors[name]).numpy().data)
         os.chmod(temporary, 0o400)
         os.replace(temporary, path)
     finally:
@@ -243,9 +242,8 @@ def share_frozen(
     except _FAILURES as err:  # a full disk, say: only the sharing is lost
         log.warning("could not share the frozen tensors through %s (%s)", root, err)
         return 0
-    aligned = [name for name in groups if mapped[name].data_ptr() % ALIGNMENT == 0]
     with torch.no_grad():
-        for name in aligned:
-            for tensor in groups[name]:
+        for name, holders in groups.items():
+            for tensor in holders:
                 tensor.data = mapped[name]
-    return sum(own[name].numel() * own[name].element_size() for name in aligned)
+    return sum(t.numel() * t.element_size() for t in own.values())
