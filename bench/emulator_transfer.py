@@ -365,6 +365,7 @@ def screen_cell(name: str) -> dict[str, Any]:
     emulator built once (seed 0) and scored by the gradient score, with bundle size and build
     time; cached in its ``score`` folder, so a re-run costs nothing."""
     from coordinator.state.folder import RunFolder
+    from emulator.bundle import verify_bundle
 
     cached = WORK / name / "score" / "screen.json"
     if cached.is_file():
@@ -373,7 +374,7 @@ def screen_cell(name: str) -> dict[str, Any]:
     start = time.perf_counter()
     built = not (bundle / "manifest.json").exists()
     row: dict[str, Any] = {"cell": name, **score_without_run(name)}
-    row["bundle_bytes"] = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
+    row["bundle_bytes"] = verify_bundle(bundle).nbytes  # as the protocol's runs count it
     row["build_and_score_s"] = round(time.perf_counter() - start, 1) if built else None
     cached.write_text(json.dumps(row, indent=1))
     return row

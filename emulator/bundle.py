@@ -83,6 +83,11 @@ class Bundle:
     def model_type(self) -> str:
         return str(self.manifest["model"]["model_type"])
 
+    @property
+    def nbytes(self) -> int:
+        """The bundle's size: its files as the manifest lists them."""
+        return sum(int(f["size"]) for f in self.manifest["files"].values())
+
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
     import hashlib

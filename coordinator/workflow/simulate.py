@@ -385,7 +385,7 @@ def _metrics(
             "rounds": config.federation.rounds,
             "full_params": sum(p.numel() for p in full_model.parameters()),
             "full_model_bytes": bundle.manifest.get("privacy", {}).get("full_model_bytes"),
-            "bundle_bytes": sum(int(f["size"]) for f in bundle.manifest["files"].values()),
+            "bundle_bytes": bundle.nbytes,
             "bundle_parts": bundle_parts(bundle.manifest),
             "bundle_digest": bundle.digest,
             "adapter_bytes": sum(t.numel() * t.element_size() for t in final_state.values()),
