@@ -453,14 +453,17 @@ def run(
     return report
 
 
+def _committed_report() -> dict[str, Any]:
+    """The report as it was before this run ({} when there is none)."""
+    path = REPORTS / "emulator_transfer.json"
+    return dict(json.loads(path.read_text())) if path.exists() else {}
+
+
 def _earlier_rows(part: str, eval_size: int) -> dict[str, Any]:
     """Per-seed rows the committed report already holds for this protocol, so that running a
     subset of cells (or a checkout without bench/out) keeps every cell measured before; a run
     folder found again replaces its row."""
-    path = REPORTS / "emulator_transfer.json"
-    if not path.exists():
-        return {}
-    earlier = json.loads(path.read_text()).get(part) or {}
+    earlier = _committed_report().get(part) or {}
     out: dict[str, Any] = {}
     for name, summary in earlier.items():
         if part == "cells" and name not in CELLS:
@@ -477,10 +480,7 @@ def _earlier_rows(part: str, eval_size: int) -> dict[str, Any]:
 
 def _earlier_screen() -> dict[str, Any]:
     """Screened cells the committed report holds (cells no longer defined are dropped)."""
-    path = REPORTS / "emulator_transfer.json"
-    if not path.exists():
-        return {}
-    earlier = json.loads(path.read_text()).get("screen") or {}
+    earlier = _committed_report().get("screen") or {}
     return {name: row for name, row in earlier.items() if name in CELLS}
 
 
