@@ -25,10 +25,11 @@ from emulator.fold import fold_norms
 from emulator.forward import pick_device, resolve_precision
 from emulator.layers import LayerPlan, plan_layers
 from emulator.privacy import assess, enforce_gate, public_text_perplexity
+from emulator.prune import prune_mlps
 from emulator.quant import QuantScheme, quantize_linears
 from emulator.selection import block_change_scores, select_by_change
 from emulator.split import build_emulator, emulator_state, unique_state
-from emulator.surgery import quantizable_linears
+from emulator.surgery import linear_weight, quantizable_linears
 from emulator.tokenizers import Tokenizer
 from offsite.config import EmulatorConfig, OffsiteConfig
 from offsite.data import load_task
@@ -54,7 +55,11 @@ _DISTILL_RECIPE = (
     "distill_max_length",
 )
 # recipe fields added later: in the key only when set, so earlier checkpoints keep theirs
-_DISTILL_RECIPE_IF_SET = {"distill_gradient_weight": 0.0, "distill_lm_weight": 1.0}
+_DISTILL_RECIPE_IF_SET = {
+    "distill_gradient_weight": 0.0,
+    "distill_lm_weight": 1.0,
+    "prune_mlp": 0.0,  # a pruned student is another model
+}
 
 
 def public_texts(name: str, count: int) -> list[str]:
@@ -137,14 +142,20 @@ def build_bundle(
         if arch.causal_lm:
             perplexity_fn = public_text_perplexity(tokenizer, texts[:count])
     calibration = texts[count : count + settings.calibration_examples]
-    rewritten = settings.factorize != "none" or settings.quantize != "none"
+    rewritten = settings.factorize != "none" or settings.quantize != "none" or settings.prune_mlp
     if settings.fold_norms and arch.foldable_norms and rewritten:
         # only when the linears are then changed: a fold alone changes bytes, not the function
         middle = _middle_blocks(emulator, plan, arch).values()
         compression["folded_norms"] = fold_norms(middle, arch)
+    dense_params = None  # what factorize_budget is a share of: the middle before pruning
+    if settings.prune_mlp:
+        dense_params = _middle_linear_params(emulator, plan, arch)
+        compression["pruning"] = prune_emulator(
+            emulator, plan, arch, settings, tokenizer, calibration
+        )
     if settings.factorize != "none":
         compression["factorization"] = factorize_emulator(
-            emulator, plan, arch, settings, tokenizer, calibration
+            emulator, plan, arch, settings, tokenizer, calibration, dense_params
         )
     if texts and settings.distill and arch.causal_lm:
         compression["distilled"] = _distill(
@@ -270,6 +281,57 @@ def _calibration_batches(
     ]
 
 
+def _middle_linear_params(emulator: nn.Module, plan: LayerPlan, arch: ArchSpec) -> int:
+    """Weights of the kept middle blocks' linears (what factorize_budget is a share of)."""
+    linears = quantizable_linears(
+        _middle_blocks(emulator, plan, arch), block_prefix(emulator, arch)
+    )
+    return sum(found[0].numel() for m in linears.values() if (found := linear_weight(m)))
+
+
+def prune_emulator(
+    emulator: nn.Module,
+    plan: LayerPlan,
+    arch: ArchSpec,
+    settings: EmulatorConfig,
+    tokenizer: Tokenizer,
+    calibration: list[str],
+) -> dict[str, Any]:
+    """Remove ``settings.prune_mlp`` of the kept middle blocks' gated-MLP channels where the LM
+    loss on ``calibration`` needs them least (``emulator.prune``), in place; the manifest's
+    pruning entry."""
+    if not (arch.gated_mlp and arch.causal_lm):
+        raise ConfigError(
+            f"emulator.prune_mlp: {arch.model_type} has no gated MLP under a language-modelling "
+            "head to score channels with; set emulator.prune_mlp=0"
+        )
+    if not calibration:
+        raise ConfigError(
+            "emulator.prune_mlp found no calibration text in emulator.public_text; point it at "
+            "a non-empty corpus"
+        )
+    prefix = block_prefix(emulator, arch)
+    mlps = {
+        f"{prefix}.{index}.{arch.gated_mlp}": block.get_submodule(arch.gated_mlp)
+        for index, block in _middle_blocks(emulator, plan, arch).items()
+    }
+    multiple = settings.factorize_rank_multiple
+    if settings.quantize == "int4":  # a pruned down projection's input is the kept channels
+        multiple = math.lcm(multiple, settings.quant_group_size)
+    batches = _calibration_batches(tokenizer, calibration, settings.distill_max_length)
+    entry = prune_mlps(
+        emulator, mlps, arch.gated_mlp_projections, batches, settings.prune_mlp, multiple
+    )
+    log.info(
+        "  pruned %d of %d middle MLP channels (%.0f %%), estimated loss rise %.3g",
+        entry["channels"] - entry["kept_channels"],
+        entry["channels"],
+        100 * (1 - entry["kept_channels"] / entry["channels"]),
+        entry["estimated_loss_rise"],
+    )
+    return entry
+
+
 def factorize_emulator(
     emulator: nn.Module,
     plan: LayerPlan,
@@ -277,13 +339,15 @@ def factorize_emulator(
     settings: EmulatorConfig,
     tokenizer: Tokenizer = None,
     calibration: list[str] | None = None,
+    dense_params: int | None = None,
 ) -> dict[str, Any]:
     """Replace the kept middle blocks' linears by truncated SVDs in place; the manifest's
     factorization entry. 'whitened-svd' weighs each linear by the second moment of its inputs
     on ``calibration`` (the dense emulator's); 'fisher-svd' also by that of the LM loss's
     gradient at its output (``emulator.fisher``) and spreads ``factorize_budget`` over all
-    of them. Under int4 the ranks are multiples of the quantization group (the ``up``
-    factor's input is the rank)."""
+    of them (``dense_params``: the dense parameters that budget is a share of, when channel
+    pruning already removed some). Under int4 the ranks are multiples of the quantization
+    group (the ``up`` factor's input is the rank)."""
     linears = quantizable_linears(
         _middle_blocks(emulator, plan, arch), block_prefix(emulator, arch)
     )
@@ -318,6 +382,7 @@ def factorize_emulator(
         moments,
         gradients,
         budget=settings.factorize_budget if fisher else None,
+        reference_params=dense_params,
     )
     entry["calibration_texts"] = len(calibration or []) if moments else 0
     log.info(

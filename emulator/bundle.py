@@ -349,6 +349,13 @@ def factorized_modules(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return dict(modules) if isinstance(modules, Mapping) else {}
 
 
+def pruned_mlps(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The emulator's channel-pruning entry (``emulator.prune``), or None when nothing was
+    pruned."""
+    pruning = manifest.get("compression", {}).get("pruning")
+    return dict(pruning) if isinstance(pruning, Mapping) else None
+
+
 def check_signature(path: Path | str, public_key: bytes) -> None:
     """Check only the manifest's signature (no file digests: a cheap status for displays);
     an ``IntegrityError`` says what is wrong. ``verify_bundle`` checks everything."""
@@ -384,6 +391,7 @@ def load_bundle_model(bundle: Bundle, dtype: torch.dtype = torch.float32) -> nn.
     # from_pretrained would fill a factorized or quantized layer's missing dense weight with
     # random values (and only warn): such bundles are built from the config and filled exactly
     plain = not quantized and not factorized_modules(bundle.manifest)
+    plain = plain and pruned_mlps(bundle.manifest) is None  # pruned layers are smaller
     if plain and not quantized_embeddings(bundle.manifest):
         model: nn.Module = auto.from_pretrained(bundle.path, dtype=dtype, use_safetensors=True)
         return model.eval()
@@ -401,14 +409,21 @@ def fill_bundle_model(
     *,
     assign: bool = False,
 ) -> nn.Module:
-    """Give ``model`` the bundle's quantized layers (shaped from the manifest) and every tensor
-    of the bundle's files, read with ``read`` (``assign``: take the tensors as they are, for a
-    model built on the meta device); a tensor that finds no place, or a place left without a
-    tensor, is an ``IntegrityError``."""
+    """Give ``model`` the bundle's pruned, factorized and quantized layers (shaped from the
+    manifest) and every tensor of the bundle's files, read with ``read`` (``assign``: take the
+    tensors as they are, for a model built on the meta device); a tensor that finds no place,
+    or a place left without a tensor, is an ``IntegrityError``."""
     from emulator.factorize import install_factorized_layers
+    from emulator.prune import install_pruned_mlps
     from emulator.quant import install_quant_layers
 
     tensors = bundle.manifest["tensors"]
+    pruning = pruned_mlps(bundle.manifest)
+    try:  # pruned MLPs first: their (smaller) linears are what factors then replace
+        if pruning is not None:
+            install_pruned_mlps(model, pruning)
+    except (AttributeError, ValueError, KeyError, TypeError) as err:
+        raise IntegrityError(f"bundle's pruned MLPs do not fit its model: {err}") from err
     try:  # factors first: quantized factors live inside them (``{name}.down``, ``{name}.up``)
         install_factorized_layers(model, factorized_modules(bundle.manifest), tensors)
     except (AttributeError, ValueError, KeyError, TypeError) as err:

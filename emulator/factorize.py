@@ -245,6 +245,7 @@ def factorize_linears(
     second_moments: dict[str, torch.Tensor] | None = None,
     gradient_moments: dict[str, torch.Tensor] | None = None,
     budget: float | None = None,
+    reference_params: int | None = None,
 ) -> dict[str, Any]:
     """Replace each of ``linears`` (qualified names in ``model``) by its truncated SVD, in
     place; the manifest's factorization entry (rank and relative error per module).
@@ -252,7 +253,8 @@ def factorize_linears(
     Whitened by its inputs' second moment where ``second_moments`` has one, and by its output
     gradients' where ``gradient_moments`` has one. Ranks come from ``energy`` per matrix, or,
     given ``budget`` (a share of the matrices' dense parameters), from one allocation across
-    all of them (``allocate_ranks``), which is what the loss-comparable metric is for."""
+    all of them (``allocate_ranks``), which is what the loss-comparable metric is for; the
+    budget is a share of ``reference_params`` when given (the matrices before pruning)."""
     moments, gradients = second_moments or {}, gradient_moments or {}
     dense_linears = {name: _as_linear(module) for name, module in linears.items()}
     found: dict[str, Decomposition] = {}
@@ -266,7 +268,8 @@ def factorize_linears(
     total = sum(linear.weight.numel() for linear in dense_linears.values())
     if budget is not None:
         spectra = {n: (d.s, *dense_linears[n].weight.shape) for n, d in found.items()}
-        ranks = allocate_ranks(spectra, int(budget * total), multiple, max_rank_fraction)
+        basis = reference_params or total
+        ranks = allocate_ranks(spectra, int(budget * basis), multiple, max_rank_fraction)
     else:
         ranks = {
             name: choose_rank(linear, energy, max_rank_fraction, multiple, found=found[name])
@@ -293,6 +296,8 @@ def factorize_linears(
     errors = [m["relative_error"] for m in modules.values()]
     rule: dict[str, Any] = {"max_rank_fraction": max_rank_fraction, "rank_multiple": multiple}
     rule.update({"budget": budget} if budget is not None else {"energy": energy})
+    if reference_params is not None and budget is not None:
+        rule["budget_params"] = int(budget * reference_params)
     entry: dict[str, Any] = {
         "method": "fisher-svd" if gradients else "whitened-svd" if moments else "svd",
         "rule": rule,

@@ -31,7 +31,6 @@ def output_gradient_moments(
     of the summed next-token loss of ``model`` (a causal LM) on ``batches``, averaged over the
     real (unpadded) tokens. The model's parameters are left as they were (no ``.grad``)."""
     sums: dict[str, torch.Tensor] = {}
-    tokens = 0
     mask: list[torch.Tensor] = []
 
     def watch(name: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
@@ -48,13 +47,30 @@ def output_gradient_moments(
 
         return record
 
+    handles = [m.register_forward_hook(watch(n)) for n, m in linears.items()]
+    try:
+        tokens = loss_backward(model, batches, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total / tokens for name, total in sums.items()}
+
+
+def loss_backward(
+    model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], mask: list[torch.Tensor]
+) -> int:
+    """Backpropagate ``model``'s summed next-token loss on each of ``batches`` into its
+    activations only (hooks the caller registered read the gradients; ``mask`` holds the
+    current batch's attention mask for them); the number of real tokens. The parameters are
+    left as they were (no ``.grad``). ValueError when the batches hold no token."""
+
     def needs_grad(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
         return output.detach().requires_grad_(True)  # a graph without parameter gradients
 
+    tokens = 0
     flags = {p: p.requires_grad for p in model.parameters()}
     embeddings = hf_model(model).get_input_embeddings()
-    handles = [m.register_forward_hook(watch(n)) for n, m in linears.items()]
-    handles.append(embeddings.register_forward_hook(needs_grad))
+    handle = embeddings.register_forward_hook(needs_grad)
     try:
         for param in flags:
             param.requires_grad_(False)
@@ -76,10 +92,9 @@ def output_gradient_moments(
                 loss.backward()
             tokens += int(attention.sum())
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
         for param, flag in flags.items():
             param.requires_grad_(flag)
     if tokens == 0:
-        raise ValueError("no calibration tokens: the output-gradient moments are undefined")
-    return {name: total / tokens for name, total in sums.items()}
+        raise ValueError("no calibration tokens: the loss's gradients are undefined")
+    return tokens

@@ -183,6 +183,15 @@ class EmulatorConfig(_Section):
         "factorized matrix is smaller than the dense one and never recovers it exactly.",
     )
     factorize_rank_multiple: int = _f(8, "SVD: ranks rounded up to a multiple of this.")
+    prune_mlp: float = _f(
+        0.0,
+        "Remove this share of the kept middle blocks' gated-MLP channels (rows of gate and up, "
+        "columns of down) where the LM loss on public text needs them least (first-order "
+        "Taylor cost, comparable across blocks, so blocks lose different shares; causal LMs "
+        "with a gated MLP, needs emulator.public_text). Before factorization, whose "
+        "factorize_budget stays a share of the unpruned middle, so the bundle keeps its size "
+        "and the budget goes to the channels that remain. 0 = off.",
+    )
     quantize: Literal["none", "int8", "int4"] = _f(
         "int8",
         "Store the emulator's middle linears weight-only quantized: 'int8' (per output "
@@ -242,6 +251,15 @@ class EmulatorConfig(_Section):
             out.append("emulator.factorize_max_rank_fraction must be in (0, 1]")
         if self.factorize_rank_multiple < 1:
             out.append("emulator.factorize_rank_multiple must be >= 1")
+        if not 0.0 <= self.prune_mlp < 1.0:
+            out.append("emulator.prune_mlp must be in [0, 1)")
+        if self.prune_mlp and not self.public_text:
+            out.append("emulator.prune_mlp needs emulator.public_text (its calibration text)")
+        if self.prune_mlp and self.factorize == "none" and self.quantize == "none":
+            out.append(
+                "emulator.prune_mlp alone ships the kept channels' weights as they are; also set "
+                "emulator.factorize or emulator.quantize"
+            )
         if self.quant_group_size < 2 or self.quant_group_size % 2:
             out.append("emulator.quant_group_size must be an even number >= 2")
         if self.calibration_examples < 1:
