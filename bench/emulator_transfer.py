@@ -199,6 +199,23 @@ CELLS = {
             )
             for bottom, top in ((1, 3), (3, 1))
         ),
+        # MLP channel pruning before the same factorization budget (a share of the unpruned
+        # middle: same bundle size), at both leading placements
+        *(
+            Cell(
+                f"fisher43-prune{round(100 * share)}-int8-{bottom}-26-{top}",
+                (
+                    *COMPRESSED_OVERRIDES,
+                    f"emulator.prune_mlp={share}",
+                    f"emulator.bottom={bottom}",
+                    f"emulator.top={top}",
+                ),
+                f"fisher43-int8-{bottom}-26-{top} with {share:.0%} of the middle's MLP channels "
+                "pruned first where the LM loss needs them least",
+            )
+            for share in (0.25, 0.5)
+            for bottom, top in ((2, 2), (1, 3))
+        ),
         # how much LM loss the distillation may keep: 0 gave a positive margin and a low
         # plug-in, 1 the reverse (cosine-gradient-*)
         *(
