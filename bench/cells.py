@@ -18,10 +18,13 @@ LAYER_DROP_OVERRIDES = (
     "emulator.quantize='none'",
     "emulator.fold_norms=false",
 )
-# The default emulator since 2026-12-06 (bench cell fisher43-int8-2-26-2), spelled out so the
-# benchmarks keep measuring it if the defaults move: every middle block kept, norms folded, SVD
-# in the LM loss's K-FAC metric with 43.3 % of the middle's parameters spread by loss, int8.
+# The default emulator (bench cell fisher43-int8-1-26-3), spelled out so the benchmarks keep
+# measuring it if the defaults move: 1 bottom and 3 top adapter blocks (since 2026-12-07; 2 + 2
+# before), every middle block kept, norms folded, SVD in the LM loss's K-FAC metric with 43.3 %
+# of the middle's parameters spread by loss, int8.
 COMPRESSED_OVERRIDES = (
+    "emulator.bottom=1",
+    "emulator.top=3",
     "emulator.keep=-1",
     "emulator.factorize='fisher-svd'",
     "emulator.factorize_budget=0.433",

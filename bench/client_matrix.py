@@ -59,8 +59,8 @@ DEFAULT_SHAPE: Shape = (2, 16, 2)  # the default emulator (EmulatorConfig's bott
 # The layer-drop shapes are built pinned to a plain layer drop (cells.LAYER_DROP_OVERRIDES) at
 # the precision the cell names; one LoRA cell trains on the default, depth-preserving compressed
 # emulator (cells.COMPRESSED_OVERRIDES: every middle block kept, fisher-svd, int8).
-COMPRESSED_SHAPE: Shape = (2, 26, 2)
-COMPRESSED_CELL = "offsite 2-26-2 fisher-svd lora int8"
+COMPRESSED_SHAPE: Shape = (1, 26, 3)  # 2-26-2 until 2026-12-07 (its row stays in the report)
+COMPRESSED_CELL = "offsite 1-26-3 fisher-svd lora int8"
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 MODELS = {
     "smollm2-135m (30 blocks)": {"key": "default", "blocks": 30},
@@ -497,9 +497,11 @@ def write_report(
         "are chosen by cosine selection and distilled (200 steps on public chitchat text); "
         "their throughput bundles have the same shapes, undistilled. Cells without a shape "
         "in their name train on the 2-16-2 plain layer drop (the default until 2026-12-06); "
-        f"'{COMPRESSED_CELL}' trains on the default emulator since then (every middle block "
-        "kept, norms folded, each linear SVD-factorized in the LM loss's K-FAC metric with "
-        "43.3 % of the middle's parameters, int8 factors).",
+        "'offsite 2-26-2 fisher-svd lora int8' trains on the default emulator of 2026-12-06 "
+        "(every middle block kept, norms folded, each linear SVD-factorized in the LM loss's "
+        "K-FAC metric with 43.3 % of the middle's parameters, int8 factors) and "
+        f"'{COMPRESSED_CELL}' on today's, the same compression with 1 bottom and 3 top "
+        "adapter blocks (since 2026-12-07).",
         "",
     ]
     for summary in summaries:
@@ -782,7 +784,9 @@ def main() -> None:
                     path,
                     bundles,
                     args,
-                    WORK / "default-compressed" if info["key"] == "default" else None,
+                    WORK / f"default-compressed-{shape_label(COMPRESSED_SHAPE)}"
+                    if info["key"] == "default"
+                    else None,
                 )
                 if (spec["name"] in only)
                 or (not only and not any(r["name"] == spec["name"] for r in rows))

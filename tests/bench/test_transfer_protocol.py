@@ -136,13 +136,15 @@ def test_a_target_the_interval_crosses_is_not_called_met() -> None:
 
 def test_the_compressed_emulator_is_one_setting_in_both_benchmarks() -> None:
     """The client bench measures cells.COMPRESSED_OVERRIDES; the transfer protocol measured it
-    as cell fisher43-int8-2-26-2, which is the configuration's default emulator: all three must
-    build the same emulator."""
+    as cell fisher43-int8-1-26-3, which is the configuration's default emulator: all three must
+    build the same emulator (and the former default's cell still builds 2-26-2)."""
     from cells import COMPRESSED_OVERRIDES
 
     from offsite.config import load_config
 
-    cell = protocol.CELLS["fisher43-int8-2-26-2"].overrides
+    cell = protocol.CELLS["fisher43-int8-1-26-3"].overrides
     assert load_config(None, list(cell)) == load_config(None, list(COMPRESSED_OVERRIDES))
     assert load_config(None, list(COMPRESSED_OVERRIDES)) == load_config(None, [])
-    assert protocol.default_cell() == "fisher43-int8-2-26-2"
+    assert protocol.default_cell() == "fisher43-int8-1-26-3"
+    former = load_config(None, list(protocol.CELLS["fisher43-int8-2-26-2"].overrides)).emulator
+    assert (former.bottom, former.top, former.keep) == (2, 2, -1)

@@ -16,7 +16,7 @@ def test_defaults_are_the_documented_main_job() -> None:
     assert config == OffsiteConfig()
     assert config.model.name == "smollm2-135m" and config.data.name == "bbc-news"
     assert config.federation.num_clients == 4
-    assert (config.emulator.bottom, config.emulator.top) == (2, 2)
+    assert (config.emulator.bottom, config.emulator.top) == (1, 3)
 
 
 def test_file_then_overrides(tmp_path: Path) -> None:
