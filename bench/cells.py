@@ -33,6 +33,11 @@ COMPRESSED_OVERRIDES = (
     "emulator.quantize='int8'",
 )
 
+# The same compression at the former 2 + 2 placement (the default of 2026-12-06): benchmarks whose
+# finished rows were measured on it keep measuring it (bench cell fisher43-int8-2-26-2, the
+# LoRA-aggregation runs).
+COMPRESSED_2_26_2_OVERRIDES = (*COMPRESSED_OVERRIDES, "emulator.bottom=2", "emulator.top=2")
+
 # The LoRA aggregation modes the population benchmarks compare (federation.lora_aggregation,
 # train.adapter): naive averaging of A and B, merge-exact, and frozen A (lora-fa, exact).
 LORA_MODES: dict[str, tuple[str, ...]] = {

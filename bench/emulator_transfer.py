@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cells import COMPRESSED_OVERRIDES, LAYER_DROP_OVERRIDES, quiet_setup, simulate_cell
+from cells import (
+    COMPRESSED_2_26_2_OVERRIDES,
+    COMPRESSED_OVERRIDES,
+    LAYER_DROP_OVERRIDES,
+    quiet_setup,
+    simulate_cell,
+)
 
 ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
@@ -181,7 +187,7 @@ CELLS = {
         # which the client bench measures)
         Cell(
             "fisher43-int8-2-26-2",
-            (*COMPRESSED_OVERRIDES, "emulator.bottom=2", "emulator.top=2"),
+            COMPRESSED_2_26_2_OVERRIDES,
             "every middle block kept, norms folded, each linear SVD-factorized in the LM loss's "
             "K-FAC metric on public text (inputs' and output gradients' second moments), one "
             "budget of 43.3 % of the middle's dense parameters (those of wsvd95-int8-2-26-2) "

@@ -5,9 +5,10 @@ Run: offsite bench exact-lora [--populations 16,100] [--local-steps 3] [--seeds 
      (= .venv/bin/python bench/lora_aggregation.py …)
 
 Every (population, mode, seed) is one real `offsite simulate` run of the default task
-(SmolLM2-135M, bbc-news, the default emulator pinned by ``COMPRESSED_OVERRIDES``, 3 rounds,
-Dirichlet non-IID shares) with ``data.eval_size`` held-out examples and every client sampled
-each round. The modes (federation.lora_aggregation / train.adapter):
+(SmolLM2-135M, bbc-news, the 2-26-2 default emulator of 2026-12-06 pinned by
+``COMPRESSED_2_26_2_OVERRIDES``, 3 rounds, Dirichlet non-IID shares) with ``data.eval_size``
+held-out examples and every client sampled each round. The modes
+(federation.lora_aggregation / train.adapter):
 
 - ``naive``: LoRA, A and B averaged separately (mean(B)·mean(A) ≠ mean(B·A));
 - ``merge-exact``: each client's B·A averaged and folded into the adapter blocks' weights, a
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cells import COMPRESSED_OVERRIDES, LORA_MODES, quiet_setup, simulate_cell
+from cells import COMPRESSED_2_26_2_OVERRIDES, LORA_MODES, quiet_setup, simulate_cell
 from emulator_transfer import _pm, mean_ci
 
 from coordinator.state.folder import RunFolder
@@ -59,7 +60,7 @@ def setting(population: int, steps: int) -> str:
 
 def overrides(population: int, steps: int, mode: str, seed: int, eval_size: int) -> list[str]:
     return [
-        *COMPRESSED_OVERRIDES,
+        *COMPRESSED_2_26_2_OVERRIDES,  # the emulator every finished row was measured on
         *MODES[mode],
         f"federation.num_clients={population}",
         "federation.fraction_train=1.0",
