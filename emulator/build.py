@@ -142,7 +142,8 @@ def build_bundle(
         if arch.causal_lm:
             perplexity_fn = public_text_perplexity(tokenizer, texts[:count])
     calibration = texts[count : count + settings.calibration_examples]
-    rewritten = settings.factorize != "none" or settings.quantize != "none" or settings.prune_mlp
+    # (pruning is refused without one of these, so it never rewrites on its own)
+    rewritten = settings.factorize != "none" or settings.quantize != "none"
     if settings.fold_norms and arch.foldable_norms and rewritten:
         # only when the linears are then changed: a fold alone changes bytes, not the function
         middle = _middle_blocks(emulator, plan, arch).values()

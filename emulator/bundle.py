@@ -390,8 +390,9 @@ def load_bundle_model(bundle: Bundle, dtype: torch.dtype = torch.float32) -> nn.
     quantized = quantized_modules(bundle.manifest)
     # from_pretrained would fill a factorized or quantized layer's missing dense weight with
     # random values (and only warn): such bundles are built from the config and filled exactly
+    # (nor would it shape a pruned MLP's smaller layers)
     plain = not quantized and not factorized_modules(bundle.manifest)
-    plain = plain and pruned_mlps(bundle.manifest) is None  # pruned layers are smaller
+    plain = plain and pruned_mlps(bundle.manifest) is None
     if plain and not quantized_embeddings(bundle.manifest):
         model: nn.Module = auto.from_pretrained(bundle.path, dtype=dtype, use_safetensors=True)
         return model.eval()

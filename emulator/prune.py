@@ -96,22 +96,32 @@ def allocate_channels(
 def prune_gated_mlp(mlp: nn.Module, keep: torch.Tensor, projections: tuple[str, str, str]) -> None:
     """Keep only the intermediate channels ``keep`` of ``mlp`` (its (gate, up, down) linears
     named by ``projections``), in place: rows of gate and up, columns of down."""
-    gate_name, up_name, down_name = projections
-    for name in (gate_name, up_name):
-        old = _linear(mlp, name)
-        new = _linear_like(old, old.in_features, len(keep))
-        with torch.no_grad():
-            new.weight.copy_(old.weight[keep])
-            if old.bias is not None and new.bias is not None:
-                new.bias.copy_(old.bias[keep])
-        replace_module(mlp, name, new)
-    down = _linear(mlp, down_name)
-    new = _linear_like(down, len(keep), down.out_features)
+    old = _shrink(mlp, projections, len(keep))
+    new = [_linear(mlp, name) for name in projections]
     with torch.no_grad():
-        new.weight.copy_(down.weight[:, keep])
-        if down.bias is not None and new.bias is not None:
-            new.bias.copy_(down.bias)
-    replace_module(mlp, down_name, new)
+        for before, after in zip(old[:2], new[:2], strict=True):  # gate and up: rows
+            after.weight.copy_(before.weight[keep])
+            if before.bias is not None and after.bias is not None:
+                after.bias.copy_(before.bias[keep])
+        new[2].weight.copy_(old[2].weight[:, keep])  # down: columns, the bias stays whole
+        if old[2].bias is not None and new[2].bias is not None:
+            new[2].bias.copy_(old[2].bias)
+
+
+def _shrink(
+    mlp: nn.Module, projections: tuple[str, str, str], kept: int
+) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """Replace ``mlp``'s (gate, up, down) linears by empty ones of ``kept`` intermediate
+    channels (same device, dtype, bias and trainability); the replaced layers, in that
+    order. ValueError if ``kept`` is not in 1..the channels it has."""
+    gate_name, up_name, down_name = projections
+    gate, up, down = (_linear(mlp, part) for part in projections)
+    if not 1 <= kept <= gate.out_features:
+        raise ValueError(f"an MLP cannot keep {kept} of its {gate.out_features} channels")
+    replace_module(mlp, gate_name, _linear_like(gate, gate.in_features, kept))
+    replace_module(mlp, up_name, _linear_like(up, up.in_features, kept))
+    replace_module(mlp, down_name, _linear_like(down, kept, down.out_features))
+    return gate, up, down
 
 
 def _linear(mlp: nn.Module, name: str) -> nn.Linear:
@@ -175,16 +185,12 @@ def install_pruned_mlps(model: nn.Module, entry: Mapping[str, Any]) -> None:
     """Shape the MLPs a manifest's pruning ``entry`` names to their kept channels (empty
     layers, same device and dtype), so a bundle's tensors find places of their size;
     ValueError if the entry does not fit the model."""
-    projections = tuple(entry["projections"])
-    if len(projections) != 3:
-        raise ValueError(f"pruning names {len(projections)} projections, not (gate, up, down)")
-    gate_name, up_name, down_name = projections
+    found = tuple(entry["projections"])
+    if len(found) != 3:
+        raise ValueError(f"pruning names {len(found)} projections, not (gate, up, down)")
+    projections = (str(found[0]), str(found[1]), str(found[2]))
     for name, module_entry in entry["modules"].items():
-        mlp = model.get_submodule(name)
-        kept = int(module_entry["kept"])
-        gate, up, down = (_linear(mlp, part) for part in projections)
-        if not 1 <= kept <= gate.out_features:
-            raise ValueError(f"{name} keeps {kept} of {gate.out_features} channels")
-        replace_module(mlp, gate_name, _linear_like(gate, gate.in_features, kept))
-        replace_module(mlp, up_name, _linear_like(up, up.in_features, kept))
-        replace_module(mlp, down_name, _linear_like(down, kept, down.out_features))
+        try:
+            _shrink(model.get_submodule(name), projections, int(module_entry["kept"]))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
