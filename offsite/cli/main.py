@@ -710,6 +710,12 @@ BENCHMARKS = {
         "Exact vs naive LoRA aggregation (naive, merge-exact, frozen-A) at 16 and 100 clients "
         "per round: plug-in accuracy over seeds and the naive averaging error per round.",
     ),
+    "recipe": (
+        "recipe_tuning.py",
+        "Choose the training recipe (lr, rank, rounds x steps) on tasks never reported: the "
+        "default emulator's five-way scores per recipe on two tuning tasks, ranked by the share "
+        "of full fine-tuning's gain the plug-in keeps on its worst task.",
+    ),
     "worker-memory": (
         "worker_memory.py",
         "What one simulated client costs: peak and unshared RSS per Ray worker, 1 worker vs "
