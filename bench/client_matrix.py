@@ -48,6 +48,7 @@ REPORTS = ROOT / "reports"
 WORK = ROOT / "out" / "client"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
+from cells import COMPRESSED_OVERRIDES, placement  # noqa: E402 -- after the path setup
 
 POLICIES = ("lora", "lora-top", "top", "sparse", "full", "bias")
 Shape = tuple[int, int, int]  # emulator (bottom adapter blocks, middle blocks kept, top ones)
@@ -59,8 +60,9 @@ DEFAULT_SHAPE: Shape = (2, 16, 2)  # the default emulator (EmulatorConfig's bott
 # The layer-drop shapes are built pinned to a plain layer drop (cells.LAYER_DROP_OVERRIDES) at
 # the precision the cell names; one LoRA cell trains on the default, depth-preserving compressed
 # emulator (cells.COMPRESSED_OVERRIDES: every middle block kept, fisher-svd, int8).
-COMPRESSED_SHAPE: Shape = (1, 26, 3)  # 2-26-2 until 2026-12-07 (its row stays in the report)
-COMPRESSED_CELL = "offsite 1-26-3 fisher-svd lora int8"
+# 2-26-2 until 2026-12-07 (its row stays in the report); read from the overrides, not restated
+COMPRESSED_SHAPE: Shape = placement(COMPRESSED_OVERRIDES, blocks=30)
+COMPRESSED_CELL = f"offsite {'-'.join(map(str, COMPRESSED_SHAPE))} fisher-svd lora int8"
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 MODELS = {
     "smollm2-135m (30 blocks)": {"key": "default", "blocks": 30},

@@ -16,6 +16,7 @@ JSONL files and run through the same public path a user's data takes:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import pkgutil
@@ -99,10 +100,13 @@ def _package_docstrings(name: str) -> list[str]:
     return out
 
 
-def stdlib_docs() -> list[dict[str, str]]:
+def stdlib_docs(packages: tuple[str, ...] = STDLIB_PACKAGES) -> list[dict[str, str]]:
     """Docstring (its package's name masked) -> package, PER_LABEL per package at most."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:  # e.g. a Python built without Tk: the task would silently lose a class
+        raise SystemExit(f"stdlib-docs needs the standard packages {missing}; install them")
     rows = []
-    for name in STDLIB_PACKAGES:
+    for name in packages:
         mask = re.compile(rf"\b{re.escape(name)}\b", re.IGNORECASE)
         for doc in _package_docstrings(name)[:PER_LABEL]:
             rows.append({"text": mask.sub("…", doc), "label": name})

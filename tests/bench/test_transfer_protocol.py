@@ -148,3 +148,21 @@ def test_the_compressed_emulator_is_one_setting_in_both_benchmarks() -> None:
     assert protocol.default_cell() == "fisher43-int8-1-26-3"
     former = load_config(None, list(protocol.CELLS["fisher43-int8-2-26-2"].overrides)).emulator
     assert (former.bottom, former.top, former.keep) == (2, 2, -1)
+
+
+def test_the_client_bench_names_the_default_placement_it_measures() -> None:
+    """The client bench's cell name and bundle folder follow the default's placement (read from
+    cells.COMPRESSED_OVERRIDES), so a placement change can never leave a stale name or bundle."""
+    import client_matrix
+    from cells import COMPRESSED_2_26_2_OVERRIDES, placement
+
+    from offsite.config import load_config
+
+    emulator = load_config(None, []).emulator
+    bottom, middle, top = client_matrix.COMPRESSED_SHAPE
+    assert (bottom, top) == (emulator.bottom, emulator.top)
+    assert bottom + middle + top == 30  # every block of SmolLM2-135M: no middle block dropped
+    assert client_matrix.COMPRESSED_CELL.startswith(f"offsite {bottom}-{middle}-{top} ")
+    assert placement(COMPRESSED_2_26_2_OVERRIDES, blocks=30) == (2, 26, 2)
+    with pytest.raises(ValueError, match="every middle block"):
+        placement(("emulator.keep=8",), blocks=30)

@@ -1,0 +1,86 @@
+"""bench/recipe_tuning.py and its tuning tasks: what each run is, and how recipes are ranked
+(no model is run here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import recipe_tuning
+import tuning_tasks
+
+from offsite.config import learning_rate, load_config
+from offsite.data import load_task
+
+
+def test_each_candidate_is_the_default_emulator_with_one_recipe_change(tmp_path: Path) -> None:
+    path = tuning_tasks.write_task("chitchat-prompts", tmp_path)
+    default = load_config(None, recipe_tuning.overrides_for("default", "chitchat-prompts", 0, path))
+    assert default.emulator == load_config(None, []).emulator  # the shipped default emulator
+    shipped = load_config(None, []).train  # "default" spells out today's recipe
+    assert learning_rate(default.train) == learning_rate(shipped)
+    assert dataclasses.replace(default.train, lr=shipped.lr) == shipped
+    assert default.federation == load_config(None, []).federation
+    assert default.data.template == "Chat: {text}\nTopic:"
+    assert load_task(default.data.name).labels == tuple(
+        sorted(tuning_tasks.CHITCHAT_PROMPTS.values())
+    )
+    for recipe in recipe_tuning.RECIPES:
+        config = load_config(None, recipe_tuning.overrides_for(recipe, "stdlib-docs", 2, path))
+        assert config.seed == 2 and config.data.eval_size == recipe_tuning.EVAL_SIZE
+        assert config.emulator == default.emulator
+        changed = {
+            k
+            for section in ("train", "federation")
+            for k, v in vars(getattr(config, section)).items()
+            if v != vars(getattr(default, section))[k]
+        }
+        assert len(changed) <= 2 and (recipe == "default") == (not changed)
+
+
+def test_the_tuning_tasks_are_balanced_fixed_and_do_not_spell_out_their_labels(
+    tmp_path: Path,
+) -> None:
+    first = tuning_tasks.write_task("chitchat-prompts", tmp_path / "a").read_text()
+    assert first == tuning_tasks.write_task("chitchat-prompts", tmp_path / "b").read_text()
+    rows = [json.loads(line) for line in first.splitlines()]
+    assert {r["label"] for r in rows} == set(tuning_tasks.CHITCHAT_PROMPTS.values())
+    assert len(rows) == 8 * tuning_tasks.PER_LABEL
+    packages = ("email", "logging", "http")  # in every CPython (tkinter and turtle need Tk)
+    docs = tuning_tasks.stdlib_docs(packages)
+    assert {r["label"] for r in docs} == set(packages)
+    assert all(sum(r["label"] == p for r in docs) <= tuning_tasks.PER_LABEL for p in packages)
+    for row in docs:
+        assert not re.search(rf"\b{row['label']}\b", row["text"], re.IGNORECASE), row
+
+
+def _cell(plug: float, zs: float, full: float, emu: float) -> dict[str, Any]:
+    rows = [{"full_zs": zs, "emu_zs": zs, "emu_ft": emu, "plug_in": plug, "full_ft": full}]
+    return recipe_tuning.summarize(rows)
+
+
+def test_recipes_rank_by_the_worst_tasks_share_of_the_full_ft_gain() -> None:
+    assert recipe_tuning.normalised_gain(
+        {"full_zs": 40.0, "plug_in": 70.0, "full_ft": 100.0}
+    ) == pytest.approx(0.5)
+    report = {
+        "results": {
+            "a": {"default": _cell(90, 40, 100, 80), "lr1e-3": _cell(70, 40, 100, 60)},
+            # lr1e-3 is worse on a but better on b, and its worst task beats default's
+            "b": {"default": _cell(45, 40, 90, 40), "lr1e-3": _cell(75, 40, 90, 60)},
+        }
+    }
+    ranking = recipe_tuning.rank(report, ["a", "b"])
+    assert [r["recipe"] for r in ranking] == ["lr1e-3", "default"]
+    assert ranking[0]["worst_gain_kept"] == pytest.approx(0.5)
+    assert ranking[1]["mean_margin"] == pytest.approx(7.5)
+    only_a = recipe_tuning.rank({"results": {"a": report["results"]["a"]}}, ["a", "b"])
+    assert only_a == []  # a recipe not measured on every task is not ranked
