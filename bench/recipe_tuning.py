@@ -176,10 +176,23 @@ def save(report: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes")
-    parser.add_argument("--tasks", default=",".join(tuning_tasks.BUILDERS))
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per (recipe, task)")
+    parser.add_argument(
+        "--recipes",
+        default=",".join(RECIPES),
+        help=f"comma-separated candidates (default: all of {', '.join(RECIPES)})",
+    )
+    parser.add_argument(
+        "--tasks",
+        default=",".join(tuning_tasks.BUILDERS),
+        help=f"comma-separated tuning tasks (default: {', '.join(tuning_tasks.BUILDERS)})",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="seeds per (recipe, task): 1 screens, 3 decides"
+    )
     parser.add_argument("--fresh", action="store_true", help="re-run finished runs")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from finished runs"
+    )
     args = parser.parse_args()
     recipes = [r for r in args.recipes.split(",") if r]
     tasks = [t for t in args.tasks.split(",") if t]
@@ -194,6 +207,10 @@ def main() -> None:
         "recipes": {name: list(o) for name, (o, _) in RECIPES.items()},
         "results": {},
     }
+    if args.report_only:
+        _collect(report, tasks, recipes)
+        save(report)
+        return
     for seed in range(args.seeds):  # seed-major: a stopped run leaves every recipe comparable
         for recipe in recipes:
             for task in tasks:
@@ -203,12 +220,12 @@ def main() -> None:
                     simulate_cell(run_dir, overrides, args.fresh)
                 except Exception as err:  # record and go on to the next run
                     print(f"{task}/{recipe}/seed-{seed} failed: {err}")
-                _collect(report, tasks, recipes, args.seeds)
+                _collect(report, tasks, recipes)
                 save(report)
                 print(markdown(report).split("## Recipes across tasks")[1])
 
 
-def _collect(report: dict[str, Any], tasks: list[str], recipes: list[str], seeds: int) -> None:
+def _collect(report: dict[str, Any], tasks: list[str], recipes: list[str]) -> None:
     """Every finished run of the requested recipes and tasks, summarized."""
     from coordinator.state.folder import RunFolder
 
@@ -216,12 +233,12 @@ def _collect(report: dict[str, Any], tasks: list[str], recipes: list[str], seeds
     for task in tasks:
         for recipe in recipes:
             rows = []
-            for seed in range(seeds):
-                path = RunFolder(WORK / task / recipe / f"seed-{seed}").metrics_path
+            for folder in sorted((WORK / task / recipe).glob("seed-*")):  # every seed on disk
+                path = RunFolder(folder).metrics_path
                 if path.is_file():
                     metrics = json.loads(path.read_text())
                     if not metrics["run"].get("failed") and "full_fine_tuned" in metrics["scores"]:
-                        rows.append(seed_row(metrics))
+                        rows.append({"seed": int(folder.name[5:]), **seed_row(metrics)})
             if rows:
                 results.setdefault(task, {})[recipe] = summarize(rows)
     report["results"] = results
