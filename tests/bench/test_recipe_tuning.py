@@ -67,20 +67,24 @@ def _cell(plug: float, zs: float, full: float, emu: float) -> dict[str, Any]:
     return recipe_tuning.summarize(rows)
 
 
-def test_recipes_rank_by_the_worst_tasks_share_of_the_full_ft_gain() -> None:
-    assert recipe_tuning.normalised_gain(
-        {"full_zs": 40.0, "plug_in": 70.0, "full_ft": 100.0}
-    ) == pytest.approx(0.5)
+def test_recipes_rank_by_the_worst_tasks_share_of_the_best_full_ft_gain() -> None:
     report = {
         "results": {
             "a": {"default": _cell(90, 40, 100, 80), "lr1e-3": _cell(70, 40, 100, 60)},
             # lr1e-3 is worse on a but better on b, and its worst task beats default's
-            "b": {"default": _cell(45, 40, 90, 40), "lr1e-3": _cell(75, 40, 90, 60)},
+            "b": {"default": _cell(45, 40, 90, 40), "lr1e-3": _cell(75, 40, 80, 60)},
         }
     }
+    assert recipe_tuning.ceilings(report) == {"a": 100, "b": 90}
+    # b's yardstick is the best full FT on b (90, default's), not lr1e-3's own 80
+    assert recipe_tuning.gain_kept(report["results"]["b"]["lr1e-3"], 90) == pytest.approx(0.7)
     ranking = recipe_tuning.rank(report, ["a", "b"])
     assert [r["recipe"] for r in ranking] == ["lr1e-3", "default"]
     assert ranking[0]["worst_gain_kept"] == pytest.approx(0.5)
     assert ranking[1]["mean_margin"] == pytest.approx(7.5)
+    # a recipe that hurts full FT does not gain by it: same plug-in, lower own full FT
+    worse = {"results": {"a": {"default": _cell(70, 40, 100, 60), "lr4e-3": _cell(70, 40, 80, 60)}}}
+    ranked = recipe_tuning.rank(worse, ["a"])
+    assert ranked[0]["worst_gain_kept"] == ranked[1]["worst_gain_kept"] == pytest.approx(0.5)
     only_a = recipe_tuning.rank({"results": {"a": report["results"]["a"]}}, ["a", "b"])
     assert only_a == []  # a recipe not measured on every task is not ranked
