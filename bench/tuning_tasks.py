@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import pkgutil
 import re
 import sys
@@ -117,11 +118,14 @@ BUILDERS = {"chitchat-prompts": chitchat_prompts, "stdlib-docs": stdlib_docs}
 
 
 def write_task(name: str, folder: Path) -> Path:
-    """The task's JSONL in ``folder`` (rewritten each time: it is cheap and deterministic)."""
+    """The task's JSONL in ``folder`` (rewritten each time: it is cheap and deterministic; by a
+    rename, so a run reading it meanwhile never sees half a file)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.jsonl"
     rows = BUILDERS[name]()
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    partial.replace(path)
     return path
 
 
