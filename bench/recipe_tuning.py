@@ -169,7 +169,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Recipes across tasks",
         "",
-        "Ranked by the worst task's g, then the mean g (recipes measured on every task).",
+        "Ranked by the worst task's g, then the mean g (recipes measured on every task). "
+        "Rows with different seed counts do not compare: seeds move a task by up to 11 points "
+        "(stdlib-docs, default: 45.3 and 56.3), so a one-seed row is a screen.",
         "",
         "| recipe | what | seeds | worst g | mean g | mean plug-in | mean margin "
         "| mean plug-in − full FT |",
