@@ -501,6 +501,8 @@ def _earlier_rows(part: str, eval_size: int) -> dict[str, Any]:
     """Per-seed rows the committed report already holds for this protocol, so that running a
     subset of cells (or a checkout without bench/out) keeps every cell measured before; a run
     folder found again replaces its row."""
+    from coordinator.state.folder import RunFolder
+
     earlier = _committed_report().get(part) or {}
     out: dict[str, Any] = {}
     for name, summary in earlier.items():
@@ -512,7 +514,7 @@ def _earlier_rows(part: str, eval_size: int) -> dict[str, Any]:
             str(r["seed"]): r for r in summary.get("per_seed", []) if r.get("eval_size") == wanted
         }
         for seed, row in rows.items():  # build seconds as the run folder records them
-            metrics = _run_folder(part, name, int(seed)) / "metrics.json"
+            metrics = RunFolder(_run_folder(part, name, int(seed))).metrics_path
             if metrics.is_file():
                 fresh = seed_row(json.loads(metrics.read_text()))
                 row.update(build_s=fresh["build_s"], bundle_cached=fresh["bundle_cached"])
