@@ -41,16 +41,13 @@ COMPRESSED_2_26_2_OVERRIDES = (*COMPRESSED_OVERRIDES, "emulator.bottom=2", "emul
 
 def placement(overrides: tuple[str, ...], blocks: int) -> tuple[int, int, int]:
     """(bottom, middle, top) blocks of an emulator whose overrides keep every middle block, on a
-    model of ``blocks`` blocks: the last emulator.bottom / emulator.top override wins."""
-    found = {"emulator.bottom": 0, "emulator.top": 0}
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key in found:
-            found[key] = int(value)
-    if "emulator.keep=-1" not in overrides:
+    model of ``blocks`` blocks, as the configuration reads the overrides."""
+    from offsite.config import load_config
+
+    emulator = load_config(None, list(overrides)).emulator
+    if emulator.keep != -1:
         raise ValueError("placement() needs an emulator that keeps every middle block")
-    bottom, top = found["emulator.bottom"], found["emulator.top"]
-    return bottom, blocks - bottom - top, top
+    return emulator.bottom, blocks - emulator.bottom - emulator.top, emulator.top
 
 
 # The LoRA aggregation modes the population benchmarks compare (federation.lora_aggregation,

@@ -334,6 +334,20 @@ def seed_row(metrics: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def five_way_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± CI over seeds of each setting and of the paired differences the targets use
+    (plug-in − full FT where every seed has full FT, margin = plug-in − emulator FT)."""
+    out: dict[str, Any] = {}
+    for short, _, _ in SETTINGS:
+        values = [r[short] for r in rows if short in r]
+        if values:
+            out[short] = mean_ci(values)
+    if all("full_ft" in r for r in rows):
+        out["plug_in_minus_full_ft"] = mean_ci([r["plug_in"] - r["full_ft"] for r in rows])
+    out["margin"] = mean_ci([r["plug_in"] - r["emu_ft"] for r in rows])
+    return out
+
+
 def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One cell over its seeds: mean ± CI of each setting and of the paired differences."""
     what = CELLS[name].what if name in CELLS else f"the default emulator and recipe on {name}"
@@ -342,13 +356,7 @@ def summarize(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["overrides"] = [
             o for o in CELLS[name].overrides if not o.startswith("emulator.distill_checkpoint=")
         ]
-    for short, _, _ in SETTINGS:
-        values = [r[short] for r in rows if short in r]
-        if values:
-            out[short] = mean_ci(values)
-    if all("full_ft" in r for r in rows):
-        out["plug_in_minus_full_ft"] = mean_ci([r["plug_in"] - r["full_ft"] for r in rows])
-    out["margin"] = mean_ci([r["plug_in"] - r["emu_ft"] for r in rows])
+    out.update(five_way_stats(rows))
     first = rows[0]
     for key in ("plan", "eval_size", "bundle_bytes", "full_model_bytes", "middle_tensors"):
         out[key] = first[key]

@@ -34,7 +34,7 @@ from typing import Any
 
 import tuning_tasks
 from cells import COMPRESSED_OVERRIDES, quiet_setup, simulate_cell
-from emulator_transfer import SETTINGS, mean_ci, seed_row
+from emulator_transfer import SETTINGS, _pm, five_way_stats, seed_row
 
 ROOT = Path(__file__).resolve().parent
 REPORTS = ROOT / "reports"
@@ -96,15 +96,8 @@ def gain_kept(cell: dict[str, Any], ceiling: float) -> float:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"seeds": len(rows)}
-    for short, _, _ in SETTINGS:
-        values = [r[short] for r in rows if short in r]
-        if values:
-            out[short] = mean_ci(values)
-    out["margin"] = mean_ci([r["plug_in"] - r["emu_ft"] for r in rows])
-    out["plug_in_minus_full_ft"] = mean_ci([r["plug_in"] - r["full_ft"] for r in rows])
-    out["per_seed"] = rows
-    return out
+    """One (recipe, task) over its seeds: the protocol's statistics and the rows."""
+    return {"seeds": len(rows), **five_way_stats(rows), "per_seed": rows}
 
 
 def rank(report: dict[str, Any], tasks: list[str]) -> list[dict[str, Any]]:
@@ -130,14 +123,6 @@ def rank(report: dict[str, Any], tasks: list[str]) -> list[dict[str, Any]]:
             }
         )
     return sorted(ranked, key=lambda r: (-r["worst_gain_kept"], -r["mean_gain_kept"]))
-
-
-def _pm(stat: dict[str, float] | None, scale: float = 1.0) -> str:
-    if stat is None:
-        return "–"
-    if stat.get("n", 1) < 2:
-        return f"{scale * stat['mean']:.1f}"
-    return f"{scale * stat['mean']:.1f} ± {scale * stat['ci95']:.1f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
