@@ -230,23 +230,45 @@ def main() -> None:
 
 
 def _collect(report: dict[str, Any], tasks: list[str], recipes: list[str]) -> None:
-    """Every finished run of the requested recipes and tasks, summarized."""
+    """Every finished run, summarized: the seeds the committed report already holds (bench/out is
+    not in git: a fresh checkout has none of the runs behind it) updated by the run folders on
+    disk. Recipes and tasks not asked for this time keep their rows."""
     from coordinator.state.folder import RunFolder
 
-    results: dict[str, Any] = {}
+    seeds: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for task, cells in _committed_results().items():
+        for recipe, cell in cells.items():
+            if recipe in RECIPES:
+                seeds[task, recipe] = {row["seed"]: row for row in cell["per_seed"]}
     for task in tasks:
         for recipe in recipes:
-            rows = []
             for folder in sorted((WORK / task / recipe).glob("seed-*")):  # every seed on disk
                 path = RunFolder(folder).metrics_path
                 if path.is_file():
                     metrics = json.loads(path.read_text())
                     if not metrics["run"].get("failed") and "full_fine_tuned" in metrics["scores"]:
-                        rows.append({"seed": int(folder.name[5:]), **seed_row(metrics)})
+                        seed = int(folder.name[5:])
+                        seeds.setdefault((task, recipe), {})[seed] = {
+                            "seed": seed,
+                            **seed_row(metrics),
+                        }
+    results: dict[str, Any] = {}
+    for task in [*tasks, *sorted({t for t, _ in seeds} - set(tasks))]:
+        for recipe in RECIPES:
+            rows = [seeds[task, recipe][s] for s in sorted(seeds.get((task, recipe), {}))]
             if rows:
                 results.setdefault(task, {})[recipe] = summarize(rows)
     report["results"] = results
-    report["ranking"] = rank(report, tasks)
+    report["ranking"] = rank(report, sorted(results))
+
+
+def _committed_results() -> dict[str, Any]:
+    """The results of the report on disk (in git), or none."""
+    path = REPORTS / "recipe_tuning.json"
+    if not path.is_file():
+        return {}
+    results: dict[str, Any] = json.loads(path.read_text()).get("results", {})
+    return results
 
 
 if __name__ == "__main__":

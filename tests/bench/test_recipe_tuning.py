@@ -88,3 +88,50 @@ def test_recipes_rank_by_the_worst_tasks_share_of_the_best_full_ft_gain() -> Non
     assert ranked[0]["worst_gain_kept"] == ranked[1]["worst_gain_kept"] == pytest.approx(0.5)
     only_a = recipe_tuning.rank({"results": {"a": report["results"]["a"]}}, ["a", "b"])
     assert only_a == []  # a recipe not measured on every task is not ranked
+
+
+def _metrics(plug: float) -> dict[str, Any]:
+    """A finished run's metrics as offsite simulate writes them (the keys the bench reads)."""
+    scores = {key: {"value": 0.5} for _, key, _ in recipe_tuning.SETTINGS}
+    scores["plug_in"] = {"value": plug}
+    run = {"plan": "1-26-3", "eval_examples": 300, "bundle_bytes": 1}
+    return {"run": run, "scores": scores, "timings": {}}
+
+
+def test_a_checkout_without_run_folders_keeps_the_committed_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/out is not in git: the committed report's seeds survive a fresh checkout, a run
+    folder on disk adds its seed, and recipes not asked for keep their rows."""
+    from coordinator.state.folder import RunFolder
+
+    monkeypatch.setattr(recipe_tuning, "REPORTS", tmp_path / "reports")
+    monkeypatch.setattr(recipe_tuning, "WORK", tmp_path / "out")
+    committed: dict[str, Any] = {"results": {}}
+    for task in ("a", "b"):
+        for recipe in ("default", "lr1e-3"):
+            committed["results"].setdefault(task, {})[recipe] = recipe_tuning.summarize(
+                [
+                    {
+                        "seed": 0,
+                        "full_zs": 20,
+                        "emu_zs": 20,
+                        "emu_ft": 50,
+                        "plug_in": 40,
+                        "full_ft": 80,
+                    }
+                ]
+            )
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "recipe_tuning.json").write_text(json.dumps(committed))
+    folder = RunFolder(tmp_path / "out" / "a" / "default" / "seed-1").metrics_path
+    folder.parent.mkdir(parents=True)
+    folder.write_text(json.dumps(_metrics(plug=0.6)))
+
+    report: dict[str, Any] = {}
+    recipe_tuning._collect(report, ["a", "b"], ["default"])
+    default_a = report["results"]["a"]["default"]
+    assert [r["seed"] for r in default_a["per_seed"]] == [0, 1]
+    assert default_a["plug_in"]["mean"] == pytest.approx(50)
+    assert report["results"]["b"]["lr1e-3"]["seeds"] == 1  # not asked for, still reported
+    assert {r["recipe"] for r in report["ranking"]} == {"default", "lr1e-3"}
