@@ -20,7 +20,8 @@ first pass is a one-seed screen; candidates
 that lead go on to more seeds (``--seeds 3 --recipes …``) before any default changes.
 
 Runs land in bench/out/recipe_tuning/<task>/<recipe>/seed-<s>/ and are reused; the report
-bench/reports/recipe_tuning.{json,md} is rewritten after every run.
+bench/reports/recipe_tuning.{json,md} is rewritten after every run. A seed the committed report
+already holds is not run again (bench/out is not in git; ``--fresh`` re-runs it).
 """
 
 from __future__ import annotations
@@ -215,10 +216,13 @@ def main() -> None:
         _collect(report, tasks, recipes)
         save(report)
         return
+    committed = _committed_seeds()
     for seed in range(args.seeds):  # seed-major: a stopped run leaves every recipe comparable
         for recipe in recipes:
             for task in tasks:
                 run_dir = WORK / task / recipe / f"seed-{seed}"
+                if (task, recipe, seed) in committed and not run_dir.exists() and not args.fresh:
+                    continue  # measured before, its row is in the committed report
                 overrides = overrides_for(recipe, task, seed, paths[task])
                 try:
                     simulate_cell(run_dir, overrides, args.fresh)
@@ -260,6 +264,16 @@ def _collect(report: dict[str, Any], tasks: list[str], recipes: list[str]) -> No
                 results.setdefault(task, {})[recipe] = summarize(rows)
     report["results"] = results
     report["ranking"] = rank(report, sorted(results))
+
+
+def _committed_seeds() -> set[tuple[str, str, int]]:
+    """(task, recipe, seed) of every run the committed report holds."""
+    return {
+        (task, recipe, row["seed"])
+        for task, cells in _committed_results().items()
+        for recipe, cell in cells.items()
+        for row in cell["per_seed"]
+    }
 
 
 def _committed_results() -> dict[str, Any]:
