@@ -59,6 +59,12 @@ LORA_MODES: dict[str, tuple[str, ...]] = {
 }
 
 
+def committed_report(path: Path) -> dict[str, Any]:
+    """A bench report as it was before this run ({} when there is none): bench/out is not in
+    git, so a fresh checkout's earlier seeds live only in the committed report."""
+    return dict(json.loads(path.read_text())) if path.exists() else {}
+
+
 def quiet_setup() -> None:
     """Our loggers at INFO, third parties quiet, everything offline."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -38,6 +38,7 @@ from cells import (
     COMPRESSED_2_26_2_OVERRIDES,
     COMPRESSED_OVERRIDES,
     LAYER_DROP_OVERRIDES,
+    committed_report,
     quiet_setup,
     simulate_cell,
 )
@@ -501,8 +502,7 @@ def run(
 
 def _committed_report() -> dict[str, Any]:
     """The report as it was before this run ({} when there is none)."""
-    path = REPORTS / "emulator_transfer.json"
-    return dict(json.loads(path.read_text())) if path.exists() else {}
+    return committed_report(REPORTS / "emulator_transfer.json")
 
 
 def _earlier_rows(part: str, eval_size: int) -> dict[str, Any]:

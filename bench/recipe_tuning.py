@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import tuning_tasks
-from cells import COMPRESSED_OVERRIDES, quiet_setup, simulate_cell
+from cells import COMPRESSED_OVERRIDES, committed_report, quiet_setup, simulate_cell
 from emulator_transfer import SETTINGS, _pm, five_way_stats, seed_row
 
 ROOT = Path(__file__).resolve().parent
@@ -216,12 +216,16 @@ def main() -> None:
         _collect(report, tasks, recipes)
         save(report)
         return
-    committed = _committed_seeds()
+    committed = _committed_rows()
     for seed in range(args.seeds):  # seed-major: a stopped run leaves every recipe comparable
         for recipe in recipes:
             for task in tasks:
                 run_dir = WORK / task / recipe / f"seed-{seed}"
-                if (task, recipe, seed) in committed and not run_dir.exists() and not args.fresh:
+                if (
+                    seed in committed.get((task, recipe), {})
+                    and not run_dir.exists()
+                    and not args.fresh
+                ):
                     continue  # measured before, its row is in the committed report
                 overrides = overrides_for(recipe, task, seed, paths[task])
                 try:
@@ -239,11 +243,7 @@ def _collect(report: dict[str, Any], tasks: list[str], recipes: list[str]) -> No
     disk. Recipes and tasks not asked for this time keep their rows."""
     from coordinator.state.folder import RunFolder
 
-    seeds: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
-    for task, cells in _committed_results().items():
-        for recipe, cell in cells.items():
-            if recipe in RECIPES:
-                seeds[task, recipe] = {row["seed"]: row for row in cell["per_seed"]}
+    seeds = _committed_rows()
     for task in tasks:
         for recipe in recipes:
             for folder in sorted((WORK / task / recipe).glob("seed-*")):  # every seed on disk
@@ -266,23 +266,15 @@ def _collect(report: dict[str, Any], tasks: list[str], recipes: list[str]) -> No
     report["ranking"] = rank(report, sorted(results))
 
 
-def _committed_seeds() -> set[tuple[str, str, int]]:
-    """(task, recipe, seed) of every run the committed report holds."""
+def _committed_rows() -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
+    """Per (task, recipe), the per-seed rows the committed report holds."""
+    results = committed_report(REPORTS / "recipe_tuning.json").get("results", {})
     return {
-        (task, recipe, row["seed"])
-        for task, cells in _committed_results().items()
+        (task, recipe): {row["seed"]: row for row in cell["per_seed"]}
+        for task, cells in results.items()
         for recipe, cell in cells.items()
-        for row in cell["per_seed"]
+        if recipe in RECIPES
     }
-
-
-def _committed_results() -> dict[str, Any]:
-    """The results of the report on disk (in git), or none."""
-    path = REPORTS / "recipe_tuning.json"
-    if not path.is_file():
-        return {}
-    results: dict[str, Any] = json.loads(path.read_text()).get("results", {})
-    return results
 
 
 if __name__ == "__main__":

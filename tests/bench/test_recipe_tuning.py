@@ -136,4 +136,4 @@ def test_a_checkout_without_run_folders_keeps_the_committed_seeds(
     assert report["results"]["b"]["lr1e-3"]["seeds"] == 1  # not asked for, still reported
     assert {r["recipe"] for r in report["ranking"]} == {"default", "lr1e-3"}
     # a seed the committed report holds is not run again on a fresh checkout
-    assert ("b", "lr1e-3", 0) in recipe_tuning._committed_seeds()
+    assert 0 in recipe_tuning._committed_rows()["b", "lr1e-3"]
