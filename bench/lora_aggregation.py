@@ -26,7 +26,8 @@ mode's paired difference from naive per seed; the measured aggregation error
 Runs land in bench/out/lora_aggregation/<clients>x<local steps>/<mode>/seed-<s>/; finished
 runs are reused (it can stop at any time and resume); the report
 (bench/reports/lora_aggregation.{json,md,png}) covers every finished run there and is
-rewritten after every run.
+rewritten after every run. bench/out is not in git: the seeds the committed report holds are
+kept, and not run again, on a checkout without their run folders (``--fresh`` re-runs them).
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cells import COMPRESSED_2_26_2_OVERRIDES, LORA_MODES, quiet_setup, simulate_cell
+from cells import (
+    COMPRESSED_2_26_2_OVERRIDES,
+    LORA_MODES,
+    committed_report,
+    quiet_setup,
+    simulate_cell,
+)
 from emulator_transfer import _pm, mean_ci
 
 from coordinator.state.folder import RunFolder
@@ -268,12 +275,17 @@ def main() -> None:
     if args.report_only:
         save()
         return
+    committed = committed_rows()
     # seed-major: a session that stops early leaves whole seeds across the modes
     for population in populations:
         name = setting(population, args.local_steps)
         for seed in range(args.seeds):
             for mode in modes:
                 run_dir = WORK / name / mode / f"seed-{seed}"
+                held = str(seed) in committed.get(name, {}).get(mode, {})
+                if held and not run_dir.exists() and not args.fresh:
+                    print(f"== {name}, {mode}, seed {seed}: in the committed report", flush=True)
+                    continue
                 print(f"== {name}, {mode}, seed {seed}: {run_dir}", flush=True)
                 try:
                     simulate_cell(
@@ -287,22 +299,33 @@ def main() -> None:
                 save()
 
 
+def committed_rows() -> dict[str, dict[str, dict[str, Any]]]:
+    """The per-seed rows of the committed report, by setting, mode and seed (as strings)."""
+    rows = committed_report(REPORTS / "lora_aggregation.json").get("rows", {})
+    return {
+        name: {mode: dict(seeds) for mode, seeds in by_mode.items() if mode in MODES}
+        for name, by_mode in rows.items()
+    }
+
+
 def finished_rows() -> dict[str, dict[str, dict[str, Any]]]:
-    """Every finished run under WORK (every population and local steps ever run), by
-    setting, mode and seed, in the order of populations, then modes."""
-    rows: dict[str, dict[str, dict[str, Any]]] = {}
-    settings = sorted(
-        (p for p in WORK.glob("*x*") if p.is_dir()),
-        key=lambda p: tuple(int(n) for n in p.name.split("x")),
-    )
-    for folder in settings:
+    """Every finished run, by setting, mode and seed, in the order of populations, then modes:
+    the committed report's rows (a fresh checkout has none of the run folders behind them)
+    updated by every finished run under WORK (every population and local steps ever run)."""
+    found = committed_rows()
+    for folder in (p for p in WORK.glob("*x*") if p.is_dir()):
         for mode in MODES:
-            seeds = sorted(folder.glob(f"{mode}/seed-*"), key=lambda p: int(p.name[5:]))
-            for run_dir in seeds:
+            for run_dir in folder.glob(f"{mode}/seed-*"):
                 if _finished(run_dir):
                     metrics = json.loads(RunFolder(run_dir).metrics_path.read_text())
-                    by_mode = rows.setdefault(folder.name, {}).setdefault(mode, {})
+                    by_mode = found.setdefault(folder.name, {}).setdefault(mode, {})
                     by_mode[run_dir.name[5:]] = seed_row(metrics)
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in sorted(found, key=lambda n: tuple(int(x) for x in n.split("x"))):
+        for mode in MODES:
+            if found[name].get(mode):
+                seeds = found[name][mode]
+                rows.setdefault(name, {})[mode] = {s: seeds[s] for s in sorted(seeds, key=int)}
     return rows
 
 
