@@ -471,7 +471,14 @@ def client_plan(
     policies: Annotated[
         str, typer.Option(help="Update policies to consider, in order of preference.")
     ] = "lora,full,sparse,top,bias",
-    precisions: Annotated[str, typer.Option(help="Compute precisions to consider.")] = "bf16,fp32",
+    precisions: Annotated[
+        str,
+        typer.Option(
+            help="Compute precisions to consider, in order of preference. 'auto': the one this "
+            "machine computes fastest first (bf16 only where the CPU/GPU has bf16 units; "
+            "without them bf16 is smaller but over 10x slower), then the other."
+        ),
+    ] = "auto",
     checkpointing: Annotated[
         bool, typer.Option(help="Also consider activation checkpointing.")
     ] = True,
@@ -514,7 +521,7 @@ def client_plan(
     )
     options = planner.candidates(
         [p.strip() for p in policies.split(",") if p.strip()],
-        [q.strip() for q in precisions.split(",") if q.strip()],
+        None if precisions == "auto" else [q.strip() for q in precisions.split(",") if q.strip()],
         (False, True) if checkpointing else (False,),
     )
     with tqdm(total=len(options), desc="probing", unit="candidate") as bar:
