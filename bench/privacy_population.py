@@ -17,7 +17,9 @@ smallest trainable set of the exact modes) and ``merge-exact`` (the noise is add
 Runs land in bench/out/privacy_population/<population>/<mode>/<eps>/seed-<s>/, finished runs are
 reused (it can stop at any time and resume); bench/reports/privacy_population.json is rewritten
 after every run and `bench/reports/privacy.md` shows the curve (`make bench-privacy` rewrites
-it from both benchmarks).
+it from both benchmarks). bench/out is not in git: the runs the committed report holds are kept,
+and not run again, on a checkout without their run folders (``--fresh`` re-runs them), so the
+sweep can be finished over several sessions.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cells import COMPRESSED_OVERRIDES, LORA_MODES, quiet_setup, simulate_cell
+from cells import (
+    COMPRESSED_OVERRIDES,
+    LORA_MODES,
+    committed_report,
+    quiet_setup,
+    simulate_cell,
+)
 from emulator_transfer import mean_ci
 
 from offsite.errors import OffsiteError
@@ -215,13 +223,16 @@ def main() -> None:
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes {sorted(unknown)}; choose from {list(MODES)}")
     epsilons = [0.0, *(float(e) for e in args.epsilons.split(",") if e)]
-    rows: dict[str, Any] = {}
+    rows: dict[str, Any] = committed_report(REPORTS / "privacy_population.json").get("rows", {})
     for population in (int(p) for p in args.populations.split(",") if p):
         for seed in range(args.seeds):
             for mode in modes:
                 for epsilon in epsilons:
                     eps = f"{epsilon:g}" if epsilon > 0 else "none"
                     run_dir = WORK / str(population) / mode / eps / f"seed-{seed}"
+                    held = str(seed) in rows.get(mode, {}).get(str(population), {}).get(eps, {})
+                    if held and not run_dir.exists() and not args.fresh:
+                        continue  # measured before: its row is in the committed report
                     print(f"== {population} clients, {mode}, ε {eps}, seed {seed}", flush=True)
                     try:
                         metrics = simulate_cell(
