@@ -65,6 +65,13 @@ def committed_report(path: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text())) if path.exists() else {}
 
 
+def measured_before(committed: bool, run_dir: Path, fresh: bool) -> bool:
+    """Whether a sweep skips a run: the committed report holds it (``committed``) and this
+    checkout lacks its run folder (bench/out is not in git). A folder on disk is reused or run
+    again by ``simulate_cell``; ``fresh`` re-runs every run."""
+    return committed and not run_dir.exists() and not fresh
+
+
 def quiet_setup() -> None:
     """Our loggers at INFO, third parties quiet, everything offline."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

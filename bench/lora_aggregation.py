@@ -44,6 +44,7 @@ from cells import (
     COMPRESSED_2_26_2_OVERRIDES,
     LORA_MODES,
     committed_report,
+    measured_before,
     quiet_setup,
     simulate_cell,
 )
@@ -283,7 +284,7 @@ def main() -> None:
             for mode in modes:
                 run_dir = WORK / name / mode / f"seed-{seed}"
                 held = str(seed) in committed.get(name, {}).get(mode, {})
-                if held and not run_dir.exists() and not args.fresh:
+                if measured_before(held, run_dir, args.fresh):
                     print(f"== {name}, {mode}, seed {seed}: in the committed report", flush=True)
                     continue
                 print(f"== {name}, {mode}, seed {seed}: {run_dir}", flush=True)

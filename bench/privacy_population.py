@@ -35,6 +35,7 @@ from cells import (
     COMPRESSED_OVERRIDES,
     LORA_MODES,
     committed_report,
+    measured_before,
     quiet_setup,
     simulate_cell,
 )
@@ -231,7 +232,7 @@ def main() -> None:
                     eps = f"{epsilon:g}" if epsilon > 0 else "none"
                     run_dir = WORK / str(population) / mode / eps / f"seed-{seed}"
                     held = str(seed) in rows.get(mode, {}).get(str(population), {}).get(eps, {})
-                    if held and not run_dir.exists() and not args.fresh:
+                    if measured_before(held, run_dir, args.fresh):
                         continue  # measured before: its row is in the committed report
                     print(f"== {population} clients, {mode}, ε {eps}, seed {seed}", flush=True)
                     try:

@@ -34,7 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import tuning_tasks
-from cells import COMPRESSED_OVERRIDES, committed_report, quiet_setup, simulate_cell
+from cells import (
+    COMPRESSED_OVERRIDES,
+    committed_report,
+    measured_before,
+    quiet_setup,
+    simulate_cell,
+)
 from emulator_transfer import SETTINGS, _pm, five_way_stats, seed_row
 
 ROOT = Path(__file__).resolve().parent
@@ -221,11 +227,7 @@ def main() -> None:
         for recipe in recipes:
             for task in tasks:
                 run_dir = WORK / task / recipe / f"seed-{seed}"
-                if (
-                    seed in committed.get((task, recipe), {})
-                    and not run_dir.exists()
-                    and not args.fresh
-                ):
+                if measured_before(seed in committed.get((task, recipe), {}), run_dir, args.fresh):
                     continue  # measured before, its row is in the committed report
                 overrides = overrides_for(recipe, task, seed, paths[task])
                 try:
