@@ -39,7 +39,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from client.profile import measure_training, peak_rss_bytes, reset_peak_rss, rss_bytes
-from client.session import load_for_training, release_freed_memory, training_memory
+from client.session import (
+    COMPUTE_DTYPES,
+    load_for_training,
+    release_freed_memory,
+    training_memory,
+)
 from emulator.adapter import AdaptedModel
 from emulator.batches import Batch
 from emulator.bundle import Bundle
@@ -124,9 +129,9 @@ def candidates(
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown update policies {unknown}; use some of {sorted(POLICIES)}")
-    odd = [q for q in precisions if q not in ("fp32", "bf16")]
+    odd = [q for q in precisions if q not in COMPUTE_DTYPES]
     if odd:
-        raise ValueError(f"unknown precisions {odd}; use fp32, bf16 or both")
+        raise ValueError(f"unknown precisions {odd}; use some of {sorted(COMPUTE_DTYPES)}")
     return [Candidate(p, q, c) for p in policies for q in precisions for c in checkpointing]
 
 
